@@ -1,0 +1,112 @@
+"""privdom-ray command line.
+
+    python launch.py --grid experiments/demo.yaml [--out DIR] [--address HOST:PORT]
+    python launch.py report <output>
+    python launch.py manifest <kind> <root> --out manifest.parquet [--option key=value ...]
+
+Exit codes: 0 success, 1 a cell failed (re-run to retry), 2 bad input (grid, data, paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="launch.py", description="Run a privacy/domain-transfer sweep."
+    )
+    p.add_argument("--grid", required=True, help="grid file (YAML), e.g. experiments/demo.yaml")
+    p.add_argument("--out", help="output folder (overrides the grid's 'output')")
+    p.add_argument(
+        "--address", help="existing Ray cluster (default: RAY_ADDRESS, else an embedded one)"
+    )
+    args = p.parse_args(argv)
+    from privdom_ray import sweep
+
+    try:
+        sweep.run(args.grid, output=args.out, address=args.address)
+    except sweep.SweepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="launch.py report", description="Print a sweep's transfer matrices."
+    )
+    p.add_argument("output", help="the sweep's output folder (holds transfer.parquet)")
+    args = p.parse_args(argv)
+    from privdom_ray import report, results
+
+    print(report.transfer_matrices_text(results.load(args.output)))
+    return 0
+
+
+def _manifest(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="launch.py manifest", description="Build one domain's manifest and print its summary."
+    )
+    p.add_argument("kind", help="dataset kind, e.g. chexpert, padchest, synthetic")
+    p.add_argument("root", help="the dataset's root folder")
+    p.add_argument("--out", required=True, help="where to write the manifest (.parquet)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a kind option (YAML value)",
+    )
+    args = p.parse_args(argv)
+    import yaml
+
+    from privdom_ray import domains
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise domains.ManifestError(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    if args.kind not in domains.REGISTRY:
+        raise domains.ManifestError(
+            f"unknown kind {args.kind!r}; known kinds: {', '.join(domains.kinds())}"
+        )
+    try:
+        opts = domains.make_options(args.kind, options)
+    except TypeError as exc:
+        raise domains.ManifestError(
+            f"options of kind {args.kind!r} are {domains.option_names(args.kind)}: {exc}"
+        ) from None
+    df = domains.build_manifest(args.kind, args.root, opts)
+    out = Path(args.out)
+    from privdom_ray import results
+
+    results.write_parquet(out, df)
+    print(domains.summarize(df))
+    print(f"manifest: {out} ({len(df)} rows)")
+    return 0
+
+
+VERBS = {"report": _report, "manifest": _manifest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from privdom_ray.grid import GridError
+    from privdom_ray.manifest import ManifestError
+
+    try:
+        if argv and argv[0] in VERBS:
+            return VERBS[argv[0]](argv[1:])
+        return _run(argv)
+    except (GridError, ManifestError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,553 @@
+"""The grid file: YAML -> validated ``SweepSpec`` -> one ``TrialSpec`` per (source, epsilon, seed).
+
+Validation collects every problem before anything runs, so a user fixes a grid in one pass:
+each error names the key, the bad value and what is allowed. Relative paths are resolved
+against the grid file's folder, so a grid works from any working directory.
+
+A trial's key is a hash of what determines the trained model and nothing else: the target
+list is not in it, so adding a target domain evaluates finished models instead of retraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from privdom_ray import domains
+from privdom_ray.imaging import GEOMETRIES, Preprocessing
+from privdom_ray.models import MODELS
+
+ACCOUNTANTS = ("prv", "rdp")
+DEFAULT_DELTA = 1e-5
+
+
+class GridError(ValueError):
+    """One or more problems in a grid file; ``errors`` lists each one."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.errors = errors
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"{source}: {len(errors)} problem(s) in the grid file:\n{lines}")
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    kind: str
+    root: Path
+    options: Any  # the kind's frozen options dataclass
+    delta: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyper-parameters that determine a trained model (all of them are in the trial key)."""
+
+    epochs: int = 5
+    logical_batch: int = 64
+    physical_batch: int = 32
+    lr: float = 1e-3
+    max_grad_norm: float = 1.5
+    accountant: str = "prv"
+    augment: bool = False
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    n_boot: int = 1000
+    ci: float = 0.95
+    age_bins: tuple[float, ...] = (0.0, 40.0, 70.0, math.inf)
+    oracle_threshold: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None = start an embedded local cluster
+    dashboard_host: str = "127.0.0.1"
+    num_cpus: int | None = None  # embedded cluster only
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    grid_path: Path
+    output: Path
+    cache_dir: Path
+    domains: tuple[DomainSpec, ...]
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    epsilons: tuple[float, ...]
+    delta: float | None
+    seeds: tuple[int, ...]
+    model: str
+    training: TrainingConfig
+    preprocessing: Preprocessing
+    resources: Resources
+    evaluation: EvaluationConfig
+    ray: RayConfig
+
+    def domain(self, name: str) -> DomainSpec:
+        return next(d for d in self.domains if d.name == name)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything that determines one trained model; ``key`` hashes exactly this."""
+
+    source: str
+    data_fingerprint: str
+    epsilon: float
+    delta: float
+    seed: int
+    model: str
+    training: TrainingConfig
+    preprocessing: Preprocessing
+    key: str = field(default="", compare=False)
+
+    @property
+    def is_private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    @property
+    def name(self) -> str:
+        """Human-readable trial name (Ray dashboard, logs): source, epsilon, seed."""
+        return f"{self.source}_eps{format_epsilon(self.epsilon)}_seed{self.seed}"
+
+    def identity(self) -> dict[str, Any]:
+        """The fields the key hashes; DP-only settings are left out of non-private trials."""
+        d = dataclasses.asdict(self)
+        d.pop("key")
+        d["epsilon"] = format_epsilon(self.epsilon)
+        if not self.is_private:
+            for dp_only in ("max_grad_norm", "accountant"):
+                d["training"].pop(dp_only)
+        return d
+
+    def with_key(self) -> TrialSpec:
+        return dataclasses.replace(self, key=content_key(self.identity()))
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["epsilon"] = format_epsilon(self.epsilon)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TrialSpec:
+        return cls(
+            source=d["source"],
+            data_fingerprint=d["data_fingerprint"],
+            epsilon=parse_epsilon(d["epsilon"]),
+            delta=float(d["delta"]),
+            seed=int(d["seed"]),
+            model=d["model"],
+            training=TrainingConfig(**d["training"]),
+            preprocessing=Preprocessing(**d["preprocessing"]),
+            key=d.get("key", ""),
+        )
+
+
+def format_epsilon(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def parse_epsilon(value: Any) -> float:
+    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", ".inf"):
+        return math.inf
+    return float(value)
+
+
+def content_key(obj: Any) -> str:
+    """Short stable hash of canonical JSON (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------- parsing
+
+TOP_KEYS = {
+    "name": "sweep name (str)",
+    "output": "output folder",
+    "cache_dir": "preprocessed-image cache folder (default <output>/cache)",
+    "domains": "list of domains",
+    "sources": "domain names to train on (default: all)",
+    "targets": "domain names to test on (default: all)",
+    "epsilons": "list of positive numbers and/or inf",
+    "delta": "DP delta (default 1e-5, must be < 1/N_train)",
+    "seeds": "list of integers",
+    "model": f"one of {sorted(MODELS)}",
+    "training": "training hyper-parameters",
+    "preprocessing": "image preprocessing",
+    "resources": "per-trial cpu/gpu",
+    "evaluation": "bootstrap and subgroup settings",
+    "ray": "Ray cluster settings",
+}
+DOMAIN_KEYS = ("name", "kind", "root", "options", "delta")
+
+
+class _Collector:
+    """Gathers validation errors; each check records one message and returns a usable default."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def add(self, key: str, value: Any, allowed: str) -> None:
+        self.errors.append(f"{key}: {value!r} is not allowed; expected {allowed}")
+
+    def section(self, raw: Mapping, key: str, cls: type) -> Any:
+        """Build a frozen dataclass from a mapping, checking unknown keys and value types."""
+        values = raw.get(key) or {}
+        if not isinstance(values, Mapping):
+            self.add(key, values, "a mapping")
+            return cls()
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for k, v in values.items():
+            if k not in names:
+                self.add(f"{key}.{k}", v, f"one of the known keys {sorted(names)} (typo?)")
+                continue
+            default = names[k].default
+            converted = self._convert(f"{key}.{k}", v, default)
+            if converted is not _BAD:
+                kwargs[k] = converted
+        return cls(**kwargs)
+
+    def _convert(self, key: str, value: Any, default: Any) -> Any:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            self.add(key, value, "true or false")
+            return _BAD
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            self.add(key, value, "an integer")
+            return _BAD
+        if isinstance(default, float):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                self.add(key, value, "a number")
+                return _BAD
+        if isinstance(default, tuple):
+            if isinstance(value, list):
+                try:
+                    return tuple(parse_epsilon(v) for v in value)
+                except (TypeError, ValueError):
+                    pass
+            self.add(key, value, "a list of numbers")
+            return _BAD
+        if default is None or isinstance(default, str):
+            if value is None or isinstance(value, str | int):
+                return value
+            self.add(key, value, "a string")
+            return _BAD
+        return value
+
+
+_BAD = object()
+
+
+def load_grid(path: str | Path, *, output: str | Path | None = None) -> SweepSpec:
+    """Read and validate a grid file; raise ``GridError`` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(str(path), [f"grid file {str(path)!r} does not exist"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise GridError(str(path), [f"not valid YAML: {exc}"]) from None
+    if not isinstance(raw, Mapping):
+        raise GridError(
+            str(path), ["the file must be a YAML mapping of the keys " + ", ".join(TOP_KEYS)]
+        )
+    return parse_grid(raw, base=path.parent.resolve(), grid_path=path.resolve(), output=output)
+
+
+def parse_grid(
+    raw: Mapping[str, Any],
+    *,
+    base: Path,
+    grid_path: Path | None = None,
+    output: str | Path | None = None,
+) -> SweepSpec:
+    c = _Collector()
+    for k, v in raw.items():
+        if k not in TOP_KEYS:
+            c.add(str(k), v, f"one of the known top-level keys {sorted(TOP_KEYS)} (typo?)")
+
+    name = str(raw.get("name") or (grid_path.stem if grid_path else "sweep"))
+    out_raw = output if output is not None else raw.get("output")
+    if out_raw in (None, ""):
+        c.add("output", out_raw, "an output folder (in the grid or as --out DIR)")
+        out_path = base / "runs" / name
+    else:
+        out_path = (
+            _resolve(base, out_raw) if output is None else Path(out_raw).expanduser().resolve()
+        )
+    cache_dir = _resolve(base, raw["cache_dir"]) if raw.get("cache_dir") else out_path / "cache"
+
+    doms = _parse_domains(c, raw.get("domains"), base)
+    names = [d.name for d in doms]
+    sources = _parse_names(c, raw, "sources", names)
+    targets = _parse_names(c, raw, "targets", names)
+
+    epsilons: list[float] = []
+    eps_raw = raw.get("epsilons", [math.inf])
+    if not isinstance(eps_raw, list) or not eps_raw:
+        c.add("epsilons", eps_raw, "a non-empty list of positive numbers and/or inf")
+    else:
+        for i, e in enumerate(eps_raw):
+            try:
+                eps = parse_epsilon(e)
+            except (TypeError, ValueError):
+                c.add(f"epsilons[{i}]", e, "a positive number or inf")
+                continue
+            if not eps > 0 or math.isnan(eps):
+                c.add(f"epsilons[{i}]", e, "a positive number or inf (epsilon must be > 0)")
+            elif eps in epsilons:
+                c.add(f"epsilons[{i}]", e, "each epsilon once (duplicate)")
+            else:
+                epsilons.append(eps)
+
+    delta = _parse_delta(c, "delta", raw.get("delta"))
+
+    seeds_raw = raw.get("seeds", [0])
+    seeds: list[int] = []
+    if not isinstance(seeds_raw, list) or not seeds_raw:
+        c.add("seeds", seeds_raw, "a non-empty list of integers")
+    else:
+        for i, s in enumerate(seeds_raw):
+            if isinstance(s, int) and not isinstance(s, bool) and s not in seeds:
+                seeds.append(s)
+            else:
+                c.add(f"seeds[{i}]", s, "distinct integers")
+
+    model = raw.get("model", "resnet9")
+    if model not in MODELS:
+        c.add("model", model, f"one of {sorted(MODELS)}")
+
+    training = c.section(raw, "training", TrainingConfig)
+    _check_training(c, training)
+    prep = c.section(raw, "preprocessing", Preprocessing)
+    if not (isinstance(prep.image_size, int) and 8 <= prep.image_size <= 4096):
+        c.add("preprocessing.image_size", prep.image_size, "an integer between 8 and 4096")
+    if prep.geometry not in GEOMETRIES:
+        c.add("preprocessing.geometry", prep.geometry, f"one of {list(GEOMETRIES)}")
+    resources = c.section(raw, "resources", Resources)
+    if not resources.cpu > 0:
+        c.add("resources.cpu", resources.cpu, "a positive number of CPUs per trial")
+    if resources.gpu < 0:
+        c.add("resources.gpu", resources.gpu, "a GPU count >= 0 (fractions like 0.25 share a GPU)")
+    evaluation = c.section(raw, "evaluation", EvaluationConfig)
+    if evaluation.n_boot < 0:
+        c.add("evaluation.n_boot", evaluation.n_boot, "an integer >= 0 (0 = no CIs)")
+    if not 0 < evaluation.ci < 1:
+        c.add("evaluation.ci", evaluation.ci, "a number between 0 and 1, e.g. 0.95")
+    bins = evaluation.age_bins
+    if len(bins) < 2 or any(lo >= hi for lo, hi in zip(bins[:-1], bins[1:], strict=True)):
+        c.add(
+            "evaluation.age_bins",
+            list(bins),
+            "at least two increasing bin edges, e.g. [0, 40, 70, inf]",
+        )
+    ray_cfg = c.section(raw, "ray", RayConfig)
+    if ray_cfg.max_failures < 0:
+        c.add("ray.max_failures", ray_cfg.max_failures, "an integer >= 0")
+
+    if c.errors:
+        raise GridError(str(grid_path or "grid"), c.errors)
+    return SweepSpec(
+        name=name,
+        grid_path=grid_path or base,
+        output=out_path,
+        cache_dir=cache_dir,
+        domains=tuple(doms),
+        sources=tuple(sources),
+        targets=tuple(targets),
+        epsilons=tuple(epsilons),
+        delta=delta,
+        seeds=tuple(seeds),
+        model=model,
+        training=training,
+        preprocessing=prep,
+        resources=resources,
+        evaluation=evaluation,
+        ray=ray_cfg,
+    )
+
+
+def _resolve(base: Path, value: Any) -> Path:
+    p = Path(str(value)).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def _parse_delta(c: _Collector, key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        delta = float(value)
+    except (TypeError, ValueError):
+        c.add(key, value, "a number with 0 < delta < 1")
+        return None
+    if not 0 < delta < 1:
+        c.add(key, value, "a number with 0 < delta < 1 (and below 1/N_train of the source)")
+        return None
+    return delta
+
+
+def _parse_domains(c: _Collector, raw: Any, base: Path) -> list[DomainSpec]:
+    if not isinstance(raw, list) or not raw:
+        c.add("domains", raw, "a non-empty list of domains, each with name, kind and root")
+        return []
+    out: list[DomainSpec] = []
+    for i, d in enumerate(raw):
+        key = f"domains[{i}]"
+        if not isinstance(d, Mapping):
+            c.add(key, d, "a mapping with name, kind, root (and optional options, delta)")
+            continue
+        name = d.get("name")
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            c.add(f"{key}.name", name, "a name of letters, digits, '-' and '_'")
+            continue
+        key = f"domains[{name}]"
+        for k, v in d.items():
+            if k not in DOMAIN_KEYS:
+                c.add(f"{key}.{k}", v, f"one of {list(DOMAIN_KEYS)} (typo?)")
+        if name in [o.name for o in out]:
+            c.add(f"{key}.name", name, "unique domain names (duplicate)")
+            continue
+        kind = d.get("kind")
+        if kind not in domains.REGISTRY:
+            c.add(f"{key}.kind", kind, f"one of the known kinds {domains.kinds()}")
+            continue
+        adapter = domains.REGISTRY[kind]
+        root_raw = d.get("root")
+        if root_raw in (None, ""):
+            c.add(f"{key}.root", root_raw, "the dataset's root folder")
+            continue
+        root = _resolve(base, root_raw)
+        if not root.is_dir() and not adapter.creates_root:
+            c.add(f"{key}.root", str(root_raw), f"an existing folder (resolved to {root})")
+            continue
+        opts_raw = d.get("options") or {}
+        try:
+            if not isinstance(opts_raw, Mapping):
+                raise TypeError("options must be a mapping")
+            options = domains.make_options(kind, dict(opts_raw))
+        except TypeError as exc:
+            c.add(
+                f"{key}.options",
+                opts_raw,
+                f"options of kind {kind!r}: {domains.option_names(kind)} ({exc})",
+            )
+            continue
+        except ValueError as exc:
+            c.add(f"{key}.options", opts_raw, str(exc))
+            continue
+        delta = _parse_delta(c, f"{key}.delta", d.get("delta"))
+        out.append(DomainSpec(name=name, kind=kind, root=root, options=options, delta=delta))
+    return out
+
+
+def _parse_names(c: _Collector, raw: Mapping, key: str, names: list[str]) -> list[str]:
+    value = raw.get(key)
+    if value is None or value == "all":
+        return list(names)
+    if not isinstance(value, list) or not value:
+        c.add(key, value, f"'all' or a non-empty list of domain names from {names}")
+        return []
+    unknown = [v for v in value if v not in names]
+    if unknown:
+        c.add(key, unknown, f"names of domains in this grid: {names}")
+    return [v for v in value if v in names]
+
+
+def _check_training(c: _Collector, t: TrainingConfig) -> None:
+    if t.epochs <= 0:
+        c.add("training.epochs", t.epochs, "a positive integer")
+    if t.logical_batch <= 0:
+        c.add("training.logical_batch", t.logical_batch, "a positive integer")
+    if t.physical_batch <= 0:
+        c.add("training.physical_batch", t.physical_batch, "a positive integer")
+    elif t.logical_batch > 0 and t.physical_batch > t.logical_batch:
+        c.add(
+            "training.physical_batch",
+            t.physical_batch,
+            f"at most training.logical_batch ({t.logical_batch}); the physical batch only "
+            "splits a logical batch to fit memory",
+        )
+    if not t.lr > 0:
+        c.add("training.lr", t.lr, "a positive learning rate")
+    if not t.max_grad_norm > 0:
+        c.add("training.max_grad_norm", t.max_grad_norm, "a positive clipping bound C")
+    if t.accountant not in ACCOUNTANTS:
+        c.add("training.accountant", t.accountant, f"one of {list(ACCOUNTANTS)}")
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+def resolve_delta(spec: SweepSpec, source: str, n_train: int) -> float:
+    """The delta a source trains with: per-domain, else the grid's, else min(1e-5, 1/(10 N)).
+
+    A delta >= 1/N_train permits a mechanism that publishes one whole record outright, so it
+    is refused rather than silently weakened (checked by ``check_deltas`` before any trial).
+    """
+    d = spec.domain(source).delta or spec.delta
+    return d if d is not None else min(DEFAULT_DELTA, 1.0 / (10 * max(n_train, 1)))
+
+
+def check_deltas(spec: SweepSpec, n_train: Mapping[str, int]) -> None:
+    errors = []
+    for s in spec.sources:
+        delta = resolve_delta(spec, s, n_train[s])
+        if delta >= 1.0 / n_train[s] and any(math.isfinite(e) for e in spec.epsilons):
+            errors.append(
+                f"domains[{s}].delta: {delta:g} is not allowed; expected below 1/N_train = "
+                f"1/{n_train[s]} = {1.0 / n_train[s]:.3g} for source {s!r}"
+            )
+    if errors:
+        raise GridError(str(spec.grid_path), errors)
+
+
+def plan(
+    spec: SweepSpec, fingerprints: Mapping[str, str], n_train: Mapping[str, int]
+) -> list[TrialSpec]:
+    """One TrialSpec per (source, epsilon, seed), keys filled in; order is source-major."""
+    return list(_iter_trials(spec, fingerprints, n_train))
+
+
+def _iter_trials(
+    spec: SweepSpec, fingerprints: Mapping[str, str], n_train: Mapping[str, int]
+) -> Iterator[TrialSpec]:
+    for source in spec.sources:
+        for eps in spec.epsilons:
+            for seed in spec.seeds:
+                yield TrialSpec(
+                    source=source,
+                    data_fingerprint=fingerprints[source],
+                    epsilon=eps,
+                    delta=resolve_delta(spec, source, n_train[source])
+                    if math.isfinite(eps)
+                    else 0.0,
+                    seed=seed,
+                    model=spec.model,
+                    training=spec.training,
+                    preprocessing=spec.preprocessing,
+                ).with_key()

@@ -1,0 +1,105 @@
+"""DP-SGD set-up and the privacy ledger.
+
+The ledger holds what anyone needs to recompute epsilon without trusting this tool: noise
+multiplier sigma, Poisson sample rate q, number of steps, clipping bound C and delta. Epsilon
+is computed from the ledger (not read from the engine's internal state), by the accountant the
+grid names; PRV has failed numerically at large epsilon (opacus #591, #601), so a PRV failure
+falls back to RDP and the ledger says so. RDP is also always computed as a cross-check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+ACCOUNTANT_CLASSES = {"prv": PRVAccountant, "rdp": RDPAccountant}
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """One trial's privacy record. Non-private trials have epsilon = inf and sigma = 0."""
+
+    epsilon_target: float
+    epsilon_spent: float
+    epsilon_rdp: float  # the same mechanism under RDP: an upper-bound cross-check
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    accountant: str  # the accountant that produced epsilon_spent ("prv", "rdp", or "none")
+    accountant_requested: str
+    poisson_sampling: bool
+    privacy_unit: str = "image"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def non_private(cls, steps: int, sample_rate: float) -> Ledger:
+        return cls(
+            epsilon_target=math.inf,
+            epsilon_spent=math.inf,
+            epsilon_rdp=math.inf,
+            delta=0.0,
+            noise_multiplier=0.0,
+            sample_rate=sample_rate,
+            steps=steps,
+            max_grad_norm=math.inf,
+            accountant="none",
+            accountant_requested="none",
+            poisson_sampling=False,
+        )
+
+
+def epsilon_from_ledger(
+    accountant: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float
+) -> tuple[float, str]:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps; returns (epsilon, accountant used)."""
+    if steps == 0:
+        return 0.0, accountant
+    if accountant == "prv":
+        try:
+            eps = _epsilon(PRVAccountant(), noise_multiplier, sample_rate, steps, delta)
+            if math.isfinite(eps) and eps >= 0:
+                return eps, "prv"
+        except Exception:  # noqa: BLE001 - PRV's numerical failures have several exception types
+            pass
+        accountant = "rdp"
+    return _epsilon(RDPAccountant(), noise_multiplier, sample_rate, steps, delta), accountant
+
+
+def _epsilon(acc: Any, sigma: float, q: float, steps: int, delta: float) -> float:
+    acc.history = [(sigma, q, steps)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def make_ledger(
+    *,
+    epsilon_target: float,
+    delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    max_grad_norm: float,
+    accountant: str,
+) -> Ledger:
+    eps, used = epsilon_from_ledger(accountant, noise_multiplier, sample_rate, steps, delta)
+    eps_rdp, _ = epsilon_from_ledger("rdp", noise_multiplier, sample_rate, steps, delta)
+    return Ledger(
+        epsilon_target=epsilon_target,
+        epsilon_spent=eps,
+        epsilon_rdp=eps_rdp,
+        delta=delta,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        max_grad_norm=max_grad_norm,
+        accountant=used,
+        accountant_requested=accountant,
+        poisson_sampling=True,
+    )

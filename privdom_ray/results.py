@@ -1,0 +1,228 @@
+"""Trial folders on disk, atomic writes, and the aggregated transfer table.
+
+One trial = ``<output>/trials/<key>/`` (key = content hash of what determines the model):
+
+- ``trial.json``  the resolved trial spec, versions, node, timings
+- ``model.pt``    final weights (a plain state_dict: loadable with ``weights_only=True``)
+- ``ledger.json`` the privacy ledger;  ``history.json`` per-epoch loss, val AUC, epsilon
+- ``val_predictions.parquet``, ``thresholds.json`` (Youden on the source's validation split)
+- ``done``        written last: the trained model is complete
+- ``eval/<target>-<fingerprint>/``  per target: ``predictions.parquet`` (row position,
+  scores, labels, sex, age bin: no ids, no paths), ``metrics.parquet``, ``eval.json``;
+  each folder is renamed into place complete
+
+The transfer table is an aggregate: one row per trial x target x label x subgroup, with no
+patient identifiers, image paths or per-image rows. Tune may run a trial twice
+(at-least-once); rows are keyed by (trial_key, target), so duplicates cannot arise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TRIALS = "trials"
+TRANSFER = "transfer.parquet"
+
+# Columns of the transfer table, in order. Metric columns come from metrics.MetricRow.
+SCHEMA = pa.schema(
+    [
+        ("sweep", pa.string()),
+        ("trial_key", pa.string()),
+        ("source", pa.string()),
+        ("target", pa.string()),
+        ("on_domain", pa.bool_()),
+        ("seed", pa.int64()),
+        ("model", pa.string()),
+        ("epsilon_target", pa.float64()),
+        ("epsilon_spent", pa.float64()),
+        ("epsilon_rdp", pa.float64()),
+        ("delta", pa.float64()),
+        ("noise_multiplier", pa.float64()),
+        ("sample_rate", pa.float64()),
+        ("steps", pa.int64()),
+        ("max_grad_norm", pa.float64()),
+        ("accountant", pa.string()),
+        ("privacy_unit", pa.string()),
+        ("label", pa.string()),
+        ("subgroup", pa.string()),
+        ("n", pa.int64()),
+        ("n_pos", pa.int64()),
+        ("auc", pa.float64()),
+        ("auc_lo", pa.float64()),
+        ("auc_hi", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("accuracy_lo", pa.float64()),
+        ("accuracy_hi", pa.float64()),
+        ("sensitivity", pa.float64()),
+        ("sensitivity_lo", pa.float64()),
+        ("sensitivity_hi", pa.float64()),
+        ("specificity", pa.float64()),
+        ("specificity_lo", pa.float64()),
+        ("specificity_hi", pa.float64()),
+        ("threshold", pa.float64()),
+        ("oracle_threshold", pa.float64()),
+        ("oracle_accuracy", pa.float64()),
+        ("oracle_sensitivity", pa.float64()),
+        ("oracle_specificity", pa.float64()),
+        ("n_boot", pa.int64()),
+        ("image_size", pa.int64()),
+        ("epochs", pa.int64()),
+        ("best_epoch", pa.int64()),
+        ("logical_batch", pa.int64()),
+        ("lr", pa.float64()),
+        ("train_seconds", pa.float64()),
+        ("eval_seconds", pa.float64()),
+        ("node", pa.string()),
+        ("versions", pa.string()),
+    ]
+)
+
+
+# ------------------------------------------------------------------------------ atomic writes
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default)))
+
+
+def write_parquet(path: Path, df: pd.DataFrame | pa.Table) -> None:
+    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+    atomic_write(path, lambda p: pq.write_table(table, p))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------ trial folders
+
+
+def trial_dir(output: Path, key: str) -> Path:
+    return Path(output) / TRIALS / key
+
+
+def is_trained(tdir: Path) -> bool:
+    return (Path(tdir) / "done").is_file()
+
+
+def mark_done(tdir: Path) -> None:
+    atomic_write(Path(tdir) / "done", lambda p: p.write_text("done\n"))
+
+
+def eval_dir(tdir: Path, target: str, fingerprint: str) -> Path:
+    return Path(tdir) / "eval" / f"{target}-{fingerprint}"
+
+
+def is_evaluated(edir: Path) -> bool:
+    return (Path(edir) / "eval.json").is_file()
+
+
+# ------------------------------------------------------------------------------ aggregation
+
+
+def rows_for_trial(tdir: Path, sweep: str) -> list[pd.DataFrame]:
+    """The transfer-table rows of one finished trial, one frame per evaluated target."""
+    info = read_json(tdir / "trial.json")
+    ledger = read_json(tdir / "ledger.json")
+    spec = info["spec"]
+    frames = []
+    for edir in sorted((tdir / "eval").glob("*")):
+        if not is_evaluated(edir):
+            continue  # half-written evaluation: never enters a table
+        ev = read_json(edir / "eval.json")
+        df = pd.read_parquet(edir / "metrics.parquet")
+        df["sweep"] = sweep
+        df["trial_key"] = spec["key"]
+        df["source"] = spec["source"]
+        df["target"] = ev["target"]
+        df["on_domain"] = ev["target"] == spec["source"]
+        df["seed"] = spec["seed"]
+        df["model"] = spec["model"]
+        for k in (
+            "epsilon_target",
+            "epsilon_spent",
+            "epsilon_rdp",
+            "delta",
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "max_grad_norm",
+            "accountant",
+            "privacy_unit",
+        ):
+            df[k] = _number(ledger[k])
+        df["n_boot"] = ev["n_boot"]
+        df["image_size"] = spec["preprocessing"]["image_size"]
+        df["epochs"] = spec["training"]["epochs"]
+        df["best_epoch"] = info["best_epoch"]
+        df["logical_batch"] = spec["training"]["logical_batch"]
+        df["lr"] = spec["training"]["lr"]
+        df["train_seconds"] = info["train_seconds"]
+        df["eval_seconds"] = ev["eval_seconds"]
+        df["node"] = info.get("node", "")
+        df["versions"] = json.dumps(info.get("versions", {}), sort_keys=True)
+        frames.append(df)
+    return frames
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str) and value in ("inf", "Infinity"):
+        return math.inf
+    return value
+
+
+def aggregate(output: Path, keys: Iterable[str], sweep: str) -> tuple[Path, pd.DataFrame]:
+    """Combine the finished trials ``keys`` into ``<output>/transfer.parquet`` (atomically)."""
+    frames: list[pd.DataFrame] = []
+    for key in keys:
+        tdir = trial_dir(output, key)
+        if is_trained(tdir):
+            frames.extend(rows_for_trial(tdir, sweep))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    for field in SCHEMA:
+        if field.name not in df.columns:
+            df[field.name] = None
+    df = df.loc[:, SCHEMA.names]
+    table = pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False)
+    path = Path(output) / TRANSFER
+    write_parquet(path, table)
+    return path, df
+
+
+def load(output: str | Path) -> pd.DataFrame:
+    """The transfer table of a sweep as a DataFrame."""
+    path = Path(output) / TRANSFER
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {TRANSFER} in {output}; run the sweep first (launch.py --grid ...)"
+        )
+    return pd.read_parquet(path)

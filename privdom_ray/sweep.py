@@ -1,0 +1,333 @@
+"""Run a sweep on Ray: connect or start a cluster, build caches, schedule cells with Tune, aggregate.
+
+The only module (with ``launch.py``) that knows Ray and Tune. Resumption is ours, not Tune's:
+every run plans the full grid, skips cells whose model and evaluations are done (content-hashed
+trial folders with ``done`` markers), and hands only the rest to a fresh Tune run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from privdom_ray import cache, grid, report, results
+from privdom_ray.domains import build_manifest
+from privdom_ray.grid import SweepSpec, TrialSpec
+from privdom_ray.manifest import fingerprint
+from privdom_ray.trial import Cell, TargetRef, run_cell
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Under `uv run`, Ray would start every worker through `uv run` again (a re-sync per worker);
+# our interpreter already is the project's environment, so workers use it as is. Ray reads
+# this when it is first imported, so it is set before any `import ray` below.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Our trial folders hold the per-trial records; Tune's auto TensorBoard/CSV/JSON loggers would
+# only duplicate them (and warn about every non-scalar config value).
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything the driver knows before scheduling: per-domain data and the planned cells."""
+
+    spec: SweepSpec
+    fingerprints: dict[str, str]
+    n_train: dict[str, int]
+    caches: dict[str, cache.CacheEntry]
+    trials: list[TrialSpec]
+    cells: list[Cell]  # only the cells with work left
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_manifests(
+    spec: SweepSpec, log: Log = _log
+) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    manifests, fps = {}, {}
+    for d in spec.domains:
+        t0 = time.perf_counter()
+        df = build_manifest(d.kind, d.root, d.options, name=d.name)
+        manifests[d.name] = df
+        fps[d.name] = fingerprint(df, d.root)
+        counts = df.groupby("split").size().to_dict()
+        log(
+            f"[data] {d.name} ({d.kind}): {len(df)} images, "
+            + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("train", "val", "test"))
+            + f" ({time.perf_counter() - t0:.1f}s)"
+        )
+    return manifests, fps
+
+
+def prepare(spec: SweepSpec, log: Log = _log) -> Prepared:
+    """Manifests, caches (Ray Data), delta checks and the plan. Requires ``ray.init`` first."""
+    manifests, fps = build_manifests(spec, log)
+    caches: dict[str, cache.CacheEntry] = {}
+    for d in spec.domains:
+        if d.name not in spec.sources and d.name not in spec.targets:
+            continue
+        entry = cache.build(
+            d.name, manifests[d.name], fps[d.name], spec.preprocessing, spec.cache_dir, log=log
+        )
+        caches[d.name] = entry
+        how = f"built in {entry.built_seconds:.1f}s" if entry.built_seconds else "reused"
+        log(f"[cache] {d.name}: {entry.n_images} images decoded, {entry.n_skipped} skipped ({how})")
+    n_train = {s: cache.split_sizes(caches[s].path).get("train", 0) for s in spec.sources}
+    grid.check_deltas(spec, n_train)
+    trials = grid.plan(spec, fps, n_train)
+    targets = tuple(TargetRef(t, fps[t], str(caches[t].path)) for t in spec.targets)
+    cells = []
+    for t in trials:
+        tdir = results.trial_dir(spec.output, t.key)
+        missing = tuple(
+            ref
+            for ref in targets
+            if not results.is_evaluated(results.eval_dir(tdir, ref.name, ref.fingerprint))
+        )
+        if results.is_trained(tdir) and not missing:
+            continue
+        cells.append(
+            Cell(
+                spec=t,
+                output=str(spec.output),
+                source_cache=str(caches[t.source].path),
+                targets=missing,
+                evaluation=spec.evaluation,
+                threads=max(1, int(spec.resources.cpu)),
+                device="cuda" if spec.resources.gpu > 0 else "cpu",
+            )
+        )
+    return Prepared(spec, fps, n_train, caches, trials, cells)
+
+
+# ------------------------------------------------------------------------------------- Ray
+
+
+def init_ray(spec: SweepSpec, address: str | None, log: Log = _log) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start an embedded local cluster."""
+    import ray
+
+    address = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
+    # Workers import this package: ship it to a remote cluster; locally it is installed.
+    if address:
+        runtime_env: dict[str, Any] = {"py_modules": [str(PACKAGE_DIR)]}
+        ctx = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        log(f"[ray] connected to cluster at {address}")
+        _warn_local_storage(spec, log)
+    else:
+        ctx = ray.init(
+            num_cpus=spec.ray.num_cpus,
+            include_dashboard=True,
+            dashboard_host=spec.ray.dashboard_host,
+            log_to_driver=True,
+        )
+        log("[ray] started an embedded local cluster")
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        log(f"[ray] dashboard: http://{url}")
+    res = ray.cluster_resources()
+    log(
+        f"[ray] resources: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s)"
+    )
+
+
+def _warn_local_storage(spec: SweepSpec, log: Log) -> None:
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
+        log(
+            f"[ray] WARNING: the cluster has {len(alive)} nodes but output {spec.output} and cache "
+            f"{spec.cache_dir} are paths on this machine. Every node must see them at the same "
+            "path (shared storage such as NFS), or trials on other nodes will fail."
+        )
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """Refuse a per-trial request no node can satisfy (Tune would wait forever)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = any(
+        n.get("CPU", 0) >= spec.resources.cpu and n.get("GPU", 0) >= spec.resources.gpu
+        for n in nodes
+    )
+    if not fits:
+        best_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+        best_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+        raise grid.GridError(
+            str(spec.grid_path),
+            [
+                f"resources: cpu={spec.resources.cpu:g}, gpu={spec.resources.gpu:g} per trial is more "
+                f"than any node has (largest: {best_cpu:g} CPU, {best_gpu:g} GPU); lower it"
+            ],
+        )
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """The Tune function trainable: one cell, with epoch progress reported to Tune."""
+    from ray import tune
+
+    _quiet_known_warnings()
+    cell = Cell.from_config(config["cell"])
+    summary = run_cell(cell, report=lambda r: tune.report({k: _finite(v) for k, v in r.items()}))
+    tune.report(
+        {"phase": "done", **{k: _finite(v) for k, v in summary.items() if k != "evaluated"}}
+    )
+
+
+def _quiet_known_warnings() -> None:
+    """Silence warnings that are expected here and would bury the progress lines."""
+    import warnings
+
+    for pattern in (
+        "Secure RNG turned off",  # secure_mode needs torchcsprng, which has no torch 2.x build
+        "Full backward hook is firing",  # Opacus hooks on the stem: inputs need no grad
+        "Optimal order is the largest alpha",  # RDP cross-check at few steps
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _finite(v: Any) -> Any:
+    return -1.0 if isinstance(v, float) and math.isinf(v) else v
+
+
+def _progress_callback(total: int, log: Log):
+    from ray import tune
+
+    class Progress(tune.Callback):
+        """One line per epoch and per finished trial: Tune's own table is too noisy for 2 cores."""
+
+        def __init__(self) -> None:
+            self.finished = 0
+            self.t0 = time.perf_counter()
+
+        def _name(self, trial) -> str:
+            return (
+                trial.config["cell"]["spec"]["source"]
+                + "_eps"
+                + str(trial.config["cell"]["spec"]["epsilon"])
+                + ("_seed" + str(trial.config["cell"]["spec"]["seed"]))
+            )
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get("phase") == "train":
+                eps = result.get("epsilon", -1.0)
+                log(
+                    f"[trial] {self._name(trial)} epoch {result['epoch']}: loss {result['train_loss']:.3f}"
+                    f", val macro AUC {result['val_macro_auc']:.3f}"
+                    + (f", epsilon {eps:.2f}" if eps >= 0 else "")
+                )
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.finished += 1
+            log(
+                f"[sweep] {self.finished}/{total} cells done ({self._name(trial)}), "
+                f"{time.perf_counter() - self.t0:.0f}s elapsed"
+            )
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.finished += 1
+            log(f"[sweep] {self._name(trial)} FAILED; see {trial.local_path or trial.path}")
+
+    return Progress()
+
+
+def run_cells(prep: Prepared, log: Log = _log) -> list[str]:
+    """Schedule the cells with work left as Tune trials; returns names of failed cells."""
+    from ray import tune
+
+    spec = prep.spec
+    if not prep.cells:
+        return []
+    check_resources(spec)
+    trainable = tune.with_resources(
+        _trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    )
+    names = {c.spec.key: c.spec.name for c in prep.cells}
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search([c.to_config() for c in prep.cells])},
+        tune_config=tune.TuneConfig(
+            trial_name_creator=lambda t: names[t.config["cell"]["spec"]["key"]],
+            trial_dirname_creator=lambda t: (
+                f"{names[t.config['cell']['spec']['key']]}-{t.trial_id}"
+            ),
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(spec.output / "ray_results"),
+            failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
+            callbacks=[_progress_callback(len(prep.cells), log)],
+            verbose=0,
+        ),
+    )
+    result_grid = tuner.fit()
+    failed = []
+    for r in result_grid:
+        if r.error is not None:
+            failed.append(names[r.config["cell"]["spec"]["key"]])
+            log(f"[sweep] failed: {failed[-1]}: {str(r.error).splitlines()[-1][:300]}")
+    return failed
+
+
+def run(
+    grid_path: str | Path, *, output: str | None = None, address: str | None = None, log: Log = _log
+) -> Path:
+    """The whole sweep: validate, connect/start Ray, prepare data, run cells, aggregate, print."""
+    import ray
+
+    spec = grid.load_grid(grid_path, output=output)
+    _check_writable(spec.output)
+    t0 = time.perf_counter()
+    init_ray(spec, address, log)
+    try:
+        prep = prepare(spec, log)
+        done = len(prep.trials) - len(prep.cells)
+        log(
+            f"[sweep] {spec.name}: {len(prep.trials)} cells ({len(spec.sources)} sources x "
+            f"{len(spec.epsilons)} epsilons x {len(spec.seeds)} seeds), {len(spec.targets)} targets; "
+            f"{done} already done, {len(prep.cells)} to run"
+        )
+        failed = run_cells(prep, log)
+    finally:
+        ray.shutdown()
+    path, df = results.aggregate(spec.output, [t.key for t in prep.trials], spec.name)
+    log("")
+    log(report.transfer_matrices_text(df))
+    missing = len(prep.trials) - df["trial_key"].nunique() if len(df) else len(prep.trials)
+    log(f"[sweep] table: {path} ({len(df)} rows; {missing} cell(s) missing)")
+    log(f"[sweep] wall time {time.perf_counter() - t0:.0f}s")
+    if failed:
+        raise SweepFailed(failed)
+    return path
+
+
+class SweepFailed(RuntimeError):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(
+            f"{len(names)} cell(s) failed: {', '.join(names)}; re-run the same command to retry them"
+        )
+        self.names = names
+
+
+def _check_writable(path: Path) -> None:
+    probe = path / ".write-test"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise grid.GridError(
+            "output", [f"output: {str(path)!r} is not writable ({exc.strerror})"]
+        ) from None

@@ -1,0 +1,210 @@
+"""Train one model (DP-SGD via Opacus, or plainly for epsilon = inf) and predict with it.
+
+Pure: no Ray, no Tune, no file layout. A GPU benchmark machine with only torch + opacus can
+run it. Progress leaves through the ``on_epoch`` callback, so the caller decides whether that
+becomes a Tune report, a log line, or nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privdom_ray.cache import SplitData
+from privdom_ray.grid import TrialSpec
+from privdom_ray.metrics import auc
+from privdom_ray.models import build_model
+from privdom_ray.privacy import Ledger, make_ledger
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict[str, torch.Tensor]
+    ledger: Ledger
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    val_scores: np.ndarray | None = None
+    train_seconds: float = 0.0
+
+
+def pos_weight(labels: np.ndarray) -> torch.Tensor:
+    """(N - P) / P per label over known labels; 1 where a label has no positives."""
+    known = ~np.isnan(labels)
+    pos = np.nansum(labels, axis=0)
+    neg = known.sum(axis=0) - pos
+    return torch.tensor(np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), dtype=torch.float32)
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over the batch, where NaN targets (masked labels) contribute nothing."""
+    known = ~torch.isnan(target)
+    loss = F.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(target), pos_weight=weight, reduction="none"
+    )
+    return (loss * known).sum(dim=1).div(target.shape[1]).mean()
+
+
+def _as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: np.ndarray, *, batch: int = 256, device: str = "cpu"
+) -> np.ndarray:
+    """Sigmoid probabilities (n, L) for uint8 images (n, S, S)."""
+    model.eval()
+    dev = torch.device(device)
+    out = []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))
+        out.append(torch.sigmoid(model(_as_input(x, dev))).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def macro_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    values = [auc(scores[:, j], labels[:, j]) for j in range(labels.shape[1])]
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def run_trial(
+    spec: TrialSpec,
+    train: SplitData,
+    val: SplitData,
+    *,
+    device: str = "cpu",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``spec`` on ``train``; select the epoch with the best validation macro AUC.
+
+    DP trials use Poisson sampling (Opacus's default, required by the guarantee), logical
+    batches split into physical ones by BatchMemoryManager, and report epsilon for all steps
+    taken, not only up to the selected epoch.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    cfg = spec.training
+    dev = torch.device(device)
+    model = build_model(spec.model, num_outputs=train.labels.shape[1]).to(dev)
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"model {spec.model!r} is not Opacus-compatible: {errors}")
+    optimizer = torch.optim.NAdam(model.parameters(), lr=cfg.lr)
+    weight = pos_weight(train.labels).to(dev)
+    dataset = TensorDataset(
+        torch.from_numpy(np.ascontiguousarray(train.images)),
+        torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32)),
+    )
+    generator = torch.Generator().manual_seed(spec.seed)
+    loader = DataLoader(dataset, batch_size=cfg.logical_batch, shuffle=True, generator=generator)
+
+    engine: PrivacyEngine | None = None
+    if spec.is_private:
+        engine = PrivacyEngine(accountant=cfg.accountant)
+        model, optimizer, loader = engine.make_private_with_epsilon(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            target_epsilon=spec.epsilon,
+            target_delta=spec.delta,
+            epochs=cfg.epochs,
+            max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=torch.Generator(device=dev).manual_seed(spec.seed + 1),
+        )
+
+    history: list[dict[str, float]] = []
+    best_auc, best_epoch, best_state = -math.inf, 0, None
+    steps = 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        losses: list[float] = []
+        if engine is not None:
+            with BatchMemoryManager(
+                data_loader=loader, max_physical_batch_size=cfg.physical_batch, optimizer=optimizer
+            ) as batches:
+                for x, y in batches:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = masked_bce(model(_as_input(x, dev)), y.to(dev), weight)
+                    loss.backward()
+                    optimizer.step()
+                    if len(x):
+                        losses.append(loss.item())
+            steps = sum(n for _, _, n in engine.accountant.history)
+        else:
+            for x, y in loader:
+                optimizer.zero_grad(set_to_none=True)
+                for xs, ys in zip(
+                    x.split(cfg.physical_batch), y.split(cfg.physical_batch), strict=True
+                ):
+                    loss = masked_bce(model(_as_input(xs, dev)), ys.to(dev), weight)
+                    (loss * (len(xs) / len(x))).backward()
+                    losses.append(loss.item())
+                optimizer.step()
+                steps += 1
+        val_scores = predict(_unwrap(model), val.images, device=device)
+        val_auc = macro_auc(val_scores, val.labels)
+        record = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "val_macro_auc": val_auc,
+            "steps": steps,
+            "epsilon": engine.get_epsilon(spec.delta) if engine is not None else math.inf,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if math.isnan(val_auc) and best_state is None or val_auc > best_auc:
+            best_auc, best_epoch = val_auc, epoch
+            best_state = copy.deepcopy(_unwrap(model).state_dict())
+
+    final = _unwrap(model)
+    assert best_state is not None
+    final.load_state_dict(best_state)
+    if engine is not None:
+        ledger = make_ledger(
+            epsilon_target=spec.epsilon,
+            delta=spec.delta,
+            noise_multiplier=float(optimizer.noise_multiplier),
+            sample_rate=float(loader.sample_rate),
+            steps=steps,
+            max_grad_norm=cfg.max_grad_norm,
+            accountant=cfg.accountant,
+        )
+    else:
+        ledger = Ledger.non_private(steps=steps, sample_rate=cfg.logical_batch / max(len(train), 1))
+    return TrainResult(
+        state_dict={k: v.detach().cpu() for k, v in best_state.items()},
+        ledger=ledger,
+        history=history,
+        best_epoch=best_epoch,
+        val_scores=predict(final, val.images, device=device),
+        train_seconds=time.perf_counter() - t0,
+    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside Opacus's GradSampleModule (state_dict keys without ``_module.``)."""
+    return getattr(model, "_module", model)
+
+
+def load_model(name: str, state_dict: dict[str, torch.Tensor], num_outputs: int) -> nn.Module:
+    model = build_model(name, num_outputs=num_outputs)
+    model.load_state_dict(state_dict)
+    return model.eval()

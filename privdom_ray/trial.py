@@ -1,0 +1,226 @@
+"""One cell of a sweep on disk: train the model if it is not done, evaluate every missing target.
+
+Idempotent, because Ray Tune is at-least-once: a finished model is never retrained, a finished
+evaluation never recomputed, and every file is written atomically with the ``done`` marker
+last. No Ray here: the caller (``sweep``) passes a ``report`` callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import math
+import platform
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from privdom_ray import metrics, results
+from privdom_ray.cache import SplitData, load_split
+from privdom_ray.grid import EvaluationConfig, TrialSpec
+from privdom_ray.manifest import LABELS
+from privdom_ray.train import load_model, predict, run_trial
+
+Report = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TargetRef:
+    """A target domain's cached test split, identified by the domain name and data fingerprint."""
+
+    name: str
+    fingerprint: str
+    cache_path: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    spec: TrialSpec
+    output: str
+    source_cache: str
+    targets: tuple[TargetRef, ...]
+    evaluation: EvaluationConfig
+    threads: int = 1
+    device: str = "cpu"
+
+    def to_config(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["spec"] = self.spec.to_json()
+        return d
+
+    @classmethod
+    def from_config(cls, d: Mapping[str, Any]) -> Cell:
+        return cls(
+            spec=TrialSpec.from_json(d["spec"]),
+            output=d["output"],
+            source_cache=d["source_cache"],
+            targets=tuple(TargetRef(**t) for t in d["targets"]),
+            evaluation=EvaluationConfig(
+                **{**d["evaluation"], "age_bins": tuple(d["evaluation"]["age_bins"])}
+            ),
+            threads=d.get("threads", 1),
+            device=d.get("device", "cpu"),
+        )
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("privdom-ray", "torch", "opacus", "ray", "numpy", "pandas"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            from privdom_ray import __version__
+
+            out[pkg] = __version__ if pkg == "privdom-ray" else "missing"
+    return out
+
+
+def run_cell(cell: Cell, report: Report | None = None) -> dict[str, Any]:
+    """Train (if needed) and evaluate (missing targets); returns a small summary for the caller."""
+    torch.set_num_threads(max(1, cell.threads))
+    spec = cell.spec
+    tdir = results.trial_dir(Path(cell.output), spec.key)
+    trained_now = False
+    if not results.is_trained(tdir):
+        _train(cell, tdir, report)
+        trained_now = True
+    info = results.read_json(tdir / "trial.json")
+    thresholds = np.array(results.read_json(tdir / "thresholds.json")["youden_val"], dtype=float)
+    model = None
+    summary: dict[str, Any] = {"trained_now": trained_now, "evaluated": []}
+    for target in cell.targets:
+        edir = results.eval_dir(tdir, target.name, target.fingerprint)
+        if results.is_evaluated(edir):
+            continue
+        if model is None:
+            state = torch.load(tdir / "model.pt", weights_only=True)
+            model = load_model(spec.model, state, num_outputs=len(LABELS))
+        evaluate_target(model, target, thresholds, cell.evaluation, edir, device=cell.device)
+        summary["evaluated"].append(target.name)
+    ledger = results.read_json(tdir / "ledger.json")
+    summary.update(
+        epsilon_spent=ledger["epsilon_spent"],
+        train_seconds=info["train_seconds"],
+        val_macro_auc=info["val_macro_auc"],
+    )
+    return summary
+
+
+def _train(cell: Cell, tdir: Path, report: Report | None) -> None:
+    spec = cell.spec
+    train = load_split(cell.source_cache, "train")
+    val = load_split(cell.source_cache, "val")
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(
+            f"source {spec.source!r} has {len(train)} train and {len(val)} val images; both splits "
+            "need images"
+        )
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        if report is not None:
+            report({**record, "phase": "train"})
+
+    result = run_trial(spec, train, val, device=cell.device, on_epoch=on_epoch)
+    thresholds = [
+        metrics.youden_threshold(result.val_scores[:, j], val.labels[:, j])
+        for j in range(len(LABELS))
+    ]
+    val_macro = result.history[result.best_epoch - 1]["val_macro_auc"]
+    tdir.mkdir(parents=True, exist_ok=True)
+    results.atomic_write(tdir / "model.pt", lambda p: torch.save(result.state_dict, p))
+    results.write_json(tdir / "ledger.json", result.ledger.as_dict())
+    results.write_json(tdir / "history.json", result.history)
+    results.write_json(
+        tdir / "thresholds.json",
+        {"labels": list(LABELS), "youden_val": [_finite_or_none(t) for t in thresholds]},
+    )
+    results.write_parquet(
+        tdir / "val_predictions.parquet", _prediction_frame(result.val_scores, val)
+    )
+    results.write_json(
+        tdir / "trial.json",
+        {
+            "spec": spec.to_json(),
+            "name": spec.name,
+            "best_epoch": result.best_epoch,
+            "val_macro_auc": val_macro,
+            "selection": "best validation macro AUC (source val split); epsilon covers all epochs",
+            "train_seconds": result.train_seconds,
+            "n_train": len(train),
+            "n_val": len(val),
+            "node": socket.gethostname(),
+            "device": cell.device,
+            "versions": versions(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    results.mark_done(tdir)
+
+
+def evaluate_target(
+    model: torch.nn.Module,
+    target: TargetRef,
+    thresholds: np.ndarray,
+    evaluation: EvaluationConfig,
+    edir: Path,
+    *,
+    device: str = "cpu",
+) -> None:
+    """Predict on a target's test split, compute metric rows, write them atomically."""
+    t0 = time.perf_counter()
+    test = load_split(target.cache_path, "test")
+    scores = predict(model, test.images, device=device)
+    groups = metrics.subgroup_masks(test.sex, test.age, evaluation.age_bins)
+    rows = metrics.evaluate(
+        scores,
+        test.labels,
+        np.array([math.nan if t is None else t for t in thresholds], dtype=float),
+        LABELS,
+        groups=groups,
+        n_boot=evaluation.n_boot,
+        seed=evaluation.seed,
+        ci=evaluation.ci,
+        oracle=evaluation.oracle_threshold,
+    )
+    tmp = edir.with_name(f".{edir.name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    results.write_parquet(tmp / "predictions.parquet", _prediction_frame(scores, test))
+    results.write_parquet(tmp / "metrics.parquet", pd.DataFrame([r.as_dict() for r in rows]))
+    results.write_json(
+        tmp / "eval.json",
+        {
+            "target": target.name,
+            "fingerprint": target.fingerprint,
+            "n_test": len(test),
+            "n_boot": evaluation.n_boot,
+            "eval_seconds": time.perf_counter() - t0,
+        },
+    )
+    if edir.exists():  # an earlier at-least-once run finished first; keep its result
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(edir)
+
+
+def _prediction_frame(scores: np.ndarray, split: SplitData) -> pd.DataFrame:
+    """Per-image scores keyed by row position, with labels and demographics; no ids, no paths."""
+    df = pd.DataFrame({"row": np.arange(len(scores))})
+    for j, label in enumerate(LABELS):
+        df[f"score_{label}"] = scores[:, j]
+        df[f"label_{label}"] = split.labels[:, j]
+    df["sex"] = split.sex.astype(str)
+    df["age"] = split.age
+    return df
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)

@@ -1,0 +1,144 @@
+"""Grid validation: every bad value is reported with its key, value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from privdom_ray.grid import GridError, TrialSpec, load_grid, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "name": "t",
+    "output": "out",
+    "domains": [
+        {"name": "a", "kind": "synthetic", "root": "data/a", "options": {"site": "a"}},
+        {"name": "b", "kind": "synthetic", "root": "data/b", "options": {"site": "b"}},
+    ],
+    "epsilons": [1, "inf"],
+    "seeds": [0],
+    "training": {"epochs": 1, "logical_batch": 32, "physical_batch": 16},
+}
+
+
+def write(tmp_path: Path, grid: dict) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def errors_of(tmp_path: Path, **changes) -> list[str]:
+    grid = {**BASE, **changes}
+    with pytest.raises(GridError) as info:
+        load_grid(write(tmp_path, grid))
+    return info.value.errors
+
+
+def test_valid_grid_resolves_paths_and_defaults(tmp_path):
+    spec = load_grid(write(tmp_path, BASE))
+    assert spec.output == (tmp_path / "out").resolve()
+    assert spec.cache_dir == spec.output / "cache"
+    assert spec.domains[0].root == (tmp_path / "data" / "a").resolve()
+    assert spec.epsilons == (1.0, math.inf)
+    assert spec.sources == spec.targets == ("a", "b")
+    assert spec.training.physical_batch == 16
+    assert spec.ray.dashboard_host == "127.0.0.1"
+
+
+def test_out_flag_overrides_output(tmp_path):
+    spec = load_grid(write(tmp_path, BASE), output=str(tmp_path / "elsewhere"))
+    assert spec.output == (tmp_path / "elsewhere").resolve()
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"epsilons": [0]}, "epsilons[0]: 0"),
+        ({"epsilons": [-1, "inf"]}, "epsilons[0]: -1"),
+        ({"epsilons": ["lots"]}, "epsilons[0]: 'lots'"),
+        ({"delta": 1.5}, "delta: 1.5"),
+        ({"delta": 0}, "delta: 0"),
+        ({"domains": []}, "domains: []"),
+        ({"model": "vgg"}, "model: 'vgg'"),
+        ({"seeds": [0, 0]}, "seeds[1]: 0"),
+        ({"epoch": 3}, "epoch: 3"),  # typo of a top-level key
+        ({"training": {"logical_batch": 0}}, "training.logical_batch: 0"),
+        ({"training": {"physical_batch": -4}}, "training.physical_batch: -4"),
+        ({"training": {"logical_batch": 16, "physical_batch": 32}}, "training.physical_batch: 32"),
+        ({"training": {"epocs": 2}}, "training.epocs: 2"),
+        ({"training": {"accountant": "gdp"}}, "training.accountant: 'gdp'"),
+        ({"preprocessing": {"geometry": "fisheye"}}, "preprocessing.geometry: 'fisheye'"),
+        ({"resources": {"cpu": 0}}, "resources.cpu: 0"),
+        ({"sources": ["zz"]}, "sources: ['zz']"),
+    ],
+)
+def test_each_bad_value_is_named(tmp_path, changes, needle):
+    errors = errors_of(tmp_path, **changes)
+    assert any(needle in e for e in errors), errors
+    assert all("expected" in e for e in errors)
+
+
+def test_bad_domains_are_named(tmp_path):
+    domains = [
+        {"name": "a", "kind": "dicomland", "root": "x"},
+        {"name": "b", "kind": "chexpert", "root": "does/not/exist"},
+        {"name": "c", "kind": "synthetic", "root": "c", "option": {}},
+        {"name": "d", "kind": "synthetic"},
+        {"name": "e", "kind": "synthetic", "root": "e", "options": {"site": "mars"}},
+    ]
+    errors = errors_of(tmp_path, domains=domains)
+    text = "\n".join(errors)
+    assert "domains[a].kind: 'dicomland'" in text and "synthetic" in text
+    assert "domains[b].root: 'does/not/exist'" in text
+    assert "domains[0].option" not in text and "domains[c].option: {}" in text
+    assert "domains[d].root: None" in text
+    assert "domains[e].options" in text and "mars" in text
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    errors = errors_of(tmp_path, epsilons=[0], delta=2, model="vgg")
+    assert len(errors) == 3
+
+
+def test_cli_exit_code_2_and_message(tmp_path):
+    path = write(tmp_path, {**BASE, "epsilons": [0]})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "--grid", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "epsilons[0]: 0" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written for a bad grid
+
+
+def test_trial_key_ignores_targets_and_tracks_what_trains(tmp_path):
+    spec_all = load_grid(write(tmp_path, BASE))
+    spec_one = load_grid(write(tmp_path, {**BASE, "targets": ["a"]}))
+    fps, n = {"a": "f1", "b": "f2"}, {"a": 500, "b": 500}
+    keys_all = [t.key for t in plan(spec_all, fps, n)]
+    assert keys_all == [t.key for t in plan(spec_one, fps, n)]
+    assert len(set(keys_all)) == 4
+    # a different data fingerprint or learning rate changes the key
+    assert plan(spec_all, {"a": "f9", "b": "f2"}, n)[0].key != keys_all[0]
+    spec_lr = load_grid(write(tmp_path, {**BASE, "training": {**BASE["training"], "lr": 0.5}}))
+    assert plan(spec_lr, fps, n)[0].key != keys_all[0]
+    # the spec survives a JSON round trip with its key
+    t = plan(spec_all, fps, n)[1]
+    assert TrialSpec.from_json(t.to_json()).with_key().key == t.key
+
+
+def test_delta_must_be_below_one_over_n(tmp_path):
+    from privdom_ray.grid import check_deltas
+
+    spec = load_grid(write(tmp_path, {**BASE, "delta": 0.01}))
+    with pytest.raises(GridError) as info:
+        check_deltas(spec, {"a": 200, "b": 50})
+    assert "1/N_train" in str(info.value) and "'a'" in str(info.value)

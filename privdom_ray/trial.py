@@ -11,6 +11,7 @@ import dataclasses
 import importlib.metadata
 import math
 import platform
+import shutil
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -139,7 +140,8 @@ def _train(cell: Cell, tdir: Path, report: Report | None) -> None:
     results.write_json(tdir / "history.json", result.history)
     results.write_json(
         tdir / "thresholds.json",
-        {"labels": list(LABELS), "youden_val": [_finite_or_none(t) for t in thresholds]},
+        # +inf is a valid Youden threshold (no cut beats chance: predict negative); NaN = undefined
+        {"labels": list(LABELS), "youden_val": [None if math.isnan(t) else t for t in thresholds]},
     )
     results.write_parquet(
         tdir / "val_predictions.parquet", _prediction_frame(result.val_scores, val)
@@ -204,8 +206,6 @@ def evaluate_target(
         },
     )
     if edir.exists():  # an earlier at-least-once run finished first; keep its result
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(edir)
@@ -221,6 +221,3 @@ def _prediction_frame(scores: np.ndarray, split: SplitData) -> pd.DataFrame:
     df["age"] = split.age
     return df
 
-
-def _finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)

@@ -1,0 +1,314 @@
+"""Behavioural tests for privdom_ray.metrics (real computations, sklearn as the oracle)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from privdom_ray import metrics as M
+
+
+def _data(n: int = 2000, n_lab: int = 5, seed: int = 0, decimals: int | None = None):
+    """Multi-label data with mixed prevalence (incl. > 50%), NaN masks and optional ties."""
+    rng = np.random.default_rng(seed)
+    prev = np.array([0.1, 0.5, 0.8, 0.03, 0.3])[:n_lab]
+    y = (rng.random((n, n_lab)) < prev).astype(float)
+    s = rng.normal(size=(n, n_lab)) + 1.2 * y
+    if decimals is not None:
+        s = np.round(s, decimals)
+    y[rng.random((n, n_lab)) < 0.07] = np.nan
+    return s, y
+
+
+def _sk_auc(s: np.ndarray, y: np.ndarray) -> float:
+    k = ~np.isnan(y)
+    return roc_auc_score(y[k], s[k])
+
+
+# --------------------------------------------------------------------------- AUC
+
+
+@pytest.mark.parametrize("decimals", [None, 1, 0])
+def test_auc_matches_sklearn(decimals):
+    s, y = _data(decimals=decimals, seed=3)
+    for j in range(s.shape[1]):
+        assert M.auc(s[:, j], y[:, j]) == pytest.approx(_sk_auc(s[:, j], y[:, j]), abs=1e-9)
+
+
+def test_auc_rank_based_and_undefined():
+    s, y = _data(n=500, n_lab=1, seed=1)
+    p = 1 / (1 + np.exp(-s[:, 0]))
+    assert M.auc(p, y[:, 0]) == M.auc(s[:, 0], y[:, 0])
+    assert math.isnan(M.auc(np.arange(4.0), np.array([1.0, 1.0, np.nan, 1.0])))
+    assert math.isnan(M.auc(np.arange(3.0), np.zeros(3)))
+    assert M.auc(np.array([0.5, 0.5]), np.array([0.0, 1.0])) == 0.5  # full tie
+    with pytest.raises(ValueError):
+        M.auc(np.arange(3.0), np.array([0.0, 2.0, 1.0]))
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_indices_shape_dtype_determinism():
+    a = M.bootstrap_indices(50, 7, seed=11)
+    assert a.shape == (7, 50) and a.dtype == np.int32
+    assert a.min() >= 0 and a.max() < 50
+    np.testing.assert_array_equal(a, M.bootstrap_indices(50, 7, seed=11))
+    assert not np.array_equal(a, M.bootstrap_indices(50, 7, seed=12))
+    assert M.bootstrap_indices(0, 3, seed=0).shape == (3, 0)
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_bootstrap_auc_equals_explicit_resample(decimals):
+    s, y = _data(n=800, seed=5, decimals=decimals)
+    idx = M.bootstrap_indices(len(s), 40, seed=2)
+    boot = M.bootstrap_auc(s, y, idx)
+    assert boot.shape == (40, s.shape[1])
+    for b in (0, 1, 17, 39):
+        for j in range(s.shape[1]):
+            expect = M.auc(s[idx[b], j], y[idx[b], j])
+            assert boot[b, j] == expect  # bit-exact: same integer rank statistic
+            assert boot[b, j] == pytest.approx(_sk_auc(s[idx[b], j], y[idx[b], j]), abs=1e-9)
+
+
+def test_bootstrap_auc_chunking_and_1d(monkeypatch):
+    s, y = _data(n=300, seed=8, decimals=1)
+    idx = M.bootstrap_indices(len(s), 25, seed=4)
+    full = M.bootstrap_auc(s, y, idx)
+    monkeypatch.setattr(M, "_CHUNK_CELLS", 700)  # force several small chunks
+    np.testing.assert_array_equal(full, M.bootstrap_auc(s, y, idx))
+    np.testing.assert_array_equal(full[:, 2], M.bootstrap_auc(s[:, 2], y[:, 2], idx))
+
+
+def test_bootstrap_auc_nan_when_resample_lacks_a_class():
+    s = np.array([0.1, 0.2, 0.3, 0.9])
+    y = np.array([0.0, 0.0, 0.0, 1.0])
+    idx = np.array([[0, 1, 2, 0], [3, 0, 1, 2], [3, 3, 3, 3]], dtype=np.int32)
+    out = M.bootstrap_auc(s, y, idx)
+    assert math.isnan(out[0]) and out[1] == 1.0 and math.isnan(out[2])
+    with pytest.raises(ValueError):
+        M.bootstrap_auc(s, y, np.array([[0, 4, 1, 1]]))
+
+
+def test_ci_coverage_binormal():
+    """95% percentile CIs cover the true AUC Phi(d/sqrt 2) in roughly 95% of datasets."""
+    rng = np.random.default_rng(123)
+    d, n_half, n_sim = 1.0, 100, 200
+    true_auc = 0.5 * (1 + math.erf(d / math.sqrt(2) / math.sqrt(2)))
+    y = np.r_[np.zeros(n_half), np.ones(n_half)]
+    covered = 0
+    for k in range(n_sim):
+        s = rng.normal(size=2 * n_half) + d * y
+        idx = M.bootstrap_indices(2 * n_half, 200, seed=k)
+        lo, hi = M.percentile_ci(M.bootstrap_auc(s, y, idx), 0.95)
+        covered += lo <= true_auc <= hi
+    assert 0.85 <= covered / n_sim <= 0.99
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_youden_matches_roc_curve(decimals):
+    s, y = _data(n=1500, seed=9, decimals=decimals)
+    for j in range(s.shape[1]):
+        k = ~np.isnan(y[:, j])
+        fpr, tpr, thr = roc_curve(y[k, j], s[k, j])
+        assert M.youden_threshold(s[:, j], y[:, j]) == thr[np.argmax(tpr - fpr)]
+
+
+def test_youden_edge_cases():
+    # anti-informative scores: sklearn's argmax lands on its leading +inf threshold
+    s = np.array([0.9, 0.8, 0.2, 0.1])
+    y = np.array([0.0, 0.0, 1.0, 1.0])
+    fpr, tpr, thr = roc_curve(y, s)
+    assert M.youden_threshold(s, y) == thr[np.argmax(tpr - fpr)] == math.inf
+    assert math.isnan(M.youden_threshold(s, np.ones(4)))
+
+
+def _direct_rates(s, y, t):
+    k = ~np.isnan(y)
+    s, y = s[k], y[k]
+    pred = s >= t
+    tp = np.sum(pred & (y == 1))
+    tn = np.sum(~pred & (y == 0))
+    return (tp + tn) / y.size, tp / np.sum(y == 1), tn / np.sum(y == 0)
+
+
+def test_threshold_metrics_match_direct():
+    s, y = _data(n=700, seed=2, decimals=1)
+    thr = np.array([0.5, 0.0, 0.7, 1.0, 0.3])
+    idx = M.bootstrap_indices(len(s), 30, seed=1)
+    tm = M.threshold_metrics(s, y, thr, idx)
+    for j in range(s.shape[1]):
+        acc, sens, spec = _direct_rates(s[:, j], y[:, j], thr[j])
+        assert tm.accuracy[j] == pytest.approx(acc, abs=1e-12)
+        assert tm.sensitivity[j] == pytest.approx(sens, abs=1e-12)
+        assert tm.specificity[j] == pytest.approx(spec, abs=1e-12)
+        for b in (0, 13, 29):
+            acc, sens, spec = _direct_rates(s[idx[b], j], y[idx[b], j], thr[j])
+            assert tm.boot_accuracy[b, j] == pytest.approx(acc, abs=1e-12)
+            assert tm.boot_sensitivity[b, j] == pytest.approx(sens, abs=1e-12)
+            assert tm.boot_specificity[b, j] == pytest.approx(spec, abs=1e-12)
+    no_boot = M.threshold_metrics(s, y, thr)
+    assert no_boot.boot_accuracy is None
+    np.testing.assert_array_equal(no_boot.sensitivity, tm.sensitivity)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_rows_and_values():
+    s, y = _data(n=1200, seed=4)
+    names = ["cardiomegaly", "effusion", "pneumonia", "atelectasis", "healthy"]
+    thr = np.zeros(5)
+    rng = np.random.default_rng(0)
+    groups = {"sex=F": rng.random(len(s)) < 0.5}
+    rows = M.evaluate(s, y, thr, names, groups=groups, n_boot=100, seed=1, oracle=True)
+    assert [(r.subgroup, r.label) for r in rows] == [
+        (g, lab) for g in ("all", "sex=F") for lab in [*names, "macro"]
+    ]
+    by = {(r.subgroup, r.label): r for r in rows}
+    for j, lab in enumerate(names):
+        r = by["all", lab]
+        assert r.n == int((~np.isnan(y[:, j])).sum())
+        assert r.n_pos == int((y[:, j] == 1).sum())
+        assert r.auc == pytest.approx(_sk_auc(s[:, j], y[:, j]), abs=1e-9)
+        assert r.auc_lo < r.auc < r.auc_hi
+        acc, sens, spec = _direct_rates(s[:, j], y[:, j], 0.0)
+        assert (r.accuracy, r.sensitivity, r.specificity) == pytest.approx((acc, sens, spec))
+        assert r.threshold == 0.0
+        assert r.oracle_threshold == M.youden_threshold(s[:, j], y[:, j])
+        o_acc, _, _ = _direct_rates(s[:, j], y[:, j], r.oracle_threshold)
+        assert r.oracle_accuracy == pytest.approx(o_acc)
+        m = groups["sex=F"]
+        assert by["sex=F", lab].auc == pytest.approx(M.auc(s[m, j], y[m, j]), abs=1e-12)
+    macro = by["all", "macro"]
+    assert macro.n == len(s) and macro.threshold is None
+    assert macro.auc == pytest.approx(np.mean([by["all", lab].auc for lab in names]))
+    assert macro.auc_lo < macro.auc < macro.auc_hi
+    assert macro.sensitivity == pytest.approx(
+        np.mean([by["all", lab].sensitivity for lab in names])
+    )
+    d = macro.as_dict()
+    assert list(d)[:4] == ["label", "subgroup", "n", "n_pos"] and d["label"] == "macro"
+    plain = M.evaluate(s, y, thr, names, n_boot=10)
+    assert len(plain) == 6 and plain[0].oracle_threshold is None
+
+
+def test_evaluate_all_subgroup_uses_plain_seed():
+    s, y = _data(n=400, seed=6)
+    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), n_boot=50, seed=7)
+    boot = M.bootstrap_auc(s, y, M.bootstrap_indices(len(s), 50, seed=7))
+    assert (rows[0].auc_lo, rows[0].auc_hi) == M.percentile_ci(boot[:, 0], 0.95)
+
+
+def test_evaluate_degenerate_subgroups_give_none():
+    s, y = _data(n=600, seed=7)
+    y[:, 1] = np.where(np.isnan(y[:, 1]), np.nan, 0.0)  # label 1: no positives anywhere
+    no_pos_0 = y[:, 0] != 1  # subgroup where label 0 has no positives
+    groups = {"nopos0": no_pos_0, "empty": np.zeros(len(s), bool), "one": np.eye(1, len(s))[0] > 0}
+    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), groups=groups, n_boot=30, oracle=True)
+    by = {(r.subgroup, r.label): r for r in rows}
+    metric_fields = [
+        f"{m}{sfx}"
+        for m in ("auc", "accuracy", "sensitivity", "specificity")
+        for sfx in ("", "_lo", "_hi")
+    ] + ["oracle_threshold", "oracle_accuracy", "oracle_sensitivity", "oracle_specificity"]
+    for key in [("all", "b"), ("nopos0", "a"), ("nopos0", "b"), ("one", "a"), ("empty", "c")]:
+        r = by[key]
+        assert all(getattr(r, f) is None for f in metric_fields), key
+    assert by["nopos0", "a"].n_pos == 0 and by["nopos0", "a"].n > 0
+    assert by["empty", "macro"].n == 0 and by["empty", "macro"].auc is None
+    # macro ignores the undefined labels instead of counting them as 0.5
+    defined = [by["nopos0", lab].auc for lab in "cde"]
+    assert by["nopos0", "macro"].auc == pytest.approx(np.mean(defined))
+    for r in rows:  # never NaN: undefined is None
+        assert not any(isinstance(v, float) and math.isnan(v) for v in r.as_dict().values())
+
+
+def test_evaluate_deterministic():
+    s, y = _data(n=500, seed=10)
+    groups = M.subgroup_masks(np.array(["F", "M", "U"] * 166 + ["F", "M"]), np.linspace(1, 99, 500))
+    kw = dict(groups=groups, n_boot=40, seed=3)
+    a = M.evaluate(s, y, np.zeros(5), list("abcde"), **kw)
+    b = M.evaluate(s, y, np.zeros(5), list("abcde"), **kw)
+    assert a == b
+    c = M.evaluate(s, y, np.zeros(5), list("abcde"), groups=groups, n_boot=40, seed=4)
+    assert [r.auc for r in a] == [r.auc for r in c]
+    assert [r.auc_lo for r in a] != [r.auc_lo for r in c]
+
+
+def test_subgroup_masks():
+    sex = np.array(["F", "M", "U", "f", "M", None], dtype=object)
+    age = np.array([10.0, 40.0, np.nan, 69.9, 70.0, 120.0])
+    g = M.subgroup_masks(sex, age)
+    assert list(g) == ["sex=F", "sex=M", "age=[0,40)", "age=[40,70)", "age=[70,inf)"]
+    np.testing.assert_array_equal(g["sex=F"], [1, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(g["sex=M"], [0, 1, 0, 0, 1, 0])
+    np.testing.assert_array_equal(g["age=[0,40)"], [1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(g["age=[40,70)"], [0, 1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(g["age=[70,inf)"], [0, 0, 0, 0, 1, 1])
+    assert all(v.dtype == bool for v in g.values())
+    g2 = M.subgroup_masks(sex, age, age_bins=(0, 40.5, 100))
+    assert list(g2)[2:] == ["age=[0,40.5)", "age=[40.5,100)"]
+
+
+# --------------------------------------------------------------------------- paired
+
+
+def test_paired_identical_models():
+    s, y = _data(n=600, seed=11)
+    idx = M.bootstrap_indices(len(s), 200, seed=0)
+    res = M.paired_auc_difference(s, s.copy(), y, idx, label_names=list("abcde"))
+    assert [r.label for r in res] == [*"abcde", "macro"]
+    for r in res:
+        assert r.delta == 0.0 and r.delta_lo == 0.0 and r.delta_hi == 0.0
+        assert r.p_value == 1.0
+
+
+def test_paired_clearly_better_model():
+    rng = np.random.default_rng(12)
+    s, y = _data(n=600, seed=12)
+    worse = s + rng.normal(scale=3.0, size=s.shape)
+    idx = M.bootstrap_indices(len(s), 300, seed=0)
+    res = M.paired_auc_difference(s, worse, y, idx)
+    for j, r in enumerate(res[:-1]):
+        assert r.delta == pytest.approx(M.auc(s[:, j], y[:, j]) - M.auc(worse[:, j], y[:, j]))
+        assert r.n == int((~np.isnan(y[:, j])).sum())
+    macro = res[-1]
+    assert macro.delta > 0.1 and macro.delta_lo > 0 and macro.p_value < 0.01
+    assert macro.p_value == pytest.approx(2 / 301)
+    flipped = M.paired_auc_difference(worse, s, y, idx)[-1]
+    assert flipped.delta == pytest.approx(-macro.delta) and flipped.p_value == macro.p_value
+
+
+def test_paired_degenerate_label_is_none():
+    s, y = _data(n=200, n_lab=2, seed=13)
+    y[:, 0] = np.where(np.isnan(y[:, 0]), np.nan, 1.0)
+    res = M.paired_auc_difference(s, -s, y, M.bootstrap_indices(200, 20, seed=1))
+    assert res[0].delta is None and res[0].p_value is None and res[0].delta_lo is None
+    assert res[-1].delta == pytest.approx(res[1].delta)
+
+
+# --------------------------------------------------------------------------- t test
+
+
+def test_paired_t_test_known_values():
+    t, p = M.paired_t_test([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
+    assert t == pytest.approx(2.5 / (1.2909944487358056 / 2), rel=1e-12)
+    assert p == pytest.approx(0.030466, abs=2e-6)
+    # textbook two-sided 5% critical values of Student's t
+    for df, crit in [(1, 12.706204736), (4, 2.776445105), (10, 2.228138852), (30, 2.042272456)]:
+        assert M._t_two_sided_p(crit, df) == pytest.approx(0.05, abs=1e-8)
+    assert M._t_two_sided_p(0.0, 5) == pytest.approx(1.0)
+    # sign symmetry and NaN/None handling
+    t2, p2 = M.paired_t_test([0, 0, 0, 0, None], [1, 2, 3, 4, 7])
+    assert t2 == pytest.approx(-t) and p2 == pytest.approx(0.030466, abs=2e-6)
+    assert all(math.isnan(v) for v in M.paired_t_test([1.0], [0.0]))
+    assert all(math.isnan(v) for v in M.paired_t_test([], []))
+    assert M.paired_t_test([1, 2, 3], [0, 1, 2]) == (math.inf, 0.0)
+    assert all(math.isnan(v) for v in M.paired_t_test([1, 2, 3], [1, 2, 3]))

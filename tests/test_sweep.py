@@ -1,0 +1,115 @@
+"""A real Ray Tune sweep on an embedded local cluster, through the command line, read back."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from privdom_ray.manifest import LABELS
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+GRID = {
+    "name": "tiny",
+    "output": "out",
+    "domains": [
+        {"name": "a", "kind": "synthetic", "root": "data/a", "options": {"site": "a", "n_patients": 50}},
+        {"name": "b", "kind": "synthetic", "root": "data/b", "options": {"site": "b", "n_patients": 50}},
+    ],
+    "epsilons": [1, "inf"],
+    "seeds": [0],
+    "training": {"epochs": 1, "logical_batch": 32, "physical_batch": 16},
+    "preprocessing": {"image_size": 24},
+    "evaluation": {"n_boot": 20},
+    "ray": {"num_cpus": 2},
+}
+
+
+def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    work = tmp_path_factory.mktemp("sweep")
+    (work / "grid.yaml").write_text(yaml.safe_dump(GRID))
+    proc = launch("--grid", "grid.yaml", cwd=work)
+    return work, proc
+
+
+def test_table_has_one_row_per_trial_target_label_subgroup(tiny_sweep):
+    work, proc = tiny_sweep
+    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    assert df["trial_key"].nunique() == 4
+    assert set(df["source"]) == set(df["target"]) == {"a", "b"}
+    assert set(df["label"]) == {*LABELS, "macro"}
+    keys = ["trial_key", "target", "label", "subgroup"]
+    assert not df.duplicated(keys).any()
+    assert len(df[df["subgroup"] == "all"]) == 4 * 2 * (len(LABELS) + 1)
+    assert (df["on_domain"] == (df["source"] == df["target"])).all()
+    aucs = df["auc"].dropna()
+    assert len(aucs) > 0 and aucs.between(0, 1).all()
+
+
+def test_privacy_ledger_columns(tiny_sweep):
+    work, _ = tiny_sweep
+    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    dp = df[df["epsilon_target"] == 1.0]
+    assert (dp["epsilon_spent"] <= 1.0 + 1e-6).all() and (dp["epsilon_spent"] > 0).all()
+    assert (dp["noise_multiplier"] > 0).all() and (dp["steps"] > 0).all()
+    assert set(dp["accountant"]) <= {"prv", "rdp"}
+    assert dp["sample_rate"].between(0, 1).all() and (dp["max_grad_norm"] == 1.5).all()
+    nondp = df[df["epsilon_target"].map(math.isinf)]
+    assert nondp["epsilon_spent"].map(math.isinf).all()
+    assert set(nondp["accountant"]) == {"none"}
+
+
+def test_table_holds_no_identifiers_or_paths(tiny_sweep):
+    work, _ = tiny_sweep
+    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    assert not {"path", "patient_id"} & set(df.columns)
+    text = [str(v) for v in df.select_dtypes(exclude="number").to_numpy().ravel() if v is not None]
+    assert text  # the scan saw the string columns
+    assert not any(("/" in v and "data" in v) or v.endswith(".png") for v in text)
+
+
+def test_output_names_trials_and_prints_matrices(tiny_sweep):
+    _, proc = tiny_sweep
+    out = proc.stdout
+    assert "dashboard: http://127.0.0.1:" in out
+    assert "a_eps1_seed0" in out and "b_epsinf_seed0" in out
+    assert "### epsilon = 1" in out and "### epsilon = inf" in out
+    assert "transfer.parquet" in out
+
+
+def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
+    work, _ = tiny_sweep
+    trials = work / "out" / "trials"
+    before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    grid = {**GRID, "epsilons": [1, 8, "inf"]}
+    (work / "grid2.yaml").write_text(yaml.safe_dump(grid))
+    proc = launch("--grid", "grid2.yaml", cwd=work)
+    assert "4 already done, 2 to run" in proc.stdout
+    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    assert {k: after[k] for k in before} == before  # finished models untouched
+    assert len(after) == 6
+    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    assert df["trial_key"].nunique() == 6
+    assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
+    report = launch("report", "out", cwd=work)
+    assert "### epsilon = 8" in report.stdout

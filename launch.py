@@ -1,7 +1,9 @@
 """privdom-ray command line.
 
     python launch.py --grid experiments/demo.yaml [--out DIR] [--address HOST:PORT]
+    python launch.py evaluate <output> --grid domains.yaml   (stored models on the grid's targets)
     python launch.py report <output>
+    python launch.py show <output> <trial key | source/epsilon/seed>
     python launch.py manifest <kind> <root> --out manifest.parquet [--option key=value ...]
 
 Exit codes: 0 success, 1 a cell failed (re-run to retry), 2 bad input (grid, data, paths).
@@ -31,6 +33,49 @@ def _run(argv: list[str]) -> int:
     except sweep.SweepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="launch.py evaluate",
+        description="Evaluate the stored models of a sweep on the grid's targets (no training).",
+    )
+    p.add_argument("output", help="the sweep's output folder")
+    p.add_argument("--grid", required=True, help="grid file naming the targets")
+    p.add_argument("--address", help="existing Ray cluster (default: an embedded one)")
+    args = p.parse_args(argv)
+    from privdom_ray import sweep
+
+    try:
+        sweep.run(args.grid, output=args.output, address=args.address, train=False)
+    except sweep.SweepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _show(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch.py show", description="Print a trial's record.")
+    p.add_argument("output", help="the sweep's output folder")
+    p.add_argument("trial", help="a trial key (or prefix) or source/epsilon/seed, e.g. site_a/1/0")
+    args = p.parse_args(argv)
+    import pandas as pd
+
+    from privdom_ray import results
+
+    hits = results.find_trials(Path(args.output), args.trial)
+    if not hits:
+        raise FileNotFoundError(f"no trial matching {args.trial!r} in {args.output}")
+    for tdir in hits:
+        print(f"# trial {tdir.name} ({tdir})")
+        config = tdir / "config.yaml"
+        print(config.read_text() if config.is_file() else "(not finished: no config.yaml yet)")
+        for edir in sorted((tdir / "eval").glob("*/metrics.parquet")):
+            m = pd.read_parquet(edir)
+            macro = m[(m["label"] == "macro") & (m["subgroup"] == "all")].iloc[0]
+            print(f"target {edir.parent.name}: macro AUC {macro['auc']:.3f}")
+        print()
     return 0
 
 
@@ -81,6 +126,8 @@ def _manifest(argv: list[str]) -> int:
         raise domains.ManifestError(
             f"options of kind {args.kind!r} are {domains.option_names(args.kind)}: {exc}"
         ) from None
+    except ValueError as exc:
+        raise domains.ManifestError(f"--option: {exc}") from None
     df = domains.build_manifest(args.kind, args.root, opts)
     out = Path(args.out)
     from privdom_ray import results
@@ -91,7 +138,7 @@ def _manifest(argv: list[str]) -> int:
     return 0
 
 
-VERBS = {"report": _report, "manifest": _manifest}
+VERBS = {"evaluate": _evaluate, "report": _report, "show": _show, "manifest": _manifest}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in VERBS:
             return VERBS[argv[0]](argv[1:])
         return _run(argv)
-    except (GridError, ManifestError, FileNotFoundError) as exc:
+    except (GridError, ManifestError, FileNotFoundError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

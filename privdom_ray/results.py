@@ -2,7 +2,9 @@
 
 One trial = ``<output>/trials/<key>/`` (key = content hash of what determines the model):
 
-- ``trial.json``  the resolved trial spec, versions, node, timings
+- ``trial.json``  the resolved trial spec, versions, node, timings (``config.yaml``: the same
+  plus the ledger, for people)
+- ``tensorboard/`` training curves: loss, validation macro AUC, epsilon spent per epoch
 - ``model.pt``    final weights (a plain state_dict: loadable with ``weights_only=True``)
 - ``ledger.json`` the privacy ledger;  ``history.json`` per-epoch loss, val AUC, epsilon
 - ``val_predictions.parquet``, ``thresholds.json`` (Youden on the source's validation split)
@@ -113,6 +115,14 @@ def write_parquet(path: Path, df: pd.DataFrame | pa.Table) -> None:
     atomic_write(path, lambda p: pq.write_table(table, p))
 
 
+def write_yaml(path: Path, obj: Any) -> None:
+    """Human-readable record (round-tripped through JSON so numpy scalars and inf are plain)."""
+    import yaml
+
+    plain = json.loads(json.dumps(obj, default=_json_default))
+    atomic_write(path, lambda p: p.write_text(yaml.safe_dump(plain, sort_keys=False)))
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
@@ -144,6 +154,25 @@ def eval_dir(tdir: Path, target: str, fingerprint: str) -> Path:
 
 def is_evaluated(edir: Path) -> bool:
     return (Path(edir) / "eval.json").is_file()
+
+
+def find_trials(output: Path, query: str) -> list[Path]:
+    """Trial folders matching a key (or key prefix) or ``source/epsilon/seed``."""
+    base = Path(output) / TRIALS
+    if not base.is_dir():
+        raise FileNotFoundError(f"no trials in {output}; is it a sweep's output folder?")
+    if "/" not in query:
+        return sorted(p for p in base.glob(f"{query}*") if (p / "trial.json").is_file())
+    parts = query.split("/")
+    if len(parts) != 3:
+        raise LookupError(f"{query!r}: expected a trial key or source/epsilon/seed, e.g. site_a/1/0")
+    source, eps, seed = parts
+    hits = []
+    for p in sorted(base.glob("*/trial.json")):
+        spec = read_json(p)["spec"]
+        if spec["source"] == source and str(spec["epsilon"]) == eps and str(spec["seed"]) == seed:
+            hits.append(p.parent)
+    return hits
 
 
 # ------------------------------------------------------------------------------ aggregation

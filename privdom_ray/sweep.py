@@ -68,8 +68,11 @@ def build_manifests(
     return manifests, fps
 
 
-def prepare(spec: SweepSpec, log: Log = _log) -> Prepared:
-    """Manifests, caches (Ray Data), delta checks and the plan. Requires ``ray.init`` first."""
+def prepare(spec: SweepSpec, log: Log = _log, *, train: bool = True) -> Prepared:
+    """Manifests, caches (Ray Data), delta checks and the plan. Requires ``ray.init`` first.
+
+    With ``train=False`` only finished models get cells (evaluation of missing targets).
+    """
     manifests, fps = build_manifests(spec, log)
     caches: dict[str, cache.CacheEntry] = {}
     for d in spec.domains:
@@ -94,6 +97,9 @@ def prepare(spec: SweepSpec, log: Log = _log) -> Prepared:
             if not results.is_evaluated(results.eval_dir(tdir, ref.name, ref.fingerprint))
         )
         if results.is_trained(tdir) and not missing:
+            continue
+        if not train and not results.is_trained(tdir):
+            log(f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)")
             continue
         cells.append(
             Cell(
@@ -282,9 +288,17 @@ def run_cells(prep: Prepared, log: Log = _log) -> list[str]:
 
 
 def run(
-    grid_path: str | Path, *, output: str | None = None, address: str | None = None, log: Log = _log
+    grid_path: str | Path,
+    *,
+    output: str | None = None,
+    address: str | None = None,
+    train: bool = True,
+    log: Log = _log,
 ) -> Path:
-    """The whole sweep: validate, connect/start Ray, prepare data, run cells, aggregate, print."""
+    """The whole sweep: validate, connect/start Ray, prepare data, run cells, aggregate, print.
+
+    ``train=False`` (``launch.py evaluate``) only evaluates stored models on the grid's targets.
+    """
     import ray
 
     spec = grid.load_grid(grid_path, output=output)
@@ -292,7 +306,7 @@ def run(
     t0 = time.perf_counter()
     init_ray(spec, address, log)
     try:
-        prep = prepare(spec, log)
+        prep = prepare(spec, log, train=train)
         done = len(prep.trials) - len(prep.cells)
         log(
             f"[sweep] {spec.name}: {len(prep.trials)} cells ({len(spec.sources)} sources x "

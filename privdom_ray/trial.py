@@ -13,6 +13,7 @@ import math
 import platform
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -83,6 +84,32 @@ def versions() -> dict[str, str]:
     return out
 
 
+def code_version() -> str:
+    """The package version plus the git commit of the checkout it runs from, when there is one."""
+    from privdom_ray import __version__
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    if not commit:
+        return __version__
+    return f"{__version__}+g{commit}" + (".dirty" if dirty else "")
+
+
 def run_cell(cell: Cell, report: Report | None = None) -> dict[str, Any]:
     """Train (if needed) and evaluate (missing targets); returns a small summary for the caller."""
     torch.set_num_threads(max(1, cell.threads))
@@ -124,17 +151,29 @@ def _train(cell: Cell, tdir: Path, report: Report | None) -> None:
             "need images"
         )
 
+    tdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tdir / "tensorboard", ignore_errors=True)  # curves of an interrupted attempt
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(tdir / "tensorboard"))
+
     def on_epoch(record: dict[str, Any]) -> None:
+        for name in ("train_loss", "val_macro_auc", "epsilon"):
+            if math.isfinite(record[name]):
+                writer.add_scalar(name, record[name], record["epoch"])
+        writer.flush()
         if report is not None:
             report({**record, "phase": "train"})
 
-    result = run_trial(spec, train, val, device=cell.device, on_epoch=on_epoch)
+    try:
+        result = run_trial(spec, train, val, device=cell.device, on_epoch=on_epoch)
+    finally:
+        writer.close()
     thresholds = [
         metrics.youden_threshold(result.val_scores[:, j], val.labels[:, j])
         for j in range(len(LABELS))
     ]
     val_macro = result.history[result.best_epoch - 1]["val_macro_auc"]
-    tdir.mkdir(parents=True, exist_ok=True)
     results.atomic_write(tdir / "model.pt", lambda p: torch.save(result.state_dict, p))
     results.write_json(tdir / "ledger.json", result.ledger.as_dict())
     results.write_json(tdir / "history.json", result.history)
@@ -146,23 +185,23 @@ def _train(cell: Cell, tdir: Path, report: Report | None) -> None:
     results.write_parquet(
         tdir / "val_predictions.parquet", _prediction_frame(result.val_scores, val)
     )
-    results.write_json(
-        tdir / "trial.json",
-        {
-            "spec": spec.to_json(),
-            "name": spec.name,
-            "best_epoch": result.best_epoch,
-            "val_macro_auc": val_macro,
-            "selection": "best validation macro AUC (source val split); epsilon covers all epochs",
-            "train_seconds": result.train_seconds,
-            "n_train": len(train),
-            "n_val": len(val),
-            "node": socket.gethostname(),
-            "device": cell.device,
-            "versions": versions(),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-    )
+    record = {
+        "spec": spec.to_json(),
+        "name": spec.name,
+        "best_epoch": result.best_epoch,
+        "val_macro_auc": val_macro,
+        "selection": "best validation macro AUC (source val split); epsilon covers all epochs",
+        "train_seconds": result.train_seconds,
+        "n_train": len(train),
+        "n_val": len(val),
+        "node": socket.gethostname(),
+        "device": cell.device,
+        "versions": versions(),
+        "code_version": code_version(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    results.write_json(tdir / "trial.json", record)
+    results.write_yaml(tdir / "config.yaml", {**record, "ledger": result.ledger.as_dict()})
     results.mark_done(tdir)
 
 
@@ -220,4 +259,3 @@ def _prediction_frame(scores: np.ndarray, split: SplitData) -> pd.DataFrame:
     df["sex"] = split.sex.astype(str)
     df["age"] = split.age
     return df
-

@@ -113,3 +113,49 @@ def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
     report = launch("report", "out", cwd=work)
     assert "### epsilon = 8" in report.stdout
+
+
+def test_added_target_is_evaluated_without_training(tiny_sweep):
+    work, _ = tiny_sweep
+    trials = work / "out" / "trials"
+    before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    old = pd.read_parquet(work / "out" / "transfer.parquet")
+    c = {"name": "c", "kind": "synthetic", "root": "data/c", "options": {"site": "c", "n_patients": 50}}
+    grid = {**GRID, "domains": [*GRID["domains"], c], "sources": ["a", "b"]}
+    (work / "grid3.yaml").write_text(yaml.safe_dump(grid))
+    proc = launch("evaluate", "out", "--grid", "grid3.yaml", cwd=work)
+    assert "epoch" not in proc.stdout  # no training progress at all
+    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    assert {k: after[k] for k in before} == before
+    new = pd.read_parquet(work / "out" / "transfer.parquet")
+    # exactly the new target's rows were added for the grid's (epsilon 1, inf) trials
+    assert set(new["target"]) == {"a", "b", "c"}
+    old_part = new[new["target"] != "c"].sort_values(["trial_key", "target", "label", "subgroup"])
+    ref = old[old["trial_key"].isin(new["trial_key"])].sort_values(["trial_key", "target", "label", "subgroup"])
+    assert old_part["auc"].tolist() == pytest.approx(ref["auc"].tolist(), nan_ok=True)
+    assert new[new["target"] == "c"]["trial_key"].nunique() == 4
+
+
+def test_trial_record_reproduces_key_and_predictions(tiny_sweep):
+    import torch
+
+    from privdom_ray.cache import load_split
+    from privdom_ray.grid import TrialSpec
+    from privdom_ray.train import load_model, predict
+
+    work, _ = tiny_sweep
+    tdir = next(p.parent for p in (work / "out" / "trials").glob("*/config.yaml"))
+    config = yaml.safe_load((tdir / "config.yaml").read_text())
+    spec = TrialSpec.from_json(config["spec"])
+    assert spec.with_key().key == tdir.name == config["spec"]["key"]
+    assert {"torch", "opacus", "ray"} <= set(config["versions"]) and config["code_version"]
+    assert list((tdir / "tensorboard").glob("events.out.tfevents.*"))
+    state = torch.load(tdir / "model.pt", weights_only=True)
+    model = load_model(spec.model, state, num_outputs=len(LABELS))
+    edir = next((tdir / "eval").glob(f"{spec.source}-*"))
+    stored = pd.read_parquet(edir / "predictions.parquet")
+    cache_path = next((work / "out" / "cache").glob(f"{spec.source}-*"))
+    scores = predict(model, load_split(cache_path, "test").images)
+    assert scores == pytest.approx(stored[[f"score_{lab}" for lab in LABELS]].to_numpy(), abs=1e-6)
+    show = launch("show", "out", f"{spec.source}/{config['spec']['epsilon']}/0", cwd=work)
+    assert tdir.name in show.stdout and "epsilon_spent" in show.stdout

@@ -120,18 +120,6 @@ class Preprocessing:
     geometry: str = "stretch"
     equalize: bool = True
 
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.image_size, bool)
-            or not isinstance(self.image_size, int)
-            or self.image_size < 1
-        ):
-            raise ValueError(f"image_size={self.image_size!r} must be a positive integer")
-        if self.geometry not in GEOMETRIES:
-            raise ValueError(f"unknown geometry {self.geometry!r}; allowed {GEOMETRIES}")
-        if not isinstance(self.equalize, bool):
-            raise ValueError(f"equalize={self.equalize!r} must be true or false")
-
 
 GEOMETRIES = ("stretch", "center_crop")
 

@@ -88,3 +88,7 @@ def _import_adapters() -> None:
 
 
 _import_adapters()
+
+from privdom_ray.domains._summary import summarize  # noqa: E402  (re-exported for launch.py)
+
+__all__ = ["REGISTRY", "Adapter", "ManifestError", "build_manifest", "kinds", "register", "summarize"]

@@ -142,3 +142,12 @@ def test_delta_must_be_below_one_over_n(tmp_path):
     with pytest.raises(GridError) as info:
         check_deltas(spec, {"a": 200, "b": 50})
     assert "1/N_train" in str(info.value) and "'a'" in str(info.value)
+
+
+def test_shipped_grids_are_valid_apart_from_dataset_roots():
+    """experiments/*.yaml stay in step with the grid schema (paper.yaml only lacks the data)."""
+    load_grid(ROOT / "experiments" / "demo.yaml")
+    with pytest.raises(GridError) as info:
+        load_grid(ROOT / "experiments" / "paper.yaml")
+    assert info.value.errors and all(".root:" in e for e in info.value.errors)
+    assert len(info.value.errors) == 5

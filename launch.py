@@ -3,6 +3,7 @@
     python launch.py --grid experiments/demo.yaml [--out DIR] [--address HOST:PORT]
     python launch.py evaluate <output> --grid domains.yaml   (stored models on the grid's targets)
     python launch.py report <output>
+    python launch.py status <output>
     python launch.py show <output> <trial key | source/epsilon/seed>
     python launch.py manifest <kind> <root> --out manifest.parquet [--option key=value ...]
 
@@ -79,15 +80,41 @@ def _show(argv: list[str]) -> int:
     return 0
 
 
+def _status(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="launch.py status", description="List done, running, failed and pending cells."
+    )
+    p.add_argument("output", help="the sweep's output folder (holds plan.json)")
+    args = p.parse_args(argv)
+    from collections import Counter
+
+    from privdom_ray import results
+
+    plan_path = Path(args.output) / "plan.json"
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"no plan.json in {args.output}; has a sweep been started there?")
+    plan = results.read_json(plan_path)
+    counts: Counter[str] = Counter()
+    for cell in plan["cells"]:
+        state, detail = results.cell_status(
+            results.trial_dir(Path(args.output), cell["key"]), plan["targets"]
+        )
+        counts[state] += 1
+        print(f"{state:10s} {cell['name']:32s} {cell['key']}  {detail}".rstrip())
+    print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return 0
+
+
 def _report(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="launch.py report", description="Print a sweep's transfer matrices."
     )
     p.add_argument("output", help="the sweep's output folder (holds transfer.parquet)")
     args = p.parse_args(argv)
-    from privdom_ray import report, results
+    from privdom_ray import report
 
-    print(report.transfer_matrices_text(results.load(args.output)))
+    print(report.write_report(Path(args.output)))
+    print(f"report: {Path(args.output) / 'report.md'}; figures: {Path(args.output) / 'figures'}")
     return 0
 
 
@@ -138,7 +165,13 @@ def _manifest(argv: list[str]) -> int:
     return 0
 
 
-VERBS = {"evaluate": _evaluate, "report": _report, "show": _show, "manifest": _manifest}
+VERBS = {
+    "evaluate": _evaluate,
+    "report": _report,
+    "show": _show,
+    "status": _status,
+    "manifest": _manifest,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,9 @@ class RayConfig:
     address: str | None = None  # None = start an embedded local cluster
     dashboard_host: str = "127.0.0.1"
     num_cpus: int | None = None  # embedded cluster only
-    max_failures: int = 2
+    max_failures: int = 2  # Tune retries of a crashed trial (it resumes from its checkpoint)
+    checkpoint_every: int = 1  # epochs between trial checkpoints
+    trial_timeout_s: float = 0.0  # wall-clock limit per trial attempt; 0 = none
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,10 @@ def parse_grid(
     ray_cfg = c.section(raw, "ray", RayConfig)
     if ray_cfg.max_failures < 0:
         c.add("ray.max_failures", ray_cfg.max_failures, "an integer >= 0")
+    if ray_cfg.checkpoint_every < 1:
+        c.add("ray.checkpoint_every", ray_cfg.checkpoint_every, "an integer >= 1 (epochs)")
+    if ray_cfg.trial_timeout_s < 0:
+        c.add("ray.trial_timeout_s", ray_cfg.trial_timeout_s, "seconds >= 0 (0 = no limit)")
 
     if c.errors:
         raise GridError(str(grid_path or "grid"), c.errors)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,9 @@ SCHEMA = pa.schema(
 
 # ------------------------------------------------------------------------------ atomic writes
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers see the old file or the new one."""
@@ -100,6 +104,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -165,7 +170,9 @@ def find_trials(output: Path, query: str) -> list[Path]:
         return sorted(p for p in base.glob(f"{query}*") if (p / "trial.json").is_file())
     parts = query.split("/")
     if len(parts) != 3:
-        raise LookupError(f"{query!r}: expected a trial key or source/epsilon/seed, e.g. site_a/1/0")
+        raise LookupError(
+            f"{query!r}: expected a trial key or source/epsilon/seed, e.g. site_a/1/0"
+        )
     source, eps, seed = parts
     hits = []
     for p in sorted(base.glob("*/trial.json")):
@@ -173,6 +180,32 @@ def find_trials(output: Path, query: str) -> list[Path]:
         if spec["source"] == source and str(spec["epsilon"]) == eps and str(spec["seed"]) == seed:
             hits.append(p.parent)
     return hits
+
+
+def cell_status(tdir: Path, targets: list[dict[str, str]]) -> tuple[str, str]:
+    """(state, detail) of one planned cell: done, failed, running, evaluating or pending.
+
+    ``running`` comes from a heartbeat file; after a driver crash it may describe an attempt
+    that is no longer alive, so the detail says how old the heartbeat is.
+    """
+    tdir = Path(tdir)
+    missing = [
+        t["name"] for t in targets if not is_evaluated(eval_dir(tdir, t["name"], t["fingerprint"]))
+    ]
+    if is_trained(tdir) and not missing:
+        return "done", ""
+    if (tdir / "failed.json").is_file():
+        f = read_json(tdir / "failed.json")
+        tail = "\n".join(f.get("error", "").strip().splitlines()[-3:])
+        return "failed", f"{f.get('reason', 'error')}: {tail}"
+    if (tdir / "running.json").is_file():
+        r = read_json(tdir / "running.json")
+        age = time.time() - r.get("updated", 0)
+        epoch = f"epoch {r['epoch']}, " if "epoch" in r else ""
+        return "running", f"{epoch}node {r.get('node', '?')[:12]}, heartbeat {age:.0f}s ago"
+    if is_trained(tdir):
+        return "evaluating", "trained; targets left: " + ", ".join(missing)
+    return "pending", ""
 
 
 # ------------------------------------------------------------------------------ aggregation

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from privdom_ray import cache, grid, report, results
+from privdom_ray import cache, comparisons, grid, report, results
 from privdom_ray.domains import build_manifest
 from privdom_ray.grid import SweepSpec, TrialSpec
 from privdom_ray.manifest import fingerprint
@@ -68,7 +68,7 @@ def build_manifests(
     return manifests, fps
 
 
-def prepare(spec: SweepSpec, log: Log = _log, *, train: bool = True) -> Prepared:
+def prepare(spec: SweepSpec, log: Log = _log, *, train: bool = True, run_id: str = "") -> Prepared:
     """Manifests, caches (Ray Data), delta checks and the plan. Requires ``ray.init`` first.
 
     With ``train=False`` only finished models get cells (evaluation of missing targets).
@@ -99,7 +99,9 @@ def prepare(spec: SweepSpec, log: Log = _log, *, train: bool = True) -> Prepared
         if results.is_trained(tdir) and not missing:
             continue
         if not train and not results.is_trained(tdir):
-            log(f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)")
+            log(
+                f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)"
+            )
             continue
         cells.append(
             Cell(
@@ -110,8 +112,19 @@ def prepare(spec: SweepSpec, log: Log = _log, *, train: bool = True) -> Prepared
                 evaluation=spec.evaluation,
                 threads=max(1, int(spec.resources.cpu)),
                 device="cuda" if spec.resources.gpu > 0 else "cpu",
+                checkpoint_every=spec.ray.checkpoint_every,
+                run_id=run_id,
             )
         )
+    results.write_json(
+        spec.output / "plan.json",
+        {
+            "sweep": spec.name,
+            "run_id": run_id,
+            "cells": [{"key": t.key, "name": t.name} for t in trials],
+            "targets": [{"name": r.name, "fingerprint": r.fingerprint} for r in targets],
+        },
+    )
     return Prepared(spec, fps, n_train, caches, trials, cells)
 
 
@@ -181,14 +194,42 @@ def check_resources(spec: SweepSpec) -> None:
 
 def _trainable(config: dict[str, Any]) -> None:
     """The Tune function trainable: one cell, with epoch progress reported to Tune."""
+    import ray
     from ray import tune
 
     _quiet_known_warnings()
     cell = Cell.from_config(config["cell"])
-    summary = run_cell(cell, report=lambda r: tune.report({k: _finite(v) for k, v in r.items()}))
+    timeout = config.get("timeout_s", 0.0)
+    if timeout:
+        _start_watchdog(cell, timeout)
+    summary = run_cell(
+        cell,
+        report=lambda r: tune.report({k: _finite(v) for k, v in r.items()}),
+        node=ray.get_runtime_context().get_node_id(),
+    )
     tune.report(
         {"phase": "done", **{k: _finite(v) for k, v in summary.items() if k != "evaluated"}}
     )
+
+
+def _start_watchdog(cell: Cell, timeout_s: float) -> None:
+    """End this trial's process after ``timeout_s``: a hung trial (a stuck collective, a dead
+    data mount) cannot be interrupted from Python, so the worker records why and exits; Tune
+    sees the failure, and the retry stops at once because ``failed.json`` names this run."""
+    import threading
+
+    from privdom_ray.trial import record_failure
+
+    def fire() -> None:
+        tdir = results.trial_dir(Path(cell.output), cell.spec.key)
+        message = f"{cell.spec.name}: timeout after {timeout_s:g}s (ray.trial_timeout_s)"
+        record_failure(tdir, cell.run_id, reason="timeout", error=message)
+        print(f"[trial] {message}; stopping it", flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s, fire)
+    timer.daemon = True
+    timer.start()
 
 
 def _quiet_known_warnings() -> None:
@@ -262,7 +303,10 @@ def run_cells(prep: Prepared, log: Log = _log) -> list[str]:
     names = {c.spec.key: c.spec.name for c in prep.cells}
     tuner = tune.Tuner(
         trainable,
-        param_space={"cell": tune.grid_search([c.to_config() for c in prep.cells])},
+        param_space={
+            "cell": tune.grid_search([c.to_config() for c in prep.cells]),
+            "timeout_s": spec.ray.trial_timeout_s,
+        },
         tune_config=tune.TuneConfig(
             trial_name_creator=lambda t: names[t.config["cell"]["spec"]["key"]],
             trial_dirname_creator=lambda t: (
@@ -304,9 +348,10 @@ def run(
     spec = grid.load_grid(grid_path, output=output)
     _check_writable(spec.output)
     t0 = time.perf_counter()
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     init_ray(spec, address, log)
     try:
-        prep = prepare(spec, log, train=train)
+        prep = prepare(spec, log, train=train, run_id=run_id)
         done = len(prep.trials) - len(prep.cells)
         log(
             f"[sweep] {spec.name}: {len(prep.trials)} cells ({len(spec.sources)} sources x "
@@ -316,11 +361,23 @@ def run(
         failed = run_cells(prep, log)
     finally:
         ray.shutdown()
-    path, df = results.aggregate(spec.output, [t.key for t in prep.trials], spec.name)
+    keys = [t.key for t in prep.trials]
+    path, df = results.aggregate(spec.output, keys, spec.name)
+    ev = spec.evaluation
+    comparisons.write(
+        spec.output,
+        comparisons.compute(
+            spec.output, keys, n_boot=ev.n_boot, seed=ev.seed, ci=ev.ci, age_bins=ev.age_bins
+        ),
+    )
+    report.write_report(spec.output)
     log("")
     log(report.transfer_matrices_text(df))
     missing = len(prep.trials) - df["trial_key"].nunique() if len(df) else len(prep.trials)
     log(f"[sweep] table: {path} ({len(df)} rows; {missing} cell(s) missing)")
+    log(
+        f"[sweep] comparisons: {spec.output / 'comparisons.parquet'}; report: {spec.output / 'report.md'}"
+    )
     log(f"[sweep] wall time {time.perf_counter() - t0:.0f}s")
     if failed:
         raise SweepFailed(failed)

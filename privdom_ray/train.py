@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -81,6 +81,14 @@ def macro_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+class CheckpointStore(Protocol):
+    """Where a trial's checkpoints live; ``trial.py`` provides a file-backed one."""
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+
 def run_trial(
     spec: TrialSpec,
     train: SplitData,
@@ -88,50 +96,82 @@ def run_trial(
     *,
     device: str = "cpu",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: CheckpointStore | None = None,
+    checkpoint_every: int = 1,
 ) -> TrainResult:
     """Train ``spec`` on ``train``; select the epoch with the best validation macro AUC.
 
     DP trials use Poisson sampling (Opacus's default, required by the guarantee), logical
     batches split into physical ones by BatchMemoryManager, and report epsilon for all steps
     taken, not only up to the selected epoch.
+
+    With a ``checkpoint`` store, the state after every ``checkpoint_every`` epochs (model,
+    optimizer, accountant history, noise multiplier, sampler and noise RNG states) is saved,
+    and a saved state is resumed: the noise multiplier is restored, never re-calibrated, and
+    the accountant continues from the steps already taken.
     """
     t0 = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    np.random.seed(spec.seed)
     cfg = spec.training
     dev = torch.device(device)
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None and state.get("key") != spec.key:
+        raise ValueError(f"checkpoint belongs to trial {state.get('key')!r}, not {spec.key!r}")
+    torch.manual_seed(spec.seed)
     model = build_model(spec.model, num_outputs=train.labels.shape[1]).to(dev)
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model {spec.model!r} is not Opacus-compatible: {errors}")
     optimizer = torch.optim.NAdam(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(spec.seed)
+    noise_generator = torch.Generator(device=dev).manual_seed(spec.seed + 1)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["loader_rng"])
+        noise_generator.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
     weight = pos_weight(train.labels).to(dev)
     dataset = TensorDataset(
         torch.from_numpy(np.ascontiguousarray(train.images)),
         torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32)),
     )
-    generator = torch.Generator().manual_seed(spec.seed)
     loader = DataLoader(dataset, batch_size=cfg.logical_batch, shuffle=True, generator=generator)
 
     engine: PrivacyEngine | None = None
     if spec.is_private:
         engine = PrivacyEngine(accountant=cfg.accountant)
-        model, optimizer, loader = engine.make_private_with_epsilon(
+        common = dict(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
-            target_epsilon=spec.epsilon,
-            target_delta=spec.delta,
-            epochs=cfg.epochs,
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=torch.Generator(device=dev).manual_seed(spec.seed + 1),
+            noise_generator=noise_generator,
         )
+        if state is None:
+            model, optimizer, loader = engine.make_private_with_epsilon(
+                **common, target_epsilon=spec.epsilon, target_delta=spec.delta, epochs=cfg.epochs
+            )
+        else:
+            model, optimizer, loader = engine.make_private(
+                **common, noise_multiplier=state["noise_multiplier"]
+            )
+            if not math.isclose(loader.sample_rate, state["sample_rate"], rel_tol=1e-12):
+                raise ValueError(
+                    f"sample rate changed since the checkpoint ({state['sample_rate']} -> "
+                    f"{loader.sample_rate}); the training data differs, refusing to resume"
+                )
+            engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
 
-    history: list[dict[str, float]] = []
-    best_auc, best_epoch, best_state = -math.inf, 0, None
-    steps = 0
-    for epoch in range(1, cfg.epochs + 1):
+    history: list[dict[str, float]] = list(state["history"]) if state else []
+    if history:  # wall-clock time keeps counting across a resume
+        t0 -= history[-1]["seconds"]
+    best_auc = state["best_auc"] if state else -math.inf
+    best_epoch = state["best_epoch"] if state else 0
+    best_state = state["best_state"] if state else None
+    steps = state["steps"] if state else 0
+    first_epoch = state["epoch"] + 1 if state else 1
+    for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         losses: list[float] = []
         if engine is not None:
@@ -159,20 +199,45 @@ def run_trial(
                 steps += 1
         val_scores = predict(_unwrap(model), val.images, device=device)
         val_auc = macro_auc(val_scores, val.labels)
-        record = {
+        record = {  # plain Python numbers: checkpoints load with weights_only=True
             "epoch": epoch,
             "train_loss": float(np.mean(losses)) if losses else math.nan,
-            "val_macro_auc": val_auc,
-            "steps": steps,
-            "epsilon": engine.get_epsilon(spec.delta) if engine is not None else math.inf,
+            "val_macro_auc": float(val_auc),
+            "steps": int(steps),
+            "epsilon": float(engine.get_epsilon(spec.delta)) if engine is not None else math.inf,
             "seconds": time.perf_counter() - t0,
         }
         history.append(record)
+        if math.isnan(val_auc) and best_state is None or val_auc > best_auc:
+            best_auc, best_epoch = float(val_auc), epoch
+            best_state = copy.deepcopy(_unwrap(model).state_dict())
+        if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == cfg.epochs):
+            checkpoint.save(
+                {
+                    "key": spec.key,
+                    "epoch": epoch,
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": getattr(optimizer, "original_optimizer", optimizer).state_dict(),
+                    "noise_multiplier": float(optimizer.noise_multiplier) if engine else 0.0,
+                    "sample_rate": float(loader.sample_rate) if engine else 0.0,
+                    "accountant_history": [
+                        (float(sigma), float(q), int(n))
+                        for sigma, q, n in engine.accountant.history
+                    ]
+                    if engine
+                    else [],
+                    "loader_rng": generator.get_state(),
+                    "noise_rng": noise_generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "steps": steps,
+                    "best_auc": best_auc,
+                    "best_epoch": best_epoch,
+                    "best_state": best_state,
+                }
+            )
         if on_epoch is not None:
             on_epoch(record)
-        if math.isnan(val_auc) and best_state is None or val_auc > best_auc:
-            best_auc, best_epoch = val_auc, epoch
-            best_state = copy.deepcopy(_unwrap(model).state_dict())
 
     final = _unwrap(model)
     assert best_state is not None

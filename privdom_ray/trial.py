@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import math
+import os
 import platform
 import shutil
 import socket
 import subprocess
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,8 @@ class Cell:
     evaluation: EvaluationConfig
     threads: int = 1
     device: str = "cpu"
+    checkpoint_every: int = 1
+    run_id: str = ""
 
     def to_config(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -69,6 +73,8 @@ class Cell:
             ),
             threads=d.get("threads", 1),
             device=d.get("device", "cpu"),
+            checkpoint_every=d.get("checkpoint_every", 1),
+            run_id=d.get("run_id", ""),
         )
 
 
@@ -110,14 +116,71 @@ def code_version() -> str:
     return f"{__version__}+g{commit}" + (".dirty" if dirty else "")
 
 
-def run_cell(cell: Cell, report: Report | None = None) -> dict[str, Any]:
-    """Train (if needed) and evaluate (missing targets); returns a small summary for the caller."""
+class FileCheckpoint:
+    """A trial's checkpoint file, written atomically and loaded with ``weights_only=True``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        return torch.load(self.path, weights_only=True)
+
+    def save(self, state: dict[str, Any]) -> None:
+        results.atomic_write(self.path, lambda p: torch.save(state, p))
+
+
+class TrialTimedOut(RuntimeError):
+    """Raised for a cell whose earlier attempt in this run hit the per-trial time limit."""
+
+
+def run_cell(cell: Cell, report: Report | None = None, *, node: str = "") -> dict[str, Any]:
+    """Train (if needed) and evaluate (missing targets); returns a small summary for the caller.
+
+    Leaves ``running.json`` (heartbeat) while working and ``failed.json`` (with the error's
+    last lines) when it raises, so ``launch.py status`` can tell cells apart.
+    """
     torch.set_num_threads(max(1, cell.threads))
     spec = cell.spec
     tdir = results.trial_dir(Path(cell.output), spec.key)
+    tdir.mkdir(parents=True, exist_ok=True)
+    failed = tdir / "failed.json"
+    if failed.is_file():
+        earlier = results.read_json(failed)
+        if earlier.get("run_id") == cell.run_id and earlier.get("reason") == "timeout":
+            raise TrialTimedOut(earlier["error"])  # do not let Tune's retries run it again
+    node = node or socket.gethostname()
+    heartbeat(tdir, cell.run_id, node, phase="starting")
+    try:
+        summary = _run_cell(cell, tdir, report, node)
+    except BaseException as exc:
+        record_failure(tdir, cell.run_id, reason=type(exc).__name__, error=traceback.format_exc())
+        raise
+    (tdir / "running.json").unlink(missing_ok=True)
+    failed.unlink(missing_ok=True)
+    return summary
+
+
+def heartbeat(tdir: Path, run_id: str, node: str, **extra: Any) -> None:
+    results.write_json(
+        tdir / "running.json",
+        {"run_id": run_id, "node": node, "pid": os.getpid(), "updated": time.time(), **extra},
+    )
+
+
+def record_failure(tdir: Path, run_id: str, *, reason: str, error: str) -> None:
+    results.write_json(
+        tdir / "failed.json",
+        {"run_id": run_id, "reason": reason, "error": error[-4000:], "time": time.time()},
+    )
+
+
+def _run_cell(cell: Cell, tdir: Path, report: Report | None, node: str) -> dict[str, Any]:
+    spec = cell.spec
     trained_now = False
     if not results.is_trained(tdir):
-        _train(cell, tdir, report)
+        _train(cell, tdir, report, node)
         trained_now = True
     info = results.read_json(tdir / "trial.json")
     thresholds = np.array(results.read_json(tdir / "thresholds.json")["youden_val"], dtype=float)
@@ -141,7 +204,7 @@ def run_cell(cell: Cell, report: Report | None = None) -> dict[str, Any]:
     return summary
 
 
-def _train(cell: Cell, tdir: Path, report: Report | None) -> None:
+def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
     spec = cell.spec
     train = load_split(cell.source_cache, "train")
     val = load_split(cell.source_cache, "val")
@@ -152,12 +215,14 @@ def _train(cell: Cell, tdir: Path, report: Report | None) -> None:
         )
 
     tdir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tdir / "tensorboard", ignore_errors=True)  # curves of an interrupted attempt
+    if not (tdir / "checkpoint.pt").is_file():  # a fresh start: drop curves of a lost attempt
+        shutil.rmtree(tdir / "tensorboard", ignore_errors=True)
     from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(str(tdir / "tensorboard"))
 
     def on_epoch(record: dict[str, Any]) -> None:
+        heartbeat(tdir, cell.run_id, node, phase="train", epoch=record["epoch"])
         for name in ("train_loss", "val_macro_auc", "epsilon"):
             if math.isfinite(record[name]):
                 writer.add_scalar(name, record[name], record["epoch"])
@@ -166,7 +231,15 @@ def _train(cell: Cell, tdir: Path, report: Report | None) -> None:
             report({**record, "phase": "train"})
 
     try:
-        result = run_trial(spec, train, val, device=cell.device, on_epoch=on_epoch)
+        result = run_trial(
+            spec,
+            train,
+            val,
+            device=cell.device,
+            on_epoch=on_epoch,
+            checkpoint=FileCheckpoint(tdir / "checkpoint.pt"),
+            checkpoint_every=cell.checkpoint_every,
+        )
     finally:
         writer.close()
     thresholds = [
@@ -194,7 +267,7 @@ def _train(cell: Cell, tdir: Path, report: Report | None) -> None:
         "train_seconds": result.train_seconds,
         "n_train": len(train),
         "n_val": len(val),
-        "node": socket.gethostname(),
+        "node": node,
         "device": cell.device,
         "versions": versions(),
         "code_version": code_version(),
@@ -203,6 +276,7 @@ def _train(cell: Cell, tdir: Path, report: Report | None) -> None:
     results.write_json(tdir / "trial.json", record)
     results.write_yaml(tdir / "config.yaml", {**record, "ledger": result.ledger.as_dict()})
     results.mark_done(tdir)
+    (tdir / "checkpoint.pt").unlink(missing_ok=True)  # model.pt holds the result now
 
 
 def evaluate_target(

@@ -112,7 +112,7 @@ def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
     assert df["trial_key"].nunique() == 6
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
     report = launch("report", "out", cwd=work)
-    assert "### epsilon = 8" in report.stdout
+    assert "### ε = 8" in report.stdout and (work / "out" / "report.md").is_file()
 
 
 def test_added_target_is_evaluated_without_training(tiny_sweep):

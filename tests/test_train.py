@@ -94,3 +94,46 @@ def test_non_private_trial_learns_and_is_deterministic():
     from privdom_ray.metrics import auc
 
     assert auc(a.val_scores[:, 0], val.labels[:, 0]) > 0.8
+
+
+class MemoryCheckpoints:
+    """A checkpoint store in memory that can simulate a crash right after a save."""
+
+    def __init__(self, crash_after_epoch: int | None = None) -> None:
+        self.state = None
+        self.crash_after_epoch = crash_after_epoch
+
+    def load(self):
+        return self.state
+
+    def save(self, state):
+        self.state = torch.load(_roundtrip(state), weights_only=True)  # what a file would give back
+        if state["epoch"] == self.crash_after_epoch:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("epsilon", [2.0, math.inf])
+def test_resume_from_checkpoint_equals_uninterrupted_run(epsilon):
+    train, val = toy_split(96, 16, 0), toy_split(32, 16, 1)
+    reference = run_trial(spec(epsilon, epochs=3), train, val)
+    store = MemoryCheckpoints(crash_after_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(spec(epsilon, epochs=3), train, val, checkpoint=store)
+    assert store.state["epoch"] == 1
+    store.crash_after_epoch = None
+    resumed = run_trial(spec(epsilon, epochs=3), train, val, checkpoint=store)
+    assert resumed.ledger.steps == reference.ledger.steps
+    assert resumed.ledger.noise_multiplier == reference.ledger.noise_multiplier
+    assert resumed.ledger.epsilon_spent == reference.ledger.epsilon_spent
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for name, tensor in reference.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[name], tensor, rtol=0, atol=0)

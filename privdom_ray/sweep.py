@@ -68,12 +68,37 @@ def build_manifests(
     return manifests, fps
 
 
-def prepare(spec: SweepSpec, log: Log = _log, *, train: bool = True, run_id: str = "") -> Prepared:
-    """Manifests, caches (Ray Data), delta checks and the plan. Requires ``ray.init`` first.
+@dataclass(frozen=True)
+class Inputs:
+    """What is known about the data before Ray starts: manifests, fingerprints, train sizes."""
+
+    manifests: dict[str, pd.DataFrame]
+    fingerprints: dict[str, str]
+    n_train: dict[str, int]
+
+
+def check_inputs(spec: SweepSpec, log: Log = _log) -> Inputs:
+    """Every check that needs no cluster, before anything is started or written.
+
+    Deltas are checked against the manifest's training-split size, which is at least the
+    decoded size, so a delta accepted here is also below 1/N of the images actually trained on.
+    """
+    _check_writable(spec.output)
+    manifests, fps = build_manifests(spec, log)
+    n_train = {s: int((manifests[s]["split"] == "train").sum()) for s in spec.sources}
+    grid.check_deltas(spec, n_train)
+    return Inputs(manifests, fps, n_train)
+
+
+def prepare(
+    spec: SweepSpec, inputs: Inputs, log: Log = _log, *, train: bool = True, run_id: str = ""
+) -> Prepared:
+    """Caches (Ray Data) and the plan. Requires ``ray.init`` first.
 
     With ``train=False`` only finished models get cells (evaluation of missing targets).
     """
-    manifests, fps = build_manifests(spec, log)
+    manifests, fps, n_train = inputs.manifests, inputs.fingerprints, inputs.n_train
+    spec.output.mkdir(parents=True, exist_ok=True)
     caches: dict[str, cache.CacheEntry] = {}
     for d in spec.domains:
         if d.name not in spec.sources and d.name not in spec.targets:
@@ -84,8 +109,6 @@ def prepare(spec: SweepSpec, log: Log = _log, *, train: bool = True, run_id: str
         caches[d.name] = entry
         how = f"built in {entry.built_seconds:.1f}s" if entry.built_seconds else "reused"
         log(f"[cache] {d.name}: {entry.n_images} images decoded, {entry.n_skipped} skipped ({how})")
-    n_train = {s: cache.split_sizes(caches[s].path).get("train", 0) for s in spec.sources}
-    grid.check_deltas(spec, n_train)
     trials = grid.plan(spec, fps, n_train)
     targets = tuple(TargetRef(t, fps[t], str(caches[t].path)) for t in spec.targets)
     cells = []
@@ -157,6 +180,20 @@ def init_ray(spec: SweepSpec, address: str | None, log: Log = _log) -> None:
     log(
         f"[ray] resources: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s)"
     )
+
+
+def _use_cluster_token(log: Log) -> None:
+    """Connect with token auth when a token is at hand and no mode was chosen.
+
+    `ray start` (2.60) turns token authentication on when ``~/.ray/auth_token`` exists, but a
+    connecting driver only sends the token when RAY_AUTH_MODE=token; mirror Ray's own rule.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        log("[ray] using token authentication (RAY_AUTH_MODE=token; set it to 'disabled' to opt out)")
 
 
 def _warn_local_storage(spec: SweepSpec, log: Log) -> None:
@@ -296,7 +333,6 @@ def run_cells(prep: Prepared, log: Log = _log) -> list[str]:
     spec = prep.spec
     if not prep.cells:
         return []
-    check_resources(spec)
     trainable = tune.with_resources(
         _trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     )
@@ -343,15 +379,18 @@ def run(
 
     ``train=False`` (``launch.py evaluate``) only evaluates stored models on the grid's targets.
     """
+    spec = grid.load_grid(grid_path, output=output)
+    inputs = check_inputs(spec, log)
+    if address or spec.ray.address or os.environ.get("RAY_ADDRESS"):
+        _use_cluster_token(log)  # before Ray is imported: it reads the mode once
     import ray
 
-    spec = grid.load_grid(grid_path, output=output)
-    _check_writable(spec.output)
     t0 = time.perf_counter()
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     init_ray(spec, address, log)
     try:
-        prep = prepare(spec, log, train=train, run_id=run_id)
+        check_resources(spec)
+        prep = prepare(spec, inputs, log, train=train, run_id=run_id)
         done = len(prep.trials) - len(prep.cells)
         log(
             f"[sweep] {spec.name}: {len(prep.trials)} cells ({len(spec.sources)} sources x "
@@ -393,12 +432,13 @@ class SweepFailed(RuntimeError):
 
 
 def _check_writable(path: Path) -> None:
-    probe = path / ".write-test"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
+    """The output folder, or the nearest existing folder above it, must be writable (nothing is
+    created here: a sweep that fails its checks leaves no trace)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not existing.is_dir() else "is not writable"
         raise grid.GridError(
-            "output", [f"output: {str(path)!r} is not writable ({exc.strerror})"]
-        ) from None
+            "output", [f"output: {str(path)!r} cannot be created: {str(existing)!r} {what}"]
+        )

@@ -38,6 +38,7 @@ class TrainResult:
     best_epoch: int = 0
     val_scores: np.ndarray | None = None
     train_seconds: float = 0.0
+    resumed_from_epoch: int = 0  # 0 = trained from scratch
 
 
 def pos_weight(labels: np.ndarray) -> torch.Tensor:
@@ -261,6 +262,7 @@ def run_trial(
         best_epoch=best_epoch,
         val_scores=predict(final, val.images, device=device),
         train_seconds=time.perf_counter() - t0,
+        resumed_from_epoch=first_epoch - 1,
     )
 
 

@@ -265,6 +265,7 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
         "val_macro_auc": val_macro,
         "selection": "best validation macro AUC (source val split); epsilon covers all epochs",
         "train_seconds": result.train_seconds,
+        "resumed_from_epoch": result.resumed_from_epoch,
         "n_train": len(train),
         "n_val": len(val),
         "node": node,

@@ -1,0 +1,286 @@
+"""Faults with real processes: a killed trial worker, a killed driver, a lost worker node.
+
+Every process a test starts runs in its own session, and the test kills exactly those
+sessions at the end (never `ray stop`, which would hit other people's clusters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from privdom_ray.cache import load_split
+from privdom_ray.grid import TrialSpec
+from privdom_ray.train import run_trial
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+pytestmark = pytest.mark.ray
+
+
+def grid(**changes) -> dict:
+    base = {
+        "name": "faults",
+        "output": "out",
+        "domains": [
+            {
+                "name": "a",
+                "kind": "synthetic",
+                "root": "data/a",
+                "options": {"site": "a", "n_patients": 60},
+            },
+            {
+                "name": "b",
+                "kind": "synthetic",
+                "root": "data/b",
+                "options": {"site": "b", "n_patients": 60},
+            },
+        ],
+        "epsilons": [2],
+        "seeds": [0],
+        "training": {"epochs": 4, "logical_batch": 16, "physical_batch": 16},
+        "preprocessing": {"image_size": 24},
+        "evaluation": {"n_boot": 10},
+        "ray": {"num_cpus": 2, "max_failures": 2},
+    }
+    return {**base, **changes}
+
+
+def start(args: list[str], cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sweep(cwd: Path, *extra: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml", *extra],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def checkpoint_epoch(tdir: Path) -> int:
+    running = tdir / "running.json"
+    if not (tdir / "checkpoint.pt").is_file() or not running.is_file():
+        return 0
+    with contextlib.suppress(ValueError, OSError):
+        return json.loads(running.read_text()).get("epoch", 0)
+    return 0
+
+
+def test_killed_trial_worker_resumes_from_checkpoint(tmp_path):
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(domains=grid()["domains"][:1])))
+    driver = start(
+        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"], tmp_path, tmp_path / "log"
+    )
+    try:
+        trials = tmp_path / "out" / "trials"
+        tdir = wait_for(
+            lambda: next((d for d in trials.glob("*") if checkpoint_epoch(d) >= 1), None),
+            300,
+            "a first checkpoint",
+            driver,
+        )
+        pid = json.loads((tdir / "running.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert driver.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
+    finally:
+        kill_session(driver)
+    info = json.loads((tdir / "trial.json").read_text())
+    ledger = json.loads((tdir / "ledger.json").read_text())
+    assert info["resumed_from_epoch"] >= 1  # resumed, not restarted
+    assert not (tdir / "checkpoint.pt").exists()
+
+    # the same cell, uninterrupted and without Ray, spends exactly the same privacy
+    spec = TrialSpec.from_json(info["spec"])
+    cache_dir = next((tmp_path / "out" / "cache").glob("a-*"))
+    reference = run_trial(spec, load_split(cache_dir, "train"), load_split(cache_dir, "val"))
+    assert ledger["steps"] == reference.ledger.steps
+    assert ledger["noise_multiplier"] == reference.ledger.noise_multiplier
+    assert ledger["epsilon_spent"] == pytest.approx(reference.ledger.epsilon_spent, rel=1e-9)
+
+    df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
+    assert set(df["target"]) == {"a"} and df["trial_key"].nunique() == 1
+
+
+def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
+    g = grid(epsilons=[2, "inf"], training={"epochs": 2, "logical_batch": 16, "physical_batch": 16})
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
+    driver = start(
+        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"], tmp_path, tmp_path / "log"
+    )
+    trials = tmp_path / "out" / "trials"
+    try:
+        wait_for(lambda: list(trials.glob("*/done")), 300, "a first finished cell", driver)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        kill_session(driver)  # the embedded cluster's processes are the driver's session
+    done_before = {p.parent.name for p in trials.glob("*/done")}
+    mtimes = {k: (trials / k / "model.pt").stat().st_mtime_ns for k in done_before}
+    assert 1 <= len(done_before) < 4
+
+    proc = sweep(tmp_path)
+    assert f"{len(done_before)} already done, {4 - len(done_before)} to run" in proc.stdout
+    assert {k: (trials / k / "model.pt").stat().st_mtime_ns for k in done_before} == mtimes
+    df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
+    assert df["trial_key"].nunique() == 4
+    assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
+    status = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "status", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "4 done" in status.stdout
+
+
+# `ray start` nodes authenticate with ~/.ray/auth_token only in token mode; the driver
+# (launch.py --address) switches to token mode by itself when a token exists.
+TOKEN = {"RAY_AUTH_MODE": "token"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
+    port = free_port()
+    env_log = tmp_path / "head.log"
+    head = start(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1",
+            "--block",
+        ],
+        tmp_path,
+        env_log,
+        env=TOKEN,
+    )
+    worker = None
+    try:
+        worker = start(
+            [
+                RAY,
+                "start",
+                f"--address=127.0.0.1:{port}",
+                "--num-cpus=1",
+                "--node-ip-address=127.0.0.1",
+                "--block",
+            ],
+            tmp_path,
+            tmp_path / "worker.log",
+            env=TOKEN,
+        )
+
+        def alive_nodes() -> int:
+            out = subprocess.run(
+                [RAY, "status", f"--address=127.0.0.1:{port}"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, **TOKEN},
+            ).stdout
+            active = out.split("Active:")[-1].split("Pending:")[0]
+            return active.count("node_")
+
+        wait_for(lambda: alive_nodes() >= 2, 120, "two alive nodes", worker)
+        g = grid(
+            epsilons=[2, "inf"],
+            training={"epochs": 3, "logical_batch": 16, "physical_batch": 16},
+            ray={"max_failures": 3},
+        )
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
+        driver = start(
+            [
+                sys.executable,
+                str(ROOT / "launch.py"),
+                "--grid",
+                "grid.yaml",
+                "--address",
+                f"127.0.0.1:{port}",
+            ],
+            tmp_path,
+            tmp_path / "driver.log",
+        )
+        trials = tmp_path / "out" / "trials"
+
+        def nodes_seen() -> set[str]:
+            seen = set()
+            for f in [*trials.glob("*/running.json"), *trials.glob("*/trial.json")]:
+                with contextlib.suppress(ValueError, OSError):
+                    seen.add(json.loads(f.read_text())["node"])
+            return seen
+
+        def both_nodes_used() -> set[str] | None:
+            seen = nodes_seen()
+            return seen if len(seen) >= 2 and list(trials.glob("*/done")) else None
+
+        seen = wait_for(
+            both_nodes_used,
+            360,
+            "trials on both nodes",
+            driver,
+        )
+        assert len(seen) == 2  # the sweep used both nodes
+        kill_session(worker)  # the worker node dies mid-sweep
+        assert driver.wait(timeout=420) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        log = (tmp_path / "driver.log").read_text()
+        assert "2 node(s)" in log
+    finally:
+        if worker is not None:
+            kill_session(worker)
+        kill_session(head)
+    df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
+    assert df["trial_key"].nunique() == 4
+    assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
+    # every cell finished, whether it ran on the lost node or not
+    assert len(list(trials.glob("*/done"))) == 4

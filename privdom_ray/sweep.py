@@ -167,6 +167,7 @@ def init_ray(spec: SweepSpec, address: str | None, log: Log = _log) -> None:
         _warn_local_storage(spec, log)
     else:
         ctx = ray.init(
+            address="local",  # always a new cluster: a bare init() joins any running one
             num_cpus=spec.ray.num_cpus,
             include_dashboard=True,
             dashboard_host=spec.ray.dashboard_host,

@@ -91,4 +91,12 @@ _import_adapters()
 
 from privdom_ray.domains._summary import summarize  # noqa: E402  (re-exported for launch.py)
 
-__all__ = ["REGISTRY", "Adapter", "ManifestError", "build_manifest", "kinds", "register", "summarize"]
+__all__ = [
+    "REGISTRY",
+    "Adapter",
+    "ManifestError",
+    "build_manifest",
+    "kinds",
+    "register",
+    "summarize",
+]

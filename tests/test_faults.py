@@ -284,3 +284,48 @@ def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
     # every cell finished, whether it ran on the lost node or not
     assert len(list(trials.glob("*/done"))) == 4
+
+
+def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
+    small = {
+        "name": "a",
+        "kind": "synthetic",
+        "root": "data/a",
+        "options": {"site": "a", "n_patients": 20},
+    }
+    large = {
+        "name": "b",
+        "kind": "synthetic",
+        "root": "data/b",
+        "options": {"site": "b", "n_patients": 600},
+    }
+    g = grid(
+        domains=[small, large],
+        epsilons=["inf"],
+        training={"epochs": 3, "logical_batch": 32, "physical_batch": 32},
+        preprocessing={"image_size": 64},
+        ray={"num_cpus": 2, "max_failures": 1, "trial_timeout_s": 20},
+    )
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        start_new_session=True,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # a cell failed
+    assert "b_epsinf_seed0" in proc.stderr and "re-run" in proc.stderr
+    df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
+    assert set(df["source"]) == {"a"}  # the finished cell is in the table
+    status = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "status", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    failed = [line for line in status.splitlines() if line.startswith("failed")]
+    assert len(failed) == 1 and "b_epsinf_seed0" in failed[0] and "timeout" in failed[0]
+    assert "1 done" in status and "1 failed" in status

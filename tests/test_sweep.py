@@ -79,13 +79,16 @@ def test_privacy_ledger_columns(tiny_sweep):
     assert set(nondp["accountant"]) == {"none"}
 
 
-def test_table_holds_no_identifiers_or_paths(tiny_sweep):
+@pytest.mark.parametrize("table", ["transfer.parquet", "comparisons.parquet"])
+def test_tables_hold_no_identifiers_paths_or_per_image_rows(tiny_sweep, table):
     work, _ = tiny_sweep
-    df = pd.read_parquet(work / "out" / "transfer.parquet")
-    assert not {"path", "patient_id"} & set(df.columns)
+    df = pd.read_parquet(work / "out" / table)
+    assert not {"path", "patient_id", "row", "age", "sex"} & set(df.columns)
     text = [str(v) for v in df.select_dtypes(exclude="number").to_numpy().ravel() if v is not None]
     assert text  # the scan saw the string columns
-    assert not any(("/" in v and "data" in v) or v.endswith(".png") for v in text)
+    patients = set(pd.read_csv(work / "data" / "a" / "labels.csv")["patient_id"].astype(str))
+    assert not any(("/" in v and "data" in v) or v.endswith(".png") or v in patients for v in text)
+    assert len(df) < 10 * 2 * 2 * 6 * 8  # aggregates: far fewer rows than test images x trials
 
 
 def test_output_names_trials_and_prints_matrices(tiny_sweep):

@@ -4,6 +4,7 @@
     python launch.py evaluate <output> --grid domains.yaml   (stored models on the grid's targets)
     python launch.py report <output>
     python launch.py status <output>
+    python launch.py audit <output>      (recompute every DP epsilon from its ledger)
     python launch.py show <output> <trial key | source/epsilon/seed>
     python launch.py manifest <kind> <root> --out manifest.parquet [--option key=value ...]
 
@@ -105,6 +106,36 @@ def _status(argv: list[str]) -> int:
     return 0
 
 
+def _audit(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="launch.py audit",
+        description="Recompute every DP trial's epsilon from its ledger; exit 1 on a mismatch.",
+    )
+    p.add_argument("output", help="the sweep's output folder")
+    args = p.parse_args(argv)
+    from privdom_ray import results
+    from privdom_ray.privacy import audit_ledger
+
+    ledgers = sorted((Path(args.output) / results.TRIALS).glob("*/ledger.json"))
+    if not ledgers:
+        raise FileNotFoundError(f"no trial ledgers in {args.output}")
+    bad = checked = 0
+    print("trial          accountant  target    reported  recomputed  (rdp)     verdict")
+    for path in ledgers:
+        ledger = results.read_json(path)
+        if ledger["accountant"] == "none":
+            continue  # non-private: nothing to recompute
+        row = audit_ledger(ledger)
+        checked += 1
+        bad += not row.ok
+        print(
+            f"{path.parent.name:14s} {row.accountant:11s} {row.target:<9.4g} {row.reported:<9.6g} "
+            f"{row.recomputed:<11.6g} {row.recomputed_rdp:<9.4g} {'ok' if row.ok else row.problem}"
+        )
+    print(f"{checked} DP trial(s) audited, {bad} problem(s)")
+    return 1 if bad else 0
+
+
 def _report(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="launch.py report", description="Print a sweep's transfer matrices."
@@ -166,6 +197,7 @@ def _manifest(argv: list[str]) -> int:
 
 
 VERBS = {
+    "audit": _audit,
     "evaluate": _evaluate,
     "report": _report,
     "show": _show,

@@ -96,6 +96,7 @@ class SweepSpec:
     targets: tuple[str, ...]
     epsilons: tuple[float, ...]
     delta: float | None
+    allow_large_delta: bool
     seeds: tuple[int, ...]
     model: str
     training: TrainingConfig
@@ -191,6 +192,7 @@ TOP_KEYS = {
     "targets": "domain names to test on (default: all)",
     "epsilons": "list of positive numbers and/or inf",
     "delta": "DP delta (default 1e-5, must be < 1/N_train)",
+    "allow_large_delta": "accept delta >= 1/N_train (default false: refused)",
     "seeds": "list of integers",
     "model": f"one of {sorted(MODELS)}",
     "training": "training hyper-parameters",
@@ -328,6 +330,10 @@ def parse_grid(
                 epsilons.append(eps)
 
     delta = _parse_delta(c, "delta", raw.get("delta"))
+    allow_large_delta = raw.get("allow_large_delta", False)
+    if not isinstance(allow_large_delta, bool):
+        c.add("allow_large_delta", allow_large_delta, "true or false")
+        allow_large_delta = False
 
     seeds_raw = raw.get("seeds", [0])
     seeds: list[int] = []
@@ -388,6 +394,7 @@ def parse_grid(
         targets=tuple(targets),
         epsilons=tuple(epsilons),
         delta=delta,
+        allow_large_delta=allow_large_delta,
         seeds=tuple(seeds),
         model=model,
         training=training,
@@ -520,13 +527,16 @@ def resolve_delta(spec: SweepSpec, source: str, n_train: int) -> float:
 
 
 def check_deltas(spec: SweepSpec, n_train: Mapping[str, int]) -> None:
+    if spec.allow_large_delta:
+        return
     errors = []
     for s in spec.sources:
         delta = resolve_delta(spec, s, n_train[s])
         if delta >= 1.0 / n_train[s] and any(math.isfinite(e) for e in spec.epsilons):
             errors.append(
                 f"domains[{s}].delta: {delta:g} is not allowed; expected below 1/N_train = "
-                f"1/{n_train[s]} = {1.0 / n_train[s]:.3g} for source {s!r}"
+                f"1/{n_train[s]} = {1.0 / n_train[s]:.3g} for source {s!r} (a delta that large "
+                "allows publishing a whole record; set allow_large_delta: true to accept it)"
             )
     if errors:
         raise GridError(str(spec.grid_path), errors)

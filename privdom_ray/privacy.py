@@ -103,3 +103,43 @@ def make_ledger(
         accountant_requested=accountant,
         poisson_sampling=True,
     )
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One DP trial's reported epsilon next to the epsilon recomputed from its ledger."""
+
+    reported: float
+    recomputed: float
+    recomputed_rdp: float
+    target: float
+    accountant: str
+    problem: str  # "" when the ledger is consistent
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+
+def audit_ledger(ledger: dict[str, Any], *, rel_tol: float = 1e-6) -> AuditRow:
+    """Recompute epsilon from (sigma, q, steps, delta) with the ledger's accountant.
+
+    A problem is reported when the stored epsilon is below the recomputed one (the privacy
+    cost was understated) or above the target (the run spent more than it was allowed).
+    """
+    acc = ledger["accountant"]
+    sigma, q, steps, delta = (
+        float(ledger["noise_multiplier"]),
+        float(ledger["sample_rate"]),
+        int(ledger["steps"]),
+        float(ledger["delta"]),
+    )
+    recomputed, _ = epsilon_from_ledger(acc, sigma, q, steps, delta)
+    rdp, _ = epsilon_from_ledger("rdp", sigma, q, steps, delta)
+    reported, target = float(ledger["epsilon_spent"]), float(ledger["epsilon_target"])
+    problem = ""
+    if reported < recomputed * (1 - rel_tol):
+        problem = f"reported epsilon {reported:.6g} is below the recomputed {recomputed:.6g}"
+    elif reported > target * (1 + rel_tol):
+        problem = f"reported epsilon {reported:.6g} exceeds its target {target:.6g}"
+    return AuditRow(reported, recomputed, rdp, target, acc, problem)

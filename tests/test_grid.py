@@ -151,3 +151,13 @@ def test_shipped_grids_are_valid_apart_from_dataset_roots():
         load_grid(ROOT / "experiments" / "paper.yaml")
     assert info.value.errors and all(".root:" in e for e in info.value.errors)
     assert len(info.value.errors) == 5
+
+
+def test_large_delta_only_when_explicitly_allowed(tmp_path):
+    from privdom_ray.grid import check_deltas
+
+    spec = load_grid(write(tmp_path, {**BASE, "delta": 0.01, "allow_large_delta": True}))
+    check_deltas(spec, {"a": 200, "b": 50})  # accepted, as asked
+    assert errors_of(tmp_path, allow_large_delta="yes") == [
+        "allow_large_delta: 'yes' is not allowed; expected true or false"
+    ]

@@ -20,8 +20,18 @@ GRID = {
     "name": "tiny",
     "output": "out",
     "domains": [
-        {"name": "a", "kind": "synthetic", "root": "data/a", "options": {"site": "a", "n_patients": 50}},
-        {"name": "b", "kind": "synthetic", "root": "data/b", "options": {"site": "b", "n_patients": 50}},
+        {
+            "name": "a",
+            "kind": "synthetic",
+            "root": "data/a",
+            "options": {"site": "a", "n_patients": 50},
+        },
+        {
+            "name": "b",
+            "kind": "synthetic",
+            "root": "data/b",
+            "options": {"site": "b", "n_patients": 50},
+        },
     ],
     "epsilons": [1, "inf"],
     "seeds": [0],
@@ -123,7 +133,12 @@ def test_added_target_is_evaluated_without_training(tiny_sweep):
     trials = work / "out" / "trials"
     before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     old = pd.read_parquet(work / "out" / "transfer.parquet")
-    c = {"name": "c", "kind": "synthetic", "root": "data/c", "options": {"site": "c", "n_patients": 50}}
+    c = {
+        "name": "c",
+        "kind": "synthetic",
+        "root": "data/c",
+        "options": {"site": "c", "n_patients": 50},
+    }
     grid = {**GRID, "domains": [*GRID["domains"], c], "sources": ["a", "b"]}
     (work / "grid3.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("evaluate", "out", "--grid", "grid3.yaml", cwd=work)
@@ -134,7 +149,9 @@ def test_added_target_is_evaluated_without_training(tiny_sweep):
     # exactly the new target's rows were added for the grid's (epsilon 1, inf) trials
     assert set(new["target"]) == {"a", "b", "c"}
     old_part = new[new["target"] != "c"].sort_values(["trial_key", "target", "label", "subgroup"])
-    ref = old[old["trial_key"].isin(new["trial_key"])].sort_values(["trial_key", "target", "label", "subgroup"])
+    ref = old[old["trial_key"].isin(new["trial_key"])].sort_values(
+        ["trial_key", "target", "label", "subgroup"]
+    )
     assert old_part["auc"].tolist() == pytest.approx(ref["auc"].tolist(), nan_ok=True)
     assert new[new["target"] == "c"]["trial_key"].nunique() == 4
 
@@ -162,3 +179,39 @@ def test_trial_record_reproduces_key_and_predictions(tiny_sweep):
     assert scores == pytest.approx(stored[[f"score_{lab}" for lab in LABELS]].to_numpy(), abs=1e-6)
     show = launch("show", "out", f"{spec.source}/{config['spec']['epsilon']}/0", cwd=work)
     assert tdir.name in show.stdout and "epsilon_spent" in show.stdout
+
+
+def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
+    import json
+
+    work, _ = tiny_sweep
+    ok = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "audit", "out"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "0 problem(s)" in ok.stdout
+    ledger_path = next(
+        p
+        for p in (work / "out" / "trials").glob("*/ledger.json")
+        if json.loads(p.read_text())["accountant"] != "none"
+    )
+    original = ledger_path.read_text()
+    try:
+        ledger = json.loads(original)
+        ledger["noise_multiplier"] *= 0.5  # claims more noise than the epsilon it reports
+        ledger_path.write_text(json.dumps(ledger))
+        bad = subprocess.run(
+            [sys.executable, str(ROOT / "launch.py"), "audit", "out"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        ledger_path.write_text(original)
+    assert bad.returncode == 1
+    assert "below the recomputed" in bad.stdout and "1 problem(s)" in bad.stdout

@@ -212,6 +212,8 @@ def _load_trials(output: Path, keys: Sequence[str]) -> list[_Trial]:
         if not results.is_trained(tdir):
             continue
         spec = results.read_json(tdir / "trial.json")["spec"]
+        if spec.get("variant", "standard") != "standard":
+            continue  # controls (clip-only) are not the non-DP baseline of any comparison
         ledger = results.read_json(tdir / "ledger.json")
         trial = _Trial(
             key=spec.get("key", key),

@@ -26,6 +26,7 @@ from privdom_ray.imaging import GEOMETRIES, Preprocessing
 from privdom_ray.models import MODELS
 
 ACCOUNTANTS = ("prv", "rdp")
+CONTROLS = ("clip_only",)  # extra trials per (source, seed); see TrialSpec.variant
 DEFAULT_DELTA = 1e-5
 
 
@@ -95,6 +96,7 @@ class SweepSpec:
     sources: tuple[str, ...]
     targets: tuple[str, ...]
     epsilons: tuple[float, ...]
+    controls: tuple[str, ...]
     delta: float | None
     allow_large_delta: bool
     seeds: tuple[int, ...]
@@ -121,6 +123,9 @@ class TrialSpec:
     model: str
     training: TrainingConfig
     preprocessing: Preprocessing
+    # "standard", or a control: "clip_only" = DP-SGD's clipping and Poisson sampling without
+    # noise (epsilon = inf), which separates the effect of clipping from the effect of noise.
+    variant: str = "standard"
     key: str = field(default="", compare=False)
 
     @property
@@ -128,8 +133,15 @@ class TrialSpec:
         return math.isfinite(self.epsilon)
 
     @property
+    def clips(self) -> bool:
+        """Whether training clips per-sample gradients (DP trials and the clip-only control)."""
+        return self.is_private or self.variant == "clip_only"
+
+    @property
     def name(self) -> str:
         """Human-readable trial name (Ray dashboard, logs): source, epsilon, seed."""
+        if self.variant != "standard":
+            return f"{self.source}_{self.variant.replace('_', '-')}_seed{self.seed}"
         return f"{self.source}_eps{format_epsilon(self.epsilon)}_seed{self.seed}"
 
     def identity(self) -> dict[str, Any]:
@@ -137,9 +149,12 @@ class TrialSpec:
         d = dataclasses.asdict(self)
         d.pop("key")
         d["epsilon"] = format_epsilon(self.epsilon)
+        if self.variant == "standard":
+            d.pop("variant")  # keys of standard trials predate controls
         if not self.is_private:
-            for dp_only in ("max_grad_norm", "accountant"):
-                d["training"].pop(dp_only)
+            d["training"].pop("accountant")
+            if not self.clips:
+                d["training"].pop("max_grad_norm")
         return d
 
     def with_key(self) -> TrialSpec:
@@ -161,6 +176,7 @@ class TrialSpec:
             model=d["model"],
             training=TrainingConfig(**d["training"]),
             preprocessing=Preprocessing(**d["preprocessing"]),
+            variant=d.get("variant", "standard"),
             key=d.get("key", ""),
         )
 
@@ -191,6 +207,7 @@ TOP_KEYS = {
     "sources": "domain names to train on (default: all)",
     "targets": "domain names to test on (default: all)",
     "epsilons": "list of positive numbers and/or inf",
+    "controls": f"extra control trials, any of {list(CONTROLS)}",
     "delta": "DP delta (default 1e-5, must be < 1/N_train)",
     "allow_large_delta": "accept delta >= 1/N_train (default false: refused)",
     "seeds": "list of integers",
@@ -329,6 +346,10 @@ def parse_grid(
             else:
                 epsilons.append(eps)
 
+    controls_raw = raw.get("controls") or []
+    if not isinstance(controls_raw, list) or any(x not in CONTROLS for x in controls_raw):
+        c.add("controls", controls_raw, f"a list of any of {list(CONTROLS)}")
+        controls_raw = []
     delta = _parse_delta(c, "delta", raw.get("delta"))
     allow_large_delta = raw.get("allow_large_delta", False)
     if not isinstance(allow_large_delta, bool):
@@ -393,6 +414,7 @@ def parse_grid(
         sources=tuple(sources),
         targets=tuple(targets),
         epsilons=tuple(epsilons),
+        controls=tuple(dict.fromkeys(controls_raw)),
         delta=delta,
         allow_large_delta=allow_large_delta,
         seeds=tuple(seeds),
@@ -552,8 +574,9 @@ def plan(
 def _iter_trials(
     spec: SweepSpec, fingerprints: Mapping[str, str], n_train: Mapping[str, int]
 ) -> Iterator[TrialSpec]:
+    cells = [(eps, "standard") for eps in spec.epsilons] + [(math.inf, c) for c in spec.controls]
     for source in spec.sources:
-        for eps in spec.epsilons:
+        for eps, variant in cells:
             for seed in spec.seeds:
                 yield TrialSpec(
                     source=source,
@@ -566,4 +589,5 @@ def _iter_trials(
                     model=spec.model,
                     training=spec.training,
                     preprocessing=spec.preprocessing,
+                    variant=variant,
                 ).with_key()

@@ -751,3 +751,39 @@ def paired_t_test(
     else:
         t = mean / (sd / math.sqrt(k))
     return t, _t_two_sided_p(t, k - 1.0)
+
+
+# ------------------------------------------------------------------ membership inference
+
+
+def per_image_bce(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean binary cross-entropy over each image's known labels (NaN labels ignored)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    y = np.asarray(labels, dtype=np.float64)
+    known = ~np.isnan(y)
+    loss = -(np.nan_to_num(y) * np.log(p) + (1 - np.nan_to_num(y)) * np.log(1 - p))
+    counts = known.sum(axis=1)
+    return np.where(counts > 0, (loss * known).sum(axis=1) / np.maximum(counts, 1), np.nan)
+
+
+def membership_inference(
+    member_loss: np.ndarray, nonmember_loss: np.ndarray, *, max_fpr: float = 0.01
+) -> tuple[float | None, float | None]:
+    """Loss-threshold membership attack (Yeom et al. 2018): a lower loss means "member".
+
+    Returns the attack's AUC and its TPR at ``max_fpr`` (the largest TPR whose threshold lets
+    at most ``max_fpr`` of the non-members through). An empirical leakage measure that should
+    fall towards 0.5 / ``max_fpr`` as epsilon falls; it is a lower bound on leakage, not a proof.
+    """
+    m = np.asarray(member_loss, dtype=np.float64)
+    k = np.asarray(nonmember_loss, dtype=np.float64)
+    m, k = m[~np.isnan(m)], k[~np.isnan(k)]
+    if len(m) == 0 or len(k) == 0:
+        return None, None
+    scores = -np.concatenate([m, k])
+    labels = np.concatenate([np.ones(len(m)), np.zeros(len(k))])
+    attack_auc = auc(scores, labels)
+    allowed = int(np.floor(max_fpr * len(k)))  # false positives the threshold may admit
+    threshold = np.sort(-k)[::-1][allowed]  # members must score strictly above it
+    tpr = float(np.mean(-m > threshold))
+    return (None if np.isnan(attack_auc) else float(attack_auc)), tpr

@@ -40,6 +40,23 @@ class Ledger:
         return dataclasses.asdict(self)
 
     @classmethod
+    def clip_only(cls, steps: int, sample_rate: float, max_grad_norm: float) -> Ledger:
+        """The clip-only control: clipped, Poisson-sampled steps with no noise (epsilon = inf)."""
+        return cls(
+            epsilon_target=math.inf,
+            epsilon_spent=math.inf,
+            epsilon_rdp=math.inf,
+            delta=0.0,
+            noise_multiplier=0.0,
+            sample_rate=sample_rate,
+            steps=steps,
+            max_grad_norm=max_grad_norm,
+            accountant="none",
+            accountant_requested="none",
+            poisson_sampling=True,
+        )
+
+    @classmethod
     def non_private(cls, steps: int, sample_rate: float) -> Ledger:
         return cls(
             epsilon_target=math.inf,

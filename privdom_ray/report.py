@@ -54,10 +54,58 @@ def matrix_markdown(mat: pd.DataFrame, title: str) -> str:
     return "\n".join([f"### {title}", "", header, sep, *rows, ""])
 
 
+def split_controls(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(standard trials, control trials such as clip-only): controls never mix with epsilon = inf."""
+    if "variant" not in df.columns:
+        return df, df.iloc[0:0]
+    standard = df["variant"].fillna("standard") == "standard"
+    return df[standard], df[~standard]
+
+
+def controls_and_leakage_text(df: pd.DataFrame) -> str:
+    """Matrices of the control trials and the membership-inference audit per epsilon/variant."""
+    df_std, controls = split_controls(df)
+    out = []
+    for variant in sorted(controls["variant"].unique()) if len(controls) else []:
+        sub = controls[controls["variant"] == variant]
+        title = f"control: {variant} (clipping + Poisson sampling, no noise; epsilon = inf)"
+        out.append(matrix_markdown(transfer_matrix(sub, math.inf), title))
+    if "mia_auc" in df.columns and df["mia_auc"].notna().any():
+        out.append(
+            "### Membership inference (loss threshold; train vs held-out images of the source)"
+        )
+        out.append("")
+        out.append("| trials | attack AUC (0.5 = no leakage) | TPR at 1% FPR |")
+        out.append("|---|---|---|")
+        trials = df.drop_duplicates("trial_key")
+        groups = [
+            (
+                f"epsilon = {format_epsilon(e)}",
+                trials[
+                    (trials["epsilon_target"] == e)
+                    & (trials["variant"].fillna("standard") == "standard")
+                ],
+            )
+            for e in epsilons(df_std)
+        ]
+        groups += [
+            (v, trials[trials["variant"] == v]) for v in sorted(controls["variant"].unique())
+        ]
+        for name, g in groups:
+            if len(g):
+                out.append(
+                    f"| {name} | {_fmt(g['mia_auc'].mean())} | {_fmt(g['mia_tpr_at_1fpr'].mean())} |"
+                )
+        out.append("")
+    return "\n".join(out)
+
+
 def transfer_matrices_text(df: pd.DataFrame) -> str:
     """One markdown matrix per epsilon (macro AUC over the five labels), plus on/off-domain means."""
     if df.empty:
         return "(no finished trials yet: the transfer table is empty)"
+    full = df
+    df, _ = split_controls(df)
     out = ["## Transfer matrices (macro AUC, rows = trained on, columns = tested on)", ""]
     for eps in epsilons(df):
         mat = transfer_matrix(df, eps)
@@ -69,6 +117,7 @@ def transfer_matrices_text(df: pd.DataFrame) -> str:
         on = [mat.loc[s, s] for s in mat.index if s in mat.columns]
         off = [mat.loc[s, t] for s in mat.index for t in mat.columns if s != t]
         out.append(f"mean on-domain {_mean(on)}, mean off-domain {_mean(off)}\n")
+    out.append(controls_and_leakage_text(full))
     return "\n".join(out)
 
 
@@ -98,7 +147,8 @@ def write_report(output: Path, *, figures: bool = True) -> str:
     the report has no p-values and no paired ΔAUC table, and says so). Returns the markdown.
     """
     output = Path(output)
-    df = results.load(output)
+    full = results.load(output)
+    df, _ = split_controls(full)
     cmp_path = output / "comparisons.parquet"
     cmp = pd.read_parquet(cmp_path) if cmp_path.is_file() else None
     view = _View(df, cmp)
@@ -111,6 +161,7 @@ def write_report(output: Path, *, figures: bool = True) -> str:
             _section_drop(view),
             _section_fairness(view),
             _section_paired(view),
+            "## 5. Controls and membership inference\n\n" + controls_and_leakage_text(full),
         ]
         if figures:
             parts.append(_section_figures(_draw_figures(view, output / FIGURES)))

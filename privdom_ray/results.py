@@ -46,6 +46,7 @@ SCHEMA = pa.schema(
         ("on_domain", pa.bool_()),
         ("seed", pa.int64()),
         ("model", pa.string()),
+        ("variant", pa.string()),
         ("epsilon_target", pa.float64()),
         ("epsilon_spent", pa.float64()),
         ("epsilon_rdp", pa.float64()),
@@ -77,6 +78,8 @@ SCHEMA = pa.schema(
         ("oracle_accuracy", pa.float64()),
         ("oracle_sensitivity", pa.float64()),
         ("oracle_specificity", pa.float64()),
+        ("mia_auc", pa.float64()),
+        ("mia_tpr_at_1fpr", pa.float64()),
         ("n_boot", pa.int64()),
         ("image_size", pa.int64()),
         ("epochs", pa.int64()),
@@ -229,6 +232,9 @@ def rows_for_trial(tdir: Path, sweep: str) -> list[pd.DataFrame]:
         df["on_domain"] = ev["target"] == spec["source"]
         df["seed"] = spec["seed"]
         df["model"] = spec["model"]
+        df["variant"] = spec.get("variant", "standard")
+        df["mia_auc"] = info.get("mia_auc")
+        df["mia_tpr_at_1fpr"] = info.get("mia_tpr_at_1fpr")
         for k in (
             "epsilon_target",
             "epsilon_spent",

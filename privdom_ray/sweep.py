@@ -194,7 +194,9 @@ def _use_cluster_token(log: Log) -> None:
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
-        log("[ray] using token authentication (RAY_AUTH_MODE=token; set it to 'disabled' to opt out)")
+        log(
+            "[ray] using token authentication (RAY_AUTH_MODE=token; set it to 'disabled' to opt out)"
+        )
 
 
 def _warn_local_storage(spec: SweepSpec, log: Log) -> None:

@@ -139,7 +139,7 @@ def run_trial(
     loader = DataLoader(dataset, batch_size=cfg.logical_batch, shuffle=True, generator=generator)
 
     engine: PrivacyEngine | None = None
-    if spec.is_private:
+    if spec.clips:
         engine = PrivacyEngine(accountant=cfg.accountant)
         common = dict(
             module=model,
@@ -149,7 +149,9 @@ def run_trial(
             poisson_sampling=True,
             noise_generator=noise_generator,
         )
-        if state is None:
+        if state is None and not spec.is_private:  # clip-only control: sigma = 0
+            model, optimizer, loader = engine.make_private(**common, noise_multiplier=0.0)
+        elif state is None:
             model, optimizer, loader = engine.make_private_with_epsilon(
                 **common, target_epsilon=spec.epsilon, target_delta=spec.delta, epochs=cfg.epochs
             )
@@ -205,7 +207,7 @@ def run_trial(
             "train_loss": float(np.mean(losses)) if losses else math.nan,
             "val_macro_auc": float(val_auc),
             "steps": int(steps),
-            "epsilon": float(engine.get_epsilon(spec.delta)) if engine is not None else math.inf,
+            "epsilon": float(engine.get_epsilon(spec.delta)) if spec.is_private else math.inf,
             "seconds": time.perf_counter() - t0,
         }
         history.append(record)
@@ -243,7 +245,11 @@ def run_trial(
     final = _unwrap(model)
     assert best_state is not None
     final.load_state_dict(best_state)
-    if engine is not None:
+    if engine is not None and not spec.is_private:
+        ledger = Ledger.clip_only(
+            steps=steps, sample_rate=float(loader.sample_rate), max_grad_norm=cfg.max_grad_norm
+        )
+    elif engine is not None:
         ledger = make_ledger(
             epsilon_target=spec.epsilon,
             delta=spec.delta,

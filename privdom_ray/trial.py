@@ -242,6 +242,13 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
         )
     finally:
         writer.close()
+    mia_auc, mia_tpr, mia_n = membership_audit(
+        load_model(spec.model, result.state_dict, num_outputs=len(LABELS)),
+        train,
+        load_split(cell.source_cache, "test"),
+        seed=spec.seed,
+        device=cell.device,
+    )
     thresholds = [
         metrics.youden_threshold(result.val_scores[:, j], val.labels[:, j])
         for j in range(len(LABELS))
@@ -266,6 +273,9 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
         "selection": "best validation macro AUC (source val split); epsilon covers all epochs",
         "train_seconds": result.train_seconds,
         "resumed_from_epoch": result.resumed_from_epoch,
+        "mia_auc": mia_auc,
+        "mia_tpr_at_1fpr": mia_tpr,
+        "mia_n": mia_n,
         "n_train": len(train),
         "n_val": len(val),
         "node": node,
@@ -278,6 +288,36 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
     results.write_yaml(tdir / "config.yaml", {**record, "ledger": result.ledger.as_dict()})
     results.mark_done(tdir)
     (tdir / "checkpoint.pt").unlink(missing_ok=True)  # model.pt holds the result now
+
+
+def membership_audit(
+    model: torch.nn.Module,
+    train: SplitData,
+    holdout: SplitData,
+    *,
+    seed: int,
+    device: str = "cpu",
+    max_n: int = 5000,
+) -> tuple[float | None, float | None, int]:
+    """Loss-threshold membership inference: training images vs held-out images of the source.
+
+    Both sides are subsampled to the same size (at most ``max_n``) so the attack's AUC reads
+    against 0.5. Returns (AUC, TPR at 1% FPR, images per side).
+    """
+    n = min(len(train), len(holdout), max_n)
+    if n == 0:
+        return None, None, 0
+    rng = np.random.default_rng(seed)
+    members = np.sort(rng.choice(len(train), n, replace=False))
+    outsiders = np.sort(rng.choice(len(holdout), n, replace=False))
+    member_loss = metrics.per_image_bce(
+        predict(model, train.images[members], device=device), train.labels[members]
+    )
+    outsider_loss = metrics.per_image_bce(
+        predict(model, holdout.images[outsiders], device=device), holdout.labels[outsiders]
+    )
+    attack_auc, tpr = metrics.membership_inference(member_loss, outsider_loss)
+    return attack_auc, tpr, n
 
 
 def evaluate_target(

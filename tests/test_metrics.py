@@ -312,3 +312,28 @@ def test_paired_t_test_known_values():
     assert all(math.isnan(v) for v in M.paired_t_test([], []))
     assert M.paired_t_test([1, 2, 3], [0, 1, 2]) == (math.inf, 0.0)
     assert all(math.isnan(v) for v in M.paired_t_test([1, 2, 3], [1, 2, 3]))
+
+
+def test_membership_inference_separates_and_respects_fpr():
+    rng = np.random.default_rng(0)
+    members = rng.exponential(0.2, 2000)  # lower losses
+    nonmembers = rng.exponential(1.0, 2000)
+    auc_, tpr = M.membership_inference(members, nonmembers)
+    labels = np.r_[np.ones(2000), np.zeros(2000)]
+    assert auc_ == pytest.approx(roc_auc_score(labels, -np.r_[members, nonmembers]), abs=1e-12)
+    assert auc_ > 0.75 and 0 < tpr < 1
+    # the threshold admits at most 1% of non-members
+    allowed = int(0.01 * 2000)
+    threshold = np.sort(-nonmembers)[::-1][allowed]
+    assert np.mean(-nonmembers > threshold) <= 0.01
+    same_auc, _ = M.membership_inference(nonmembers[:1000], nonmembers[1000:])
+    assert abs(same_auc - 0.5) < 0.05  # no leakage when members look like non-members
+    assert M.membership_inference(np.array([]), nonmembers) == (None, None)
+
+
+def test_per_image_bce_ignores_masked_labels():
+    probs = np.array([[0.9, 0.5], [0.1, 0.2]])
+    labels = np.array([[1.0, np.nan], [0.0, 1.0]])
+    out = M.per_image_bce(probs, labels)
+    assert out[0] == pytest.approx(-np.log(0.9))
+    assert out[1] == pytest.approx((-np.log(0.9) - np.log(0.2)) / 2)

@@ -22,7 +22,12 @@ def test_mixed_sweep_runs_end_to_end_and_counts_broken_images(tmp_path):
         "name": "mixed",
         "output": "out",
         "domains": [
-            {"name": "syn", "kind": "synthetic", "root": "syn", "options": {"site": "a", "n_patients": 40}},
+            {
+                "name": "syn",
+                "kind": "synthetic",
+                "root": "syn",
+                "options": {"site": "a", "n_patients": 40},
+            },
             {"name": "cpt", "kind": "chexpert", "root": str(cpt)},
             {"name": "pch", "kind": "padchest", "root": str(pch)},
         ],

@@ -34,6 +34,7 @@ GRID = {
         },
     ],
     "epsilons": [1, "inf"],
+    "controls": ["clip_only"],
     "seeds": [0],
     "training": {"epochs": 1, "logical_batch": 32, "physical_batch": 16},
     "preprocessing": {"image_size": 24},
@@ -65,12 +66,12 @@ def tiny_sweep(tmp_path_factory):
 def test_table_has_one_row_per_trial_target_label_subgroup(tiny_sweep):
     work, proc = tiny_sweep
     df = pd.read_parquet(work / "out" / "transfer.parquet")
-    assert df["trial_key"].nunique() == 4
+    assert df["trial_key"].nunique() == 6  # 2 sources x (eps 1, inf, clip-only)
     assert set(df["source"]) == set(df["target"]) == {"a", "b"}
     assert set(df["label"]) == {*LABELS, "macro"}
     keys = ["trial_key", "target", "label", "subgroup"]
     assert not df.duplicated(keys).any()
-    assert len(df[df["subgroup"] == "all"]) == 4 * 2 * (len(LABELS) + 1)
+    assert len(df[df["subgroup"] == "all"]) == 6 * 2 * (len(LABELS) + 1)
     assert (df["on_domain"] == (df["source"] == df["target"])).all()
     aucs = df["auc"].dropna()
     assert len(aucs) > 0 and aucs.between(0, 1).all()
@@ -87,6 +88,12 @@ def test_privacy_ledger_columns(tiny_sweep):
     nondp = df[df["epsilon_target"].map(math.isinf)]
     assert nondp["epsilon_spent"].map(math.isinf).all()
     assert set(nondp["accountant"]) == {"none"}
+    clip = df[df["variant"] == "clip_only"]
+    assert clip["trial_key"].nunique() == 2 and (clip["noise_multiplier"] == 0).all()
+    assert (clip["max_grad_norm"] == 1.5).all() and clip["sample_rate"].between(0, 1).all()
+    assert set(df[df["variant"] == "standard"]["epsilon_target"]) == {1.0, math.inf}
+    trials = df.drop_duplicates("trial_key")
+    assert trials["mia_auc"].between(0, 1).all() and trials["mia_tpr_at_1fpr"].between(0, 1).all()
 
 
 @pytest.mark.parametrize("table", ["transfer.parquet", "comparisons.parquet"])
@@ -107,6 +114,7 @@ def test_output_names_trials_and_prints_matrices(tiny_sweep):
     assert "dashboard: http://127.0.0.1:" in out
     assert "a_eps1_seed0" in out and "b_epsinf_seed0" in out
     assert "### epsilon = 1" in out and "### epsilon = inf" in out
+    assert "control: clip_only" in out and "Membership inference" in out
     assert "transfer.parquet" in out
 
 
@@ -117,12 +125,12 @@ def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
     grid = {**GRID, "epsilons": [1, 8, "inf"]}
     (work / "grid2.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("--grid", "grid2.yaml", cwd=work)
-    assert "4 already done, 2 to run" in proc.stdout
+    assert "6 already done, 2 to run" in proc.stdout
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     assert {k: after[k] for k in before} == before  # finished models untouched
-    assert len(after) == 6
+    assert len(after) == 8
     df = pd.read_parquet(work / "out" / "transfer.parquet")
-    assert df["trial_key"].nunique() == 6
+    assert df["trial_key"].nunique() == 8
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
     report = launch("report", "out", cwd=work)
     assert "### ε = 8" in report.stdout and (work / "out" / "report.md").is_file()
@@ -153,7 +161,7 @@ def test_added_target_is_evaluated_without_training(tiny_sweep):
         ["trial_key", "target", "label", "subgroup"]
     )
     assert old_part["auc"].tolist() == pytest.approx(ref["auc"].tolist(), nan_ok=True)
-    assert new[new["target"] == "c"]["trial_key"].nunique() == 4
+    assert new[new["target"] == "c"]["trial_key"].nunique() == 6
 
 
 def test_trial_record_reproduces_key_and_predictions(tiny_sweep):

@@ -98,7 +98,8 @@ def _status(argv: list[str]) -> int:
     counts: Counter[str] = Counter()
     for cell in plan["cells"]:
         state, detail = results.cell_status(
-            results.trial_dir(Path(args.output), cell["key"]), plan["targets"]
+            results.trial_dir(Path(args.output), cell["key"]),
+            plan["targets"] if cell.get("evaluated", True) else [],
         )
         counts[state] += 1
         print(f"{state:10s} {cell['name']:32s} {cell['key']}  {detail}".rstrip())

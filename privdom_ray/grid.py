@@ -59,6 +59,21 @@ class TrainingConfig:
     max_grad_norm: float = 1.5
     accountant: str = "prv"
     augment: bool = False
+    # where training starts: "scratch", "pretrain" (the grid's pretraining stage), or the path
+    # of a state_dict file. Keys hash the resolved identity (TrialSpec.init), not this text.
+    init: str = "scratch"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Non-private pretraining on a domain that is public by declaration (never in a ledger)."""
+
+    domain: str = ""
+    epochs: int = 5
+    lr: float = 1e-3
+    logical_batch: int = 64
+    physical_batch: int = 32
+    image_size: int = 0  # 0 = the grid's preprocessing.image_size
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,8 @@ class SweepSpec:
     seeds: tuple[int, ...]
     model: str
     training: TrainingConfig
+    pretrain: PretrainConfig | None
+    init_path: Path | None  # training.init resolved to a weights file, when it names one
     preprocessing: Preprocessing
     resources: Resources
     evaluation: EvaluationConfig
@@ -126,6 +143,8 @@ class TrialSpec:
     # "standard", or a control: "clip_only" = DP-SGD's clipping and Poisson sampling without
     # noise (epsilon = inf), which separates the effect of clipping from the effect of noise.
     variant: str = "standard"
+    # resolved initialisation: "scratch", "pretrain:<trial key>" or "file:<sha256 prefix>"
+    init: str = "scratch"
     key: str = field(default="", compare=False)
 
     @property
@@ -151,6 +170,9 @@ class TrialSpec:
         d["epsilon"] = format_epsilon(self.epsilon)
         if self.variant == "standard":
             d.pop("variant")  # keys of standard trials predate controls
+        d["training"].pop("init")  # the user's text (a path may move); ``init`` is what counts
+        if self.init == "scratch":
+            d.pop("init")
         if not self.is_private:
             d["training"].pop("accountant")
             if not self.clips:
@@ -177,6 +199,7 @@ class TrialSpec:
             training=TrainingConfig(**d["training"]),
             preprocessing=Preprocessing(**d["preprocessing"]),
             variant=d.get("variant", "standard"),
+            init=d.get("init", "scratch"),
             key=d.get("key", ""),
         )
 
@@ -213,6 +236,7 @@ TOP_KEYS = {
     "seeds": "list of integers",
     "model": f"one of {sorted(MODELS)}",
     "training": "training hyper-parameters",
+    "pretrain": "non-private pretraining on a public domain (domain, epochs, lr, ...)",
     "preprocessing": "image preprocessing",
     "resources": "per-trial cpu/gpu",
     "evaluation": "bootstrap and subgroup settings",
@@ -325,8 +349,18 @@ def parse_grid(
 
     doms = _parse_domains(c, raw.get("domains"), base)
     names = [d.name for d in doms]
-    sources = _parse_names(c, raw, "sources", names)
-    targets = _parse_names(c, raw, "targets", names)
+    pretrain = c.section(raw, "pretrain", PretrainConfig) if raw.get("pretrain") else None
+    if pretrain is not None:
+        if pretrain.domain not in names:
+            c.add("pretrain.domain", pretrain.domain, f"the name of a domain in this grid: {names}")
+        if pretrain.epochs <= 0 or pretrain.logical_batch <= 0 or pretrain.physical_batch <= 0:
+            c.add("pretrain", dict(raw["pretrain"]), "positive epochs and batch sizes")
+        if not pretrain.lr > 0:
+            c.add("pretrain.lr", pretrain.lr, "a positive learning rate")
+    # a public pretraining domain is neither trained on privately nor tested on by default
+    private = [n for n in names if pretrain is None or n != pretrain.domain]
+    sources = _parse_names(c, raw, "sources", private)
+    targets = _parse_names(c, raw, "targets", private if "targets" not in raw else names)
 
     epsilons: list[float] = []
     eps_raw = raw.get("epsilons", [math.inf])
@@ -373,6 +407,17 @@ def parse_grid(
 
     training = c.section(raw, "training", TrainingConfig)
     _check_training(c, training)
+    init_path = None
+    if training.init == "pretrain" and pretrain is None:
+        c.add("training.init", "pretrain", "a 'pretrain' section when init is 'pretrain'")
+    elif training.init not in ("scratch", "pretrain"):
+        init_path = _resolve(base, training.init)
+        if not init_path.is_file():
+            c.add(
+                "training.init",
+                training.init,
+                f"'scratch', 'pretrain' or an existing weights file (resolved to {init_path})",
+            )
     prep = c.section(raw, "preprocessing", Preprocessing)
     if not (isinstance(prep.image_size, int) and 8 <= prep.image_size <= 4096):
         c.add("preprocessing.image_size", prep.image_size, "an integer between 8 and 4096")
@@ -420,6 +465,8 @@ def parse_grid(
         seeds=tuple(seeds),
         model=model,
         training=training,
+        pretrain=pretrain,
+        init_path=init_path,
         preprocessing=prep,
         resources=resources,
         evaluation=evaluation,
@@ -564,11 +611,55 @@ def check_deltas(spec: SweepSpec, n_train: Mapping[str, int]) -> None:
         raise GridError(str(spec.grid_path), errors)
 
 
+def pretrain_spec(spec: SweepSpec, fingerprints: Mapping[str, str]) -> TrialSpec | None:
+    """The pretraining trial (non-private, seed 0, on the public domain), or None."""
+    p = spec.pretrain
+    if p is None:
+        return None
+    return TrialSpec(
+        source=p.domain,
+        data_fingerprint=fingerprints[p.domain],
+        epsilon=math.inf,
+        delta=0.0,
+        seed=0,
+        model=spec.model,
+        training=TrainingConfig(
+            epochs=p.epochs,
+            logical_batch=p.logical_batch,
+            physical_batch=min(p.physical_batch, p.logical_batch),
+            lr=p.lr,
+        ),
+        preprocessing=dataclasses.replace(
+            spec.preprocessing, image_size=p.image_size or spec.preprocessing.image_size
+        ),
+        variant="pretrain",
+    ).with_key()
+
+
 def plan(
-    spec: SweepSpec, fingerprints: Mapping[str, str], n_train: Mapping[str, int]
+    spec: SweepSpec,
+    fingerprints: Mapping[str, str],
+    n_train: Mapping[str, int],
+    *,
+    init_file_hash: str = "",
 ) -> list[TrialSpec]:
-    """One TrialSpec per (source, epsilon, seed), keys filled in; order is source-major."""
-    return list(_iter_trials(spec, fingerprints, n_train))
+    """The pretraining trial (if any) first, then one TrialSpec per (source, epsilon, seed).
+
+    ``init_file_hash`` identifies a user-supplied weights file (``training.init: <path>``).
+    """
+    pre = pretrain_spec(spec, fingerprints)
+    if spec.training.init == "pretrain":
+        assert pre is not None
+        init = f"pretrain:{pre.key}"
+    elif spec.init_path is not None:
+        init = f"file:{init_file_hash}"
+    else:
+        init = "scratch"
+    trials = [
+        dataclasses.replace(t, init=init).with_key()
+        for t in _iter_trials(spec, fingerprints, n_train)
+    ]
+    return ([pre] if pre is not None else []) + trials
 
 
 def _iter_trials(

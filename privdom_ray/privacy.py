@@ -35,6 +35,9 @@ class Ledger:
     accountant_requested: str
     poisson_sampling: bool
     privacy_unit: str = "image"
+    # the starting weights: "scratch", "pretrain:<trial key>" (public data, costs no privacy)
+    # or "file:<sha256 prefix>" of a user-supplied state_dict
+    initialization: str = "scratch"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -47,6 +47,7 @@ SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("model", pa.string()),
         ("variant", pa.string()),
+        ("init", pa.string()),
         ("epsilon_target", pa.float64()),
         ("epsilon_spent", pa.float64()),
         ("epsilon_rdp", pa.float64()),
@@ -233,6 +234,7 @@ def rows_for_trial(tdir: Path, sweep: str) -> list[pd.DataFrame]:
         df["seed"] = spec["seed"]
         df["model"] = spec["model"]
         df["variant"] = spec.get("variant", "standard")
+        df["init"] = spec.get("init", "scratch")
         df["mia_auc"] = info.get("mia_auc")
         df["mia_tpr_at_1fpr"] = info.get("mia_tpr_at_1fpr")
         for k in (

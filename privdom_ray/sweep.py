@@ -75,6 +75,7 @@ class Inputs:
     manifests: dict[str, pd.DataFrame]
     fingerprints: dict[str, str]
     n_train: dict[str, int]
+    init_file_hash: str = ""
 
 
 def check_inputs(spec: SweepSpec, log: Log = _log) -> Inputs:
@@ -87,7 +88,37 @@ def check_inputs(spec: SweepSpec, log: Log = _log) -> Inputs:
     manifests, fps = build_manifests(spec, log)
     n_train = {s: int((manifests[s]["split"] == "train").sum()) for s in spec.sources}
     grid.check_deltas(spec, n_train)
-    return Inputs(manifests, fps, n_train)
+    init_hash = check_weights_file(spec.init_path, spec.model) if spec.init_path else ""
+    return Inputs(manifests, fps, n_train, init_hash)
+
+
+def check_weights_file(path: Path, model_name: str) -> str:
+    """A user-supplied ``training.init`` file must be a state_dict of the grid's model.
+
+    Loaded with ``weights_only=True`` (no code runs from the file); returns a content hash
+    that becomes part of every dependent trial's key and ledger.
+    """
+    import hashlib
+
+    import torch
+
+    from privdom_ray.models import build_model
+
+    def fail(why: str) -> grid.GridError:
+        return grid.GridError("training.init", [f"training.init: {str(path)!r} {why}"])
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - unreadable for any reason: say why
+        raise fail(f"is not a readable weights file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise fail("must hold a state_dict (a mapping of parameter names to tensors)")
+    try:
+        build_model(model_name).load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise fail(f"does not fit model {model_name!r}: {' '.join(first)}") from None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def prepare(
@@ -100,6 +131,18 @@ def prepare(
     manifests, fps, n_train = inputs.manifests, inputs.fingerprints, inputs.n_train
     spec.output.mkdir(parents=True, exist_ok=True)
     caches: dict[str, cache.CacheEntry] = {}
+    pre = grid.pretrain_spec(spec, fps)
+    if pre is not None:
+        entry = cache.build(
+            pre.source,
+            manifests[pre.source],
+            fps[pre.source],
+            pre.preprocessing,
+            spec.cache_dir,
+            log=log,
+        )
+        caches[pre.name] = entry
+        log(f"[cache] {pre.source} (pretraining): {entry.n_images} images decoded")
     for d in spec.domains:
         if d.name not in spec.sources and d.name not in spec.targets:
             continue
@@ -109,11 +152,32 @@ def prepare(
         caches[d.name] = entry
         how = f"built in {entry.built_seconds:.1f}s" if entry.built_seconds else "reused"
         log(f"[cache] {d.name}: {entry.n_images} images decoded, {entry.n_skipped} skipped ({how})")
-    trials = grid.plan(spec, fps, n_train)
+    trials = grid.plan(spec, fps, n_train, init_file_hash=inputs.init_file_hash)
     targets = tuple(TargetRef(t, fps[t], str(caches[t].path)) for t in spec.targets)
     cells = []
+    init_path = ""
+    if pre is not None and spec.training.init == "pretrain":
+        init_path = str(results.trial_dir(spec.output, pre.key) / "model.pt")
+    elif spec.init_path is not None:
+        init_path = str(spec.init_path)
     for t in trials:
         tdir = results.trial_dir(spec.output, t.key)
+        if t.variant == "pretrain":
+            if not results.is_trained(tdir):
+                cells.append(
+                    Cell(
+                        spec=t,
+                        output=str(spec.output),
+                        source_cache=str(caches[t.name].path),
+                        targets=(),
+                        evaluation=spec.evaluation,
+                        threads=max(1, int(spec.resources.cpu)),
+                        device="cuda" if spec.resources.gpu > 0 else "cpu",
+                        checkpoint_every=spec.ray.checkpoint_every,
+                        run_id=run_id,
+                    )
+                )
+            continue
         missing = tuple(
             ref
             for ref in targets
@@ -137,6 +201,7 @@ def prepare(
                 device="cuda" if spec.resources.gpu > 0 else "cpu",
                 checkpoint_every=spec.ray.checkpoint_every,
                 run_id=run_id,
+                init_path=init_path if t.init != "scratch" else "",
             )
         )
     results.write_json(
@@ -144,7 +209,9 @@ def prepare(
         {
             "sweep": spec.name,
             "run_id": run_id,
-            "cells": [{"key": t.key, "name": t.name} for t in trials],
+            "cells": [
+                {"key": t.key, "name": t.name, "evaluated": t.variant != "pretrain"} for t in trials
+            ],
             "targets": [{"name": r.name, "fingerprint": r.fingerprint} for r in targets],
         },
     )
@@ -329,21 +396,25 @@ def _progress_callback(total: int, log: Log):
     return Progress()
 
 
-def run_cells(prep: Prepared, log: Log = _log) -> list[str]:
-    """Schedule the cells with work left as Tune trials; returns names of failed cells."""
+def run_cells(
+    prep: Prepared, log: Log = _log, cells: list[Cell] | None = None, *, stage: str = "cells"
+) -> list[str]:
+    """Schedule cells with work left as Tune trials; returns names of failed cells."""
     from ray import tune
 
     spec = prep.spec
-    if not prep.cells:
+    cells = prep.cells if cells is None else cells
+    if not cells:
         return []
+    log(f"[sweep] running {len(cells)} {stage}")
     trainable = tune.with_resources(
         _trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     )
-    names = {c.spec.key: c.spec.name for c in prep.cells}
+    names = {c.spec.key: c.spec.name for c in cells}
     tuner = tune.Tuner(
         trainable,
         param_space={
-            "cell": tune.grid_search([c.to_config() for c in prep.cells]),
+            "cell": tune.grid_search([c.to_config() for c in cells]),
             "timeout_s": spec.ray.trial_timeout_s,
         },
         tune_config=tune.TuneConfig(
@@ -354,10 +425,10 @@ def run_cells(prep: Prepared, log: Log = _log) -> list[str]:
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
-            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=f"{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(spec.output / "ray_results"),
             failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
-            callbacks=[_progress_callback(len(prep.cells), log)],
+            callbacks=[_progress_callback(len(cells), log)],
             verbose=0,
         ),
     )
@@ -400,7 +471,13 @@ def run(
             f"{len(spec.epsilons)} epsilons x {len(spec.seeds)} seeds), {len(spec.targets)} targets; "
             f"{done} already done, {len(prep.cells)} to run"
         )
-        failed = run_cells(prep, log)
+        first = [c for c in prep.cells if c.spec.variant == "pretrain"]
+        rest = [c for c in prep.cells if c.spec.variant != "pretrain"]
+        failed = run_cells(prep, log, first, stage="pretraining") if first else []
+        if failed:
+            log("[sweep] pretraining failed: its dependent cells are not started")
+        else:
+            failed = run_cells(prep, log, rest)
     finally:
         ray.shutdown()
     keys = [t.key for t in prep.trials]
@@ -415,7 +492,8 @@ def run(
     report.write_report(spec.output)
     log("")
     log(report.transfer_matrices_text(df))
-    missing = len(prep.trials) - df["trial_key"].nunique() if len(df) else len(prep.trials)
+    evaluated = [t for t in prep.trials if t.variant != "pretrain"]  # pretraining has no rows
+    missing = len(evaluated) - (df["trial_key"].nunique() if len(df) else 0)
     log(f"[sweep] table: {path} ({len(df)} rows; {missing} cell(s) missing)")
     log(
         f"[sweep] comparisons: {spec.output / 'comparisons.parquet'}; report: {spec.output / 'report.md'}"

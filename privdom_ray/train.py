@@ -76,6 +76,25 @@ def predict(
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+def augment(batch: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+    """The paper's training augmentation, per image and batched: horizontal flip with
+    probability 0.4 and a rotation uniform in [-8, 8] degrees (one affine resampling)."""
+    n = batch.shape[0]
+    cpu = torch.device("cpu")
+    flip = torch.where(torch.rand(n, generator=generator, device=cpu) < 0.4, -1.0, 1.0)
+    angle = (torch.rand(n, generator=generator, device=cpu) * 16 - 8) * math.pi / 180
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, torch.zeros(n)], 1),
+            torch.stack([sin * flip, cos, torch.zeros(n)], 1),
+        ],
+        1,
+    ).to(batch.device)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, align_corners=False, padding_mode="border")
+
+
 def macro_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     values = [auc(scores[:, j], labels[:, j]) for j in range(labels.shape[1])]
     finite = [v for v in values if v is not None and not math.isnan(v)]
@@ -99,6 +118,7 @@ def run_trial(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     checkpoint: CheckpointStore | None = None,
     checkpoint_every: int = 1,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``spec`` on ``train``; select the epoch with the best validation macro AUC.
 
@@ -109,7 +129,8 @@ def run_trial(
     With a ``checkpoint`` store, the state after every ``checkpoint_every`` epochs (model,
     optimizer, accountant history, noise multiplier, sampler and noise RNG states) is saved,
     and a saved state is resumed: the noise multiplier is restored, never re-calibrated, and
-    the accountant continues from the steps already taken.
+    the accountant continues from the steps already taken. ``init_state`` (pretrained weights)
+    is the starting point of a fresh run; a resumed run continues from its checkpoint instead.
     """
     t0 = time.perf_counter()
     cfg = spec.training
@@ -125,6 +146,8 @@ def run_trial(
     optimizer = torch.optim.NAdam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(spec.seed)
     noise_generator = torch.Generator(device=dev).manual_seed(spec.seed + 1)
+    if state is None and init_state is not None:
+        model.load_state_dict(init_state)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -166,6 +189,10 @@ def run_trial(
                 )
             engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
 
+    def inputs(x: torch.Tensor) -> torch.Tensor:
+        batch = _as_input(x, dev)
+        return augment(batch, generator=generator) if cfg.augment and len(batch) else batch
+
     history: list[dict[str, float]] = list(state["history"]) if state else []
     if history:  # wall-clock time keeps counting across a resume
         t0 -= history[-1]["seconds"]
@@ -183,7 +210,7 @@ def run_trial(
             ) as batches:
                 for x, y in batches:
                     optimizer.zero_grad(set_to_none=True)
-                    loss = masked_bce(model(_as_input(x, dev)), y.to(dev), weight)
+                    loss = masked_bce(model(inputs(x)), y.to(dev), weight)
                     loss.backward()
                     optimizer.step()
                     if len(x):
@@ -195,7 +222,7 @@ def run_trial(
                 for xs, ys in zip(
                     x.split(cfg.physical_batch), y.split(cfg.physical_batch), strict=True
                 ):
-                    loss = masked_bce(model(_as_input(xs, dev)), ys.to(dev), weight)
+                    loss = masked_bce(model(inputs(xs)), ys.to(dev), weight)
                     (loss * (len(xs) / len(x))).backward()
                     losses.append(loss.item())
                 optimizer.step()

@@ -55,6 +55,7 @@ class Cell:
     device: str = "cpu"
     checkpoint_every: int = 1
     run_id: str = ""
+    init_path: str = ""  # weights to start from (a pretraining trial's model.pt or a user file)
 
     def to_config(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -75,6 +76,7 @@ class Cell:
             device=d.get("device", "cpu"),
             checkpoint_every=d.get("checkpoint_every", 1),
             run_id=d.get("run_id", ""),
+            init_path=d.get("init_path", ""),
         )
 
 
@@ -239,6 +241,7 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
             on_epoch=on_epoch,
             checkpoint=FileCheckpoint(tdir / "checkpoint.pt"),
             checkpoint_every=cell.checkpoint_every,
+            init_state=torch.load(cell.init_path, weights_only=True) if cell.init_path else None,
         )
     finally:
         writer.close()
@@ -255,7 +258,8 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
     ]
     val_macro = result.history[result.best_epoch - 1]["val_macro_auc"]
     results.atomic_write(tdir / "model.pt", lambda p: torch.save(result.state_dict, p))
-    results.write_json(tdir / "ledger.json", result.ledger.as_dict())
+    ledger = dataclasses.replace(result.ledger, initialization=spec.init)
+    results.write_json(tdir / "ledger.json", ledger.as_dict())
     results.write_json(tdir / "history.json", result.history)
     results.write_json(
         tdir / "thresholds.json",
@@ -285,7 +289,7 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     results.write_json(tdir / "trial.json", record)
-    results.write_yaml(tdir / "config.yaml", {**record, "ledger": result.ledger.as_dict()})
+    results.write_yaml(tdir / "config.yaml", {**record, "ledger": ledger.as_dict()})
     results.mark_done(tdir)
     (tdir / "checkpoint.pt").unlink(missing_ok=True)  # model.pt holds the result now
 

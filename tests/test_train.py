@@ -137,3 +137,29 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(epsilon):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for name, tensor in reference.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[name], tensor, rtol=0, atol=0)
+
+
+def test_training_starts_from_given_weights():
+    train, val = toy_split(32, 16, 0), toy_split(16, 16, 1)
+    start = build_model("resnet9").state_dict()
+    for v in start.values():
+        if v.is_floating_point():
+            v.add_(0.01)  # distinct from the seed's own initialisation
+    frozen = TrialSpec(
+        **{**spec(math.inf, epochs=1).__dict__, "training": TrainingConfig(epochs=1, lr=1e-12)}
+    )
+    result = run_trial(frozen, train, val, init_state=start)
+    for name, tensor in start.items():
+        torch.testing.assert_close(result.state_dict[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_augmentation_flips_and_rotates_per_image():
+    from privdom_ray.train import augment
+
+    batch = torch.rand(64, 1, 16, 16)
+    out = augment(batch, generator=torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape
+    changed = (out - batch).abs().flatten(1).amax(1) > 1e-3
+    assert 0 < changed.sum() <= 64  # images are transformed individually
+    again = augment(batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, again)

@@ -1,0 +1,160 @@
+"""Two-stage sweeps: public pretraining first, then private fine-tuning from its weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from privdom_ray.grid import GridError, load_grid, plan
+from privdom_ray.models import build_model
+from privdom_ray.sweep import check_weights_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def domains(n: int = 40) -> list[dict]:
+    return [
+        {
+            "name": "pub",
+            "kind": "synthetic",
+            "root": "data/pub",
+            "options": {"site": "d", "n_patients": n},
+        },
+        {
+            "name": "a",
+            "kind": "synthetic",
+            "root": "data/a",
+            "options": {"site": "a", "n_patients": n},
+        },
+        {
+            "name": "b",
+            "kind": "synthetic",
+            "root": "data/b",
+            "options": {"site": "b", "n_patients": n},
+        },
+    ]
+
+
+GRID = {
+    "name": "pre",
+    "output": "out",
+    "domains": domains(),
+    "pretrain": {"domain": "pub", "epochs": 1, "logical_batch": 16, "physical_batch": 16},
+    "epsilons": [2],
+    "seeds": [0],
+    "training": {"init": "pretrain", "epochs": 1, "logical_batch": 16, "physical_batch": 16},
+    "preprocessing": {"image_size": 24},
+    "evaluation": {"n_boot": 10},
+    "ray": {"num_cpus": 2},
+}
+
+
+def write(tmp_path: Path, grid: dict, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_pretraining_domain_is_public_and_keys_follow_it(tmp_path):
+    spec = load_grid(write(tmp_path, GRID))
+    assert spec.sources == spec.targets == ("a", "b")  # not trained on privately, not a target
+    fps, n = {"pub": "p1", "a": "f1", "b": "f2"}, {"a": 100, "b": 100}
+    trials = plan(spec, fps, n)
+    assert trials[0].variant == "pretrain" and math.isinf(trials[0].epsilon)
+    assert all(t.init == f"pretrain:{trials[0].key}" for t in trials[1:])
+    longer = load_grid(
+        write(tmp_path, {**GRID, "pretrain": {**GRID["pretrain"], "epochs": 2}}, "g2.yaml")
+    )
+    assert [t.key for t in plan(longer, fps, n)][1:] != [t.key for t in trials][1:]
+    scratch = load_grid(
+        write(tmp_path, {**GRID, "training": {**GRID["training"], "init": "scratch"}}, "g3.yaml")
+    )
+    assert {t.init for t in plan(scratch, fps, n)[1:]} == {"scratch"}
+
+
+def test_init_pretrain_needs_a_pretrain_section(tmp_path):
+    grid = {k: v for k, v in GRID.items() if k != "pretrain"}
+    with pytest.raises(GridError) as info:
+        load_grid(write(tmp_path, grid))
+    assert any(e.startswith("training.init: 'pretrain'") for e in info.value.errors)
+
+
+def test_weights_file_checks(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(build_model("resnet9").state_dict(), good)
+    assert len(check_weights_file(good, "resnet9")) == 16
+
+    cases = {
+        "garbage.pt": (b"not a torch file", "is not a readable weights file"),
+        "resnet18.pt": (None, "does not fit model 'resnet9'"),
+        "list.pt": ([torch.zeros(2)], "must hold a state_dict"),
+    }
+    for name, (content, needle) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is None:
+            torch.save(build_model("resnet18").state_dict(), path)
+        else:
+            torch.save(content, path)
+        with pytest.raises(GridError) as info:
+            check_weights_file(path, "resnet9")
+        assert needle in str(info.value) and name in str(info.value)
+
+    missing = {**GRID, "training": {**GRID["training"], "init": "nowhere.pt"}}
+    with pytest.raises(GridError) as info:
+        load_grid(write(tmp_path, missing))
+    assert "training.init: 'nowhere.pt'" in str(info.value)
+
+
+def test_bad_weights_file_stops_the_cli_before_any_trial(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
+    grid = {**GRID, "training": {**GRID["training"], "init": "bad.pt"}}
+    write(tmp_path, {k: v for k, v in grid.items() if k != "pretrain"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "bad.pt" in proc.stderr and "readable weights" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_pretraining_runs_once_before_its_dependents(tmp_path):
+    write(tmp_path, GRID)
+    run = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
+    first = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = first.stdout
+    assert out.index("running 1 pretraining") < out.index("running 2 cells")
+    trials = tmp_path / "out" / "trials"
+    pre = [
+        p.parent
+        for p in trials.glob("*/trial.json")
+        if json.loads(p.read_text())["spec"]["variant"] == "pretrain"
+    ]
+    assert len(pre) == 1
+    pre_done = (pre[0] / "done").stat().st_mtime_ns
+    for ledger_path in trials.glob("*/ledger.json"):
+        if ledger_path.parent == pre[0]:
+            continue
+        ledger = json.loads(ledger_path.read_text())
+        assert ledger["initialization"] == f"pretrain:{pre[0].name}"
+        assert (ledger_path.parent / "done").stat().st_mtime_ns > pre_done
+
+    # a re-run with one more epsilon reuses the pretraining and trains only the new cells
+    write(tmp_path, {**GRID, "epsilons": [2, "inf"]})
+    second = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "running 2 cells" in second.stdout and "running 1 pretraining" not in second.stdout
+    assert (pre[0] / "done").stat().st_mtime_ns == pre_done

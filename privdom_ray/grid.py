@@ -59,6 +59,9 @@ class TrainingConfig:
     max_grad_norm: float = 1.5
     accountant: str = "prv"
     augment: bool = False
+    # how per-sample gradients are clipped: "auto" (the fastest mode verified for the model,
+    # see dpstep.py), "bk", or an Opacus grad_sample_mode (hooks, functorch, ew, ghost)
+    grad_sample_mode: str = "auto"
     # where training starts: "scratch", "pretrain" (the grid's pretraining stage), or the path
     # of a state_dict file. Keys hash the resolved identity (TrialSpec.init), not this text.
     init: str = "scratch"
@@ -177,6 +180,7 @@ class TrialSpec:
             d["training"].pop("accountant")
             if not self.clips:
                 d["training"].pop("max_grad_norm")
+                d["training"].pop("grad_sample_mode")
         return d
 
     def with_key(self) -> TrialSpec:
@@ -580,6 +584,10 @@ def _check_training(c: _Collector, t: TrainingConfig) -> None:
         c.add("training.max_grad_norm", t.max_grad_norm, "a positive clipping bound C")
     if t.accountant not in ACCOUNTANTS:
         c.add("training.accountant", t.accountant, f"one of {list(ACCOUNTANTS)}")
+    from privdom_ray.dpstep import DP_MODES
+
+    if t.grad_sample_mode not in ("auto", *DP_MODES):
+        c.add("training.grad_sample_mode", t.grad_sample_mode, f"one of {['auto', *DP_MODES]}")
 
 
 # ---------------------------------------------------------------------------------- planning

@@ -23,6 +23,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from privdom_ray import dpstep
 from privdom_ray.cache import SplitData
 from privdom_ray.grid import TrialSpec
 from privdom_ray.metrics import auc
@@ -164,23 +165,32 @@ def run_trial(
     engine: PrivacyEngine | None = None
     if spec.clips:
         engine = PrivacyEngine(accountant=cfg.accountant)
+        mode = cfg.grad_sample_mode
         common = dict(
+            mode=dpstep.fastest_correct_mode(spec.model) if mode == "auto" else mode,
             module=model,
             optimizer=optimizer,
             data_loader=loader,
+            criterion=dpstep.MaskedBCELoss(weight),
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise_generator,
         )
         if state is None and not spec.is_private:  # clip-only control: sigma = 0
-            model, optimizer, loader = engine.make_private(**common, noise_multiplier=0.0)
+            model, optimizer, criterion, loader = dpstep.privatize(
+                engine, **common, noise_multiplier=0.0
+            )
         elif state is None:
-            model, optimizer, loader = engine.make_private_with_epsilon(
-                **common, target_epsilon=spec.epsilon, target_delta=spec.delta, epochs=cfg.epochs
+            model, optimizer, criterion, loader = dpstep.privatize(
+                engine,
+                **common,
+                target_epsilon=spec.epsilon,
+                target_delta=spec.delta,
+                epochs=cfg.epochs,
             )
         else:
-            model, optimizer, loader = engine.make_private(
-                **common, noise_multiplier=state["noise_multiplier"]
+            model, optimizer, criterion, loader = dpstep.privatize(
+                engine, **common, noise_multiplier=state["noise_multiplier"]
             )
             if not math.isclose(loader.sample_rate, state["sample_rate"], rel_tol=1e-12):
                 raise ValueError(
@@ -210,7 +220,7 @@ def run_trial(
             ) as batches:
                 for x, y in batches:
                     optimizer.zero_grad(set_to_none=True)
-                    loss = masked_bce(model(inputs(x)), y.to(dev), weight)
+                    loss = criterion(model(inputs(x)), y.to(dev))
                     loss.backward()
                     optimizer.step()
                     if len(x):

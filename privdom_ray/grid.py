@@ -354,9 +354,10 @@ def parse_grid(
     doms = _parse_domains(c, raw.get("domains"), base)
     names = [d.name for d in doms]
     pretrain = c.section(raw, "pretrain", PretrainConfig) if raw.get("pretrain") else None
+    declared = [d.get("name") for d in raw.get("domains") or [] if isinstance(d, Mapping)]
     if pretrain is not None:
-        if pretrain.domain not in names:
-            c.add("pretrain.domain", pretrain.domain, f"the name of a domain in this grid: {names}")
+        if pretrain.domain not in declared:  # declared, not only valid: no cascading error
+            c.add("pretrain.domain", pretrain.domain, f"the name of a domain in this grid: {declared}")
         if pretrain.epochs <= 0 or pretrain.logical_batch <= 0 or pretrain.physical_batch <= 0:
             c.add("pretrain", dict(raw["pretrain"]), "positive epochs and batch sizes")
         if not pretrain.lr > 0:

@@ -355,45 +355,74 @@ def _finite(v: Any) -> Any:
     return -1.0 if isinstance(v, float) and math.isinf(v) else v
 
 
-def _progress_callback(total: int, log: Log):
+def _progress_callback(names: dict[str, str], log: Log):
     from ray import tune
 
     class Progress(tune.Callback):
-        """One line per epoch and per finished trial: Tune's own table is too noisy for 2 cores."""
+        """One line per epoch and per finished trial (Tune's own table is too noisy), and each
+        trial's scheduling-to-finish wall time, for measuring per-trial overhead."""
 
         def __init__(self) -> None:
             self.finished = 0
             self.t0 = time.perf_counter()
+            self.started: dict[str, float] = {}
+            self.wall: dict[str, float] = {}
 
-        def _name(self, trial) -> str:
-            return (
-                trial.config["cell"]["spec"]["source"]
-                + "_eps"
-                + str(trial.config["cell"]["spec"]["epsilon"])
-                + ("_seed" + str(trial.config["cell"]["spec"]["seed"]))
-            )
+        def _key(self, trial) -> str:
+            return trial.config["cell"]["spec"]["key"]
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self.started.setdefault(self._key(trial), time.perf_counter())
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if result.get("phase") == "train":
                 eps = result.get("epsilon", -1.0)
                 log(
-                    f"[trial] {self._name(trial)} epoch {result['epoch']}: loss {result['train_loss']:.3f}"
-                    f", val macro AUC {result['val_macro_auc']:.3f}"
+                    f"[trial] {names[self._key(trial)]} epoch {result['epoch']}: "
+                    f"loss {result['train_loss']:.3f}, val macro AUC {result['val_macro_auc']:.3f}"
                     + (f", epsilon {eps:.2f}" if eps >= 0 else "")
                 )
 
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        def _finish(self, trial) -> None:
+            key = self._key(trial)
             self.finished += 1
+            self.wall[key] = time.perf_counter() - self.started.get(key, self.t0)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._finish(trial)
             log(
-                f"[sweep] {self.finished}/{total} cells done ({self._name(trial)}), "
+                f"[sweep] {self.finished}/{len(names)} cells done ({names[self._key(trial)]}), "
                 f"{time.perf_counter() - self.t0:.0f}s elapsed"
             )
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self.finished += 1
-            log(f"[sweep] {self._name(trial)} FAILED; see {trial.local_path or trial.path}")
+            self._finish(trial)
+            log(f"[sweep] {names[self._key(trial)]} FAILED; see {trial.local_path or trial.path}")
 
     return Progress()
+
+
+def _record_timing(
+    spec: SweepSpec, prep: Prepared, stage: str, wall: float, trial_wall: dict, names: dict
+) -> None:
+    """Append this stage's timing to ``<output>/runs.jsonl`` (benchmarks/bench_sweep.py reads it)."""
+    import json
+
+    import ray
+
+    slots = min(
+        ray.cluster_resources().get("CPU", 1) / spec.resources.cpu,
+        ray.cluster_resources().get("GPU", 0) / spec.resources.gpu if spec.resources.gpu else 1e9,
+    )
+    record = {
+        "run_id": prep.cells[0].run_id if prep.cells else "",
+        "stage": stage,
+        "wall_seconds": wall,
+        "slots": slots,
+        "trials": [{"key": k, "name": names[k], "wall_seconds": w} for k, w in trial_wall.items()],
+    }
+    with open(spec.output / "runs.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def run_cells(
@@ -411,6 +440,8 @@ def run_cells(
         _trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     )
     names = {c.spec.key: c.spec.name for c in cells}
+    progress = _progress_callback(names, log)
+    t0 = time.perf_counter()
     tuner = tune.Tuner(
         trainable,
         param_space={
@@ -428,11 +459,12 @@ def run_cells(
             name=f"{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(spec.output / "ray_results"),
             failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
-            callbacks=[_progress_callback(len(cells), log)],
+            callbacks=[progress],
             verbose=0,
         ),
     )
     result_grid = tuner.fit()
+    _record_timing(spec, prep, stage, time.perf_counter() - t0, progress.wall, names)
     failed = []
     for r in result_grid:
         if r.error is not None:

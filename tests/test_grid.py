@@ -150,7 +150,7 @@ def test_shipped_grids_are_valid_apart_from_dataset_roots():
     with pytest.raises(GridError) as info:
         load_grid(ROOT / "experiments" / "paper.yaml")
     assert info.value.errors and all(".root:" in e for e in info.value.errors)
-    assert len(info.value.errors) == 5
+    assert len(info.value.errors) == 6  # five sites + the MIMIC pretraining domain
 
 
 def test_large_delta_only_when_explicitly_allowed(tmp_path):

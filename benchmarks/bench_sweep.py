@@ -1,0 +1,56 @@
+"""Sweep efficiency: how much of a sweep's wall time x slots is trial compute.
+
+    uv run launch.py --grid experiments/demo.yaml --out /tmp/bench_sweep   # a fresh sweep
+    uv run python benchmarks/bench_sweep.py /tmp/bench_sweep
+
+Reads ``runs.jsonl`` (written by the sweep: each Tune stage's wall time, slots and each
+trial's scheduling-to-finish wall time) and the trial folders (train and evaluation seconds
+measured inside the trial). Prints, per stage:
+  efficiency = sum(trial compute) / (stage wall time x concurrent slots)
+  per-trial overhead = trial wall time - trial compute (worker start, imports, cache load,
+  Tune bookkeeping), median over trials and over trials after the first.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def trial_compute(output: Path, key: str) -> float:
+    tdir = output / "trials" / key
+    info = json.loads((tdir / "trial.json").read_text())
+    evals = [json.loads(p.read_text())["eval_seconds"] for p in tdir.glob("eval/*/eval.json")]
+    return float(info["train_seconds"]) + sum(evals)
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    output = Path(sys.argv[1])
+    runs = [json.loads(line) for line in (output / "runs.jsonl").read_text().splitlines() if line]
+    print(f"command: uv run python benchmarks/bench_sweep.py {output}\n")
+    print(
+        "| stage | trials | slots | wall s | compute s | efficiency | overhead s/trial (median) | after the first |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        trials = run["trials"]
+        if not trials:
+            continue
+        compute = {t["key"]: trial_compute(output, t["key"]) for t in trials}
+        total = sum(compute.values())
+        efficiency = total / (run["wall_seconds"] * run["slots"])
+        overhead = [t["wall_seconds"] - compute[t["key"]] for t in trials]
+        later = overhead[1:] or overhead
+        print(
+            f"| {run['stage']} | {len(trials)} | {run['slots']:g} | {run['wall_seconds']:.0f} | "
+            f"{total:.0f} | {efficiency:.2f} | {statistics.median(overhead):.1f} | "
+            f"{statistics.median(later):.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -54,6 +54,8 @@ class TrainingConfig:
 
     epochs: int = 5
     logical_batch: int = 64
+    # memory only; 0 (written `auto` in the grid) = the largest batch whose measured step fits
+    # resources.memory_budget_mb on the trial's device. Accounting uses the logical batch alone.
     physical_batch: int = 32
     lr: float = 1e-3
     max_grad_norm: float = 1.5
@@ -83,6 +85,7 @@ class PretrainConfig:
 class Resources:
     cpu: float = 1.0
     gpu: float = 0.0
+    memory_budget_mb: int = 2048  # per trial, for physical_batch: auto (GPU: of the device)
 
 
 @dataclass(frozen=True)
@@ -357,7 +360,9 @@ def parse_grid(
     declared = [d.get("name") for d in raw.get("domains") or [] if isinstance(d, Mapping)]
     if pretrain is not None:
         if pretrain.domain not in declared:  # declared, not only valid: no cascading error
-            c.add("pretrain.domain", pretrain.domain, f"the name of a domain in this grid: {declared}")
+            c.add(
+                "pretrain.domain", pretrain.domain, f"the name of a domain in this grid: {declared}"
+            )
         if pretrain.epochs <= 0 or pretrain.logical_batch <= 0 or pretrain.physical_batch <= 0:
             c.add("pretrain", dict(raw["pretrain"]), "positive epochs and batch sizes")
         if not pretrain.lr > 0:
@@ -410,6 +415,8 @@ def parse_grid(
     if model not in MODELS:
         c.add("model", model, f"one of {sorted(MODELS)}")
 
+    if isinstance(raw.get("training"), Mapping) and raw["training"].get("physical_batch") == "auto":
+        raw = {**raw, "training": {**raw["training"], "physical_batch": 0}}
     training = c.section(raw, "training", TrainingConfig)
     _check_training(c, training)
     init_path = None
@@ -429,6 +436,8 @@ def parse_grid(
     if prep.geometry not in GEOMETRIES:
         c.add("preprocessing.geometry", prep.geometry, f"one of {list(GEOMETRIES)}")
     resources = c.section(raw, "resources", Resources)
+    if resources.memory_budget_mb <= 0:
+        c.add("resources.memory_budget_mb", resources.memory_budget_mb, "a positive number of MiB")
     if not resources.cpu > 0:
         c.add("resources.cpu", resources.cpu, "a positive number of CPUs per trial")
     if resources.gpu < 0:
@@ -570,8 +579,8 @@ def _check_training(c: _Collector, t: TrainingConfig) -> None:
         c.add("training.epochs", t.epochs, "a positive integer")
     if t.logical_batch <= 0:
         c.add("training.logical_batch", t.logical_batch, "a positive integer")
-    if t.physical_batch <= 0:
-        c.add("training.physical_batch", t.physical_batch, "a positive integer")
+    if t.physical_batch < 0:
+        c.add("training.physical_batch", t.physical_batch, "a positive integer or 'auto'")
     elif t.logical_batch > 0 and t.physical_batch > t.logical_batch:
         c.add(
             "training.physical_batch",

@@ -175,6 +175,7 @@ def prepare(
                         device="cuda" if spec.resources.gpu > 0 else "cpu",
                         checkpoint_every=spec.ray.checkpoint_every,
                         run_id=run_id,
+                        memory_budget_mb=spec.resources.memory_budget_mb,
                     )
                 )
             continue
@@ -201,6 +202,7 @@ def prepare(
                 device="cuda" if spec.resources.gpu > 0 else "cpu",
                 checkpoint_every=spec.ray.checkpoint_every,
                 run_id=run_id,
+                memory_budget_mb=spec.resources.memory_budget_mb,
                 init_path=init_path if t.init != "scratch" else "",
             )
         )

@@ -77,6 +77,26 @@ def predict(
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+def auto_physical_batch(spec: TrialSpec, device: str, budget_mb: int) -> int:
+    """The largest physical batch whose measured step fits the budget on this device.
+
+    On a GPU the budget is capped by the memory the device has free. Only memory depends on
+    it: the sample rate and noise come from the logical batch (BatchMemoryManager).
+    """
+    cfg = spec.training
+    budget = budget_mb * 2**20
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info()
+        budget = min(budget, int(free * 0.9))
+    mode = "nondp"
+    if spec.clips:
+        mode = cfg.grad_sample_mode
+        mode = dpstep.fastest_correct_mode(spec.model) if mode == "auto" else mode
+    return dpstep.max_physical_batch(
+        spec.model, spec.preprocessing.image_size, mode, budget, device, limit=cfg.logical_batch
+    )
+
+
 def augment(batch: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
     """The paper's training augmentation, per image and batched: horizontal flip with
     probability 0.4 and a rotation uniform in [-8, 8] degrees (one affine resampling)."""
@@ -120,6 +140,7 @@ def run_trial(
     checkpoint: CheckpointStore | None = None,
     checkpoint_every: int = 1,
     init_state: dict[str, torch.Tensor] | None = None,
+    memory_budget_mb: int = 2048,
 ) -> TrainResult:
     """Train ``spec`` on ``train``; select the epoch with the best validation macro AUC.
 
@@ -199,6 +220,8 @@ def run_trial(
                 )
             engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
 
+    physical = cfg.physical_batch or auto_physical_batch(spec, device, memory_budget_mb)
+
     def inputs(x: torch.Tensor) -> torch.Tensor:
         batch = _as_input(x, dev)
         return augment(batch, generator=generator) if cfg.augment and len(batch) else batch
@@ -216,7 +239,7 @@ def run_trial(
         losses: list[float] = []
         if engine is not None:
             with BatchMemoryManager(
-                data_loader=loader, max_physical_batch_size=cfg.physical_batch, optimizer=optimizer
+                data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer
             ) as batches:
                 for x, y in batches:
                     optimizer.zero_grad(set_to_none=True)
@@ -229,9 +252,7 @@ def run_trial(
         else:
             for x, y in loader:
                 optimizer.zero_grad(set_to_none=True)
-                for xs, ys in zip(
-                    x.split(cfg.physical_batch), y.split(cfg.physical_batch), strict=True
-                ):
+                for xs, ys in zip(x.split(physical), y.split(physical), strict=True):
                     loss = masked_bce(model(inputs(xs)), ys.to(dev), weight)
                     (loss * (len(xs) / len(x))).backward()
                     losses.append(loss.item())

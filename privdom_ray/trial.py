@@ -56,6 +56,7 @@ class Cell:
     checkpoint_every: int = 1
     run_id: str = ""
     init_path: str = ""  # weights to start from (a pretraining trial's model.pt or a user file)
+    memory_budget_mb: int = 2048
 
     def to_config(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -77,6 +78,7 @@ class Cell:
             checkpoint_every=d.get("checkpoint_every", 1),
             run_id=d.get("run_id", ""),
             init_path=d.get("init_path", ""),
+            memory_budget_mb=d.get("memory_budget_mb", 2048),
         )
 
 
@@ -242,6 +244,7 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
             checkpoint=FileCheckpoint(tdir / "checkpoint.pt"),
             checkpoint_every=cell.checkpoint_every,
             init_state=torch.load(cell.init_path, weights_only=True) if cell.init_path else None,
+            memory_budget_mb=cell.memory_budget_mb,
         )
     finally:
         writer.close()

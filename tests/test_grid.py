@@ -161,3 +161,10 @@ def test_large_delta_only_when_explicitly_allowed(tmp_path):
     assert errors_of(tmp_path, allow_large_delta="yes") == [
         "allow_large_delta: 'yes' is not allowed; expected true or false"
     ]
+
+
+def test_physical_batch_auto(tmp_path):
+    spec = load_grid(
+        write(tmp_path, {**BASE, "training": {**BASE["training"], "physical_batch": "auto"}})
+    )
+    assert spec.training.physical_batch == 0  # resolved per trial from the memory budget

@@ -163,3 +163,18 @@ def test_augmentation_flips_and_rotates_per_image():
     assert 0 < changed.sum() <= 64  # images are transformed individually
     again = augment(batch, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, again)
+
+
+def test_auto_physical_batch_changes_memory_use_not_privacy():
+    train, val = toy_split(64, 16, 0), toy_split(16, 16, 1)
+    fixed = spec(2.0, epochs=1)
+    auto = TrialSpec(
+        **{
+            **fixed.__dict__,
+            "training": TrainingConfig(epochs=1, logical_batch=32, physical_batch=0),
+        }
+    ).with_key()
+    a = run_trial(fixed, train, val)
+    b = run_trial(auto, train, val, memory_budget_mb=512)
+    for field in ("noise_multiplier", "sample_rate", "steps", "epsilon_spent"):
+        assert getattr(a.ledger, field) == getattr(b.ledger, field), field

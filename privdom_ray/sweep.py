@@ -28,8 +28,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # our interpreter already is the project's environment, so workers use it as is. Ray reads
 # this when it is first imported, so it is set before any `import ray` below.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-# Our trial folders hold the per-trial records; Tune's auto TensorBoard/CSV/JSON loggers would
-# only duplicate them (and warn about every non-scalar config value).
+# Our trial folders hold the per-trial records; Tune's auto TensorBoard/CSV loggers would only
+# duplicate them (and warn about every non-scalar config value). Its JSON logger stays (added
+# in run_cells): Tune's result grid reads result.json.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 Log = Callable[[str], None]
 
@@ -432,6 +433,7 @@ def run_cells(
 ) -> list[str]:
     """Schedule cells with work left as Tune trials; returns names of failed cells."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     spec = prep.spec
     cells = prep.cells if cells is None else cells
@@ -461,7 +463,7 @@ def run_cells(
             name=f"{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(spec.output / "ray_results"),
             failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
-            callbacks=[progress],
+            callbacks=[progress, JsonLoggerCallback()],
             verbose=0,
         ),
     )

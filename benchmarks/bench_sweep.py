@@ -7,8 +7,10 @@ Reads ``runs.jsonl`` (written by the sweep: each Tune stage's wall time, slots a
 trial's scheduling-to-finish wall time) and the trial folders (train and evaluation seconds
 measured inside the trial). Prints, per stage:
   efficiency = sum(trial compute) / (stage wall time x concurrent slots)
-  per-trial overhead = trial wall time - trial compute (worker start, imports, cache load,
-  Tune bookkeeping), median over trials and over trials after the first.
+  idle slot-seconds per trial = (wall x slots - compute) / trials: everything that is not
+  trial compute (worker start and imports, Tune scheduling, slots idle at the end)
+  in-trial overhead = Tune's trial wall time - trial compute (cache load, model set-up,
+  reporting), median over trials and over trials after the first
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ def main() -> None:
     runs = [json.loads(line) for line in (output / "runs.jsonl").read_text().splitlines() if line]
     print(f"command: uv run python benchmarks/bench_sweep.py {output}\n")
     print(
-        "| stage | trials | slots | wall s | compute s | efficiency | overhead s/trial (median) | after the first |"
+        "| stage | trials | slots | wall s | compute s | efficiency | idle slot-s per trial "
+        "| in-trial overhead s (median) | after the first |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---" * 9 + "|")
     for run in runs:
         trials = run["trials"]
         if not trials:
@@ -47,8 +50,9 @@ def main() -> None:
         later = overhead[1:] or overhead
         print(
             f"| {run['stage']} | {len(trials)} | {run['slots']:g} | {run['wall_seconds']:.0f} | "
-            f"{total:.0f} | {efficiency:.2f} | {statistics.median(overhead):.1f} | "
-            f"{statistics.median(later):.1f} |"
+            f"{total:.0f} | {efficiency:.2f} | "
+            f"{(run['wall_seconds'] * run['slots'] - total) / len(trials):.1f} | "
+            f"{statistics.median(overhead):.1f} | {statistics.median(later):.1f} |"
         )
 
 

@@ -40,6 +40,8 @@ class SplitData:
     labels: np.ndarray
     sex: np.ndarray
     age: np.ndarray
+    # per-image patient ids: used only inside a trial (patient-level privacy), never stored
+    patient: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -170,6 +172,7 @@ def load_split(path: str | Path, split: str) -> SplitData:
         labels=rows.loc[keep, list(LABELS)].to_numpy(dtype=np.float32),
         sex=rows.loc[keep, "sex"].to_numpy(dtype=object),
         age=rows.loc[keep, "age"].to_numpy(dtype=np.float64),
+        patient=rows.loc[keep, "patient_id"].to_numpy(dtype=object),
     )
 
 

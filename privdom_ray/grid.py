@@ -26,7 +26,8 @@ from privdom_ray.imaging import GEOMETRIES, Preprocessing
 from privdom_ray.models import MODELS
 
 ACCOUNTANTS = ("prv", "rdp")
-CONTROLS = ("clip_only",)  # extra trials per (source, seed); see TrialSpec.variant
+CONTROLS = ("clip_only",)
+PRIVACY_UNITS = ("image", "patient")  # extra trials per (source, seed); see TrialSpec.variant
 DEFAULT_DELTA = 1e-5
 
 
@@ -64,6 +65,9 @@ class TrainingConfig:
     # how per-sample gradients are clipped: "auto" (the fastest mode verified for the model,
     # see dpstep.py), "bk", or an Opacus grad_sample_mode (hooks, functorch, ew, ghost)
     grad_sample_mode: str = "auto"
+    # the unit the guarantee protects: "image", or "patient" (Poisson sampling over patients,
+    # all images of a sampled patient together, clipping per patient)
+    privacy_unit: str = "image"
     # where training starts: "scratch", "pretrain" (the grid's pretraining stage), or the path
     # of a state_dict file. Keys hash the resolved identity (TrialSpec.init), not this text.
     init: str = "scratch"
@@ -179,10 +183,13 @@ class TrialSpec:
         d["training"].pop("init")  # the user's text (a path may move); ``init`` is what counts
         if self.init == "scratch":
             d.pop("init")
+        if d["training"]["privacy_unit"] == "image":
+            d["training"].pop("privacy_unit")  # keys of image-level trials predate the option
         if not self.is_private:
             d["training"].pop("accountant")
             if not self.clips:
                 d["training"].pop("max_grad_norm")
+                d["training"].pop("privacy_unit", None)
                 d["training"].pop("grad_sample_mode")
         return d
 
@@ -598,6 +605,15 @@ def _check_training(c: _Collector, t: TrainingConfig) -> None:
 
     if t.grad_sample_mode not in ("auto", *DP_MODES):
         c.add("training.grad_sample_mode", t.grad_sample_mode, f"one of {['auto', *DP_MODES]}")
+    if t.privacy_unit not in PRIVACY_UNITS:
+        c.add("training.privacy_unit", t.privacy_unit, f"one of {list(PRIVACY_UNITS)}")
+    elif t.privacy_unit == "patient" and t.grad_sample_mode in ("bk", "ghost"):
+        c.add(
+            "training.grad_sample_mode",
+            t.grad_sample_mode,
+            "hooks, functorch, ew or auto with privacy_unit: patient (per-patient clipping "
+            "sums per-image gradients, which bk and ghost never materialise)",
+        )
 
 
 # ---------------------------------------------------------------------------------- planning

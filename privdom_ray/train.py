@@ -8,6 +8,7 @@ becomes a Tune report, a log line, or nothing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -75,6 +77,79 @@ def predict(
         x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))
         out.append(torch.sigmoid(model(_as_input(x, dev))).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _sample_rate(loader: DataLoader) -> float:
+    """Poisson rate of a DP loader: Opacus's DPDataLoader, or our patient loader (same sampler)."""
+    return float(getattr(loader, "sample_rate", None) or loader.batch_sampler.sample_rate)
+
+
+def _patient_loader(
+    train: SplitData, logical_batch: int, generator: torch.Generator
+) -> tuple[DataLoader, list[np.ndarray]]:
+    """Poisson sampling over patients (Opacus's UniformWithReplacementSampler, the sampler of its
+    DPDataLoader): each step includes each patient independently with q = 1/ceil(P/B), and all
+    of a sampled patient's images. Yields tensors of patient indices; returns the image rows of
+    each patient too."""
+    if train.patient is None:
+        raise ValueError("privacy_unit: patient needs patient ids in the training split")
+    _, inverse = np.unique(train.patient.astype(str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse)
+    rows = np.split(order, np.cumsum(counts)[:-1])
+    n_patients = len(rows)
+    rate = 1.0 / math.ceil(n_patients / logical_batch)
+    sampler = UniformWithReplacementSampler(
+        num_samples=n_patients, sample_rate=rate, generator=generator
+    )
+    loader = DataLoader(
+        range(n_patients),
+        batch_sampler=sampler,
+        collate_fn=lambda idx: torch.as_tensor(idx, dtype=torch.long),
+    )
+    return loader, rows
+
+
+def _patient_epoch(model, optimizer, criterion, loader, patient_rows, train, inputs, physical, dev):
+    """One epoch of patient-level DP-SGD: per-image per-sample gradients are summed per patient
+    before Opacus clips them, so each clipped row is one patient. A logical batch is processed in
+    chunks of whole patients (at most ``physical`` images unless one patient has more), with
+    Opacus's skip-step accumulation as in BatchMemoryManager; noise is added once per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    for patients in loader:
+        chunks: list[list[np.ndarray]] = []
+        for pid in patients.tolist():
+            rows = patient_rows[pid]
+            if not chunks or sum(map(len, chunks[-1])) + len(rows) > physical:
+                chunks.append([])
+            chunks[-1].append(rows)
+        if not chunks:  # an empty Poisson batch still takes a (noise-only) step
+            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+            optimizer.step()
+            continue
+        for i, chunk in enumerate(chunks):
+            optimizer.zero_grad(set_to_none=True)  # keeps the summed clipped grads of skipped steps
+            idx = np.concatenate(chunk)
+            group = torch.as_tensor(
+                np.repeat(np.arange(len(chunk)), [len(r) for r in chunk]), device=dev
+            )
+            x = torch.from_numpy(np.ascontiguousarray(train.images[idx]))
+            y = torch.from_numpy(np.ascontiguousarray(train.labels[idx], dtype=np.float32)).to(dev)
+            loss = criterion(model(inputs(x)), y)
+            loss.backward()
+            for p in params:
+                gs = torch.cat(p.grad_sample) if isinstance(p.grad_sample, list) else p.grad_sample
+                per_patient = torch.zeros(
+                    (len(chunk), *gs.shape[1:]), dtype=gs.dtype, device=gs.device
+                )
+                p.grad_sample = per_patient.index_add_(0, group, gs)
+            optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
+            optimizer.step()
+            losses.append(loss.item())
+    return losses
 
 
 def auto_physical_batch(spec: TrialSpec, device: str, budget_mb: int) -> int:
@@ -182,19 +257,26 @@ def run_trial(
         torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32)),
     )
     loader = DataLoader(dataset, batch_size=cfg.logical_batch, shuffle=True, generator=generator)
+    by_patient = spec.clips and cfg.privacy_unit == "patient"
+    patient_rows: list[np.ndarray] = []
+    if by_patient:
+        loader, patient_rows = _patient_loader(train, cfg.logical_batch, generator)
 
     engine: PrivacyEngine | None = None
     if spec.clips:
         engine = PrivacyEngine(accountant=cfg.accountant)
         mode = cfg.grad_sample_mode
+        if mode == "auto":
+            mode = dpstep.fastest_correct_mode(spec.model, opacus_only=by_patient)
         common = dict(
-            mode=dpstep.fastest_correct_mode(spec.model) if mode == "auto" else mode,
+            mode=mode,
             module=model,
             optimizer=optimizer,
             data_loader=loader,
             criterion=dpstep.MaskedBCELoss(weight),
             max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=True,
+            # per patient, the loader already Poisson-samples patients with Opacus's sampler
+            poisson_sampling=not by_patient,
             noise_generator=noise_generator,
         )
         if state is None and not spec.is_private:  # clip-only control: sigma = 0
@@ -213,10 +295,10 @@ def run_trial(
             model, optimizer, criterion, loader = dpstep.privatize(
                 engine, **common, noise_multiplier=state["noise_multiplier"]
             )
-            if not math.isclose(loader.sample_rate, state["sample_rate"], rel_tol=1e-12):
+            if not math.isclose(_sample_rate(loader), state["sample_rate"], rel_tol=1e-12):
                 raise ValueError(
                     f"sample rate changed since the checkpoint ({state['sample_rate']} -> "
-                    f"{loader.sample_rate}); the training data differs, refusing to resume"
+                    f"{_sample_rate(loader)}); the training data differs, refusing to resume"
                 )
             engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
 
@@ -237,7 +319,12 @@ def run_trial(
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         losses: list[float] = []
-        if engine is not None:
+        if by_patient:
+            losses = _patient_epoch(
+                model, optimizer, criterion, loader, patient_rows, train, inputs, physical, dev
+            )
+            steps = sum(n for _, _, n in engine.accountant.history)
+        elif engine is not None:
             with BatchMemoryManager(
                 data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer
             ) as batches:
@@ -280,7 +367,7 @@ def run_trial(
                     "model": _unwrap(model).state_dict(),
                     "optimizer": getattr(optimizer, "original_optimizer", optimizer).state_dict(),
                     "noise_multiplier": float(optimizer.noise_multiplier) if engine else 0.0,
-                    "sample_rate": float(loader.sample_rate) if engine else 0.0,
+                    "sample_rate": _sample_rate(loader) if engine else 0.0,
                     "accountant_history": [
                         (float(sigma), float(q), int(n))
                         for sigma, q, n in engine.accountant.history
@@ -305,20 +392,22 @@ def run_trial(
     final.load_state_dict(best_state)
     if engine is not None and not spec.is_private:
         ledger = Ledger.clip_only(
-            steps=steps, sample_rate=float(loader.sample_rate), max_grad_norm=cfg.max_grad_norm
+            steps=steps, sample_rate=_sample_rate(loader), max_grad_norm=cfg.max_grad_norm
         )
     elif engine is not None:
         ledger = make_ledger(
             epsilon_target=spec.epsilon,
             delta=spec.delta,
             noise_multiplier=float(optimizer.noise_multiplier),
-            sample_rate=float(loader.sample_rate),
+            sample_rate=_sample_rate(loader),
             steps=steps,
             max_grad_norm=cfg.max_grad_norm,
             accountant=cfg.accountant,
         )
     else:
         ledger = Ledger.non_private(steps=steps, sample_rate=cfg.logical_batch / max(len(train), 1))
+    if by_patient:
+        ledger = dataclasses.replace(ledger, privacy_unit="patient")
     return TrainResult(
         state_dict={k: v.detach().cpu() for k, v in best_state.items()},
         ledger=ledger,

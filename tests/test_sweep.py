@@ -223,3 +223,22 @@ def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
         ledger_path.write_text(original)
     assert bad.returncode == 1
     assert "below the recomputed" in bad.stdout and "1 problem(s)" in bad.stdout
+
+
+def test_patient_level_privacy_end_to_end(tmp_path):
+    grid = {
+        **GRID,
+        "domains": GRID["domains"][:1],
+        "epsilons": [2],
+        "controls": [],
+        "training": {**GRID["training"], "privacy_unit": "patient"},
+    }
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    launch("--grid", "grid.yaml", cwd=tmp_path)
+    df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
+    assert set(df["privacy_unit"]) == {"patient"} and (df["epsilon_spent"] <= 2 + 1e-6).all()
+    n_patients = pd.read_parquet(next((tmp_path / "out" / "cache").glob("a-*")) / "rows.parquet")
+    n_train_patients = n_patients[(n_patients["split"] == "train") & n_patients["ok"]][
+        "patient_id"
+    ].nunique()
+    assert df["sample_rate"].iloc[0] == pytest.approx(1 / math.ceil(n_train_patients / 32))

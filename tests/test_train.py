@@ -178,3 +178,93 @@ def test_auto_physical_batch_changes_memory_use_not_privacy():
     b = run_trial(auto, train, val, memory_budget_mb=512)
     for field in ("noise_multiplier", "sample_rate", "steps", "epsilon_spent"):
         assert getattr(a.ledger, field) == getattr(b.ledger, field), field
+
+
+def patient_split(n_patients: int, per_patient: int, size: int, seed: int) -> SplitData:
+    base = toy_split(n_patients * per_patient, size, seed)
+    patient = np.repeat([f"p{i}" for i in range(n_patients)], per_patient).astype(object)
+    return SplitData(base.images, base.labels, base.sex, base.age, patient)
+
+
+def test_patient_level_step_clips_each_patients_summed_gradient():
+    import copy
+
+    from opacus import PrivacyEngine
+
+    from privdom_ray import dpstep
+    from privdom_ray.train import _as_input, _patient_epoch, _patient_loader
+
+    torch.manual_seed(0)
+    train = patient_split(4, 3, 8, 0)
+    weight = pos_weight(train.labels)
+    model = build_model("resnet9")
+    reference_model = copy.deepcopy(model)
+    clip = 0.05  # small enough that every patient's gradient is clipped
+    loader, rows = _patient_loader(
+        train, logical_batch=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert loader.batch_sampler.sample_rate == 1.0  # every patient in the one step: deterministic
+    dp_model, optimizer, criterion, loader = dpstep.privatize(
+        PrivacyEngine(accountant="rdp"),
+        mode="hooks",
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=loader,
+        criterion=dpstep.MaskedBCELoss(weight),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        poisson_sampling=False,
+    )
+    before = {k: v.clone() for k, v in reference_model.state_dict().items()}
+    _patient_epoch(
+        dp_model,
+        optimizer,
+        criterion,
+        loader,
+        rows,
+        train,
+        lambda x: _as_input(x, torch.device("cpu")),
+        2,
+        torch.device("cpu"),
+    )
+
+    # reference: per patient, the gradient of the sum of its images' losses, clipped to C
+    params = dict(reference_model.named_parameters())
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    for r in rows:
+        reference_model.zero_grad()
+        x = _as_input(torch.from_numpy(train.images[r]), torch.device("cpu"))
+        y = torch.from_numpy(train.labels[r])
+        (masked_bce(reference_model(x), y, weight) * len(r)).backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params.values()))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        assert factor < 1.0
+        for k, p in params.items():
+            total[k] += factor * p.grad
+    for k in params:
+        expected = before[k] - total[k] / 4  # lr 1, divided by the expected number of patients
+        torch.testing.assert_close(model.state_dict()[k], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_patient_level_trial_accounts_per_patient():
+    from privdom_ray.privacy import epsilon_from_ledger
+
+    train, val = patient_split(30, 3, 16, 0), toy_split(32, 16, 1)
+    patient_spec = TrialSpec(
+        **{
+            **spec(2.0, epochs=2).__dict__,
+            "training": TrainingConfig(
+                epochs=2, logical_batch=8, physical_batch=8, privacy_unit="patient"
+            ),
+        }
+    ).with_key()
+    result = run_trial(patient_spec, train, val)
+    ledger = result.ledger
+    assert ledger.privacy_unit == "patient" and ledger.poisson_sampling
+    assert ledger.sample_rate == pytest.approx(1 / math.ceil(30 / 8))  # over patients, not images
+    assert ledger.steps == 2 * math.ceil(30 / 8)
+    assert 0 < ledger.epsilon_spent <= 2.0 + 1e-6
+    recomputed, _ = epsilon_from_ledger(
+        ledger.accountant, ledger.noise_multiplier, ledger.sample_rate, ledger.steps, ledger.delta
+    )
+    assert recomputed == pytest.approx(ledger.epsilon_spent, rel=1e-6)

@@ -284,20 +284,6 @@ def _with_macro(point: np.ndarray, boot: np.ndarray) -> _Aucs:
     return _Aucs(np.append(point, p_macro), np.column_stack([boot, b_macro]))
 
 
-def _bootstrap_p(deltas: np.ndarray) -> float | None:
-    """Two-sided bootstrap p, the rule of ``metrics.paired_auc_difference``.
-
-    min(1, 2 * min(#d<=0 + 1, #d>=0 + 1) / (B + 1)) over non-NaN resamples; identical
-    models give exactly 1. (metrics keeps its copy private; tests pin the two together.)
-    """
-    d = deltas[~np.isnan(deltas)]
-    if d.size == 0:
-        return None
-    le = (int((d <= 0).sum()) + 1) / (d.size + 1)
-    ge = (int((d >= 0).sum()) + 1) / (d.size + 1)
-    return float(min(1.0, 2.0 * min(le, ge)))
-
-
 def _opt(x: float | None) -> float | None:
     if x is None:
         return None
@@ -313,7 +299,7 @@ def _summary(point: float, boot: np.ndarray, ci: float, *, p: bool) -> tuple:
     lo, hi = metrics.percentile_ci(boot, ci) if boot.size else (None, None)
     if not p:
         return v, lo, hi
-    return v, lo, hi, _bootstrap_p(boot) if boot.size else None
+    return v, lo, hi, metrics.bootstrap_p_value(boot) if boot.size else None
 
 
 # ------------------------------------------------------------------------------ compute

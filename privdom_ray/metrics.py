@@ -614,7 +614,7 @@ class PairedResult:
         return dataclasses.asdict(self)
 
 
-def _bootstrap_p(deltas: np.ndarray) -> float | None:
+def bootstrap_p_value(deltas: np.ndarray) -> float | None:
     """Two-sided bootstrap p: min(1, 2 * min((#d<=0 + 1), (#d>=0 + 1)) / (B + 1)).
 
     NaN resamples are dropped first. The +1 keeps p > 0 with finitely many resamples;
@@ -662,7 +662,7 @@ def paired_auc_difference(
     def result(label: str, delta: float, d_boot: np.ndarray, nn: int, npos: int) -> PairedResult:
         dv = _opt(delta)
         lo, hi = percentile_ci(d_boot, ci) if dv is not None else (None, None)
-        p = _bootstrap_p(d_boot) if dv is not None else None
+        p = bootstrap_p_value(d_boot) if dv is not None else None
         return PairedResult(label, dv, lo, hi, p, int(nn), int(npos))
 
     out = [

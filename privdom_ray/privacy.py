@@ -45,6 +45,16 @@ class Ledger:
     @classmethod
     def clip_only(cls, steps: int, sample_rate: float, max_grad_norm: float) -> Ledger:
         """The clip-only control: clipped, Poisson-sampled steps with no noise (epsilon = inf)."""
+        return cls._without_noise(steps, sample_rate, max_grad_norm, poisson_sampling=True)
+
+    @classmethod
+    def non_private(cls, steps: int, sample_rate: float) -> Ledger:
+        return cls._without_noise(steps, sample_rate, math.inf, poisson_sampling=False)
+
+    @classmethod
+    def _without_noise(
+        cls, steps: int, sample_rate: float, max_grad_norm: float, *, poisson_sampling: bool
+    ) -> Ledger:
         return cls(
             epsilon_target=math.inf,
             epsilon_spent=math.inf,
@@ -56,23 +66,7 @@ class Ledger:
             max_grad_norm=max_grad_norm,
             accountant="none",
             accountant_requested="none",
-            poisson_sampling=True,
-        )
-
-    @classmethod
-    def non_private(cls, steps: int, sample_rate: float) -> Ledger:
-        return cls(
-            epsilon_target=math.inf,
-            epsilon_spent=math.inf,
-            epsilon_rdp=math.inf,
-            delta=0.0,
-            noise_multiplier=0.0,
-            sample_rate=sample_rate,
-            steps=steps,
-            max_grad_norm=math.inf,
-            accountant="none",
-            accountant_requested="none",
-            poisson_sampling=False,
+            poisson_sampling=poisson_sampling,
         )
 
 

@@ -155,6 +155,22 @@ def prepare(
         log(f"[cache] {d.name}: {entry.n_images} images decoded, {entry.n_skipped} skipped ({how})")
     trials = grid.plan(spec, fps, n_train, init_file_hash=inputs.init_file_hash)
     targets = tuple(TargetRef(t, fps[t], str(caches[t].path)) for t in spec.targets)
+
+    def cell(t: TrialSpec, source: cache.CacheEntry, targets: tuple, init: str) -> Cell:
+        return Cell(
+            spec=t,
+            output=str(spec.output),
+            source_cache=str(source.path),
+            targets=targets,
+            evaluation=spec.evaluation,
+            threads=max(1, int(spec.resources.cpu)),
+            device="cuda" if spec.resources.gpu > 0 else "cpu",
+            checkpoint_every=spec.ray.checkpoint_every,
+            run_id=run_id,
+            init_path=init,
+            memory_budget_mb=spec.resources.memory_budget_mb,
+        )
+
     cells = []
     init_path = ""
     if pre is not None and spec.training.init == "pretrain":
@@ -163,22 +179,9 @@ def prepare(
         init_path = str(spec.init_path)
     for t in trials:
         tdir = results.trial_dir(spec.output, t.key)
-        if t.variant == "pretrain":
+        if t.variant == "pretrain":  # its own cache (preprocessing), no targets, no init
             if not results.is_trained(tdir):
-                cells.append(
-                    Cell(
-                        spec=t,
-                        output=str(spec.output),
-                        source_cache=str(caches[t.name].path),
-                        targets=(),
-                        evaluation=spec.evaluation,
-                        threads=max(1, int(spec.resources.cpu)),
-                        device="cuda" if spec.resources.gpu > 0 else "cpu",
-                        checkpoint_every=spec.ray.checkpoint_every,
-                        run_id=run_id,
-                        memory_budget_mb=spec.resources.memory_budget_mb,
-                    )
-                )
+                cells.append(cell(t, caches[t.name], targets=(), init=""))
             continue
         missing = tuple(
             ref
@@ -192,21 +195,7 @@ def prepare(
                 f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)"
             )
             continue
-        cells.append(
-            Cell(
-                spec=t,
-                output=str(spec.output),
-                source_cache=str(caches[t.source].path),
-                targets=missing,
-                evaluation=spec.evaluation,
-                threads=max(1, int(spec.resources.cpu)),
-                device="cuda" if spec.resources.gpu > 0 else "cpu",
-                checkpoint_every=spec.ray.checkpoint_every,
-                run_id=run_id,
-                memory_budget_mb=spec.resources.memory_budget_mb,
-                init_path=init_path if t.init != "scratch" else "",
-            )
-        )
+        cells.append(cell(t, caches[t.source], missing, init_path if t.init != "scratch" else ""))
     results.write_json(
         spec.output / "plan.json",
         {

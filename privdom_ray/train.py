@@ -256,7 +256,13 @@ def run_trial(
         torch.from_numpy(np.ascontiguousarray(train.images)),
         torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32)),
     )
-    loader = DataLoader(dataset, batch_size=cfg.logical_batch, shuffle=True, generator=generator)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.logical_batch,
+        shuffle=True,
+        generator=generator,
+        pin_memory=dev.type == "cuda",  # page-locked batches: asynchronous host-to-GPU copies
+    )
     by_patient = spec.clips and cfg.privacy_unit == "patient"
     patient_rows: list[np.ndarray] = []
     if by_patient:

@@ -291,7 +291,7 @@ def check_resources(spec: SweepSpec) -> None:
         )
 
 
-def _trainable(config: dict[str, Any]) -> None:
+def privdom_trial(config: dict[str, Any]) -> None:
     """The Tune function trainable: one cell, with epoch progress reported to Tune."""
     import ray
     from ray import tune
@@ -434,7 +434,7 @@ def run_cells(
         return []
     log(f"[sweep] running {len(cells)} {stage}")
     trainable = tune.with_resources(
-        _trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+        privdom_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     )
     names = {c.spec.key: c.spec.name for c in cells}
     progress = _progress_callback(names, log)

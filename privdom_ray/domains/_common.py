@@ -296,6 +296,16 @@ UNCERTAIN_POLICIES = ("zeros", "ones", "mask")
 BLANK_POLICIES = ("zeros", "mask")
 
 
+#: Our labels -> the CheXpert labeler's columns (CheXpert and MIMIC-CXR-JPG share them).
+CHEXPERT_LABEL_COLUMNS = {
+    "cardiomegaly": "Cardiomegaly",
+    "pleural_effusion": "Pleural Effusion",
+    "pneumonia": "Pneumonia",
+    "atelectasis": "Atelectasis",
+    "healthy": "No Finding",
+}
+
+
 def chexpert_labels(
     frame: pd.DataFrame,
     columns: dict[str, str],

@@ -24,6 +24,7 @@ import pandas as pd
 from privdom_ray.domains import register
 from privdom_ray.domains._common import (
     BLANK_POLICIES,
+    CHEXPERT_LABEL_COLUMNS,
     UNCERTAIN_POLICIES,
     carve_validation,
     check_bool,
@@ -41,13 +42,7 @@ from privdom_ray.domains._common import (
 )
 from privdom_ray.manifest import ManifestError
 
-LABEL_COLUMNS = {
-    "cardiomegaly": "Cardiomegaly",
-    "pleural_effusion": "Pleural Effusion",
-    "pneumonia": "Pneumonia",
-    "atelectasis": "Atelectasis",
-    "healthy": "No Finding",
-}
+LABEL_COLUMNS = CHEXPERT_LABEL_COLUMNS
 VIEWS = ("PA", "AP", "LL", "RL", "LATERAL")  # AP/PA column for frontals; LATERAL for laterals
 SPLITS = ("hash", "official")
 SUBDIRS = ("", "CheXpert-v1.0-small", "CheXpert-v1.0")

@@ -21,6 +21,7 @@ import pandas as pd
 from privdom_ray.domains import register
 from privdom_ray.domains._common import (
     BLANK_POLICIES,
+    CHEXPERT_LABEL_COLUMNS,
     UNCERTAIN_POLICIES,
     check_bool,
     check_choice,
@@ -38,13 +39,7 @@ from privdom_ray.domains._common import (
 )
 from privdom_ray.manifest import ManifestError
 
-LABEL_COLUMNS = {
-    "cardiomegaly": "Cardiomegaly",
-    "pleural_effusion": "Pleural Effusion",
-    "pneumonia": "Pneumonia",
-    "atelectasis": "Atelectasis",
-    "healthy": "No Finding",
-}
+LABEL_COLUMNS = CHEXPERT_LABEL_COLUMNS  # MIMIC-CXR uses CheXpert's labeler columns
 LABELERS = ("chexpert", "negbio")
 SPLITS = ("official", "hash")
 AGES = ("study", "anchor")

@@ -137,12 +137,8 @@ def _two_u(pos: np.ndarray, neg_sorted: np.ndarray) -> int:
     return int(left.sum(dtype=np.int64) + right.sum(dtype=np.int64))
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC of 1-D scores vs 0/1/NaN labels (Mann-Whitney with mid-ranks for ties).
-
-    Rank based, so logits and probabilities give the same value; equals
-    ``sklearn.metrics.roc_auc_score`` on the known labels. NaN when a class is missing.
-    """
+def _known_1d(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1-D scores and labels restricted to images whose label is known (checked)."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = _check_labels(labels).ravel()
     if s.shape != y.shape:
@@ -151,6 +147,16 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     s, y = s[known], y[known]
     if np.isnan(s).any():
         raise ValueError("scores must not be NaN where the label is known")
+    return s, y
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of 1-D scores vs 0/1/NaN labels (Mann-Whitney with mid-ranks for ties).
+
+    Rank based, so logits and probabilities give the same value; equals
+    ``sklearn.metrics.roc_auc_score`` on the known labels. NaN when a class is missing.
+    """
+    s, y = _known_1d(scores, labels)
     pos = s[y == 1.0]
     neg = np.sort(s[y == 0.0])
     n_pos, n_neg = pos.size, neg.size
@@ -300,14 +306,7 @@ def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     (default ``drop_intermediate=True``), including its leading ``inf`` threshold, which
     wins when no cut beats chance (J <= 0). NaN when a class is missing.
     """
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = _check_labels(labels).ravel()
-    if s.shape != y.shape:
-        raise ValueError(f"scores {s.shape} and labels {y.shape} differ in shape")
-    known = ~np.isnan(y)
-    s, y = s[known], y[known]
-    if np.isnan(s).any():
-        raise ValueError("scores must not be NaN where the label is known")
+    s, y = _known_1d(scores, labels)
     n_pos = int((y == 1.0).sum())
     if n_pos == 0 or n_pos == y.size:
         return math.nan

@@ -112,6 +112,45 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class FederationConfig:
+    """A federated source as written in the grid: sites train together with FedAvg."""
+
+    name: str
+    sites: tuple[str, ...]
+    weights: tuple[float, ...] | None = None  # aligned with sites; None = by training-set size
+    rounds: int = 5
+    local_epochs: int = 1
+    parallel_sites: int = 0  # sites training at once (resources only); 0 = all, capped by cluster
+
+
+@dataclass(frozen=True)
+class Site:
+    """One member of a federated trial, resolved: its data, aggregation weight and delta."""
+
+    name: str
+    data_fingerprint: str
+    weight: float  # un-normalised FedAvg weight (default: the site's training-set size)
+    delta: float  # the site's own delta (0 for non-private trials)
+
+
+@dataclass(frozen=True)
+class Federation:
+    """What makes a trial federated; part of the trial key (parallelism is not)."""
+
+    sites: tuple[Site, ...]
+    rounds: int
+    local_epochs: int
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Federation:
+        return cls(
+            sites=tuple(Site(**s) for s in d["sites"]),
+            rounds=int(d["rounds"]),
+            local_epochs=int(d["local_epochs"]),
+        )
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     name: str
     grid_path: Path
@@ -128,6 +167,7 @@ class SweepSpec:
     model: str
     training: TrainingConfig
     pretrain: PretrainConfig | None
+    federations: tuple[FederationConfig, ...]
     init_path: Path | None  # training.init resolved to a weights file, when it names one
     preprocessing: Preprocessing
     resources: Resources
@@ -136,6 +176,12 @@ class SweepSpec:
 
     def domain(self, name: str) -> DomainSpec:
         return next(d for d in self.domains if d.name == name)
+
+    @property
+    def trained_domains(self) -> tuple[str, ...]:
+        """Domains whose training split some trial uses: sources and federation sites."""
+        fed = [s for f in self.federations for s in f.sites]
+        return tuple(dict.fromkeys([*self.sources, *fed]))
 
 
 @dataclass(frozen=True)
@@ -155,6 +201,9 @@ class TrialSpec:
     variant: str = "standard"
     # resolved initialisation: "scratch", "pretrain:<trial key>" or "file:<sha256 prefix>"
     init: str = "scratch"
+    # set for a federated trial: ``source`` is then the federation's name, ``delta`` the
+    # largest site delta and ``training.epochs`` = rounds x local epochs
+    federation: Federation | None = None
     key: str = field(default="", compare=False)
 
     @property
@@ -183,6 +232,8 @@ class TrialSpec:
         d["training"].pop("init")  # the user's text (a path may move); ``init`` is what counts
         if self.init == "scratch":
             d.pop("init")
+        if self.federation is None:
+            d.pop("federation")  # keys of single-site trials predate federations
         if d["training"]["privacy_unit"] == "image":
             d["training"].pop("privacy_unit")  # keys of image-level trials predate the option
         if not self.is_private:
@@ -214,6 +265,7 @@ class TrialSpec:
             preprocessing=Preprocessing(**d["preprocessing"]),
             variant=d.get("variant", "standard"),
             init=d.get("init", "scratch"),
+            federation=Federation.from_json(d["federation"]) if d.get("federation") else None,
             key=d.get("key", ""),
         )
 
@@ -251,6 +303,7 @@ TOP_KEYS = {
     "model": f"one of {sorted(MODELS)}",
     "training": "training hyper-parameters",
     "pretrain": "non-private pretraining on a public domain (domain, epochs, lr, ...)",
+    "federations": "federated sources: list of {name, sites, weights, rounds, local_epochs}",
     "preprocessing": "image preprocessing",
     "resources": "per-trial cpu/gpu",
     "evaluation": "bootstrap and subgroup settings",
@@ -379,6 +432,8 @@ def parse_grid(
     sources = _parse_names(c, raw, "sources", private)
     targets = _parse_names(c, raw, "targets", private if "targets" not in raw else names)
 
+    federations = _parse_federations(c, raw.get("federations"), private, names)
+
     epsilons: list[float] = []
     eps_raw = raw.get("epsilons", [math.inf])
     if not isinstance(eps_raw, list) or not eps_raw:
@@ -426,6 +481,13 @@ def parse_grid(
         raw = {**raw, "training": {**raw["training"], "physical_batch": 0}}
     training = c.section(raw, "training", TrainingConfig)
     _check_training(c, training)
+    if federations and training.privacy_unit == "patient":
+        c.add(
+            "training.privacy_unit",
+            "patient",
+            "'image' when the grid has federations (federated training protects images; "
+            "patient-level federated DP is not implemented)",
+        )
     init_path = None
     if training.init == "pretrain" and pretrain is None:
         c.add("training.init", "pretrain", "a 'pretrain' section when init is 'pretrain'")
@@ -487,6 +549,7 @@ def parse_grid(
         model=model,
         training=training,
         pretrain=pretrain,
+        federations=tuple(federations),
         init_path=init_path,
         preprocessing=prep,
         resources=resources,
@@ -568,6 +631,73 @@ def _parse_domains(c: _Collector, raw: Any, base: Path) -> list[DomainSpec]:
     return out
 
 
+FEDERATION_KEYS = ("name", "sites", "weights", "rounds", "local_epochs", "parallel_sites")
+
+
+def _parse_federations(
+    c: _Collector, raw: Any, private: list[str], names: list[str]
+) -> list[FederationConfig]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        c.add("federations", raw, "a list of {name, sites, weights, rounds, local_epochs}")
+        return []
+    out: list[FederationConfig] = []
+    for i, f in enumerate(raw):
+        key = f"federations[{i}]"
+        if not isinstance(f, Mapping):
+            c.add(key, f, "a mapping with name, sites (and optional weights, rounds, ...)")
+            continue
+        for k, v in f.items():
+            if k not in FEDERATION_KEYS:
+                c.add(f"{key}.{k}", v, f"one of {list(FEDERATION_KEYS)} (typo?)")
+        name = f.get("name")
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            c.add(f"{key}.name", name, "a name of letters, digits, '-' and '_'")
+            continue
+        key = f"federations[{name}]"
+        if name in names or name in [o.name for o in out]:
+            c.add(f"{key}.name", name, "a name used by no domain and no other federation")
+            continue
+        sites = f.get("sites")
+        if not isinstance(sites, list) or not sites or len(set(map(str, sites))) != len(sites):
+            c.add(
+                f"{key}.sites", sites, f"a non-empty list of distinct domain names from {private}"
+            )
+            continue
+        unknown = [s for s in sites if s not in private]
+        if unknown:
+            c.add(f"{key}.sites", unknown, f"names of (non-pretraining) domains: {private}")
+            continue
+        weights = None
+        w_raw = f.get("weights")
+        if w_raw is not None:
+            ok = isinstance(w_raw, Mapping) and set(w_raw) == set(sites)
+            try:
+                weights = tuple(float(w_raw[s]) for s in sites) if ok else None
+            except (TypeError, ValueError):
+                weights = None
+            if weights is None or any(not w >= 0 or math.isinf(w) for w in weights):
+                c.add(f"{key}.weights", w_raw, f"a mapping of every site {sites} to a number >= 0")
+                continue
+            if sum(weights) <= 0:
+                c.add(f"{key}.weights", w_raw, "at least one site with a positive weight")
+                continue
+        ints = {}
+        for k, default, least in (
+            ("rounds", 5, 1),
+            ("local_epochs", 1, 1),
+            ("parallel_sites", 0, 0),
+        ):
+            v = f.get(k, default)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                c.add(f"{key}.{k}", v, f"an integer >= {least}")
+                v = default
+            ints[k] = v
+        out.append(FederationConfig(name=name, sites=tuple(sites), weights=weights, **ints))
+    return out
+
+
 def _parse_names(c: _Collector, raw: Mapping, key: str, names: list[str]) -> list[str]:
     value = raw.get(key)
     if value is None or value == "all":
@@ -633,7 +763,7 @@ def check_deltas(spec: SweepSpec, n_train: Mapping[str, int]) -> None:
     if spec.allow_large_delta:
         return
     errors = []
-    for s in spec.sources:
+    for s in spec.trained_domains:
         delta = resolve_delta(spec, s, n_train[s])
         if delta >= 1.0 / n_train[s] and any(math.isfinite(e) for e in spec.epsilons):
             errors.append(
@@ -691,9 +821,45 @@ def plan(
         init = "scratch"
     trials = [
         dataclasses.replace(t, init=init).with_key()
-        for t in _iter_trials(spec, fingerprints, n_train)
+        for t in (
+            *_iter_trials(spec, fingerprints, n_train),
+            *_iter_federated(spec, fingerprints, n_train),
+        )
     ]
     return ([pre] if pre is not None else []) + trials
+
+
+def _iter_federated(
+    spec: SweepSpec, fingerprints: Mapping[str, str], n_train: Mapping[str, int]
+) -> Iterator[TrialSpec]:
+    """One trial per (federation, epsilon, seed); controls are single-site only."""
+    for fed in spec.federations:
+        weights = fed.weights or tuple(float(n_train[s]) for s in fed.sites)
+        for eps in spec.epsilons:
+            private = math.isfinite(eps)
+            sites = tuple(
+                Site(
+                    name=s,
+                    data_fingerprint=fingerprints[s],
+                    weight=w,
+                    delta=resolve_delta(spec, s, n_train[s]) if private else 0.0,
+                )
+                for s, w in zip(fed.sites, weights, strict=True)
+            )
+            for seed in spec.seeds:
+                yield TrialSpec(
+                    source=fed.name,
+                    data_fingerprint=content_key([s.data_fingerprint for s in sites]),
+                    epsilon=eps,
+                    delta=max(s.delta for s in sites),
+                    seed=seed,
+                    model=spec.model,
+                    training=dataclasses.replace(
+                        spec.training, epochs=fed.rounds * fed.local_epochs
+                    ),
+                    preprocessing=spec.preprocessing,
+                    federation=Federation(sites, fed.rounds, fed.local_epochs),
+                ).with_key()
 
 
 def _iter_trials(

@@ -38,6 +38,10 @@ class Ledger:
     # the starting weights: "scratch", "pretrain:<trial key>" (public data, costs no privacy)
     # or "file:<sha256 prefix>" of a user-supplied state_dict
     initialization: str = "scratch"
+    # "trial": one dataset's guarantee; "site": the guarantee of one member (``site``) of a
+    # federation, which holds for that site's data alone (each site is accounted separately)
+    scope: str = "trial"
+    site: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,7 +21,7 @@ from privdom_ray import cache, comparisons, grid, report, results
 from privdom_ray.domains import build_manifest
 from privdom_ray.grid import SweepSpec, TrialSpec
 from privdom_ray.manifest import fingerprint
-from privdom_ray.trial import Cell, TargetRef, run_cell
+from privdom_ray.trial import Cell, TargetRef, TrialTimedOut, record_failure, run_cell
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Under `uv run`, Ray would start every worker through `uv run` again (a re-sync per worker);
@@ -87,7 +87,7 @@ def check_inputs(spec: SweepSpec, log: Log = _log) -> Inputs:
     """
     _check_writable(spec.output)
     manifests, fps = build_manifests(spec, log)
-    n_train = {s: int((manifests[s]["split"] == "train").sum()) for s in spec.sources}
+    n_train = {s: int((manifests[s]["split"] == "train").sum()) for s in spec.trained_domains}
     grid.check_deltas(spec, n_train)
     init_hash = check_weights_file(spec.init_path, spec.model) if spec.init_path else ""
     return Inputs(manifests, fps, n_train, init_hash)
@@ -145,7 +145,7 @@ def prepare(
         caches[pre.name] = entry
         log(f"[cache] {pre.source} (pretraining): {entry.n_images} images decoded")
     for d in spec.domains:
-        if d.name not in spec.sources and d.name not in spec.targets:
+        if d.name not in spec.trained_domains and d.name not in spec.targets:
             continue
         entry = cache.build(
             d.name, manifests[d.name], fps[d.name], spec.preprocessing, spec.cache_dir, log=log
@@ -156,11 +156,23 @@ def prepare(
     trials = grid.plan(spec, fps, n_train, init_file_hash=inputs.init_file_hash)
     targets = tuple(TargetRef(t, fps[t], str(caches[t].path)) for t in spec.targets)
 
-    def cell(t: TrialSpec, source: cache.CacheEntry, targets: tuple, init: str) -> Cell:
+    slots_cap = cluster_slots(spec)
+
+    def cell(t: TrialSpec, source: cache.CacheEntry | None, targets: tuple, init: str) -> Cell:
+        sites: tuple[TargetRef, ...] = ()
+        slots = 1
+        if t.federation is not None:
+            fed = next(f for f in spec.federations if f.name == t.source)
+            sites = tuple(
+                TargetRef(s.name, s.data_fingerprint, str(caches[s.name].path))
+                for s in t.federation.sites
+            )
+            active = sum(1 for s in t.federation.sites if s.weight > 0)
+            slots = max(1, min(fed.parallel_sites or active, active, slots_cap))
         return Cell(
             spec=t,
             output=str(spec.output),
-            source_cache=str(source.path),
+            source_cache=str(source.path) if source is not None else "",
             targets=targets,
             evaluation=spec.evaluation,
             threads=max(1, int(spec.resources.cpu)),
@@ -169,6 +181,10 @@ def prepare(
             run_id=run_id,
             init_path=init,
             memory_budget_mb=spec.resources.memory_budget_mb,
+            cpu=spec.resources.cpu,
+            gpu=spec.resources.gpu,
+            sites=sites,
+            site_slots=slots,
         )
 
     cells = []
@@ -195,7 +211,8 @@ def prepare(
                 f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)"
             )
             continue
-        cells.append(cell(t, caches[t.source], missing, init_path if t.init != "scratch" else ""))
+        source = caches.get(t.source)  # None for a federation: its sites have the data
+        cells.append(cell(t, source, missing, init_path if t.init != "scratch" else ""))
     results.write_json(
         spec.output / "plan.json",
         {
@@ -291,48 +308,196 @@ def check_resources(spec: SweepSpec) -> None:
         )
 
 
+def cluster_slots(spec: SweepSpec) -> int:
+    """How many per-task resource requests (cpu, gpu) the whole cluster holds at once."""
+    import ray
+
+    res = ray.cluster_resources()
+    slots = res.get("CPU", 0) / spec.resources.cpu
+    if spec.resources.gpu > 0:
+        slots = min(slots, res.get("GPU", 0) / spec.resources.gpu)
+    return max(1, int(slots + 1e-9))
+
+
+def trial_resources(config: dict[str, Any]):
+    """What Tune reserves for a trial: an empty head bundle (the trainable only coordinates)
+    and one bundle per task slot; a federation gets one per site training at once."""
+    from ray import tune
+
+    cell = config["cell"]
+    bundle = {"CPU": cell["cpu"], "GPU": cell["gpu"]}
+    return tune.PlacementGroupFactory([{}] + [bundle] * cell.get("site_slots", 1))
+
+
+class RayExecutor:
+    """Runs a trial's work as named Ray tasks in the bundles Tune reserved for it, so the work
+    shows up by name in the Ray dashboard (``site_a_eps1_seed0``, ``fed_eps1_seed0/site_b/round3``)
+    and cannot wait for resources another trial holds. Enforces the trial's time limit."""
+
+    def __init__(self, cell: Cell, timeout_s: float, poll=None) -> None:
+        import ray
+
+        self.cell = cell
+        self.pg = ray.util.get_current_placement_group()
+        self.deadline = time.monotonic() + timeout_s if timeout_s else math.inf
+        self.timeout_s = timeout_s
+        self.poll = poll  # called about once a second while waiting (progress forwarding)
+
+    def map(self, fn: Callable[..., Any], calls) -> list:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        shared: dict[int, Any] = {}  # an argument passed to every call is shipped once
+
+        def arg(value: Any) -> Any:
+            if len(calls) < 2 or not isinstance(value, dict):
+                return value
+            if id(value) not in shared:
+                shared[id(value)] = ray.put(value)
+            return shared[id(value)]
+
+        refs = []
+        slots = self.cell.site_slots
+        for i, (label, kwargs) in enumerate(calls):
+            name = self.cell.spec.name if label == "" else f"{self.cell.spec.name}/{label}"
+            options: dict[str, Any] = dict(
+                name=name, num_cpus=self.cell.cpu, num_gpus=self.cell.gpu, max_retries=0
+            )
+            if self.cell.gpu > 0:
+                options["max_calls"] = 0  # keep the worker (and its CUDA context) for reuse
+            if self.pg is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=i % slots
+                )
+            refs.append(
+                _run_task.options(**options).remote(fn, **{k: arg(v) for k, v in kwargs.items()})
+            )
+        return self._wait(refs)
+
+    def _wait(self, refs: list) -> list:
+        import ray
+
+        pending = list(refs)
+        while pending:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise self._timed_out()
+            _done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
+            if self.poll is not None:
+                self.poll()
+        return ray.get(refs)
+
+    def _timed_out(self) -> TrialTimedOut:
+        cell = self.cell
+        tdir = results.trial_dir(Path(cell.output), cell.spec.key)
+        message = f"{cell.spec.name}: timeout after {self.timeout_s:g}s (ray.trial_timeout_s)"
+        record_failure(tdir, cell.run_id, reason="timeout", error=message)
+        print(f"[trial] {message}; stopping it", flush=True)
+        return TrialTimedOut(message)
+
+
+def _remote_task():
+    import ray
+
+    @ray.remote
+    def run_task(fn: Callable[..., Any], **kwargs: Any) -> Any:
+        _quiet_known_warnings()
+        return fn(**kwargs)
+
+    return run_task
+
+
+_run_task = None  # bound lazily: importing this module must not import Ray
+
+
+def _cell_task(*, config: dict[str, Any]) -> dict[str, Any]:
+    """A single-site cell, run inside its named task (on the trial's reserved resources)."""
+    import ray
+
+    cell = Cell.from_config(config)
+    try:
+        return run_cell(cell, node=ray.get_runtime_context().get_node_id())
+    finally:
+        if cell.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()  # the worker is reused: hand cached GPU memory back
+
+
 def privdom_trial(config: dict[str, Any]) -> None:
-    """The Tune function trainable: one cell, with epoch progress reported to Tune."""
+    """The Tune function trainable: coordinates one cell and reports its progress to Tune.
+
+    The work runs in named Ray tasks inside the trial's reserved bundles (``RayExecutor``): a
+    single-site cell is one task (its epochs are followed through the heartbeat file), a
+    federation's coordinator runs here and sends site updates, validations and evaluations
+    out as tasks.
+    """
     import ray
     from ray import tune
 
+    global _run_task
+    if _run_task is None:
+        _run_task = _remote_task()
     _quiet_known_warnings()
     cell = Cell.from_config(config["cell"])
-    timeout = config.get("timeout_s", 0.0)
-    watchdog = _start_watchdog(cell, timeout) if timeout else None
+    tdir = results.trial_dir(Path(cell.output), cell.spec.key)
+    node = ray.get_runtime_context().get_node_id()
+
+    def report(record: dict[str, Any]) -> None:
+        tune.report({k: _finite(v) for k, v in record.items()})
+
     try:
-        summary = run_cell(
-            cell,
-            report=lambda r: tune.report({k: _finite(v) for k, v in r.items()}),
-            node=ray.get_runtime_context().get_node_id(),
-        )
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()  # the worker process is reused by the next trial
+        if cell.spec.federation is not None:
+            executor = RayExecutor(cell, config.get("timeout_s", 0.0))
+            summary = run_cell(cell, report=report, node=node, executor=executor)
+        else:
+            follow = _HeartbeatFollower(tdir, cell.run_id, report)
+            executor = RayExecutor(cell, config.get("timeout_s", 0.0), poll=follow)
+            (summary,) = executor.map(_cell_task, [("", {"config": config["cell"]})])
+            if summary["trained_now"]:
+                follow.finish()
+    except ray.exceptions.RayTaskError:
+        raise  # the task recorded its own failure (failed.json) before raising
+    except ray.exceptions.RayError as exc:  # e.g. the task's worker died; Tune retries the trial
+        record_failure(tdir, cell.run_id, reason=type(exc).__name__, error=str(exc))
+        raise
     tune.report(
         {"phase": "done", **{k: _finite(v) for k, v in summary.items() if k != "evaluated"}}
     )
 
 
-def _start_watchdog(cell: Cell, timeout_s: float):
-    """End this trial's process after ``timeout_s``: a hung trial (a stuck collective, a dead
-    data mount) cannot be interrupted from Python, so the worker records why and exits; Tune
-    sees the failure, and the retry stops at once because ``failed.json`` names this run."""
-    import threading
+class _HeartbeatFollower:
+    """Forwards the epoch records a cell's task leaves in ``running.json`` to Tune, once each."""
 
-    from privdom_ray.trial import record_failure
+    def __init__(self, tdir: Path, run_id: str, report) -> None:
+        self.path = tdir / "running.json"
+        self.run_id = run_id
+        self.report = report
+        self.epoch = 0
 
-    def fire() -> None:
-        tdir = results.trial_dir(Path(cell.output), cell.spec.key)
-        message = f"{cell.spec.name}: timeout after {timeout_s:g}s (ray.trial_timeout_s)"
-        record_failure(tdir, cell.run_id, reason="timeout", error=message)
-        print(f"[trial] {message}; stopping it", flush=True)
-        os._exit(1)
+    KEEP = ("epoch", "train_loss", "val_macro_auc", "steps", "epsilon", "seconds")
 
-    timer = threading.Timer(timeout_s, fire)
-    timer.daemon = True
-    timer.start()
-    return timer
+    def __call__(self) -> None:
+        try:
+            beat = results.read_json(self.path)
+        except (OSError, ValueError):
+            return  # not written yet, or already removed at the end
+        if beat.get("run_id") == self.run_id and "epoch" in beat:
+            self._forward(beat)
+
+    def finish(self) -> None:
+        """Epochs the polling missed (the last one ends just before the task does)."""
+        history = self.path.with_name("history.json")
+        if history.is_file():
+            for record in results.read_json(history):
+                self._forward(record)
+
+    def _forward(self, record: dict[str, Any]) -> None:
+        if record["epoch"] > self.epoch:
+            self.epoch = record["epoch"]
+            self.report({"phase": "train", **{k: record[k] for k in self.KEEP if k in record}})
 
 
 def _quiet_known_warnings() -> None:
@@ -433,9 +598,7 @@ def run_cells(
     if not cells:
         return []
     log(f"[sweep] running {len(cells)} {stage}")
-    trainable = tune.with_resources(
-        privdom_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    )
+    trainable = tune.with_resources(privdom_trial, trial_resources)
     names = {c.spec.key: c.spec.name for c in cells}
     progress = _progress_callback(names, log)
     t0 = time.perf_counter()

@@ -205,6 +205,162 @@ class CheckpointStore(Protocol):
     def save(self, state: dict[str, Any]) -> None: ...
 
 
+@dataclass
+class Training:
+    """A model, optimizer, loss and loader ready for :func:`train_epoch`.
+
+    Built by :func:`prepare_training`, so single-site trials and federated sites share one
+    training path: Opacus wrapping (Poisson sampling, clipping, noise) when the run clips,
+    augmentation, masked BCE with ``pos_weight`` and physical batches.
+    """
+
+    model: nn.Module  # Opacus's GradSampleModule when ``engine`` is set
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[..., Any]
+    loader: DataLoader
+    engine: PrivacyEngine | None
+    train: SplitData
+    weight: torch.Tensor
+    inputs: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> (augmented) model input
+    physical: int
+    device: torch.device
+    by_patient: bool = False  # patient-level DP: Poisson sampling and clipping per patient
+    patient_rows: list[np.ndarray] = field(default_factory=list)  # image rows of each patient
+
+    def accounted_steps(self) -> int:
+        """Steps the accountant has recorded (DP runs; restored history included)."""
+        assert self.engine is not None
+        return sum(n for _, _, n in self.engine.accountant.history)
+
+
+def prepare_training(
+    spec: TrialSpec,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: SplitData,
+    *,
+    generator: torch.Generator,
+    noise_generator: torch.Generator,
+    device: str,
+    noise: dict[str, Any] | None,
+    memory_budget_mb: int,
+) -> Training:
+    """Wrap ``model`` and ``optimizer`` for training on ``train``.
+
+    ``noise`` is ``None`` for plain (non-clipping) training, otherwise the noise arguments of
+    ``dpstep.privatize``: ``{"noise_multiplier": sigma}``, or ``target_epsilon``,
+    ``target_delta`` and ``epochs`` to calibrate sigma. ``generator`` drives sampling and
+    augmentation, ``noise_generator`` the Gaussian noise.
+    """
+    cfg = spec.training
+    dev = torch.device(device)
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"model {spec.model!r} is not Opacus-compatible: {errors}")
+    weight = pos_weight(train.labels).to(dev)
+    dataset = TensorDataset(
+        torch.from_numpy(np.ascontiguousarray(train.images)),
+        torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32)),
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.logical_batch,
+        shuffle=True,
+        generator=generator,
+        pin_memory=dev.type == "cuda",  # page-locked batches: asynchronous host-to-GPU copies
+    )
+    by_patient = noise is not None and cfg.privacy_unit == "patient"
+    patient_rows: list[np.ndarray] = []
+    if by_patient:
+        loader, patient_rows = _patient_loader(train, cfg.logical_batch, generator)
+
+    engine: PrivacyEngine | None = None
+    criterion: Callable[..., Any] = dpstep.MaskedBCELoss(weight)
+    if noise is not None:
+        engine = PrivacyEngine(accountant=cfg.accountant)
+        mode = cfg.grad_sample_mode
+        if mode == "auto":
+            mode = dpstep.fastest_correct_mode(spec.model, opacus_only=by_patient)
+        model, optimizer, criterion, loader = dpstep.privatize(
+            engine,
+            mode=mode,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=criterion,
+            max_grad_norm=cfg.max_grad_norm,
+            # per patient, the loader already Poisson-samples patients with Opacus's sampler
+            poisson_sampling=not by_patient,
+            noise_generator=noise_generator,
+            **noise,
+        )
+
+    physical = cfg.physical_batch or auto_physical_batch(spec, device, memory_budget_mb)
+
+    def inputs(x: torch.Tensor) -> torch.Tensor:
+        batch = _as_input(x, dev)
+        return augment(batch, generator=generator) if cfg.augment and len(batch) else batch
+
+    return Training(
+        model=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        loader=loader,
+        engine=engine,
+        train=train,
+        weight=weight,
+        inputs=inputs,
+        physical=physical,
+        device=dev,
+        by_patient=by_patient,
+        patient_rows=patient_rows,
+    )
+
+
+def train_epoch(t: Training) -> list[float]:
+    """One pass over ``t.loader``; returns the loss of every physical batch.
+
+    DP runs step once per Poisson-sampled logical batch (BatchMemoryManager splits it into
+    physical batches, an empty one still takes a noise-only step); plain runs accumulate the
+    physical batches' gradients into one step per logical batch.
+    """
+    model, optimizer, dev = t.model, t.optimizer, t.device
+    model.train()
+    losses: list[float] = []
+    if t.by_patient:
+        return _patient_epoch(
+            model,
+            optimizer,
+            t.criterion,
+            t.loader,
+            t.patient_rows,
+            t.train,
+            t.inputs,
+            t.physical,
+            dev,
+        )
+    if t.engine is not None:
+        with BatchMemoryManager(
+            data_loader=t.loader, max_physical_batch_size=t.physical, optimizer=optimizer
+        ) as batches:
+            for x, y in batches:
+                optimizer.zero_grad(set_to_none=True)
+                loss = t.criterion(model(t.inputs(x)), y.to(dev))
+                loss.backward()
+                optimizer.step()
+                if len(x):
+                    losses.append(loss.item())
+        return losses
+    for x, y in t.loader:
+        optimizer.zero_grad(set_to_none=True)
+        for xs, ys in zip(x.split(t.physical), y.split(t.physical), strict=True):
+            loss = masked_bce(model(t.inputs(xs)), ys.to(dev), t.weight)
+            (loss * (len(xs) / len(x))).backward()
+            losses.append(loss.item())
+        optimizer.step()
+    return losses
+
+
 def run_trial(
     spec: TrialSpec,
     train: SplitData,
@@ -237,9 +393,6 @@ def run_trial(
         raise ValueError(f"checkpoint belongs to trial {state.get('key')!r}, not {spec.key!r}")
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, num_outputs=train.labels.shape[1]).to(dev)
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        raise ValueError(f"model {spec.model!r} is not Opacus-compatible: {errors}")
     optimizer = torch.optim.NAdam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(spec.seed)
     noise_generator = torch.Generator(device=dev).manual_seed(spec.seed + 1)
@@ -251,68 +404,33 @@ def run_trial(
         generator.set_state(state["loader_rng"])
         noise_generator.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
-    weight = pos_weight(train.labels).to(dev)
-    dataset = TensorDataset(
-        torch.from_numpy(np.ascontiguousarray(train.images)),
-        torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32)),
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.logical_batch,
-        shuffle=True,
+
+    noise: dict[str, Any] | None = None
+    if spec.clips and state is not None:
+        noise = {"noise_multiplier": state["noise_multiplier"]}
+    elif spec.clips and spec.is_private:
+        noise = {"target_epsilon": spec.epsilon, "target_delta": spec.delta, "epochs": cfg.epochs}
+    elif spec.clips:  # clip-only control: sigma = 0
+        noise = {"noise_multiplier": 0.0}
+    t = prepare_training(
+        spec,
+        model,
+        optimizer,
+        train,
         generator=generator,
-        pin_memory=dev.type == "cuda",  # page-locked batches: asynchronous host-to-GPU copies
+        noise_generator=noise_generator,
+        device=device,
+        noise=noise,
+        memory_budget_mb=memory_budget_mb,
     )
-    by_patient = spec.clips and cfg.privacy_unit == "patient"
-    patient_rows: list[np.ndarray] = []
-    if by_patient:
-        loader, patient_rows = _patient_loader(train, cfg.logical_batch, generator)
-
-    engine: PrivacyEngine | None = None
-    if spec.clips:
-        engine = PrivacyEngine(accountant=cfg.accountant)
-        mode = cfg.grad_sample_mode
-        if mode == "auto":
-            mode = dpstep.fastest_correct_mode(spec.model, opacus_only=by_patient)
-        common = dict(
-            mode=mode,
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            criterion=dpstep.MaskedBCELoss(weight),
-            max_grad_norm=cfg.max_grad_norm,
-            # per patient, the loader already Poisson-samples patients with Opacus's sampler
-            poisson_sampling=not by_patient,
-            noise_generator=noise_generator,
-        )
-        if state is None and not spec.is_private:  # clip-only control: sigma = 0
-            model, optimizer, criterion, loader = dpstep.privatize(
-                engine, **common, noise_multiplier=0.0
+    model, optimizer, loader, engine = t.model, t.optimizer, t.loader, t.engine
+    if engine is not None and state is not None:
+        if not math.isclose(_sample_rate(loader), state["sample_rate"], rel_tol=1e-12):
+            raise ValueError(
+                f"sample rate changed since the checkpoint ({state['sample_rate']} -> "
+                f"{_sample_rate(loader)}); the training data differs, refusing to resume"
             )
-        elif state is None:
-            model, optimizer, criterion, loader = dpstep.privatize(
-                engine,
-                **common,
-                target_epsilon=spec.epsilon,
-                target_delta=spec.delta,
-                epochs=cfg.epochs,
-            )
-        else:
-            model, optimizer, criterion, loader = dpstep.privatize(
-                engine, **common, noise_multiplier=state["noise_multiplier"]
-            )
-            if not math.isclose(_sample_rate(loader), state["sample_rate"], rel_tol=1e-12):
-                raise ValueError(
-                    f"sample rate changed since the checkpoint ({state['sample_rate']} -> "
-                    f"{_sample_rate(loader)}); the training data differs, refusing to resume"
-                )
-            engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
-
-    physical = cfg.physical_batch or auto_physical_batch(spec, device, memory_budget_mb)
-
-    def inputs(x: torch.Tensor) -> torch.Tensor:
-        batch = _as_input(x, dev)
-        return augment(batch, generator=generator) if cfg.augment and len(batch) else batch
+        engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
 
     history: list[dict[str, float]] = list(state["history"]) if state else []
     if history:  # wall-clock time keeps counting across a resume
@@ -323,34 +441,8 @@ def run_trial(
     steps = state["steps"] if state else 0
     first_epoch = state["epoch"] + 1 if state else 1
     for epoch in range(first_epoch, cfg.epochs + 1):
-        model.train()
-        losses: list[float] = []
-        if by_patient:
-            losses = _patient_epoch(
-                model, optimizer, criterion, loader, patient_rows, train, inputs, physical, dev
-            )
-            steps = sum(n for _, _, n in engine.accountant.history)
-        elif engine is not None:
-            with BatchMemoryManager(
-                data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer
-            ) as batches:
-                for x, y in batches:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = criterion(model(inputs(x)), y.to(dev))
-                    loss.backward()
-                    optimizer.step()
-                    if len(x):
-                        losses.append(loss.item())
-            steps = sum(n for _, _, n in engine.accountant.history)
-        else:
-            for x, y in loader:
-                optimizer.zero_grad(set_to_none=True)
-                for xs, ys in zip(x.split(physical), y.split(physical), strict=True):
-                    loss = masked_bce(model(inputs(xs)), ys.to(dev), weight)
-                    (loss * (len(xs) / len(x))).backward()
-                    losses.append(loss.item())
-                optimizer.step()
-                steps += 1
+        losses = train_epoch(t)
+        steps = t.accounted_steps() if engine is not None else steps + len(loader)
         val_scores = predict(_unwrap(model), val.images, device=device)
         val_auc = macro_auc(val_scores, val.labels)
         record = {  # plain Python numbers: checkpoints load with weights_only=True
@@ -412,7 +504,7 @@ def run_trial(
         )
     else:
         ledger = Ledger.non_private(steps=steps, sample_rate=cfg.logical_batch / max(len(train), 1))
-    if by_patient:
+    if t.by_patient:
         ledger = dataclasses.replace(ledger, privacy_unit="patient")
     return TrainResult(
         state_dict={k: v.detach().cpu() for k, v in best_state.items()},

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,21 @@ import pandas as pd
 import torch
 
 from privdom_ray import metrics, results
-from privdom_ray.cache import SplitData, load_split
+from privdom_ray.cache import SplitData, load_split, split_sizes
 from privdom_ray.grid import EvaluationConfig, TrialSpec
 from privdom_ray.manifest import LABELS
 from privdom_ray.train import load_model, predict, run_trial
 
 Report = Callable[[dict[str, Any]], None]
+
+
+class Executor:
+    """Runs a batch of independent calls (site updates, target evaluations) and returns their
+    results in call order. This one runs them here, one after another; ``sweep`` provides one
+    that runs them as named Ray tasks in the trial's reserved resources."""
+
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple[str, dict[str, Any]]]) -> list:
+        return [fn(**kwargs) for _label, kwargs in calls]
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,10 @@ class Cell:
     run_id: str = ""
     init_path: str = ""  # weights to start from (a pretraining trial's model.pt or a user file)
     memory_budget_mb: int = 2048
+    cpu: float = 1.0  # per task: a single-site trial, or one site of a federation
+    gpu: float = 0.0
+    sites: tuple[TargetRef, ...] = ()  # a federation's member sites (their cached data)
+    site_slots: int = 1  # sites of a federation that train at once (reserved task slots)
 
     def to_config(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -79,6 +92,10 @@ class Cell:
             run_id=d.get("run_id", ""),
             init_path=d.get("init_path", ""),
             memory_budget_mb=d.get("memory_budget_mb", 2048),
+            cpu=d.get("cpu", 1.0),
+            gpu=d.get("gpu", 0.0),
+            sites=tuple(TargetRef(**t) for t in d.get("sites", ())),
+            site_slots=d.get("site_slots", 1),
         )
 
 
@@ -139,11 +156,19 @@ class TrialTimedOut(RuntimeError):
     """Raised for a cell whose earlier attempt in this run hit the per-trial time limit."""
 
 
-def run_cell(cell: Cell, report: Report | None = None, *, node: str = "") -> dict[str, Any]:
+def run_cell(
+    cell: Cell,
+    report: Report | None = None,
+    *,
+    node: str = "",
+    executor: Executor | None = None,
+) -> dict[str, Any]:
     """Train (if needed) and evaluate (missing targets); returns a small summary for the caller.
 
-    Leaves ``running.json`` (heartbeat) while working and ``failed.json`` (with the error's
-    last lines) when it raises, so ``launch.py status`` can tell cells apart.
+    Leaves ``running.json`` (heartbeat, with the last epoch's record) while working and
+    ``failed.json`` (with the error's last lines) when it raises, so ``launch.py status`` and
+    the sweep's progress lines can follow a cell. ``executor`` runs a federation's site work
+    and target evaluations (default: here, serially).
     """
     torch.set_num_threads(max(1, cell.threads))
     spec = cell.spec
@@ -157,7 +182,7 @@ def run_cell(cell: Cell, report: Report | None = None, *, node: str = "") -> dic
     node = node or socket.gethostname()
     heartbeat(tdir, cell.run_id, node, phase="starting")
     try:
-        summary = _run_cell(cell, tdir, report, node)
+        summary = _run_cell(cell, tdir, report, node, executor or Executor())
     except BaseException as exc:
         record_failure(tdir, cell.run_id, reason=type(exc).__name__, error=traceback.format_exc())
         raise
@@ -180,25 +205,25 @@ def record_failure(tdir: Path, run_id: str, *, reason: str, error: str) -> None:
     )
 
 
-def _run_cell(cell: Cell, tdir: Path, report: Report | None, node: str) -> dict[str, Any]:
+def _run_cell(
+    cell: Cell, tdir: Path, report: Report | None, node: str, executor: Executor
+) -> dict[str, Any]:
     spec = cell.spec
     trained_now = False
     if not results.is_trained(tdir):
-        _train(cell, tdir, report, node)
+        train = _train_federated if spec.federation is not None else _train
+        train(cell, tdir, report, node, executor)
         trained_now = True
     info = results.read_json(tdir / "trial.json")
-    thresholds = np.array(results.read_json(tdir / "thresholds.json")["youden_val"], dtype=float)
-    model = None
-    summary: dict[str, Any] = {"trained_now": trained_now, "evaluated": []}
-    for target in cell.targets:
-        edir = results.eval_dir(tdir, target.name, target.fingerprint)
-        if results.is_evaluated(edir):
-            continue
-        if model is None:
-            state = torch.load(tdir / "model.pt", weights_only=True)
-            model = load_model(spec.model, state, num_outputs=len(LABELS))
-        evaluate_target(model, target, thresholds, cell.evaluation, edir, device=cell.device)
-        summary["evaluated"].append(target.name)
+    missing = [
+        t
+        for t in cell.targets
+        if not results.is_evaluated(results.eval_dir(tdir, t.name, t.fingerprint))
+    ]
+    common = dict(tdir=str(tdir), model_name=spec.model, evaluation=cell.evaluation)
+    common.update(device=cell.device, threads=cell.threads)
+    executor.map(evaluate_stored, [(f"eval/{t.name}", dict(common, target=t)) for t in missing])
+    summary: dict[str, Any] = {"trained_now": trained_now, "evaluated": [t.name for t in missing]}
     ledger = results.read_json(tdir / "ledger.json")
     summary.update(
         epsilon_spent=ledger["epsilon_spent"],
@@ -208,7 +233,49 @@ def _run_cell(cell: Cell, tdir: Path, report: Report | None, node: str) -> dict[
     return summary
 
 
-def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
+def evaluate_stored(
+    *,
+    tdir: str,
+    model_name: str,
+    target: TargetRef,
+    evaluation: EvaluationConfig,
+    device: str = "cpu",
+    threads: int = 1,
+) -> None:
+    """Evaluate a trial's stored model on one target (a unit of work an executor can ship)."""
+    torch.set_num_threads(max(1, threads))
+    path = Path(tdir)
+    thresholds = np.array(results.read_json(path / "thresholds.json")["youden_val"], dtype=float)
+    state = torch.load(path / "model.pt", weights_only=True)
+    model = load_model(model_name, state, num_outputs=len(LABELS))
+    edir = results.eval_dir(path, target.name, target.fingerprint)
+    evaluate_target(model, target, thresholds, evaluation, edir, device=device)
+
+
+def _epoch_callback(cell: Cell, tdir: Path, report: Report | None, node: str, writer: Any):
+    """Per epoch (or federated round): heartbeat with the record, TensorBoard curves, report."""
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        heartbeat(tdir, cell.run_id, node, phase="train", **record)
+        for name in ("train_loss", "val_macro_auc", "epsilon"):
+            if math.isfinite(record[name]):
+                writer.add_scalar(name, record[name], record["epoch"])
+        writer.flush()
+        if report is not None:
+            report({**record, "phase": "train"})
+
+    return on_epoch
+
+
+def _tensorboard(tdir: Path) -> Any:
+    if not (tdir / "checkpoint.pt").is_file():  # a fresh start: drop curves of a lost attempt
+        shutil.rmtree(tdir / "tensorboard", ignore_errors=True)
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(tdir / "tensorboard"))
+
+
+def _train(cell: Cell, tdir: Path, report: Report | None, node: str, _executor: Executor) -> None:
     spec = cell.spec
     train = load_split(cell.source_cache, "train")
     val = load_split(cell.source_cache, "val")
@@ -218,22 +285,8 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
             "need images"
         )
 
-    tdir.mkdir(parents=True, exist_ok=True)
-    if not (tdir / "checkpoint.pt").is_file():  # a fresh start: drop curves of a lost attempt
-        shutil.rmtree(tdir / "tensorboard", ignore_errors=True)
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(str(tdir / "tensorboard"))
-
-    def on_epoch(record: dict[str, Any]) -> None:
-        heartbeat(tdir, cell.run_id, node, phase="train", epoch=record["epoch"])
-        for name in ("train_loss", "val_macro_auc", "epsilon"):
-            if math.isfinite(record[name]):
-                writer.add_scalar(name, record[name], record["epoch"])
-        writer.flush()
-        if report is not None:
-            report({**record, "phase": "train"})
-
+    writer = _tensorboard(tdir)
+    on_epoch = _epoch_callback(cell, tdir, report, node, writer)
     try:
         result = run_trial(
             spec,
@@ -259,32 +312,57 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
         metrics.youden_threshold(result.val_scores[:, j], val.labels[:, j])
         for j in range(len(LABELS))
     ]
-    val_macro = result.history[result.best_epoch - 1]["val_macro_auc"]
-    results.atomic_write(tdir / "model.pt", lambda p: torch.save(result.state_dict, p))
-    ledger = dataclasses.replace(result.ledger, initialization=spec.init)
-    results.write_json(tdir / "ledger.json", ledger.as_dict())
-    results.write_json(tdir / "history.json", result.history)
+    results.write_parquet(
+        tdir / "val_predictions.parquet", _prediction_frame(result.val_scores, val)
+    )
+    _write_trained(
+        cell,
+        tdir,
+        node,
+        state_dict=result.state_dict,
+        ledger=dataclasses.replace(result.ledger, initialization=spec.init).as_dict(),
+        history=result.history,
+        thresholds=thresholds,
+        record={
+            "best_epoch": result.best_epoch,
+            "val_macro_auc": result.history[result.best_epoch - 1]["val_macro_auc"],
+            "selection": "best validation macro AUC (source val split); epsilon covers all epochs",
+            "train_seconds": result.train_seconds,
+            "resumed_from_epoch": result.resumed_from_epoch,
+            "mia_auc": mia_auc,
+            "mia_tpr_at_1fpr": mia_tpr,
+            "mia_n": mia_n,
+            "n_train": len(train),
+            "n_val": len(val),
+        },
+    )
+
+
+def _write_trained(
+    cell: Cell,
+    tdir: Path,
+    node: str,
+    *,
+    state_dict: dict[str, torch.Tensor],
+    ledger: dict[str, Any],
+    history: list[dict[str, Any]],
+    thresholds: Sequence[float],
+    record: dict[str, Any],
+) -> None:
+    """Write a trained model's files, ``done`` last; the checkpoint goes once model.pt holds it."""
+    spec = cell.spec
+    results.atomic_write(tdir / "model.pt", lambda p: torch.save(state_dict, p))
+    results.write_json(tdir / "ledger.json", ledger)
+    results.write_json(tdir / "history.json", history)
     results.write_json(
         tdir / "thresholds.json",
         # +inf is a valid Youden threshold (no cut beats chance: predict negative); NaN = undefined
         {"labels": list(LABELS), "youden_val": [None if math.isnan(t) else t for t in thresholds]},
     )
-    results.write_parquet(
-        tdir / "val_predictions.parquet", _prediction_frame(result.val_scores, val)
-    )
     record = {
         "spec": spec.to_json(),
         "name": spec.name,
-        "best_epoch": result.best_epoch,
-        "val_macro_auc": val_macro,
-        "selection": "best validation macro AUC (source val split); epsilon covers all epochs",
-        "train_seconds": result.train_seconds,
-        "resumed_from_epoch": result.resumed_from_epoch,
-        "mia_auc": mia_auc,
-        "mia_tpr_at_1fpr": mia_tpr,
-        "mia_n": mia_n,
-        "n_train": len(train),
-        "n_val": len(val),
+        **record,
         "node": node,
         "device": cell.device,
         "versions": versions(),
@@ -292,9 +370,106 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str) -> None:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     results.write_json(tdir / "trial.json", record)
-    results.write_yaml(tdir / "config.yaml", {**record, "ledger": ledger.as_dict()})
+    results.write_yaml(tdir / "config.yaml", {**record, "ledger": ledger})
     results.mark_done(tdir)
     (tdir / "checkpoint.pt").unlink(missing_ok=True)  # model.pt holds the result now
+
+
+def _train_federated(
+    cell: Cell, tdir: Path, report: Report | None, node: str, executor: Executor
+) -> None:
+    """FedAvg over the cell's sites: this process coordinates (weights, accounting,
+    checkpoints); each site's training and validation run through ``executor`` on the site's
+    own cached data, and only model weights and aggregate numbers come back."""
+    from privdom_ray import federated
+
+    spec = cell.spec
+    assert spec.federation is not None
+    caches = {s.name: s.cache_path for s in cell.sites}
+    sizes = {name: split_sizes(path) for name, path in caches.items()}
+    empty = [n for n, z in sizes.items() if not z.get("train") or not z.get("val")]
+    if empty:
+        raise ValueError(
+            f"federation {spec.source!r}: sites {empty} lack train or val images; every site "
+            "needs both splits"
+        )
+    plans = federated.plan_sites(spec, {n: z["train"] for n, z in sizes.items()})
+    site_args = dict(device=cell.device, threads=cell.threads)
+
+    def update(round_: int, state: dict, active: list) -> list:
+        calls = [
+            (
+                f"{p.name}/round{round_}",
+                dict(
+                    site_args,
+                    spec=spec,
+                    plan=p,
+                    cache_path=caches[p.name],
+                    global_state=state,
+                    round=round_,
+                    memory_budget_mb=cell.memory_budget_mb,
+                ),
+            )
+            for p in active
+        ]
+        return executor.map(federated.site_update_from_cache, calls)
+
+    def validate(state: dict, active: list) -> list:
+        calls = [
+            (
+                f"{p.name}/validate",
+                dict(
+                    site_args, spec=spec, name=p.name, cache_path=caches[p.name], global_state=state
+                ),
+            )
+            for p in active
+        ]
+        return executor.map(federated.site_validate_from_cache, calls)
+
+    writer = _tensorboard(tdir)
+    try:
+        result = federated.run_federation(
+            spec,
+            plans,
+            update=update,
+            validate=validate,
+            checkpoint=FileCheckpoint(tdir / "checkpoint.pt"),
+            init_state=torch.load(cell.init_path, weights_only=True) if cell.init_path else None,
+            on_round=_epoch_callback(cell, tdir, report, node, writer),
+        )
+    finally:
+        writer.close()
+    summary = dataclasses.replace(result.ledger, initialization=spec.init).as_dict()
+    summary["sites"] = {
+        name: dataclasses.replace(led, initialization=spec.init).as_dict()
+        for name, led in result.site_ledgers.items()
+    }
+    _write_trained(
+        cell,
+        tdir,
+        node,
+        state_dict=result.state_dict,
+        ledger=summary,
+        history=result.history,
+        thresholds=[float(t) for t in result.thresholds],
+        record={
+            "best_epoch": result.best_round,
+            "val_macro_auc": result.val_macro_auc,
+            "selection": (
+                "best weighted mean of the sites' validation macro AUC over rounds; each site's "
+                "epsilon covers all rounds"
+            ),
+            "train_seconds": result.train_seconds,
+            "resumed_from_epoch": result.resumed_from_round,
+            # a loss attack needs per-image losses at one place; sites keep theirs
+            "mia_auc": None,
+            "mia_tpr_at_1fpr": None,
+            "mia_n": 0,
+            "n_train": sum(z["train"] for z in sizes.values()),
+            "n_val": sum(z["val"] for z in sizes.values()),
+            "sites": [{"name": p.name, "weight": p.weight, "n_train": p.n_train} for p in plans],
+        },
+    )
 
 
 def membership_audit(

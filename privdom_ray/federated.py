@@ -1,0 +1,642 @@
+"""FedAvg over sites that each train with their own DP-SGD guarantee.
+
+Pure: no Ray, no file layout. The coordinator (:func:`run_federation`) sees model weights,
+step counts, AUC numbers and score histograms, never images, labels or per-image scores; how
+and where a site's work runs is injected (``update``/``validate``), so the same code runs
+serially in a test and as Ray tasks in a sweep.
+
+Privacy is per site: site s is Poisson-sampled at q_s = 1/ceil(N_s/B) and its noise
+multiplier sigma_s is calibrated once, before round 1, for all the steps it will take over all
+rounds, so its (epsilon, delta_s) guarantee covers the whole federation. Rounds never
+re-calibrate: every round's accountant must show exactly (sigma_s, q_s, planned steps), and a
+resumed run must find the checkpoint's (sigma_s, q_s) again, or it stops.
+
+Every random stream of a site's round is seeded from (trial seed, site name, round), not from
+the site's position or any stored RNG state: a site trains identically in every federation it
+belongs to, and a resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from opacus.accountants.utils import get_noise_multiplier
+from torch import Tensor
+
+from privdom_ray.cache import SplitData, load_split
+from privdom_ray.grid import Federation, TrialSpec
+from privdom_ray.manifest import LABELS
+from privdom_ray.models import build_model
+from privdom_ray.privacy import Ledger, epsilon_from_ledger, make_ledger
+from privdom_ray.train import (
+    CheckpointStore,
+    _sample_rate,
+    _unwrap,
+    load_model,
+    macro_auc,
+    predict,
+    prepare_training,
+    train_epoch,
+)
+
+HIST_BINS = 1000  # validation-score histogram bins on [0, 1]: the pooled threshold's resolution
+
+
+# ------------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One site's training and accounting, fixed before round 1 (a pure function of the spec
+    and the site's training-set size). Zero-weight sites are planned but never trained."""
+
+    name: str
+    weight: float  # un-normalised FedAvg weight; 0 = not trained, not used for selection
+    delta: float
+    n_train: int
+    # DP: the Poisson rate 1/ceil(N/B); non-private: B/N (informative only, as in run_trial)
+    sample_rate: float
+    steps_per_round: int  # optimizer steps of one round (local_epochs epochs); 0 if weight 0
+    noise_multiplier: float  # 0.0 for non-private trials and zero-weight sites
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+
+def federation_of(spec: TrialSpec) -> Federation:
+    if spec.federation is None:
+        raise ValueError(f"trial {spec.key or spec.name!r} is not federated")
+    if spec.variant != "standard":
+        raise ValueError(f"federated trials have no controls; got variant {spec.variant!r}")
+    if spec.training.privacy_unit != "image":
+        raise ValueError("federated training protects images; privacy_unit must be 'image'")
+    return spec.federation
+
+
+def opacus_steps_per_epoch(sample_rate: float) -> int:
+    """Steps Opacus's Poisson sampler takes per epoch: ``int(1 / q)``. For q = 1/k this is k
+    except where 1/(1/k) rounds below k in floating point (k = 93, 99, 105, ...): then k - 1."""
+    return int(1 / sample_rate)
+
+
+def plan_sites(spec: TrialSpec, n_train: Mapping[str, int]) -> list[SitePlan]:
+    """Resolve every site's sample rate, steps and noise multiplier, in the federation's order.
+
+    sigma_s is calibrated for the site's total steps over all rounds with the grid's
+    accountant, so after the last round the site has spent at most ``spec.epsilon``.
+    """
+    fed = federation_of(spec)
+    cfg = spec.training
+    missing = [s.name for s in fed.sites if s.name not in n_train]
+    if missing:
+        raise ValueError(f"no training-set size for sites {missing}")
+    if not any(s.weight > 0 for s in fed.sites):
+        raise ValueError("a federation needs at least one site with a positive weight")
+    plans = []
+    for site in fed.sites:
+        n = int(n_train[site.name])
+        if site.weight > 0 and n <= 0:
+            raise ValueError(f"site {site.name!r} has weight {site.weight} but no training images")
+        batches = math.ceil(n / cfg.logical_batch)
+        if spec.is_private:
+            rate = 1.0 / batches if batches else 0.0
+            per_epoch = opacus_steps_per_epoch(rate) if batches else 0
+        else:
+            rate, per_epoch = cfg.logical_batch / max(n, 1), batches
+        steps_per_round = fed.local_epochs * per_epoch if site.weight > 0 else 0
+        sigma = 0.0
+        if spec.is_private and steps_per_round:
+            if site.delta <= 0:
+                raise ValueError(f"site {site.name!r}: a DP trial needs delta > 0")
+            sigma = calibrate_noise(spec, site.delta, rate, fed.rounds * steps_per_round)
+        plans.append(
+            SitePlan(
+                name=site.name,
+                weight=float(site.weight),
+                delta=float(site.delta),
+                n_train=n,
+                sample_rate=rate,
+                steps_per_round=steps_per_round,
+                noise_multiplier=sigma,
+            )
+        )
+    return plans
+
+
+def calibrate_noise(spec: TrialSpec, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier that spends at most ``spec.epsilon`` in ``steps`` steps.
+
+    When PRV fails numerically at the calibrated sigma, the ledger will report RDP's (looser)
+    epsilon, so sigma is then calibrated with RDP to keep the reported epsilon within target.
+    """
+    accountant = spec.training.accountant
+    args = dict(
+        target_epsilon=spec.epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps
+    )
+    sigma = float(get_noise_multiplier(**args, accountant=accountant))
+    _, used = epsilon_from_ledger(accountant, sigma, sample_rate, steps, delta)
+    if used != accountant:
+        sigma = float(get_noise_multiplier(**args, accountant=used))
+    return sigma
+
+
+def stream_seed(seed: int, site: str, round: int, stream: str) -> int:
+    """A 63-bit seed from (trial seed, site name, round, stream name), stable across
+    processes and Python versions (sha256, not ``hash``)."""
+    text = f"{seed}\x1f{site}\x1f{round}\x1f{stream}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
+
+
+# ------------------------------------------------------------------------------ site side
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """What a site sends back after local training: weights and accounting numbers only."""
+
+    name: str
+    state: dict[str, Tensor]  # on the CPU
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    train_loss: float  # mean physical-batch loss of the round (NaN if no batch had images)
+    seconds: float
+
+
+def local_update(
+    spec: TrialSpec,
+    plan: SitePlan,
+    global_state: Mapping[str, Tensor],
+    train: SplitData,
+    *,
+    round: int,
+    device: str = "cpu",
+    memory_budget_mb: int = 2048,
+) -> SiteUpdate:
+    """Train the global model for ``local_epochs`` epochs on this site's training split.
+
+    The NAdam optimizer (and, for DP, the Opacus engine) are fresh each round: sites are
+    stateless between rounds, which keeps checkpoints small and resumes exact. A DP site runs
+    with its planned sigma and raises if the accountant saw anything but exactly (sigma, q,
+    planned steps).
+    """
+    t0 = time.perf_counter()
+    fed = federation_of(spec)
+    if not plan.active:
+        raise ValueError(f"site {plan.name!r} has weight 0 and is not trained")
+    if len(train) != plan.n_train:
+        raise ValueError(
+            f"site {plan.name!r} has {len(train)} training images, planned with "
+            f"{plan.n_train}; the data changed since planning"
+        )
+    dev = torch.device(device)
+    torch.manual_seed(stream_seed(spec.seed, plan.name, round, "torch"))
+    model = build_model(spec.model, num_outputs=train.labels.shape[1]).to(dev)
+    model.load_state_dict(dict(global_state))
+    optimizer = torch.optim.NAdam(model.parameters(), lr=spec.training.lr)
+    generator = torch.Generator().manual_seed(stream_seed(spec.seed, plan.name, round, "sample"))
+    noise_generator = torch.Generator(device=dev).manual_seed(
+        stream_seed(spec.seed, plan.name, round, "noise")
+    )
+    t = prepare_training(
+        spec,
+        model,
+        optimizer,
+        train,
+        generator=generator,
+        noise_generator=noise_generator,
+        device=device,
+        noise={"noise_multiplier": plan.noise_multiplier} if spec.is_private else None,
+        memory_budget_mb=memory_budget_mb,
+    )
+    losses: list[float] = []
+    for _ in range(fed.local_epochs):
+        losses += train_epoch(t)
+    if t.engine is not None:
+        steps = t.accounted_steps()
+        _check_accounting(plan, t.engine.accountant.history, _sample_rate(t.loader))
+    else:
+        steps = fed.local_epochs * len(t.loader)
+    if steps != plan.steps_per_round:
+        raise RuntimeError(
+            f"site {plan.name!r} took {steps} steps in round {round}, planned "
+            f"{plan.steps_per_round}"
+        )
+    state = {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(t.model).state_dict().items()}
+    return SiteUpdate(
+        name=plan.name,
+        state=state,
+        steps=steps,
+        sample_rate=plan.sample_rate,
+        noise_multiplier=plan.noise_multiplier,
+        train_loss=float(np.mean(losses)) if losses else math.nan,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _check_accounting(plan: SitePlan, history: list, loader_rate: float) -> None:
+    """Raise unless Opacus sampled at q_s and accounted exactly (sigma_s, steps) this round.
+
+    Opacus accounts at 1/len(loader) = 1/int(1/q_s), which is q_s except for the few batch
+    counts where int(1/q_s) rounds down (then slightly above q_s: conservative)."""
+    per_epoch = opacus_steps_per_epoch(plan.sample_rate)
+    expected = [(plan.noise_multiplier, 1 / per_epoch, plan.steps_per_round)]
+    seen = [(float(s), float(q), int(n)) for s, q, n in history]
+    if loader_rate != plan.sample_rate or seen != expected:
+        raise RuntimeError(
+            f"site {plan.name!r}: accounting drifted from the plan: sampled at {loader_rate} "
+            f"(planned {plan.sample_rate}), accountant saw (sigma, q, steps) = {seen}, "
+            f"expected {expected}"
+        )
+
+
+@dataclass(frozen=True)
+class SiteValidation:
+    """A site's verdict on a global model: its macro AUC and per-label score histograms
+    (aggregates only: no per-image scores or labels leave the site)."""
+
+    name: str
+    macro_auc: float
+    n: int
+    hist_pos: np.ndarray  # (L, HIST_BINS) int64: scores of images whose label is positive
+    hist_neg: np.ndarray  # (L, HIST_BINS) int64: ... negative; masked labels are left out
+
+
+def score_histograms(
+    scores: np.ndarray, labels: np.ndarray, bins: int = HIST_BINS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label counts of positive and negative images' scores in ``bins`` equal bins on
+    [0, 1]. Bin k holds scores s with k/bins <= s < (k+1)/bins (the last bin includes 1), so
+    ``s >= edge k`` exactly when s lies in a bin >= k."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in shape")
+    known = ~np.isnan(labels)
+    if np.isnan(scores[known]).any():
+        raise ValueError("scores must not be NaN where the label is known")
+    edges = _edges(bins)
+    idx = np.searchsorted(edges[1:-1], np.nan_to_num(scores), side="right")
+    n_labels = labels.shape[1]
+    hist_pos = np.zeros((n_labels, bins), dtype=np.int64)
+    hist_neg = np.zeros((n_labels, bins), dtype=np.int64)
+    for j in range(n_labels):
+        hist_pos[j] = np.bincount(idx[known[:, j] & (labels[:, j] == 1), j], minlength=bins)
+        hist_neg[j] = np.bincount(idx[known[:, j] & (labels[:, j] == 0), j], minlength=bins)
+    return hist_pos, hist_neg
+
+
+def _edges(bins: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, bins + 1)
+
+
+def validate_site(
+    spec: TrialSpec,
+    name: str,
+    global_state: Mapping[str, Tensor],
+    val: SplitData,
+    *,
+    device: str = "cpu",
+) -> SiteValidation:
+    """Score the global model on this site's validation split; return only aggregates."""
+    model = load_model(spec.model, dict(global_state), num_outputs=val.labels.shape[1])
+    scores = predict(model.to(device), val.images, device=device)
+    hist_pos, hist_neg = score_histograms(scores, val.labels)
+    return SiteValidation(name, macro_auc(scores, val.labels), len(val), hist_pos, hist_neg)
+
+
+def site_update_from_cache(
+    spec: TrialSpec,
+    plan: SitePlan,
+    cache_path: str,
+    global_state: Mapping[str, Tensor],
+    *,
+    round: int,
+    device: str = "cpu",
+    threads: int = 1,
+    memory_budget_mb: int = 2048,
+) -> SiteUpdate:
+    """:func:`local_update` on the site's cached training split (runs where the data is)."""
+    torch.set_num_threads(max(1, threads))
+    train = load_split(cache_path, "train")
+    return local_update(
+        spec,
+        plan,
+        global_state,
+        train,
+        round=round,
+        device=device,
+        memory_budget_mb=memory_budget_mb,
+    )
+
+
+def site_validate_from_cache(
+    spec: TrialSpec,
+    name: str,
+    cache_path: str,
+    global_state: Mapping[str, Tensor],
+    *,
+    device: str = "cpu",
+    threads: int = 1,
+) -> SiteValidation:
+    """:func:`validate_site` on the site's cached validation split."""
+    torch.set_num_threads(max(1, threads))
+    return validate_site(spec, name, global_state, load_split(cache_path, "val"), device=device)
+
+
+# ------------------------------------------------------------------------------ aggregation
+
+
+def fedavg(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """Weighted average of state dicts, in float64 and cast back to each tensor's dtype.
+
+    Deterministic (fixed order, no randomness). Sites with weight 0 are skipped entirely, so
+    they change nothing, bit for bit; non-floating tensors come from the first positive-weight
+    site.
+    """
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    if any(not w >= 0 or math.isinf(w) for w in weights):
+        raise ValueError(f"weights must be finite and >= 0, got {list(weights)}")
+    active = [(s, float(w)) for s, w in zip(states, weights, strict=True) if w > 0]
+    if not active:
+        raise ValueError("fedavg needs at least one positive weight")
+    keys = list(active[0][0])
+    for s, _ in active[1:]:
+        if list(s) != keys:
+            raise ValueError("state dicts have different keys")
+    total = math.fsum(w for _, w in active)
+    out: dict[str, Tensor] = {}
+    for key in keys:
+        first = active[0][0][key]
+        if not first.is_floating_point():
+            out[key] = first.detach().clone()
+            continue
+        acc = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+        for s, w in active:
+            acc += s[key].detach().to(torch.float64) * (w / total)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def pooled_youden(validations: Sequence[SiteValidation]) -> np.ndarray:
+    """Per-label Youden thresholds of the pooled validation data, from summed histograms.
+
+    Candidates are the bin edges plus ``inf``; like ``metrics.youden_threshold`` (positive
+    when score >= threshold) the highest threshold with the largest sensitivity +
+    specificity - 1 wins, ``inf`` when no cut beats chance, NaN without positives or negatives.
+    Exact on the binned scores, so within one bin width of the per-image threshold.
+    """
+    if not validations:
+        raise ValueError("no validations to pool")
+    hist_pos = np.sum([v.hist_pos for v in validations], axis=0)
+    hist_neg = np.sum([v.hist_neg for v in validations], axis=0)
+    return youden_from_histograms(hist_pos, hist_neg)
+
+
+def youden_from_histograms(hist_pos: np.ndarray, hist_neg: np.ndarray) -> np.ndarray:
+    hist_pos, hist_neg = np.asarray(hist_pos), np.asarray(hist_neg)
+    if hist_pos.shape != hist_neg.shape or hist_pos.ndim != 2:
+        raise ValueError(f"histograms differ in shape: {hist_pos.shape} vs {hist_neg.shape}")
+    bins = hist_pos.shape[1]
+    # candidates from the highest threshold down: inf, edge[bins-1], ..., edge[0]
+    thresholds = np.r_[np.inf, _edges(bins)[bins - 1 :: -1]]
+    out = np.full(hist_pos.shape[0], np.nan)
+    for j in range(hist_pos.shape[0]):
+        n_pos, n_neg = hist_pos[j].sum(), hist_neg[j].sum()
+        if n_pos == 0 or n_neg == 0:
+            continue
+        tpr = np.r_[0, np.cumsum(hist_pos[j][::-1])] / n_pos
+        fpr = np.r_[0, np.cumsum(hist_neg[j][::-1])] / n_neg
+        out[j] = thresholds[int(np.argmax(tpr - fpr))]
+    return out
+
+
+# ------------------------------------------------------------------------------ coordinator
+
+UpdateFn = Callable[[int, dict[str, Tensor], list[SitePlan]], list[SiteUpdate]]
+ValidateFn = Callable[[dict[str, Tensor], list[SitePlan]], list[SiteValidation]]
+
+
+@dataclass
+class FederatedResult:
+    state_dict: dict[str, Tensor]  # the global model of the selected round
+    site_ledgers: dict[str, Ledger]  # every site, in federation order (scope "site")
+    ledger: Ledger  # the site ledger with the largest epsilon_spent
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_round: int = 0
+    thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))  # pooled Youden (L,)
+    val_macro_auc: float = math.nan  # of the selected round: weighted mean over sites
+    train_seconds: float = 0.0
+    resumed_from_round: int = 0  # 0 = trained from scratch
+
+
+def run_federation(
+    spec: TrialSpec,
+    plans: Sequence[SitePlan],
+    *,
+    update: UpdateFn,
+    validate: ValidateFn,
+    checkpoint: CheckpointStore | None = None,
+    init_state: Mapping[str, Tensor] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> FederatedResult:
+    """FedAvg for ``rounds`` rounds; select the round with the best weighted validation AUC.
+
+    Each round the positive-weight sites train from the global model (``update``), their
+    weights are averaged, and each validates the average on its own data (``validate``).
+    A checkpoint is saved after every round; a saved one is resumed after checking that it
+    belongs to this trial and that every site's (sigma, q, steps) are what the plan says.
+    Sites' epsilons cover all rounds, not only up to the selected one.
+    """
+    t0 = time.perf_counter()
+    fed = federation_of(spec)
+    plans = list(plans)
+    if [p.name for p in plans] != [s.name for s in fed.sites]:
+        raise ValueError(
+            f"plans {[p.name for p in plans]} do not match the federation's sites "
+            f"{[s.name for s in fed.sites]}"
+        )
+    active = [p for p in plans if p.active]
+    total = math.fsum(p.weight for p in active)
+    norm = [p.weight / total for p in active]
+
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        _check_checkpoint(spec, plans, saved)
+        global_state = dict(saved["model"])
+        history: list[dict[str, float]] = list(saved["history"])
+        site_steps = {k: int(v) for k, v in saved["site_steps"].items()}
+        best_auc, best_round = saved["best_auc"], int(saved["best_round"])
+        best_state = saved["best_state"]
+        best_hist = (saved["best_hist_pos"].numpy(), saved["best_hist_neg"].numpy())
+        first_round = int(saved["round"]) + 1
+        if history:  # wall-clock time keeps counting across a resume
+            t0 -= history[-1]["seconds"]
+    else:
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model, num_outputs=len(LABELS))
+        if init_state is not None:
+            model.load_state_dict(dict(init_state))
+        global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history, site_steps = [], {p.name: 0 for p in plans}
+        best_auc, best_round, best_state, best_hist = -math.inf, 0, None, None
+        first_round = 1
+
+    for r in range(first_round, fed.rounds + 1):
+        updates = update(r, global_state, active)
+        _check_updates(active, updates, r)
+        for u in updates:
+            site_steps[u.name] += u.steps
+        global_state = fedavg([u.state for u in updates], [p.weight for p in active])
+        validations = validate(global_state, active)
+        if [v.name for v in validations] != [p.name for p in active]:
+            raise RuntimeError(f"round {r}: validations came back for {validations!r}")
+        val_auc = _weighted_mean([v.macro_auc for v in validations], norm)
+        record = {  # plain Python numbers: checkpoints load with weights_only=True
+            "epoch": r,  # the key progress reports and Tune read
+            "round": r,
+            "train_loss": _weighted_mean([u.train_loss for u in updates], norm),
+            "val_macro_auc": val_auc,
+            "epsilon": _largest_epsilon(spec, active, site_steps),
+            "steps": max(site_steps[p.name] for p in active),
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(record)
+        score = -math.inf if math.isnan(val_auc) else val_auc
+        if best_state is None or score > (-math.inf if math.isnan(best_auc) else best_auc):
+            best_auc, best_round, best_state = val_auc, r, global_state
+            best_hist = (
+                np.sum([v.hist_pos for v in validations], axis=0),
+                np.sum([v.hist_neg for v in validations], axis=0),
+            )
+        if checkpoint is not None:
+            assert best_hist is not None
+            checkpoint.save(
+                {
+                    "key": spec.key,
+                    "round": r,
+                    "model": global_state,
+                    "site_steps": dict(site_steps),
+                    "site_noise": {p.name: [p.noise_multiplier, p.sample_rate] for p in plans},
+                    "history": history,
+                    "best_auc": best_auc,
+                    "best_round": best_round,
+                    "best_state": best_state,
+                    "best_hist_pos": torch.from_numpy(best_hist[0]),
+                    "best_hist_neg": torch.from_numpy(best_hist[1]),
+                }
+            )
+        if on_round is not None:
+            on_round(record)
+
+    assert best_state is not None and best_hist is not None
+    site_ledgers = {p.name: site_ledger(spec, p, site_steps[p.name]) for p in plans}
+    return FederatedResult(
+        state_dict={k: v.detach().cpu() for k, v in best_state.items()},
+        site_ledgers=site_ledgers,
+        ledger=max(site_ledgers.values(), key=lambda led: led.epsilon_spent),
+        history=history,
+        best_round=best_round,
+        thresholds=youden_from_histograms(*best_hist),
+        val_macro_auc=float(best_auc),
+        train_seconds=time.perf_counter() - t0,
+        resumed_from_round=first_round - 1,
+    )
+
+
+def site_ledger(spec: TrialSpec, plan: SitePlan, steps: int) -> Ledger:
+    """A site's privacy record over all its steps. A zero-weight site took part in nothing
+    and spent nothing (epsilon 0), private trial or not."""
+    cfg = spec.training
+    if spec.is_private:
+        ledger = make_ledger(
+            epsilon_target=spec.epsilon,
+            delta=plan.delta,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=steps,
+            max_grad_norm=cfg.max_grad_norm,
+            accountant=cfg.accountant,
+        )
+    else:
+        ledger = Ledger.non_private(steps=steps, sample_rate=plan.sample_rate)
+        if not plan.active:
+            ledger = dataclasses.replace(ledger, epsilon_spent=0.0, epsilon_rdp=0.0)
+    return dataclasses.replace(ledger, scope="site", site=plan.name)
+
+
+def _largest_epsilon(spec: TrialSpec, active: list[SitePlan], site_steps: dict[str, int]) -> float:
+    if not spec.is_private:
+        return math.inf
+    return max(
+        epsilon_from_ledger(
+            spec.training.accountant,
+            p.noise_multiplier,
+            p.sample_rate,
+            site_steps[p.name],
+            p.delta,
+        )[0]
+        for p in active
+    )
+
+
+def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """Mean over the finite values, their weights renormalised; NaN if none is finite."""
+    pairs = [(v, w) for v, w in zip(values, weights, strict=True) if math.isfinite(v)]
+    total = math.fsum(w for _, w in pairs)
+    if not pairs or total <= 0:
+        return math.nan
+    return math.fsum(v * w for v, w in pairs) / total
+
+
+def _check_updates(active: list[SitePlan], updates: list[SiteUpdate], r: int) -> None:
+    """Raise unless every active site reported, in plan order, exactly its planned accounting."""
+    if [u.name for u in updates] != [p.name for p in active]:
+        raise RuntimeError(
+            f"round {r}: updates came back for {[u.name for u in updates]}, expected "
+            f"{[p.name for p in active]}"
+        )
+    for p, u in zip(active, updates, strict=True):
+        planned = (p.noise_multiplier, p.sample_rate, p.steps_per_round)
+        if (u.noise_multiplier, u.sample_rate, u.steps) != planned:
+            raise RuntimeError(
+                f"round {r}: site {p.name!r} reported (sigma, q, steps) = "
+                f"{(u.noise_multiplier, u.sample_rate, u.steps)}, planned {planned}"
+            )
+
+
+def _check_checkpoint(spec: TrialSpec, plans: list[SitePlan], saved: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint of another trial, or one whose sites were sampled, noised or
+    counted differently from the plan: resuming never re-calibrates and never recounts."""
+    if saved.get("key") != spec.key:
+        raise ValueError(f"checkpoint belongs to trial {saved.get('key')!r}, not {spec.key!r}")
+    done = int(saved["round"])
+    noise, steps = saved["site_noise"], saved["site_steps"]
+    if set(noise) != {p.name for p in plans} or set(steps) != {p.name for p in plans}:
+        raise ValueError(
+            f"checkpoint has sites {sorted(noise)}, the plan {[p.name for p in plans]}; "
+            "refusing to resume"
+        )
+    for p in plans:
+        stored = tuple(float(x) for x in noise[p.name])
+        if stored != (p.noise_multiplier, p.sample_rate):
+            raise ValueError(
+                f"site {p.name!r}: checkpoint has (sigma, q) = {stored}, the plan "
+                f"{(p.noise_multiplier, p.sample_rate)}; refusing to resume (a site's noise is "
+                "never re-calibrated mid-training)"
+            )
+        if int(steps[p.name]) != done * p.steps_per_round:
+            raise ValueError(
+                f"site {p.name!r}: checkpoint counts {int(steps[p.name])} steps after round "
+                f"{done}, the plan {done * p.steps_per_round}; refusing to resume"
+            )

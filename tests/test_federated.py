@@ -1,0 +1,295 @@
+"""FedAvg with per-site DP-SGD, without Ray: real Opacus training on tiny learnable arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader
+
+from privdom_ray import federated as fl
+from privdom_ray.cache import SplitData
+from privdom_ray.grid import Federation, Site, TrainingConfig, TrialSpec
+from privdom_ray.imaging import Preprocessing
+from privdom_ray.manifest import LABELS
+from privdom_ray.metrics import youden_threshold
+from privdom_ray.models import build_model
+from privdom_ray.privacy import audit_ledger, epsilon_from_ledger
+
+BATCH = 32
+N_TRAIN = {"a": 64, "b": 96}  # 2 and 3 Poisson batches per epoch: different q per site
+
+
+def toy_split(n: int, seed: int, size: int = 16) -> SplitData:
+    """Images whose label 0 is a bright square (learnable); some labels masked."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, len(LABELS))) < 0.4).astype(np.float32)
+    images = rng.integers(0, 60, size=(n, size, size), dtype=np.uint8)
+    images[labels[:, 0] == 1, 4:12, 4:12] = 250
+    labels[rng.random((n, len(LABELS))) < 0.1] = np.nan
+    return SplitData(images, labels, np.array(["F", "M"] * (n // 2)), rng.uniform(20, 90, n))
+
+
+SEEDS = {"a": 10, "b": 20}
+TRAIN = {name: toy_split(n, SEEDS[name]) for name, n in N_TRAIN.items()}
+VAL = {name: toy_split(32, SEEDS[name] + 1) for name in N_TRAIN}
+
+
+def fed_spec(
+    epsilon: float, weights: dict[str, float], rounds: int = 3, local_epochs: int = 1
+) -> TrialSpec:
+    private = math.isfinite(epsilon)
+    sites = tuple(
+        Site(name, f"fp-{name}", w, 1e-3 if private else 0.0) for name, w in weights.items()
+    )
+    return TrialSpec(
+        source="fed",
+        data_fingerprint="x",
+        epsilon=epsilon,
+        delta=1e-3 if private else 0.0,
+        seed=0,
+        model="resnet9",
+        training=TrainingConfig(
+            epochs=rounds * local_epochs, logical_batch=BATCH, physical_batch=16, lr=1e-3
+        ),
+        preprocessing=Preprocessing(image_size=16),
+        federation=Federation(sites, rounds, local_epochs),
+    ).with_key()
+
+
+def serial_update(spec, fail_at_round=None):
+    def update(round_, state, plans):
+        if round_ == fail_at_round:
+            raise KeyboardInterrupt("simulated crash")
+        return [fl.local_update(spec, p, state, TRAIN[p.name], round=round_) for p in plans]
+
+    return update
+
+
+def serial_validate(spec):
+    return lambda state, plans: [fl.validate_site(spec, p.name, state, VAL[p.name]) for p in plans]
+
+
+def run(spec, checkpoint=None, fail_at_round=None, on_round=None):
+    plans = fl.plan_sites(spec, {name: N_TRAIN[name] for name in _names(spec)})
+    return fl.run_federation(
+        spec,
+        plans,
+        update=serial_update(spec, fail_at_round),
+        validate=serial_validate(spec),
+        checkpoint=checkpoint,
+        on_round=on_round,
+    )
+
+
+def _names(spec):
+    return [s.name for s in spec.federation.sites]
+
+
+class MemoryCheckpoints:
+    """A checkpoint store in memory that gives back what a file would (weights_only load)."""
+
+    def __init__(self) -> None:
+        self.state = None
+
+    def load(self):
+        return self.state
+
+    def save(self, state):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        buf.seek(0)
+        self.state = torch.load(buf, weights_only=True)
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+@pytest.fixture(scope="module")
+def dp_run():
+    rounds_seen = []
+    result = run(fed_spec(2.0, {"a": 1.0, "b": 3.0}), on_round=rounds_seen.append)
+    return result, rounds_seen
+
+
+# ------------------------------------------------------------------------------------ fedavg
+
+
+def test_fedavg_is_an_exact_float64_weighted_average_and_skips_zero_weights():
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(1000, generator=g), "n": torch.tensor(3)}
+    b = {"w": torch.randn(1000, generator=g), "n": torch.tensor(7)}
+    expected = (0.25 * a["w"].double() + 0.75 * b["w"].double()).float()
+    assert not torch.equal(0.25 * a["w"] + 0.75 * b["w"], expected)  # float32 would differ
+    avg = fl.fedavg([a, b], [1, 3])
+    assert torch.equal(avg["w"], expected) and avg["w"].dtype == torch.float32
+    assert avg["n"].item() == 3  # non-floating: from the first positive-weight site
+    assert_same_state(fl.fedavg([a, b], [1, 3]), avg)  # nothing random
+    assert_same_state(fl.fedavg([a, b], [2.5, 0]), a)  # weight 0: bit for bit unchanged
+    assert_same_state(fl.fedavg([b, a], [0, 1]), a)
+    with pytest.raises(ValueError):
+        fl.fedavg([a, b], [0, 0])
+
+
+# ----------------------------------------------------------------------------------- privacy
+
+
+def test_plan_follows_opacus_sampler_and_calibrates_once_per_site():
+    spec = fed_spec(2.0, {"a": 1.0, "b": 1.0, "c": 0.0}, rounds=2, local_epochs=2)
+    plans = fl.plan_sites(spec, {"a": 64, "b": 93 * BATCH, "c": 50})
+    for p in plans[:2]:  # what Opacus's DPDataLoader really does with this data
+        dp = DPDataLoader.from_data_loader(DataLoader(range(p.n_train), batch_size=BATCH))
+        assert p.sample_rate == dp.sample_rate == 1 / math.ceil(p.n_train / BATCH)
+        assert p.steps_per_round == 2 * len(dp)
+    assert plans[0].steps_per_round == 2 * 2
+    assert plans[1].steps_per_round == 2 * 92  # int(1 / (1/93)) == 92 in floating point
+    for p in plans[:2]:
+        eps, _ = epsilon_from_ledger("prv", p.noise_multiplier, p.sample_rate, 2 * p.steps_per_round, 1e-3)
+        assert 1.9 < eps <= 2.0
+    assert plans[2].steps_per_round == 0 and plans[2].noise_multiplier == 0.0
+
+
+def test_dp_federation_each_site_spends_at_most_its_epsilon(dp_run):
+    result, rounds_seen = dp_run
+    assert [r["round"] for r in rounds_seen] == [r["epoch"] for r in rounds_seen] == [1, 2, 3]
+    assert rounds_seen == result.history
+    for name, ledger in result.site_ledgers.items():
+        assert ledger.scope == "site" and ledger.site == name and ledger.poisson_sampling
+        assert ledger.sample_rate == 1 / math.ceil(N_TRAIN[name] / BATCH)
+        assert ledger.steps == 3 * 1 * math.ceil(N_TRAIN[name] / BATCH)
+        assert 1.9 < ledger.epsilon_spent <= 2.0 and ledger.delta == 1e-3
+        audit = audit_ledger(ledger.as_dict())
+        assert audit.ok, audit.problem
+        assert audit.recomputed == pytest.approx(ledger.epsilon_spent, rel=1e-9)
+    a, b = result.site_ledgers["a"], result.site_ledgers["b"]
+    assert a.noise_multiplier != b.noise_multiplier  # each site calibrated for its own q, T
+    assert result.ledger == max((a, b), key=lambda led: led.epsilon_spent)
+    assert result.history[-1]["epsilon"] == result.ledger.epsilon_spent
+    assert result.history[-1]["steps"] == max(a.steps, b.steps)
+    assert result.best_round == 1 + int(np.argmax([h["val_macro_auc"] for h in result.history]))
+    assert result.val_macro_auc == result.history[result.best_round - 1]["val_macro_auc"]
+    assert result.thresholds.shape == (len(LABELS),)
+    assert set(result.state_dict) == set(build_model("resnet9").state_dict())
+
+
+def test_a_site_whose_accounting_drifts_from_its_plan_raises():
+    spec = fed_spec(2.0, {"a": 1.0}, rounds=1)
+    (plan,) = fl.plan_sites(spec, {"a": N_TRAIN["a"]})
+    state = build_model("resnet9").state_dict()
+    bad = dataclasses.replace(plan, steps_per_round=plan.steps_per_round + 1)
+    with pytest.raises(RuntimeError, match="accounting drifted"):
+        fl.local_update(spec, bad, state, TRAIN["a"], round=1)
+
+
+def test_non_private_federation_learns_and_its_ledgers_have_infinite_epsilon():
+    spec = fed_spec(math.inf, {"a": 1.0, "b": 1.0}, rounds=2)
+    result = run(spec)
+    for name, ledger in result.site_ledgers.items():
+        assert math.isinf(ledger.epsilon_spent) and ledger.noise_multiplier == 0
+        assert ledger.scope == "site" and ledger.site == name
+        assert ledger.steps == 2 * math.ceil(N_TRAIN[name] / BATCH)
+    assert math.isinf(result.ledger.epsilon_spent)
+    assert all(math.isinf(h["epsilon"]) for h in result.history)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_a_zero_weight_site_changes_nothing_and_spends_nothing():
+    with_b = run(fed_spec(2.0, {"a": 1.0, "b": 0.0}, rounds=2))
+    alone = run(fed_spec(2.0, {"a": 1.0}, rounds=2))
+    assert_same_state(with_b.state_dict, alone.state_dict)
+    assert with_b.site_ledgers["a"] == alone.site_ledgers["a"]
+    b = with_b.site_ledgers["b"]
+    assert b.steps == 0 and b.epsilon_spent == 0.0 and b.site == "b"
+    assert audit_ledger(b.as_dict()).ok
+    assert with_b.ledger == with_b.site_ledgers["a"]
+
+
+# ------------------------------------------------------------------------ resume, determinism
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(dp_run):
+    reference, _ = dp_run
+    spec = fed_spec(2.0, {"a": 1.0, "b": 3.0})
+    store = MemoryCheckpoints()
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, checkpoint=store, fail_at_round=3)
+    assert store.state["round"] == 2
+    resumed = run(spec, checkpoint=store)
+    assert resumed.resumed_from_round == 2
+    assert_same_state(resumed.state_dict, reference.state_dict)
+    assert resumed.site_ledgers == reference.site_ledgers
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in reference.history]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history] == strip
+    assert resumed.best_round == reference.best_round
+    np.testing.assert_array_equal(resumed.thresholds, reference.thresholds)
+
+    tampered = MemoryCheckpoints()
+    tampered.state = {**store.state, "site_noise": {**store.state["site_noise"]}}
+    sigma, q = tampered.state["site_noise"]["b"]
+    tampered.state["site_noise"]["b"] = [sigma * 0.9, q]
+    with pytest.raises(ValueError, match="never re-calibrated"):
+        run(spec, checkpoint=tampered)
+    other = fed_spec(2.0, {"a": 1.0, "b": 2.0})
+    with pytest.raises(ValueError, match="belongs to trial"):
+        run(other, checkpoint=store)
+
+
+def test_two_identical_runs_are_bit_identical(dp_run):
+    reference, _ = dp_run
+    again = run(fed_spec(2.0, {"a": 1.0, "b": 3.0}))
+    assert_same_state(again.state_dict, reference.state_dict)
+    assert again.site_ledgers == reference.site_ledgers
+
+
+# ------------------------------------------------------------------------------- thresholds
+
+
+def test_pooled_youden_matches_the_per_image_threshold_within_one_bin():
+    rng = np.random.default_rng(0)
+    bins = fl.HIST_BINS
+    sites = []
+    for n in (300, 500):
+        labels = (rng.random((n, 2)) < 0.3).astype(np.float64)
+        labels[rng.random((n, 2)) < 0.1] = np.nan
+        raw = np.clip(rng.normal(0.35 + 0.3 * np.nan_to_num(labels), 0.15), 0, 1 - 1e-9)
+        scores = (np.floor(raw * bins) + 0.5) / bins  # mid-bin: every cut is a bin edge
+        labels[:, 1] = np.where(np.isnan(labels[:, 1]), np.nan, 0.0)  # label 1: no positives
+        sites.append((scores, labels))
+    validations = [
+        fl.SiteValidation(f"s{i}", 0.5, len(s), *fl.score_histograms(s, y))
+        for i, (s, y) in enumerate(sites)
+    ]
+    pooled = fl.pooled_youden(validations)
+    scores = np.concatenate([s for s, _ in sites])
+    labels = np.concatenate([y for _, y in sites])
+    exact = youden_threshold(scores[:, 0], labels[:, 0])
+    assert 0.3 < exact < 0.7
+    assert exact - 1 / bins < pooled[0] <= exact
+    assert math.isnan(pooled[1]) and math.isnan(youden_threshold(scores[:, 1], labels[:, 1]))
+
+
+def test_site_histograms_pool_to_the_histogram_of_the_pooled_data():
+    state = build_model("resnet9").state_dict()
+    spec = fed_spec(math.inf, {"a": 1.0, "b": 1.0})
+    both = SplitData(
+        np.concatenate([VAL["a"].images, VAL["b"].images]),
+        np.concatenate([VAL["a"].labels, VAL["b"].labels]),
+        np.concatenate([VAL["a"].sex, VAL["b"].sex]),
+        np.concatenate([VAL["a"].age, VAL["b"].age]),
+    )
+    sites = [fl.validate_site(spec, name, state, VAL[name]) for name in ("a", "b")]
+    pooled = fl.validate_site(spec, "ab", state, both)
+    np.testing.assert_array_equal(sites[0].hist_pos + sites[1].hist_pos, pooled.hist_pos)
+    np.testing.assert_array_equal(sites[0].hist_neg + sites[1].hist_neg, pooled.hist_neg)
+    known = ~np.isnan(both.labels)
+    assert pooled.hist_pos.sum() + pooled.hist_neg.sum() == known.sum()  # masked labels left out
+    assert pooled.hist_pos.dtype == np.int64 and pooled.n == 64
+    np.testing.assert_array_equal(fl.pooled_youden(sites), fl.pooled_youden([pooled]))

@@ -121,19 +121,24 @@ def _audit(argv: list[str]) -> int:
     if not ledgers:
         raise FileNotFoundError(f"no trial ledgers in {args.output}")
     bad = checked = 0
-    print("trial          accountant  target    reported  recomputed  (rdp)     verdict")
+    print(
+        "trial          site        accountant  target    reported  recomputed  (rdp)     verdict"
+    )
     for path in ledgers:
         ledger = results.read_json(path)
-        if ledger["accountant"] == "none":
-            continue  # non-private: nothing to recompute
-        row = audit_ledger(ledger)
-        checked += 1
-        bad += not row.ok
-        print(
-            f"{path.parent.name:14s} {row.accountant:11s} {row.target:<9.4g} {row.reported:<9.6g} "
-            f"{row.recomputed:<11.6g} {row.recomputed_rdp:<9.4g} {'ok' if row.ok else row.problem}"
-        )
-    print(f"{checked} DP trial(s) audited, {bad} problem(s)")
+        # a federated trial: every site's own ledger (the summary repeats the largest)
+        for site, entry in [("", ledger), *sorted(ledger.get("sites", {}).items())]:
+            if entry["accountant"] == "none" or (site and entry["steps"] == 0):
+                continue  # non-private, or a weight-0 site that never trained
+            row = audit_ledger(entry)
+            checked += 1
+            bad += not row.ok
+            print(
+                f"{path.parent.name:14s} {site or '-':11s} {row.accountant:11s} {row.target:<9.4g} "
+                f"{row.reported:<9.6g} {row.recomputed:<11.6g} {row.recomputed_rdp:<9.4g} "
+                f"{'ok' if row.ok else row.problem}"
+            )
+    print(f"{checked} DP ledger(s) audited, {bad} problem(s)")
     return 1 if bad else 0
 
 

@@ -125,7 +125,8 @@ COLUMNS = {
     "model": "network architecture of the compared trials",
     "source": "training site of both models (paired_delta); null for auc_drop",
     "target": "test site (its test split, one fingerprint)",
-    "on_domain": "source == target (paired_delta); null for auc_drop",
+    "on_domain": "the target's data trained the model: source == target, or the target is a "
+    "member site of the federation (paired_delta); null for auc_drop",
     "seed": "training seed shared by the DP and non-DP models; null for across_seeds",
     "n_seeds": "seeds behind the row: 1 for per-seed rows, paired seeds used for across_seeds",
     "label": "one of the five labels, or macro (mean over labels with a defined AUC)",
@@ -189,6 +190,8 @@ class _Trial:
     model: str
     epsilon_spent: float | None
     accountant: str | None
+    # the domains whose data trained the model: (source,), or a federation's sites
+    sites: tuple[str, ...] = ()
     evals: dict[tuple[str, str], Path] = field(default_factory=dict)  # (target, fp) -> folder
 
     @property
@@ -202,6 +205,13 @@ def _float(value: Any) -> float | None:
     if isinstance(value, str):
         return parse_epsilon(value)
     return float(value)
+
+
+def _training_sites(spec: dict[str, Any]) -> tuple[str, ...]:
+    fed = spec.get("federation")
+    if not fed:
+        return (str(spec["source"]),)
+    return tuple(s["name"] for s in fed["sites"] if s["weight"] > 0)
 
 
 def _load_trials(output: Path, keys: Sequence[str]) -> list[_Trial]:
@@ -223,6 +233,7 @@ def _load_trials(output: Path, keys: Sequence[str]) -> list[_Trial]:
             model=str(spec.get("model", "")),
             epsilon_spent=_float(ledger.get("epsilon_spent")),
             accountant=ledger.get("accountant"),
+            sites=_training_sites(spec),
         )
         for edir in sorted((tdir / "eval").glob("*")):
             if edir.is_dir() and results.is_evaluated(edir):
@@ -428,7 +439,7 @@ def _paired_rows(members, aucs, counts, groups, col_names, ci, common) -> list[d
                         "test": _TESTS["bootstrap"],
                         "model": dp.model,
                         "source": dp.source,
-                        "on_domain": dp.source == target,
+                        "on_domain": target in dp.sites,
                         "seed": dp.seed,
                         "label": label,
                         "subgroup": g,
@@ -461,6 +472,8 @@ def _drop_rows(
 ) -> list[dict[str, Any]]:
     sides: dict[tuple[float, int, str], _DropSide] = {}
     for t in members:
+        if t.sites != (t.source,):
+            continue  # a federation is neither the target's own model nor an outside one
         side = sides.setdefault((t.epsilon, t.seed, t.model), _DropSide(None, []))
         if t.source == target:
             side.on = t

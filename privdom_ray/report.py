@@ -55,11 +55,56 @@ def matrix_markdown(mat: pd.DataFrame, title: str) -> str:
 
 
 def split_controls(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(standard trials, control trials such as clip-only): controls never mix with epsilon = inf."""
-    if "variant" not in df.columns:
-        return df, df.iloc[0:0]
-    standard = df["variant"].fillna("standard") == "standard"
-    return df[standard], df[~standard]
+    """(standard single-site trials, the rest): controls such as clip-only never mix with
+    epsilon = inf, and federated models are neither a site's own model nor an outside one."""
+    standard = pd.Series(True, index=df.index)
+    if "variant" in df.columns:
+        standard &= df["variant"].fillna("standard") == "standard"
+    return df[standard & ~is_federated(df)], df[~standard]
+
+
+def is_federated(df: pd.DataFrame) -> pd.Series:
+    if "training_sites" not in df.columns:  # tables written before federations existed
+        return pd.Series(False, index=df.index)
+    return df["training_sites"].fillna(df["source"]) != df["source"]
+
+
+def federated_text(df: pd.DataFrame) -> str:
+    """Federated vs single-site models: mean macro AUC on member sites and on held-out sites."""
+    fed = df[is_federated(df)]
+    if fed.empty:
+        return ""
+    single, _ = split_controls(df)
+    out = [
+        "### Federated vs single-site training (macro AUC, mean over targets and seeds)",
+        "",
+        "| epsilon | model | on member sites | on held-out sites |",
+        "|---|---|---|---|",
+    ]
+    for eps in epsilons(fed):
+        for name in sorted(fed["source"].unique()):
+            sel = macro_all(fed[(fed["source"] == name) & (fed["epsilon_target"] == eps)])
+            if sel.empty:
+                continue
+            sites = set(sel["training_sites"].iloc[0].split(","))
+            member = sel["target"].isin(sites)
+            on, off = sel.loc[member, "auc"].mean(), sel.loc[~member, "auc"].mean()
+            out.append(f"| {format_epsilon(eps)} | federated {name} | {_fmt(on)} | {_fmt(off)} |")
+            ref = macro_all(single[single["epsilon_target"] == eps])
+            ref = ref[ref["source"].isin(sites)]
+            if len(ref):
+                own = ref["source"] == ref["target"]
+                out.append(
+                    f"| {format_epsilon(eps)} | single-site ({', '.join(sorted(sites))}) | "
+                    f"{_fmt(ref.loc[own, 'auc'].mean())} (own site) | "
+                    f"{_fmt(ref.loc[~own, 'auc'].mean())} (other sites) |"
+                )
+    out.append("")
+    out.append(
+        "Federated epsilons are per site: every member site's data is protected at the row's "
+        "epsilon or better (see each trial's ledger.json, `sites`)."
+    )
+    return "\n".join(out) + "\n"
 
 
 def controls_and_leakage_text(df: pd.DataFrame) -> str:
@@ -117,6 +162,7 @@ def transfer_matrices_text(df: pd.DataFrame) -> str:
         on = [mat.loc[s, s] for s in mat.index if s in mat.columns]
         off = [mat.loc[s, t] for s in mat.index for t in mat.columns if s != t]
         out.append(f"mean on-domain {_mean(on)}, mean off-domain {_mean(off)}\n")
+    out.append(federated_text(full))
     out.append(controls_and_leakage_text(full))
     return "\n".join(out)
 
@@ -161,7 +207,9 @@ def write_report(output: Path, *, figures: bool = True) -> str:
             _section_drop(view),
             _section_fairness(view),
             _section_paired(view),
-            "## 5. Controls and membership inference\n\n" + controls_and_leakage_text(full),
+            "## 5. Controls, federated models and membership inference\n\n"
+            + federated_text(full)
+            + controls_and_leakage_text(full),
         ]
         if figures:
             parts.append(_section_figures(_draw_figures(view, output / FIGURES)))

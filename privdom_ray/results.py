@@ -44,6 +44,8 @@ SCHEMA = pa.schema(
         ("source", pa.string()),
         ("target", pa.string()),
         ("on_domain", pa.bool_()),
+        # the domains whose training data made the model: the source, or a federation's sites
+        ("training_sites", pa.string()),
         ("seed", pa.int64()),
         ("model", pa.string()),
         ("variant", pa.string()),
@@ -58,6 +60,9 @@ SCHEMA = pa.schema(
         ("max_grad_norm", pa.float64()),
         ("accountant", pa.string()),
         ("privacy_unit", pa.string()),
+        # "trial": one dataset's guarantee; "site": per-site guarantees of a federation (the
+        # row holds the ledger of the site with the largest epsilon)
+        ("privacy_scope", pa.string()),
         ("label", pa.string()),
         ("subgroup", pa.string()),
         ("n", pa.int64()),
@@ -230,7 +235,10 @@ def rows_for_trial(tdir: Path, sweep: str) -> list[pd.DataFrame]:
         df["trial_key"] = spec["key"]
         df["source"] = spec["source"]
         df["target"] = ev["target"]
-        df["on_domain"] = ev["target"] == spec["source"]
+        fed = spec.get("federation")
+        sites = [s["name"] for s in fed["sites"] if s["weight"] > 0] if fed else [spec["source"]]
+        df["on_domain"] = ev["target"] in sites
+        df["training_sites"] = ",".join(sites)
         df["seed"] = spec["seed"]
         df["model"] = spec["model"]
         df["variant"] = spec.get("variant", "standard")
@@ -250,6 +258,7 @@ def rows_for_trial(tdir: Path, sweep: str) -> list[pd.DataFrame]:
             "privacy_unit",
         ):
             df[k] = _number(ledger[k])
+        df["privacy_scope"] = ledger.get("scope", "trial")
         df["n_boot"] = ev["n_boot"]
         df["image_size"] = spec["preprocessing"]["image_size"]
         df["epochs"] = spec["training"]["epochs"]

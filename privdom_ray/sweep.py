@@ -538,8 +538,9 @@ def _progress_callback(names: dict[str, str], log: Log):
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if result.get("phase") == "train":
                 eps = result.get("epsilon", -1.0)
+                unit = "round" if result.get("round") else "epoch"  # federations: rounds
                 log(
-                    f"[trial] {names[self._key(trial)]} epoch {result['epoch']}: "
+                    f"[trial] {names[self._key(trial)]} {unit} {result['epoch']}: "
                     f"loss {result['train_loss']:.3f}, val macro AUC {result['val_macro_auc']:.3f}"
                     + (f", epsilon {eps:.2f}" if eps >= 0 else "")
                 )
@@ -674,7 +675,9 @@ def run(
         prep = prepare(spec, inputs, log, train=train, run_id=run_id)
         done = len(prep.trials) - len(prep.cells)
         log(
-            f"[sweep] {spec.name}: {len(prep.trials)} cells ({len(spec.sources)} sources x "
+            f"[sweep] {spec.name}: {len(prep.trials)} cells ({len(spec.sources)} sources"
+            + (f" + {len(spec.federations)} federations" if spec.federations else "")
+            + " x "
             f"{len(spec.epsilons)} epsilons x {len(spec.seeds)} seeds), {len(spec.targets)} targets; "
             f"{done} already done, {len(prep.cells)} to run"
         )

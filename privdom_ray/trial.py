@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from privdom_ray import metrics, results
+from privdom_ray import federated, metrics, results
 from privdom_ray.cache import SplitData, load_split, split_sizes
 from privdom_ray.grid import EvaluationConfig, TrialSpec
 from privdom_ray.manifest import LABELS
@@ -381,8 +381,6 @@ def _train_federated(
     """FedAvg over the cell's sites: this process coordinates (weights, accounting,
     checkpoints); each site's training and validation run through ``executor`` on the site's
     own cached data, and only model weights and aggregate numbers come back."""
-    from privdom_ray import federated
-
     spec = cell.spec
     assert spec.federation is not None
     caches = {s.name: s.cache_path for s in cell.sites}

@@ -177,8 +177,11 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
 
 
 # `ray start` nodes authenticate with ~/.ray/auth_token only in token mode; the driver
-# (launch.py --address) switches to token mode by itself when a token exists.
-TOKEN = {"RAY_AUTH_MODE": "token"}
+# (launch.py --address) switches to token mode by itself when a token exists. HOME points into
+# the test's folder: `ray start` writes that token file, and a token left in the real home
+# would turn token authentication on for every later embedded cluster (and its dashboard).
+def token_env(home: Path) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "HOME": str(home)}
 
 
 def free_port() -> int:
@@ -189,6 +192,7 @@ def free_port() -> int:
 
 def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
     port = free_port()
+    TOKEN = token_env(tmp_path)
     env_log = tmp_path / "head.log"
     head = start(
         [
@@ -250,6 +254,7 @@ def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
             ],
             tmp_path,
             tmp_path / "driver.log",
+            env={"HOME": str(tmp_path)},  # finds the test cluster's token by itself
         )
         trials = tmp_path / "out" / "trials"
 

@@ -1,0 +1,131 @@
+"""A federation in a real Ray Tune sweep: sites train as Ray tasks, rows land in the table."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from privdom_ray.privacy import epsilon_from_ledger
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+
+def domain(name: str, site: str) -> dict:
+    return {
+        "name": name,
+        "kind": "synthetic",
+        "root": f"data/{name}",
+        "options": {"site": site, "n_patients": 40},
+    }
+
+
+GRID = {
+    "name": "fed",
+    "output": "out",
+    "domains": [domain("a", "a"), domain("b", "b"), domain("c", "c")],
+    "sources": ["a"],
+    "federations": [{"name": "ab", "sites": ["a", "b"], "rounds": 2, "local_epochs": 1}],
+    "epsilons": [2, "inf"],
+    "seeds": [0],
+    "training": {"epochs": 2, "logical_batch": 32, "physical_batch": 16},
+    "preprocessing": {"image_size": 24},
+    "evaluation": {"n_boot": 10},
+    "ray": {"num_cpus": 2},
+}
+
+
+def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+
+
+@pytest.fixture(scope="module")
+def fed_sweep(tmp_path_factory):
+    work = tmp_path_factory.mktemp("fed")
+    (work / "grid.yaml").write_text(yaml.safe_dump(GRID))
+    proc = launch("--grid", "grid.yaml", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, proc
+
+
+def test_federated_rows_are_in_the_table(fed_sweep):
+    work, proc = fed_sweep
+    assert "ab_eps2_seed0 round 2" in proc.stdout  # rounds are reported as they finish
+    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    assert set(df["source"]) == {"a", "ab"}
+    fed = df[df["source"] == "ab"]
+    assert fed["trial_key"].nunique() == 2  # epsilon 2 and inf
+    assert set(fed["target"]) == {"a", "b", "c"}  # members and the held-out site
+    assert (fed["training_sites"] == "a,b").all()
+    assert (fed["on_domain"] == fed["target"].isin(["a", "b"])).all()
+    assert set(fed["privacy_scope"]) == {"site"}
+    assert (df.loc[df["source"] == "a", "privacy_scope"] == "trial").all()
+    assert (fed["epochs"] == 2).all()  # rounds x local epochs
+    macro = fed[(fed["label"] == "macro") & (fed["subgroup"] == "all")]
+    assert macro["auc"].between(0, 1).all()
+
+
+def test_site_ledgers_reproduce_their_epsilons(fed_sweep):
+    work, _ = fed_sweep
+    dp = pd.read_parquet(work / "out" / "transfer.parquet")
+    dp = dp[(dp["source"] == "ab") & (dp["epsilon_target"] == 2)]
+    ledger = json.loads(
+        (work / "out" / "trials" / dp["trial_key"].iloc[0] / "ledger.json").read_text()
+    )
+    sites = ledger["sites"]
+    assert set(sites) == {"a", "b"}
+    for name, site in sites.items():
+        assert site["scope"] == "site" and site["site"] == name
+        assert site["poisson_sampling"] and site["steps"] > 0
+        eps, _ = epsilon_from_ledger(
+            site["accountant"],
+            site["noise_multiplier"],
+            site["sample_rate"],
+            site["steps"],
+            site["delta"],
+        )
+        assert eps == pytest.approx(site["epsilon_spent"], rel=1e-6)
+        assert site["epsilon_spent"] <= 2 + 1e-6
+    # the row reports the largest site epsilon
+    assert dp["epsilon_spent"].iloc[0] == pytest.approx(
+        max(s["epsilon_spent"] for s in sites.values())
+    )
+    audit = launch("audit", "out", cwd=work)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "0 problem(s)" in audit.stdout and "ab_" not in audit.stdout  # keys, not names
+    nondp = json.loads(
+        next(
+            (work / "out" / "trials" / k / "ledger.json")
+            for k in pd.read_parquet(work / "out" / "transfer.parquet")
+            .query("source == 'ab' and epsilon_target == inf")["trial_key"]
+            .unique()
+        ).read_text()
+    )
+    assert all(math.isinf(s["epsilon_spent"]) for s in nondp["sites"].values())
+
+
+def test_report_compares_federated_with_single_site(fed_sweep):
+    work, proc = fed_sweep
+    assert "Federated vs single-site" in proc.stdout
+    report = (work / "out" / "report.md").read_text()
+    assert "federated ab" in report
+
+
+def test_rerun_skips_the_finished_federation(fed_sweep):
+    work, _ = fed_sweep
+    proc = launch("--grid", "grid.yaml", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 already done, 0 to run" in proc.stdout

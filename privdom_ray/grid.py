@@ -429,7 +429,8 @@ def parse_grid(
             c.add("pretrain.lr", pretrain.lr, "a positive learning rate")
     # a public pretraining domain is neither trained on privately nor tested on by default
     private = [n for n in names if pretrain is None or n != pretrain.domain]
-    sources = _parse_names(c, raw, "sources", private)
+    # a sweep of federations alone trains no single-site model: `sources: []`
+    sources = _parse_names(c, raw, "sources", private, allow_empty=bool(raw.get("federations")))
     targets = _parse_names(c, raw, "targets", private if "targets" not in raw else names)
 
     federations = _parse_federations(c, raw.get("federations"), private, names)
@@ -648,14 +649,14 @@ def _parse_federations(
         if not isinstance(f, Mapping):
             c.add(key, f, "a mapping with name, sites (and optional weights, rounds, ...)")
             continue
-        for k, v in f.items():
-            if k not in FEDERATION_KEYS:
-                c.add(f"{key}.{k}", v, f"one of {list(FEDERATION_KEYS)} (typo?)")
         name = f.get("name")
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             c.add(f"{key}.name", name, "a name of letters, digits, '-' and '_'")
             continue
         key = f"federations[{name}]"
+        for k, v in f.items():
+            if k not in FEDERATION_KEYS:
+                c.add(f"{key}.{k}", v, f"one of {list(FEDERATION_KEYS)} (typo?)")
         if name in names or name in [o.name for o in out]:
             c.add(f"{key}.name", name, "a name used by no domain and no other federation")
             continue
@@ -698,10 +699,14 @@ def _parse_federations(
     return out
 
 
-def _parse_names(c: _Collector, raw: Mapping, key: str, names: list[str]) -> list[str]:
+def _parse_names(
+    c: _Collector, raw: Mapping, key: str, names: list[str], *, allow_empty: bool = False
+) -> list[str]:
     value = raw.get(key)
     if value is None or value == "all":
         return list(names)
+    if allow_empty and value == []:
+        return []
     if not isinstance(value, list) or not value:
         c.add(key, value, f"'all' or a non-empty list of domain names from {names}")
         return []

@@ -454,8 +454,9 @@ def run_trial(
             "seconds": time.perf_counter() - t0,
         }
         history.append(record)
-        if math.isnan(val_auc) and best_state is None or val_auc > best_auc:
-            best_auc, best_epoch = float(val_auc), epoch
+        if best_state is None or val_auc > best_auc:  # a NaN AUC (no positives) never wins
+            best_auc = -math.inf if math.isnan(val_auc) else float(val_auc)
+            best_epoch = epoch
             best_state = copy.deepcopy(_unwrap(model).state_dict())
         if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == cfg.epochs):
             checkpoint.save(

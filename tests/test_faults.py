@@ -143,6 +143,44 @@ def test_killed_trial_worker_resumes_from_checkpoint(tmp_path):
     assert set(df["target"]) == {"a"} and df["trial_key"].nunique() == 1
 
 
+def test_killed_federation_coordinator_resumes_at_its_last_round(tmp_path):
+    from privdom_ray import federated
+    from privdom_ray.cache import split_sizes
+
+    fed = {"name": "ab", "sites": ["a", "b"], "rounds": 4, "local_epochs": 1}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(sources=[], federations=[fed])))
+    driver = start(
+        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"], tmp_path, tmp_path / "log"
+    )
+    try:
+        trials = tmp_path / "out" / "trials"
+        tdir = wait_for(
+            lambda: next((d for d in trials.glob("*") if checkpoint_epoch(d) >= 1), None),
+            300,
+            "a first checkpointed round",
+            driver,
+        )
+        # the heartbeat's pid is the coordinator (the Tune trainable); its site tasks die with it
+        pid = json.loads((tdir / "running.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert driver.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
+    finally:
+        kill_session(driver)
+    info = json.loads((tdir / "trial.json").read_text())
+    ledger = json.loads((tdir / "ledger.json").read_text())
+    assert info["resumed_from_epoch"] >= 1  # resumed at a round, not restarted
+    # every site took exactly its planned steps with its planned noise: nothing recounted
+    spec = TrialSpec.from_json(info["spec"])
+    sizes = {
+        s: split_sizes(next((tmp_path / "out" / "cache").glob(f"{s}-*")))["train"] for s in "ab"
+    }
+    for plan in federated.plan_sites(spec, sizes):
+        site = ledger["sites"][plan.name]
+        assert site["steps"] == 4 * plan.steps_per_round
+        assert site["noise_multiplier"] == plan.noise_multiplier
+        assert site["epsilon_spent"] <= 2 + 1e-6
+
+
 def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
     g = grid(epsilons=[2, "inf"], training={"epochs": 2, "logical_batch": 16, "physical_batch": 16})
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))

@@ -168,3 +168,53 @@ def test_physical_batch_auto(tmp_path):
         write(tmp_path, {**BASE, "training": {**BASE["training"], "physical_batch": "auto"}})
     )
     assert spec.training.physical_batch == 0  # resolved per trial from the memory budget
+
+
+def fed(**changes) -> dict:
+    return {"name": "ab", "sites": ["a", "b"], "rounds": 2, **changes}
+
+
+@pytest.mark.parametrize(
+    ("federation", "needle"),
+    [
+        (fed(sites=["a", "zz"]), "federations[ab].sites: ['zz']"),
+        (fed(sites=[]), "federations[ab].sites: []"),
+        (fed(name="a"), "federations[a].name: 'a' is not allowed; expected a name used by no"),
+        (fed(weights={"a": 1}), "federations[ab].weights: {'a': 1}"),
+        (fed(weights={"a": 0, "b": 0}), "at least one site with a positive weight"),
+        (fed(weights={"a": -1, "b": 1}), "to a number >= 0"),
+        (fed(rounds=0), "federations[ab].rounds: 0 is not allowed; expected an integer >= 1"),
+        (fed(local_epochs="x"), "federations[ab].local_epochs: 'x'"),
+        (fed(round=3), "federations[ab].round: 3 is not allowed; expected one of"),
+    ],
+)
+def test_bad_federations_are_reported(tmp_path, federation, needle):
+    errors = errors_of(tmp_path, federations=[federation])
+    assert any(needle in e for e in errors), errors
+
+
+def test_federations_plan_one_trial_per_epsilon_and_seed_with_site_weights(tmp_path):
+    spec = load_grid(write(tmp_path, {**BASE, "sources": [], "federations": [fed()]}))
+    assert spec.sources == () and spec.trained_domains == ("a", "b")
+    trials = plan(spec, {"a": "fa", "b": "fb"}, {"a": 300, "b": 100})
+    assert [t.name for t in trials] == ["ab_eps1_seed0", "ab_epsinf_seed0"]
+    dp, nondp = trials
+    assert [(s.name, s.weight) for s in dp.federation.sites] == [("a", 300.0), ("b", 100.0)]
+    assert dp.training.epochs == 2  # rounds x local epochs
+    assert dp.delta == 1e-5 and all(s.delta == 0 for s in nondp.federation.sites)
+    # the key depends on the sites' data and weights, not on how many run at once
+    other = load_grid(
+        write(tmp_path, {**BASE, "sources": [], "federations": [fed(parallel_sites=1)]})
+    )
+    assert plan(other, {"a": "fa", "b": "fb"}, {"a": 300, "b": 100})[0].key == dp.key
+    assert plan(spec, {"a": "fa", "b": "fX"}, {"a": 300, "b": 100})[0].key != dp.key
+    weighted = load_grid(
+        write(tmp_path, {**BASE, "sources": [], "federations": [fed(weights={"a": 1, "b": 0})]})
+    )
+    assert plan(weighted, {"a": "fa", "b": "fb"}, {"a": 300, "b": 100})[0].key != dp.key
+    assert TrialSpec.from_json(dp.to_json()) == dp  # round-trips through trial.json
+
+
+def test_empty_sources_need_federations(tmp_path):
+    errors = errors_of(tmp_path, sources=[])
+    assert any("sources: [] is not allowed" in e for e in errors), errors

@@ -510,6 +510,8 @@ def run_federation(
             "epsilon": _largest_epsilon(spec, active, site_steps),
             "steps": max(site_steps[p.name] for p in active),
             "seconds": time.perf_counter() - t0,
+            # the sites' local training time this round, summed (a federation's compute)
+            "site_seconds": math.fsum(u.seconds for u in updates),
         }
         history.append(record)
         score = -math.inf if math.isnan(val_auc) else val_auc

@@ -458,6 +458,7 @@ def _train_federated(
                 "epsilon covers all rounds"
             ),
             "train_seconds": result.train_seconds,
+            "site_compute_seconds": math.fsum(h["site_seconds"] for h in result.history),
             "resumed_from_epoch": result.resumed_from_round,
             # a loss attack needs per-image losses at one place; sites keep theirs
             "mia_auc": None,

@@ -578,24 +578,34 @@ def _parse_delta(c: _Collector, key: str, value: Any) -> float | None:
     return delta
 
 
+def _named_entry(
+    c: _Collector, section: str, i: int, entry: Any, known: tuple[str, ...], required: str
+) -> tuple[str, str] | None:
+    """Check one named list entry's shape, name and keys; returns (name, key for messages)."""
+    if not isinstance(entry, Mapping):
+        c.add(f"{section}[{i}]", entry, f"a mapping with {required} (and optional keys)")
+        return None
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        c.add(f"{section}[{i}].name", name, "a name of letters, digits, '-' and '_'")
+        return None
+    key = f"{section}[{name}]"
+    for k, v in entry.items():
+        if k not in known:
+            c.add(f"{key}.{k}", v, f"one of {list(known)} (typo?)")
+    return name, key
+
+
 def _parse_domains(c: _Collector, raw: Any, base: Path) -> list[DomainSpec]:
     if not isinstance(raw, list) or not raw:
         c.add("domains", raw, "a non-empty list of domains, each with name, kind and root")
         return []
     out: list[DomainSpec] = []
     for i, d in enumerate(raw):
-        key = f"domains[{i}]"
-        if not isinstance(d, Mapping):
-            c.add(key, d, "a mapping with name, kind, root (and optional options, delta)")
+        named = _named_entry(c, "domains", i, d, DOMAIN_KEYS, "name, kind, root")
+        if named is None:
             continue
-        name = d.get("name")
-        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-            c.add(f"{key}.name", name, "a name of letters, digits, '-' and '_'")
-            continue
-        key = f"domains[{name}]"
-        for k, v in d.items():
-            if k not in DOMAIN_KEYS:
-                c.add(f"{key}.{k}", v, f"one of {list(DOMAIN_KEYS)} (typo?)")
+        name, key = named
         if name in [o.name for o in out]:
             c.add(f"{key}.name", name, "unique domain names (duplicate)")
             continue
@@ -645,18 +655,10 @@ def _parse_federations(
         return []
     out: list[FederationConfig] = []
     for i, f in enumerate(raw):
-        key = f"federations[{i}]"
-        if not isinstance(f, Mapping):
-            c.add(key, f, "a mapping with name, sites (and optional weights, rounds, ...)")
+        named = _named_entry(c, "federations", i, f, FEDERATION_KEYS, "name, sites")
+        if named is None:
             continue
-        name = f.get("name")
-        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-            c.add(f"{key}.name", name, "a name of letters, digits, '-' and '_'")
-            continue
-        key = f"federations[{name}]"
-        for k, v in f.items():
-            if k not in FEDERATION_KEYS:
-                c.add(f"{key}.{k}", v, f"one of {list(FEDERATION_KEYS)} (typo?)")
+        name, key = named
         if name in names or name in [o.name for o in out]:
             c.add(f"{key}.name", name, "a name used by no domain and no other federation")
             continue

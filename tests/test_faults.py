@@ -108,8 +108,9 @@ def checkpoint_epoch(tdir: Path) -> int:
     return 0
 
 
-def test_killed_trial_worker_resumes_from_checkpoint(tmp_path):
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(domains=grid()["domains"][:1])))
+def sweep_killing_a_trial_after_its_first_checkpoint(tmp_path: Path) -> Path:
+    """Run grid.yaml; SIGKILL the process of the first trial that checkpointed an epoch (or a
+    federation's round), as its heartbeat names it; the sweep must still succeed."""
     driver = start(
         [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"], tmp_path, tmp_path / "log"
     )
@@ -121,11 +122,16 @@ def test_killed_trial_worker_resumes_from_checkpoint(tmp_path):
             "a first checkpoint",
             driver,
         )
-        pid = json.loads((tdir / "running.json").read_text())["pid"]
-        os.kill(pid, signal.SIGKILL)
+        os.kill(json.loads((tdir / "running.json").read_text())["pid"], signal.SIGKILL)
         assert driver.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
     finally:
         kill_session(driver)
+    return tdir
+
+
+def test_killed_trial_worker_resumes_from_checkpoint(tmp_path):
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(domains=grid()["domains"][:1])))
+    tdir = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path)
     info = json.loads((tdir / "trial.json").read_text())
     ledger = json.loads((tdir / "ledger.json").read_text())
     assert info["resumed_from_epoch"] >= 1  # resumed, not restarted
@@ -149,23 +155,8 @@ def test_killed_federation_coordinator_resumes_at_its_last_round(tmp_path):
 
     fed = {"name": "ab", "sites": ["a", "b"], "rounds": 4, "local_epochs": 1}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(sources=[], federations=[fed])))
-    driver = start(
-        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"], tmp_path, tmp_path / "log"
-    )
-    try:
-        trials = tmp_path / "out" / "trials"
-        tdir = wait_for(
-            lambda: next((d for d in trials.glob("*") if checkpoint_epoch(d) >= 1), None),
-            300,
-            "a first checkpointed round",
-            driver,
-        )
-        # the heartbeat's pid is the coordinator (the Tune trainable); its site tasks die with it
-        pid = json.loads((tdir / "running.json").read_text())["pid"]
-        os.kill(pid, signal.SIGKILL)
-        assert driver.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
-    finally:
-        kill_session(driver)
+    # the heartbeat's pid is the coordinator (the Tune trainable); its site tasks die with it
+    tdir = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path)
     info = json.loads((tdir / "trial.json").read_text())
     ledger = json.loads((tdir / "ledger.json").read_text())
     assert info["resumed_from_epoch"] >= 1  # resumed at a round, not restarted

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -210,6 +211,10 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
 # the test's folder: `ray start` writes that token file, and a token left in the real home
 # would turn token authentication on for every later embedded cluster (and its dashboard).
 def token_env(home: Path) -> dict[str, str]:
+    token = home / ".ray" / "auth_token"  # what `ray get-auth-token --generate` writes
+    if not token.is_file():
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text(secrets.token_hex(32))
     return {"RAY_AUTH_MODE": "token", "HOME": str(home)}
 
 

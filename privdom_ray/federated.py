@@ -580,16 +580,9 @@ def site_ledger(spec: TrialSpec, plan: SitePlan, steps: int) -> Ledger:
 def _largest_epsilon(spec: TrialSpec, active: list[SitePlan], site_steps: dict[str, int]) -> float:
     if not spec.is_private:
         return math.inf
-    return max(
-        epsilon_from_ledger(
-            spec.training.accountant,
-            p.noise_multiplier,
-            p.sample_rate,
-            site_steps[p.name],
-            p.delta,
-        )[0]
-        for p in active
-    )
+    # sites of equal size share (sigma, q, steps, delta): one accountant call per distinct ledger
+    ledgers = {(p.noise_multiplier, p.sample_rate, site_steps[p.name], p.delta) for p in active}
+    return max(epsilon_from_ledger(spec.training.accountant, *ledger)[0] for ledger in ledgers)
 
 
 def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:

@@ -252,11 +252,22 @@ def init_ray(spec: SweepSpec, address: str | None, log: Log = _log) -> None:
         log("[ray] started an embedded local cluster")
     url = getattr(ctx, "dashboard_url", None)
     if url:
-        log(f"[ray] dashboard: http://{url}")
+        log(f"[ray] dashboard: http://{url}" + _dashboard_login_hint())
     res = ray.cluster_resources()
     log(
         f"[ray] resources: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s)"
     )
+
+
+def _dashboard_login_hint() -> str:
+    """Ray 2.60 turns token authentication on for new clusters by default (it writes
+    ``~/.ray/auth_token``); the dashboard then asks for that token in the browser."""
+    if os.environ.get("RAY_AUTH_MODE", "token") == "disabled":
+        return ""
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return " (token authentication: log in with the token in $RAY_AUTH_TOKEN)"
+    return f" (token authentication: log in with the token in {token})" if token.is_file() else ""
 
 
 def _use_cluster_token(log: Log) -> None:

@@ -123,15 +123,24 @@ def controls_and_leakage_text(df: pd.DataFrame) -> str:
         out.append("| trials | attack AUC (0.5 = no leakage) | TPR at 1% FPR |")
         out.append("|---|---|---|")
         trials = df.drop_duplicates("trial_key")
+        fed = is_federated(trials)
         groups = [
             (
                 f"epsilon = {format_epsilon(e)}",
                 trials[
                     (trials["epsilon_target"] == e)
                     & (trials["variant"].fillna("standard") == "standard")
+                    & ~fed
                 ],
             )
             for e in epsilons(df_std)
+        ]
+        groups += [
+            (
+                f"federated, epsilon = {format_epsilon(e)} (worst site)",
+                trials[fed & (trials["epsilon_target"] == e)],
+            )
+            for e in (epsilons(trials[fed]) if fed.any() else [])
         ]
         groups += [
             (v, trials[trials["variant"] == v]) for v in sorted(controls["variant"].unique())

@@ -76,6 +76,12 @@ def test_federated_rows_are_in_the_table(fed_sweep):
     assert (fed["epochs"] == 2).all()  # rounds x local epochs
     macro = fed[(fed["label"] == "macro") & (fed["subgroup"] == "all")]
     assert macro["auc"].between(0, 1).all()
+    # membership inference ran at each site; the row reports the worst site
+    for key in fed["trial_key"].unique():
+        info = json.loads((work / "out" / "trials" / key / "trial.json").read_text())
+        assert [a["site"] for a in info["mia_sites"]] == ["a", "b"]
+        assert info["mia_auc"] == max(a["mia_auc"] for a in info["mia_sites"])
+        assert (fed.loc[fed["trial_key"] == key, "mia_auc"] == info["mia_auc"]).all()
 
 
 def test_site_ledgers_reproduce_their_epsilons(fed_sweep):

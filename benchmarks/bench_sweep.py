@@ -11,8 +11,8 @@ measured inside the trial). Prints, per stage:
   trial compute (worker start and imports, Tune scheduling, slots idle at the end)
   in-trial overhead = Tune's trial wall time - trial compute (cache load, model set-up,
   reporting), median over trials and over trials after the first
-A federation's compute is its sites' local training time (summed over sites and rounds, its
-validation left out); slots = the cluster's per-trial slots, which a federation fills several of.
+A federation's compute is its sites' local training CPU time (summed over sites and rounds;
+its validation and evaluation tasks left out); slots = the cluster's per-trial slots, which a federation fills several of.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def trial_compute(output: Path, key: str) -> float:
     tdir = output / "trials" / key
     info = json.loads((tdir / "trial.json").read_text())
     evals = [json.loads(p.read_text())["eval_seconds"] for p in tdir.glob("eval/*/eval.json")]
-    # a federation's training compute is its sites' (parallel) local training time
+    # a federation's training compute is its sites' local training CPU time (sites may share
+    # CPUs, so their wall times would count the same second more than once)
     train = info.get("site_compute_seconds", info["train_seconds"])
     return float(train) + sum(evals)
 

@@ -160,15 +160,14 @@ def prepare(
 
     def cell(t: TrialSpec, source: cache.CacheEntry | None, targets: tuple, init: str) -> Cell:
         sites: tuple[TargetRef, ...] = ()
-        slots = 1
+        slots, cpu, gpu = 1, spec.resources.cpu, spec.resources.gpu
         if t.federation is not None:
             fed = next(f for f in spec.federations if f.name == t.source)
             sites = tuple(
                 TargetRef(s.name, s.data_fingerprint, str(caches[s.name].path))
                 for s in t.federation.sites
             )
-            active = sum(1 for s in t.federation.sites if s.weight > 0)
-            slots = max(1, min(fed.parallel_sites or active, active, slots_cap))
+            slots, cpu, gpu = site_slots(fed, t.federation, spec.resources, slots_cap)
         return Cell(
             spec=t,
             output=str(spec.output),
@@ -181,8 +180,8 @@ def prepare(
             run_id=run_id,
             init_path=init,
             memory_budget_mb=spec.resources.memory_budget_mb,
-            cpu=spec.resources.cpu,
-            gpu=spec.resources.gpu,
+            cpu=cpu,
+            gpu=gpu,
             sites=sites,
             site_slots=slots,
         )
@@ -242,12 +241,16 @@ def init_ray(spec: SweepSpec, address: str | None, log: Log = _log) -> None:
         log(f"[ray] connected to cluster at {address}")
         _warn_local_storage(spec, log)
     else:
+        cpus = spec.ray.num_cpus or os.cpu_count() or 1
         ctx = ray.init(
             address="local",  # always a new cluster: a bare init() joins any running one
             num_cpus=spec.ray.num_cpus,
             include_dashboard=True,
             dashboard_host=spec.ray.dashboard_host,
             log_to_driver=True,
+            # Ray ends idle workers beyond one per CPU; a federation's sites share CPUs
+            # (3 sites on 2 CPUs), and each ended worker costs the next round a torch import
+            _system_config={"num_workers_soft_limit": 3 * cpus},
         )
         log("[ray] started an embedded local cluster")
     url = getattr(ctx, "dashboard_url", None)
@@ -328,6 +331,28 @@ def cluster_slots(spec: SweepSpec) -> int:
     if spec.resources.gpu > 0:
         slots = min(slots, res.get("GPU", 0) / spec.resources.gpu)
     return max(1, int(slots + 1e-9))
+
+
+def site_slots(
+    fed: grid.FederationConfig, federation: grid.Federation, res: grid.Resources, cap: int
+) -> tuple[int, float, float]:
+    """(task slots, cpu and gpu per slot) of a federated trial.
+
+    ``parallel_sites: N`` reserves N whole slots (cpu, gpu each; sites queue for them). The
+    default runs all active sites at once: when the cluster holds fewer whole slots than
+    sites, those slots' CPUs and GPUs are split evenly between the sites (3 sites on 2 CPUs:
+    3 x 0.6666 CPU), so no slot idles while one site finishes a round alone.
+    """
+    active = sum(1 for s in federation.sites if s.weight > 0)
+    if fed.parallel_sites:
+        return max(1, min(fed.parallel_sites, active, cap)), res.cpu, res.gpu
+    whole = min(active, cap)
+    share = whole / active
+
+    def split(x: float) -> float:  # Ray counts resources in units of 1e-4: round down
+        return math.floor(x * share * 10_000) / 10_000
+
+    return active, split(res.cpu), split(res.gpu)
 
 
 def trial_resources(config: dict[str, Any]):

@@ -476,7 +476,7 @@ def _train_federated(
                 "epsilon covers all rounds"
             ),
             "train_seconds": result.train_seconds,
-            "site_compute_seconds": math.fsum(h["site_seconds"] for h in result.history),
+            "site_compute_seconds": math.fsum(h["site_cpu_seconds"] for h in result.history),
             "resumed_from_epoch": result.resumed_from_round,
             # the worst site's attack (each site attacks with its own images, see audit_site)
             "mia_auc": max(

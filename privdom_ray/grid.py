@@ -120,7 +120,7 @@ class FederationConfig:
     weights: tuple[float, ...] | None = None  # aligned with sites; None = by training-set size
     rounds: int = 5
     local_epochs: int = 1
-    parallel_sites: int = 0  # sites training at once (resources only); 0 = all, capped by cluster
+    parallel_sites: int = 0  # N whole task slots (resources only); 0 = every site at once
 
 
 @dataclass(frozen=True)

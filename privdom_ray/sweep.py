@@ -347,6 +347,8 @@ def site_slots(
     if fed.parallel_sites:
         return max(1, min(fed.parallel_sites, active, cap)), res.cpu, res.gpu
     whole = min(active, cap)
+    if whole == active:
+        return active, res.cpu, res.gpu
     share = whole / active
 
     def split(x: float) -> float:  # Ray counts resources in units of 1e-4: round down

@@ -218,3 +218,17 @@ def test_federations_plan_one_trial_per_epsilon_and_seed_with_site_weights(tmp_p
 def test_empty_sources_need_federations(tmp_path):
     errors = errors_of(tmp_path, sources=[])
     assert any("sources: [] is not allowed" in e for e in errors), errors
+
+
+def test_federation_slots_split_a_cluster_smaller_than_the_federation():
+    from privdom_ray.grid import Federation, FederationConfig, Resources, Site
+    from privdom_ray.sweep import site_slots
+
+    three = Federation(tuple(Site(n, "f", 1.0, 0.0) for n in "abc"), rounds=2, local_epochs=1)
+    config = FederationConfig("abc", ("a", "b", "c"))
+    assert site_slots(config, three, Resources(cpu=0.29), cap=10) == (3, 0.29, 0.0)
+    slots, cpu, gpu = site_slots(config, three, Resources(cpu=1, gpu=0.5), cap=2)
+    assert (slots, cpu, gpu) == (3, 0.6666, 0.3333)
+    assert slots * cpu <= 2 and slots * gpu <= 1  # fits what the cluster has
+    whole = FederationConfig("abc", ("a", "b", "c"), parallel_sites=2)
+    assert site_slots(whole, three, Resources(cpu=1), cap=2) == (2, 1, 0)

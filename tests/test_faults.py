@@ -180,19 +180,29 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
         [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"], tmp_path, tmp_path / "log"
     )
     trials = tmp_path / "out" / "trials"
+
+    def finished() -> set[str]:  # trained and evaluated on both targets
+        return {
+            p.parent.name
+            for p in trials.glob("*/done")
+            if len(list((p.parent / "eval").glob("*/eval.json"))) == 2
+        }
+
     try:
-        wait_for(lambda: list(trials.glob("*/done")), 300, "a first finished cell", driver)
+        wait_for(finished, 300, "a first finished cell", driver)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
         kill_session(driver)  # the embedded cluster's processes are the driver's session
-    done_before = {p.parent.name for p in trials.glob("*/done")}
-    mtimes = {k: (trials / k / "model.pt").stat().st_mtime_ns for k in done_before}
+    done_before = finished()
+    trained_before = {p.parent.name for p in trials.glob("*/done")}  # some maybe not evaluated
+    mtimes = {k: (trials / k / "model.pt").stat().st_mtime_ns for k in trained_before}
     assert 1 <= len(done_before) < 4
 
     proc = sweep(tmp_path)
     assert f"{len(done_before)} already done, {4 - len(done_before)} to run" in proc.stdout
-    assert {k: (trials / k / "model.pt").stat().st_mtime_ns for k in done_before} == mtimes
+    # no trained model is trained again (one killed before its evaluation is only evaluated)
+    assert {k: (trials / k / "model.pt").stat().st_mtime_ns for k in trained_before} == mtimes
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
     assert df["trial_key"].nunique() == 4
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()

@@ -216,10 +216,10 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
     assert "4 done" in status.stdout
 
 
-# `ray start` nodes authenticate with ~/.ray/auth_token only in token mode; the driver
-# (launch.py --address) switches to token mode by itself when a token exists. HOME points into
-# the test's folder: `ray start` writes that token file, and a token left in the real home
-# would turn token authentication on for every later embedded cluster (and its dashboard).
+# `ray start` nodes authenticate with ~/.ray/auth_token only in token mode, and `ray start`
+# does not create the token (an embedded ray.init does); the driver (launch.py --address)
+# switches to token mode by itself when a token exists. The test's own HOME holds a token it
+# writes, so it needs nothing from earlier runs in the real home.
 def token_env(home: Path) -> dict[str, str]:
     token = home / ".ray" / "auth_token"  # what `ray get-auth-token --generate` writes
     if not token.is_file():

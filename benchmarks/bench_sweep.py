@@ -11,8 +11,11 @@ measured inside the trial). Prints, per stage:
   trial compute (worker start and imports, Tune scheduling, slots idle at the end)
   in-trial overhead = Tune's trial wall time - trial compute (cache load, model set-up,
   reporting), median over trials and over trials after the first
-A federation's compute is its sites' local training CPU time (summed over sites and rounds;
-its validation and evaluation tasks left out); slots = the cluster's per-trial slots, which a federation fills several of.
+Compute is slot-seconds of trial work: a single-site trial's training and evaluation wall time
+(one slot); a federation's site tasks (local training, validation, membership audit) and
+evaluations, each task's wall time x the part of a slot it held (3 sites sharing 2 one-CPU slots
+hold 2/3 each). A federation's coordinating (averaging, checkpoints, accounting) and the sites'
+wait for the slowest site count as idle. slots = the cluster's per-trial slots.
 """
 
 from __future__ import annotations
@@ -27,10 +30,8 @@ def trial_compute(output: Path, key: str) -> float:
     tdir = output / "trials" / key
     info = json.loads((tdir / "trial.json").read_text())
     evals = [json.loads(p.read_text())["eval_seconds"] for p in tdir.glob("eval/*/eval.json")]
-    # a federation's training compute is its sites' local training CPU time (sites may share
-    # CPUs, so their wall times would count the same second more than once)
-    train = info.get("site_compute_seconds", info["train_seconds"])
-    return float(train) + sum(evals)
+    train = info.get("site_task_seconds", info["train_seconds"])  # a federation: its site tasks
+    return (float(train) + sum(evals)) * info.get("slot_share", 1.0)
 
 
 def main() -> None:

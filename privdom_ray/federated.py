@@ -102,6 +102,9 @@ def plan_sites(spec: TrialSpec, n_train: Mapping[str, int]) -> list[SitePlan]:
     if not any(s.weight > 0 for s in fed.sites):
         raise ValueError("a federation needs at least one site with a positive weight")
     plans = []
+    # sites of equal size share (delta, q, steps), hence sigma: calibrate each distinct one once
+    # (a PRV calibration takes seconds, and the site slots wait for it)
+    sigmas: dict[tuple[float, float, int], float] = {}
     for site in fed.sites:
         n = int(n_train[site.name])
         if site.weight > 0 and n <= 0:
@@ -117,7 +120,10 @@ def plan_sites(spec: TrialSpec, n_train: Mapping[str, int]) -> list[SitePlan]:
         if spec.is_private and steps_per_round:
             if site.delta <= 0:
                 raise ValueError(f"site {site.name!r}: a DP trial needs delta > 0")
-            sigma = calibrate_noise(spec, site.delta, rate, fed.rounds * steps_per_round)
+            args = (site.delta, rate, fed.rounds * steps_per_round)
+            if args not in sigmas:
+                sigmas[args] = calibrate_noise(spec, *args)
+            sigma = sigmas[args]
         plans.append(
             SitePlan(
                 name=site.name,
@@ -183,6 +189,7 @@ def local_update(
     round: int,
     device: str = "cpu",
     memory_budget_mb: int = 2048,
+    channels_last: bool = False,
 ) -> SiteUpdate:
     """Train the global model for ``local_epochs`` epochs on this site's training split.
 
@@ -219,6 +226,7 @@ def local_update(
         device=device,
         noise={"noise_multiplier": plan.noise_multiplier} if spec.is_private else None,
         memory_budget_mb=memory_budget_mb,
+        channels_last=channels_last,
     )
     losses: list[float] = []
     for _ in range(fed.local_epochs):
@@ -233,7 +241,10 @@ def local_update(
             f"site {plan.name!r} took {steps} steps in round {round}, planned "
             f"{plan.steps_per_round}"
         )
-    state = {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(t.model).state_dict().items()}
+    state = {  # NCHW whatever the training layout
+        k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in _unwrap(t.model).state_dict().items()
+    }
     return SiteUpdate(
         name=plan.name,
         state=state,
@@ -272,6 +283,7 @@ class SiteValidation:
     n: int
     hist_pos: np.ndarray  # (L, HIST_BINS) int64: scores of images whose label is positive
     hist_neg: np.ndarray  # (L, HIST_BINS) int64: ... negative; masked labels are left out
+    seconds: float = 0.0  # wall time of the validation at the site
 
 
 def score_histograms(
@@ -311,10 +323,18 @@ def validate_site(
     device: str = "cpu",
 ) -> SiteValidation:
     """Score the global model on this site's validation split; return only aggregates."""
+    t0 = time.perf_counter()
     model = load_model(spec.model, dict(global_state), num_outputs=val.labels.shape[1])
     scores = predict(model.to(device), val.images, device=device)
     hist_pos, hist_neg = score_histograms(scores, val.labels)
-    return SiteValidation(name, macro_auc(scores, val.labels), len(val), hist_pos, hist_neg)
+    return SiteValidation(
+        name,
+        macro_auc(scores, val.labels),
+        len(val),
+        hist_pos,
+        hist_neg,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def site_update_from_cache(
@@ -327,6 +347,7 @@ def site_update_from_cache(
     device: str = "cpu",
     threads: int = 1,
     memory_budget_mb: int = 2048,
+    channels_last: bool = False,
 ) -> SiteUpdate:
     """:func:`local_update` on the site's cached training split (runs where the data is)."""
     torch.set_num_threads(max(1, threads))
@@ -339,6 +360,7 @@ def site_update_from_cache(
         round=round,
         device=device,
         memory_budget_mb=memory_budget_mb,
+        channels_last=channels_last,
     )
 
 
@@ -513,8 +535,11 @@ def run_federation(
             "epsilon": _largest_epsilon(spec, active, site_steps),
             "steps": max(site_steps[p.name] for p in active),
             "seconds": time.perf_counter() - t0,
-            # the sites' local training CPU time this round, summed (a federation's compute)
+            # the sites' local training CPU time this round, summed
             "site_cpu_seconds": math.fsum(u.cpu_seconds for u in updates),
+            # wall time of the round's site work (training and validation), summed over sites
+            "site_seconds": math.fsum(u.seconds for u in updates)
+            + math.fsum(v.seconds for v in validations),
         }
         history.append(record)
         score = -math.inf if math.isnan(val_auc) else val_auc

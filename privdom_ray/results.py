@@ -170,6 +170,22 @@ def is_evaluated(edir: Path) -> bool:
     return (Path(edir) / "eval.json").is_file()
 
 
+def heartbeat(tdir: Path, run_id: str, node: str, **extra: Any) -> None:
+    """``running.json``: a cell at work, with its last epoch (status and progress read it)."""
+    write_json(
+        tdir / "running.json",
+        {"run_id": run_id, "node": node, "pid": os.getpid(), "updated": time.time(), **extra},
+    )
+
+
+def record_failure(tdir: Path, run_id: str, *, reason: str, error: str) -> None:
+    """``failed.json``: why a cell stopped (the error's last lines), for ``launch.py status``."""
+    write_json(
+        tdir / "failed.json",
+        {"run_id": run_id, "reason": reason, "error": error[-4000:], "time": time.time()},
+    )
+
+
 def find_trials(output: Path, query: str) -> list[Path]:
     """Trial folders matching a key (or key prefix) or ``source/epsilon/seed``."""
     base = Path(output) / TRIALS

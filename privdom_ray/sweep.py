@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,11 @@ from typing import Any
 import pandas as pd
 
 from privdom_ray import cache, comparisons, grid, report, results
+from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.domains import build_manifest
 from privdom_ray.grid import SweepSpec, TrialSpec
 from privdom_ray.manifest import fingerprint
-from privdom_ray.trial import Cell, TargetRef, TrialTimedOut, record_failure, run_cell
+from privdom_ray.trainable import privdom_trial, trial_resources
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Under `uv run`, Ray would start every worker through `uv run` again (a re-sync per worker);
@@ -157,6 +158,8 @@ def prepare(
     targets = tuple(TargetRef(t, fps[t], str(caches[t].path)) for t in spec.targets)
 
     slots_cap = cluster_slots(spec)
+    device = "cuda" if spec.resources.gpu > 0 else "cpu"
+    fmt = spec.resources.memory_format
 
     def cell(t: TrialSpec, source: cache.CacheEntry | None, targets: tuple, init: str) -> Cell:
         sites: tuple[TargetRef, ...] = ()
@@ -168,6 +171,7 @@ def prepare(
                 for s in t.federation.sites
             )
             slots, cpu, gpu = site_slots(fed, t.federation, spec.resources, slots_cap)
+        share = cpu / spec.resources.cpu  # a federation's sites may split the slots
         return Cell(
             spec=t,
             output=str(spec.output),
@@ -175,7 +179,7 @@ def prepare(
             targets=targets,
             evaluation=spec.evaluation,
             threads=max(1, int(spec.resources.cpu)),
-            device="cuda" if spec.resources.gpu > 0 else "cpu",
+            device=device,
             checkpoint_every=spec.ray.checkpoint_every,
             run_id=run_id,
             init_path=init,
@@ -184,6 +188,8 @@ def prepare(
             gpu=gpu,
             sites=sites,
             site_slots=slots,
+            slot_share=share,
+            channels_last=fmt == "channels_last" or (fmt == "auto" and device == "cuda"),
         )
 
     cells = []
@@ -333,6 +339,24 @@ def cluster_slots(spec: SweepSpec) -> int:
     return max(1, int(slots + 1e-9))
 
 
+def warm_workers(spec: SweepSpec) -> list:
+    """Start one task worker per slot that the first trials will fill (and one per site of
+    the largest federation), each importing the training stack, without waiting for them.
+
+    Measured on the demo grid: a federation's first round waited ~13 s for three cold workers
+    to import torch and Opacus. The warm-up tasks hold no CPU (``num_cpus=0``), so they delay
+    nothing Tune reserves; they run while the caches are built and Tune starts. Embedded
+    cluster only: on a multi-node cluster they would all land on this node.
+    """
+    import ray
+
+    from privdom_ray.trainable import warm_up
+
+    sites = max((len(f.sites) for f in spec.federations), default=0)
+    task = ray.remote(num_cpus=0, max_retries=0)(warm_up)
+    return [task.options(name="warm-up").remote() for _ in range(max(cluster_slots(spec), sites))]
+
+
 def site_slots(
     fed: grid.FederationConfig, federation: grid.Federation, res: grid.Resources, cap: int
 ) -> tuple[int, float, float]:
@@ -355,203 +379,6 @@ def site_slots(
         return math.floor(x * share * 10_000) / 10_000
 
     return active, split(res.cpu), split(res.gpu)
-
-
-def trial_resources(config: dict[str, Any]):
-    """What Tune reserves for a trial: an empty head bundle (the trainable only coordinates)
-    and one bundle per task slot; a federation gets one per site training at once."""
-    from ray import tune
-
-    cell = config["cell"]
-    bundle = {"CPU": cell["cpu"], "GPU": cell["gpu"]}
-    return tune.PlacementGroupFactory([{}] + [bundle] * cell.get("site_slots", 1))
-
-
-class RayExecutor:
-    """Runs a trial's work as named Ray tasks in the bundles Tune reserved for it, so the work
-    shows up by name in the Ray dashboard (``site_a_eps1_seed0``, ``fed_eps1_seed0/site_b/round3``)
-    and cannot wait for resources another trial holds. Enforces the trial's time limit."""
-
-    def __init__(self, cell: Cell, timeout_s: float, poll=None) -> None:
-        import ray
-
-        self.cell = cell
-        self.pg = ray.util.get_current_placement_group()
-        self.deadline = time.monotonic() + timeout_s if timeout_s else math.inf
-        self.timeout_s = timeout_s
-        self.poll = poll  # called about once a second while waiting (progress forwarding)
-
-    def map(self, fn: Callable[..., Any], calls) -> list:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        shared: dict[int, Any] = {}  # an argument passed to every call is shipped once
-
-        def arg(value: Any) -> Any:
-            if len(calls) < 2 or not isinstance(value, dict):
-                return value
-            if id(value) not in shared:
-                shared[id(value)] = ray.put(value)
-            return shared[id(value)]
-
-        refs = []
-        slots = self.cell.site_slots
-        for i, (label, kwargs) in enumerate(calls):
-            name = self.cell.spec.name if label == "" else f"{self.cell.spec.name}/{label}"
-            options: dict[str, Any] = dict(
-                name=name, num_cpus=self.cell.cpu, num_gpus=self.cell.gpu, max_retries=0
-            )
-            if self.cell.gpu > 0:
-                options["max_calls"] = 0  # keep the worker (and its CUDA context) for reuse
-            if self.pg is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=i % slots
-                )
-            refs.append(
-                _run_task.options(**options).remote(fn, **{k: arg(v) for k, v in kwargs.items()})
-            )
-        return self._wait(refs)
-
-    def _wait(self, refs: list) -> list:
-        import ray
-
-        pending = list(refs)
-        while pending:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                raise self._timed_out()
-            _done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
-            if self.poll is not None:
-                self.poll()
-        return ray.get(refs)
-
-    def _timed_out(self) -> TrialTimedOut:
-        cell = self.cell
-        tdir = results.trial_dir(Path(cell.output), cell.spec.key)
-        message = f"{cell.spec.name}: timeout after {self.timeout_s:g}s (ray.trial_timeout_s)"
-        record_failure(tdir, cell.run_id, reason="timeout", error=message)
-        print(f"[trial] {message}; stopping it", flush=True)
-        return TrialTimedOut(message)
-
-
-def _remote_task():
-    import ray
-
-    @ray.remote
-    def run_task(fn: Callable[..., Any], **kwargs: Any) -> Any:
-        _quiet_known_warnings()
-        return fn(**kwargs)
-
-    return run_task
-
-
-_run_task = None  # bound lazily: importing this module must not import Ray
-
-
-def _cell_task(*, config: dict[str, Any]) -> dict[str, Any]:
-    """A single-site cell, run inside its named task (on the trial's reserved resources)."""
-    import ray
-
-    cell = Cell.from_config(config)
-    try:
-        return run_cell(cell, node=ray.get_runtime_context().get_node_id())
-    finally:
-        if cell.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()  # the worker is reused: hand cached GPU memory back
-
-
-def privdom_trial(config: dict[str, Any]) -> None:
-    """The Tune function trainable: coordinates one cell and reports its progress to Tune.
-
-    The work runs in named Ray tasks inside the trial's reserved bundles (``RayExecutor``): a
-    single-site cell is one task (its epochs are followed through the heartbeat file), a
-    federation's coordinator runs here and sends site updates, validations and evaluations
-    out as tasks.
-    """
-    import ray
-    from ray import tune
-
-    global _run_task
-    if _run_task is None:
-        _run_task = _remote_task()
-    _quiet_known_warnings()
-    cell = Cell.from_config(config["cell"])
-    tdir = results.trial_dir(Path(cell.output), cell.spec.key)
-    node = ray.get_runtime_context().get_node_id()
-
-    def report(record: dict[str, Any]) -> None:
-        tune.report({k: _finite(v) for k, v in record.items()})
-
-    try:
-        if cell.spec.federation is not None:
-            executor = RayExecutor(cell, config.get("timeout_s", 0.0))
-            summary = run_cell(cell, report=report, node=node, executor=executor)
-        else:
-            follow = _HeartbeatFollower(tdir, cell.run_id, report)
-            executor = RayExecutor(cell, config.get("timeout_s", 0.0), poll=follow)
-            (summary,) = executor.map(_cell_task, [("", {"config": config["cell"]})])
-            if summary["trained_now"]:
-                follow.finish()
-    except ray.exceptions.RayTaskError:
-        raise  # the task recorded its own failure (failed.json) before raising
-    except ray.exceptions.RayError as exc:  # e.g. the task's worker died; Tune retries the trial
-        record_failure(tdir, cell.run_id, reason=type(exc).__name__, error=str(exc))
-        raise
-    tune.report(
-        {"phase": "done", **{k: _finite(v) for k, v in summary.items() if k != "evaluated"}}
-    )
-
-
-class _HeartbeatFollower:
-    """Forwards the epoch records a cell's task leaves in ``running.json`` to Tune, once each."""
-
-    def __init__(self, tdir: Path, run_id: str, report) -> None:
-        self.path = tdir / "running.json"
-        self.run_id = run_id
-        self.report = report
-        self.epoch = 0
-
-    KEEP = ("epoch", "train_loss", "val_macro_auc", "steps", "epsilon", "seconds")
-
-    def __call__(self) -> None:
-        try:
-            beat = results.read_json(self.path)
-        except (OSError, ValueError):
-            return  # not written yet, or already removed at the end
-        if beat.get("run_id") == self.run_id and "epoch" in beat:
-            self._forward(beat)
-
-    def finish(self) -> None:
-        """Epochs the polling missed (the last one ends just before the task does)."""
-        history = self.path.with_name("history.json")
-        if history.is_file():
-            for record in results.read_json(history):
-                self._forward(record)
-
-    def _forward(self, record: dict[str, Any]) -> None:
-        if record["epoch"] > self.epoch:
-            self.epoch = record["epoch"]
-            self.report({"phase": "train", **{k: record[k] for k in self.KEEP if k in record}})
-
-
-def _quiet_known_warnings() -> None:
-    """Silence warnings that are expected here and would bury the progress lines."""
-    import warnings
-
-    for pattern in (
-        "Secure RNG turned off",  # secure_mode needs torchcsprng, which has no torch 2.x build
-        "Full backward hook is firing",  # Opacus hooks on the stem: inputs need no grad
-        "Optimal order is the largest alpha",  # RDP cross-check at few steps
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
-def _finite(v: Any) -> Any:
-    return -1.0 if isinstance(v, float) and math.isinf(v) else v
 
 
 def _progress_callback(names: dict[str, str], log: Log):
@@ -680,6 +507,37 @@ def run_cells(
     return failed
 
 
+# DP-SGD's cost per image relative to plain training, for ordering only (bench_dp_step.py:
+# clipping 1.2-1.4x per step; noise calibration and per-epoch accounting add to it)
+DP_COST = 1.5
+
+
+def expected_work(cell: Cell, n_train: Mapping[str, int]) -> float:
+    """A cell's training work in slot-image-epochs, a scheduling estimate (not a measurement).
+
+    A federation trains every positive-weight site for all its rounds; its site tasks share
+    ``site_slots x slot_share`` slots.
+    """
+    spec = cell.spec
+    if spec.federation is not None:
+        sites = [s for s in spec.federation.sites if s.weight > 0]
+        images = sum(n_train.get(s.name, 0) for s in sites)
+    else:
+        images = n_train.get(spec.source, 0)
+    return images * spec.training.epochs * (DP_COST if spec.clips else 1.0)
+
+
+def longest_first(cells: Sequence[Cell], n_train: Mapping[str, int]) -> list[Cell]:
+    """Cells by expected work, largest first (LPT scheduling; ties keep the grid's order).
+
+    Tune starts trials in the order given. Ending on the shortest trials shortens the tail
+    in which the last trial runs while other slots idle, and a federation, which holds every
+    slot of a small cluster, runs before single-site trials instead of waiting for all of
+    them to drain.
+    """
+    return sorted(cells, key=lambda c: -expected_work(c, n_train))
+
+
 def _complete_on_disk(cell: Cell) -> bool:
     tdir = results.trial_dir(Path(cell.output), cell.spec.key)
     return results.is_trained(tdir) and all(
@@ -701,7 +559,8 @@ def run(
     """
     spec = grid.load_grid(grid_path, output=output)
     inputs = check_inputs(spec, log)
-    if address or spec.ray.address or os.environ.get("RAY_ADDRESS"):
+    embedded = not (address or spec.ray.address or os.environ.get("RAY_ADDRESS"))
+    if not embedded:
         _use_cluster_token(log)  # before Ray is imported: it reads the mode once
     import ray
 
@@ -710,6 +569,8 @@ def run(
     init_ray(spec, address, log)
     try:
         check_resources(spec)
+        if embedded:
+            warm_workers(spec)  # in the background; Ray runs a task whose result is dropped
         prep = prepare(spec, inputs, log, train=train, run_id=run_id)
         done = len(prep.trials) - len(prep.cells)
         log(
@@ -725,7 +586,7 @@ def run(
         if failed:
             log("[sweep] pretraining failed: its dependent cells are not started")
         else:
-            failed = run_cells(prep, log, rest)
+            failed = run_cells(prep, log, longest_first(rest, prep.n_train))
     finally:
         ray.shutdown()
     keys = [t.key for t in prep.trials]

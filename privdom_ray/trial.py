@@ -10,15 +10,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import math
-import os
 import platform
 import shutil
 import socket
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,8 @@ import torch
 
 from privdom_ray import federated, metrics, results
 from privdom_ray.cache import SplitData, load_split, split_sizes
-from privdom_ray.grid import EvaluationConfig, TrialSpec
+from privdom_ray.cell import Cell, TargetRef, TrialTimedOut
+from privdom_ray.grid import EvaluationConfig
 from privdom_ray.manifest import LABELS
 from privdom_ray.train import load_model, predict, run_trial
 
@@ -42,61 +41,6 @@ class Executor:
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple[str, dict[str, Any]]]) -> list:
         return [fn(**kwargs) for _label, kwargs in calls]
-
-
-@dataclass(frozen=True)
-class TargetRef:
-    """A target domain's cached test split, identified by the domain name and data fingerprint."""
-
-    name: str
-    fingerprint: str
-    cache_path: str
-
-
-@dataclass(frozen=True)
-class Cell:
-    spec: TrialSpec
-    output: str
-    source_cache: str
-    targets: tuple[TargetRef, ...]
-    evaluation: EvaluationConfig
-    threads: int = 1
-    device: str = "cpu"
-    checkpoint_every: int = 1
-    run_id: str = ""
-    init_path: str = ""  # weights to start from (a pretraining trial's model.pt or a user file)
-    memory_budget_mb: int = 2048
-    cpu: float = 1.0  # per task: a single-site trial, or one site of a federation
-    gpu: float = 0.0
-    sites: tuple[TargetRef, ...] = ()  # a federation's member sites (their cached data)
-    site_slots: int = 1  # sites of a federation that train at once (reserved task slots)
-
-    def to_config(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["spec"] = self.spec.to_json()
-        return d
-
-    @classmethod
-    def from_config(cls, d: Mapping[str, Any]) -> Cell:
-        return cls(
-            spec=TrialSpec.from_json(d["spec"]),
-            output=d["output"],
-            source_cache=d["source_cache"],
-            targets=tuple(TargetRef(**t) for t in d["targets"]),
-            evaluation=EvaluationConfig(
-                **{**d["evaluation"], "age_bins": tuple(d["evaluation"]["age_bins"])}
-            ),
-            threads=d.get("threads", 1),
-            device=d.get("device", "cpu"),
-            checkpoint_every=d.get("checkpoint_every", 1),
-            run_id=d.get("run_id", ""),
-            init_path=d.get("init_path", ""),
-            memory_budget_mb=d.get("memory_budget_mb", 2048),
-            cpu=d.get("cpu", 1.0),
-            gpu=d.get("gpu", 0.0),
-            sites=tuple(TargetRef(**t) for t in d.get("sites", ())),
-            site_slots=d.get("site_slots", 1),
-        )
 
 
 def versions() -> dict[str, str]:
@@ -152,10 +96,6 @@ class FileCheckpoint:
         results.atomic_write(self.path, lambda p: torch.save(state, p))
 
 
-class TrialTimedOut(RuntimeError):
-    """Raised for a cell whose earlier attempt in this run hit the per-trial time limit."""
-
-
 def run_cell(
     cell: Cell,
     report: Report | None = None,
@@ -180,29 +120,17 @@ def run_cell(
         if earlier.get("run_id") == cell.run_id and earlier.get("reason") == "timeout":
             raise TrialTimedOut(earlier["error"])  # do not let Tune's retries run it again
     node = node or socket.gethostname()
-    heartbeat(tdir, cell.run_id, node, phase="starting")
+    results.heartbeat(tdir, cell.run_id, node, phase="starting")
     try:
         summary = _run_cell(cell, tdir, report, node, executor or Executor())
     except BaseException as exc:
-        record_failure(tdir, cell.run_id, reason=type(exc).__name__, error=traceback.format_exc())
+        results.record_failure(
+            tdir, cell.run_id, reason=type(exc).__name__, error=traceback.format_exc()
+        )
         raise
     (tdir / "running.json").unlink(missing_ok=True)
     failed.unlink(missing_ok=True)
     return summary
-
-
-def heartbeat(tdir: Path, run_id: str, node: str, **extra: Any) -> None:
-    results.write_json(
-        tdir / "running.json",
-        {"run_id": run_id, "node": node, "pid": os.getpid(), "updated": time.time(), **extra},
-    )
-
-
-def record_failure(tdir: Path, run_id: str, *, reason: str, error: str) -> None:
-    results.write_json(
-        tdir / "failed.json",
-        {"run_id": run_id, "reason": reason, "error": error[-4000:], "time": time.time()},
-    )
 
 
 def _run_cell(
@@ -256,7 +184,7 @@ def _epoch_callback(cell: Cell, tdir: Path, report: Report | None, node: str, wr
     """Per epoch (or federated round): heartbeat with the record, TensorBoard curves, report."""
 
     def on_epoch(record: dict[str, Any]) -> None:
-        heartbeat(tdir, cell.run_id, node, phase="train", **record)
+        results.heartbeat(tdir, cell.run_id, node, phase="train", **record)
         for name in ("train_loss", "val_macro_auc", "epsilon"):
             if math.isfinite(record[name]):
                 writer.add_scalar(name, record[name], record["epoch"])
@@ -298,6 +226,7 @@ def _train(cell: Cell, tdir: Path, report: Report | None, node: str, _executor: 
             checkpoint_every=cell.checkpoint_every,
             init_state=torch.load(cell.init_path, weights_only=True) if cell.init_path else None,
             memory_budget_mb=cell.memory_budget_mb,
+            channels_last=cell.channels_last,
         )
     finally:
         writer.close()
@@ -365,6 +294,7 @@ def _write_trained(
         **record,
         "node": node,
         "device": cell.device,
+        "slot_share": cell.slot_share,
         "versions": versions(),
         "code_version": code_version(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -406,6 +336,7 @@ def _train_federated(
                     global_state=state,
                     round=round_,
                     memory_budget_mb=cell.memory_budget_mb,
+                    channels_last=cell.channels_last,
                 ),
             )
             for p in active
@@ -477,6 +408,10 @@ def _train_federated(
             ),
             "train_seconds": result.train_seconds,
             "site_compute_seconds": math.fsum(h["site_cpu_seconds"] for h in result.history),
+            # wall time of all site tasks (training, validation, membership audit), summed;
+            # each held ``slot_share`` of a per-trial slot (benchmarks/bench_sweep.py)
+            "site_task_seconds": math.fsum(h["site_seconds"] for h in result.history)
+            + math.fsum(a["seconds"] for a in audits),
             "resumed_from_epoch": result.resumed_from_round,
             # the worst site's attack (each site attacks with its own images, see audit_site)
             "mia_auc": max(
@@ -507,6 +442,7 @@ def audit_site(
 ) -> dict[str, Any]:
     """A federation member's membership-inference audit, run at the site: its training images
     vs its held-out test images; only the attack's AUC and TPR leave the site."""
+    t0 = time.perf_counter()
     torch.set_num_threads(max(1, threads))
     model = load_model(model_name, state, num_outputs=len(LABELS))
     auc, tpr, n = membership_audit(
@@ -516,7 +452,13 @@ def audit_site(
         seed=seed,
         device=device,
     )
-    return {"site": name, "mia_auc": auc, "mia_tpr_at_1fpr": tpr, "mia_n": n}
+    return {
+        "site": name,
+        "mia_auc": auc,
+        "mia_tpr_at_1fpr": tpr,
+        "mia_n": n,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def membership_audit(

@@ -8,7 +8,9 @@ norms for Linear, per-sample gradients + a second backward for convs), and ``bk`
 (``privdom_ray.dpstep.BookKeepingClipper``: one backward, mixed ghost norms, book-keeping).
 
 Each mode is first checked for correctness: its clipped gradient for one noiseless step must
-match a per-example loop (``dpstep.clipping_error``). Modes that fail or disagree are listed with
+match a per-example loop (``dpstep.clipping_error``), in every layout timed.
+``--memory-format both`` times every mode in NCHW and in NHWC (``channels_last``, what
+``resources.memory_format: auto`` uses on GPUs) in the same interleaved loop. Modes that fail or disagree are listed with
 the reason and not timed. Repetitions are interleaved across modes (so load from other
 processes hits all modes alike) and the median is reported. Peak memory of one step is measured
 at ``--batch`` (CUDA allocator statistics, or on CPU the live-tensor-bytes tracker in dpstep) and
@@ -20,7 +22,8 @@ has nothing else. Examples:
 
     uv run python benchmarks/bench_dp_step.py                      # 64 px, batch 32, CPU
     uv run python benchmarks/bench_dp_step.py --size 128
-    python benchmarks/bench_dp_step.py --size 512 --device cuda --batch 64 --budget-mb 40960
+    python benchmarks/bench_dp_step.py --size 512 --device cuda --batch 64 --budget-mb 40960 \
+        --memory-format both
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from privdom_ray import dpstep  # noqa: E402
 from privdom_ray.models import MODELS, build_model  # noqa: E402
 
 ALL_MODES = ("nondp", *dpstep.DP_MODES)
+LAYOUTS = {"contiguous": (False,), "channels_last": (True,), "both": (False, True)}
 TOLERANCE = 1e-4  # clipping_error above this = wrong per-sample clipping
 
 
@@ -65,6 +69,10 @@ def _timed2(fn, device: torch.device) -> tuple[float, float]:
     fn()
     _sync(device)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _label(mode: str, channels_last: bool) -> str:
+    return f"{mode} NHWC" if channels_last else mode
 
 
 def _reason(exc: BaseException) -> str:
@@ -147,6 +155,12 @@ def main() -> None:
     ap.add_argument("--check-batch", type=int, default=6)
     ap.add_argument("--no-memory", action="store_true", help="skip memory and batch search")
     ap.add_argument("--layers", action="store_true", help="also time conv layers' strategies")
+    ap.add_argument(
+        "--memory-format",
+        default="contiguous",
+        choices=sorted(LAYOUTS),
+        help="activation layout(s) timed: NCHW, NHWC (channels_last) or both side by side",
+    )
     args = ap.parse_args()
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -165,6 +179,7 @@ def main() -> None:
         f"--threads {args.threads} --budget-mb {args.budget_mb:g} --modes {','.join(modes)}"
         + (" --no-memory" if args.no_memory else "")
         + (" --layers" if args.layers else "")
+        + f" --memory-format {args.memory_format}"
     )
     print(f"Reproduce: `{cmd}`\n")
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -177,10 +192,16 @@ def main() -> None:
     )
     t_start = time.perf_counter()
 
+    # every (mode, layout) pair is a variant, timed side by side; labels: "bk", "bk NHWC"
+    layouts = LAYOUTS[args.memory_format]
+    variants = {_label(m, cl): (m, cl) for cl in layouts for m in modes}
+
     # 1. correctness: clipped gradient vs a per-example loop
-    status: dict[str, str] = {"nondp": "n/a (no clipping)"}
+    status: dict[str, str] = {_label("nondp", cl): "n/a (no clipping)" for cl in layouts}
     failed: dict[str, str] = {}
-    for mode in modes[1:]:
+    for label, (mode, cl) in variants.items():
+        if mode == "nondp":
+            continue
         try:
             err = dpstep.clipping_error(
                 args.model,
@@ -188,64 +209,69 @@ def main() -> None:
                 image_size=args.check_size,
                 batch=args.check_batch,
                 device=device,
+                channels_last=cl,
             )
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
-            failed[mode] = f"parity check raised {_reason(exc)}"
+            failed[label] = f"parity check raised {_reason(exc)}"
             continue
-        status[mode] = f"{err:.1e}"
+        status[label] = f"{err:.1e}"
         if not err <= TOLERANCE:
-            failed[mode] = f"wrong clipped gradient: relative error {err:.2e} > {TOLERANCE:g}"
+            failed[label] = f"wrong clipped gradient: relative error {err:.2e} > {TOLERANCE:g}"
 
     # 2. timing, interleaved
     steps: dict[str, dpstep.Step] = {}
-    for mode in modes:
-        if mode in failed:
+    for label, (mode, cl) in variants.items():
+        if label in failed:
             continue
         try:
-            step = dpstep.build_step(args.model, args.size, mode, args.batch, device)
+            step = dpstep.build_step(
+                args.model, args.size, mode, args.batch, device, channels_last=cl
+            )
             step.run()  # warm-up: optimizer state, kernels, allocator
-            steps[mode] = step
+            steps[label] = step
         except Exception as exc:  # noqa: BLE001
-            failed[mode] = f"step raised {_reason(exc)}"
+            failed[label] = f"step raised {_reason(exc)}"
             if os.environ.get("BENCH_TRACEBACK"):
                 traceback.print_exc()
     times: dict[str, list[float]] = {m: [] for m in steps}
     cpu_times: dict[str, list[float]] = {m: [] for m in steps}
     for _ in range(args.reps):
-        for mode, step in steps.items():
+        for label, step in steps.items():
             wall, cpu = _timed2(step.run, device)
-            times[mode].append(wall)
-            cpu_times[mode].append(cpu)
+            times[label].append(wall)
+            cpu_times[label].append(cpu)
     per_image = {m: 1000 * statistics.median(ts) / args.batch for m, ts in times.items()}
     cpu_per_image = {m: 1000 * statistics.median(ts) / args.batch for m, ts in cpu_times.items()}
     spread = {
         m: (1000 * min(ts) / args.batch, 1000 * max(ts) / args.batch) for m, ts in times.items()
     }
 
-    # 3. memory: measured at --batch, linear model from probes, max batch under the budget
+    # 3. memory: measured at --batch; NCHW also the linear model and max batch under the budget
     budget = int(args.budget_mb * 2**20)
     mem: dict[str, str] = {}
     fit: dict[str, str] = {}
     if not args.no_memory:
-        for mode, step in steps.items():
+        for label, step in steps.items():
+            mode, cl = variants[label]
             try:
                 measured = dpstep.step_peak_bytes(step, device, warmup=0)
-                model = dpstep.memory_model(args.model, args.size, mode, device)
-                mem[mode] = f"{measured / 2**20:.0f} / {model.peak(args.batch) / 2**20:.0f}"
-                fit[mode] = str(model.max_batch(budget))
+                mem[label] = f"{measured / 2**20:.0f}"
+                if not cl:
+                    model = dpstep.memory_model(args.model, args.size, mode, device)
+                    mem[label] += f" / {model.peak(args.batch) / 2**20:.0f}"
+                    fit[label] = str(model.max_batch(budget))
             except Exception as exc:  # noqa: BLE001
-                mem[mode] = fit[mode] = f"failed: {_reason(exc)}"
+                mem[label] = fit[label] = f"failed: {_reason(exc)}"
     bk_layers = ""
     if "bk" in steps:
         clipper = steps["bk"].module.bookkeeping_clipper
         bk_layers = ", ".join(f"{k}={v}" for k, v in clipper.layer_modes.items())
     del steps
 
-    base = per_image.get("nondp")
     print(
         f"\n### {args.model}, {args.size} px, batch {args.batch}, {args.device}, "
         f"{torch.get_num_threads()} thread(s): one optimizer step, median of {args.reps} "
-        "interleaved repetitions\n"
+        "interleaved repetitions (DP / non-DP: against non-DP in the same layout)\n"
     )
     print(
         "| mode | clipping error vs per-example loop | ms / image (min-max) | DP / non-DP "
@@ -254,26 +280,30 @@ def main() -> None:
         f"| max physical batch in {args.budget_mb:g} MiB |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for mode in modes:
-        if mode not in per_image:
+    for label, (_mode, cl) in variants.items():
+        if label not in per_image:
             continue
-        lo, hi = spread[mode]
-        ratio = f"{per_image[mode] / base:.2f}x" if base else "?"
-        cpu_base = cpu_per_image.get("nondp")
-        cpu_ratio = f"{cpu_per_image[mode] / cpu_base:.2f}x" if cpu_base else "?"
+        lo, hi = spread[label]
+        base = per_image.get(_label("nondp", cl))
+        cpu_base = cpu_per_image.get(_label("nondp", cl))
+        ratio = f"{per_image[label] / base:.2f}x" if base else "?"
+        cpu_ratio = f"{cpu_per_image[label] / cpu_base:.2f}x" if cpu_base else "?"
         print(
-            f"| {mode} | {status.get(mode, '?')} | {per_image[mode]:.2f} ({lo:.2f}-{hi:.2f}) "
-            f"| {ratio} | {cpu_per_image[mode]:.2f} | {cpu_ratio} "
-            f"| {mem.get(mode, '-')} | {fit.get(mode, '-')} |"
+            f"| {label} | {status.get(label, '?')} | {per_image[label]:.2f} ({lo:.2f}-{hi:.2f}) "
+            f"| {ratio} | {cpu_per_image[label]:.2f} | {cpu_ratio} "
+            f"| {mem.get(label, '-')} | {fit.get(label, '-')} |"
         )
     if failed:
         print("\nNot timed (failed or wrong):\n")
-        for mode, why in failed.items():
-            print(f"- {mode}: {why}")
+        for label, why in failed.items():
+            print(f"- {label}: {why}")
     if bk_layers:
         print(f"\nbk per-layer strategy: {bk_layers}")
-    dp_times = {m: t for m, t in per_image.items() if m != "nondp"}
-    if dp_times and base:
+    for cl in layouts:
+        base = per_image.get(_label("nondp", cl))
+        dp_times = {m: per_image[_label(m, cl)] for m in modes[1:] if _label(m, cl) in per_image}
+        if not dp_times or not base:
+            continue
         best = min(dp_times, key=dp_times.__getitem__)
         opacus_best = min(
             (m for m in dp_times if m in dpstep.OPACUS_MODES),
@@ -281,7 +311,8 @@ def main() -> None:
             default=None,
         )
         print(
-            f"\nFastest correct DP mode: {best} ({dp_times[best] / base:.2f}x non-DP)"
+            f"\n{'NHWC' if cl else 'NCHW'}: fastest correct DP mode: {best} "
+            f"({dp_times[best] / base:.2f}x non-DP)"
             + (
                 f"; fastest Opacus mode: {opacus_best} ({dp_times[opacus_best] / base:.2f}x)"
                 if opacus_best
@@ -289,6 +320,12 @@ def main() -> None:
             )
             + f". Target <= 1.5x: {'met' if dp_times[best] / base <= 1.5 else 'NOT met'}."
         )
+    if len(layouts) == 2:
+        print("\nNHWC / NCHW time per image, same mode:")
+        for mode in modes:
+            nchw, nhwc = per_image.get(_label(mode, False)), per_image.get(_label(mode, True))
+            if nchw and nhwc:
+                print(f"- {mode}: {nhwc / nchw:.2f}x")
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"\nTotal {time.perf_counter() - t_start:.0f} s; load average at end {load_end:.2f}. "

@@ -72,6 +72,12 @@ OPACUS_MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
 DP_MODES: tuple[str, ...] = (*OPACUS_MODES, "bk")
 #: Modes that give correct per-sample clipping on our models (the parity test runs them all).
 GRAD_SAMPLE_MODES: tuple[str, ...] = DP_MODES
+#: Modes whose clipping stays correct with NHWC (``channels_last``) activations. Opacus's
+#: ``hooks`` and ``ghost`` compute conv per-sample gradients with ``unfold2d``, an
+#: ``as_strided`` view whose strides assume NCHW: on channels_last tensors the per-sample
+#: gradients, hence the clipping, are silently wrong (relative error 0.2-0.6 against the
+#: per-example loop; ``tests/test_dpstep.py`` checks every mode in both layouts).
+NHWC_MODES: tuple[str, ...] = ("functorch", "ew", "bk")
 
 #: Fastest correct mode per model, ``(any mode, Opacus modes only)``, measured with
 #: ``benchmarks/bench_dp_step.py`` on CPU (1 thread, batch 32; resnet9 at 64 and 128 px,
@@ -476,6 +482,11 @@ def synthetic_batch(
     return x.to(device), y.to(device)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """NHWC (``channels_last``: cuDNN's tensor-core convolutions prefer it) or PyTorch's NCHW."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def build_step(
     model_name: str,
     image_size: int,
@@ -487,15 +498,18 @@ def build_step(
     max_grad_norm: float = 1.0,
     lr: float = 1e-3,
     seed: int = 0,
+    channels_last: bool = False,
 ) -> Step:
     """One optimizer step of ``model_name`` on a fixed batch: ``mode`` is ``"nondp"`` (plain
     NAdam, mean loss, like the training core's epsilon = inf path) or one of ``DP_MODES``
     (forward, backward, per-sample clipping, noise, NAdam step)."""
     torch.manual_seed(seed)
     dev = torch.device(device)
-    model = build_model(model_name).to(dev)
+    fmt = memory_format(channels_last)
+    model = build_model(model_name).to(dev, memory_format=fmt)
     optimizer: torch.optim.Optimizer = torch.optim.NAdam(model.parameters(), lr=lr)
     x, y = synthetic_batch(batch, image_size, dev, seed=seed)
+    x = x.contiguous(memory_format=fmt)
     criterion = MaskedBCELoss(torch.ones(y.shape[1], device=dev)).to(dev)
     if mode == "nondp":
 
@@ -790,10 +804,12 @@ def clipping_error(
     batch: int = 4,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    channels_last: bool = False,
 ) -> float:
     """``max |mode's clipped gradient - per-example loop| / max |loop|`` for one noiseless step,
     with the clipping bound at the median per-sample norm (so some samples are clipped and
-    some are not) and a non-trivial ``pos_weight``. float32 gives ~1e-6; a wrong mode ~1."""
+    some are not) and a non-trivial ``pos_weight``. float32 gives ~1e-6; a wrong mode ~1.
+    ``channels_last`` runs the mode's model and batch in NHWC (the loop stays in NCHW)."""
     import copy
 
     dev = torch.device(device)
@@ -804,6 +820,10 @@ def clipping_error(
     ref, norms = reference_clipped_gradient(copy.deepcopy(base), x, y, criterion, 1.0)
     clip = float(norms.median())
     ref, _ = reference_clipped_gradient(copy.deepcopy(base), x, y, criterion, clip)
-    got = dp_gradient(copy.deepcopy(base), mode, x, y, criterion, max_grad_norm=clip)
+    fmt = memory_format(channels_last)
+    module = copy.deepcopy(base).to(memory_format=fmt)
+    got = dp_gradient(
+        module, mode, x.contiguous(memory_format=fmt), y, criterion, max_grad_norm=clip
+    )
     scale = max(float(r.abs().max()) for r in ref)
     return max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True)) / scale

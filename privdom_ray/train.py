@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -244,13 +245,15 @@ def prepare_training(
     device: str,
     noise: dict[str, Any] | None,
     memory_budget_mb: int,
+    channels_last: bool = False,
 ) -> Training:
     """Wrap ``model`` and ``optimizer`` for training on ``train``.
 
     ``noise`` is ``None`` for plain (non-clipping) training, otherwise the noise arguments of
     ``dpstep.privatize``: ``{"noise_multiplier": sigma}``, or ``target_epsilon``,
     ``target_delta`` and ``epochs`` to calibrate sigma. ``generator`` drives sampling and
-    augmentation, ``noise_generator`` the Gaussian noise.
+    augmentation, ``noise_generator`` the Gaussian noise. ``channels_last`` converts the
+    model's conv weights (in place: the optimizer keeps its parameters) and the batches to NHWC.
     """
     cfg = spec.training
     dev = torch.device(device)
@@ -276,11 +279,20 @@ def prepare_training(
 
     engine: PrivacyEngine | None = None
     criterion: Callable[..., Any] = dpstep.MaskedBCELoss(weight)
+    mode = cfg.grad_sample_mode
+    if mode == "auto":
+        mode = dpstep.fastest_correct_mode(spec.model, opacus_only=by_patient)
+    if channels_last and noise is not None and mode not in dpstep.NHWC_MODES:
+        channels_last = False  # this mode would clip wrong per-sample gradients in NHWC
+        warnings.warn(
+            f"grad_sample_mode {mode!r} is not correct with channels_last activations; "
+            f"training in NCHW (NHWC-safe modes: {', '.join(dpstep.NHWC_MODES)})",
+            stacklevel=2,
+        )
+    fmt = dpstep.memory_format(channels_last)
+    model.to(memory_format=fmt)  # before Opacus wraps it
     if noise is not None:
         engine = PrivacyEngine(accountant=cfg.accountant)
-        mode = cfg.grad_sample_mode
-        if mode == "auto":
-            mode = dpstep.fastest_correct_mode(spec.model, opacus_only=by_patient)
         model, optimizer, criterion, loader = dpstep.privatize(
             engine,
             mode=mode,
@@ -299,7 +311,8 @@ def prepare_training(
 
     def inputs(x: torch.Tensor) -> torch.Tensor:
         batch = _as_input(x, dev)
-        return augment(batch, generator=generator) if cfg.augment and len(batch) else batch
+        batch = augment(batch, generator=generator) if cfg.augment and len(batch) else batch
+        return batch.contiguous(memory_format=fmt)
 
     return Training(
         model=model,
@@ -372,6 +385,7 @@ def run_trial(
     checkpoint_every: int = 1,
     init_state: dict[str, torch.Tensor] | None = None,
     memory_budget_mb: int = 2048,
+    channels_last: bool = False,
 ) -> TrainResult:
     """Train ``spec`` on ``train``; select the epoch with the best validation macro AUC.
 
@@ -422,6 +436,7 @@ def run_trial(
         device=device,
         noise=noise,
         memory_budget_mb=memory_budget_mb,
+        channels_last=channels_last,
     )
     model, optimizer, loader, engine = t.model, t.optimizer, t.loader, t.engine
     if engine is not None and state is not None:
@@ -507,8 +522,8 @@ def run_trial(
         ledger = Ledger.non_private(steps=steps, sample_rate=cfg.logical_batch / max(len(train), 1))
     if t.by_patient:
         ledger = dataclasses.replace(ledger, privacy_unit="patient")
-    return TrainResult(
-        state_dict={k: v.detach().cpu() for k, v in best_state.items()},
+    return TrainResult(  # weights stored NCHW whatever the training layout
+        state_dict={k: v.detach().cpu().contiguous() for k, v in best_state.items()},
         ledger=ledger,
         history=history,
         best_epoch=best_epoch,

@@ -93,6 +93,45 @@ def test_noised_gradient_equals_hooks_with_the_same_noise_seed(case, mode):
         torch.testing.assert_close(g, h, atol=1e-5 * noise_scale, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", dpstep.GRAD_SAMPLE_MODES)
+def test_channels_last_is_correct_exactly_in_the_nhwc_modes(case, mode):
+    """NHWC activations (the GPU default, resources.memory_format) leave the clipped
+    gradient of the NHWC-safe modes equal to the per-example loop; Opacus's hooks and ghost
+    clip wrong gradients in NHWC (if Opacus fixes it, this fails: widen NHWC_MODES)."""
+    nhwc = copy.deepcopy(case["model"]).to(memory_format=torch.channels_last)
+    x = case["x"].contiguous(memory_format=torch.channels_last)
+    got = dpstep.dp_gradient(
+        nhwc, mode, x, case["y"], case["criterion"], max_grad_norm=case["clip"]
+    )
+    assert (_rel_err(got, case["ref"]) < 1e-4) == (mode in dpstep.NHWC_MODES)
+
+
+@pytest.mark.parametrize("mode", dpstep.NHWC_MODES)
+def test_channels_last_clips_and_noises_like_nchw(case, mode):
+    """In an NHWC-safe mode the layout changes no clipped or noised gradient: checked against
+    the NCHW per-example loop and NCHW hooks with the same noise."""
+    nhwc = copy.deepcopy(case["model"]).to(memory_format=torch.channels_last)
+    x = case["x"].contiguous(memory_format=torch.channels_last)
+    assert nhwc.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+    def grad(sigma: float) -> list[torch.Tensor]:
+        return dpstep.dp_gradient(
+            copy.deepcopy(nhwc),
+            mode,
+            x,
+            case["y"],
+            case["criterion"],
+            max_grad_norm=case["clip"],
+            noise_multiplier=sigma,
+            noise_generator=torch.Generator().manual_seed(0) if sigma else None,
+        )
+
+    assert _rel_err(grad(0.0), case["ref"]) < 1e-4
+    noise_scale = SIGMA * case["clip"] / BATCH
+    for g, h in zip(grad(SIGMA), _grad(case, "hooks", sigma=SIGMA), strict=True):
+        torch.testing.assert_close(g, h, atol=1e-5 * noise_scale, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["hooks", "bk"])
 def test_noise_std_is_sigma_times_clip_over_expected_batch(case, mode):
     clean = torch.cat([g.flatten() for g in _grad(case, mode)])

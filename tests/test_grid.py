@@ -75,6 +75,7 @@ def test_out_flag_overrides_output(tmp_path):
         ({"training": {"accountant": "gdp"}}, "training.accountant: 'gdp'"),
         ({"preprocessing": {"geometry": "fisheye"}}, "preprocessing.geometry: 'fisheye'"),
         ({"resources": {"cpu": 0}}, "resources.cpu: 0"),
+        ({"resources": {"memory_format": "nhwc"}}, "resources.memory_format: 'nhwc'"),
         ({"sources": ["zz"]}, "sources: ['zz']"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -94,6 +95,31 @@ def test_non_private_trial_learns_and_is_deterministic():
     from privdom_ray.metrics import auc
 
     assert auc(a.val_scores[:, 0], val.labels[:, 0]) > 0.8
+
+
+def test_channels_last_trains_the_same_model():
+    """NHWC (the GPU default) is a layout, not a different model: same ledger, same weights
+    up to float rounding, stored in NCHW."""
+    train, val = toy_split(96, 16, 0), toy_split(48, 16, 1)
+    nchw = run_trial(spec(2.0, epochs=1), train, val)
+    nhwc = run_trial(spec(2.0, epochs=1), train, val, channels_last=True)
+    assert nhwc.ledger == nchw.ledger
+    for name, w in nhwc.state_dict.items():
+        assert w.is_contiguous(), name
+        torch.testing.assert_close(w, nchw.state_dict[name], atol=1e-4, rtol=1e-3)
+
+
+def test_channels_last_falls_back_to_nchw_where_a_mode_would_clip_wrong():
+    train, val = toy_split(64, 16, 0), toy_split(32, 16, 1)
+    hooks = spec(2.0, epochs=1)
+    hooks = dataclasses.replace(
+        hooks, training=dataclasses.replace(hooks.training, grad_sample_mode="hooks")
+    ).with_key()
+    with pytest.warns(UserWarning, match="training in NCHW"):
+        nhwc = run_trial(hooks, train, val, channels_last=True)
+    nchw = run_trial(hooks, train, val)
+    for name, w in nhwc.state_dict.items():
+        torch.testing.assert_close(w, nchw.state_dict[name], rtol=0, atol=0)
 
 
 class MemoryCheckpoints:

@@ -178,6 +178,7 @@ class SiteUpdate:
     seconds: float
     # the site process's CPU time: its compute even when sites share CPUs (wall time is not)
     cpu_seconds: float = 0.0
+    started: float = 0.0  # wall clock (time.time()) when the site began: benchmarks/bench_sweep.py
 
 
 def local_update(
@@ -198,7 +199,7 @@ def local_update(
     with its planned sigma and raises if the accountant saw anything but exactly (sigma, q,
     planned steps).
     """
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, started = time.perf_counter(), time.process_time(), time.time()
     fed = federation_of(spec)
     if not plan.active:
         raise ValueError(f"site {plan.name!r} has weight 0 and is not trained")
@@ -254,6 +255,7 @@ def local_update(
         train_loss=float(np.mean(losses)) if losses else math.nan,
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.process_time() - c0,
+        started=started,
     )
 
 
@@ -284,6 +286,7 @@ class SiteValidation:
     hist_pos: np.ndarray  # (L, HIST_BINS) int64: scores of images whose label is positive
     hist_neg: np.ndarray  # (L, HIST_BINS) int64: ... negative; masked labels are left out
     seconds: float = 0.0  # wall time of the validation at the site
+    started: float = 0.0  # wall clock (time.time()) when it began
 
 
 def score_histograms(
@@ -323,7 +326,7 @@ def validate_site(
     device: str = "cpu",
 ) -> SiteValidation:
     """Score the global model on this site's validation split; return only aggregates."""
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     model = load_model(spec.model, dict(global_state), num_outputs=val.labels.shape[1])
     scores = predict(model.to(device), val.images, device=device)
     hist_pos, hist_neg = score_histograms(scores, val.labels)
@@ -334,6 +337,7 @@ def validate_site(
         hist_pos,
         hist_neg,
         seconds=time.perf_counter() - t0,
+        started=started,
     )
 
 
@@ -537,9 +541,8 @@ def run_federation(
             "seconds": time.perf_counter() - t0,
             # the sites' local training CPU time this round, summed
             "site_cpu_seconds": math.fsum(u.cpu_seconds for u in updates),
-            # wall time of the round's site work (training and validation), summed over sites
-            "site_seconds": math.fsum(u.seconds for u in updates)
-            + math.fsum(v.seconds for v in validations),
+            # the round's site tasks (training, validation) as [start, end] wall-clock times
+            "site_tasks": [[x.started, x.started + x.seconds] for x in [*updates, *validations]],
         }
         history.append(record)
         score = -math.inf if math.isnan(val_auc) else val_auc

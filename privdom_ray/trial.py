@@ -386,6 +386,7 @@ def _train_federated(
             if p.active
         ],
     )
+    audit_tasks = [a.pop("task") for a in audits]  # timing, kept apart from the audit results
     summary = dataclasses.replace(result.ledger, initialization=spec.init).as_dict()
     summary["sites"] = {
         name: dataclasses.replace(led, initialization=spec.init).as_dict()
@@ -408,10 +409,10 @@ def _train_federated(
             ),
             "train_seconds": result.train_seconds,
             "site_compute_seconds": math.fsum(h["site_cpu_seconds"] for h in result.history),
-            # wall time of all site tasks (training, validation, membership audit), summed;
-            # each held ``slot_share`` of a per-trial slot (benchmarks/bench_sweep.py)
-            "site_task_seconds": math.fsum(h["site_seconds"] for h in result.history)
-            + math.fsum(a["seconds"] for a in audits),
+            # every site task (training, validation, membership audit) as [start, end] wall
+            # clock, for benchmarks/bench_sweep.py; they ran in site_slots x slot_share slots
+            "site_tasks": [t for h in result.history for t in h["site_tasks"]] + audit_tasks,
+            "site_slots": cell.site_slots,
             "resumed_from_epoch": result.resumed_from_round,
             # the worst site's attack (each site attacks with its own images, see audit_site)
             "mia_auc": max(
@@ -442,7 +443,7 @@ def audit_site(
 ) -> dict[str, Any]:
     """A federation member's membership-inference audit, run at the site: its training images
     vs its held-out test images; only the attack's AUC and TPR leave the site."""
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     torch.set_num_threads(max(1, threads))
     model = load_model(model_name, state, num_outputs=len(LABELS))
     auc, tpr, n = membership_audit(
@@ -457,7 +458,7 @@ def audit_site(
         "mia_auc": auc,
         "mia_tpr_at_1fpr": tpr,
         "mia_n": n,
-        "seconds": time.perf_counter() - t0,
+        "task": [started, started + time.perf_counter() - t0],
     }
 
 

@@ -233,3 +233,33 @@ def test_federation_slots_split_a_cluster_smaller_than_the_federation():
     assert slots * cpu <= 2 and slots * gpu <= 1  # fits what the cluster has
     whole = FederationConfig("abc", ("a", "b", "c"), parallel_sites=2)
     assert site_slots(whole, three, Resources(cpu=1), cap=2) == (2, 1, 0)
+
+
+def test_cells_run_longest_first_with_federations_ahead_of_single_sites(tmp_path):
+    from privdom_ray.cell import Cell
+    from privdom_ray.grid import EvaluationConfig
+    from privdom_ray.sweep import longest_first
+
+    spec = load_grid(write(tmp_path, {**BASE, "federations": [fed()]}))
+    n_train = {"a": 300, "b": 100}
+    trials = plan(spec, {"a": "fa", "b": "fb"}, n_train)
+    cells = [Cell(t, "", "", (), EvaluationConfig()) for t in trials]
+    order = [c.spec.name for c in longest_first(cells, n_train)]
+    # federation (400 images x 2 epochs) > DP a > non-DP a > DP b > non-DP b; DP costs more
+    assert order == [
+        "ab_eps1_seed0",
+        "ab_epsinf_seed0",
+        "a_eps1_seed0",
+        "a_epsinf_seed0",
+        "b_eps1_seed0",
+        "b_epsinf_seed0",
+    ]
+    # equal work keeps the grid's order
+    same = {"a": 100, "b": 100}
+    singles = [c for c in cells if c.spec.federation is None]
+    assert [c.spec.name for c in longest_first(singles, same)] == [
+        "a_eps1_seed0",
+        "b_eps1_seed0",
+        "a_epsinf_seed0",
+        "b_epsinf_seed0",
+    ]

@@ -85,6 +85,11 @@ class PretrainConfig:
 
 
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+# Names a grid may use whose implementations need torch (models.MODELS) or Opacus
+# (dpstep.DP_MODES): listed here so that a grid is validated, and a bad one refused, without
+# importing either (seconds per CLI call); tests/test_grid.py checks them against both.
+MODEL_NAMES = ("resnet9", "resnet18")
+DP_MODE_NAMES = ("hooks", "functorch", "ew", "ghost", "bk")
 
 
 @dataclass(frozen=True)
@@ -479,11 +484,9 @@ def parse_grid(
             else:
                 c.add(f"seeds[{i}]", s, "distinct integers")
 
-    from privdom_ray.models import MODELS  # torch: only where a grid is validated
-
     model = raw.get("model", "resnet9")
-    if model not in MODELS:
-        c.add("model", model, f"one of {sorted(MODELS)}")
+    if model not in MODEL_NAMES:
+        c.add("model", model, f"one of {sorted(MODEL_NAMES)}")
 
     if isinstance(raw.get("training"), Mapping) and raw["training"].get("physical_batch") == "auto":
         raw = {**raw, "training": {**raw["training"], "physical_batch": 0}}
@@ -747,10 +750,8 @@ def _check_training(c: _Collector, t: TrainingConfig) -> None:
         c.add("training.max_grad_norm", t.max_grad_norm, "a positive clipping bound C")
     if t.accountant not in ACCOUNTANTS:
         c.add("training.accountant", t.accountant, f"one of {list(ACCOUNTANTS)}")
-    from privdom_ray.dpstep import DP_MODES
-
-    if t.grad_sample_mode not in ("auto", *DP_MODES):
-        c.add("training.grad_sample_mode", t.grad_sample_mode, f"one of {['auto', *DP_MODES]}")
+    if t.grad_sample_mode not in ("auto", *DP_MODE_NAMES):
+        c.add("training.grad_sample_mode", t.grad_sample_mode, f"one of {['auto', *DP_MODE_NAMES]}")
     if t.privacy_unit not in PRIVACY_UNITS:
         c.add("training.privacy_unit", t.privacy_unit, f"one of {list(PRIVACY_UNITS)}")
     elif t.privacy_unit == "patient" and t.grad_sample_mode in ("bk", "ghost"):

@@ -263,3 +263,14 @@ def test_cells_run_longest_first_with_federations_ahead_of_single_sites(tmp_path
         "a_epsinf_seed0",
         "b_epsinf_seed0",
     ]
+
+
+def test_grid_vocabulary_matches_the_registries_and_needs_no_torch():
+    from privdom_ray import dpstep, grid
+    from privdom_ray.models import MODELS
+
+    assert set(grid.MODEL_NAMES) == set(MODELS)
+    assert grid.DP_MODE_NAMES == dpstep.DP_MODES
+    code = "import sys, privdom_ray.grid, privdom_ray.trainable; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # Tune's trial process and grid checks stay light

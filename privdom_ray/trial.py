@@ -184,6 +184,7 @@ def _epoch_callback(cell: Cell, tdir: Path, report: Report | None, node: str, wr
     """Per epoch (or federated round): heartbeat with the record, TensorBoard curves, report."""
 
     def on_epoch(record: dict[str, Any]) -> None:
+        record = {k: v for k, v in record.items() if k != "site_tasks"}  # numbers only
         results.heartbeat(tdir, cell.run_id, node, phase="train", **record)
         for name in ("train_loss", "val_macro_auc", "epsilon"):
             if math.isfinite(record[name]):

@@ -135,3 +135,28 @@ def test_rerun_skips_the_finished_federation(fed_sweep):
     proc = launch("--grid", "grid.yaml", cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "4 already done, 0 to run" in proc.stdout
+
+
+def test_sweep_timing_feeds_the_efficiency_benchmark(fed_sweep):
+    """runs.jsonl and each federation's site-task intervals give benchmarks/bench_sweep.py a
+    compute between the share-weighted lower bound and the slots the sites held."""
+    import runpy
+
+    work, _ = fed_sweep
+    out = work / "out"
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "bench_sweep.py"))
+    (run,) = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    feds = [t for t in run["trials"] if t["name"].startswith("ab_")]
+    assert len(run["trials"]) == 4 and len(feds) == 2
+    for t in feds:
+        info = json.loads((out / "trials" / t["key"] / "trial.json").read_text())
+        tasks, held = info["site_tasks"], info["site_slots"] * info["slot_share"]
+        assert len(tasks) == 2 * 2 * 2 + 2  # rounds x sites x (train, validate) + 2 audits
+        assert all(start < end for start, end in tasks)
+        busy = bench["busy_slot_seconds"](tasks, held)
+        weighted = info["slot_share"] * sum(end - start for start, end in tasks)
+        span = max(end for _, end in tasks) - min(start for start, _ in tasks)
+        assert weighted - 1e-9 <= busy <= held * span + 1e-9
+        compute, _, slots = bench["trial_compute"](out, t["key"])
+        assert compute > busy and slots == held  # evaluations come on top
+        assert compute / slots <= t["wall_seconds"]  # no more compute than the trial's time

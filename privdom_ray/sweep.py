@@ -1,8 +1,10 @@
 """Run a sweep on Ray: connect or start a cluster, build caches, schedule cells with Tune, aggregate.
 
-The only module (with ``launch.py``) that knows Ray and Tune. Resumption is ours, not Tune's:
-every run plans the full grid, skips cells whose model and evaluations are done (content-hashed
-trial folders with ``done`` markers), and hands only the rest to a fresh Tune run.
+The driver's side of the Ray edge; ``trainable`` is the side that runs in Tune's trial
+process, and with ``launch.py`` they are the only modules that know Ray and Tune. Resumption
+is ours, not Tune's: every run plans the full grid, skips cells whose model and evaluations are
+done (content-hashed trial folders with ``done`` markers), and hands only the rest to a fresh
+Tune run.
 """
 
 from __future__ import annotations

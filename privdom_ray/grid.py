@@ -310,7 +310,7 @@ TOP_KEYS = {
     "delta": "DP delta (default 1e-5, must be < 1/N_train)",
     "allow_large_delta": "accept delta >= 1/N_train (default false: refused)",
     "seeds": "list of integers",
-    "model": "model name (resnet9, resnet18)",
+    "model": f"one of {sorted(MODEL_NAMES)}",
     "training": "training hyper-parameters",
     "pretrain": "non-private pretraining on a public domain (domain, epochs, lr, ...)",
     "federations": "federated sources: list of {name, sites, weights, rounds, local_epochs}",

@@ -20,6 +20,7 @@ patient identifiers, image paths or per-image rows. Tune may run a trial twice
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,8 +34,22 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from privdom_ray.metrics import MetricRow
+
 TRIALS = "trials"
 TRANSFER = "transfer.parquet"
+
+_ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+
+
+def _metric_fields() -> list[tuple[str, pa.DataType]]:
+    """The metric columns, in ``metrics.MetricRow``'s field order and types (one definition)."""
+    out = []
+    for f in dataclasses.fields(MetricRow):
+        base = str(f.type).split("|")[0].strip()
+        out.append((f.name, _ARROW_TYPES[base]))
+    return out
+
 
 # Columns of the transfer table, in order. Metric columns come from metrics.MetricRow.
 SCHEMA = pa.schema(
@@ -63,27 +78,7 @@ SCHEMA = pa.schema(
         # "trial": one dataset's guarantee; "site": per-site guarantees of a federation (the
         # row holds the ledger of the site with the largest epsilon)
         ("privacy_scope", pa.string()),
-        ("label", pa.string()),
-        ("subgroup", pa.string()),
-        ("n", pa.int64()),
-        ("n_pos", pa.int64()),
-        ("auc", pa.float64()),
-        ("auc_lo", pa.float64()),
-        ("auc_hi", pa.float64()),
-        ("accuracy", pa.float64()),
-        ("accuracy_lo", pa.float64()),
-        ("accuracy_hi", pa.float64()),
-        ("sensitivity", pa.float64()),
-        ("sensitivity_lo", pa.float64()),
-        ("sensitivity_hi", pa.float64()),
-        ("specificity", pa.float64()),
-        ("specificity_lo", pa.float64()),
-        ("specificity_hi", pa.float64()),
-        ("threshold", pa.float64()),
-        ("oracle_threshold", pa.float64()),
-        ("oracle_accuracy", pa.float64()),
-        ("oracle_sensitivity", pa.float64()),
-        ("oracle_specificity", pa.float64()),
+        *_metric_fields(),  # label, subgroup, n, auc, ... : every field of metrics.MetricRow
         ("mia_auc", pa.float64()),
         ("mia_tpr_at_1fpr", pa.float64()),
         ("n_boot", pa.int64()),

@@ -1,8 +1,11 @@
 """Decode radiographs at full bit depth and preprocess them to square uint8 arrays.
 
 Decoders are looked up by file extension. Every decoder returns a 2-D array in the file's own
-value range (uint8, uint16 or wider), MONOCHROME1 already inverted, so no bits are lost before
-the per-image min-max scaling (cv2's default flags silently shift 16-bit PNGs to 8-bit).
+value range (uint8, uint16 or wider; DICOM: modality values after its Modality LUT), with
+MONOCHROME1 already inverted, so no bits are lost before the per-image min-max scaling (cv2's
+default flags silently shift 16-bit PNGs to 8-bit). Compressed DICOM transfer syntaxes are
+decoded by pydicom's plugins (pylibjpeg-libjpeg, -openjpeg, -rle, pyjpegls); a file none of
+them can read raises ``DicomDecodeError`` naming its transfer syntax.
 """
 
 from __future__ import annotations
@@ -69,30 +72,133 @@ def _strict_truncation() -> Iterator[None]:
             ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
+class DicomDecodeError(ValueError):
+    """Pixel data that no installed pydicom plugin could decode.
+
+    The message starts with the transfer syntax (name and UID), so the ``error`` column of a
+    domain's ``skipped.csv`` says which compression a site exported and which plugin failed.
+    """
+
+
 @decoder(".dcm", ".dicom")
 def decode_dicom(path: Path) -> np.ndarray:
-    """DICOM via pydicom; MONOCHROME1 (bright = air) is inverted within BitsStored.
+    """DICOM via pydicom's decoder plugins, as modality values with bright = dense.
 
-    Unsigned data becomes ``2**BitsStored - 1 - x`` (values are clipped to the stored range
-    first, so stray high bits cannot go negative); signed data becomes ``-1 - x``, which maps
-    the signed range onto itself. No modality/VOI LUT is applied (privacydomain's recipe); the
-    per-image min-max in ``preprocess`` makes a positive linear rescale irrelevant anyway.
+    The order is DICOM's display pipeline: stored values (first frame; colour: channel 0) ->
+    modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence, e.g. to optical density or
+    HU) -> MONOCHROME1 mirrored within the modality output range, so it reads like MONOCHROME2.
+    Without a rescale or LUT this is ``2**BitsStored - 1 - x`` (unsigned) or ``-1 - x``
+    (signed), as before. No VOI LUT/windowing (privacydomain's recipe): the per-image min-max in
+    ``preprocess`` takes its place. Integers stay int64; a fractional rescale gives float64.
     """
     import pydicom  # imported here: only DICOM domains pay for it
 
     ds = pydicom.dcmread(path)
-    arr = ds.pixel_array
-    if arr.ndim == 3:  # multi-frame or colour: first frame / channel
-        arr = arr[0] if int(ds.get("SamplesPerPixel", 1) or 1) == 1 else arr[..., 0]
-    arr = arr.astype(np.int64)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
-        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
-        if int(ds.get("PixelRepresentation", 0) or 0) == 1:
-            arr = -1 - arr
-        else:
-            top = 2**bits - 1
-            arr = top - np.clip(arr, 0, top)
-    return arr
+    stored = first_frame(ds).astype(np.int64)
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+    to_display = PHOTOMETRIC.get(photometric, _as_is)
+    return to_display(stored, modality_lut(ds), stored_range(ds))
+
+
+def first_frame(ds) -> np.ndarray:
+    """The first frame's stored values (channel 0 of colour data), decoding only that frame.
+
+    Any plugin failure becomes a ``DicomDecodeError`` naming the transfer syntax, on one line.
+    """
+    from pydicom.pixels import pixel_array
+
+    try:
+        frame = pixel_array(ds, index=0)
+    except Exception as exc:
+        message = " ".join(str(exc).split())
+        raise DicomDecodeError(f"cannot decode {transfer_syntax(ds)}: {message}") from exc
+    return frame[..., 0] if frame.ndim == 3 else frame
+
+
+def transfer_syntax(ds) -> str:
+    """``"<name> (<UID>)"`` of the dataset's transfer syntax, for error messages."""
+    uid = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    if uid is None:
+        return "a file without a (0002,0010) Transfer Syntax UID"
+    name = uid.name if uid.name != str(uid) else "unknown transfer syntax"
+    return f"{name} ({uid})"
+
+
+def stored_range(ds) -> tuple[int, int]:
+    """Smallest and largest value BitsStored can hold, signed or not (PixelRepresentation)."""
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    if int(ds.get("PixelRepresentation") or 0) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+ModalityLut = Callable[[np.ndarray], np.ndarray]
+
+
+def modality_lut(ds) -> ModalityLut:
+    """Stored values -> modality values: the Modality LUT Sequence if present, else the rescale.
+
+    Ours rather than ``pydicom.pixels.apply_modality_lut``: that one fails on LUT Descriptors
+    with 9..15 bits per entry (``uint12`` is no numpy dtype) and on empty rescale values.
+    """
+    if ds.get("ModalityLUTSequence"):
+        return _lut_table(ds, ds.ModalityLUTSequence[0])
+    slope = _number(ds.get("RescaleSlope"), 1.0)
+    intercept = _number(ds.get("RescaleIntercept"), 0.0)
+    if slope.is_integer() and intercept.is_integer():  # keep integer data integer
+        slope, intercept = int(slope), int(intercept)
+    if (slope, intercept) == (1, 0):
+        return _identity
+    return lambda stored: stored * slope + intercept
+
+
+def _identity(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def _number(value, default: float) -> float:
+    """A DS value as float; missing or empty (seen in real exports) means the default."""
+    return default if value is None or str(value).strip() == "" else float(value)
+
+
+def _lut_table(ds, item) -> ModalityLut:
+    """LUT Descriptor (entries, first stored value mapped, bits) + LUT Data -> a lookup.
+
+    Values below the first mapped one take the first entry, values past the end the last.
+    """
+    entries, first, _bits = (int(v) for v in item.LUTDescriptor)
+    if int(ds.get("PixelRepresentation") or 0) == 1 and first >= 2**15:
+        first -= 2**16  # first value mapped is SS for signed data, sometimes written as US
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words in the dataset's byte order
+        little = ds.original_encoding[1] is not False
+        table = np.frombuffer(data, dtype="<u2" if little else ">u2")
+    else:  # US: already a value or a list of values
+        table = np.atleast_1d(np.asarray(data))
+    table = table[: entries or 2**16].astype(np.int64)
+    return lambda stored: table[np.clip(stored - first, 0, len(table) - 1)]
+
+
+PhotometricFix = Callable[[np.ndarray, ModalityLut, tuple[int, int]], np.ndarray]
+
+
+def _as_is(stored: np.ndarray, lut: ModalityLut, _range: tuple[int, int]) -> np.ndarray:
+    return lut(stored)
+
+
+def _mirrored(stored: np.ndarray, lut: ModalityLut, valid: tuple[int, int]) -> np.ndarray:
+    """MONOCHROME1 (low = white): mirror the modality values within their possible range.
+
+    The range is the LUT's image of every storable value (clipped first, so stray values
+    cannot leave it); mirroring after the LUT is right for non-linear LUTs and negative slopes.
+    """
+    lo, hi = valid
+    storable = np.arange(lo, hi + 1) if hi - lo < 2**17 else np.array([lo, hi])
+    image = lut(storable)
+    return (image.min() + image.max()) - lut(np.clip(stored, lo, hi))
+
+
+PHOTOMETRIC: dict[str, PhotometricFix] = {"MONOCHROME1": _mirrored}  # others: as stored
 
 
 def decode(path: str | Path) -> np.ndarray:

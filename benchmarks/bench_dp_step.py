@@ -81,8 +81,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def layer_table(model_name: str, size: int, batch: int, device: torch.device, reps: int) -> None:
-    """Per conv layer: ms for per-sample gradients by unfold+bmm and by grouped conv, and for
-    ghost norm + one weight-gradient conv, vs the plain weight gradient (what non-DP pays)."""
+    """Per conv layer: ms for per-sample gradients by unfold+bmm, by grouped conv and (1x1
+    convs) by bmm on the strided input, and for ghost norm + one weight-gradient conv, vs the
+    plain weight gradient (what non-DP pays)."""
     model = build_model(model_name).to(device)
     records: dict[str, tuple[nn.Conv2d, torch.Tensor, torch.Tensor]] = {}
     for name, mod in model.named_modules():
@@ -100,8 +101,11 @@ def layer_table(model_name: str, size: int, batch: int, device: torch.device, re
         return 1000 * statistics.median(_timed(fn, device) for _ in range(reps))
 
     print(f"\n### Conv layers at {size} px, batch {batch}: ms per layer (median of {reps})\n")
-    print("| layer | T | D | O | T²(D+O)/(DO) | rule | unfold | grouped | ghost + wgrad | wgrad |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| layer | T | D | O | T²(D+O)/(DO) | rule | unfold | grouped | pointwise "
+        "| ghost + wgrad | wgrad |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, g in zip(names, grads, strict=True):
         m, a, _ = records[name]
         n, out_ch, positions = g.shape[0], g.shape[1], g.shape[2] * g.shape[3]
@@ -120,6 +124,9 @@ def layer_table(model_name: str, size: int, batch: int, device: torch.device, re
                 None, m.stride, m.padding, m.dilation, False, [0, 0], n, [False, True, False],
             )[1]  # fmt: skip
 
+        def pointwise(m=m, a=a, g3=g3):
+            return torch.bmm(g3, dpstep._columns(m, a).transpose(1, 2))
+
         def wgrad(m=m, a=a, g=g):
             return torch.ops.aten.convolution_backward(
                 g, a, m.weight, None, m.stride, m.padding, m.dilation, False, [0, 0], 1,
@@ -127,17 +134,18 @@ def layer_table(model_name: str, size: int, batch: int, device: torch.device, re
             )[1]  # fmt: skip
 
         def ghost(m=m, a=a, g3=g3):
-            cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+            cols = dpstep._columns(m, a)
             aa = torch.bmm(cols.transpose(1, 2), cols)
             return (aa * torch.bmm(g3.transpose(1, 2), g3)).sum(dim=(1, 2))
 
         t_w = med(wgrad)
         ratio = positions**2 * (depth + out_ch) / (depth * out_ch)
         t_ghost = f"{med(ghost) + t_w:.1f}" if positions <= 1024 else "(T too large)"
+        t_point = f"{med(pointwise):.1f}" if dpstep._pointwise(m) else "-"
         print(
             f"| {name} | {positions} | {depth} | {out_ch} | {ratio:.0f} "
-            f"| {dpstep.conv_strategy(m, positions, device=device)} | {med(unfold):.1f} | {med(grouped):.1f} "
-            f"| {t_ghost} | {t_w:.1f} |"
+            f"| {dpstep.conv_strategy(m, positions, device=device)} | {med(unfold):.1f} "
+            f"| {med(grouped):.1f} | {t_point} | {t_ghost} | {t_w:.1f} |"
         )
 
 

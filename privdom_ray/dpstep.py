@@ -20,7 +20,8 @@ How ``bk`` works, per layer with trainable parameters (Conv2d, Linear, GroupNorm
    D = C_in*k*k and O = C_out, the *ghost norm* ``<a_i^T a_i, g_i^T g_i>`` (T^2 (D + O) work,
    used for the deep, low-resolution layers) or *instantiation* of the per-sample gradient
    ``G_i = g_i a_i^T`` (T D O work, for the stem and the high-resolution layers, whose G is
-   small, O x D, and is kept), by im2col + bmm or by one grouped weight-gradient conv.
+   small, O x D, and is kept), by im2col + bmm, by one grouped weight-gradient conv, or for
+   1x1 convs by bmm on the (strided) input itself, which is already its im2col.
 4. Clip coefficients ``c_i = min(1, C / (||grad_i|| + 1e-6))`` (Opacus's formula).
 5. The clipped sum ``sum_i c_i grad_i`` per layer: one weight-gradient convolution with the
    output gradient scaled by ``c_i`` (ghost layers), or ``c @ G`` (instantiated layers; so
@@ -66,7 +67,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from privdom_ray.models import build_model
 
 #: Opacus ``grad_sample_mode`` values verified correct (clipped gradient equal to a per-example
-#: loop, to float32 precision) on ``resnet9`` and ``resnet18``.
+#: loop, to float32 precision) on ``resnet9``, ``resnet18``, ``resnet34`` and ``resnet50``.
 OPACUS_MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
 #: Every mode :func:`privatize` accepts, all verified: Opacus's plus book-keeping ``bk``.
 DP_MODES: tuple[str, ...] = (*OPACUS_MODES, "bk")
@@ -83,10 +84,15 @@ NHWC_MODES: tuple[str, ...] = ("functorch", "ew", "bk")
 #: ``benchmarks/bench_dp_step.py`` on CPU (1 thread, batch 32; resnet9 at 64 and 128 px,
 #: resnet18 at 64 px; DP / non-DP per image, CPU time): bk 1.25-1.44x (resnet9), 1.33x
 #: (resnet18); best Opacus mode ew 2.3-4.4x (resnet9), 5.2x (resnet18; hooks 6.3x); ghost
-#: 3.1-7.3x; functorch slowest. Not measured on GPU.
+#: 3.1-7.3x; functorch slowest. resnet34 / resnet50 at 64 px, batch 16 (CPU time, two runs
+#: each, median of 3 and 5): bk 1.54-1.56x / 1.34-1.37x; best Opacus mode hooks 4.5-5.2x /
+#: 3.4-3.7x; ghost 5.5-6.0x / 4.0-4.2x (but a third of hooks' memory); functorch 7.1-7.2x /
+#: 5.4-6.4x; ew 11.4-11.6x / 11.7-12.2x. Not measured on GPU.
 _FASTEST: dict[str, tuple[str, str]] = {
     "resnet9": ("bk", "ew"),
     "resnet18": ("bk", "ew"),
+    "resnet34": ("bk", "hooks"),
+    "resnet50": ("bk", "hooks"),
 }
 
 
@@ -152,15 +158,33 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 GHOST_RATIO = 30.0
 
 
+def _pointwise(m: nn.Conv2d) -> bool:
+    return tuple(m.kernel_size) == (1, 1) and tuple(m.padding) == (0, 0)
+
+
+def _columns(m: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """The conv's im2col, ``(n, D, T)``; for a pointwise conv the strided input itself (a view
+    when the stride is 1 and ``a`` is NCHW), so no copy of the activations is made."""
+    if _pointwise(m):
+        sh, sw = m.stride
+        return a[:, :, ::sh, ::sw].reshape(a.shape[0], m.in_channels, -1)
+    return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+
+
 def conv_strategy(
     m: nn.Conv2d, positions: int, ghost: str = "auto", device: torch.device | None = None
 ) -> str:
     """How :class:`BookKeepingClipper` gets a conv layer's per-sample norms: ``"ghost"``
     (ghost norm, then one weight-gradient conv with rescaled output gradients), ``"unfold"``
-    (per-sample gradients by im2col + bmm, as Opacus does, kept for the clipped sum) or
+    (per-sample gradients by im2col + bmm, as Opacus does, kept for the clipped sum),
     ``"grouped"`` (the same per-sample gradients by one weight-gradient conv with the batch
     folded into groups: 2-4x faster than unfold on CPU for layers with >= 16 input channels
-    and >= 256 output positions; not measured on GPU, so CUDA uses unfold)."""
+    and >= 256 output positions; not measured on GPU, so CUDA uses unfold) or ``"pointwise"``
+    (1x1 convs without padding: ResNet50's bottleneck convs and every shortcut; unfold's bmm
+    on the strided input itself, which already is the im2col, so without unfold's copy; on
+    CPU, ResNet50 at 64-128 px: as fast as or up to 2-3x faster than unfold and grouped per
+    layer (grouped is slowest on strided 1x1 convs), bk's overhead over non-DP 17-21% lower;
+    ``bench_dp_step.py --layers``. Less work than unfold on any device, so used on CUDA too)."""
     depth = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
     out = m.out_channels
     if ghost == "always" or (
@@ -169,6 +193,8 @@ def conv_strategy(
         return "ghost"
     if ghost in ("unfold", "grouped"):
         return ghost
+    if _pointwise(m):
+        return "pointwise"
     on_cpu = device is None or device.type == "cpu"
     return "grouped" if on_cpu and positions >= 256 and m.in_channels >= 16 else "unfold"
 
@@ -185,7 +211,7 @@ def _conv2d(
     if m.weight.requires_grad:
         how = conv_strategy(m, positions, ghost, g.device)
         if how == "ghost":
-            cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (n, D, T)
+            cols = _columns(m, a)  # (n, D, T)
             aa = torch.bmm(cols.transpose(1, 2), cols)  # (n, T, T)
             gg = torch.bmm(g3.transpose(1, 2), g3)
             sq += (aa * gg).sum(dim=(1, 2))
@@ -199,8 +225,12 @@ def _conv2d(
                 )[1]  # fmt: skip
                 return m.weight, grad
         else:
-            if how == "unfold":
-                cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+            if how in ("unfold", "pointwise"):
+                cols = (
+                    _columns(m, a)
+                    if how == "pointwise"
+                    else F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+                )
                 per_sample = torch.bmm(g3, cols.transpose(1, 2)).reshape(n, -1)  # (n, O*D)
                 del cols
             else:  # grouped: sample i's channels form group i
@@ -269,7 +299,8 @@ class BookKeepingClipper:
 
     ``ghost``: ``"auto"`` picks per conv layer by :func:`conv_strategy` (default);
     ``"always"`` forces ghost norms, ``"never"``/``"unfold"``/``"grouped"`` force per-sample
-    gradients (``"never"`` lets the rule pick unfold or grouped), for tests and benchmarks.
+    gradients (``"never"`` lets the rule pick unfold, grouped or pointwise), for tests and
+    benchmarks.
     """
 
     def __init__(self, module: nn.Module, max_grad_norm: float, *, ghost: str = "auto") -> None:

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privdom_ray import dpstep
-from privdom_ray.models import build_model
-from privdom_ray.train import masked_bce
+from privdom_ray.models import MODELS, build_model
 
 SIZE, BATCH, SIGMA = 32, 6, 1.3
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,15 +68,19 @@ def _rel_err(got, ref):
     return max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True)) / scale
 
 
-def test_masked_bce_loss_is_the_training_core_loss(case):
+def test_masked_bce_loss_weights_positives_and_masks_unknown_labels(case):
+    """The training core's loss (train.py uses MaskedBCELoss), against BCE written out:
+    -(w y log s(z) + (1 - y) log s(-z)), NaN labels contributing 0 to a mean over all labels."""
     logits = torch.randn(BATCH, 5)
     weight = torch.linspace(0.5, 3.0, 5)
+    y = case["y"]
+    known, t = ~torch.isnan(y), torch.nan_to_num(y)
+    bce = -(weight * t * F.logsigmoid(logits) + (1 - t) * F.logsigmoid(-logits))
+    expected = torch.where(known, bce, 0.0).sum(dim=1) / y.shape[1]
     crit = dpstep.MaskedBCELoss(weight)
-    torch.testing.assert_close(crit(logits, case["y"]), masked_bce(logits, case["y"], weight))
+    torch.testing.assert_close(crit(logits, y), expected.mean())
     crit.reduction = "none"
-    per_sample = crit(logits, case["y"])
-    assert per_sample.shape == (BATCH,)
-    torch.testing.assert_close(per_sample.mean(), masked_bce(logits, case["y"], weight))
+    torch.testing.assert_close(crit(logits, y), expected)
 
 
 @pytest.mark.parametrize("mode", dpstep.GRAD_SAMPLE_MODES)
@@ -156,8 +160,60 @@ def test_bookkeeping_conv_strategies_agree(case, strategy):
     assert _rel_err(got, case["ref"]) < 1e-4
 
 
-def test_bookkeeping_on_resnet18():
-    assert dpstep.clipping_error("resnet18", "bk", image_size=32, batch=3) < 1e-4
+def _deeper_model_cases():
+    """Every mode on the deeper models; the modes ``_FASTEST`` recommends run in the quick
+    suite, the others (~2-3 s each) are marked slow."""
+    for name in ("resnet18", "resnet34", "resnet50"):
+        for mode in dpstep.DP_MODES:
+            slow = [] if mode in dpstep._FASTEST[name] else [pytest.mark.slow]
+            yield pytest.param(name, mode, marks=slow, id=f"{name}-{mode}")
+
+
+@pytest.mark.parametrize(("name", "mode"), list(_deeper_model_cases()))
+def test_clipped_gradient_matches_per_example_loop_on_deeper_models(name, mode):
+    assert dpstep.clipping_error(name, mode, image_size=32, batch=3) < 1e-4
+
+
+def test_fastest_table_covers_every_model_with_verified_modes():
+    """A new model needs a measured ``_FASTEST`` entry (else it silently gets ``hooks``)."""
+    assert set(dpstep._FASTEST) == set(MODELS)
+    for best, opacus_best in dpstep._FASTEST.values():
+        assert best in dpstep.DP_MODES and opacus_best in dpstep.OPACUS_MODES
+
+
+def test_conv_strategy_takes_1x1_convs_pointwise():
+    """Unpadded 1x1 convs (bottlenecks, shortcuts) need no im2col: bmm on the strided input."""
+    shortcut = nn.Conv2d(64, 256, 1, stride=2, bias=False)
+    assert dpstep.conv_strategy(shortcut, 1024) == "pointwise"
+    assert dpstep.conv_strategy(shortcut, 1024, device=torch.device("cuda")) == "pointwise"
+    assert dpstep.conv_strategy(shortcut, 4) == "ghost"  # few positions: ghost norm still wins
+    assert dpstep.conv_strategy(shortcut, 1024, "unfold") == "unfold"  # forced stays forced
+    assert dpstep.conv_strategy(nn.Conv2d(64, 256, 1, padding=1), 1024) == "grouped"
+    assert dpstep.conv_strategy(nn.Conv2d(64, 64, 3, padding=1), 1024) == "grouped"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_bookkeeping_pointwise_on_bottlenecks_matches_per_example_loop(channels_last):
+    """ResNet50 at 33 px (odd maps, so strided 1x1 shortcuts drop a row and a column) with
+    every conv instantiated: all 1x1 convs go pointwise and the clipped gradient is exact."""
+    x, y = dpstep.synthetic_batch(3, 33, "cpu", seed=1)
+    torch.manual_seed(0)
+    model = build_model("resnet50").train()
+    criterion = dpstep.MaskedBCELoss(torch.linspace(0.5, 3.0, 5))
+    _, norms = dpstep.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, 1.0)
+    clip = float(norms.median())
+    ref, _ = dpstep.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, clip)
+    fmt = dpstep.memory_format(channels_last)
+    model = model.to(memory_format=fmt)
+    clipper = dpstep.BookKeepingClipper(model, clip, ghost="never")
+    criterion.reduction = "none"
+    clipper.backward(criterion(model(x.contiguous(memory_format=fmt)), y))
+    one_by_one = {
+        n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+    }
+    assert len(one_by_one) == 36  # 2 per bottleneck x 16 bottlenecks + 4 shortcuts
+    assert {n for n, how in clipper.layer_modes.items() if how == "pointwise"} == one_by_one
+    assert _rel_err([p.grad / 3 for p in model.parameters()], ref) < 1e-4
 
 
 def test_bookkeeping_refuses_what_it_cannot_clip():

@@ -4,7 +4,8 @@
     python launch.py evaluate <output> --grid domains.yaml   (stored models on the grid's targets)
     python launch.py report <output>
     python launch.py status <output>
-    python launch.py audit <output>      (recompute every DP epsilon from its ledger)
+    python launch.py audit <output>      (recompute every DP epsilon; check ledgers vs records)
+    python launch.py export <output> --to DIR   (the shareable outputs, nothing else)
     python launch.py show <output> <trial key | source/epsilon/seed>
     python launch.py manifest <kind> <root> --out manifest.parquet [--option key=value ...]
 
@@ -62,21 +63,24 @@ def _show(argv: list[str]) -> int:
     p.add_argument("output", help="the sweep's output folder")
     p.add_argument("trial", help="a trial key (or prefix) or source/epsilon/seed, e.g. site_a/1/0")
     args = p.parse_args(argv)
-    import pandas as pd
+    from privdom_ray.store import DamagedRecord, TrialStore
 
-    from privdom_ray import results
-
-    hits = results.find_trials(Path(args.output), args.trial)
+    store = TrialStore(args.output)
+    hits = store.find(args.trial)
     if not hits:
         raise FileNotFoundError(f"no trial matching {args.trial!r} in {args.output}")
-    for tdir in hits:
-        print(f"# trial {tdir.name} ({tdir})")
-        config = tdir / "config.yaml"
-        print(config.read_text() if config.is_file() else "(not finished: no config.yaml yet)")
-        for edir in sorted((tdir / "eval").glob("*/metrics.parquet")):
-            m = pd.read_parquet(edir)
+    for key in hits:
+        print(f"# trial {key} ({store.folder(key)})")
+        print(store.config_text(key) or "(not finished: no config.yaml yet)")
+        try:
+            evaluations = store.evaluations(key)
+        except DamagedRecord as exc:
+            print(f"(damaged: {exc})")
+            continue
+        for ev in evaluations:
+            m = ev.metrics()
             macro = m[(m["label"] == "macro") & (m["subgroup"] == "all")].iloc[0]
-            print(f"target {edir.parent.name}: macro AUC {macro['auc']:.3f}")
+            print(f"target {ev.target} (data {ev.fingerprint}): macro AUC {macro['auc']:.3f}")
         print()
     return 0
 
@@ -90,17 +94,17 @@ def _status(argv: list[str]) -> int:
     from collections import Counter
 
     from privdom_ray import results
+    from privdom_ray.store import TrialStore
 
     plan_path = Path(args.output) / "plan.json"
     if not plan_path.is_file():
         raise FileNotFoundError(f"no plan.json in {args.output}; has a sweep been started there?")
     plan = results.read_json(plan_path)
+    targets = results.planned_targets(Path(args.output))
+    store = TrialStore(args.output)
     counts: Counter[str] = Counter()
     for cell in plan["cells"]:
-        state, detail = results.cell_status(
-            results.trial_dir(Path(args.output), cell["key"]),
-            plan["targets"] if cell.get("evaluated", True) else [],
-        )
+        state, detail = store.status(cell["key"], targets if cell.get("evaluated", True) else [])
         counts[state] += 1
         print(f"{state:10s} {cell['name']:32s} {cell['key']}  {detail}".rstrip())
     print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
@@ -110,36 +114,48 @@ def _status(argv: list[str]) -> int:
 def _audit(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="launch.py audit",
-        description="Recompute every DP trial's epsilon from its ledger; exit 1 on a mismatch.",
+        description="Recompute every DP trial's epsilon from its ledger and check the ledger "
+        "against the trial's own record; exit 1 on any problem.",
     )
     p.add_argument("output", help="the sweep's output folder")
     args = p.parse_args(argv)
-    from privdom_ray import results
-    from privdom_ray.privacy import audit_ledger
+    from privdom_ray.audit import audit_output
 
-    ledgers = sorted((Path(args.output) / results.TRIALS).glob("*/ledger.json"))
-    if not ledgers:
-        raise FileNotFoundError(f"no trial ledgers in {args.output}")
-    bad = checked = 0
+    rows = audit_output(Path(args.output))
+    if not rows:
+        raise FileNotFoundError(f"no trials in {args.output}")
     print(
         "trial          site        accountant  target    reported  recomputed  (rdp)     verdict"
     )
-    for path in ledgers:
-        ledger = results.read_json(path)
-        # a federated trial: every site's own ledger (the summary repeats the largest)
-        for site, entry in [("", ledger), *sorted(ledger.get("sites", {}).items())]:
-            if entry["accountant"] == "none" or (site and entry["steps"] == 0):
-                continue  # non-private, or a weight-0 site that never trained
-            row = audit_ledger(entry)
-            checked += 1
-            bad += not row.ok
-            print(
-                f"{path.parent.name:14s} {site or '-':11s} {row.accountant:11s} {row.target:<9.4g} "
-                f"{row.reported:<9.6g} {row.recomputed:<11.6g} {row.recomputed_rdp:<9.4g} "
-                f"{'ok' if row.ok else row.problem}"
-            )
-    print(f"{checked} DP ledger(s) audited, {bad} problem(s)")
+    for r in rows:
+        print(r.line())
+    bad = sum(not r.ok for r in rows)
+    print(f"{sum(r.checked for r in rows)} DP ledger(s) audited, {bad} problem(s)")
     return 1 if bad else 0
+
+
+def _export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="launch.py export",
+        description="Copy the shareable outputs of a sweep (tables, report, figures, released "
+        "DP models with their ledgers) to a folder, and nothing else.",
+    )
+    p.add_argument("output", help="the sweep's output folder")
+    p.add_argument("--to", required=True, help="destination folder (created; must be empty)")
+    p.add_argument(
+        "--with-non-private-models",
+        action="store_true",
+        help="also copy the weights of non-private (epsilon = inf) models, which carry no "
+        "privacy guarantee",
+    )
+    args = p.parse_args(argv)
+    from privdom_ray.export import export
+
+    written = export(Path(args.output), Path(args.to), non_private=args.with_non_private_models)
+    for path in written:
+        print(path)
+    print(f"exported {len(written)} file(s) to {args.to}; see {Path(args.to) / 'PRIVACY.md'}")
+    return 0
 
 
 def _report(argv: list[str]) -> int:
@@ -204,6 +220,7 @@ def _manifest(argv: list[str]) -> int:
 
 VERBS = {
     "audit": _audit,
+    "export": _export,
     "evaluate": _evaluate,
     "report": _report,
     "show": _show,
@@ -216,12 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from privdom_ray.grid import GridError
     from privdom_ray.manifest import ManifestError
+    from privdom_ray.store import LockHeld
 
     try:
         if argv and argv[0] in VERBS:
             return VERBS[argv[0]](argv[1:])
         return _run(argv)
-    except (GridError, ManifestError, FileNotFoundError, LookupError) as exc:
+    except (
+        GridError,
+        ManifestError,
+        FileNotFoundError,
+        FileExistsError,
+        LookupError,
+        LockHeld,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,9 @@ class TargetRef:
     name: str
     fingerprint: str
     cache_path: str
+    # what the evaluation's bootstrap resamples: "patient", or "image" where the domain has no
+    # patient ids (domains.Adapter.patient_ids)
+    unit: str = "patient"
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,19 @@ rounds, so its (epsilon, delta_s) guarantee covers the whole federation. Rounds 
 re-calibrate: every round's accountant must show exactly (sigma_s, q_s, planned steps), and a
 resumed run must find the checkpoint's (sigma_s, q_s) again, or it stops.
 
-Every random stream of a site's round is seeded from (trial seed, site name, round), not from
-the site's position or any stored RNG state: a site trains identically in every federation it
-belongs to, and a resumed run is bit-identical to an uninterrupted one.
+Every random stream of a site's round is seeded from (site key, site name, round, stream). For
+DP trials each site's key is drawn from OS entropy when the trial starts and kept only in the
+trial's private checkpoint (deleted when the trial is done): nobody can replay a site's noise
+or batches from public information, while a resumed run is bit-identical to an uninterrupted
+one (a round re-run after a crash releases exactly what the lost attempt released). In this
+simulation the coordinator holds the site keys in its private checkpoint; a deployment would
+keep each key at its site. Non-private trials key their streams by the public trial seed.
+
+What a site sends to the coordinator: its noised model weights and step counts (DP: covered
+by its epsilon), its released loss weights (DP: the noised label counts, covered), its
+validation macro AUC and validation-score histograms (computed from the site's validation
+images, which DP-SGD does not protect: outside the guarantee, and marked so in the README),
+and timings. For DP trials it sends no training loss and no membership-inference statistic.
 """
 
 from __future__ import annotations
@@ -28,19 +38,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants.utils import get_noise_multiplier
 from torch import Tensor
 
 from privdom_ray.cache import SplitData, load_split
 from privdom_ray.grid import Federation, TrialSpec
 from privdom_ray.manifest import LABELS
 from privdom_ray.models import build_model
-from privdom_ray.privacy import Ledger, epsilon_from_ledger, make_ledger
+from privdom_ray.privacy import (
+    Ledger,
+    NoisePlan,
+    calibrate,
+    epsilon_of,
+    make_ledger,
+    poisson_rate,
+    steps_per_epoch,
+)
 from privdom_ray.train import (
     CheckpointStore,
+    Randomness,
     _sample_rate,
     _unwrap,
     load_model,
+    loss_weights,
     macro_auc,
     predict,
     prepare_training,
@@ -66,10 +85,19 @@ class SitePlan:
     sample_rate: float
     steps_per_round: int  # optimizer steps of one round (local_epochs epochs); 0 if weight 0
     noise_multiplier: float  # 0.0 for non-private trials and zero-weight sites
+    count_noise_multiplier: float = 0.0  # the site's label-count release (dp_counts); 0 = none
+    rounds: int = 1
 
     @property
     def active(self) -> bool:
         return self.weight > 0
+
+    def noise_plan(self, steps: int | None = None) -> NoisePlan:
+        """The site's mechanisms over ``steps`` DP-SGD steps (default: all rounds)."""
+        total = self.rounds * self.steps_per_round if steps is None else steps
+        return NoisePlan(
+            self.noise_multiplier, self.sample_rate, total, self.count_noise_multiplier
+        )
 
 
 def federation_of(spec: TrialSpec) -> Federation:
@@ -82,17 +110,12 @@ def federation_of(spec: TrialSpec) -> Federation:
     return spec.federation
 
 
-def opacus_steps_per_epoch(sample_rate: float) -> int:
-    """Steps Opacus's Poisson sampler takes per epoch: ``int(1 / q)``. For q = 1/k this is k
-    except where 1/(1/k) rounds below k in floating point (k = 93, 99, 105, ...): then k - 1."""
-    return int(1 / sample_rate)
-
-
 def plan_sites(spec: TrialSpec, n_train: Mapping[str, int]) -> list[SitePlan]:
     """Resolve every site's sample rate, steps and noise multiplier, in the federation's order.
 
-    sigma_s is calibrated for the site's total steps over all rounds with the grid's
-    accountant, so after the last round the site has spent at most ``spec.epsilon``.
+    sigma_s is calibrated for the site's total steps over all rounds (and its label-count
+    release, when its loss weights come from its private counts) with the grid's accountant,
+    so after the last round the site has spent at most ``spec.epsilon``.
     """
     fed = federation_of(spec)
     cfg = spec.training
@@ -101,29 +124,32 @@ def plan_sites(spec: TrialSpec, n_train: Mapping[str, int]) -> list[SitePlan]:
         raise ValueError(f"no training-set size for sites {missing}")
     if not any(s.weight > 0 for s in fed.sites):
         raise ValueError("a federation needs at least one site with a positive weight")
+    budget = cfg.pos_weight_budget if spec.loss_weight_source == "dp_counts" else 0.0
     plans = []
     # sites of equal size share (delta, q, steps), hence sigma: calibrate each distinct one once
     # (a PRV calibration takes seconds, and the site slots wait for it)
-    sigmas: dict[tuple[float, float, int], float] = {}
+    noise: dict[tuple[float, float, int], NoisePlan] = {}
     for site in fed.sites:
         n = int(n_train[site.name])
         if site.weight > 0 and n <= 0:
             raise ValueError(f"site {site.name!r} has weight {site.weight} but no training images")
-        batches = math.ceil(n / cfg.logical_batch)
         if spec.is_private:
-            rate = 1.0 / batches if batches else 0.0
-            per_epoch = opacus_steps_per_epoch(rate) if batches else 0
+            rate = poisson_rate(n, cfg.logical_batch)
+            per_epoch = steps_per_epoch(rate)
         else:
-            rate, per_epoch = cfg.logical_batch / max(n, 1), batches
+            rate, per_epoch = cfg.logical_batch / max(n, 1), math.ceil(n / cfg.logical_batch)
         steps_per_round = fed.local_epochs * per_epoch if site.weight > 0 else 0
-        sigma = 0.0
+        plan = NoisePlan(0.0, rate, 0)
         if spec.is_private and steps_per_round:
             if site.delta <= 0:
                 raise ValueError(f"site {site.name!r}: a DP trial needs delta > 0")
             args = (site.delta, rate, fed.rounds * steps_per_round)
-            if args not in sigmas:
-                sigmas[args] = calibrate_noise(spec, *args)
-            sigma = sigmas[args]
+            if args not in noise:
+                noise[args] = calibrate(
+                    epsilon=spec.epsilon, delta=site.delta, sample_rate=rate,
+                    steps=args[2], accountant=cfg.accountant, count_fraction=budget,
+                )  # fmt: skip
+            plan = noise[args]
         plans.append(
             SitePlan(
                 name=site.name,
@@ -132,33 +158,18 @@ def plan_sites(spec: TrialSpec, n_train: Mapping[str, int]) -> list[SitePlan]:
                 n_train=n,
                 sample_rate=rate,
                 steps_per_round=steps_per_round,
-                noise_multiplier=sigma,
+                noise_multiplier=plan.noise_multiplier,
+                count_noise_multiplier=plan.count_noise_multiplier,
+                rounds=fed.rounds,
             )
         )
     return plans
 
 
-def calibrate_noise(spec: TrialSpec, delta: float, sample_rate: float, steps: int) -> float:
-    """The noise multiplier that spends at most ``spec.epsilon`` in ``steps`` steps.
-
-    When PRV fails numerically at the calibrated sigma, the ledger will report RDP's (looser)
-    epsilon, so sigma is then calibrated with RDP to keep the reported epsilon within target.
-    """
-    accountant = spec.training.accountant
-    args = dict(
-        target_epsilon=spec.epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps
-    )
-    sigma = float(get_noise_multiplier(**args, accountant=accountant))
-    _, used = epsilon_from_ledger(accountant, sigma, sample_rate, steps, delta)
-    if used != accountant:
-        sigma = float(get_noise_multiplier(**args, accountant=used))
-    return sigma
-
-
-def stream_seed(seed: int, site: str, round: int, stream: str) -> int:
-    """A 63-bit seed from (trial seed, site name, round, stream name), stable across
-    processes and Python versions (sha256, not ``hash``)."""
-    text = f"{seed}\x1f{site}\x1f{round}\x1f{stream}".encode()
+def stream_seed(key: str, site: str, round: int, stream: str) -> int:
+    """A 63-bit seed from (site key, site name, round, stream name), stable across processes
+    and Python versions (sha256, not ``hash``). DP trials' keys are secret (:func:`site_keys`)."""
+    text = f"{key}\x1f{site}\x1f{round}\x1f{stream}".encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
 
 
@@ -167,18 +178,41 @@ def stream_seed(seed: int, site: str, round: int, stream: str) -> int:
 
 @dataclass(frozen=True)
 class SiteUpdate:
-    """What a site sends back after local training: weights and accounting numbers only."""
+    """What a site sends back after local training: weights and accounting numbers only (no
+    training loss or other training statistic for DP trials: it would leave un-noised)."""
 
     name: str
     state: dict[str, Tensor]  # on the CPU
     steps: int
     sample_rate: float
     noise_multiplier: float
-    train_loss: float  # mean physical-batch loss of the round (NaN if no batch had images)
+    # non-private trials only: the round's mean physical-batch loss (NaN for DP trials)
+    train_loss: float
     seconds: float
+    # the released loss weights (DP: the noised label counts, covered by the site's epsilon)
+    pos_weight: tuple[float, ...] = ()
+    loss_weights: str = ""
     # the site process's CPU time: its compute even when sites share CPUs (wall time is not)
     cpu_seconds: float = 0.0
     started: float = 0.0  # wall clock (time.time()) when the site began: benchmarks/bench_sweep.py
+
+
+def site_randomness(spec: TrialSpec, site: str, key: str, round: int, device) -> Randomness:
+    """A site's generators for one round, from its key (secret for DP trials). The count
+    release uses one stream for all rounds, so every round re-derives the same release."""
+
+    def gen(stream: str, rnd: int = round, dev: str | torch.device = "cpu") -> torch.Generator:
+        return torch.Generator(device=torch.device(dev)).manual_seed(
+            stream_seed(key, site, rnd, stream)
+        )
+
+    return Randomness(
+        sampling=gen("sample"),
+        noise=gen("noise", dev=device),
+        release=gen("counts", rnd=0),
+        augment=torch.Generator().manual_seed(stream_seed(str(spec.seed), site, round, "augment")),
+        secret=spec.is_private,
+    )
 
 
 def local_update(
@@ -188,6 +222,7 @@ def local_update(
     train: SplitData,
     *,
     round: int,
+    key: str,
     device: str = "cpu",
     memory_budget_mb: int = 2048,
     channels_last: bool = False,
@@ -195,9 +230,9 @@ def local_update(
     """Train the global model for ``local_epochs`` epochs on this site's training split.
 
     The NAdam optimizer (and, for DP, the Opacus engine) are fresh each round: sites are
-    stateless between rounds, which keeps checkpoints small and resumes exact. A DP site runs
-    with its planned sigma and raises if the accountant saw anything but exactly (sigma, q,
-    planned steps).
+    stateless between rounds, which keeps checkpoints small and resumes exact. ``key`` seeds
+    the round's streams (:func:`site_randomness`). A DP site runs with its planned sigma and
+    raises if the accountant saw anything but exactly (sigma, q, planned steps).
     """
     t0, c0, started = time.perf_counter(), time.process_time(), time.time()
     fed = federation_of(spec)
@@ -209,26 +244,17 @@ def local_update(
             f"{plan.n_train}; the data changed since planning"
         )
     dev = torch.device(device)
-    torch.manual_seed(stream_seed(spec.seed, plan.name, round, "torch"))
+    torch.manual_seed(stream_seed(str(spec.seed), plan.name, round, "torch"))
     model = build_model(spec.model, num_outputs=train.labels.shape[1]).to(dev)
     model.load_state_dict(dict(global_state))
     optimizer = torch.optim.NAdam(model.parameters(), lr=spec.training.lr)
-    generator = torch.Generator().manual_seed(stream_seed(spec.seed, plan.name, round, "sample"))
-    noise_generator = torch.Generator(device=dev).manual_seed(
-        stream_seed(spec.seed, plan.name, round, "noise")
-    )
+    rng = site_randomness(spec, plan.name, key, round, dev)
+    weights = loss_weights(spec, train, rng.release, plan.count_noise_multiplier)
     t = prepare_training(
-        spec,
-        model,
-        optimizer,
-        train,
-        generator=generator,
-        noise_generator=noise_generator,
-        device=device,
-        noise={"noise_multiplier": plan.noise_multiplier} if spec.is_private else None,
-        memory_budget_mb=memory_budget_mb,
-        channels_last=channels_last,
-    )
+        spec, model, optimizer, train, randomness=rng, weights=weights.tensor(),
+        noise_multiplier=plan.noise_multiplier if spec.is_private else None, device=device,
+        memory_budget_mb=memory_budget_mb, channels_last=channels_last,
+    )  # fmt: skip
     losses: list[float] = []
     for _ in range(fed.local_epochs):
         losses += train_epoch(t)
@@ -252,8 +278,10 @@ def local_update(
         steps=steps,
         sample_rate=plan.sample_rate,
         noise_multiplier=plan.noise_multiplier,
-        train_loss=float(np.mean(losses)) if losses else math.nan,
+        train_loss=math.nan if spec.is_private or not losses else float(np.mean(losses)),
         seconds=time.perf_counter() - t0,
+        pos_weight=weights.values,
+        loss_weights=weights.source,
         cpu_seconds=time.process_time() - c0,
         started=started,
     )
@@ -264,8 +292,9 @@ def _check_accounting(plan: SitePlan, history: list, loader_rate: float) -> None
 
     Opacus accounts at 1/len(loader) = 1/int(1/q_s), which is q_s except for the few batch
     counts where int(1/q_s) rounds down (then slightly above q_s: conservative)."""
-    per_epoch = opacus_steps_per_epoch(plan.sample_rate)
-    expected = [(plan.noise_multiplier, 1 / per_epoch, plan.steps_per_round)]
+    expected = [
+        (plan.noise_multiplier, 1 / steps_per_epoch(plan.sample_rate), plan.steps_per_round)
+    ]
     seen = [(float(s), float(q), int(n)) for s, q, n in history]
     if loader_rate != plan.sample_rate or seen != expected:
         raise RuntimeError(
@@ -347,25 +376,13 @@ def site_update_from_cache(
     cache_path: str,
     global_state: Mapping[str, Tensor],
     *,
-    round: int,
-    device: str = "cpu",
     threads: int = 1,
-    memory_budget_mb: int = 2048,
-    channels_last: bool = False,
+    **kwargs: Any,
 ) -> SiteUpdate:
-    """:func:`local_update` on the site's cached training split (runs where the data is)."""
+    """:func:`local_update` on the site's cached training split (runs where the data is);
+    ``kwargs`` are local_update's (round, key, device, memory settings)."""
     torch.set_num_threads(max(1, threads))
-    train = load_split(cache_path, "train")
-    return local_update(
-        spec,
-        plan,
-        global_state,
-        train,
-        round=round,
-        device=device,
-        memory_budget_mb=memory_budget_mb,
-        channels_last=channels_last,
-    )
+    return local_update(spec, plan, global_state, load_split(cache_path, "train"), **kwargs)
 
 
 def site_validate_from_cache(
@@ -452,7 +469,7 @@ def youden_from_histograms(hist_pos: np.ndarray, hist_neg: np.ndarray) -> np.nda
 
 # ------------------------------------------------------------------------------ coordinator
 
-UpdateFn = Callable[[int, dict[str, Tensor], list[SitePlan]], list[SiteUpdate]]
+UpdateFn = Callable[[int, dict[str, Tensor], list[SitePlan], dict[str, str]], list[SiteUpdate]]
 ValidateFn = Callable[[dict[str, Tensor], list[SitePlan]], list[SiteValidation]]
 
 
@@ -469,6 +486,77 @@ class FederatedResult:
     resumed_from_round: int = 0  # 0 = trained from scratch
 
 
+@dataclass
+class _FedState:
+    """What the coordinator carries between rounds (and a checkpoint restores). ``keys`` are
+    the sites' secret stream keys for DP trials: the checkpoint holding them is private."""
+
+    global_state: dict[str, Tensor]
+    keys: dict[str, str]
+    site_steps: dict[str, int]
+    history: list[dict[str, float]] = field(default_factory=list)
+    round: int = 0
+    best_auc: float = -math.inf
+    best_round: int = 0
+    best_state: dict[str, Tensor] | None = None
+    best_hist: tuple[np.ndarray, np.ndarray] | None = None
+    site_weights: dict[str, list] = field(default_factory=dict)  # (source, pos_weight) per site
+
+    def checkpoint(self, spec: TrialSpec, plans: Sequence[SitePlan]) -> dict[str, Any]:
+        hist = self.best_hist
+        return {
+            "key": spec.key,
+            "round": self.round,
+            "model": self.global_state,
+            "site_keys": dict(self.keys),
+            "site_steps": dict(self.site_steps),
+            "site_noise": {p.name: [p.noise_multiplier, p.sample_rate] for p in plans},
+            "site_weights": dict(self.site_weights),
+            "history": self.history,
+            "best_auc": self.best_auc,
+            "best_round": self.best_round,
+            "best_state": self.best_state,
+            "best_hist_pos": None if hist is None else torch.from_numpy(hist[0]),
+            "best_hist_neg": None if hist is None else torch.from_numpy(hist[1]),
+        }
+
+    @classmethod
+    def restore(cls, saved: Mapping[str, Any]) -> _FedState:
+        pos, neg = saved["best_hist_pos"], saved["best_hist_neg"]
+        return cls(
+            global_state=dict(saved["model"]),
+            keys=dict(saved["site_keys"]),
+            site_steps={k: int(v) for k, v in saved["site_steps"].items()},
+            history=list(saved["history"]),
+            round=int(saved["round"]),
+            best_auc=saved["best_auc"],
+            best_round=int(saved["best_round"]),
+            best_state=saved["best_state"],
+            best_hist=None if pos is None else (pos.numpy(), neg.numpy()),
+            site_weights=dict(saved.get("site_weights", {})),
+        )
+
+
+def site_keys(spec: TrialSpec, plans: Sequence[SitePlan]) -> dict[str, str]:
+    """Each site's stream key: 256 bits of OS entropy for DP trials (secret), else the public
+    trial seed (non-private training is reproducible from the grid)."""
+    import secrets
+
+    return {p.name: secrets.token_hex(32) if spec.is_private else str(spec.seed) for p in plans}
+
+
+def _fresh_state(spec: TrialSpec, plans: Sequence[SitePlan], init_state, keys) -> _FedState:
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, num_outputs=len(LABELS))
+    if init_state is not None:
+        model.load_state_dict(dict(init_state))
+    return _FedState(
+        global_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        keys=dict(keys) if keys is not None else site_keys(spec, plans),
+        site_steps={p.name: 0 for p in plans},
+    )
+
+
 def run_federation(
     spec: TrialSpec,
     plans: Sequence[SitePlan],
@@ -478,13 +566,18 @@ def run_federation(
     checkpoint: CheckpointStore | None = None,
     init_state: Mapping[str, Tensor] | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    keys: Mapping[str, str] | None = None,
 ) -> FederatedResult:
     """FedAvg for ``rounds`` rounds; select the round with the best weighted validation AUC.
 
+    ``keys`` injects the sites' stream keys (tests: a replayable run); a sweep never does, so
+    DP sites draw theirs from OS entropy (:func:`site_keys`).
+
     Each round the positive-weight sites train from the global model (``update``), their
     weights are averaged, and each validates the average on its own data (``validate``).
-    A checkpoint is saved after every round; a saved one is resumed after checking that it
-    belongs to this trial and that every site's (sigma, q, steps) are what the plan says.
+    A checkpoint is saved before round 1 (it holds the sites' keys, so a round re-run after a
+    crash replays the same noise) and after every round; a saved one is resumed after checking
+    that it belongs to this trial and every site's (sigma, q, steps) are what the plan says.
     Sites' epsilons cover all rounds, not only up to the selected one.
     """
     t0 = time.perf_counter()
@@ -496,113 +589,98 @@ def run_federation(
             f"{[s.name for s in fed.sites]}"
         )
     active = [p for p in plans if p.active]
-    total = math.fsum(p.weight for p in active)
-    norm = [p.weight / total for p in active]
-
     saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None and "site_keys" not in saved:
+        saved = None  # written before site keys existed (public-seed noise): start over
     if saved is not None:
         _check_checkpoint(spec, plans, saved)
-        global_state = dict(saved["model"])
-        history: list[dict[str, float]] = list(saved["history"])
-        site_steps = {k: int(v) for k, v in saved["site_steps"].items()}
-        best_auc, best_round = saved["best_auc"], int(saved["best_round"])
-        best_state = saved["best_state"]
-        best_hist = (saved["best_hist_pos"].numpy(), saved["best_hist_neg"].numpy())
-        first_round = int(saved["round"]) + 1
-        if history:  # wall-clock time keeps counting across a resume
-            t0 -= history[-1]["seconds"]
+        st = _FedState.restore(saved)
+        if st.history:  # wall-clock time keeps counting across a resume
+            t0 -= st.history[-1]["seconds"]
     else:
-        torch.manual_seed(spec.seed)
-        model = build_model(spec.model, num_outputs=len(LABELS))
-        if init_state is not None:
-            model.load_state_dict(dict(init_state))
-        global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history, site_steps = [], {p.name: 0 for p in plans}
-        best_auc, best_round, best_state, best_hist = -math.inf, 0, None, None
-        first_round = 1
-
-    for r in range(first_round, fed.rounds + 1):
-        updates = update(r, global_state, active)
-        _check_updates(active, updates, r)
-        for u in updates:
-            site_steps[u.name] += u.steps
-        global_state = fedavg([u.state for u in updates], [p.weight for p in active])
-        validations = validate(global_state, active)
-        if [v.name for v in validations] != [p.name for p in active]:
-            raise RuntimeError(f"round {r}: validations came back for {validations!r}")
-        val_auc = _weighted_mean([v.macro_auc for v in validations], norm)
-        record = {  # plain Python numbers: checkpoints load with weights_only=True
-            "epoch": r,  # the key progress reports and Tune read
-            "round": r,
-            "train_loss": _weighted_mean([u.train_loss for u in updates], norm),
-            "val_macro_auc": val_auc,
-            "epsilon": _largest_epsilon(spec, active, site_steps),
-            "steps": max(site_steps[p.name] for p in active),
-            "seconds": time.perf_counter() - t0,
-            # the sites' local training CPU time this round, summed
-            "site_cpu_seconds": math.fsum(u.cpu_seconds for u in updates),
-            # the round's site tasks (training, validation) as [start, end] wall-clock times
-            "site_tasks": [[x.started, x.started + x.seconds] for x in [*updates, *validations]],
-        }
-        history.append(record)
-        score = -math.inf if math.isnan(val_auc) else val_auc
-        if best_state is None or score > (-math.inf if math.isnan(best_auc) else best_auc):
-            best_auc, best_round, best_state = val_auc, r, global_state
-            best_hist = (
-                np.sum([v.hist_pos for v in validations], axis=0),
-                np.sum([v.hist_neg for v in validations], axis=0),
-            )
+        st = _fresh_state(spec, plans, init_state, keys)
         if checkpoint is not None:
-            assert best_hist is not None
-            checkpoint.save(
-                {
-                    "key": spec.key,
-                    "round": r,
-                    "model": global_state,
-                    "site_steps": dict(site_steps),
-                    "site_noise": {p.name: [p.noise_multiplier, p.sample_rate] for p in plans},
-                    "history": history,
-                    "best_auc": best_auc,
-                    "best_round": best_round,
-                    "best_state": best_state,
-                    "best_hist_pos": torch.from_numpy(best_hist[0]),
-                    "best_hist_neg": torch.from_numpy(best_hist[1]),
-                }
-            )
+            checkpoint.save(st.checkpoint(spec, plans))
+    first_round = st.round + 1
+    for r in range(first_round, fed.rounds + 1):
+        record = _round(spec, st, active, r, update, validate, t0)
+        if checkpoint is not None:
+            checkpoint.save(st.checkpoint(spec, plans))
         if on_round is not None:
             on_round(record)
-
-    assert best_state is not None and best_hist is not None
-    site_ledgers = {p.name: site_ledger(spec, p, site_steps[p.name]) for p in plans}
+    assert st.best_state is not None and st.best_hist is not None
+    ledgers = {p.name: site_ledger(spec, p, st.site_steps[p.name], st.site_weights) for p in plans}
     return FederatedResult(
-        state_dict={k: v.detach().cpu() for k, v in best_state.items()},
-        site_ledgers=site_ledgers,
-        ledger=max(site_ledgers.values(), key=lambda led: led.epsilon_spent),
-        history=history,
-        best_round=best_round,
-        thresholds=youden_from_histograms(*best_hist),
-        val_macro_auc=float(best_auc),
+        state_dict={k: v.detach().cpu() for k, v in st.best_state.items()},
+        site_ledgers=ledgers,
+        ledger=max(ledgers.values(), key=lambda led: led.epsilon_spent),
+        history=st.history,
+        best_round=st.best_round,
+        thresholds=youden_from_histograms(*st.best_hist),
+        val_macro_auc=float(st.best_auc),
         train_seconds=time.perf_counter() - t0,
         resumed_from_round=first_round - 1,
     )
 
 
-def site_ledger(spec: TrialSpec, plan: SitePlan, steps: int) -> Ledger:
+def _round(spec, st: _FedState, active, r: int, update, validate, t0: float) -> dict[str, Any]:
+    """One FedAvg round: site updates, the average, the sites' validations, round selection."""
+    norm = [p.weight / math.fsum(q.weight for q in active) for p in active]
+    updates = update(r, st.global_state, active, st.keys)
+    _check_updates(active, updates, r)
+    for u in updates:
+        st.site_steps[u.name] += u.steps
+        st.site_weights[u.name] = [u.loss_weights, list(u.pos_weight)]
+    st.global_state = fedavg([u.state for u in updates], [p.weight for p in active])
+    validations = validate(st.global_state, active)
+    if [v.name for v in validations] != [p.name for p in active]:
+        raise RuntimeError(f"round {r}: validations came back for {validations!r}")
+    val_auc = _weighted_mean([v.macro_auc for v in validations], norm)
+    record = {  # plain Python numbers: checkpoints load with weights_only=True
+        "epoch": r,  # the key progress reports and Tune read
+        "round": r,
+        "train_loss": _weighted_mean([u.train_loss for u in updates], norm),
+        "val_macro_auc": val_auc,
+        "epsilon": _largest_epsilon(spec, active, st.site_steps),
+        "steps": max(st.site_steps[p.name] for p in active),
+        "seconds": time.perf_counter() - t0,
+        # the sites' local training CPU time this round, summed
+        "site_cpu_seconds": math.fsum(u.cpu_seconds for u in updates),
+        # the round's site tasks (training, validation) as [start, end] wall-clock times
+        "site_tasks": [[x.started, x.started + x.seconds] for x in [*updates, *validations]],
+    }
+    st.history.append(record)
+    st.round = r
+    score = -math.inf if math.isnan(val_auc) else val_auc
+    if st.best_state is None or score > (-math.inf if math.isnan(st.best_auc) else st.best_auc):
+        st.best_auc, st.best_round, st.best_state = val_auc, r, st.global_state
+        st.best_hist = (
+            np.sum([v.hist_pos for v in validations], axis=0),
+            np.sum([v.hist_neg for v in validations], axis=0),
+        )
+    return record
+
+
+def site_ledger(
+    spec: TrialSpec, plan: SitePlan, steps: int, site_weights: Mapping[str, list] | None = None
+) -> Ledger:
     """A site's privacy record over all its steps. A zero-weight site took part in nothing
     and spent nothing (epsilon 0), private trial or not."""
-    cfg = spec.training
+    source, values = (site_weights or {}).get(plan.name, ["", []])
+    common = dict(loss_weights=source, pos_weight=tuple(float(v) for v in values))
     if spec.is_private:
         ledger = make_ledger(
             epsilon_target=spec.epsilon,
             delta=plan.delta,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            steps=steps,
-            max_grad_norm=cfg.max_grad_norm,
-            accountant=cfg.accountant,
+            plan=plan.noise_plan(steps),
+            max_grad_norm=spec.training.max_grad_norm,
+            accountant=spec.training.accountant,
+            **common,
         )
+        if not plan.active:  # never trained: no release at all, not even the counts
+            ledger = dataclasses.replace(ledger, epsilon_spent=0.0, epsilon_rdp=0.0, mechanisms=())
     else:
-        ledger = Ledger.non_private(steps=steps, sample_rate=plan.sample_rate)
+        ledger = Ledger.non_private(steps=steps, sample_rate=plan.sample_rate, **common)
         if not plan.active:
             ledger = dataclasses.replace(ledger, epsilon_spent=0.0, epsilon_rdp=0.0)
     return dataclasses.replace(ledger, scope="site", site=plan.name)
@@ -612,8 +690,8 @@ def _largest_epsilon(spec: TrialSpec, active: list[SitePlan], site_steps: dict[s
     if not spec.is_private:
         return math.inf
     # sites of equal size share (sigma, q, steps, delta): one accountant call per distinct ledger
-    ledgers = {(p.noise_multiplier, p.sample_rate, site_steps[p.name], p.delta) for p in active}
-    return max(epsilon_from_ledger(spec.training.accountant, *ledger)[0] for ledger in ledgers)
+    plans = {(p.noise_plan(site_steps[p.name]), p.delta) for p in active}
+    return max(epsilon_of(spec.training.accountant, pl.mechanisms, d)[0] for pl, d in plans)
 
 
 def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:

@@ -70,6 +70,12 @@ class TrainingConfig:
     # where training starts: "scratch", "pretrain" (the grid's pretraining stage), or the path
     # of a state_dict file. Keys hash the resolved identity (TrialSpec.init), not this text.
     init: str = "scratch"
+    # the loss's positive-class weights (lossweights.py): "auto" (DP trials: "dp_counts", the
+    # label counts released with Gaussian noise and accounted; others: exact counts),
+    # "dp_counts", "public" (the pretraining domain's counts), "none", or five numbers
+    pos_weight: str | tuple[float, ...] = "auto"
+    # dp_counts: the fraction of the privacy budget (mu-GDP) the count release takes
+    pos_weight_budget: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # Names a grid may use whose implementations need torch (models.MODELS) or Opacus
 # (dpstep.DP_MODES): listed here so that a grid is validated, and a bad one refused, without
 # importing either (seconds per CLI call); tests/test_grid.py checks them against both.
-MODEL_NAMES = ("resnet9", "resnet18")
+MODEL_NAMES = ("resnet9", "resnet18", "resnet34", "resnet50")
 DP_MODE_NAMES = ("hooks", "functorch", "ew", "ghost", "bk")
 
 
@@ -109,6 +115,15 @@ class EvaluationConfig:
     age_bins: tuple[float, ...] = (0.0, 40.0, 70.0, math.inf)
     oracle_threshold: bool = False
     seed: int = 0
+    # AUC difference within which DP and non-DP count as equivalent (TOST); see
+    # privdom_ray/comparisons.py (margin): above the <= 0.013 off-domain shifts the paper saw,
+    # below its 0.03-0.05 on-domain DP cost, so the test can both confirm and refute
+    equivalence_margin: float = 0.02
+    # a label's metrics (and its place in the macro's fixed label set) need this many
+    # positives and negatives in the evaluated set; below, they are null with a reason
+    min_positives: int = 10
+    min_negatives: int = 10
+    calibration_bins: int = 10  # equal-width probability bins of the ECE and reliability plot
 
 
 @dataclass(frozen=True)
@@ -214,6 +229,8 @@ class TrialSpec:
     # set for a federated trial: ``source`` is then the federation's name, ``delta`` the
     # largest site delta and ``training.epochs`` = rounds x local epochs
     federation: Federation | None = None
+    # training.pos_weight "public", resolved: the pretraining domain's exact weights
+    public_pos_weight: tuple[float, ...] = ()
     key: str = field(default="", compare=False)
 
     @property
@@ -224,6 +241,13 @@ class TrialSpec:
     def clips(self) -> bool:
         """Whether training clips per-sample gradients (DP trials and the clip-only control)."""
         return self.is_private or self.variant == "clip_only"
+
+    @property
+    def loss_weight_source(self) -> str:
+        """Where this trial's pos_weight comes from (lossweights.resolve)."""
+        from privdom_ray.lossweights import resolve
+
+        return resolve(self.training.pos_weight, private=self.is_private)
 
     @property
     def name(self) -> str:
@@ -246,6 +270,12 @@ class TrialSpec:
             d.pop("federation")  # keys of single-site trials predate federations
         if d["training"]["privacy_unit"] == "image":
             d["training"].pop("privacy_unit")  # keys of image-level trials predate the option
+        if d["training"]["pos_weight"] == "auto":
+            d["training"].pop("pos_weight")  # keys predate the option
+        if not self.public_pos_weight:
+            d.pop("public_pos_weight")
+        if self.loss_weight_source != "dp_counts" or self.training.pos_weight_budget == 0.05:
+            d["training"].pop("pos_weight_budget")
         if not self.is_private:
             d["training"].pop("accountant")
             if not self.clips:
@@ -271,13 +301,21 @@ class TrialSpec:
             delta=float(d["delta"]),
             seed=int(d["seed"]),
             model=d["model"],
-            training=TrainingConfig(**d["training"]),
+            training=_training_from_json(d["training"]),
             preprocessing=Preprocessing(**d["preprocessing"]),
             variant=d.get("variant", "standard"),
             init=d.get("init", "scratch"),
             federation=Federation.from_json(d["federation"]) if d.get("federation") else None,
+            public_pos_weight=tuple(d.get("public_pos_weight", ())),
             key=d.get("key", ""),
         )
+
+
+def _training_from_json(d: Mapping[str, Any]) -> TrainingConfig:
+    d = dict(d)
+    if isinstance(d.get("pos_weight"), list):  # five fixed numbers come back as a JSON list
+        d["pos_weight"] = tuple(float(v) for v in d["pos_weight"])
+    return TrainingConfig(**d)
 
 
 def format_epsilon(eps: float) -> str:
@@ -490,8 +528,16 @@ def parse_grid(
 
     if isinstance(raw.get("training"), Mapping) and raw["training"].get("physical_batch") == "auto":
         raw = {**raw, "training": {**raw["training"], "physical_batch": 0}}
+    fixed_weights = _fixed_pos_weight(c, raw)
+    if isinstance(raw.get("training"), Mapping) and isinstance(
+        raw["training"].get("pos_weight"), list
+    ):
+        raw = {**raw, "training": {k: v for k, v in raw["training"].items() if k != "pos_weight"}}
     training = c.section(raw, "training", TrainingConfig)
+    if fixed_weights is not None:
+        training = dataclasses.replace(training, pos_weight=fixed_weights)
     _check_training(c, training)
+    _check_pos_weight(c, training, epsilons, pretrain is not None)
     if federations and training.privacy_unit == "patient":
         c.add(
             "training.privacy_unit",
@@ -529,6 +575,17 @@ def parse_grid(
         c.add("evaluation.n_boot", evaluation.n_boot, "an integer >= 0 (0 = no CIs)")
     if not 0 < evaluation.ci < 1:
         c.add("evaluation.ci", evaluation.ci, "a number between 0 and 1, e.g. 0.95")
+    if not 0 < evaluation.equivalence_margin < 0.5:
+        c.add(
+            "evaluation.equivalence_margin",
+            evaluation.equivalence_margin,
+            "an AUC difference between 0 and 0.5, e.g. 0.02",
+        )
+    for key in ("min_positives", "min_negatives"):
+        if getattr(evaluation, key) < 1:
+            c.add(f"evaluation.{key}", getattr(evaluation, key), "an integer >= 1, e.g. 10")
+    if evaluation.calibration_bins < 2:
+        c.add("evaluation.calibration_bins", evaluation.calibration_bins, "an integer >= 2")
     bins = evaluation.age_bins
     if len(bins) < 2 or any(lo >= hi for lo, hi in zip(bins[:-1], bins[1:], strict=True)):
         c.add(
@@ -761,6 +818,49 @@ def _check_training(c: _Collector, t: TrainingConfig) -> None:
             "hooks, functorch, ew or auto with privacy_unit: patient (per-patient clipping "
             "sums per-image gradients, which bk and ghost never materialise)",
         )
+
+
+def _fixed_pos_weight(c: _Collector, raw: Mapping) -> tuple[float, ...] | None:
+    """``training.pos_weight`` given as five numbers (taken out before the section is parsed,
+    whose string default would refuse a list); None when it is not a list."""
+    section = raw.get("training")
+    value = section.get("pos_weight") if isinstance(section, Mapping) else None
+    if not isinstance(value, list):
+        return None
+    try:
+        weights = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        weights = ()
+    from privdom_ray.manifest import LABELS
+
+    if len(weights) != len(LABELS) or not all(w > 0 and math.isfinite(w) for w in weights):
+        c.add(
+            "training.pos_weight", value, f"{len(LABELS)} positive numbers, one per label {LABELS}"
+        )
+        return None
+    return weights
+
+
+def _check_pos_weight(
+    c: _Collector, t: TrainingConfig, epsilons: list[float], has_pretrain: bool
+) -> None:
+    from privdom_ray.lossweights import SETTINGS
+
+    setting = t.pos_weight
+    if isinstance(setting, str) and setting not in SETTINGS:
+        c.add("training.pos_weight", setting, f"one of {list(SETTINGS)} or a list of 5 numbers")
+    elif setting == "exact" and any(math.isfinite(e) for e in epsilons):
+        c.add(
+            "training.pos_weight",
+            setting,
+            "'auto', 'dp_counts', 'public', 'none' or fixed numbers when the grid has DP "
+            "epsilons: exact label counts of a private training set make every example's loss "
+            "depend on the whole set, which voids the DP guarantee",
+        )
+    elif setting == "public" and not has_pretrain:
+        c.add("training.pos_weight", setting, "a 'pretrain' section (its domain is the public one)")
+    if not 0 < t.pos_weight_budget <= 0.5:
+        c.add("training.pos_weight_budget", t.pos_weight_budget, "a fraction in (0, 0.5]")
 
 
 # ---------------------------------------------------------------------------------- planning

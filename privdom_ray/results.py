@@ -1,21 +1,10 @@
-"""Trial folders on disk, atomic writes, and the aggregated transfer table.
+"""Atomic writes, and the transfer table aggregated from the trial store.
 
-One trial = ``<output>/trials/<key>/`` (key = content hash of what determines the model):
-
-- ``trial.json``  the resolved trial spec, versions, node, timings (``config.yaml``: the same
-  plus the ledger, for people)
-- ``tensorboard/`` training curves: loss, validation macro AUC, epsilon spent per epoch
-- ``model.pt``    final weights (a plain state_dict: loadable with ``weights_only=True``)
-- ``ledger.json`` the privacy ledger;  ``history.json`` per-epoch loss, val AUC, epsilon
-- ``val_predictions.parquet``, ``thresholds.json`` (Youden on the source's validation split)
-- ``done``        written last: the trained model is complete
-- ``eval/<target>-<fingerprint>/``  per target: ``predictions.parquet`` (row position,
-  scores, labels, sex, age bin: no ids, no paths), ``metrics.parquet``, ``eval.json``;
-  each folder is renamed into place complete
-
-The transfer table is an aggregate: one row per trial x target x label x subgroup, with no
-patient identifiers, image paths or per-image rows. Tune may run a trial twice
-(at-least-once); rows are keyed by (trial_key, target), so duplicates cannot arise.
+The transfer table is an aggregate: one row per trial x current target evaluation x label x
+subgroup, with no patient identifiers, image paths or per-image rows (those stay in the
+private trial folders, see ``store.py``). Each (trial, target) has one evaluation per data
+version of the target, and the table takes the current one, so a trial evaluated twice (Tune
+is at-least-once) or on an older version of a target's data never gives duplicate rows.
 """
 
 from __future__ import annotations
@@ -25,7 +14,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -51,13 +39,82 @@ def _metric_fields() -> list[tuple[str, pa.DataType]]:
     return out
 
 
+# Where each value of the transfer table comes from, i.e. what may be shared (the README's
+# "What may leave" and the report's "What this epsilon covers" say the same). Every column is
+# one of these; the class is stored in the parquet schema's field metadata ("privacy").
+PRIVACY_CLASSES = {
+    "public": "configuration, identity, versions or timing: not computed from any image",
+    "ledger": "the privacy accounting: from the grid and the training-set size, which (as in "
+    "Opacus and the paper) is treated as public",
+    "test": "computed only from the target's test images (never trained on)",
+    "validation": "computed from the SOURCE's validation images without noise: outside the "
+    "guarantee, which covers training images only",
+    "training": "computed from training images without noise: filled for non-private trials "
+    "only (null for DP trials, whose values stay in the private trial record)",
+}
+_PUBLIC = [
+    "sweep",
+    "trial_key",
+    "source",
+    "target",
+    "data_fingerprint",
+    "on_domain",
+    "training_sites",
+    "seed",
+    "model",
+    "variant",
+    "init",
+    "n_boot",
+    "image_size",
+    "epochs",
+    "logical_batch",
+    "lr",
+    "train_seconds",
+    "eval_seconds",
+    "node",
+    "versions",
+]
+_LEDGER = [
+    "epsilon_target",
+    "epsilon_spent",
+    "epsilon_rdp",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "max_grad_norm",
+    "accountant",
+    "privacy_unit",
+    "privacy_scope",
+    "loss_weights",
+]
+COLUMN_PRIVACY: dict[str, str] = {
+    **dict.fromkeys(_PUBLIC, "public"),
+    **dict.fromkeys(_LEDGER, "ledger"),
+    "threshold": "validation",
+    "best_epoch": "validation",
+    "mia_auc": "training",
+    "mia_tpr_at_1fpr": "training",
+}  # every other column (metrics.MetricRow's) is "test"
+
+
+def privacy_class(column: str) -> str:
+    return COLUMN_PRIVACY.get(column, "test")
+
+
+def _with_privacy(fields: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    return pa.schema([pa.field(n, t, metadata={"privacy": privacy_class(n)}) for n, t in fields])
+
+
 # Columns of the transfer table, in order. Metric columns come from metrics.MetricRow.
-SCHEMA = pa.schema(
+SCHEMA = _with_privacy(
     [
         ("sweep", pa.string()),
         ("trial_key", pa.string()),
         ("source", pa.string()),
         ("target", pa.string()),
+        # the target's data version (manifest fingerprint) the row was evaluated on
+        ("data_fingerprint", pa.string()),
         ("on_domain", pa.bool_()),
         # the domains whose training data made the model: the source, or a federation's sites
         ("training_sites", pa.string()),
@@ -78,6 +135,9 @@ SCHEMA = pa.schema(
         # "trial": one dataset's guarantee; "site": per-site guarantees of a federation (the
         # row holds the ledger of the site with the largest epsilon)
         ("privacy_scope", pa.string()),
+        # where the loss's pos_weight came from: dp_counts (a DP release in the ledger), exact
+        # (non-private trials only), public, fixed or none
+        ("loss_weights", pa.string()),
         *_metric_fields(),  # label, subgroup, n, auc, ... : every field of metrics.MetricRow
         ("mia_auc", pa.float64()),
         ("mia_tpr_at_1fpr", pa.float64()),
@@ -143,143 +203,78 @@ def read_json(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------ trial folders
+# (comparisons.py still reads folders with these three; everything else uses store.TrialStore)
 
 
 def trial_dir(output: Path, key: str) -> Path:
-    return Path(output) / TRIALS / key
+    return Path(output) / "trials" / key
 
 
 def is_trained(tdir: Path) -> bool:
     return (Path(tdir) / "done").is_file()
 
 
-def mark_done(tdir: Path) -> None:
-    atomic_write(Path(tdir) / "done", lambda p: p.write_text("done\n"))
-
-
-def eval_dir(tdir: Path, target: str, fingerprint: str) -> Path:
-    return Path(tdir) / "eval" / f"{target}-{fingerprint}"
-
-
 def is_evaluated(edir: Path) -> bool:
     return (Path(edir) / "eval.json").is_file()
-
-
-def heartbeat(tdir: Path, run_id: str, node: str, **extra: Any) -> None:
-    """``running.json``: a cell at work, with its last epoch (status and progress read it)."""
-    write_json(
-        tdir / "running.json",
-        {"run_id": run_id, "node": node, "pid": os.getpid(), "updated": time.time(), **extra},
-    )
-
-
-def record_failure(tdir: Path, run_id: str, *, reason: str, error: str) -> None:
-    """``failed.json``: why a cell stopped (the error's last lines), for ``launch.py status``."""
-    write_json(
-        tdir / "failed.json",
-        {"run_id": run_id, "reason": reason, "error": error[-4000:], "time": time.time()},
-    )
-
-
-def find_trials(output: Path, query: str) -> list[Path]:
-    """Trial folders matching a key (or key prefix) or ``source/epsilon/seed``."""
-    base = Path(output) / TRIALS
-    if not base.is_dir():
-        raise FileNotFoundError(f"no trials in {output}; is it a sweep's output folder?")
-    if "/" not in query:
-        return sorted(p for p in base.glob(f"{query}*") if (p / "trial.json").is_file())
-    parts = query.split("/")
-    if len(parts) != 3:
-        raise LookupError(
-            f"{query!r}: expected a trial key or source/epsilon/seed, e.g. site_a/1/0"
-        )
-    source, eps, seed = parts
-    hits = []
-    for p in sorted(base.glob("*/trial.json")):
-        spec = read_json(p)["spec"]
-        if spec["source"] == source and str(spec["epsilon"]) == eps and str(spec["seed"]) == seed:
-            hits.append(p.parent)
-    return hits
-
-
-def cell_status(tdir: Path, targets: list[dict[str, str]]) -> tuple[str, str]:
-    """(state, detail) of one planned cell: done, failed, running, evaluating or pending.
-
-    ``running`` comes from a heartbeat file; after a driver crash it may describe an attempt
-    that is no longer alive, so the detail says how old the heartbeat is.
-    """
-    tdir = Path(tdir)
-    missing = [
-        t["name"] for t in targets if not is_evaluated(eval_dir(tdir, t["name"], t["fingerprint"]))
-    ]
-    if is_trained(tdir) and not missing:
-        return "done", ""
-    if (tdir / "failed.json").is_file():
-        f = read_json(tdir / "failed.json")
-        tail = "\n".join(f.get("error", "").strip().splitlines()[-3:])
-        return "failed", f"{f.get('reason', 'error')}: {tail}"
-    if (tdir / "running.json").is_file():
-        r = read_json(tdir / "running.json")
-        age = time.time() - r.get("updated", 0)
-        epoch = f"epoch {r['epoch']}, " if "epoch" in r else ""
-        return "running", f"{epoch}node {r.get('node', '?')[:12]}, heartbeat {age:.0f}s ago"
-    if is_trained(tdir):
-        return "evaluating", "trained; targets left: " + ", ".join(missing)
-    return "pending", ""
 
 
 # ------------------------------------------------------------------------------ aggregation
 
 
-def rows_for_trial(tdir: Path, sweep: str) -> list[pd.DataFrame]:
-    """The transfer-table rows of one finished trial, one frame per evaluated target."""
-    info = read_json(tdir / "trial.json")
-    ledger = read_json(tdir / "ledger.json")
-    spec = info["spec"]
+LEDGER_COLUMNS = (
+    "epsilon_target",
+    "epsilon_spent",
+    "epsilon_rdp",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "max_grad_norm",
+    "accountant",
+    "privacy_unit",
+)
+
+
+def rows_for_trial(record: Any, evaluations: Iterable[Any], sweep: str) -> list[pd.DataFrame]:
+    """The transfer-table rows of one trained trial (a store.TrialRecord), one frame per
+    current evaluation (store.EvalRecord)."""
+    spec, info, ledger = record.spec, record.info, record.ledger
+    # the membership attack reads training images without noise: never shared for DP trials
+    shareable_mia = ledger["accountant"] == "none"
+    fixed = {
+        "sweep": sweep,
+        "trial_key": record.key,
+        "source": spec.source,
+        "training_sites": ",".join(record.training_sites),
+        "seed": spec.seed,
+        "model": spec.model,
+        "variant": spec.variant,
+        "init": spec.init,
+        "mia_auc": info.get("mia_auc") if shareable_mia else None,
+        "mia_tpr_at_1fpr": info.get("mia_tpr_at_1fpr") if shareable_mia else None,
+        **{k: _number(ledger[k]) for k in LEDGER_COLUMNS},
+        "privacy_scope": ledger.get("scope", "trial"),
+        "loss_weights": ledger.get("loss_weights", "exact"),
+        "image_size": spec.preprocessing.image_size,
+        "epochs": spec.training.epochs,
+        "best_epoch": info["best_epoch"],
+        "logical_batch": spec.training.logical_batch,
+        "lr": spec.training.lr,
+        "train_seconds": info["train_seconds"],
+        "node": info.get("node", ""),
+        "versions": json.dumps(info.get("versions", {}), sort_keys=True),
+    }
     frames = []
-    for edir in sorted((tdir / "eval").glob("*")):
-        if not is_evaluated(edir):
-            continue  # half-written evaluation: never enters a table
-        ev = read_json(edir / "eval.json")
-        df = pd.read_parquet(edir / "metrics.parquet")
-        df["sweep"] = sweep
-        df["trial_key"] = spec["key"]
-        df["source"] = spec["source"]
-        df["target"] = ev["target"]
-        fed = spec.get("federation")
-        sites = [s["name"] for s in fed["sites"] if s["weight"] > 0] if fed else [spec["source"]]
-        df["on_domain"] = ev["target"] in sites
-        df["training_sites"] = ",".join(sites)
-        df["seed"] = spec["seed"]
-        df["model"] = spec["model"]
-        df["variant"] = spec.get("variant", "standard")
-        df["init"] = spec.get("init", "scratch")
-        df["mia_auc"] = info.get("mia_auc")
-        df["mia_tpr_at_1fpr"] = info.get("mia_tpr_at_1fpr")
-        for k in (
-            "epsilon_target",
-            "epsilon_spent",
-            "epsilon_rdp",
-            "delta",
-            "noise_multiplier",
-            "sample_rate",
-            "steps",
-            "max_grad_norm",
-            "accountant",
-            "privacy_unit",
-        ):
-            df[k] = _number(ledger[k])
-        df["privacy_scope"] = ledger.get("scope", "trial")
-        df["n_boot"] = ev["n_boot"]
-        df["image_size"] = spec["preprocessing"]["image_size"]
-        df["epochs"] = spec["training"]["epochs"]
-        df["best_epoch"] = info["best_epoch"]
-        df["logical_batch"] = spec["training"]["logical_batch"]
-        df["lr"] = spec["training"]["lr"]
-        df["train_seconds"] = info["train_seconds"]
-        df["eval_seconds"] = ev["eval_seconds"]
-        df["node"] = info.get("node", "")
-        df["versions"] = json.dumps(info.get("versions", {}), sort_keys=True)
+    for ev in evaluations:
+        df = ev.metrics()
+        df = df.assign(
+            **fixed,
+            target=ev.target,
+            data_fingerprint=ev.fingerprint,
+            on_domain=record.on_domain(ev.target),
+            n_boot=ev.n_boot,
+            eval_seconds=ev.eval_seconds,
+        )
         frames.append(df)
     return frames
 
@@ -290,13 +285,24 @@ def _number(value: Any) -> Any:
     return value
 
 
-def aggregate(output: Path, keys: Iterable[str], sweep: str) -> tuple[Path, pd.DataFrame]:
-    """Combine the finished trials ``keys`` into ``<output>/transfer.parquet`` (atomically)."""
+def aggregate(
+    output: Path, keys: Iterable[str], sweep: str, targets: Iterable[Any] | None = None
+) -> tuple[Path, pd.DataFrame]:
+    """Combine the finished trials ``keys`` into ``<output>/transfer.parquet`` (atomically).
+
+    One evaluation per (trial, target): the one of the target's current data version
+    (``targets``: objects with ``name`` and ``fingerprint``; default: the targets of the last
+    plan, ``plan.json``). Older evaluations stay on disk, out of the table.
+    """
+    from privdom_ray.store import TrialStore
+
+    store = TrialStore(output)
+    targets = list(targets) if targets is not None else planned_targets(output)
     frames: list[pd.DataFrame] = []
     for key in keys:
-        tdir = trial_dir(output, key)
-        if is_trained(tdir):
-            frames.extend(rows_for_trial(tdir, sweep))
+        record = store.valid(key)
+        if record is not None:
+            frames.extend(rows_for_trial(record, store.current(key, targets), sweep))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     for field in SCHEMA:
         if field.name not in df.columns:
@@ -306,6 +312,20 @@ def aggregate(output: Path, keys: Iterable[str], sweep: str) -> tuple[Path, pd.D
     path = Path(output) / TRANSFER
     write_parquet(path, table)
     return path, df
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    name: str
+    fingerprint: str
+
+
+def planned_targets(output: Path) -> list[_Target]:
+    """The targets (name, data fingerprint) of the last plan written to ``output``."""
+    path = Path(output) / "plan.json"
+    if not path.is_file():
+        return []
+    return [_Target(t["name"], t["fingerprint"]) for t in read_json(path)["targets"]]
 
 
 def load(output: str | Path) -> pd.DataFrame:

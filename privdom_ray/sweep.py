@@ -9,7 +9,6 @@ Tune run.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,11 +18,12 @@ from typing import Any
 
 import pandas as pd
 
-from privdom_ray import cache, comparisons, grid, report, results
+from privdom_ray import cache, comparisons, grid, planning, report, results
 from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.domains import build_manifest
 from privdom_ray.grid import SweepSpec, TrialSpec
 from privdom_ray.manifest import fingerprint
+from privdom_ray.store import DriverLock, TrialStore, keep_beating
 from privdom_ray.trainable import privdom_trial, trial_resources
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -48,6 +48,7 @@ class Prepared:
     caches: dict[str, cache.CacheEntry]
     trials: list[TrialSpec]
     cells: list[Cell]  # only the cells with work left
+    targets: tuple[TargetRef, ...] = ()
 
 
 def _log(msg: str) -> None:
@@ -125,101 +126,46 @@ def check_weights_file(path: Path, model_name: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def prepare(
-    spec: SweepSpec, inputs: Inputs, log: Log = _log, *, train: bool = True, run_id: str = ""
-) -> Prepared:
-    """Caches (Ray Data) and the plan. Requires ``ray.init`` first.
-
-    With ``train=False`` only finished models get cells (evaluation of missing targets).
-    """
-    manifests, fps, n_train = inputs.manifests, inputs.fingerprints, inputs.n_train
-    spec.output.mkdir(parents=True, exist_ok=True)
+def build_caches(
+    spec: SweepSpec, inputs: Inputs, log: Log = _log
+) -> dict[str, cache.CacheEntry]:
+    """Decode every domain the grid trains or tests on once (Ray Data; needs ``ray.init``);
+    the pretraining domain gets its own entry under the pretraining trial's name."""
+    manifests, fps = inputs.manifests, inputs.fingerprints
     caches: dict[str, cache.CacheEntry] = {}
     pre = grid.pretrain_spec(spec, fps)
     if pre is not None:
-        entry = cache.build(
-            pre.source,
-            manifests[pre.source],
-            fps[pre.source],
-            pre.preprocessing,
-            spec.cache_dir,
-            log=log,
-        )
-        caches[pre.name] = entry
+        caches[pre.name] = entry = cache.build(
+            pre.source, manifests[pre.source], fps[pre.source], pre.preprocessing,
+            spec.cache_dir, log=log,
+        )  # fmt: skip
         log(f"[cache] {pre.source} (pretraining): {entry.n_images} images decoded")
     for d in spec.domains:
         if d.name not in spec.trained_domains and d.name not in spec.targets:
             continue
-        entry = cache.build(
+        caches[d.name] = entry = cache.build(
             d.name, manifests[d.name], fps[d.name], spec.preprocessing, spec.cache_dir, log=log
         )
-        caches[d.name] = entry
         how = f"built in {entry.built_seconds:.1f}s" if entry.built_seconds else "reused"
         log(f"[cache] {d.name}: {entry.n_images} images decoded, {entry.n_skipped} skipped ({how})")
+    return caches
+
+
+def prepare(
+    spec: SweepSpec, inputs: Inputs, log: Log = _log, *, train: bool = True, run_id: str = ""
+) -> Prepared:
+    """Caches (Ray Data) and the plan (pure: ``planning.plan_cells``). Requires ``ray.init``.
+
+    With ``train=False`` only finished models get cells (evaluation of missing targets).
+    """
+    fps, n_train = inputs.fingerprints, inputs.n_train
+    spec.output.mkdir(parents=True, exist_ok=True)
+    caches = build_caches(spec, inputs, log)
     trials = grid.plan(spec, fps, n_train, init_file_hash=inputs.init_file_hash)
-    targets = tuple(TargetRef(t, fps[t], str(caches[t].path)) for t in spec.targets)
-
-    slots_cap = cluster_slots(spec)
-    device = "cuda" if spec.resources.gpu > 0 else "cpu"
-    fmt = spec.resources.memory_format
-
-    def cell(t: TrialSpec, source: cache.CacheEntry | None, targets: tuple, init: str) -> Cell:
-        sites: tuple[TargetRef, ...] = ()
-        slots, cpu, gpu = 1, spec.resources.cpu, spec.resources.gpu
-        if t.federation is not None:
-            fed = next(f for f in spec.federations if f.name == t.source)
-            sites = tuple(
-                TargetRef(s.name, s.data_fingerprint, str(caches[s.name].path))
-                for s in t.federation.sites
-            )
-            slots, cpu, gpu = site_slots(fed, t.federation, spec.resources, slots_cap)
-        share = cpu / spec.resources.cpu  # a federation's sites may split the slots
-        return Cell(
-            spec=t,
-            output=str(spec.output),
-            source_cache=str(source.path) if source is not None else "",
-            targets=targets,
-            evaluation=spec.evaluation,
-            threads=max(1, int(spec.resources.cpu)),
-            device=device,
-            checkpoint_every=spec.ray.checkpoint_every,
-            run_id=run_id,
-            init_path=init,
-            memory_budget_mb=spec.resources.memory_budget_mb,
-            cpu=cpu,
-            gpu=gpu,
-            sites=sites,
-            site_slots=slots,
-            slot_share=share,
-            channels_last=fmt == "channels_last" or (fmt == "auto" and device == "cuda"),
-        )
-
-    cells = []
-    init_path = ""
-    if pre is not None and spec.training.init == "pretrain":
-        init_path = str(results.trial_dir(spec.output, pre.key) / "model.pt")
-    elif spec.init_path is not None:
-        init_path = str(spec.init_path)
-    for t in trials:
-        tdir = results.trial_dir(spec.output, t.key)
-        if t.variant == "pretrain":  # its own cache (preprocessing), no targets, no init
-            if not results.is_trained(tdir):
-                cells.append(cell(t, caches[t.name], targets=(), init=""))
-            continue
-        missing = tuple(
-            ref
-            for ref in targets
-            if not results.is_evaluated(results.eval_dir(tdir, ref.name, ref.fingerprint))
-        )
-        if results.is_trained(tdir) and not missing:
-            continue
-        if not train and not results.is_trained(tdir):
-            log(
-                f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)"
-            )
-            continue
-        source = caches.get(t.source)  # None for a federation: its sites have the data
-        cells.append(cell(t, source, missing, init_path if t.init != "scratch" else ""))
+    plan = planning.plan_cells(
+        spec, trials, TrialStore(spec.output), {k: str(e.path) for k, e in caches.items()}, fps,
+        train=train, run_id=run_id, slots=cluster_slots(spec), log=log,
+    )  # fmt: skip
     results.write_json(
         spec.output / "plan.json",
         {
@@ -228,10 +174,10 @@ def prepare(
             "cells": [
                 {"key": t.key, "name": t.name, "evaluated": t.variant != "pretrain"} for t in trials
             ],
-            "targets": [{"name": r.name, "fingerprint": r.fingerprint} for r in targets],
+            "targets": [{"name": r.name, "fingerprint": r.fingerprint} for r in plan.targets],
         },
     )
-    return Prepared(spec, fps, n_train, caches, trials, cells)
+    return Prepared(spec, fps, n_train, caches, trials, plan.cells, plan.targets)
 
 
 # ------------------------------------------------------------------------------------- Ray
@@ -370,30 +316,6 @@ def _trial_runtime_env() -> dict[str, Any]:
     env = dict(DEFAULT_ENV_VARS)
     env.update({k: os.environ[k] for k in ENV_VARS_TO_PROPAGATE if k in os.environ})
     return {"env_vars": env}
-
-
-def site_slots(
-    fed: grid.FederationConfig, federation: grid.Federation, res: grid.Resources, cap: int
-) -> tuple[int, float, float]:
-    """(task slots, cpu and gpu per slot) of a federated trial.
-
-    ``parallel_sites: N`` reserves N whole slots (cpu, gpu each; sites queue for them). The
-    default runs all active sites at once: when the cluster holds fewer whole slots than
-    sites, those slots' CPUs and GPUs are split evenly between the sites (3 sites on 2 CPUs:
-    3 x 0.6666 CPU), so no slot idles while one site finishes a round alone.
-    """
-    active = sum(1 for s in federation.sites if s.weight > 0)
-    if fed.parallel_sites:
-        return max(1, min(fed.parallel_sites, active, cap)), res.cpu, res.gpu
-    whole = min(active, cap)
-    if whole == active:
-        return active, res.cpu, res.gpu
-    share = whole / active
-
-    def split(x: float) -> float:  # Ray counts resources in units of 1e-4: round down
-        return math.floor(x * share * 10_000) / 10_000
-
-    return active, split(res.cpu), split(res.gpu)
 
 
 def _progress_callback(names: dict[str, str], log: Log):
@@ -554,9 +476,9 @@ def longest_first(cells: Sequence[Cell], n_train: Mapping[str, int]) -> list[Cel
 
 
 def _complete_on_disk(cell: Cell) -> bool:
-    tdir = results.trial_dir(Path(cell.output), cell.spec.key)
-    return results.is_trained(tdir) and all(
-        results.is_evaluated(results.eval_dir(tdir, t.name, t.fingerprint)) for t in cell.targets
+    store = TrialStore(cell.output)
+    return store.valid(cell.spec.key) is not None and not store.missing_targets(
+        cell.spec.key, cell.targets
     )
 
 
@@ -571,16 +493,31 @@ def run(
     """The whole sweep: validate, connect/start Ray, prepare data, run cells, aggregate, print.
 
     ``train=False`` (``launch.py evaluate``) only evaluates stored models on the grid's targets.
+    One driver per output folder: a second one is refused (``store.LockHeld``) naming the first.
     """
     spec = grid.load_grid(grid_path, output=output)
     inputs = check_inputs(spec, log)
     embedded = not (address or spec.ray.address or os.environ.get("RAY_ADDRESS"))
     if not embedded:
         _use_cluster_token(log)  # before Ray is imported: it reads the mode once
-    import ray
-
     t0 = time.perf_counter()
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    with DriverLock(spec.output, run_id) as lock:
+        stop_beating = keep_beating(lock)
+        try:
+            prep, failed = _run_cells_on_ray(spec, inputs, address, embedded, train, run_id, log)
+            path = _aggregate(spec, prep, log)
+        finally:
+            stop_beating()
+    log(f"[sweep] wall time {time.perf_counter() - t0:.0f}s")
+    if failed:
+        raise SweepFailed(failed)
+    return path
+
+
+def _run_cells_on_ray(spec, inputs, address, embedded, train, run_id, log):
+    import ray
+
     init_ray(spec, address, log)
     try:
         check_resources(spec)
@@ -604,8 +541,13 @@ def run(
             failed = run_cells(prep, log, longest_first(rest, prep.n_train))
     finally:
         ray.shutdown()
+    return prep, failed
+
+
+def _aggregate(spec: SweepSpec, prep: Prepared, log: Log) -> Path:
+    """The tables and the report from the finished trials (current evaluations only)."""
     keys = [t.key for t in prep.trials]
-    path, df = results.aggregate(spec.output, keys, spec.name)
+    path, df = results.aggregate(spec.output, keys, spec.name, prep.targets)
     ev = spec.evaluation
     comparisons.write(
         spec.output,
@@ -622,9 +564,6 @@ def run(
     log(
         f"[sweep] comparisons: {spec.output / 'comparisons.parquet'}; report: {spec.output / 'report.md'}"
     )
-    log(f"[sweep] wall time {time.perf_counter() - t0:.0f}s")
-    if failed:
-        raise SweepFailed(failed)
     return path
 
 

@@ -26,12 +26,21 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privdom_ray import dpstep
+from privdom_ray import dpstep, lossweights
 from privdom_ray.cache import SplitData
 from privdom_ray.grid import TrialSpec
+from privdom_ray.lossweights import LossWeights
 from privdom_ray.metrics import auc
 from privdom_ray.models import build_model
-from privdom_ray.privacy import Ledger, make_ledger
+from privdom_ray.privacy import (
+    Ledger,
+    NoisePlan,
+    calibrate,
+    epsilon_of,
+    make_ledger,
+    poisson_rate,
+    steps_per_epoch,
+)
 
 
 @dataclass
@@ -43,23 +52,55 @@ class TrainResult:
     val_scores: np.ndarray | None = None
     train_seconds: float = 0.0
     resumed_from_epoch: int = 0  # 0 = trained from scratch
+    units: int = 0  # privacy units the sampler drew from: images, or patients
 
 
-def pos_weight(labels: np.ndarray) -> torch.Tensor:
-    """(N - P) / P per label over known labels; 1 where a label has no positives."""
-    known = ~np.isnan(labels)
-    pos = np.nansum(labels, axis=0)
-    neg = known.sum(axis=0) - pos
-    return torch.tensor(np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), dtype=torch.float32)
+@dataclass
+class Randomness:
+    """The random generators of one training run, and which of them must stay secret.
 
+    ``sampling`` (which examples each step sees), ``noise`` (DP-SGD's Gaussian noise) and
+    ``release`` (the label-count release) are the DP mechanism's randomness: the guarantee
+    assumes nobody can replay them, so for DP trials they are seeded from OS entropy, never
+    from the published seed, and their states live only in the private checkpoint (deleted
+    when the trial is done). ``augment`` needs no secrecy and follows the public seed, as does
+    the initialisation (torch's global generator). Non-private trials and the clip-only
+    control have no guarantee: all their streams follow the public seed (reproducible).
+    Tests inject fixed generators through ``run_trial(randomness=...)``; a sweep never does.
+    """
 
-def masked_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over the batch, where NaN targets (masked labels) contribute nothing."""
-    known = ~torch.isnan(target)
-    loss = F.binary_cross_entropy_with_logits(
-        logits, torch.nan_to_num(target), pos_weight=weight, reduction="none"
-    )
-    return (loss * known).sum(dim=1).div(target.shape[1]).mean()
+    sampling: torch.Generator
+    noise: torch.Generator
+    release: torch.Generator
+    augment: torch.Generator
+    secret: bool
+
+    STREAMS = ("sampling", "noise", "release", "augment")
+
+    @classmethod
+    def for_trial(cls, seed: int, device: str | torch.device, *, secret: bool) -> Randomness:
+        """Fresh generators: OS entropy for the mechanism's streams when ``secret``."""
+        import secrets
+
+        def seed_of(offset: int) -> int:
+            return secrets.randbits(63) if secret else seed + offset
+
+        return cls(
+            sampling=torch.Generator().manual_seed(seed_of(0)),
+            noise=torch.Generator(device=torch.device(device)).manual_seed(seed_of(1)),
+            release=torch.Generator().manual_seed(seed_of(2)),
+            augment=torch.Generator().manual_seed(seed + 3),
+            secret=secret,
+        )
+
+    def state(self) -> dict[str, Any]:
+        """Generator states for the (private) checkpoint."""
+        return {"secret": self.secret, **{n: getattr(self, n).get_state() for n in self.STREAMS}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for name in self.STREAMS:
+            getattr(self, name).set_state(state[name])
+        self.secret = bool(state["secret"])
 
 
 def _as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -111,6 +152,19 @@ def _patient_loader(
     return loader, rows
 
 
+def noise_only_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """The step of an empty Poisson batch: no example, only noise (and the accountant counts it).
+
+    Opacus's per-sample modes cannot run a forward pass on zero images (ew and functorch
+    crash), so the empty per-sample gradients are set directly and the DP optimizer adds its
+    noise to their (zero) clipped sum, as it would for any batch.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
+
+
 def _patient_epoch(model, optimizer, criterion, loader, patient_rows, train, inputs, physical, dev):
     """One epoch of patient-level DP-SGD: per-image per-sample gradients are summed per patient
     before Opacus clips them, so each clipped row is one patient. A logical batch is processed in
@@ -126,10 +180,7 @@ def _patient_epoch(model, optimizer, criterion, loader, patient_rows, train, inp
                 chunks.append([])
             chunks[-1].append(rows)
         if not chunks:  # an empty Poisson batch still takes a (noise-only) step
-            optimizer.zero_grad(set_to_none=True)
-            for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
-            optimizer.step()
+            noise_only_step(optimizer, params)
             continue
         for i, chunk in enumerate(chunks):
             optimizer.zero_grad(set_to_none=True)  # keeps the summed clipped grads of skipped steps
@@ -212,7 +263,7 @@ class Training:
 
     Built by :func:`prepare_training`, so single-site trials and federated sites share one
     training path: Opacus wrapping (Poisson sampling, clipping, noise) when the run clips,
-    augmentation, masked BCE with ``pos_weight`` and physical batches.
+    augmentation, masked BCE with the given loss weights, and physical batches.
     """
 
     model: nn.Module  # Opacus's GradSampleModule when ``engine`` is set
@@ -221,12 +272,12 @@ class Training:
     loader: DataLoader
     engine: PrivacyEngine | None
     train: SplitData
-    weight: torch.Tensor
     inputs: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> (augmented) model input
     physical: int
     device: torch.device
     by_patient: bool = False  # patient-level DP: Poisson sampling and clipping per patient
     patient_rows: list[np.ndarray] = field(default_factory=list)  # image rows of each patient
+    per_sample_grads: bool = False  # an Opacus per-sample mode (hooks, functorch, ew)
 
     def accounted_steps(self) -> int:
         """Steps the accountant has recorded (DP runs; restored history included)."""
@@ -240,27 +291,27 @@ def prepare_training(
     optimizer: torch.optim.Optimizer,
     train: SplitData,
     *,
-    generator: torch.Generator,
-    noise_generator: torch.Generator,
+    randomness: Randomness,
+    weights: torch.Tensor,
+    noise_multiplier: float | None,
     device: str,
-    noise: dict[str, Any] | None,
     memory_budget_mb: int,
     channels_last: bool = False,
 ) -> Training:
     """Wrap ``model`` and ``optimizer`` for training on ``train``.
 
-    ``noise`` is ``None`` for plain (non-clipping) training, otherwise the noise arguments of
-    ``dpstep.privatize``: ``{"noise_multiplier": sigma}``, or ``target_epsilon``,
-    ``target_delta`` and ``epochs`` to calibrate sigma. ``generator`` drives sampling and
-    augmentation, ``noise_generator`` the Gaussian noise. ``channels_last`` converts the
-    model's conv weights (in place: the optimizer keeps its parameters) and the batches to NHWC.
+    ``noise_multiplier`` is ``None`` for plain (non-clipping) training, else DP-SGD's sigma
+    (0 for the clip-only control), calibrated beforehand for every step the run will take.
+    ``weights`` is the loss's pos_weight, obtained beforehand from a source that reads no
+    private statistic unaccounted (lossweights.py): nothing here looks at the training labels
+    except per example. ``channels_last`` converts the model's conv weights (in place: the
+    optimizer keeps its parameters) and the batches to NHWC.
     """
     cfg = spec.training
     dev = torch.device(device)
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model {spec.model!r} is not Opacus-compatible: {errors}")
-    weight = pos_weight(train.labels).to(dev)
     dataset = TensorDataset(
         torch.from_numpy(np.ascontiguousarray(train.images)),
         torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32)),
@@ -269,20 +320,21 @@ def prepare_training(
         dataset,
         batch_size=cfg.logical_batch,
         shuffle=True,
-        generator=generator,
+        generator=randomness.sampling,  # Opacus's Poisson sampler takes this generator over
         pin_memory=dev.type == "cuda",  # page-locked batches: asynchronous host-to-GPU copies
     )
-    by_patient = noise is not None and cfg.privacy_unit == "patient"
+    private = noise_multiplier is not None
+    by_patient = private and cfg.privacy_unit == "patient"
     patient_rows: list[np.ndarray] = []
     if by_patient:
-        loader, patient_rows = _patient_loader(train, cfg.logical_batch, generator)
+        loader, patient_rows = _patient_loader(train, cfg.logical_batch, randomness.sampling)
 
     engine: PrivacyEngine | None = None
-    criterion: Callable[..., Any] = dpstep.MaskedBCELoss(weight)
+    criterion: Callable[..., Any] = dpstep.MaskedBCELoss(weights.to(dev))
     mode = cfg.grad_sample_mode
     if mode == "auto":
         mode = dpstep.fastest_correct_mode(spec.model, opacus_only=by_patient)
-    if channels_last and noise is not None and mode not in dpstep.NHWC_MODES:
+    if channels_last and private and mode not in dpstep.NHWC_MODES:
         channels_last = False  # this mode would clip wrong per-sample gradients in NHWC
         warnings.warn(
             f"grad_sample_mode {mode!r} is not correct with channels_last activations; "
@@ -291,7 +343,7 @@ def prepare_training(
         )
     fmt = dpstep.memory_format(channels_last)
     model.to(memory_format=fmt)  # before Opacus wraps it
-    if noise is not None:
+    if private:
         engine = PrivacyEngine(accountant=cfg.accountant)
         model, optimizer, criterion, loader = dpstep.privatize(
             engine,
@@ -303,15 +355,16 @@ def prepare_training(
             max_grad_norm=cfg.max_grad_norm,
             # per patient, the loader already Poisson-samples patients with Opacus's sampler
             poisson_sampling=not by_patient,
-            noise_generator=noise_generator,
-            **noise,
+            noise_generator=randomness.noise,
+            noise_multiplier=noise_multiplier,
         )
 
     physical = cfg.physical_batch or auto_physical_batch(spec, device, memory_budget_mb)
 
     def inputs(x: torch.Tensor) -> torch.Tensor:
         batch = _as_input(x, dev)
-        batch = augment(batch, generator=generator) if cfg.augment and len(batch) else batch
+        if cfg.augment and len(batch):
+            batch = augment(batch, generator=randomness.augment)
         return batch.contiguous(memory_format=fmt)
 
     return Training(
@@ -321,12 +374,12 @@ def prepare_training(
         loader=loader,
         engine=engine,
         train=train,
-        weight=weight,
         inputs=inputs,
         physical=physical,
         device=dev,
         by_patient=by_patient,
         patient_rows=patient_rows,
+        per_sample_grads=private and mode in ("hooks", "functorch", "ew"),
     )
 
 
@@ -334,29 +387,26 @@ def train_epoch(t: Training) -> list[float]:
     """One pass over ``t.loader``; returns the loss of every physical batch.
 
     DP runs step once per Poisson-sampled logical batch (BatchMemoryManager splits it into
-    physical batches, an empty one still takes a noise-only step); plain runs accumulate the
+    physical batches; an empty one still takes a noise-only step); plain runs accumulate the
     physical batches' gradients into one step per logical batch.
     """
     model, optimizer, dev = t.model, t.optimizer, t.device
     model.train()
-    losses: list[float] = []
     if t.by_patient:
         return _patient_epoch(
-            model,
-            optimizer,
-            t.criterion,
-            t.loader,
-            t.patient_rows,
-            t.train,
-            t.inputs,
-            t.physical,
-            dev,
-        )
+            model, optimizer, t.criterion, t.loader, t.patient_rows, t.train, t.inputs,
+            t.physical, dev,
+        )  # fmt: skip
+    losses: list[float] = []
     if t.engine is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
         with BatchMemoryManager(
             data_loader=t.loader, max_physical_batch_size=t.physical, optimizer=optimizer
         ) as batches:
             for x, y in batches:
+                if len(x) == 0 and t.per_sample_grads:
+                    noise_only_step(optimizer, params)
+                    continue
                 optimizer.zero_grad(set_to_none=True)
                 loss = t.criterion(model(t.inputs(x)), y.to(dev))
                 loss.backward()
@@ -367,11 +417,112 @@ def train_epoch(t: Training) -> list[float]:
     for x, y in t.loader:
         optimizer.zero_grad(set_to_none=True)
         for xs, ys in zip(x.split(t.physical), y.split(t.physical), strict=True):
-            loss = masked_bce(model(t.inputs(xs)), ys.to(dev), t.weight)
+            loss = t.criterion(model(t.inputs(xs)), ys.to(dev))
             (loss * (len(xs) / len(x))).backward()
             losses.append(loss.item())
         optimizer.step()
     return losses
+
+
+def loss_weights(
+    spec: TrialSpec,
+    train: SplitData,
+    generator: torch.Generator,
+    count_noise_multiplier: float = 0.0,
+) -> LossWeights:
+    """The pos_weight ``spec`` trains with, from the source it names (lossweights.py).
+
+    For ``dp_counts`` this IS a DP release (``generator`` must be secret), accounted in the
+    trial's ledger; for DP trials no other source reads the private training labels.
+    """
+    source = spec.loss_weight_source
+    if source == "dp_counts":
+        units = train.patient if spec.training.privacy_unit == "patient" else None
+        values = lossweights.release_counts(train.labels, units, count_noise_multiplier, generator)
+        return LossWeights("dp_counts", tuple(map(float, values)), count_noise_multiplier)
+    if source == "exact":
+        if spec.is_private:
+            raise ValueError("a DP trial must not weight its loss by exact private label counts")
+        return lossweights.fixed(lossweights.exact_pos_weight(train.labels), "exact")
+    if source == "public":
+        return lossweights.fixed(spec.public_pos_weight, "public")
+    if source == "none":
+        return lossweights.fixed(np.ones(train.labels.shape[1]), "none")
+    return lossweights.fixed(spec.training.pos_weight, "fixed")
+
+
+def privacy_units(spec: TrialSpec, train: SplitData) -> int:
+    """Images, or distinct patients for patient-level privacy: what Poisson sampling draws."""
+    if spec.clips and spec.training.privacy_unit == "patient":
+        if train.patient is None:
+            raise ValueError("privacy_unit: patient needs patient ids in the training split")
+        return len(np.unique(train.patient.astype(str)))
+    return len(train)
+
+
+def noise_plan(spec: TrialSpec, units: int) -> NoisePlan | None:
+    """sigma for EXACTLY the steps the loader will take (epochs x int(1/q)), composed with the
+    label-count release when there is one; None for plain training, sigma 0 for clip-only."""
+    if not spec.clips:
+        return None
+    cfg = spec.training
+    q = poisson_rate(units, cfg.logical_batch)
+    steps = cfg.epochs * steps_per_epoch(q)
+    if not spec.is_private:
+        return NoisePlan(0.0, q, steps, accountant="none")
+    budget = cfg.pos_weight_budget if spec.loss_weight_source == "dp_counts" else 0.0
+    return calibrate(
+        epsilon=spec.epsilon,
+        delta=spec.delta,
+        sample_rate=q,
+        steps=steps,
+        accountant=cfg.accountant,
+        count_fraction=budget,
+    )
+
+
+def check_accounting(t: Training, plan: NoisePlan, steps_done: int) -> None:
+    """Raise unless the sampler used q and the accountant saw exactly sigma for the steps
+    taken: the ledger reports the plan, so the run must have followed it."""
+    assert t.engine is not None
+    rate = _sample_rate(t.loader)
+    seen = [(float(s), int(n)) for s, _, n in t.engine.accountant.history]
+    drifted = not math.isclose(rate, plan.sample_rate, rel_tol=1e-12)
+    drifted |= sum(n for _, n in seen) != steps_done
+    drifted |= any(s != plan.noise_multiplier for s, _ in seen)
+    if drifted:
+        raise RuntimeError(
+            f"accounting drifted from the plan: sampled at {rate} (planned {plan.sample_rate}), "
+            f"accountant saw {seen} for {steps_done} steps at sigma {plan.noise_multiplier}"
+        )
+
+
+@dataclass
+class _Progress:
+    """What the epoch loop carries (and a checkpoint restores)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_auc: float = -math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    steps: int = 0
+    epoch: int = 0
+
+    NAMES = ("history", "best_auc", "best_epoch", "best_state", "steps", "epoch")
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any] | None) -> _Progress:
+        return cls() if state is None else cls(**{n: state[n] for n in cls.NAMES})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in self.NAMES}
+
+    def select(self, epoch: int, val_auc: float, model: nn.Module) -> None:
+        """Keep the epoch with the best validation macro AUC (a NaN AUC never wins)."""
+        if self.best_state is None or val_auc > self.best_auc:
+            self.best_auc = -math.inf if math.isnan(val_auc) else float(val_auc)
+            self.best_epoch = epoch
+            self.best_state = copy.deepcopy(_unwrap(model).state_dict())
 
 
 def run_trial(
@@ -386,150 +537,193 @@ def run_trial(
     init_state: dict[str, torch.Tensor] | None = None,
     memory_budget_mb: int = 2048,
     channels_last: bool = False,
+    randomness: Randomness | None = None,
 ) -> TrainResult:
     """Train ``spec`` on ``train``; select the epoch with the best validation macro AUC.
 
-    DP trials use Poisson sampling (Opacus's default, required by the guarantee), logical
-    batches split into physical ones by BatchMemoryManager, and report epsilon for all steps
-    taken, not only up to the selected epoch.
+    DP trials: noise calibrated for the exact steps (plus any label-count release), Poisson
+    sampling and noise from secret generators (:class:`Randomness`), logical batches split
+    into physical ones by BatchMemoryManager; epsilon covers all steps taken, not only up to
+    the selected epoch.
 
-    With a ``checkpoint`` store, the state after every ``checkpoint_every`` epochs (model,
-    optimizer, accountant history, noise multiplier, sampler and noise RNG states) is saved,
-    and a saved state is resumed: the noise multiplier is restored, never re-calibrated, and
-    the accountant continues from the steps already taken. ``init_state`` (pretrained weights)
-    is the starting point of a fresh run; a resumed run continues from its checkpoint instead.
+    With a ``checkpoint`` store the state after every ``checkpoint_every`` epochs (model,
+    optimizer, accountant history, noise plan, loss weights, generator states) is saved and a
+    saved state is resumed exactly: the same noise and batches follow, sigma is restored and
+    never re-calibrated. ``init_state`` (pretrained weights) is the starting point of a fresh
+    run. ``randomness`` injects generators (tests); by default they are drawn fresh.
     """
     t0 = time.perf_counter()
-    cfg = spec.training
-    dev = torch.device(device)
-    state = checkpoint.load() if checkpoint is not None else None
-    if state is not None and state.get("key") != spec.key:
-        raise ValueError(f"checkpoint belongs to trial {state.get('key')!r}, not {spec.key!r}")
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, num_outputs=train.labels.shape[1]).to(dev)
-    optimizer = torch.optim.NAdam(model.parameters(), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(spec.seed)
-    noise_generator = torch.Generator(device=dev).manual_seed(spec.seed + 1)
-    if state is None and init_state is not None:
-        model.load_state_dict(init_state)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["loader_rng"])
-        noise_generator.set_state(state["noise_rng"])
-        torch.set_rng_state(state["torch_rng"])
-
-    noise: dict[str, Any] | None = None
-    if spec.clips and state is not None:
-        noise = {"noise_multiplier": state["noise_multiplier"]}
-    elif spec.clips and spec.is_private:
-        noise = {"target_epsilon": spec.epsilon, "target_delta": spec.delta, "epochs": cfg.epochs}
-    elif spec.clips:  # clip-only control: sigma = 0
-        noise = {"noise_multiplier": 0.0}
-    t = prepare_training(
-        spec,
-        model,
-        optimizer,
-        train,
-        generator=generator,
-        noise_generator=noise_generator,
-        device=device,
-        noise=noise,
-        memory_budget_mb=memory_budget_mb,
-        channels_last=channels_last,
-    )
-    model, optimizer, loader, engine = t.model, t.optimizer, t.loader, t.engine
-    if engine is not None and state is not None:
-        if not math.isclose(_sample_rate(loader), state["sample_rate"], rel_tol=1e-12):
-            raise ValueError(
-                f"sample rate changed since the checkpoint ({state['sample_rate']} -> "
-                f"{_sample_rate(loader)}); the training data differs, refusing to resume"
-            )
-        engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
-
-    history: list[dict[str, float]] = list(state["history"]) if state else []
-    if history:  # wall-clock time keeps counting across a resume
-        t0 -= history[-1]["seconds"]
-    best_auc = state["best_auc"] if state else -math.inf
-    best_epoch = state["best_epoch"] if state else 0
-    best_state = state["best_state"] if state else None
-    steps = state["steps"] if state else 0
-    first_epoch = state["epoch"] + 1 if state else 1
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        losses = train_epoch(t)
-        steps = t.accounted_steps() if engine is not None else steps + len(loader)
-        val_scores = predict(_unwrap(model), val.images, device=device)
-        val_auc = macro_auc(val_scores, val.labels)
-        record = {  # plain Python numbers: checkpoints load with weights_only=True
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)) if losses else math.nan,
-            "val_macro_auc": float(val_auc),
-            "steps": int(steps),
-            "epsilon": float(engine.get_epsilon(spec.delta)) if spec.is_private else math.inf,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(record)
-        if best_state is None or val_auc > best_auc:  # a NaN AUC (no positives) never wins
-            best_auc = -math.inf if math.isnan(val_auc) else float(val_auc)
-            best_epoch = epoch
-            best_state = copy.deepcopy(_unwrap(model).state_dict())
-        if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == cfg.epochs):
-            checkpoint.save(
-                {
-                    "key": spec.key,
-                    "epoch": epoch,
-                    "model": _unwrap(model).state_dict(),
-                    "optimizer": getattr(optimizer, "original_optimizer", optimizer).state_dict(),
-                    "noise_multiplier": float(optimizer.noise_multiplier) if engine else 0.0,
-                    "sample_rate": _sample_rate(loader) if engine else 0.0,
-                    "accountant_history": [
-                        (float(sigma), float(q), int(n))
-                        for sigma, q, n in engine.accountant.history
-                    ]
-                    if engine
-                    else [],
-                    "loader_rng": generator.get_state(),
-                    "noise_rng": noise_generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                    "steps": steps,
-                    "best_auc": best_auc,
-                    "best_epoch": best_epoch,
-                    "best_state": best_state,
-                }
-            )
+    state = _resumable(checkpoint, spec)
+    t, rng, plan, weights = _setup(
+        spec, train, state, device=device, init_state=init_state, randomness=randomness,
+        memory_budget_mb=memory_budget_mb, channels_last=channels_last,
+    )  # fmt: skip
+    progress = _Progress.from_checkpoint(state)
+    if progress.history:  # wall-clock time keeps counting across a resume
+        t0 -= progress.history[-1]["seconds"]
+    first_epoch = progress.epoch + 1
+    for epoch in range(first_epoch, spec.training.epochs + 1):
+        record = _train_one_epoch(spec, t, val, plan, progress, epoch, device, t0)
+        last = epoch == spec.training.epochs
+        if checkpoint is not None and (epoch % checkpoint_every == 0 or last):
+            checkpoint.save(_checkpoint_state(spec, t, rng, plan, weights, progress))
         if on_epoch is not None:
             on_epoch(record)
-
-    final = _unwrap(model)
-    assert best_state is not None
-    final.load_state_dict(best_state)
-    if engine is not None and not spec.is_private:
-        ledger = Ledger.clip_only(
-            steps=steps, sample_rate=_sample_rate(loader), max_grad_norm=cfg.max_grad_norm
-        )
-    elif engine is not None:
-        ledger = make_ledger(
-            epsilon_target=spec.epsilon,
-            delta=spec.delta,
-            noise_multiplier=float(optimizer.noise_multiplier),
-            sample_rate=_sample_rate(loader),
-            steps=steps,
-            max_grad_norm=cfg.max_grad_norm,
-            accountant=cfg.accountant,
-        )
-    else:
-        ledger = Ledger.non_private(steps=steps, sample_rate=cfg.logical_batch / max(len(train), 1))
-    if t.by_patient:
-        ledger = dataclasses.replace(ledger, privacy_unit="patient")
+    if plan is not None:
+        check_accounting(t, plan, progress.steps)
+    final = _unwrap(t.model)
+    assert progress.best_state is not None
+    final.load_state_dict(progress.best_state)
     return TrainResult(  # weights stored NCHW whatever the training layout
-        state_dict={k: v.detach().cpu().contiguous() for k, v in best_state.items()},
-        ledger=ledger,
-        history=history,
-        best_epoch=best_epoch,
+        state_dict={k: v.detach().cpu().contiguous() for k, v in progress.best_state.items()},
+        ledger=trial_ledger(spec, plan, weights, t, progress.steps, secret=rng.secret),
+        history=progress.history,
+        best_epoch=progress.best_epoch,
         val_scores=predict(final, val.images, device=device),
         train_seconds=time.perf_counter() - t0,
         resumed_from_epoch=first_epoch - 1,
+        units=privacy_units(spec, train),
+    )
+
+
+def _setup(
+    spec: TrialSpec,
+    train: SplitData,
+    state: dict[str, Any] | None,
+    *,
+    device: str,
+    init_state: dict[str, torch.Tensor] | None,
+    randomness: Randomness | None,
+    memory_budget_mb: int,
+    channels_last: bool,
+) -> tuple[Training, Randomness, NoisePlan | None, LossWeights]:
+    """Model, optimizer, generators, noise plan and loss weights: fresh, or as checkpointed."""
+    dev = torch.device(device)
+    torch.manual_seed(spec.seed)  # the initialisation follows the public seed
+    model = build_model(spec.model, num_outputs=train.labels.shape[1]).to(dev)
+    optimizer = torch.optim.NAdam(model.parameters(), lr=spec.training.lr)
+    rng = randomness or Randomness.for_trial(spec.seed, dev, secret=spec.is_private)
+    if state is None:
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        plan = noise_plan(spec, privacy_units(spec, train))
+        counts_sigma = plan.count_noise_multiplier if plan is not None else 0.0
+        weights = loss_weights(spec, train, rng.release, counts_sigma)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.restore(state["randomness"])
+        torch.set_rng_state(state["torch_rng"])
+        plan = NoisePlan(**state["noise_plan"]) if state["noise_plan"] else None
+        weights = LossWeights(**{**state["loss_weights"]})
+    t = prepare_training(
+        spec, model, optimizer, train, randomness=rng, weights=weights.tensor(),
+        noise_multiplier=plan.noise_multiplier if plan is not None else None, device=device,
+        memory_budget_mb=memory_budget_mb, channels_last=channels_last,
+    )  # fmt: skip
+    if plan is not None and not math.isclose(_sample_rate(t.loader), plan.sample_rate):
+        raise ValueError(
+            f"sample rate {_sample_rate(t.loader)} differs from the plan's {plan.sample_rate}; "
+            "the training data changed since the checkpoint, refusing to resume"
+        )
+    if t.engine is not None and state is not None:
+        t.engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
+    return t, rng, plan, weights
+
+
+def _resumable(checkpoint: CheckpointStore | None, spec: TrialSpec) -> dict[str, Any] | None:
+    """The saved state to resume, or None. A checkpoint written before generator states were
+    kept (older code, whose noise followed the public seed) is never resumed: the run starts
+    over with secret randomness."""
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is None:
+        return None
+    if state.get("key") != spec.key:
+        raise ValueError(f"checkpoint belongs to trial {state.get('key')!r}, not {spec.key!r}")
+    if "randomness" not in state:
+        return None
+    return state
+
+
+def _train_one_epoch(spec, t, val, plan, progress: _Progress, epoch, device, t0) -> dict:
+    losses = train_epoch(t)
+    progress.steps = t.accounted_steps() if t.engine is not None else progress.steps + len(t.loader)
+    val_scores = predict(_unwrap(t.model), val.images, device=device)
+    val_auc = macro_auc(val_scores, val.labels)
+    epsilon = math.inf
+    if spec.is_private and plan is not None:
+        epsilon = epsilon_so_far(spec, plan, progress.steps)
+    record = {  # plain Python numbers: checkpoints load with weights_only=True
+        "epoch": epoch,
+        "train_loss": float(np.mean(losses)) if losses else math.nan,
+        "val_macro_auc": float(val_auc),
+        "steps": int(progress.steps),
+        "epsilon": epsilon,
+        "seconds": time.perf_counter() - t0,
+    }
+    progress.history.append(record)
+    progress.epoch = epoch
+    progress.select(epoch, val_auc, t.model)
+    return record
+
+
+def epsilon_so_far(spec: TrialSpec, plan: NoisePlan, steps: int) -> float:
+    """Epsilon spent after ``steps`` DP-SGD steps (and the count release, made up front)."""
+    partial = dataclasses.replace(plan, steps=steps)
+    return float(epsilon_of(plan.accountant, partial.mechanisms, spec.delta)[0])
+
+
+def _checkpoint_state(spec, t: Training, rng: Randomness, plan, weights, progress) -> dict:
+    """Everything a resume needs, generator states included: the file is private, and it is
+    deleted when the trial is done (nothing left can replay the noise or the batches)."""
+    history = t.engine.accountant.history if t.engine is not None else []
+    return {
+        "key": spec.key,
+        "model": _unwrap(t.model).state_dict(),
+        "optimizer": getattr(t.optimizer, "original_optimizer", t.optimizer).state_dict(),
+        "noise_plan": dataclasses.asdict(plan) if plan is not None else None,
+        "loss_weights": dataclasses.asdict(weights),
+        "accountant_history": [(float(s), float(q), int(n)) for s, q, n in history],
+        "randomness": rng.state(),
+        "torch_rng": torch.get_rng_state(),
+        **progress.as_dict(),
+    }
+
+
+def trial_ledger(
+    spec: TrialSpec,
+    plan: NoisePlan | None,
+    weights: LossWeights,
+    t: Training,
+    steps: int,
+    *,
+    secret: bool = True,
+) -> Ledger:
+    """The ledger of a finished run: its plan's mechanisms and the loss weights it used."""
+    common = dict(
+        loss_weights=weights.source,
+        pos_weight=weights.values,
+        privacy_unit="patient" if t.by_patient else "image",
+    )
+    if plan is None:
+        rate = spec.training.logical_batch / max(len(t.train), 1)
+        return Ledger.non_private(steps=steps, sample_rate=rate, **common)
+    if not spec.is_private:
+        return Ledger.clip_only(
+            steps=steps,
+            sample_rate=plan.sample_rate,
+            max_grad_norm=spec.training.max_grad_norm,
+            **common,
+        )
+    return make_ledger(
+        epsilon_target=spec.epsilon,
+        delta=spec.delta,
+        plan=plan,
+        max_grad_norm=spec.training.max_grad_norm,
+        accountant=plan.accountant,
+        steps=steps,
+        secret=secret,
+        **common,
     )
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from privdom_ray import results
 from privdom_ray.cell import Cell, TrialTimedOut
+from privdom_ray.store import DamagedRecord, TrialStore
 
 
 def trial_resources(config: dict[str, Any]):
@@ -90,9 +89,10 @@ class RayExecutor:
 
     def _timed_out(self) -> TrialTimedOut:
         cell = self.cell
-        tdir = results.trial_dir(Path(cell.output), cell.spec.key)
         message = f"{cell.spec.name}: timeout after {self.timeout_s:g}s (ray.trial_timeout_s)"
-        results.record_failure(tdir, cell.run_id, reason="timeout", error=message)
+        TrialStore(cell.output).record_failure(
+            cell.spec.key, cell.run_id, reason="timeout", error=message
+        )
         print(f"[trial] {message}; stopping it", flush=True)
         return TrialTimedOut(message)
 
@@ -152,7 +152,7 @@ def privdom_trial(config: dict[str, Any]) -> None:
         _run_task = _remote_task()
     _quiet_known_warnings()
     cell = Cell.from_config(config["cell"])
-    tdir = results.trial_dir(Path(cell.output), cell.spec.key)
+    store = TrialStore(cell.output)
     node = ray.get_runtime_context().get_node_id()
 
     def report(record: dict[str, Any]) -> None:
@@ -165,7 +165,7 @@ def privdom_trial(config: dict[str, Any]) -> None:
             executor = RayExecutor(cell, config.get("timeout_s", 0.0))
             summary = run_cell(cell, report=report, node=node, executor=executor)
         else:
-            follow = _HeartbeatFollower(tdir, cell.run_id, report)
+            follow = _HeartbeatFollower(store, cell.spec.key, cell.run_id, report)
             executor = RayExecutor(cell, config.get("timeout_s", 0.0), poll=follow)
             (summary,) = executor.map(_cell_task, [("", {"config": config["cell"]})])
             if summary["trained_now"]:
@@ -173,7 +173,7 @@ def privdom_trial(config: dict[str, Any]) -> None:
     except ray.exceptions.RayTaskError:
         raise  # the task recorded its own failure (failed.json) before raising
     except ray.exceptions.RayError as exc:  # e.g. the task's worker died; Tune retries the trial
-        results.record_failure(tdir, cell.run_id, reason=type(exc).__name__, error=str(exc))
+        store.record_failure(cell.spec.key, cell.run_id, reason=type(exc).__name__, error=str(exc))
         raise
     tune.report(
         {"phase": "done", **{k: _finite(v) for k, v in summary.items() if k != "evaluated"}}
@@ -181,10 +181,11 @@ def privdom_trial(config: dict[str, Any]) -> None:
 
 
 class _HeartbeatFollower:
-    """Forwards the epoch records a cell's task leaves in ``running.json`` to Tune, once each."""
+    """Forwards the epoch records a cell's task leaves in its heartbeat to Tune, once each."""
 
-    def __init__(self, tdir: Path, run_id: str, report) -> None:
-        self.path = tdir / "running.json"
+    def __init__(self, store: TrialStore, key: str, run_id: str, report) -> None:
+        self.store = store
+        self.key = key
         self.run_id = run_id
         self.report = report
         self.epoch = 0
@@ -192,19 +193,18 @@ class _HeartbeatFollower:
     KEEP = ("epoch", "train_loss", "val_macro_auc", "steps", "epsilon", "seconds")
 
     def __call__(self) -> None:
-        try:
-            beat = results.read_json(self.path)
-        except (OSError, ValueError):
-            return  # not written yet, or already removed at the end
-        if beat.get("run_id") == self.run_id and "epoch" in beat:
+        beat = self.store.last_heartbeat(self.key)
+        if beat and beat.get("run_id") == self.run_id and "epoch" in beat:
             self._forward(beat)
 
     def finish(self) -> None:
         """Epochs the polling missed (the last one ends just before the task does)."""
-        history = self.path.with_name("history.json")
-        if history.is_file():
-            for record in results.read_json(history):
-                self._forward(record)
+        try:
+            history = self.store.history(self.key)
+        except DamagedRecord:
+            return
+        for record in history:
+            self._forward(record)
 
     def _forward(self, record: dict[str, Any]) -> None:
         if record["epoch"] > self.epoch:

@@ -20,7 +20,7 @@ from privdom_ray.imaging import Preprocessing
 from privdom_ray.manifest import LABELS
 from privdom_ray.metrics import auc, youden_threshold
 from privdom_ray.models import build_model
-from privdom_ray.privacy import audit_ledger, epsilon_from_ledger
+from privdom_ray.privacy import audit_ledger, epsilon_of
 from privdom_ray.train import load_model, predict
 
 BATCH = 16
@@ -73,10 +73,13 @@ def fed_spec(
 
 
 def serial_update(spec, fail_at_round=None):
-    def update(round_, state, plans):
+    def update(round_, state, plans, keys):
         if round_ == fail_at_round:
             raise KeyboardInterrupt("simulated crash")
-        return [fl.local_update(spec, p, state, TRAIN[p.name], round=round_) for p in plans]
+        return [
+            fl.local_update(spec, p, state, TRAIN[p.name], round=round_, key=keys[p.name])
+            for p in plans
+        ]
 
     return update
 
@@ -91,7 +94,10 @@ def plans_of(spec: TrialSpec) -> tuple[fl.SitePlan, ...]:
     return tuple(fl.plan_sites(spec, {s.name: N_TRAIN[s.name] for s in spec.federation.sites}))
 
 
-def run(spec, checkpoint=None, fail_at_round=None, on_round=None, plans=None):
+FIXED_KEYS = {"a": "test-key-a", "b": "test-key-b"}  # injected: a replayable run (tests only)
+
+
+def run(spec, checkpoint=None, fail_at_round=None, on_round=None, plans=None, keys=FIXED_KEYS):
     return fl.run_federation(
         spec,
         plans or plans_of(spec),
@@ -99,6 +105,7 @@ def run(spec, checkpoint=None, fail_at_round=None, on_round=None, plans=None):
         validate=serial_validate(spec),
         checkpoint=checkpoint,
         on_round=on_round,
+        keys=keys,
     )
 
 
@@ -166,7 +173,8 @@ def test_plan_follows_opacus_sampler_and_calibrates_for_all_rounds():
     )
     assert b.sample_rate == dp.sample_rate == 1 / 93
     assert b.steps_per_round == 2 * len(dp) == 2 * 92  # int(1 / (1/93)) == 92 in floating point
-    eps, _ = epsilon_from_ledger("prv", b.noise_multiplier, b.sample_rate, 2 * 2 * 92, 1e-3)
+    eps, _ = epsilon_of("prv", b.noise_plan().mechanisms, 1e-3)
+    assert b.noise_plan().steps == 2 * 2 * 92
     assert 1.95 < eps <= 2.0
     assert a.steps_per_round == 0 and a.noise_multiplier == 0.0  # weight 0: never trained
 
@@ -200,7 +208,7 @@ def test_a_site_whose_accounting_drifts_from_its_plan_raises():
     state = build_model("resnet9").state_dict()
     bad = dataclasses.replace(plan, steps_per_round=plan.steps_per_round + 1)
     with pytest.raises(RuntimeError, match="accounting drifted"):
-        fl.local_update(spec, bad, state, TRAIN["a"], round=1)
+        fl.local_update(spec, bad, state, TRAIN["a"], round=1, key="k")
 
 
 def test_non_private_federation_learns_and_its_ledgers_have_infinite_epsilon():
@@ -245,8 +253,13 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(dp_run):
     assert resumed.site_ledgers == reference.site_ledgers
 
     def timeless(history: list[dict]) -> list[dict]:  # wall-clock entries differ by nature
+        assert all(math.isnan(h["train_loss"]) for h in history)  # DP sites send no loss
         return [
-            {k: v for k, v in h.items() if not k.endswith("seconds") and k != "site_tasks"}
+            {
+                k: v
+                for k, v in h.items()
+                if not k.endswith("seconds") and k not in ("site_tasks", "train_loss")
+            }
             for h in history
         ]
 
@@ -265,20 +278,38 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(dp_run):
         run(other_seed, checkpoint=store, plans=plans_of(spec))
 
 
-def test_a_sites_update_depends_on_seed_site_and_round_only():
+def test_a_sites_update_depends_on_its_key_site_and_round_only():
     spec = fed_spec(2.0, {"a": 1.0, "b": 3.0})
     other = fed_spec(2.0, {"b": 1.0, "a": 0.0})  # b in another federation, at another position
     plan = plans_of(spec)[1]
     assert dataclasses.replace(plans_of(other)[0], weight=plan.weight) == plan
     state = build_model("resnet9").state_dict()
-    first = fl.local_update(spec, plan, state, TRAIN["b"], round=2)
-    again = fl.local_update(spec, plan, state, TRAIN["b"], round=2)
-    elsewhere = fl.local_update(other, plans_of(other)[0], state, TRAIN["b"], round=2)
-    later = fl.local_update(spec, plan, state, TRAIN["b"], round=3)
+    first = fl.local_update(spec, plan, state, TRAIN["b"], round=2, key="k")
+    again = fl.local_update(spec, plan, state, TRAIN["b"], round=2, key="k")
+    elsewhere = fl.local_update(other, plans_of(other)[0], state, TRAIN["b"], round=2, key="k")
+    later = fl.local_update(spec, plan, state, TRAIN["b"], round=3, key="k")
+    other_key = fl.local_update(spec, plan, state, TRAIN["b"], round=2, key="k2")
     assert_same_state(first.state, again.state)
     assert_same_state(first.state, elsewhere.state)
-    assert first.train_loss == again.train_loss
+    assert first.pos_weight == again.pos_weight == later.pos_weight  # one release, every round
     assert not torch.equal(first.state["head.weight"], later.state["head.weight"])
+    assert not torch.equal(first.state["head.weight"], other_key.state["head.weight"])
+    # a DP site sends no training statistic: its loss stays at the site
+    assert math.isnan(first.train_loss)
+
+
+def test_dp_sites_draw_secret_keys_so_two_runs_differ_and_the_checkpoint_keeps_them():
+    spec = fed_spec(2.0, {"a": 1.0}, rounds=1)
+    store = MemoryCheckpoints()
+    first = run(spec, checkpoint=store, keys=None)
+    second = run(spec, keys=None)
+    assert not torch.equal(first.state_dict["head.weight"], second.state_dict["head.weight"])
+    key = store.state["site_keys"]["a"]
+    assert len(key) == 64 and key not in (str(spec.seed), FIXED_KEYS["a"])
+    # the key reproduces the run: the checkpoint (private) is what makes resumes exact
+    replay = run(spec, keys={"a": key})
+    assert_same_state(replay.state_dict, first.state_dict)
+    assert fl.site_keys(fed_spec(math.inf, {"a": 1.0}), plans_of(spec)) == {"a": "0"}
 
 
 # ------------------------------------------------------------------------------- thresholds

@@ -93,7 +93,67 @@ def test_privacy_ledger_columns(tiny_sweep):
     assert (clip["max_grad_norm"] == 1.5).all() and clip["sample_rate"].between(0, 1).all()
     assert set(df[df["variant"] == "standard"]["epsilon_target"]) == {1.0, math.inf}
     trials = df.drop_duplicates("trial_key")
-    assert trials["mia_auc"].between(0, 1).all() and trials["mia_tpr_at_1fpr"].between(0, 1).all()
+    private = trials["accountant"] != "none"
+    # the membership attack reads training images: shared for non-private trials only
+    assert trials.loc[~private, "mia_auc"].between(0, 1).all()
+    assert trials.loc[~private, "mia_tpr_at_1fpr"].between(0, 1).all()
+    assert trials.loc[private, "mia_auc"].isna().all()
+    assert set(trials.loc[private, "loss_weights"]) == {"dp_counts"}
+    assert set(trials.loc[~private, "loss_weights"]) == {"exact"}
+
+
+def test_every_dp_epsilon_matches_an_independent_pld_accountant(tiny_sweep):
+    """Google's dp-accounting PLD accountant, composing the label-count release with the
+    Poisson-subsampled Gaussian steps, recomputes every DP epsilon of the table: ours is never
+    more than 1% below it and never above the target."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from privdom_ray.store import TrialStore
+
+    work, _ = tiny_sweep
+    store = TrialStore(work / "out")
+    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    dp = df[df["accountant"] != "none"].drop_duplicates("trial_key")
+    assert len(dp) == 2
+    for row in dp.itertuples():
+        ledger = store.read(row.trial_key).ledger
+        pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        names = []
+        for m in ledger["mechanisms"]:
+            names.append(m["name"])
+            gauss = dp_event.GaussianDpEvent(m["noise_multiplier"])
+            event = (
+                gauss
+                if m["sample_rate"] == 1
+                else dp_event.PoissonSampledDpEvent(m["sample_rate"], gauss)
+            )
+            pld.compose(event, m["steps"])
+        assert names == ["label_counts", "dp_sgd"]
+        assert m["steps"] == row.steps and m["sample_rate"] == row.sample_rate
+        independent = pld.get_epsilon(row.delta)
+        assert row.epsilon_spent >= 0.99 * independent, (row.epsilon_spent, independent)
+        assert row.epsilon_spent <= row.epsilon_target
+
+
+def test_finished_trial_folders_hold_no_generator_state(tiny_sweep):
+    """The checkpoint (with the secret sampling and noise states) is gone once a trial is done;
+    what is left cannot replay the noise or the batches."""
+    import json
+
+    import torch
+
+    work, _ = tiny_sweep
+    for tdir in (work / "out" / "trials").iterdir():
+        assert (tdir / "done").is_file() and not (tdir / "checkpoint.pt").exists()
+        state = torch.load(tdir / "model.pt", weights_only=True)
+        assert all(isinstance(v, torch.Tensor) and not k.startswith("_") for k, v in state.items())
+        for path in tdir.rglob("*.json"):
+            text = path.read_text()
+            assert "rng" not in text and "site_keys" not in text, path
+        ledger = json.loads((tdir / "ledger.json").read_text())
+        if ledger["accountant"] != "none":
+            assert ledger["randomness"] == "os-entropy" and ledger["mechanism_version"] == 2
 
 
 @pytest.mark.parametrize("table", ["transfer.parquet", "comparisons.parquet"])
@@ -211,6 +271,9 @@ def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
     try:
         ledger = json.loads(original)
         ledger["noise_multiplier"] *= 0.5  # claims more noise than the epsilon it reports
+        for m in ledger["mechanisms"]:
+            if m["name"] == "dp_sgd":
+                m["noise_multiplier"] *= 0.5
         ledger_path.write_text(json.dumps(ledger))
         bad = subprocess.run(
             [sys.executable, str(ROOT / "launch.py"), "audit", "out"],
@@ -242,3 +305,74 @@ def test_patient_level_privacy_end_to_end(tmp_path):
         "patient_id"
     ].nunique()
     assert df["sample_rate"].iloc[0] == pytest.approx(1 / math.ceil(n_train_patients / 32))
+
+
+def test_export_writes_exactly_the_shareable_set(tiny_sweep):
+    import pyarrow.parquet as pq
+
+    work, _ = tiny_sweep
+    proc = launch("export", "out", "--to", "shared", cwd=work)
+    files = sorted(
+        str(p.relative_to(work / "shared")) for p in (work / "shared").rglob("*") if p.is_file()
+    )
+    tables = {"transfer.parquet", "comparisons.parquet", "report.md", "PRIVACY.md"}
+    assert tables <= set(files), files
+    models = [f for f in files if f.startswith("models/")]
+    # the released models: the DP trials only (controls and non-private weights stay home)
+    assert sorted({f.split("/")[1].split("-")[0] for f in models}) == [
+        "a_eps1_seed0",
+        "b_eps1_seed0",
+    ]
+    assert {f.split("/")[-1] for f in models} == {"model.pt", "ledger.json", "card.json"}
+    leftover = [f for f in files if f not in tables and not f.startswith(("models/", "figures/"))]
+    assert leftover == []
+    forbidden = ("checkpoint", "history", "tensorboard", "predictions", "running", "failed", "plan")
+    assert not [f for f in files if any(w in f for w in forbidden)]
+    schema = pq.read_schema(work / "shared" / "transfer.parquet")
+    classes = {f.name: f.metadata[b"privacy"].decode() for f in schema}
+    assert classes["auc"] == "test" and classes["threshold"] == "validation"
+    assert classes["epsilon_spent"] == "ledger" and classes["mia_auc"] == "training"
+    assert "exported" in proc.stdout
+    assert launch_fails("export", "out", "--to", "shared", cwd=work).returncode == 2  # not empty
+
+
+def launch_fails(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_a_void_dp_model_is_flagged_and_retrained(tiny_sweep):
+    """A DP trial trained before noise was secret (its ledger has no mechanism version) has no
+    valid guarantee: status says void, audit exits 1, and the sweep sets it aside and retrains
+    it; non-private trials are kept."""
+    import json
+
+    work, _ = tiny_sweep
+    trials = work / "out" / "trials"
+    dp = next(
+        p.parent
+        for p in trials.glob("*/ledger.json")
+        if json.loads(p.read_text())["accountant"] != "none"
+    )
+    ledger = json.loads((dp / "ledger.json").read_text())
+    old = {
+        k: v
+        for k, v in ledger.items()
+        if k not in ("mechanisms", "mechanism_version", "randomness")
+    }
+    (dp / "ledger.json").write_text(json.dumps(old))
+    assert "void" in launch("status", "out", cwd=work).stdout
+    audit = launch_fails("audit", "out", cwd=work)
+    assert audit.returncode == 1 and "void" in audit.stdout
+    before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    proc = launch("--grid", "grid2.yaml", cwd=work)
+    assert f"trial {dp.name}" in proc.stdout and "set_aside" in proc.stdout
+    assert "7 already done, 1 to run" in proc.stdout
+    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    assert after[dp.name] != before[dp.name]
+    assert {k: v for k, v in after.items() if k != dp.name} == {
+        k: v for k, v in before.items() if k != dp.name
+    }
+    assert list((work / "out" / "set_aside").glob(f"{dp.name}-void-*/model.pt"))
+    assert launch("audit", "out", cwd=work).returncode == 0

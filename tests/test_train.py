@@ -16,8 +16,23 @@ from privdom_ray.grid import TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.manifest import LABELS
 from privdom_ray.models import MODELS, build_model
-from privdom_ray.privacy import epsilon_from_ledger
-from privdom_ray.train import masked_bce, pos_weight, run_trial
+from privdom_ray.dpstep import MaskedBCELoss
+from privdom_ray.lossweights import exact_pos_weight
+from privdom_ray.privacy import epsilon_of
+from privdom_ray.train import Randomness, run_trial
+
+
+def masked_bce(logits, target, weight):
+    return MaskedBCELoss(weight)(logits, target)
+
+
+def pos_weight(labels):
+    return torch.tensor(exact_pos_weight(labels), dtype=torch.float32)
+
+
+def fixed_randomness(seed: int = 0) -> Randomness:
+    """Injected generators: the Python API's way to make a DP run replayable in a test."""
+    return Randomness.for_trial(seed, "cpu", secret=False)
 
 
 def toy_split(n: int, size: int, seed: int) -> SplitData:
@@ -76,11 +91,12 @@ def test_dp_trial_spends_at_most_its_epsilon_and_the_ledger_reproduces_it():
     assert ledger.sample_rate == pytest.approx(1 / math.ceil(96 / 32))
     assert ledger.steps == 2 * math.ceil(96 / 32)
     assert 0 < ledger.epsilon_spent <= 2.0 + 1e-6
-    recomputed, _ = epsilon_from_ledger(
-        ledger.accountant, ledger.noise_multiplier, ledger.sample_rate, ledger.steps, ledger.delta
-    )
+    recomputed, _ = epsilon_of(ledger.accountant, ledger.mechanisms, ledger.delta)
     assert recomputed == pytest.approx(ledger.epsilon_spent, rel=1e-6)
     assert ledger.epsilon_rdp >= ledger.epsilon_spent * 0.99  # RDP is the looser bound
+    # the loss weights are the label counts released with noise, composed into epsilon
+    assert ledger.loss_weights == "dp_counts"
+    assert [m.name for m in ledger.mechanisms] == ["label_counts", "dp_sgd"]
     assert set(result.state_dict) == set(build_model("resnet9").state_dict())
 
 
@@ -101,8 +117,10 @@ def test_channels_last_trains_the_same_model():
     """NHWC (the GPU default) is a layout, not a different model: same ledger, same weights
     up to float rounding, stored in NCHW."""
     train, val = toy_split(96, 16, 0), toy_split(48, 16, 1)
-    nchw = run_trial(spec(2.0, epochs=1), train, val)
-    nhwc = run_trial(spec(2.0, epochs=1), train, val, channels_last=True)
+    nchw = run_trial(spec(2.0, epochs=1), train, val, randomness=fixed_randomness())
+    nhwc = run_trial(
+        spec(2.0, epochs=1), train, val, channels_last=True, randomness=fixed_randomness()
+    )
     assert nhwc.ledger == nchw.ledger
     for name, w in nhwc.state_dict.items():
         assert w.is_contiguous(), name
@@ -116,17 +134,18 @@ def test_channels_last_falls_back_to_nchw_where_a_mode_would_clip_wrong():
         hooks, training=dataclasses.replace(hooks.training, grad_sample_mode="hooks")
     ).with_key()
     with pytest.warns(UserWarning, match="training in NCHW"):
-        nhwc = run_trial(hooks, train, val, channels_last=True)
-    nchw = run_trial(hooks, train, val)
+        nhwc = run_trial(hooks, train, val, channels_last=True, randomness=fixed_randomness())
+    nchw = run_trial(hooks, train, val, randomness=fixed_randomness())
     for name, w in nhwc.state_dict.items():
         torch.testing.assert_close(w, nchw.state_dict[name], rtol=0, atol=0)
 
 
 class MemoryCheckpoints:
-    """A checkpoint store in memory that can simulate a crash right after a save."""
+    """A checkpoint store in memory that keeps every save and can simulate a crash."""
 
     def __init__(self, crash_after_epoch: int | None = None) -> None:
         self.state = None
+        self.saved: dict[int, dict] = {}
         self.crash_after_epoch = crash_after_epoch
 
     def load(self):
@@ -134,6 +153,7 @@ class MemoryCheckpoints:
 
     def save(self, state):
         self.state = torch.load(_roundtrip(state), weights_only=True)  # what a file would give back
+        self.saved[state["epoch"]] = self.state
         if state["epoch"] == self.crash_after_epoch:
             raise KeyboardInterrupt("simulated crash")
 
@@ -147,22 +167,54 @@ def _roundtrip(obj):
     return buf
 
 
+def assert_same_weights(a, b):
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("epsilon", [2.0, math.inf])
 def test_resume_from_checkpoint_equals_uninterrupted_run(epsilon):
+    """With secret randomness nothing outside the checkpoint can replay a DP run: resuming
+    from the epoch-1 checkpoint of a run must still reproduce that run bit for bit."""
     train, val = toy_split(96, 16, 0), toy_split(32, 16, 1)
-    reference = run_trial(spec(epsilon, epochs=3), train, val)
+    store = MemoryCheckpoints()
+    reference = run_trial(spec(epsilon, epochs=3), train, val, checkpoint=store)
+    after_first = MemoryCheckpoints()
+    after_first.state = store.saved[1]
+    resumed = run_trial(spec(epsilon, epochs=3), train, val, checkpoint=after_first)
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.ledger == reference.ledger  # same sigma, q, steps, released loss weights
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert_same_weights(reference.state_dict, resumed.state_dict)
+
+
+def test_a_crash_then_resume_gives_a_complete_run():
+    train, val = toy_split(96, 16, 0), toy_split(32, 16, 1)
     store = MemoryCheckpoints(crash_after_epoch=1)
     with pytest.raises(KeyboardInterrupt):
-        run_trial(spec(epsilon, epochs=3), train, val, checkpoint=store)
-    assert store.state["epoch"] == 1
+        run_trial(spec(2.0, epochs=3), train, val, checkpoint=store)
     store.crash_after_epoch = None
-    resumed = run_trial(spec(epsilon, epochs=3), train, val, checkpoint=store)
-    assert resumed.ledger.steps == reference.ledger.steps
-    assert resumed.ledger.noise_multiplier == reference.ledger.noise_multiplier
-    assert resumed.ledger.epsilon_spent == reference.ledger.epsilon_spent
-    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    for name, tensor in reference.state_dict.items():
-        torch.testing.assert_close(resumed.state_dict[name], tensor, rtol=0, atol=0)
+    resumed = run_trial(spec(2.0, epochs=3), train, val, checkpoint=store)
+    assert resumed.resumed_from_epoch == 1 and resumed.ledger.steps == 3 * 3
+
+
+def test_two_fresh_dp_runs_differ_but_non_private_runs_repeat():
+    """DP noise and sampling come from OS entropy (the published seed cannot replay them);
+    non-private training follows the public seed."""
+    train, val = toy_split(64, 16, 0), toy_split(32, 16, 1)
+    a = run_trial(spec(2.0, epochs=1), train, val)
+    b = run_trial(spec(2.0, epochs=1), train, val)
+    assert not torch.equal(a.state_dict["head.weight"], b.state_dict["head.weight"])
+    assert a.ledger.randomness == "os-entropy" and a.ledger.mechanism_version == 2
+    assert a.ledger.pos_weight != b.ledger.pos_weight  # the released counts are noised afresh
+    c = run_trial(spec(math.inf, epochs=1), train, val)
+    d = run_trial(spec(math.inf, epochs=1), train, val)
+    assert_same_weights(c.state_dict, d.state_dict)
+    # generators injected through the Python API replay a DP run, and the ledger says so
+    e = run_trial(spec(2.0, epochs=1), train, val, randomness=fixed_randomness())
+    f = run_trial(spec(2.0, epochs=1), train, val, randomness=fixed_randomness())
+    assert_same_weights(e.state_dict, f.state_dict)
+    assert e.ledger.randomness == "injected" and e.ledger.void
 
 
 def test_training_starts_from_given_weights():
@@ -202,6 +254,7 @@ def test_auto_physical_batch_changes_memory_use_not_privacy():
     ).with_key()
     a = run_trial(fixed, train, val)
     b = run_trial(auto, train, val, memory_budget_mb=512)
+    assert a.ledger.pos_weight != b.ledger.pos_weight  # fresh secret draws, same mechanism
     for field in ("noise_multiplier", "sample_rate", "steps", "epsilon_spent"):
         assert getattr(a.ledger, field) == getattr(b.ledger, field), field
 
@@ -273,8 +326,6 @@ def test_patient_level_step_clips_each_patients_summed_gradient():
 
 
 def test_patient_level_trial_accounts_per_patient():
-    from privdom_ray.privacy import epsilon_from_ledger
-
     train, val = patient_split(30, 3, 16, 0), toy_split(32, 16, 1)
     patient_spec = TrialSpec(
         **{
@@ -290,7 +341,5 @@ def test_patient_level_trial_accounts_per_patient():
     assert ledger.sample_rate == pytest.approx(1 / math.ceil(30 / 8))  # over patients, not images
     assert ledger.steps == 2 * math.ceil(30 / 8)
     assert 0 < ledger.epsilon_spent <= 2.0 + 1e-6
-    recomputed, _ = epsilon_from_ledger(
-        ledger.accountant, ledger.noise_multiplier, ledger.sample_rate, ledger.steps, ledger.delta
-    )
+    recomputed, _ = epsilon_of(ledger.accountant, ledger.mechanisms, ledger.delta)
     assert recomputed == pytest.approx(ledger.epsilon_spent, rel=1e-6)

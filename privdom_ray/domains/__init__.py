@@ -34,20 +34,31 @@ class Adapter:
     build: Callable[[Path, Any], pd.DataFrame]
     description: str = ""
     creates_root: bool = False  # True for generators: a missing root is created, not an error
+    # False where the dataset publishes no patient ids (each image is its own "patient"): its
+    # evaluations resample images, and their rows say so
+    patient_ids: bool = True
+
+    @property
+    def resampling_unit(self) -> str:
+        return "patient" if self.patient_ids else "image"
 
 
 REGISTRY: dict[str, Adapter] = {}
 
 
 def register(
-    kind: str, options: type, description: str = "", creates_root: bool = False
+    kind: str,
+    options: type,
+    description: str = "",
+    creates_root: bool = False,
+    patient_ids: bool = True,
 ) -> Callable:
     """Decorator that registers ``build(root, options)`` as the adapter of ``kind``."""
 
     def wrap(build: Callable[[Path, Any], pd.DataFrame]) -> Callable[[Path, Any], pd.DataFrame]:
         if kind in REGISTRY:
             raise RuntimeError(f"domain kind {kind!r} registered twice")
-        REGISTRY[kind] = Adapter(kind, options, build, description, creates_root)
+        REGISTRY[kind] = Adapter(kind, options, build, description, creates_root, patient_ids)
         return build
 
     return wrap

@@ -76,7 +76,12 @@ class VinDrOptions:
         check_bool("check_images", self.check_images)
 
 
-@register("vindr", VinDrOptions, description="VinDr-CXR: image_labels_{train,test}.csv + DICOMs")
+@register(
+    "vindr",
+    VinDrOptions,
+    description="VinDr-CXR: image_labels_{train,test}.csv + DICOMs",
+    patient_ids=False,  # no patient identifiers are published
+)
 def build(root: Path, options: VinDrOptions) -> pd.DataFrame:
     frames = []
     for part in ("train", "test"):

@@ -1,0 +1,150 @@
+"""Which cells of a grid still need work: pure planning, no Ray.
+
+Given the planned trials, the trial store and where each domain's cache is, decide per trial
+whether to train it, which targets to evaluate, or nothing. The resume rules live here, in
+one place, and are tested without a cluster:
+
+- a trial trained, readable and valid is never trained again; only targets without a current
+  evaluation (new target, changed target data, older evaluation protocol) are evaluated;
+- a damaged trial folder, or a DP trial whose guarantee is void, is set aside and retrained;
+- ``evaluate`` (train=False) never trains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from privdom_ray.cell import Cell, TargetRef
+from privdom_ray.grid import Federation, FederationConfig, Resources, SweepSpec, TrialSpec
+from privdom_ray.store import TrialStore
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    trials: list[TrialSpec]  # every planned trial, pretraining first
+    cells: list[Cell]  # only those with work left
+    targets: tuple[TargetRef, ...]
+
+
+def resampling_unit(spec: SweepSpec, domain: str) -> str:
+    """What a domain's evaluations resample: patients, or images where it has no patient ids."""
+    from privdom_ray.domains import REGISTRY
+
+    return REGISTRY[spec.domain(domain).kind].resampling_unit
+
+
+def target_refs(
+    spec: SweepSpec, fingerprints: Mapping[str, str], caches: Mapping[str, str]
+) -> tuple[TargetRef, ...]:
+    return tuple(
+        TargetRef(t, fingerprints[t], caches[t], resampling_unit(spec, t)) for t in spec.targets
+    )
+
+
+def plan_cells(
+    spec: SweepSpec,
+    trials: Sequence[TrialSpec],
+    store: TrialStore,
+    caches: Mapping[str, str],
+    fingerprints: Mapping[str, str],
+    *,
+    train: bool = True,
+    run_id: str = "",
+    slots: int = 1,
+    log: Log = print,
+) -> CellPlan:
+    """The cells with work left. ``caches`` maps a domain name (and the pretraining trial's
+    name) to its cache folder; ``slots`` is how many per-trial slots the cluster holds."""
+    targets = target_refs(spec, fingerprints, caches)
+    init_path = ""
+    pre = next((t for t in trials if t.variant == "pretrain"), None)
+    if pre is not None and spec.training.init == "pretrain":
+        init_path = str(store.model_path(pre.key))
+    elif spec.init_path is not None:
+        init_path = str(spec.init_path)
+    cells = []
+    for t in trials:
+        record = store.usable(t.key, log)  # sets a damaged or void folder aside
+        if t.variant == "pretrain":  # its own cache (preprocessing), no targets, no init
+            if record is None:
+                cells.append(_cell(spec, t, caches, caches[t.name], (), "", run_id, slots))
+            continue
+        missing = tuple(store.missing_targets(t.key, targets)) if record else targets
+        if record is not None and not missing:
+            continue
+        if not train and record is None:
+            log(f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)")
+            continue
+        init = init_path if t.init != "scratch" else ""
+        source = caches.get(t.source, "")  # none for a federation: its sites have the data
+        cells.append(_cell(spec, t, caches, source, missing, init, run_id, slots))
+    return CellPlan(list(trials), cells, targets)
+
+
+def _cell(
+    spec: SweepSpec,
+    t: TrialSpec,
+    caches: Mapping[str, str],
+    source: str,
+    targets: tuple[TargetRef, ...],
+    init: str,
+    run_id: str,
+    slots_cap: int,
+) -> Cell:
+    sites: tuple[TargetRef, ...] = ()
+    slots, cpu, gpu = 1, spec.resources.cpu, spec.resources.gpu
+    if t.federation is not None:
+        fed = next(f for f in spec.federations if f.name == t.source)
+        sites = tuple(
+            TargetRef(s.name, s.data_fingerprint, caches[s.name]) for s in t.federation.sites
+        )
+        slots, cpu, gpu = site_slots(fed, t.federation, spec.resources, slots_cap)
+    device = "cuda" if spec.resources.gpu > 0 else "cpu"
+    fmt = spec.resources.memory_format
+    return Cell(
+        spec=t,
+        output=str(spec.output),
+        source_cache=source,
+        targets=targets,
+        evaluation=spec.evaluation,
+        threads=max(1, int(spec.resources.cpu)),
+        device=device,
+        checkpoint_every=spec.ray.checkpoint_every,
+        run_id=run_id,
+        init_path=init,
+        memory_budget_mb=spec.resources.memory_budget_mb,
+        cpu=cpu,
+        gpu=gpu,
+        sites=sites,
+        site_slots=slots,
+        slot_share=cpu / spec.resources.cpu,  # a federation's sites may split the slots
+        channels_last=fmt == "channels_last" or (fmt == "auto" and device == "cuda"),
+    )
+
+
+def site_slots(
+    fed: FederationConfig, federation: Federation, res: Resources, cap: int
+) -> tuple[int, float, float]:
+    """(task slots, cpu and gpu per slot) of a federated trial.
+
+    ``parallel_sites: N`` reserves N whole slots (cpu, gpu each; sites queue for them). The
+    default runs all active sites at once: when the cluster holds fewer whole slots than
+    sites, those slots' CPUs and GPUs are split evenly between the sites (3 sites on 2 CPUs:
+    3 x 0.6666 CPU), so no slot idles while one site finishes a round alone.
+    """
+    active = sum(1 for s in federation.sites if s.weight > 0)
+    if fed.parallel_sites:
+        return max(1, min(fed.parallel_sites, active, cap)), res.cpu, res.gpu
+    whole = min(active, cap)
+    if whole == active:
+        return active, res.cpu, res.gpu
+    share = whole / active
+
+    def split(x: float) -> float:  # Ray counts resources in units of 1e-4: round down
+        return math.floor(x * share * 10_000) / 10_000
+
+    return active, split(res.cpu), split(res.gpu)

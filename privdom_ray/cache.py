@@ -8,10 +8,18 @@ fingerprint and the preprocessing:
 - ``skipped.csv``  path and error of every image that could not be decoded
 - ``meta.json``    domain, fingerprint, preprocessing, counts; written last = entry complete
 
-Workers write their decoded rows straight into the memory-mapped ``images.npy`` and return
-only (row, ok, error), so the driver never holds the images. The entry is built in a temporary
-folder and renamed into place, so an interrupted build is never taken for a finished one.
-Reading (``load_split``) needs only numpy and pandas: trials and GPU machines need no Ray Data.
+Ray Data workers decode blocks of rows and hand them back; the driver streams the blocks
+(``iter_batches``, so it holds a few at a time) and is the only writer of ``images.npy``. On a
+multi-node cluster the cache lives on shared storage, and no two nodes ever write one file
+(page-cache coherence across NFS clients is not something to rely on). The entry is built in
+a temporary folder and renamed into place, so an interrupted build is never taken for a
+finished one.
+
+Reading (``load_split``) needs only numpy and pandas (trials and GPU machines need no Ray
+Data) and reads the cache IN PLACE: a split's images are a :class:`CachedImages`, which reads
+the rows a batch needs with ``pread`` when it is indexed. Every trial on a node shares the
+operating system's one page-cached copy, and a trial's resident memory holds a few batches,
+not the split: it does not grow with the number of images, nor does the time to first step.
 """
 
 from __future__ import annotations
@@ -32,11 +40,82 @@ from privdom_ray.imaging import Preprocessing, load
 from privdom_ray.manifest import LABELS, ManifestError
 
 
+class CachedImages:
+    """The images of some rows of a cache entry's ``images.npy``, read on demand.
+
+    Indexing reads: an int gives one (S, S) array, a slice or an index array a (k, S, S) array,
+    gathered with one ``pread`` per run of consecutive rows (the batches of a split are mostly
+    runs). :meth:`subset` gives another lazy view. ``np.asarray`` reads everything (small data
+    and tests only).
+    """
+
+    def __init__(self, path: str | Path, rows: np.ndarray) -> None:
+        self.path = str(path)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        header = np.load(self.path, mmap_mode="r")  # maps the file; reads only its header
+        shape, dtype, self.offset = header.shape, header.dtype, header.offset
+        del header
+        if dtype != np.uint8 or len(shape) != 3:
+            raise ValueError(f"{path}: expected uint8 (N, S, S), found {dtype} {shape}")
+        self.size = shape[1:]
+        self.row_bytes = int(shape[1] * shape[2])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.rows), *self.size)
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, int | np.integer):
+            return self._read(self.rows[[int(index)]])[0]
+        return self._read(self.rows[index])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self._read(self.rows)
+        return out if dtype is None else out.astype(dtype)
+
+    def subset(self, index) -> CachedImages:
+        view = object.__new__(CachedImages)
+        view.__dict__.update(self.__dict__)
+        view.rows = self.rows[index]
+        return view
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.size), dtype=np.uint8)
+        if not len(rows):
+            return out
+        order = np.argsort(rows, kind="stable")
+        wanted = rows[order]
+        flat = out.reshape(len(rows), -1)
+        # consecutive runs of (sorted) rows: one read each
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for run in np.split(np.arange(len(wanted)), breaks):
+                first, count = int(wanted[run[0]]), len(run)
+                data = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
+                flat[order[run]] = np.frombuffer(data, np.uint8).reshape(count, -1)
+        finally:
+            os.close(fd)
+        return out
+
+
+def take(images: np.ndarray | CachedImages, index) -> np.ndarray | CachedImages:
+    """Rows of an image array without reading them (a lazy view of a cached split)."""
+    return images.subset(index) if isinstance(images, CachedImages) else images[index]
+
+
 @dataclass(frozen=True)
 class SplitData:
-    """One split of one domain as arrays: images uint8 (n, S, S), labels float32 (n, L) NaN=masked."""
+    """One split of one domain: images uint8 (n, S, S) (a :class:`CachedImages` when read from
+    a cache: indexing reads), labels float32 (n, L) NaN=masked, sex, age, patient ids."""
 
-    images: np.ndarray
+    images: np.ndarray | CachedImages
     labels: np.ndarray
     sex: np.ndarray
     age: np.ndarray
@@ -68,23 +147,31 @@ def is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file()
 
 
-def _decode_batch(
-    batch: dict[str, np.ndarray], images_path: str, prep: dict
-) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: decode, preprocess, write rows into the shared memmap."""
+def _decode_batch(batch: dict[str, np.ndarray], prep: dict) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: decode and preprocess a block of rows, return them."""
     preprocessing = Preprocessing(**prep)
-    images = np.load(images_path, mmap_mode="r+")
+    size = preprocessing.image_size
+    images = np.zeros((len(batch["row"]), size, size), dtype=np.uint8)
     ok = np.zeros(len(batch["row"]), dtype=bool)
     errors: list[str] = []
-    for i, (row, path) in enumerate(zip(batch["row"], batch["path"], strict=True)):
+    for i, path in enumerate(batch["path"]):
         try:
-            images[int(row)] = load(str(path), preprocessing)
+            images[i] = load(str(path), preprocessing)
             ok[i] = True
             errors.append("")
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and counted
             errors.append(f"{type(exc).__name__}: {exc}"[:300])
-    images.flush()
-    return {"row": batch["row"], "ok": ok, "error": np.array(errors, dtype=object)}
+    return {"row": batch["row"], "image": images, "ok": ok, "error": np.array(errors, dtype=object)}
+
+
+def _quiet_ray_data() -> None:
+    """One line per domain instead of Ray Data's per-operator progress blocks."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_operator_progress_bars = False
 
 
 def build(
@@ -102,27 +189,11 @@ def build(
         meta = json.loads((final / "meta.json").read_text())
         return CacheEntry(domain, final, meta["n_images"], meta["n_skipped"], 0.0)
 
-    import ray.data  # only the builder needs Ray Data
-
     t0 = time.perf_counter()
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    size = prep.image_size
-    images_path = tmp / "images.npy"
-    np.lib.format.open_memmap(
-        images_path, mode="w+", dtype=np.uint8, shape=(len(manifest), size, size)
-    )
-    items = [{"row": i, "path": p} for i, p in enumerate(manifest["path"])]
-    blocks = max(1, min(len(items) // 64, 64))
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        _decode_batch,
-        fn_kwargs={"images_path": str(images_path), "prep": dataclasses.asdict(prep)},
-        batch_size=64,
-        batch_format="numpy",
-        num_cpus=1,
-    )
-    status = pd.DataFrame(ds.take_all()).sort_values("row").reset_index(drop=True)
+    status = _decode_into(manifest, prep, tmp / "images.npy")
     if len(status) != len(manifest):
         raise RuntimeError(f"domain {domain!r}: decoded {len(status)} of {len(manifest)} rows")
 
@@ -160,15 +231,44 @@ def build(
     return CacheEntry(domain, final, n_ok, len(skipped), seconds)
 
 
+def _decode_into(manifest: pd.DataFrame, prep: Preprocessing, images_path: Path) -> pd.DataFrame:
+    """Decode every row with Ray Data; this process alone writes the blocks into the file."""
+    import ray.data  # only the builder needs Ray Data
+
+    _quiet_ray_data()
+    size = prep.image_size
+    images = np.lib.format.open_memmap(
+        images_path, mode="w+", dtype=np.uint8, shape=(len(manifest), size, size)
+    )
+    items = [{"row": i, "path": p} for i, p in enumerate(manifest["path"])]
+    blocks = max(1, min(len(items) // 64, 64))
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        _decode_batch,
+        fn_kwargs={"prep": dataclasses.asdict(prep)},
+        batch_size=64,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    parts = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        images[batch["row"]] = batch["image"]
+        parts.append(pd.DataFrame({k: batch[k] for k in ("row", "ok", "error")}))
+    images.flush()
+    del images
+    if not parts:
+        return pd.DataFrame(columns=["row", "ok", "error"])
+    return pd.concat(parts).sort_values("row").reset_index(drop=True)
+
+
 def load_split(path: str | Path, split: str) -> SplitData:
-    """The decoded rows of one split (skipped images left out), as arrays for training/eval."""
+    """The decoded rows of one split (skipped images left out). Images stay in the cache file
+    (:class:`CachedImages`); labels and demographics are small arrays."""
     path = Path(path)
     rows = pd.read_parquet(path / "rows.parquet")
     keep = (rows["split"] == split).to_numpy() & rows["ok"].to_numpy(dtype=bool)
-    images = np.load(path / "images.npy", mmap_mode="r")
     idx = np.flatnonzero(keep)
     return SplitData(
-        images=np.ascontiguousarray(images[idx]),
+        images=CachedImages(path / "images.npy", idx),
         labels=rows.loc[keep, list(LABELS)].to_numpy(dtype=np.float32),
         sex=rows.loc[keep, "sex"].to_numpy(dtype=object),
         age=rows.loc[keep, "age"].to_numpy(dtype=np.float64),

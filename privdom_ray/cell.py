@@ -38,7 +38,7 @@ class Cell:
     checkpoint_every: int = 1
     run_id: str = ""
     init_path: str = ""  # weights to start from (a pretraining trial's model.pt or a user file)
-    memory_budget_mb: int = 2048
+    memory_budget_mb: int = 0  # 0 = the trial's share of its device (train.memory_budget_mb)
     cpu: float = 1.0  # per task: a single-site trial, or one site of a federation
     gpu: float = 0.0
     sites: tuple[TargetRef, ...] = ()  # a federation's member sites (their cached data)
@@ -66,7 +66,7 @@ class Cell:
             checkpoint_every=d.get("checkpoint_every", 1),
             run_id=d.get("run_id", ""),
             init_path=d.get("init_path", ""),
-            memory_budget_mb=d.get("memory_budget_mb", 2048),
+            memory_budget_mb=d.get("memory_budget_mb", 0),
             cpu=d.get("cpu", 1.0),
             gpu=d.get("gpu", 0.0),
             sites=tuple(TargetRef(**t) for t in d.get("sites", ())),

@@ -102,7 +102,9 @@ DP_MODE_NAMES = ("hooks", "functorch", "ew", "ghost", "bk")
 class Resources:
     cpu: float = 1.0
     gpu: float = 0.0
-    memory_budget_mb: int = 2048  # per trial, for physical_batch: auto (GPU: of the device)
+    # per trial, for physical_batch: auto. 0 = auto: on a GPU the trial's share of the device
+    # (its resources.gpu fraction of the total memory, less a 10% margin), on a CPU 2048 MiB
+    memory_budget_mb: int = 0
     # activations' memory layout: "channels_last" (NHWC), "contiguous" (NCHW), or "auto" =
     # channels_last on GPUs, contiguous on CPUs. Speed only: not in the trial key.
     memory_format: str = "auto"
@@ -562,8 +564,12 @@ def parse_grid(
     if prep.geometry not in GEOMETRIES:
         c.add("preprocessing.geometry", prep.geometry, f"one of {list(GEOMETRIES)}")
     resources = c.section(raw, "resources", Resources)
-    if resources.memory_budget_mb <= 0:
-        c.add("resources.memory_budget_mb", resources.memory_budget_mb, "a positive number of MiB")
+    if resources.memory_budget_mb < 0:
+        c.add(
+            "resources.memory_budget_mb",
+            resources.memory_budget_mb,
+            "a number of MiB >= 0 (0 = the trial's share of its device)",
+        )
     if not resources.cpu > 0:
         c.add("resources.cpu", resources.cpu, "a positive number of CPUs per trial")
     if resources.gpu < 0:

@@ -24,7 +24,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from privdom_ray import dpstep, lossweights
 from privdom_ray.cache import SplitData
@@ -204,23 +204,41 @@ def _patient_epoch(model, optimizer, criterion, loader, patient_rows, train, inp
     return losses
 
 
-def auto_physical_batch(spec: TrialSpec, device: str, budget_mb: int) -> int:
-    """The largest physical batch whose measured step fits the budget on this device.
+CPU_BUDGET_MB = 2048
+GPU_MARGIN = 0.1  # of a trial's GPU share: CUDA context, allocator fragmentation, evaluation
 
-    On a GPU the budget is capped by the memory the device has free. Only memory depends on
-    it: the sample rate and noise come from the logical batch (BatchMemoryManager).
+
+def memory_budget_mb(requested: int, device: str, gpu_share: float = 1.0) -> int:
+    """The memory a trial may plan its physical batch for. ``requested`` (MiB) wins; 0 means
+    the trial's share of its device: ``gpu_share`` (resources.gpu, e.g. 0.5 = two trials per
+    GPU) of the device's total memory less a margin, not whatever happens to be free when it
+    starts (with fractional GPUs that depends on who started first); 2048 MiB on a CPU."""
+    if requested:
+        return int(requested)
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return int(total * min(1.0, gpu_share) * (1 - GPU_MARGIN) / 2**20)
+    return CPU_BUDGET_MB
+
+
+def auto_physical_batch(spec: TrialSpec, device: str, budget_mb: int) -> int:
+    """The largest physical batch whose measured step fits ``budget_mb`` on this device.
+
+    Only memory depends on it: the sample rate and noise come from the logical batch
+    (BatchMemoryManager).
     """
     cfg = spec.training
-    budget = budget_mb * 2**20
-    if device.startswith("cuda"):
-        free, _total = torch.cuda.mem_get_info()
-        budget = min(budget, int(free * 0.9))
     mode = "nondp"
     if spec.clips:
         mode = cfg.grad_sample_mode
         mode = dpstep.fastest_correct_mode(spec.model) if mode == "auto" else mode
     return dpstep.max_physical_batch(
-        spec.model, spec.preprocessing.image_size, mode, budget, device, limit=cfg.logical_batch
+        spec.model,
+        spec.preprocessing.image_size,
+        mode,
+        budget_mb * 2**20,
+        device,
+        limit=cfg.logical_batch,
     )
 
 
@@ -255,6 +273,27 @@ class CheckpointStore(Protocol):
     def load(self) -> dict[str, Any] | None: ...
 
     def save(self, state: dict[str, Any]) -> None: ...
+
+
+class SplitDataset(Dataset):
+    """A split's (image, labels) rows for a DataLoader. A batch is gathered in one read
+    (``__getitems__``) from the cache file when the split is cached (cache.CachedImages), so
+    a trial never holds its whole split in memory."""
+
+    def __init__(self, split: SplitData) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        idx = np.asarray(indices, dtype=np.int64)
+        images = torch.from_numpy(np.ascontiguousarray(self.split.images[idx]))
+        labels = torch.from_numpy(np.ascontiguousarray(self.split.labels[idx], dtype=np.float32))
+        return list(zip(images, labels, strict=True))
 
 
 @dataclass
@@ -312,12 +351,8 @@ def prepare_training(
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model {spec.model!r} is not Opacus-compatible: {errors}")
-    dataset = TensorDataset(
-        torch.from_numpy(np.ascontiguousarray(train.images)),
-        torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32)),
-    )
     loader = DataLoader(
-        dataset,
+        SplitDataset(train),
         batch_size=cfg.logical_batch,
         shuffle=True,
         generator=randomness.sampling,  # Opacus's Poisson sampler takes this generator over
@@ -359,7 +394,9 @@ def prepare_training(
             noise_multiplier=noise_multiplier,
         )
 
-    physical = cfg.physical_batch or auto_physical_batch(spec, device, memory_budget_mb)
+    physical = cfg.physical_batch or auto_physical_batch(
+        spec, device, memory_budget_mb or CPU_BUDGET_MB
+    )
 
     def inputs(x: torch.Tensor) -> torch.Tensor:
         batch = _as_input(x, dev)

@@ -25,12 +25,12 @@ import pandas as pd
 import torch
 
 from privdom_ray import federated, metrics
-from privdom_ray.cache import SplitData, load_split, split_sizes
+from privdom_ray.cache import SplitData, load_split, split_sizes, take
 from privdom_ray.cell import Cell, TargetRef, TrialTimedOut
 from privdom_ray.grid import EvaluationConfig
 from privdom_ray.manifest import LABELS
 from privdom_ray.store import TrialStore
-from privdom_ray.train import load_model, predict, run_trial
+from privdom_ray.train import load_model, memory_budget_mb, predict, run_trial
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -208,7 +208,7 @@ def _train(cell: Cell, store: TrialStore, report: Report | None, node: str, _exe
             checkpoint=store.checkpoint(spec.key),
             checkpoint_every=cell.checkpoint_every,
             init_state=_init_state(cell),
-            memory_budget_mb=cell.memory_budget_mb,
+            memory_budget_mb=memory_budget_mb(cell.memory_budget_mb, cell.device, cell.gpu),
             channels_last=cell.channels_last,
         )
     finally:
@@ -305,7 +305,8 @@ def _train_federated(
             "needs both splits"
         )
     plans = federated.plan_sites(spec, {n: z["train"] for n, z in sizes.items()})
-    memory = dict(memory_budget_mb=cell.memory_budget_mb, channels_last=cell.channels_last)
+    budget = memory_budget_mb(cell.memory_budget_mb, cell.device, cell.gpu)
+    memory = dict(memory_budget_mb=budget, channels_last=cell.channels_last)
 
     def update(round_: int, state: dict, active: list, keys: dict) -> list:
         def args(p):
@@ -454,10 +455,10 @@ def membership_audit(
     members = np.sort(rng.choice(len(train), n, replace=False))
     outsiders = np.sort(rng.choice(len(holdout), n, replace=False))
     member_loss = metrics.per_image_bce(
-        predict(model, train.images[members], device=device), train.labels[members]
+        predict(model, take(train.images, members), device=device), train.labels[members]
     )
     outsider_loss = metrics.per_image_bce(
-        predict(model, holdout.images[outsiders], device=device), holdout.labels[outsiders]
+        predict(model, take(holdout.images, outsiders), device=device), holdout.labels[outsiders]
     )
     attack_auc, tpr = metrics.membership_inference(member_loss, outsider_loss)
     return attack_auc, tpr, n

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import toy_split
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,19 +28,9 @@ BATCH = 16
 N_TRAIN = {"a": 48, "b": 80}  # 3 and 5 Poisson batches per epoch: different q per site
 
 
-def toy_split(n: int, seed: int, size: int = 16) -> SplitData:
-    """Images whose label 0 is a bright square (learnable); some labels masked."""
-    rng = np.random.default_rng(seed)
-    labels = (rng.random((n, len(LABELS))) < 0.4).astype(np.float32)
-    images = rng.integers(0, 60, size=(n, size, size), dtype=np.uint8)
-    images[labels[:, 0] == 1, 4:12, 4:12] = 250
-    labels[rng.random((n, len(LABELS))) < 0.1] = np.nan
-    return SplitData(images, labels, np.array(["F", "M"] * (n // 2)), rng.uniform(20, 90, n))
-
-
 SEEDS = {"a": 10, "b": 20}
-TRAIN = {name: toy_split(n, SEEDS[name]) for name, n in N_TRAIN.items()}
-VAL = {name: toy_split(32, SEEDS[name] + 1) for name in N_TRAIN}
+TRAIN = {name: toy_split(n, seed=SEEDS[name]) for name, n in N_TRAIN.items()}
+VAL = {name: toy_split(32, seed=SEEDS[name] + 1) for name in N_TRAIN}
 
 
 def fed_spec(

@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import launch, synthetic_domain
 
 from privdom_ray.manifest import LABELS
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 GRID = {
     "name": "tiny",
     "output": "out",
-    "domains": [
-        {
-            "name": "a",
-            "kind": "synthetic",
-            "root": "data/a",
-            "options": {"site": "a", "n_patients": 50},
-        },
-        {
-            "name": "b",
-            "kind": "synthetic",
-            "root": "data/b",
-            "options": {"site": "b", "n_patients": 50},
-        },
-    ],
+    "domains": [synthetic_domain("a", "a"), synthetic_domain("b", "b")],
     "epsilons": [1, "inf"],
     "controls": ["clip_only"],
     "seeds": [0],
@@ -41,18 +25,6 @@ GRID = {
     "evaluation": {"n_boot": 20},
     "ray": {"num_cpus": 2},
 }
-
-
-def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -201,12 +173,7 @@ def test_added_target_is_evaluated_without_training(tiny_sweep):
     trials = work / "out" / "trials"
     before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     old = pd.read_parquet(work / "out" / "transfer.parquet")
-    c = {
-        "name": "c",
-        "kind": "synthetic",
-        "root": "data/c",
-        "options": {"site": "c", "n_patients": 50},
-    }
+    c = synthetic_domain("c", "c")
     grid = {**GRID, "domains": [*GRID["domains"], c], "sources": ["a", "b"]}
     (work / "grid3.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("evaluate", "out", "--grid", "grid3.yaml", cwd=work)
@@ -253,14 +220,7 @@ def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
     import json
 
     work, _ = tiny_sweep
-    ok = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "audit", "out"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert ok.returncode == 0, ok.stdout + ok.stderr
+    ok = launch("audit", "out", cwd=work)
     assert "0 problem(s)" in ok.stdout
     ledger_path = next(
         p
@@ -275,16 +235,9 @@ def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
             if m["name"] == "dp_sgd":
                 m["noise_multiplier"] *= 0.5
         ledger_path.write_text(json.dumps(ledger))
-        bad = subprocess.run(
-            [sys.executable, str(ROOT / "launch.py"), "audit", "out"],
-            cwd=work,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        bad = launch("audit", "out", cwd=work, expect=1)
     finally:
         ledger_path.write_text(original)
-    assert bad.returncode == 1
     assert "below the recomputed" in bad.stdout and "1 problem(s)" in bad.stdout
 
 
@@ -333,13 +286,9 @@ def test_export_writes_exactly_the_shareable_set(tiny_sweep):
     assert classes["auc"] == "test" and classes["threshold"] == "validation"
     assert classes["epsilon_spent"] == "ledger" and classes["mia_auc"] == "training"
     assert "exported" in proc.stdout
-    assert launch_fails("export", "out", "--to", "shared", cwd=work).returncode == 2  # not empty
-
-
-def launch_fails(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True
-    )
+    assert (
+        launch("export", "out", "--to", "shared", cwd=work, expect=2).returncode == 2
+    )  # not empty
 
 
 def test_a_void_dp_model_is_flagged_and_retrained(tiny_sweep):
@@ -363,8 +312,8 @@ def test_a_void_dp_model_is_flagged_and_retrained(tiny_sweep):
     }
     (dp / "ledger.json").write_text(json.dumps(old))
     assert "void" in launch("status", "out", cwd=work).stdout
-    audit = launch_fails("audit", "out", cwd=work)
-    assert audit.returncode == 1 and "void" in audit.stdout
+    audit = launch("audit", "out", cwd=work, expect=1)
+    assert "void" in audit.stdout
     before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     proc = launch("--grid", "grid2.yaml", cwd=work)
     assert f"trial {dp.name}" in proc.stdout and "set_aside" in proc.stdout

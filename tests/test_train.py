@@ -8,16 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import toy_split
 from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
 from opacus.validators import ModuleValidator
 
 from privdom_ray.cache import SplitData
+from privdom_ray.dpstep import MaskedBCELoss
 from privdom_ray.grid import TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
-from privdom_ray.manifest import LABELS
-from privdom_ray.models import MODELS, build_model
-from privdom_ray.dpstep import MaskedBCELoss
 from privdom_ray.lossweights import exact_pos_weight
+from privdom_ray.models import MODELS, build_model
 from privdom_ray.privacy import epsilon_of
 from privdom_ray.train import Randomness, run_trial
 
@@ -33,16 +33,6 @@ def pos_weight(labels):
 def fixed_randomness(seed: int = 0) -> Randomness:
     """Injected generators: the Python API's way to make a DP run replayable in a test."""
     return Randomness.for_trial(seed, "cpu", secret=False)
-
-
-def toy_split(n: int, size: int, seed: int) -> SplitData:
-    """Images whose label 0 is a bright square: learnable, so AUC is meaningful."""
-    rng = np.random.default_rng(seed)
-    labels = (rng.random((n, len(LABELS))) < 0.4).astype(np.float32)
-    images = rng.integers(0, 60, size=(n, size, size), dtype=np.uint8)
-    images[labels[:, 0] == 1, 4:12, 4:12] = 250
-    labels[rng.random((n, len(LABELS))) < 0.1] = np.nan  # some masked labels
-    return SplitData(images, labels, np.array(["F", "M"] * (n // 2)), rng.uniform(20, 90, n))
 
 
 def spec(epsilon: float, epochs: int = 2, model: str = "resnet9") -> TrialSpec:

@@ -231,7 +231,7 @@ VERBS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from privdom_ray.grid import GridError
+    from privdom_ray.config import GridError
     from privdom_ray.manifest import ManifestError
     from privdom_ray.store import LockHeld
 

@@ -37,7 +37,7 @@ t0 = time.perf_counter()
 import numpy as np, torch
 torch.set_num_threads(1)
 from privdom_ray.cache import load_split, SplitData
-from privdom_ray.grid import TrainingConfig, TrialSpec
+from privdom_ray.config import TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.models import build_model
 from privdom_ray.train import Randomness, prepare_training

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from privdom_ray.grid import content_key
+from privdom_ray.config import content_key
 from privdom_ray.imaging import Preprocessing, load
 from privdom_ray.manifest import LABELS, ManifestError
 

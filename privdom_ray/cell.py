@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from privdom_ray.grid import EvaluationConfig, TrialSpec
+from privdom_ray.config import EvaluationConfig, TrialSpec
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from privdom_ray.kinds import kind_of
 from privdom_ray.results import COLUMN_PRIVACY, PRIVACY_CLASSES, TRANSFER, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
 
@@ -31,7 +32,7 @@ def released(record: TrialRecord, *, non_private: bool) -> bool:
     """Whether a trial's weights are part of the shareable set: standard trials (single-site
     or federated) with a valid guarantee; non-private ones only when asked for (their weights
     carry no guarantee). Controls, pretraining and audit twins are never released."""
-    if record.spec.variant != "standard" or record.void:
+    if not kind_of(record.spec).released or record.void:
         return False
     return record.is_private or non_private
 

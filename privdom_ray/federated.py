@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from privdom_ray.cache import SplitData, load_split
-from privdom_ray.grid import Federation, TrialSpec
+from privdom_ray.config import Federation, TrialSpec
 from privdom_ray.manifest import LABELS
 from privdom_ray.models import build_model
 from privdom_ray.privacy import (

@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from privdom_ray.cell import Cell, TargetRef
-from privdom_ray.grid import Federation, FederationConfig, Resources, SweepSpec, TrialSpec
+from privdom_ray.config import Federation, FederationConfig, Resources, SweepSpec, TrialSpec
+from privdom_ray.kinds import kind_of
 from privdom_ray.store import TrialStore
 
 Log = Callable[[str], None]
@@ -61,15 +62,16 @@ def plan_cells(
     name) to its cache folder; ``slots`` is how many per-trial slots the cluster holds."""
     targets = target_refs(spec, fingerprints, caches)
     init_path = ""
-    pre = next((t for t in trials if t.variant == "pretrain"), None)
+    pre = next((t for t in trials if kind_of(t).stage == 0), None)
     if pre is not None and spec.training.init == "pretrain":
         init_path = str(store.model_path(pre.key))
     elif spec.init_path is not None:
         init_path = str(spec.init_path)
     cells = []
     for t in trials:
+        kind = kind_of(t)
         record = store.usable(t.key, log)  # sets a damaged or void folder aside
-        if t.variant == "pretrain":  # its own cache (preprocessing), no targets, no init
+        if not kind.evaluated:  # e.g. pretraining: its own cache (preprocessing), no init
             if record is None:
                 cells.append(_cell(spec, t, caches, caches[t.name], (), "", run_id, slots))
             continue
@@ -80,7 +82,7 @@ def plan_cells(
             log(f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)")
             continue
         init = init_path if t.init != "scratch" else ""
-        source = caches.get(t.source, "")  # none for a federation: its sites have the data
+        source = caches[t.source] if kind.data == "source" else ""  # a federation: its sites
         cells.append(_cell(spec, t, caches, source, missing, init, run_id, slots))
     return CellPlan(list(trials), cells, targets)
 
@@ -97,7 +99,7 @@ def _cell(
 ) -> Cell:
     sites: tuple[TargetRef, ...] = ()
     slots, cpu, gpu = 1, spec.resources.cpu, spec.resources.gpu
-    if t.federation is not None:
+    if kind_of(t).data == "sites":
         fed = next(f for f in spec.federations if f.name == t.source)
         sites = tuple(
             TargetRef(s.name, s.data_fingerprint, caches[s.name]) for s in t.federation.sites

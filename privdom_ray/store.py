@@ -40,7 +40,7 @@ from typing import Any
 
 import pandas as pd
 
-from privdom_ray.grid import TrialSpec
+from privdom_ray.config import TrialSpec
 from privdom_ray.privacy import Ledger
 from privdom_ray.results import atomic_write, read_json, write_json, write_parquet, write_yaml
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import pandas as pd
 
-from privdom_ray import cache, comparisons, grid, planning, report, results
+from privdom_ray import cache, comparisons, grid, kinds, planning, report, results
 from privdom_ray.cell import Cell, TargetRef
+from privdom_ray.config import SweepSpec, TrialSpec
 from privdom_ray.domains import build_manifest
-from privdom_ray.grid import SweepSpec, TrialSpec
+from privdom_ray.kinds.pretrain import pretraining_trial
 from privdom_ray.manifest import fingerprint
 from privdom_ray.store import DriverLock, TrialStore, keep_beating
 from privdom_ray.trainable import privdom_trial, trial_resources
@@ -92,7 +93,7 @@ def check_inputs(spec: SweepSpec, log: Log = _log) -> Inputs:
     _check_writable(spec.output)
     manifests, fps = build_manifests(spec, log)
     n_train = {s: int((manifests[s]["split"] == "train").sum()) for s in spec.trained_domains}
-    grid.check_deltas(spec, n_train)
+    kinds.check_deltas(spec, n_train)
     init_hash = check_weights_file(spec.init_path, spec.model) if spec.init_path else ""
     return Inputs(manifests, fps, n_train, init_hash)
 
@@ -133,7 +134,7 @@ def build_caches(
     the pretraining domain gets its own entry under the pretraining trial's name."""
     manifests, fps = inputs.manifests, inputs.fingerprints
     caches: dict[str, cache.CacheEntry] = {}
-    pre = grid.pretrain_spec(spec, fps)
+    pre = pretraining_trial(spec, fps)
     if pre is not None:
         caches[pre.name] = entry = cache.build(
             pre.source, manifests[pre.source], fps[pre.source], pre.preprocessing,
@@ -161,7 +162,7 @@ def prepare(
     fps, n_train = inputs.fingerprints, inputs.n_train
     spec.output.mkdir(parents=True, exist_ok=True)
     caches = build_caches(spec, inputs, log)
-    trials = grid.plan(spec, fps, n_train, init_file_hash=inputs.init_file_hash)
+    trials = kinds.plan_trials(spec, fps, n_train, init_file_hash=inputs.init_file_hash)
     plan = planning.plan_cells(
         spec, trials, TrialStore(spec.output), {k: str(e.path) for k, e in caches.items()}, fps,
         train=train, run_id=run_id, slots=cluster_slots(spec), log=log,
@@ -172,7 +173,8 @@ def prepare(
             "sweep": spec.name,
             "run_id": run_id,
             "cells": [
-                {"key": t.key, "name": t.name, "evaluated": t.variant != "pretrain"} for t in trials
+                {"key": t.key, "name": t.name, "evaluated": kinds.kind_of(t).evaluated}
+                for t in trials
             ],
             "targets": [{"name": r.name, "fingerprint": r.fingerprint} for r in plan.targets],
         },
@@ -456,7 +458,7 @@ def expected_work(cell: Cell, n_train: Mapping[str, int]) -> float:
     ``site_slots x slot_share`` slots.
     """
     spec = cell.spec
-    if spec.federation is not None:
+    if spec.federation is not None:  # a federation trains every positive-weight site
         sites = [s for s in spec.federation.sites if s.weight > 0]
         images = sum(n_train.get(s.name, 0) for s in sites)
     else:
@@ -532,16 +534,25 @@ def _run_cells_on_ray(spec, inputs, address, embedded, train, run_id, log):
             f"{len(spec.epsilons)} epsilons x {len(spec.seeds)} seeds), {len(spec.targets)} targets; "
             f"{done} already done, {len(prep.cells)} to run"
         )
-        first = [c for c in prep.cells if c.spec.variant == "pretrain"]
-        rest = [c for c in prep.cells if c.spec.variant != "pretrain"]
-        failed = run_cells(prep, log, first, stage="pretraining") if first else []
-        if failed:
-            log("[sweep] pretraining failed: its dependent cells are not started")
-        else:
-            failed = run_cells(prep, log, longest_first(rest, prep.n_train))
+        failed = run_stages(prep, log)
     finally:
         ray.shutdown()
     return prep, failed
+
+
+def run_stages(prep: Prepared, log: Log) -> list[str]:
+    """The cells stage by stage (pretraining before the trials that start from it), each
+    stage longest first; a failed stage stops the later ones (they depend on it)."""
+    stages = sorted({kinds.kind_of(c.spec).stage for c in prep.cells})
+    for stage in stages:
+        cells = [c for c in prep.cells if kinds.kind_of(c.spec).stage == stage]
+        name = "pretraining" if stage == 0 else "cells"
+        failed = run_cells(prep, log, longest_first(cells, prep.n_train), stage=name)
+        if failed:
+            if stage != stages[-1]:
+                log(f"[sweep] {name} failed: the cells that depend on it are not started")
+            return failed
+    return []
 
 
 def _aggregate(spec: SweepSpec, prep: Prepared, log: Log) -> Path:
@@ -558,7 +569,7 @@ def _aggregate(spec: SweepSpec, prep: Prepared, log: Log) -> Path:
     report.write_report(spec.output)
     log("")
     log(report.transfer_matrices_text(df))
-    evaluated = [t for t in prep.trials if t.variant != "pretrain"]  # pretraining has no rows
+    evaluated = [t for t in prep.trials if kinds.kind_of(t).evaluated]  # others have no rows
     missing = len(evaluated) - (df["trial_key"].nunique() if len(df) else 0)
     log(f"[sweep] table: {path} ({len(df)} rows; {missing} cell(s) missing)")
     log(

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from privdom_ray import dpstep, lossweights
 from privdom_ray.cache import SplitData
-from privdom_ray.grid import TrialSpec
+from privdom_ray.config import TrialSpec
 from privdom_ray.lossweights import LossWeights
 from privdom_ray.metrics import auc
 from privdom_ray.models import build_model

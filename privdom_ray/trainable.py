@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from privdom_ray.cell import Cell, TrialTimedOut
+from privdom_ray.kinds import kind_of
 from privdom_ray.store import DamagedRecord, TrialStore
 
 
@@ -159,8 +160,8 @@ def privdom_trial(config: dict[str, Any]) -> None:
         tune.report({k: _finite(v) for k, v in record.items()})
 
     try:
-        if cell.spec.federation is not None:
-            from privdom_ray.trial import run_cell  # the coordinator averages weights: torch
+        if kind_of(cell.spec).coordinator:
+            from privdom_ray.trial import run_cell  # e.g. a federation's averaging: torch
 
             executor = RayExecutor(cell, config.get("timeout_s", 0.0))
             summary = run_cell(cell, report=report, node=node, executor=executor)

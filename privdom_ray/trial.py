@@ -27,7 +27,8 @@ import torch
 from privdom_ray import federated, metrics
 from privdom_ray.cache import SplitData, load_split, split_sizes, take
 from privdom_ray.cell import Cell, TargetRef, TrialTimedOut
-from privdom_ray.grid import EvaluationConfig
+from privdom_ray.config import EvaluationConfig
+from privdom_ray.kinds import kind_of
 from privdom_ray.manifest import LABELS
 from privdom_ray.store import TrialStore
 from privdom_ray.train import load_model, memory_budget_mb, predict, run_trial
@@ -119,8 +120,7 @@ def _run_cell(
     spec = cell.spec
     trained_now = not store.is_trained(spec.key)
     if trained_now:
-        train = _train_federated if spec.federation is not None else _train
-        train(cell, store, report, node, executor)
+        kind_of(spec).train()(cell, store, report, node, executor)
     record = store.read(spec.key)
     missing = store.missing_targets(spec.key, cell.targets)
     common = dict(output=cell.output, key=spec.key, model_name=spec.model)
@@ -188,7 +188,11 @@ def _init_state(cell: Cell) -> dict[str, torch.Tensor] | None:
     return torch.load(cell.init_path, weights_only=True) if cell.init_path else None
 
 
-def _train(cell: Cell, store: TrialStore, report: Report | None, node: str, _executor) -> None:
+def train_single_site(
+    cell: Cell, store: TrialStore, report: Report | None, node: str, _executor: Executor
+) -> None:
+    """Train a single-site trial on its source's cached train split (kinds: standard,
+    clip_only, pretrain)."""
     spec = cell.spec
     train = load_split(cell.source_cache, "train")
     val = load_split(cell.source_cache, "val")
@@ -290,7 +294,7 @@ def _site_calls(cell: Cell, prefix: str, per_site: Callable[[Any], dict], plans)
     ]
 
 
-def _train_federated(
+def train_federated(
     cell: Cell, store: TrialStore, report: Report | None, node: str, executor: Executor
 ) -> None:
     """FedAvg over the cell's sites: this process coordinates (weights, accounting,

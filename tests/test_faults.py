@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from privdom_ray.cache import load_split
-from privdom_ray.grid import TrialSpec
+from privdom_ray.config import TrialSpec
 from privdom_ray.train import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privdom_ray import federated as fl
 from privdom_ray.cache import SplitData
-from privdom_ray.grid import Federation, Site, TrainingConfig, TrialSpec
+from privdom_ray.config import Federation, Site, TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.manifest import LABELS
 from privdom_ray.metrics import auc, youden_threshold

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from privdom_ray.grid import GridError, TrialSpec, load_grid, plan
+from privdom_ray.config import GridError, TrialSpec
+from privdom_ray.grid import load_grid
+from privdom_ray.kinds import plan_trials as plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +139,7 @@ def test_trial_key_ignores_targets_and_tracks_what_trains(tmp_path):
 
 
 def test_delta_must_be_below_one_over_n(tmp_path):
-    from privdom_ray.grid import check_deltas
+    from privdom_ray.kinds import check_deltas
 
     spec = load_grid(write(tmp_path, {**BASE, "delta": 0.01}))
     with pytest.raises(GridError) as info:
@@ -155,7 +157,7 @@ def test_shipped_grids_are_valid_apart_from_dataset_roots():
 
 
 def test_large_delta_only_when_explicitly_allowed(tmp_path):
-    from privdom_ray.grid import check_deltas
+    from privdom_ray.kinds import check_deltas
 
     spec = load_grid(write(tmp_path, {**BASE, "delta": 0.01, "allow_large_delta": True}))
     check_deltas(spec, {"a": 200, "b": 50})  # accepted, as asked
@@ -222,7 +224,7 @@ def test_empty_sources_need_federations(tmp_path):
 
 
 def test_federation_slots_split_a_cluster_smaller_than_the_federation():
-    from privdom_ray.grid import Federation, FederationConfig, Resources, Site
+    from privdom_ray.config import Federation, FederationConfig, Resources, Site
     from privdom_ray.planning import site_slots
 
     three = Federation(tuple(Site(n, "f", 1.0, 0.0) for n in "abc"), rounds=2, local_epochs=1)
@@ -237,7 +239,7 @@ def test_federation_slots_split_a_cluster_smaller_than_the_federation():
 
 def test_cells_run_longest_first_with_federations_ahead_of_single_sites(tmp_path):
     from privdom_ray.cell import Cell
-    from privdom_ray.grid import EvaluationConfig
+    from privdom_ray.config import EvaluationConfig
     from privdom_ray.sweep import longest_first
 
     spec = load_grid(write(tmp_path, {**BASE, "federations": [fed()]}))

@@ -12,7 +12,7 @@ import torch
 
 from privdom_ray import lossweights, privacy
 from privdom_ray.cache import SplitData
-from privdom_ray.grid import TrainingConfig, TrialSpec
+from privdom_ray.config import TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.manifest import LABELS
 from privdom_ray.models import build_model

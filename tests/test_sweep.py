@@ -195,7 +195,7 @@ def test_trial_record_reproduces_key_and_predictions(tiny_sweep):
     import torch
 
     from privdom_ray.cache import load_split
-    from privdom_ray.grid import TrialSpec
+    from privdom_ray.config import TrialSpec
     from privdom_ray.train import load_model, predict
 
     work, _ = tiny_sweep

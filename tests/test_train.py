@@ -13,8 +13,8 @@ from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_a
 from opacus.validators import ModuleValidator
 
 from privdom_ray.cache import SplitData
+from privdom_ray.config import TrainingConfig, TrialSpec
 from privdom_ray.dpstep import MaskedBCELoss
-from privdom_ray.grid import TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.lossweights import exact_pos_weight
 from privdom_ray.models import MODELS, build_model

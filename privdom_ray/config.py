@@ -1,0 +1,348 @@
+"""The typed configuration a grid file becomes, and the identity of a trial.
+
+``SweepSpec`` is a validated grid (``grid.py`` parses and checks the YAML); ``TrialSpec`` is
+everything that determines one trained model, and its ``key`` hashes exactly that: the target
+list is not in it, so adding a target evaluates finished models instead of retraining. No
+torch here: the driver and Tune's coordinating process import it cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from privdom_ray.imaging import Preprocessing
+
+ACCOUNTANTS = ("prv", "rdp")
+CONTROLS = ("clip_only",)
+PRIVACY_UNITS = ("image", "patient")  # extra trials per (source, seed); see TrialSpec.variant
+DEFAULT_DELTA = 1e-5
+
+
+class GridError(ValueError):
+    """One or more problems in a grid file; ``errors`` lists each one."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.errors = errors
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"{source}: {len(errors)} problem(s) in the grid file:\n{lines}")
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    kind: str
+    root: Path
+    options: Any  # the kind's frozen options dataclass
+    delta: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyper-parameters that determine a trained model (all of them are in the trial key)."""
+
+    epochs: int = 5
+    logical_batch: int = 64
+    # memory only; 0 (written `auto` in the grid) = the largest batch whose measured step fits
+    # resources.memory_budget_mb on the trial's device. Accounting uses the logical batch alone.
+    physical_batch: int = 32
+    lr: float = 1e-3
+    max_grad_norm: float = 1.5
+    accountant: str = "prv"
+    augment: bool = False
+    # how per-sample gradients are clipped: "auto" (the fastest mode verified for the model,
+    # see dpstep.py), "bk", or an Opacus grad_sample_mode (hooks, functorch, ew, ghost)
+    grad_sample_mode: str = "auto"
+    # the unit the guarantee protects: "image", or "patient" (Poisson sampling over patients,
+    # all images of a sampled patient together, clipping per patient)
+    privacy_unit: str = "image"
+    # where training starts: "scratch", "pretrain" (the grid's pretraining stage), or the path
+    # of a state_dict file. Keys hash the resolved identity (TrialSpec.init), not this text.
+    init: str = "scratch"
+    # the loss's positive-class weights (lossweights.py): "auto" (DP trials: "dp_counts", the
+    # label counts released with Gaussian noise and accounted; others: exact counts),
+    # "dp_counts", "public" (the pretraining domain's counts), "none", or five numbers
+    pos_weight: str | tuple[float, ...] = "auto"
+    # dp_counts: the fraction of the privacy budget (mu-GDP) the count release takes
+    pos_weight_budget: float = 0.05
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Non-private pretraining on a domain that is public by declaration (never in a ledger)."""
+
+    domain: str = ""
+    epochs: int = 5
+    lr: float = 1e-3
+    logical_batch: int = 64
+    physical_batch: int = 32
+    image_size: int = 0  # 0 = the grid's preprocessing.image_size
+
+
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+# Names a grid may use whose implementations need torch (models.MODELS) or Opacus
+# (dpstep.DP_MODES): listed here so that a grid is validated, and a bad one refused, without
+# importing either (seconds per CLI call); tests/test_grid.py checks them against both.
+MODEL_NAMES = ("resnet9", "resnet18", "resnet34", "resnet50")
+DP_MODE_NAMES = ("hooks", "functorch", "ew", "ghost", "bk")
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+    # per trial, for physical_batch: auto. 0 = auto: on a GPU the trial's share of the device
+    # (its resources.gpu fraction of the total memory, less a 10% margin), on a CPU 2048 MiB
+    memory_budget_mb: int = 0
+    # activations' memory layout: "channels_last" (NHWC), "contiguous" (NCHW), or "auto" =
+    # channels_last on GPUs, contiguous on CPUs. Speed only: not in the trial key.
+    memory_format: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    n_boot: int = 1000
+    ci: float = 0.95
+    age_bins: tuple[float, ...] = (0.0, 40.0, 70.0, math.inf)
+    oracle_threshold: bool = False
+    seed: int = 0
+    # AUC difference within which DP and non-DP count as equivalent (TOST); see
+    # privdom_ray/comparisons.py (margin): above the <= 0.013 off-domain shifts the paper saw,
+    # below its 0.03-0.05 on-domain DP cost, so the test can both confirm and refute
+    equivalence_margin: float = 0.02
+    # a label's metrics (and its place in the macro's fixed label set) need this many
+    # positives and negatives in the evaluated set; below, they are null with a reason
+    min_positives: int = 10
+    min_negatives: int = 10
+    calibration_bins: int = 10  # equal-width probability bins of the ECE and reliability plot
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None = start an embedded local cluster
+    dashboard_host: str = "127.0.0.1"
+    num_cpus: int | None = None  # embedded cluster only
+    max_failures: int = 2  # Tune retries of a crashed trial (it resumes from its checkpoint)
+    checkpoint_every: int = 1  # epochs between trial checkpoints
+    trial_timeout_s: float = 0.0  # wall-clock limit per trial attempt; 0 = none
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """A federated source as written in the grid: sites train together with FedAvg."""
+
+    name: str
+    sites: tuple[str, ...]
+    weights: tuple[float, ...] | None = None  # aligned with sites; None = by training-set size
+    rounds: int = 5
+    local_epochs: int = 1
+    parallel_sites: int = 0  # N whole task slots (resources only); 0 = every site at once
+
+
+@dataclass(frozen=True)
+class Site:
+    """One member of a federated trial, resolved: its data, aggregation weight and delta."""
+
+    name: str
+    data_fingerprint: str
+    weight: float  # un-normalised FedAvg weight (default: the site's training-set size)
+    delta: float  # the site's own delta (0 for non-private trials)
+
+
+@dataclass(frozen=True)
+class Federation:
+    """What makes a trial federated; part of the trial key (parallelism is not)."""
+
+    sites: tuple[Site, ...]
+    rounds: int
+    local_epochs: int
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Federation:
+        return cls(
+            sites=tuple(Site(**s) for s in d["sites"]),
+            rounds=int(d["rounds"]),
+            local_epochs=int(d["local_epochs"]),
+        )
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    grid_path: Path
+    output: Path
+    cache_dir: Path
+    domains: tuple[DomainSpec, ...]
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    epsilons: tuple[float, ...]
+    controls: tuple[str, ...]
+    delta: float | None
+    allow_large_delta: bool
+    seeds: tuple[int, ...]
+    model: str
+    training: TrainingConfig
+    pretrain: PretrainConfig | None
+    federations: tuple[FederationConfig, ...]
+    init_path: Path | None  # training.init resolved to a weights file, when it names one
+    preprocessing: Preprocessing
+    resources: Resources
+    evaluation: EvaluationConfig
+    ray: RayConfig
+
+    def domain(self, name: str) -> DomainSpec:
+        return next(d for d in self.domains if d.name == name)
+
+    @property
+    def trained_domains(self) -> tuple[str, ...]:
+        """Domains whose training split some trial uses: sources and federation sites."""
+        fed = [s for f in self.federations for s in f.sites]
+        return tuple(dict.fromkeys([*self.sources, *fed]))
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything that determines one trained model; ``key`` hashes exactly this."""
+
+    source: str
+    data_fingerprint: str
+    epsilon: float
+    delta: float
+    seed: int
+    model: str
+    training: TrainingConfig
+    preprocessing: Preprocessing
+    # "standard", or a control: "clip_only" = DP-SGD's clipping and Poisson sampling without
+    # noise (epsilon = inf), which separates the effect of clipping from the effect of noise.
+    variant: str = "standard"
+    # resolved initialisation: "scratch", "pretrain:<trial key>" or "file:<sha256 prefix>"
+    init: str = "scratch"
+    # set for a federated trial: ``source`` is then the federation's name, ``delta`` the
+    # largest site delta and ``training.epochs`` = rounds x local epochs
+    federation: Federation | None = None
+    # training.pos_weight "public", resolved: the pretraining domain's exact weights
+    public_pos_weight: tuple[float, ...] = ()
+    key: str = field(default="", compare=False)
+
+    @property
+    def is_private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    @property
+    def clips(self) -> bool:
+        """Whether training clips per-sample gradients (DP trials and the clip-only control)."""
+        return self.is_private or self.variant == "clip_only"
+
+    @property
+    def loss_weight_source(self) -> str:
+        """Where this trial's pos_weight comes from (lossweights.resolve)."""
+        from privdom_ray.lossweights import resolve
+
+        return resolve(self.training.pos_weight, private=self.is_private)
+
+    @property
+    def name(self) -> str:
+        """Human-readable trial name (Ray dashboard, logs): source, epsilon, seed."""
+        if self.variant != "standard":
+            return f"{self.source}_{self.variant.replace('_', '-')}_seed{self.seed}"
+        return f"{self.source}_eps{format_epsilon(self.epsilon)}_seed{self.seed}"
+
+    def identity(self) -> dict[str, Any]:
+        """The fields the key hashes: what determines the model, and nothing that does not.
+
+        Two rules keep the keys of finished trials stable across upgrades (tests pin them):
+        a field added after keys were first written is left out at its default
+        (``ADDED_FIELDS``), and a setting the trial cannot use is left out (DP settings of a
+        non-private trial, clipping settings of one that does not clip). The trial's kind may
+        add what only it has (``kinds.TrialKind.identity``).
+        """
+        d = dataclasses.asdict(self)
+        d.pop("key")
+        d["epsilon"] = format_epsilon(self.epsilon)
+        d["training"].pop("init")  # the user's text (a path may move); ``init`` is what counts
+        for path, default in ADDED_FIELDS.items():
+            *parents, name = path.split(".")
+            node = d
+            for parent in parents:
+                node = node[parent]
+            if node.get(name) == default:
+                node.pop(name)
+        unused = () if self.is_private else _UNUSED_WITHOUT_DP
+        unused += () if self.clips else _UNUSED_WITHOUT_CLIPPING
+        unused += () if self.loss_weight_source == "dp_counts" else ("pos_weight_budget",)
+        for name in unused:
+            d["training"].pop(name, None)
+        from privdom_ray.kinds import kind_of  # kinds import this module
+
+        hook = kind_of(self).identity
+        return hook(self, d) if hook is not None else d
+
+    def with_key(self) -> TrialSpec:
+        return dataclasses.replace(self, key=content_key(self.identity()))
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["epsilon"] = format_epsilon(self.epsilon)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TrialSpec:
+        return cls(
+            source=d["source"],
+            data_fingerprint=d["data_fingerprint"],
+            epsilon=parse_epsilon(d["epsilon"]),
+            delta=float(d["delta"]),
+            seed=int(d["seed"]),
+            model=d["model"],
+            training=_training_from_json(d["training"]),
+            preprocessing=Preprocessing(**d["preprocessing"]),
+            variant=d.get("variant", "standard"),
+            init=d.get("init", "scratch"),
+            federation=Federation.from_json(d["federation"]) if d.get("federation") else None,
+            public_pos_weight=tuple(d.get("public_pos_weight", ())),
+            key=d.get("key", ""),
+        )
+
+
+#: Fields added after trial keys were first written, with their defaults: left out of the key
+#: at the default, so every earlier trial keeps its key ("training.x" = a training field).
+ADDED_FIELDS: dict[str, Any] = {
+    "variant": "standard",
+    "init": "scratch",
+    "federation": None,
+    "public_pos_weight": (),
+    "training.privacy_unit": "image",
+    "training.pos_weight": "auto",
+    "training.pos_weight_budget": 0.05,
+}
+_UNUSED_WITHOUT_DP = ("accountant",)
+_UNUSED_WITHOUT_CLIPPING = ("max_grad_norm", "privacy_unit", "grad_sample_mode")
+
+
+def _training_from_json(d: Mapping[str, Any]) -> TrainingConfig:
+    d = dict(d)
+    if isinstance(d.get("pos_weight"), list):  # five fixed numbers come back as a JSON list
+        d["pos_weight"] = tuple(float(v) for v in d["pos_weight"])
+    return TrainingConfig(**d)
+
+
+def format_epsilon(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def parse_epsilon(value: Any) -> float:
+    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", ".inf"):
+        return math.inf
+    return float(value)
+
+
+def content_key(obj: Any) -> str:
+    """Short stable hash of canonical JSON (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

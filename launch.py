@@ -6,6 +6,7 @@
     python launch.py status <output>
     python launch.py audit <output>      (recompute every DP epsilon; check ledgers vs records)
     python launch.py export <output> --to DIR   (the shareable outputs, nothing else)
+    python launch.py plan <grid.yaml> [--images-per-s R [R_DP]] [--slots N]   (cost, no run)
     python launch.py show <output> <trial key | source/epsilon/seed>
     python launch.py manifest <kind> <root> --out manifest.parquet [--option key=value ...]
 
@@ -134,6 +135,55 @@ def _audit(argv: list[str]) -> int:
     return 1 if bad else 0
 
 
+def _plan(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="launch.py plan",
+        description="What a grid will cost before it runs: images and cache size per domain, "
+        "trainings and evaluations, memory per trial, compute time. Starts no Ray and trains "
+        "nothing.",
+    )
+    p.add_argument("grid", help="grid file (YAML)")
+    p.add_argument("--out", help="output folder (overrides the grid's): done trials are counted")
+    p.add_argument(
+        "--images-per-s",
+        type=float,
+        nargs="+",
+        metavar="RATE",
+        help="training images/s of one trial slot on the sweep's device, plain [and DP]; "
+        "default: measured here with a few steps of the grid's model (and its step memory)",
+    )
+    p.add_argument("--slots", type=int, default=1, help="trial slots the cluster will hold")
+    args = p.parse_args(argv)
+    from privdom_ray import costs, grid, sweep
+
+    spec = grid.load_grid(args.grid, output=args.out)
+    inputs = sweep.check_inputs(spec, log=lambda _m: None, writable=False)
+    splits = {
+        name: df.groupby("split").size().to_dict() for name, df in inputs.manifests.items()
+    }
+    rate = None
+    if args.images_per_s:
+        plain = args.images_per_s[0]
+        dp = args.images_per_s[1] if len(args.images_per_s) > 1 else plain / sweep.DP_COST
+        rate = costs.Rate(plain, dp, "given")
+    cost = costs.estimate(
+        spec, splits, inputs.fingerprints, rate=rate, slots=args.slots,
+        init_file_hash=inputs.init_file_hash, public_pos_weight=inputs.public_pos_weight,
+    )  # fmt: skip
+    device = "cuda" if spec.resources.gpu > 0 and _has_cuda() else "cpu"
+    measured, cost.step_bytes = costs.measure(spec, device, steps=0 if rate else 3)
+    cost.step_device = device
+    cost.rate = rate or measured
+    print(costs.render(cost, spec))
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="launch.py export",
@@ -221,6 +271,7 @@ def _manifest(argv: list[str]) -> int:
 VERBS = {
     "audit": _audit,
     "export": _export,
+    "plan": _plan,
     "evaluate": _evaluate,
     "report": _report,
     "show": _show,

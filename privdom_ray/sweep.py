@@ -82,20 +82,35 @@ class Inputs:
     fingerprints: dict[str, str]
     n_train: dict[str, int]
     init_file_hash: str = ""
+    public_pos_weight: tuple[float, ...] = ()  # training.pos_weight "public", resolved
 
 
-def check_inputs(spec: SweepSpec, log: Log = _log) -> Inputs:
+def check_inputs(spec: SweepSpec, log: Log = _log, *, writable: bool = True) -> Inputs:
     """Every check that needs no cluster, before anything is started or written.
 
     Deltas are checked against the manifest's training-split size, which is at least the
     decoded size, so a delta accepted here is also below 1/N of the images actually trained on.
     """
-    _check_writable(spec.output)
+    if writable:
+        _check_writable(spec.output)
     manifests, fps = build_manifests(spec, log)
     n_train = {s: int((manifests[s]["split"] == "train").sum()) for s in spec.trained_domains}
     kinds.check_deltas(spec, n_train)
     init_hash = check_weights_file(spec.init_path, spec.model) if spec.init_path else ""
-    return Inputs(manifests, fps, n_train, init_hash)
+    return Inputs(manifests, fps, n_train, init_hash, public_pos_weight(spec, manifests))
+
+
+def public_pos_weight(spec: SweepSpec, manifests: Mapping[str, pd.DataFrame]) -> tuple:
+    """``training.pos_weight: public``: exact weights of the pretraining domain's training
+    split (public by declaration, so reading its labels costs no privacy)."""
+    if spec.training.pos_weight != "public" or spec.pretrain is None:
+        return ()
+    from privdom_ray.lossweights import exact_pos_weight
+    from privdom_ray.manifest import LABELS
+
+    public = manifests[spec.pretrain.domain]
+    labels = public.loc[public["split"] == "train", list(LABELS)].to_numpy(dtype=float)
+    return tuple(float(w) for w in exact_pos_weight(labels))
 
 
 def check_weights_file(path: Path, model_name: str) -> str:
@@ -162,7 +177,10 @@ def prepare(
     fps, n_train = inputs.fingerprints, inputs.n_train
     spec.output.mkdir(parents=True, exist_ok=True)
     caches = build_caches(spec, inputs, log)
-    trials = kinds.plan_trials(spec, fps, n_train, init_file_hash=inputs.init_file_hash)
+    trials = kinds.plan_trials(
+        spec, fps, n_train,
+        init_file_hash=inputs.init_file_hash, public_pos_weight=inputs.public_pos_weight,
+    )  # fmt: skip
     plan = planning.plan_cells(
         spec, trials, TrialStore(spec.output), {k: str(e.path) for k, e in caches.items()}, fps,
         train=train, run_id=run_id, slots=cluster_slots(spec), log=log,

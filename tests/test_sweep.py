@@ -150,6 +150,15 @@ def test_output_names_trials_and_prints_matrices(tiny_sweep):
     assert "transfer.parquet" in out
 
 
+def test_plan_counts_what_the_sweep_then_runs(tiny_sweep):
+    """``plan`` on the grid the next test runs: its counts are the sweep's own."""
+    work, _ = tiny_sweep
+    (work / "grid2.yaml").write_text(yaml.safe_dump({**GRID, "epsilons": [1, 8, "inf"]}))
+    out = launch("plan", "grid2.yaml", "--images-per-s", "50", cwd=work).stdout
+    assert "trainings: 8 (2 clip_only, 6 standard); 6 already done, 2 to run" in out
+    assert "evaluations: 16 (trained models x targets); 12 already done, 4 to run" in out
+
+
 def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
     work, _ = tiny_sweep
     trials = work / "out" / "trials"

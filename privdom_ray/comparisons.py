@@ -1,36 +1,55 @@
 """DP-vs-non-DP comparisons from the per-image predictions of finished trials.
 
-The transfer table holds one AUC per (trial, target, label, subgroup) with its own bootstrap
-CI; it cannot say whether two models differ, because their CIs are not independent (same
-test images). This module goes back to the predictions kept in each trial folder and
-compares models *on the same resamples* of the same test set:
+The transfer table holds one AUC per (trial, target, label, subgroup) with its own CI; it
+cannot say whether two models differ, because their CIs are not independent (same test
+patients). This module goes back to the predictions kept in each trial folder and compares
+models *on the same patient resamples* of the same test set. Rows (``comparison``):
 
 ``paired_delta``
-    every finite-epsilon model vs the ``inf`` (non-DP) model of the same source and seed,
-    on the same target: ``delta_auc = AUC(dp) - AUC(non-DP)``, percentile CI and two-sided
-    bootstrap p-value. Identical to :func:`privdom_ray.metrics.paired_auc_difference`
-    (the tests check this bit for bit) but each model's resample AUCs are computed once and
-    shared by every comparison that uses that model.
+    every finite-epsilon model vs the ``inf`` (non-DP) model of the same source and seed on
+    the same target: ``delta_auc`` (per label, macro and subgroup; on- and off-domain),
+    ``delta_brier`` and ``delta_ece`` (calibration, subgroup "all").
 ``auc_drop``
-    the paper's "AUC drop" per test site T (see :data:`DROP_DEFINITIONS`), with a bootstrap
-    CI over T's test images, and for DP rows its paired difference to the non-DP drop.
+    the paper's AUC drop per test site T (see :data:`DROP_DEFINITIONS`) and, for DP, its
+    difference to the non-DP drop of the same seed.
+``fairness_gap``
+    female - male (``auc_gap_sex``) and oldest - youngest age bin (``auc_gap_age``) macro AUC
+    of each model on each target, with patients resampled JOINTLY across the two subgroups,
+    and DP's effect on the gap (gap_DP - gap_nonDP, paired).
 ``across_seeds``
-    mean and SD over seeds of both sides of every ``paired_delta`` / ``auc_drop`` row and a
-    paired Student t test across seeds (:func:`privdom_ray.metrics.paired_t_test`), which is
-    the test the paper reports. With one seed, SD, t and p are null and ``n_seeds`` says so.
+    with >= 2 seeds: a hierarchical bootstrap (seeds and patients resampled with
+    replacement; the statistic is the mean over the drawn seeds of the per-seed paired
+    difference on the same patient resample) for every comparison above, with the paired t
+    test across seeds (the paper's test) as a secondary column (``p_t``).
 
-Resamples: within test set T and subgroup g, every model uses
-``bootstrap_indices(n_g, n_boot, subgroup_seed(seed, g))``, the same indices
-``metrics.evaluate`` used for the transfer table's CIs. A subgroup is resampled within itself.
+Inference (:mod:`privdom_ray.inference`): CI, p-value and verdict come from one
+order-statistic rule on the same resamples. The PRIMARY endpoint is the paper's abstract:
+per test site, the DP-vs-non-DP difference of ``drop_vs_nondp_ondomain`` (macro, all test
+images, the ``is_summary`` row), tested for equivalence within ``±margin`` (TOST) with the
+TOST p Holm-adjusted across test sites per (model, epsilon). Every other p-value is
+exploratory and gets a Benjamini-Hochberg q-value within its family (comparison, quantity,
+label, subgroup).
 
-Models are paired only on the same target *fingerprint* (same test rows in the same order),
-and their labels are checked to be identical; a mismatch skips the model with a
-:class:`ComparisonWarning`. Only finished trials (``done``) and complete evaluations
-(``eval.json`` present) are read. The table is an aggregate: no ids, paths or per-image rows.
+Default margin, 0.02 AUC (``evaluation.equivalence_margin``): the paper found that DP costs
+about 0.03-0.05 AUC on-domain while it moves off-domain AUC by <= 0.013. A margin below the
+on-domain cost means the test can refute equivalence where DP demonstrably costs something
+(it is not a rubber stamp); a margin above the off-domain shifts means equivalence of
+transfer is attainable with test sets of the paper's size (tens of thousands of images).
+0.02 is also about the smallest AUC change the paper's own tables (two decimals) resolve.
+
+Resamples: within test set T and subgroup g every model uses
+``make_resampler(n_g, n_boot, subgroup_seed(seed, g), patient groups of g)``, the resamples
+``metrics.evaluate`` used for the transfer table's CIs. Models are paired only on the same
+target *fingerprint* (same test rows in the same order) and identical labels; a mismatch
+skips the model with a :class:`ComparisonWarning`. Only finished trials (``done``) and
+complete evaluations (``eval.json``) are read. Folders written before predictions carried
+``patient_group`` are resampled by image, and ``resampling_unit`` says so. The tables are
+aggregates: no ids, paths or per-image rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections import Counter, defaultdict
@@ -43,14 +62,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from privdom_ray import metrics, results
-from privdom_ray.grid import EvaluationConfig, parse_epsilon
+from privdom_ray import inference, metrics, results
+from privdom_ray.config import EvaluationConfig, parse_epsilon
+from privdom_ray.kinds import kind_of
+from privdom_ray.store import TrialRecord, TrialStore
 
 COMPARISONS = "comparisons.parquet"
+RELIABILITY = "reliability.parquet"
 
 PAIRED_DELTA = "paired_delta"
 AUC_DROP = "auc_drop"
+FAIRNESS_GAP = "fairness_gap"
 ACROSS_SEEDS = "across_seeds"
+PRIMARY_QUANTITY = "drop_vs_nondp_ondomain"
 
 DROP_DEFINITIONS = {
     "drop": (
@@ -61,111 +85,124 @@ DROP_DEFINITIONS = {
     "drop_vs_nondp_ondomain": (
         "AUC_inf(T->T) - mean_{S != T} AUC_eps(S->T): the NON-DP on-domain AUC minus the mean "
         "DP off-domain AUC at the row's epsilon; the 'DP' number of the paper's abstract "
-        "('0.07 vs 0.07'), whose non-DP counterpart is drop at epsilon = inf"
+        "('0.07 vs 0.07'), whose non-DP counterpart is drop at epsilon = inf. Its difference "
+        "to the non-DP drop is mean off-domain AUC(non-DP) - mean off-domain AUC(DP): the "
+        "PRIMARY endpoint"
     ),
 }
 
-_TESTS = {
-    "bootstrap": "paired bootstrap (shared resamples of the test set)",
-    "t": "paired Student t test across seeds",
-}  # across_seeds rows with fewer than 2 paired seeds (or epsilon = inf) have test = null
 
-# Columns of comparisons.parquet, in order (documented in the README).
-SCHEMA = pa.schema(
+@dataclass(frozen=True)
+class Quantity:
+    """What a row compares: ``worse_if`` is the direction in which the DP side is worse
+    (None: no direction, so no non-inferiority test); ``margin`` whether it is in AUC units
+    (and gets the equivalence test)."""
+
+    worse_if: str | None
+    margin: bool
+    meaning: str
+
+
+QUANTITIES = {
+    "delta_auc": Quantity("lower", True, "AUC(DP) - AUC(non-DP): a lower AUC is worse"),
+    "delta_brier": Quantity("higher", False, "Brier(DP) - Brier(non-DP): higher is worse"),
+    "delta_ece": Quantity("higher", False, "ECE(DP) - ECE(non-DP): higher is worse"),
+    "drop": Quantity("higher", True, "drop(DP) - drop(non-DP): a larger drop is worse"),
+    PRIMARY_QUANTITY: Quantity("higher", True, "as drop; the abstract's DP drop"),
+    "auc_gap_sex": Quantity(None, True, "gap(DP) - gap(non-DP), gap = AUC(F) - AUC(M)"),
+    "auc_gap_age": Quantity(None, True, "gap(DP) - gap(non-DP), gap = AUC(oldest) - AUC(youngest)"),
+}
+
+# Columns of comparisons.parquet, in order, with their meaning (the README's table).
+COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "comparison": (pa.string(), "paired_delta, auc_drop, fairness_gap or across_seeds"),
+    "quantity": (pa.string(), "what is compared: delta_auc, delta_brier, delta_ece, drop, "
+                 "drop_vs_nondp_ondomain (DROP_DEFINITIONS), auc_gap_sex, auc_gap_age"),
+    "endpoint": (pa.string(), "primary (the abstract's drop difference per test site, "
+                 "Holm-adjusted) or exploratory"),
+    "is_summary": (pa.bool_(), "the row that answers the comparison: the per-seed row with "
+                   "one seed, the across_seeds row with several"),
+    "test": (pa.string(), "how CI and p were obtained (paired patient/image bootstrap, or "
+             "hierarchical bootstrap over seeds x patients)"),
+    "model": (pa.string(), "network architecture of the compared trials"),
+    "source": (pa.string(), "training site of both models; null for auc_drop"),
+    "target": (pa.string(), "test site (its test split, one fingerprint)"),
+    "on_domain": (pa.bool_(), "the target's data trained the model; null for auc_drop"),
+    "seed": (pa.int64(), "training seed shared by the DP and non-DP models; null across seeds"),
+    "n_seeds": (pa.int64(), "seeds behind the row"),
+    "label": (pa.string(), "one of the five labels, or macro (mean over the fixed label set)"),
+    "subgroup": (pa.string(), "all, sex=F, sex=M, age=[lo,hi); for gaps the two subgroups"),
+    "epsilon": (pa.float64(), "target epsilon of the DP side; inf on rows of a non-DP value"),
+    "epsilon_spent": (pa.float64(), "epsilon spent by the DP model (auc_drop: the test site's "
+                      "own DP model); across seeds: mean"),
+    "accountant": (pa.string(), "accountant that produced epsilon_spent"),
+    "n": (pa.int64(), "test images with a known label (label rows) or in the subgroup (macro)"),
+    "n_pos": (pa.int64(), "positives (label rows) or positive image-label pairs (macro)"),
+    "n_patients": (pa.int64(), "resampling units (patients, or images) behind the row"),
+    "resampling_unit": (pa.string(), "patient, or image where the test set has no patient "
+                        "groups (VinDr, or evaluations written before they existed)"),
+    "n_labels": (pa.int64(), "labels in the macro's fixed set (1 or 0 on label rows)"),
+    "value_dp": (pa.float64(), "the DP side's quantity: AUC, Brier, ECE, drop or gap "
+                 "(across seeds: mean over seeds)"),
+    "value_dp_lo": (pa.float64(), "lower CI bound of value_dp"),
+    "value_dp_hi": (pa.float64(), "upper CI bound of value_dp"),
+    "value_nondp": (pa.float64(), "the non-DP side's quantity"),
+    "value_nondp_lo": (pa.float64(), "lower CI bound of value_nondp"),
+    "value_nondp_hi": (pa.float64(), "upper CI bound of value_nondp"),
+    "auc_on": (pa.float64(), "auc_drop: on-domain AUC used in the DP side's drop"),
+    "auc_off_mean": (pa.float64(), "auc_drop: mean AUC on the test site of the other "
+                     "sources' models at the row's epsilon"),
+    "auc_off_lo": (pa.float64(), "lower CI bound of auc_off_mean"),
+    "auc_off_hi": (pa.float64(), "upper CI bound of auc_off_mean"),
+    "n_off": (pa.int64(), "auc_drop: other sources averaged in auc_off_mean"),
+    "delta": (pa.float64(), "value_dp - value_nondp (across seeds: mean of per-seed deltas)"),
+    "delta_lo": (pa.float64(), "lower bound of the (ci) CI of delta"),
+    "delta_hi": (pa.float64(), "upper bound of the (ci) CI of delta"),
+    "p_value": (pa.float64(), "two-sided p of delta = 0 (same rule as the CI: p <= 1 - ci "
+                "exactly when the CI excludes 0); the smallest possible is 2/(n_valid_boot+1)"),
+    "q_value": (pa.float64(), "Benjamini-Hochberg q of p_value within (comparison, quantity, "
+                "label, subgroup)"),
+    "worse_if": (pa.string(), "direction of delta in which DP is worse: higher, lower, or "
+                 "null (gaps: no direction)"),
+    "margin": (pa.float64(), "equivalence margin in AUC units (null: no equivalence test)"),
+    "tost_lo": (pa.float64(), "lower bound of the 1 - 2 alpha CI of delta (TOST)"),
+    "tost_hi": (pa.float64(), "upper bound of the 1 - 2 alpha CI of delta (TOST)"),
+    "p_tost": (pa.float64(), "TOST p: max of the one-sided p's of delta <= -m and >= +m"),
+    "p_tost_holm": (pa.float64(), "primary rows: p_tost Holm-adjusted across test sites per "
+                    "(model, epsilon)"),
+    "p_noninf": (pa.float64(), "one-sided p of 'DP worse by margin or more'"),
+    "verdict": (pa.string(), "equivalent within ±m, different, non-inferior or inconclusive "
+                "(inference.verdict); null without a margin or a value"),
+    "t_stat": (pa.float64(), "across_seeds: paired t statistic of value_dp vs value_nondp"),
+    "p_t": (pa.float64(), "across_seeds: paired t test p (secondary; the paper's test)"),
+    "sd_dp": (pa.float64(), "across_seeds: SD over seeds of the DP side"),
+    "sd_nondp": (pa.float64(), "across_seeds: SD over seeds of the non-DP side"),
+    "delta_sd": (pa.float64(), "across_seeds: SD over seeds of the per-seed deltas"),
+    "n_boot": (pa.int64(), "bootstrap resamples drawn per test set and subgroup"),
+    "n_valid_boot": (pa.int64(), "resamples in which every label of the row's set had both "
+                     "classes (the B of the CI and p rules)"),
+    "ci": (pa.float64(), "confidence level of the CIs (delta_lo/hi, value_*_lo/hi)"),
+    "null_reason": (pa.string(), "why a value of the row is null"),
+}  # fmt: skip
+SCHEMA = pa.schema([(name, dtype) for name, (dtype, _) in COLUMNS.items()])
+
+RELIABILITY_SCHEMA = pa.schema(
     [
-        ("comparison", pa.string()),
-        ("quantity", pa.string()),
-        ("test", pa.string()),
         ("model", pa.string()),
         ("source", pa.string()),
         ("target", pa.string()),
         ("on_domain", pa.bool_()),
         ("seed", pa.int64()),
-        ("n_seeds", pa.int64()),
-        ("label", pa.string()),
-        ("subgroup", pa.string()),
         ("epsilon", pa.float64()),
-        ("epsilon_spent", pa.float64()),
-        ("accountant", pa.string()),
-        ("n", pa.int64()),
-        ("n_pos", pa.int64()),
-        ("auc_dp", pa.float64()),
-        ("auc_nondp", pa.float64()),
-        ("auc_on", pa.float64()),
-        ("auc_off_mean", pa.float64()),
-        ("auc_off_lo", pa.float64()),
-        ("auc_off_hi", pa.float64()),
-        ("n_off", pa.int64()),
-        ("drop", pa.float64()),
-        ("drop_lo", pa.float64()),
-        ("drop_hi", pa.float64()),
-        ("drop_nondp", pa.float64()),
-        ("delta_auc", pa.float64()),
-        ("delta_lo", pa.float64()),
-        ("delta_hi", pa.float64()),
-        ("p_value", pa.float64()),
-        ("t_stat", pa.float64()),
-        ("mean_dp", pa.float64()),
-        ("sd_dp", pa.float64()),
-        ("mean_nondp", pa.float64()),
-        ("sd_nondp", pa.float64()),
-        ("delta_sd", pa.float64()),
-        ("n_boot", pa.int64()),
-        ("ci", pa.float64()),
+        ("label", pa.string()),  # a label, or "pooled" (all known image-label pairs)
+        ("bin", pa.int64()),
+        ("bin_lo", pa.float64()),
+        ("bin_hi", pa.float64()),
+        ("n", pa.int64()),  # image-label pairs in the bin
+        ("mean_score", pa.float64()),
+        ("observed", pa.float64()),  # fraction positive
     ]
 )
-
-# What each column means (the README's schema table is generated from / checked against this).
-COLUMNS = {
-    "comparison": "row kind: paired_delta, auc_drop or across_seeds",
-    "quantity": "what is compared: delta_auc (paired_delta), drop or drop_vs_nondp_ondomain "
-    "(auc_drop, see DROP_DEFINITIONS); across_seeds rows repeat the quantity they summarise",
-    "test": "how p_value was obtained: paired bootstrap, paired Student t test across seeds, "
-    "or null (nothing tested)",
-    "model": "network architecture of the compared trials",
-    "source": "training site of both models (paired_delta); null for auc_drop",
-    "target": "test site (its test split, one fingerprint)",
-    "on_domain": "the target's data trained the model: source == target, or the target is a "
-    "member site of the federation (paired_delta); null for auc_drop",
-    "seed": "training seed shared by the DP and non-DP models; null for across_seeds",
-    "n_seeds": "seeds behind the row: 1 for per-seed rows, paired seeds used for across_seeds",
-    "label": "one of the five labels, or macro (mean over labels with a defined AUC)",
-    "subgroup": "all, sex=F, sex=M, age=[lo,hi): images of the test set in the subgroup",
-    "epsilon": "target epsilon of the DP side; inf only on auc_drop rows of the non-DP drop",
-    "epsilon_spent": "epsilon spent by the DP model (paired_delta: the source's DP model; "
-    "auc_drop: the DP model trained on the test site); across_seeds: mean over seeds",
-    "accountant": "accountant that produced epsilon_spent (prv, rdp; none for non-DP)",
-    "n": "test images with a known label (per label) or in the subgroup (macro)",
-    "n_pos": "positives (per label) or positive image-label pairs summed over labels (macro)",
-    "auc_dp": "AUC of the DP model (paired_delta)",
-    "auc_nondp": "AUC of the non-DP model of the same source and seed (paired_delta)",
-    "auc_on": "auc_drop: on-domain AUC used in the quantity (the test site's own model, at the "
-    "row's epsilon for drop, non-DP for drop_vs_nondp_ondomain)",
-    "auc_off_mean": "auc_drop: mean AUC on the test site of the models trained on the other "
-    "sources, at the row's epsilon",
-    "auc_off_lo": "lower bootstrap CI bound of auc_off_mean",
-    "auc_off_hi": "upper bootstrap CI bound of auc_off_mean",
-    "n_off": "auc_drop: number of other sources averaged in auc_off_mean",
-    "drop": "auc_drop: the quantity's value, auc_on - auc_off_mean",
-    "drop_lo": "lower bootstrap CI bound of drop",
-    "drop_hi": "upper bootstrap CI bound of drop",
-    "drop_nondp": "auc_drop: the non-DP drop (epsilon = inf) of the same site, seed, label and "
-    "subgroup; null when the off-domain sources differ from the DP row's",
-    "delta_auc": "DP minus non-DP: auc_dp - auc_nondp (paired_delta), drop - drop_nondp "
-    "(auc_drop); across_seeds: mean over seeds of the per-seed differences",
-    "delta_lo": "lower paired-bootstrap CI bound of delta_auc (per-seed rows)",
-    "delta_hi": "upper paired-bootstrap CI bound of delta_auc (per-seed rows)",
-    "p_value": "two-sided p of delta_auc = 0: paired bootstrap (per-seed rows) or paired t "
-    "test across seeds (across_seeds, needs >= 2 seeds)",
-    "t_stat": "across_seeds: paired t statistic",
-    "mean_dp": "across_seeds: mean over seeds of the DP side (auc_dp or drop)",
-    "sd_dp": "across_seeds: SD (ddof=1) over seeds of the DP side; null with < 2 seeds",
-    "mean_nondp": "across_seeds: mean over seeds of the non-DP side (auc_nondp or drop_nondp)",
-    "sd_nondp": "across_seeds: SD over seeds of the non-DP side; null with < 2 seeds",
-    "delta_sd": "across_seeds: SD over seeds of the per-seed differences",
-    "n_boot": "bootstrap resamples per test set and subgroup",
-    "ci": "confidence level of the bootstrap intervals",
-}
 
 _DEFAULT = EvaluationConfig()
 
@@ -178,11 +215,13 @@ def _warn(msg: str) -> None:
     warnings.warn(msg, ComparisonWarning, stacklevel=3)
 
 
-# ------------------------------------------------------------------------------ trial records
+# ============================================================================ loading
 
 
-@dataclass
-class _Trial:
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a comparison needs to know about one finished trial."""
+
     key: str
     source: str
     epsilon: float
@@ -190,153 +229,93 @@ class _Trial:
     model: str
     epsilon_spent: float | None
     accountant: str | None
-    # the domains whose data trained the model: (source,), or a federation's sites
-    sites: tuple[str, ...] = ()
-    evals: dict[tuple[str, str], Path] = field(default_factory=dict)  # (target, fp) -> folder
+    sites: tuple[str, ...]  # the domains whose data trained the model
 
     @property
-    def cell(self) -> tuple[str, float, int, str]:
-        return (self.source, self.epsilon, self.seed, self.model)
-
-
-def _float(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return parse_epsilon(value)
-    return float(value)
-
-
-def _training_sites(spec: dict[str, Any]) -> tuple[str, ...]:
-    fed = spec.get("federation")
-    if not fed:
-        return (str(spec["source"]),)
-    return tuple(s["name"] for s in fed["sites"] if s["weight"] > 0)
-
-
-def _load_trials(output: Path, keys: Sequence[str]) -> list[_Trial]:
-    """Finished trials of ``keys`` with their complete evaluations; one trial per cell."""
-    trials: dict[tuple, _Trial] = {}
-    for key in sorted(dict.fromkeys(keys)):
-        tdir = results.trial_dir(output, key)
-        if not results.is_trained(tdir):
-            continue
-        spec = results.read_json(tdir / "trial.json")["spec"]
-        if spec.get("variant", "standard") != "standard":
-            continue  # controls (clip-only) are not the non-DP baseline of any comparison
-        ledger = results.read_json(tdir / "ledger.json")
-        trial = _Trial(
-            key=spec.get("key", key),
-            source=str(spec["source"]),
-            epsilon=parse_epsilon(spec["epsilon"]),
-            seed=int(spec["seed"]),
-            model=str(spec.get("model", "")),
-            epsilon_spent=_float(ledger.get("epsilon_spent")),
-            accountant=ledger.get("accountant"),
-            sites=_training_sites(spec),
-        )
-        for edir in sorted((tdir / "eval").glob("*")):
-            if edir.is_dir() and results.is_evaluated(edir):
-                ev = results.read_json(edir / "eval.json")
-                trial.evals[(str(ev["target"]), str(ev["fingerprint"]))] = edir
-        if trial.cell in trials:
-            _warn(
-                f"trials {trials[trial.cell].key} and {trial.key} are the same cell "
-                f"(source, epsilon, seed, model) = {trial.cell}; using {trials[trial.cell].key}"
-            )
-            continue
-        trials[trial.cell] = trial
-    return list(trials.values())
-
-
-# ------------------------------------------------------------------------------ predictions
+    def single_site(self) -> bool:
+        return self.sites == (self.source,)
 
 
 @dataclass
-class _Predictions:
+class TestSet:
+    """One target's test split as every compared model saw it (same rows, same labels)."""
+
+    target: str
+    fingerprint: str
     labels: tuple[str, ...]
-    scores: np.ndarray  # (n, L) float64
-    y: np.ndarray  # (n, L) float64, NaN = unknown
+    y: np.ndarray  # (n, L), NaN = unknown
     sex: np.ndarray
     age: np.ndarray
+    clusters: np.ndarray | None  # patient group per row; None = image level
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # model key -> (n, L)
+
+    @property
+    def unit(self) -> str:
+        return "image" if self.clusters is None else "patient"
 
 
-def _read_predictions(edir: Path) -> _Predictions:
-    df = pd.read_parquet(edir / "predictions.parquet")
-    if "row" in df.columns and not np.array_equal(df["row"].to_numpy(), np.arange(len(df))):
-        df = df.sort_values("row", kind="stable")
-    labels = tuple(c[len("score_") :] for c in df.columns if c.startswith("score_"))
-    return _Predictions(
-        labels=labels,
-        scores=df[[f"score_{lab}" for lab in labels]].to_numpy(dtype=np.float64),
-        y=df[[f"label_{lab}" for lab in labels]].to_numpy(dtype=np.float64),
-        sex=df["sex"].to_numpy(dtype=object) if "sex" in df else np.full(len(df), "", object),
-        age=df["age"].to_numpy(dtype=np.float64) if "age" in df else np.full(len(df), np.nan),
+@dataclass
+class Study:
+    models: dict[str, ModelInfo]
+    tests: list[TestSet]
+
+
+def load_study(output: Path, keys: Sequence[str], targets: Sequence[Any] | None = None) -> Study:
+    """The ONE place that reads trials (through the trial store): valid trials of the kinds
+    that enter the matrices (one per cell) and their current evaluations, grouped into test
+    sets of one data version per target. ``targets`` (name, fingerprint) default to the last
+    plan's; without one, each target's most common data version is used."""
+    store = TrialStore(output)
+    if targets is None:
+        targets = results.planned_targets(Path(output)) or None
+    models: dict[str, ModelInfo] = {}
+    cells: dict[tuple, str] = {}
+    evals: dict[str, dict[tuple[str, str], Any]] = {}
+    for key in sorted(dict.fromkeys(keys)):
+        record = store.valid(key)
+        if record is None or not kind_of(record.spec).in_matrices:
+            continue  # controls (clip-only), pretraining and audit twins are not compared
+        info = _model_info(record)
+        cell = (info.source, info.epsilon, info.seed, info.model)
+        if cell in cells:
+            _warn(f"trials {cells[cell]} and {info.key} are the same cell {cell}; using the first")
+            continue
+        cells[cell], models[info.key] = info.key, info
+        found = store.current(key, targets) if targets is not None else store.evaluations(key)
+        evals[key] = {(ev.target, ev.fingerprint): ev for ev in found}
+    tests = []
+    for target, fp in _chosen_fingerprints(evals):
+        ts = None
+        for key in sorted(k for k in evals if (target, fp) in evals[k]):
+            ev = evals[key][(target, fp)]
+            ts = _add_predictions(ts, target, fp, key, ev.predictions(), ev.resampling_unit)
+        if ts is not None:
+            tests.append(ts)
+    return Study(models, tests)
+
+
+def _model_info(record: TrialRecord) -> ModelInfo:
+    spec, ledger = record.spec, record.ledger
+    spent = ledger.get("epsilon_spent")
+    return ModelInfo(
+        key=record.key,
+        source=spec.source,
+        epsilon=spec.epsilon,
+        seed=spec.seed,
+        model=spec.model,
+        epsilon_spent=None if spent is None else parse_epsilon(spent),
+        accountant=ledger.get("accountant"),
+        sites=record.training_sites,
     )
 
 
-@dataclass
-class _Aucs:
-    """One model on one (target, subgroup): point and resample AUCs, macro in the last column."""
-
-    point: np.ndarray  # (L + 1,)
-    boot: np.ndarray  # (B, L + 1)
-
-
-def _with_macro(point: np.ndarray, boot: np.ndarray) -> _Aucs:
-    """Append the macro column: mean over labels with a defined AUC (as metrics does)."""
-    ok = ~np.isnan(point)
-    p_macro = float(point[ok].mean()) if ok.any() else math.nan
-    bok = ~np.isnan(boot)
-    cnt = bok.sum(axis=1)
-    tot = np.where(bok, boot, 0.0).sum(axis=1)
-    b_macro = np.full(boot.shape[0], np.nan)
-    np.divide(tot, cnt, out=b_macro, where=cnt > 0)
-    return _Aucs(np.append(point, p_macro), np.column_stack([boot, b_macro]))
-
-
-def _opt(x: float | None) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return None if math.isnan(x) else x
-
-
-def _summary(point: float, boot: np.ndarray, ci: float, *, p: bool) -> tuple:
-    """(value, lo, hi[, p]) of one bootstrapped quantity; all None when the value is undefined."""
-    v = _opt(point)
-    if v is None:
-        return (None, None, None, None) if p else (None, None, None)
-    lo, hi = metrics.percentile_ci(boot, ci) if boot.size else (None, None)
-    if not p:
-        return v, lo, hi
-    return v, lo, hi, metrics.bootstrap_p_value(boot) if boot.size else None
-
-
-# ------------------------------------------------------------------------------ compute
-
-
-def compute(
-    output: Path,
-    keys: Sequence[str],
-    *,
-    n_boot: int = _DEFAULT.n_boot,
-    seed: int = _DEFAULT.seed,
-    ci: float = _DEFAULT.ci,
-    age_bins: Sequence[float] = _DEFAULT.age_bins,
-) -> pd.DataFrame:
-    """All comparison rows (paired_delta, auc_drop, across_seeds) of the finished trials ``keys``.
-
-    ``n_boot``, ``seed``, ``ci`` and ``age_bins`` should be the grid's evaluation settings,
-    so that the resamples coincide with the ones behind the transfer table's CIs.
-    """
-    output = Path(output)
-    trials = _load_trials(output, keys)
+def _chosen_fingerprints(evals: dict[str, dict[tuple[str, str], Any]]) -> list[tuple[str, str]]:
+    """Per target, the data version most models were evaluated on (warn about the others)."""
     by_target: dict[str, Counter] = defaultdict(Counter)
-    for t in trials:
-        for target, fp in t.evals:
+    for per_model in evals.values():
+        for target, fp in per_model:
             by_target[target][fp] += 1
-    rows: list[dict[str, Any]] = []
+    out = []
     for target in sorted(by_target):
         counts = by_target[target]
         fp = sorted(counts, key=lambda f: (-counts[f], f))[0]
@@ -346,290 +325,525 @@ def compute(
                 f"target {target!r} was evaluated on several test sets; comparing on "
                 f"fingerprint {fp} ({counts[fp]} models), ignoring {others}"
             )
-        members = [t for t in trials if (target, fp) in t.evals]
-        rows.extend(_target_rows(target, fp, members, n_boot, seed, ci, age_bins))
-    return _frame(rows + _across_seeds(rows))
+        out.append((target, fp))
+    return out
 
 
-def _target_rows(
-    target: str,
-    fp: str,
-    members: list[_Trial],
-    n_boot: int,
-    seed: int,
-    ci: float,
-    age_bins: Sequence[float],
-) -> list[dict[str, Any]]:
-    """paired_delta and auc_drop rows of one test set (every model on it shares resamples)."""
-    preds: dict[str, _Predictions] = {}
-    ref: _Predictions | None = None
-    for t in members:
-        p = _read_predictions(t.evals[(target, fp)])
-        if ref is None:
-            ref = p
-        elif p.labels != ref.labels or p.y.shape != ref.y.shape:
-            _warn(
-                f"trial {t.key} on {target}-{fp}: labels {p.labels} / n={len(p.y)} differ "
-                f"from {ref.labels} / n={len(ref.y)}; left out of the comparisons"
+def _add_predictions(
+    ts: TestSet | None, target: str, fp: str, key: str, df: pd.DataFrame, unit: str
+) -> TestSet:
+    """Add one model's predictions to the test set (the first one defines it). Without a
+    ``patient_group`` column (older evaluations) or with resampling unit "image" (domains
+    without patient ids) the rows are resampled as images."""
+    if "row" in df.columns and not np.array_equal(df["row"].to_numpy(), np.arange(len(df))):
+        df = df.sort_values("row", kind="stable")
+    labels = tuple(c[len("score_") :] for c in df.columns if c.startswith("score_"))
+    y = df[[f"label_{lab}" for lab in labels]].to_numpy(dtype=np.float64)
+    scores = df[[f"score_{lab}" for lab in labels]].to_numpy(dtype=np.float64)
+    groups = None
+    if "patient_group" in df and unit != "image":
+        groups = df["patient_group"].to_numpy(np.int64)
+    if ts is None:
+        ts = TestSet(
+            target, fp, labels, y,
+            sex=df["sex"].to_numpy(dtype=object) if "sex" in df else np.full(len(df), "", object),
+            age=df["age"].to_numpy(np.float64) if "age" in df else np.full(len(df), np.nan),
+            clusters=groups,
+        )  # fmt: skip
+    elif labels != ts.labels or y.shape != ts.y.shape or not np.array_equal(y, ts.y, True):
+        _warn(
+            f"trial {key} on {target}-{fp}: the test labels differ from the other models' on "
+            "the same fingerprint; left out of the comparisons"
+        )
+        return ts
+    elif (groups is None) != (ts.clusters is None) or (
+        groups is not None and not np.array_equal(groups, ts.clusters)
+    ):
+        _warn(f"trial {key} on {target}-{fp}: patient groups differ; resampling images")
+        ts.clusters = None
+    ts.scores[key] = scores
+    return ts
+
+
+# ============================================================================ per test set
+
+
+@dataclass
+class Est:
+    """A point value and its per-resample values (B,), NaN where a resample is invalid."""
+
+    point: float
+    boot: np.ndarray
+
+    def __sub__(self, other: Est) -> Est:
+        return Est(self.point - other.point, self.boot - other.boot)
+
+
+def _mean(ests: Sequence[Est]) -> Est:
+    return Est(float(np.mean([e.point for e in ests])), np.mean([e.boot for e in ests], axis=0))
+
+
+@dataclass
+class _Group:
+    """One subgroup of a test set: its label support and every model's AUCs (+ calibration).
+
+    Columns of ``point`` (L + 1,) / ``boot`` (B, L + 1): the labels, then macro over the
+    fixed label set; NaN outside the set or in invalid resamples.
+    """
+
+    name: str
+    mask: np.ndarray
+    support: metrics.LabelSupport
+    n_patients: np.ndarray  # (L + 1,)
+    n_valid: np.ndarray  # (L + 1,)
+    auc: dict[str, Est | list[Est]] = field(default_factory=dict)
+    calib: dict[str, dict[str, list[Est]]] = field(default_factory=dict)
+
+
+def _columns(stat: np.ndarray, boot: np.ndarray, valid: np.ndarray, ok: np.ndarray) -> list[Est]:
+    """Label columns and macro of one statistic (NaN outside the set / in invalid resamples)."""
+    point = np.where(ok, stat, np.nan)
+    b = np.where(valid & ok[None, :], boot, np.nan)
+    macro = metrics.macro_over(point, b, valid, ok)
+    return [Est(float(point[j]), b[:, j]) for j in range(ok.size)] + [Est(*macro)]
+
+
+def _subgroup(ts: TestSet, name: str, mask: np.ndarray, ev: EvaluationConfig, calib: bool):
+    """Every model's per-label and macro AUCs (and calibration) on one subgroup's resamples."""
+    y = ts.y[mask]
+    sup = metrics.label_support(y, ev.min_positives, ev.min_negatives)
+    cl = None if ts.clusters is None else ts.clusters[mask]
+    rs = metrics.make_resampler(
+        int(mask.sum()), ev.n_boot, metrics.subgroup_seed(ev.seed, name), cl
+    )
+    known = ~np.isnan(y)
+    n_pat = [np.unique(rs.codes[known[:, j]]).size for j in range(y.shape[1])]
+    g = _Group(name, mask, sup, np.array([*n_pat, rs.n_clusters]), np.zeros(0))
+    for key, scores in ts.scores.items():
+        s = scores[mask]
+        probs = calib and metrics.are_probabilities(s, y)
+        bs = metrics.bootstrap_stats(s, y, rs, bins=ev.calibration_bins if probs else None)
+        valid = bs.valid
+        point = np.array([metrics.auc(s[:, j], y[:, j]) for j in range(y.shape[1])])
+        g.auc[key] = _columns(point, bs.auc, valid, sup.ok)
+        if probs:
+            brier, ece = metrics.calibration(s, y, ev.calibration_bins)
+            g.calib[key] = {
+                "delta_brier": _columns(brier, bs.brier, valid, sup.ok),
+                "delta_ece": _columns(ece, bs.ece, valid, sup.ok),
+            }
+        if not g.n_valid.size:
+            per_label = np.where(sup.ok, valid.sum(axis=0), 0)
+            all_ok = int(valid[:, sup.ok].all(axis=1).sum()) if sup.ok.any() else 0
+            g.n_valid = np.array([*per_label, all_ok])
+    return g
+
+
+def _cells(ts: TestSet, g: _Group) -> list[dict[str, Any]]:
+    """Per label column: the row fields describing the cell (n, positives, patients, ...)."""
+    y = ts.y[g.mask]
+    sup = g.support
+    out = []
+    for j, label in enumerate([*ts.labels, "macro"]):
+        macro = label == "macro"
+        reason = sup.reasons[j] if not macro else None
+        if macro and not sup.ok.any():
+            reason = (
+                "no label has enough positives and negatives "
+                "(evaluation.min_positives, min_negatives)"
             )
-            continue
-        elif not np.array_equal(p.y, ref.y, equal_nan=True):
-            _warn(
-                f"trial {t.key} on {target}-{fp}: the test labels differ from the other models' "
-                "on the same fingerprint; left out of the comparisons"
-            )
-            continue
-        preds[t.key] = p
-    if ref is None:
-        return []
-    members = [t for t in members if t.key in preds]
-    col_names = [*ref.labels, "macro"]
-    groups: dict[str, np.ndarray | None] = {"all": None}
-    groups.update(metrics.subgroup_masks(ref.sex, ref.age, age_bins))
-
-    # resample AUCs of every model on every subgroup, computed once
-    aucs: dict[tuple[str, str], _Aucs] = {}
-    counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    n_lab = len(ref.labels)
-    for g, mask in groups.items():
-        yy = ref.y if mask is None else ref.y[mask]
-        m = yy.shape[0]
-        n_known = (~np.isnan(yy)).sum(axis=0)
-        n_pos = (yy == 1.0).sum(axis=0)
-        counts[g] = (np.append(n_known, m), np.append(n_pos, n_pos.sum()))
-        idx = metrics.bootstrap_indices(m, n_boot, metrics.subgroup_seed(seed, g)) if m else None
-        for t in members:
-            ss = preds[t.key].scores if mask is None else preds[t.key].scores[mask]
-            point = np.array([metrics.auc(ss[:, j], yy[:, j]) for j in range(n_lab)])
-            if idx is None or n_boot == 0:
-                boot = np.full((n_boot, n_lab), np.nan)
-            else:
-                boot = metrics.bootstrap_auc(ss, yy, idx)
-            aucs[(t.key, g)] = _with_macro(point, boot)
-        del idx
-
-    common = {"target": target, "n_boot": int(n_boot), "ci": float(ci), "n_seeds": 1}
-    rows = _paired_rows(members, aucs, counts, groups, col_names, ci, common)
-    rows += _drop_rows(target, members, aucs, counts, groups, col_names, ci, common)
-    return rows
+        out.append(
+            {
+                "label": label,
+                "subgroup": g.name,
+                "n": int(y.shape[0]) if macro else int(sup.n_known[j]),
+                "n_pos": int(sup.n_pos.sum()) if macro else int(sup.n_pos[j]),
+                "n_patients": int(g.n_patients[j]),
+                "resampling_unit": ts.unit,
+                "n_labels": int(sup.ok.sum()) if macro else int(sup.ok[j]),
+                "n_valid_boot": int(g.n_valid[j]) if g.n_valid.size else 0,
+                "null_reason": reason,
+            }
+        )
+    return out
 
 
-def _paired_rows(members, aucs, counts, groups, col_names, ci, common) -> list[dict[str, Any]]:
-    target = common["target"]
-    nondp = {(t.source, t.seed, t.model): t for t in members if math.isinf(t.epsilon)}
-    rows = []
-    for dp in sorted(members, key=lambda t: (t.source, t.seed, t.epsilon)):
-        if math.isinf(dp.epsilon):
-            continue
-        ref = nondp.get((dp.source, dp.seed, dp.model))
+@dataclass
+class _Item:
+    """One per-seed comparison: the DP and non-DP sides (and their difference) with fields."""
+
+    comparison: str
+    quantity: str
+    seed: int
+    fields: dict[str, Any]
+    dp: Est | None = None
+    nondp: Est | None = None
+    off: Est | None = None  # auc_drop: the mean off-domain AUC of the DP side
+
+    @property
+    def group_key(self) -> tuple:
+        f = self.fields
+        return (self.comparison, self.quantity, f.get("model"), f.get("source"), f["target"],
+                f["label"], f["subgroup"], f["epsilon"])  # fmt: skip
+
+    @property
+    def delta(self) -> Est | None:
+        if self.dp is None or self.nondp is None:
+            return None
+        return self.dp - self.nondp
+
+
+def _model_fields(m: ModelInfo, target: str) -> dict[str, Any]:
+    return {
+        "model": m.model,
+        "source": m.source,
+        "target": target,
+        "on_domain": target in m.sites,
+        "epsilon": m.epsilon,
+        "epsilon_spent": m.epsilon_spent if math.isfinite(m.epsilon) else None,
+        "accountant": m.accountant if math.isfinite(m.epsilon) else None,
+    }
+
+
+def _nondp_partner(models: Sequence[ModelInfo]) -> dict[str, ModelInfo]:
+    """DP model key -> the non-DP model of the same source, seed and architecture."""
+    ref = {(m.source, m.seed, m.model): m for m in models if math.isinf(m.epsilon)}
+    return {
+        m.key: ref[(m.source, m.seed, m.model)]
+        for m in models
+        if math.isfinite(m.epsilon) and (m.source, m.seed, m.model) in ref
+    }
+
+
+def _paired_items(ts: TestSet, groups: list[_Group], models: list[ModelInfo]) -> list[_Item]:
+    partner = _nondp_partner(models)
+    items = []
+    for dp in sorted(models, key=lambda m: (m.source, m.seed, m.epsilon)):
+        ref = partner.get(dp.key)
         if ref is None:
-            continue  # no non-DP model of this source and seed evaluated on this test set
+            continue  # non-DP, or no non-DP model of this source and seed on this test set
+        base = _model_fields(dp, ts.target)
         for g in groups:
-            a, b = aucs[(dp.key, g)], aucs[(ref.key, g)]
-            n, n_pos = counts[g]
-            for j, label in enumerate(col_names):
-                delta, lo, hi, p = _summary(
-                    a.point[j] - b.point[j], a.boot[:, j] - b.boot[:, j], ci, p=True
-                )
-                rows.append(
-                    {
-                        **common,
-                        "comparison": PAIRED_DELTA,
-                        "quantity": "delta_auc",
-                        "test": _TESTS["bootstrap"],
-                        "model": dp.model,
-                        "source": dp.source,
-                        "on_domain": target in dp.sites,
-                        "seed": dp.seed,
-                        "label": label,
-                        "subgroup": g,
-                        "epsilon": dp.epsilon,
-                        "epsilon_spent": dp.epsilon_spent,
-                        "accountant": dp.accountant,
-                        "n": int(n[j]),
-                        "n_pos": int(n_pos[j]),
-                        "auc_dp": _opt(a.point[j]),
-                        "auc_nondp": _opt(b.point[j]),
-                        "delta_auc": delta,
-                        "delta_lo": lo,
-                        "delta_hi": hi,
-                        "p_value": p,
-                    }
-                )
-    return rows
+            sides = [("delta_auc", g.auc)]
+            if dp.key in g.calib and ref.key in g.calib:
+                sides += [(q, {k: g.calib[k][q] for k in (dp.key, ref.key)}) for q in
+                          ("delta_brier", "delta_ece")]  # fmt: skip
+            for j, cell in enumerate(_cells(ts, g)):
+                for quantity, per_model in sides:
+                    items.append(
+                        _Item(PAIRED_DELTA, quantity, dp.seed, {**base, **cell},
+                              dp=per_model[dp.key][j], nondp=per_model[ref.key][j])
+                    )  # fmt: skip
+    return items
 
 
 @dataclass
 class _DropSide:
-    """On-domain and off-domain AUCs on test site T for one (epsilon, seed, model)."""
+    """On-domain and off-domain models on test site T for one (epsilon, seed, model)."""
 
-    on: _Trial | None
-    off: list[_Trial]
+    on: ModelInfo | None = None
+    off: list[ModelInfo] = field(default_factory=list)
+
+    def aucs(self, g: _Group, j: int) -> tuple[Est | None, Est | None]:
+        on = g.auc[self.on.key][j] if self.on is not None else None
+        off = _mean([g.auc[m.key][j] for m in self.off]) if self.off else None
+        return on, off
 
 
-def _drop_rows(
-    target, members, aucs, counts, groups, col_names, ci, common
-) -> list[dict[str, Any]]:
+def _drop_sides(ts: TestSet, models: list[ModelInfo]) -> dict[tuple, _DropSide]:
     sides: dict[tuple[float, int, str], _DropSide] = {}
-    for t in members:
-        if t.sites != (t.source,):
+    for m in models:
+        if not m.single_site:
             continue  # a federation is neither the target's own model nor an outside one
-        side = sides.setdefault((t.epsilon, t.seed, t.model), _DropSide(None, []))
-        if t.source == target:
-            side.on = t
+        side = sides.setdefault((m.epsilon, m.seed, m.model), _DropSide())
+        if m.source == ts.target:
+            side.on = m
         else:
-            side.off.append(t)
-    rows = []
+            side.off.append(m)
+    return sides
+
+
+def _drop_items(ts: TestSet, groups: list[_Group], models: list[ModelInfo]) -> list[_Item]:
+    sides = _drop_sides(ts, models)
+    items = []
     for (eps, seed, model), side in sorted(sides.items(), key=lambda kv: (kv[0][2], kv[0][1])):
         nondp = sides.get((math.inf, seed, model))
-        same_off = nondp is not None and sorted(t.source for t in nondp.off) == sorted(
-            t.source for t in side.off
+        same_off = nondp is not None and sorted(m.source for m in nondp.off) == sorted(
+            m.source for m in side.off
         )
-        if nondp is not None and not math.isinf(eps) and not same_off:
+        if nondp is not None and math.isfinite(eps) and not same_off:
             _warn(
-                f"AUC drop on {target} (seed {seed}, epsilon {eps:g}): the off-domain sources "
-                f"differ between DP {sorted(t.source for t in side.off)} and non-DP "
-                f"{sorted(t.source for t in nondp.off)}; DP-vs-non-DP difference left null"
+                f"AUC drop on {ts.target} (seed {seed}, epsilon {eps:g}): the off-domain "
+                f"sources differ between DP {sorted(m.source for m in side.off)} and non-DP "
+                f"{sorted(m.source for m in nondp.off)}; DP-vs-non-DP difference left null"
             )
+        base = {"model": model, "target": ts.target, "epsilon": eps, "n_off": len(side.off),
+                "epsilon_spent": side.on.epsilon_spent if side.on and math.isfinite(eps) else None,
+                "accountant": side.on.accountant if side.on and math.isfinite(eps) else None}  # fmt: skip
         for g in groups:
-            n, n_pos = counts[g]
-            on, off_p, off_b = _side_aucs(side, aucs, g)
-            quantities = [("drop", on)]
-            if nondp is not None and not math.isinf(eps):
-                quantities.append(("drop_vs_nondp_ondomain", _side_aucs(nondp, aucs, g)[0]))
-            ref = None
-            if nondp is not None:
-                ref_on, ref_off_p, ref_off_b = _side_aucs(nondp, aucs, g)
-                if ref_on is not None and ref_off_p is not None:
-                    ref = (ref_on.point - ref_off_p, ref_on.boot - ref_off_b)
-            for quantity, on_aucs in quantities:
-                for j, label in enumerate(col_names):
-                    row = {
-                        **common,
-                        "comparison": AUC_DROP,
-                        "quantity": quantity,
-                        "test": _TESTS["bootstrap"],
-                        "model": model,
-                        "seed": seed,
-                        "label": label,
-                        "subgroup": g,
-                        "epsilon": eps,
-                        "epsilon_spent": side.on.epsilon_spent if side.on else None,
-                        "accountant": side.on.accountant if side.on else None,
-                        "n": int(n[j]),
-                        "n_pos": int(n_pos[j]),
-                        "n_off": len(side.off),
-                        "auc_on": _opt(on_aucs.point[j]) if on_aucs else None,
-                    }
-                    if off_p is not None:
-                        row["auc_off_mean"], row["auc_off_lo"], row["auc_off_hi"] = _summary(
-                            off_p[j], off_b[:, j], ci, p=False
-                        )
-                    if on_aucs is None or off_p is None:
-                        rows.append(row)
-                        continue
-                    d_point = on_aucs.point[j] - off_p[j]
-                    d_boot = on_aucs.boot[:, j] - off_b[:, j]
-                    row["drop"], row["drop_lo"], row["drop_hi"] = _summary(
-                        d_point, d_boot, ci, p=False
-                    )
-                    if ref is not None and (math.isinf(eps) or same_off):
-                        row["drop_nondp"] = _opt(ref[0][j])
-                        if not math.isinf(eps):
-                            (
-                                row["delta_auc"],
-                                row["delta_lo"],
-                                row["delta_hi"],
-                                row["p_value"],
-                            ) = _summary(d_point - ref[0][j], d_boot - ref[1][:, j], ci, p=True)
-                    rows.append(row)
-    return rows
+            for j, cell in enumerate(_cells(ts, g)):
+                items += _drop_cell(side, nondp, same_off, g, j, {**base, **cell}, seed)
+    return items
 
 
-def _side_aucs(side: _DropSide, aucs, g: str):
-    """(on-domain _Aucs or None, mean off-domain point (L+1,) or None, its resamples)."""
-    on = aucs[(side.on.key, g)] if side.on is not None else None
-    if not side.off:
-        return on, None, None
-    off = [aucs[(t.key, g)] for t in side.off]
-    return on, np.mean([a.point for a in off], axis=0), np.mean([a.boot for a in off], axis=0)
-
-
-# ------------------------------------------------------------------------------ across seeds
-
-
-def _across_seeds(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean/SD over seeds and a paired t test across seeds, for every per-seed quantity.
-
-    Pairs are (DP value, non-DP value) of the same seed: (auc_dp, auc_nondp) for
-    paired_delta, (drop, drop_nondp) for auc_drop. Seeds where either side is null are left
-    out, and ``n_seeds`` counts the seeds used. Rows of the non-DP drop itself
-    (epsilon = inf) summarise that one side (mean_nondp, sd_nondp) with nothing to test.
-    """
-    keys = ("comparison", "quantity", "model", "source", "target", "label", "subgroup", "epsilon")
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in per_seed:
-        groups[tuple(r.get(k) for k in keys)].append(r)
+def _drop_cell(
+    side: _DropSide, nondp: _DropSide | None, same_off: bool, g: _Group, j: int, fields, seed
+) -> list[_Item]:
+    """The drop rows of one (test site, epsilon, seed, subgroup, label column)."""
+    on, off = side.aucs(g, j)
+    ref_on, ref_off = nondp.aucs(g, j) if nondp is not None else (None, None)
+    ref = None
+    if same_off and ref_on is not None and ref_off is not None:
+        ref = ref_on - ref_off  # the non-DP drop, over the same off-domain sources
+    if math.isinf(fields["epsilon"]):
+        drop = on - off if on is not None and off is not None else None
+        row = {**fields, "auc_on": on.point if on else None}
+        return [_Item(AUC_DROP, "drop", seed, row, nondp=drop, off=off)]
     out = []
-    for key in sorted(groups, key=lambda k: tuple("" if v is None else str(v) for v in k)):
-        grp = sorted(groups[key], key=lambda r: r["seed"])
-        info = dict(zip(keys, key, strict=True))
-        dp_col, nd_col = (
-            ("auc_dp", "auc_nondp")
-            if info["comparison"] == PAIRED_DELTA
-            else ("drop", "drop_nondp")
-        )
-        is_nondp = math.isinf(info["epsilon"])
-        used = [
-            r
-            for r in grp
-            if _opt(r.get(nd_col)) is not None and (is_nondp or _opt(r.get(dp_col)) is not None)
-        ]
-        k_seeds = len(used)
-        y = np.array([r[nd_col] for r in used], dtype=float)
-        spent = [r["epsilon_spent"] for r in used if r.get("epsilon_spent") is not None]
-        first = grp[0]
-        row = {
-            **info,
-            "comparison": ACROSS_SEEDS,
-            "test": _TESTS["t"] if not is_nondp and k_seeds >= 2 else None,
-            "on_domain": first.get("on_domain"),
-            "n_seeds": k_seeds,
-            "epsilon_spent": float(np.mean(spent)) if spent else None,
-            "accountant": ",".join(
-                sorted({str(r["accountant"]) for r in grp if r.get("accountant")})
-            )
-            or None,
-            "n": first.get("n"),
-            "n_pos": first.get("n_pos"),
-            "n_boot": first.get("n_boot"),
-            "ci": first.get("ci"),
-            "mean_nondp": float(y.mean()) if k_seeds else None,
-            "sd_nondp": float(y.std(ddof=1)) if k_seeds >= 2 else None,
-        }
-        if not is_nondp and k_seeds:
-            x = np.array([r[dp_col] for r in used], dtype=float)
-            d = x - y
-            row.update(
-                mean_dp=float(x.mean()),
-                sd_dp=float(x.std(ddof=1)) if k_seeds >= 2 else None,
-                delta_auc=float(d.mean()),
-                delta_sd=float(d.std(ddof=1)) if k_seeds >= 2 else None,
-            )
-            if k_seeds >= 2:
-                t, p = metrics.paired_t_test(x, y)
-                row.update(t_stat=_opt(t), p_value=_opt(p))
-        out.append(row)
+    quantities = [("drop", on)] + ([(PRIMARY_QUANTITY, ref_on)] if nondp is not None else [])
+    if nondp is not None and not same_off:
+        fields = {**fields, "null_reason": "the off-domain sources of the DP and non-DP drops "
+                  "differ (a missing evaluation): no DP-vs-non-DP difference"}  # fmt: skip
+    for quantity, on_est in quantities:
+        drop = on_est - off if on_est is not None and off is not None else None
+        row = {**fields, "auc_on": on_est.point if on_est else None}
+        out.append(_Item(AUC_DROP, quantity, seed, row, dp=drop, nondp=ref, off=off))
     return out
 
 
-# ------------------------------------------------------------------------------ table
+def _gap_pairs(age_bins: Sequence[float]) -> dict[str, tuple[str, str]]:
+    """Quantity -> (subgroup a, subgroup b) of the gap a - b: female - male, oldest -
+    youngest age bin (the grid's first and last bins)."""
+    names = [k for k in metrics.subgroup_masks([], [], age_bins) if k.startswith("age=")]
+    return {"auc_gap_sex": ("sex=F", "sex=M"), "auc_gap_age": (names[-1], names[0])}
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Rows -> DataFrame with exactly SCHEMA's columns and types (nulls where not applicable)."""
-    clean = [{k: _py(v) for k, v in row.items()} for row in rows]
-    table = pa.Table.from_pylist(clean, schema=SCHEMA) if rows else SCHEMA.empty_table()
+def _gap_items(ts: TestSet, models: list[ModelInfo], ev: EvaluationConfig) -> list[_Item]:
+    """Macro AUC gaps per model with JOINT patient resamples of the two subgroups (the "all"
+    resamples restricted to each), and DP's effect on the gap vs its non-DP partner."""
+    masks = metrics.subgroup_masks(ts.sex, ts.age, ev.age_bins)
+    rs = metrics.make_resampler(len(ts.y), ev.n_boot, ev.seed, ts.clusters)
+    partner = _nondp_partner(models)
+    items = []
+    for quantity, (a, b) in _gap_pairs(ev.age_bins).items():
+        ma, mb = masks[a], masks[b]
+        ok = (
+            metrics.label_support(ts.y[ma], ev.min_positives, ev.min_negatives).ok
+            & metrics.label_support(ts.y[mb], ev.min_positives, ev.min_negatives).ok
+        )
+        gaps = {m.key: _gap(ts, m.key, rs, ma, mb, ok) for m in models if m.key in ts.scores}
+        cell = {"label": "macro", "subgroup": f"{a} - {b}", "n": int((ma | mb).sum()),
+                "n_patients": int(np.unique(rs.codes[ma | mb]).size),
+                "resampling_unit": ts.unit, "n_labels": int(ok.sum()),
+                "null_reason": None if ok.any() else f"no label has enough positives and "
+                f"negatives in both {a} and {b}"}  # fmt: skip
+        for m in models:
+            if m.key not in gaps:
+                continue
+            fields = {**_model_fields(m, ts.target), **cell}
+            if math.isinf(m.epsilon):
+                items.append(_Item(FAIRNESS_GAP, quantity, m.seed, fields, nondp=gaps[m.key]))
+            elif m.key in partner and partner[m.key].key in gaps:
+                ref = gaps[partner[m.key].key]
+                items.append(_Item(FAIRNESS_GAP, quantity, m.seed, fields, gaps[m.key], ref))
+    return items
+
+
+def _gap(ts: TestSet, key: str, rs, ma: np.ndarray, mb: np.ndarray, ok: np.ndarray) -> Est:
+    """Macro AUC(a) - macro AUC(b) over the labels ``ok`` in both; invalid resamples NaN."""
+    sides = []
+    for mask in (ma, mb):
+        s, y = ts.scores[key][mask], ts.y[mask]
+        bs = metrics.bootstrap_stats(s, y, rs.subset(mask))
+        point = np.array([metrics.auc(s[:, j], y[:, j]) for j in range(y.shape[1])])
+        sides.append(Est(*metrics.macro_over(point, bs.auc, bs.valid, ok)))
+    return sides[0] - sides[1]
+
+
+def _reliability_rows(ts: TestSet, models: list[ModelInfo], bins: int) -> list[dict[str, Any]]:
+    """Reliability-diagram bins per model: aggregates of test predictions only."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = []
+    for m in models:
+        s = ts.scores.get(m.key)
+        if s is None or not metrics.are_probabilities(s, ts.y):
+            continue
+        n, ssum, pos = metrics.reliability_bins(s, ts.y, bins)
+        per = {lab: (n[j], ssum[j], pos[j]) for j, lab in enumerate(ts.labels)}
+        per["pooled"] = (n.sum(axis=0), ssum.sum(axis=0), pos.sum(axis=0))
+        for label, (cnt, tot, npos) in per.items():
+            for k in range(bins):
+                rows.append({
+                    "model": m.model, "source": m.source, "target": ts.target,
+                    "on_domain": ts.target in m.sites, "seed": m.seed, "epsilon": m.epsilon,
+                    "label": label, "bin": k, "bin_lo": edges[k], "bin_hi": edges[k + 1],
+                    "n": int(cnt[k]),
+                    "mean_score": tot[k] / cnt[k] if cnt[k] else None,
+                    "observed": npos[k] / cnt[k] if cnt[k] else None,
+                })  # fmt: skip
+    return rows
+
+
+def _test_set_items(ts: TestSet, models: dict[str, ModelInfo], ev: EvaluationConfig):
+    """Every per-seed comparison item of one test set (all models share its resamples)."""
+    members = [models[k] for k in ts.scores]
+    masks = {"all": np.ones(len(ts.y), dtype=bool)}
+    masks.update(metrics.subgroup_masks(ts.sex, ts.age, ev.age_bins))
+    groups = [_subgroup(ts, name, mask, ev, calib=name == "all") for name, mask in masks.items()]
+    items = _paired_items(ts, groups, members) + _drop_items(ts, groups, members)
+    items += _gap_items(ts, members, ev)
+    return items, _reliability_rows(ts, members, ev.calibration_bins)
+
+
+# ============================================================================ rows
+
+
+def _test_name(unit: str, seeds: int) -> str:
+    if seeds > 1:
+        return f"hierarchical bootstrap (seeds x {unit}s), paired"
+    return f"paired {unit} bootstrap (shared resamples of the test set)"
+
+
+def _row(
+    comparison: str,
+    quantity: str,
+    fields: dict[str, Any],
+    sides: tuple[Est | None, Est | None, Est | None, Est | None],
+    ev: EvaluationConfig,
+) -> dict[str, Any]:
+    """One table row: CIs of both sides and of the off-domain mean; CI, p, TOST and verdict
+    of their difference (``sides`` = dp, nondp, delta, off)."""
+    dp, nondp, delta, off = sides
+    q = QUANTITIES[quantity]
+    margin = ev.equivalence_margin if q.margin else None
+    row = {**fields, "comparison": comparison, "quantity": quantity, "worse_if": q.worse_if,
+           "margin": margin, "n_boot": ev.n_boot, "ci": ev.ci}  # fmt: skip
+    for name, est in (("value_dp", dp), ("value_nondp", nondp), ("auc_off", off)):
+        if est is not None:
+            r = inference.infer(est.point, est.boot, ci=ev.ci)
+            col = "auc_off_mean" if name == "auc_off" else name
+            row[col], row[f"{name}_lo"], row[f"{name}_hi"] = r.estimate, r.lo, r.hi
+    if delta is not None:
+        r = inference.infer(delta.point, delta.boot, ci=ev.ci, margin=margin, worse_if=q.worse_if)
+        row.update(
+            delta=r.estimate, delta_lo=r.lo, delta_hi=r.hi, p_value=r.p_value,
+            tost_lo=r.tost_lo, tost_hi=r.tost_hi, p_tost=r.p_tost, p_noninf=r.p_noninf,
+            n_valid_boot=r.n_valid if r.estimate is not None else row.get("n_valid_boot"),
+            verdict=inference.verdict(r, inference.alpha_of(ev.ci)),
+        )  # fmt: skip
+    return row
+
+
+def _per_seed_row(it: _Item, ev: EvaluationConfig) -> dict[str, Any]:
+    fields = {**it.fields, "seed": it.seed, "n_seeds": 1,
+              "test": _test_name(it.fields["resampling_unit"], 1)}  # fmt: skip
+    return _row(it.comparison, it.quantity, fields, (it.dp, it.nondp, it.delta, it.off), ev)
+
+
+def _pool(ests: list[Est | None], draws: np.ndarray) -> Est | None:
+    """Seed-level mean of per-seed estimates with hierarchical resamples (None if any is)."""
+    if not ests or any(e is None for e in ests):
+        return None
+    boot = inference.hierarchical(np.stack([e.boot for e in ests]), draws)
+    return Est(float(np.mean([e.point for e in ests])), boot)
+
+
+def _across_row(items: list[_Item], ev: EvaluationConfig) -> dict[str, Any]:
+    """The across_seeds row of one comparison: hierarchical bootstrap over seeds x patients;
+    the paired t test across seeds as secondary columns."""
+    items = sorted(items, key=lambda it: it.seed)
+    first = items[0]
+    is_dp = first.dp is not None or first.delta is not None
+    used = [it for it in items if (it.delta if is_dp else it.nondp) is not None
+            and not math.isnan((it.delta if is_dp else it.nondp).point)]  # fmt: skip
+    k = len(used)
+    spent = [it.fields["epsilon_spent"] for it in used if it.fields.get("epsilon_spent")]
+    fields = {**first.fields, "seed": None, "n_seeds": k,
+              "test": _test_name(first.fields["resampling_unit"], 2),
+              "epsilon_spent": float(np.mean(spent)) if spent else None,
+              "auc_on": float(np.mean([it.fields["auc_on"] for it in used]))
+              if used and all(it.fields.get("auc_on") is not None for it in used) else None}  # fmt: skip
+    if k < 2:
+        fields["null_reason"] = f"{k} seed(s) with a value: needs >= 2"
+        return _row(first.comparison, first.quantity, fields, (None, None, None, None), ev)
+    draws = inference.seed_draws(k, ev.n_boot, ev.seed)
+    sides = tuple(_pool([getattr(it, a) for it in used], draws)
+                  for a in ("dp", "nondp", "delta", "off"))  # fmt: skip
+    row = _row(first.comparison, first.quantity, fields, sides, ev)
+    y = np.array([it.nondp.point for it in used])
+    row.update(sd_nondp=float(np.std(y, ddof=1)))
+    if is_dp:
+        x = np.array([it.dp.point for it in used])
+        t, p = metrics.paired_t_test(x, y)
+        row.update(sd_dp=float(np.std(x, ddof=1)), delta_sd=float(np.std(x - y, ddof=1)),
+                   t_stat=inference.opt(t), p_t=inference.opt(p))  # fmt: skip
+    return row
+
+
+def _rows(items: list[_Item], ev: EvaluationConfig) -> list[dict[str, Any]]:
+    rows = [_per_seed_row(it, ev) for it in items]
+    groups: dict[tuple, list[_Item]] = defaultdict(list)
+    for it in items:
+        groups[it.group_key].append(it)
+    for key in sorted(groups, key=lambda k: tuple("" if v is None else str(v) for v in k)):
+        if len({it.seed for it in groups[key]}) >= 2:
+            rows.append({**_across_row(groups[key], ev), "comparison": ACROSS_SEEDS})
+    return rows
+
+
+_GROUP_COLS = ["quantity", "model", "source", "target", "label", "subgroup", "epsilon"]
+
+
+def _finalize(df: pd.DataFrame, ev: EvaluationConfig) -> pd.DataFrame:
+    """Mark summary rows and the primary endpoint; Holm (primary TOST) and BH q-values."""
+    if df.empty:
+        return df
+    key = pd.Series(
+        ["|".join(map(str, t)) for t in df[_GROUP_COLS].itertuples(index=False)], index=df.index
+    )
+    across = df["comparison"] == ACROSS_SEEDS
+    df["is_summary"] = across | ~key.isin(set(key[across]))
+    primary = (
+        df["is_summary"]
+        & (df["quantity"] == PRIMARY_QUANTITY)
+        & (df["label"] == "macro")
+        & (df["subgroup"] == "all")
+        & np.isfinite(df["epsilon"].astype(float))
+        & df["p_tost"].notna()
+    )
+    df["endpoint"] = np.where(primary, "primary", "exploratory")
+    alpha = inference.alpha_of(ev.ci)
+    for _, idx in df[primary].groupby(["model", "epsilon"]).groups.items():
+        adjusted = inference.holm(df.loc[idx, "p_tost"].tolist())
+        df.loc[idx, "p_tost_holm"] = adjusted
+        df.loc[idx, "verdict"] = [
+            inference.verdict(_inference_of(df.loc[i]), alpha, p_equivalence=p)
+            for i, p in zip(idx, adjusted, strict=True)
+        ]
+    family = df["comparison"].where(~across, ACROSS_SEEDS)
+    has_p = df["p_value"].notna()
+    for _, idx in (
+        df[has_p].groupby([family[has_p], "quantity", "label", "subgroup"]).groups.items()
+    ):
+        df.loc[idx, "q_value"] = inference.bh(df.loc[idx, "p_value"].tolist())
+    return df
+
+
+def _inference_of(row: pd.Series) -> inference.Inference:
+    def g(name: str) -> Any:
+        v = row[name]
+        return None if v is None or pd.isna(v) else v
+
+    return inference.Inference(
+        g("delta"), g("delta_lo"), g("delta_hi"), g("p_value"), int(g("n_valid_boot") or 0),
+        g("margin"), g("worse_if"), g("tost_lo"), g("tost_hi"), g("p_tost"), g("p_noninf"),
+    )  # fmt: skip
+
+
+def _frame(rows: list[dict[str, Any]], schema: pa.Schema) -> pd.DataFrame:
+    """Rows -> DataFrame with exactly the schema's columns and types (nulls where n/a)."""
+    clean = [{k: _py(row.get(k)) for k in schema.names} for row in rows]
+    table = pa.Table.from_pylist(clean, schema=schema) if rows else schema.empty_table()
     return table.to_pandas(types_mapper=_NULLABLE.get)
 
 
@@ -647,15 +861,87 @@ def _py(v: Any) -> Any:
     return v
 
 
+# ============================================================================ API
+
+
+@dataclass
+class Tables:
+    """The aggregate tables of a sweep's comparisons (no ids, no per-image rows)."""
+
+    comparisons: pd.DataFrame
+    reliability: pd.DataFrame
+
+
+def compute_tables(study: Study, evaluation: EvaluationConfig = _DEFAULT) -> Tables:
+    """All comparison rows and reliability bins of a loaded study (pure: no file access)."""
+    items: list[_Item] = []
+    reliability: list[dict[str, Any]] = []
+    for ts in study.tests:
+        per_items, per_rel = _test_set_items(ts, study.models, evaluation)
+        items += per_items
+        reliability += per_rel
+    df = _finalize(_frame(_rows(items, evaluation), SCHEMA), evaluation)
+    return Tables(df, _frame(reliability, RELIABILITY_SCHEMA))
+
+
+def _config(evaluation: EvaluationConfig | None, overrides: dict[str, Any]) -> EvaluationConfig:
+    ev = evaluation or _DEFAULT
+    if "age_bins" in overrides:
+        overrides = {**overrides, "age_bins": tuple(float(b) for b in overrides["age_bins"])}
+    return dataclasses.replace(ev, **overrides)
+
+
+def compute_all(
+    output: Path,
+    keys: Sequence[str],
+    evaluation: EvaluationConfig | None = None,
+    *,
+    targets: Sequence[Any] | None = None,
+    **overrides,
+) -> Tables:
+    """Comparisons and reliability bins of the finished trials ``keys`` on ``targets``'
+    current data versions (default: the last plan's).
+
+    ``evaluation`` should be the grid's settings (so the resamples coincide with the ones
+    behind the transfer table's CIs); keyword ``overrides`` replace single fields of it.
+    """
+    study = load_study(Path(output), keys, targets)
+    return compute_tables(study, _config(evaluation, overrides))
+
+
+def compute(
+    output: Path, keys: Sequence[str], evaluation: EvaluationConfig | None = None, **overrides
+) -> pd.DataFrame:
+    """The comparisons table only (see :func:`compute_all`)."""
+    return compute_all(output, keys, evaluation, **overrides).comparisons
+
+
 def write(output: Path, df: pd.DataFrame) -> Path:
     """Write ``<output>/comparisons.parquet`` atomically with the documented schema."""
-    path = Path(output) / COMPARISONS
-    df = df.loc[:, SCHEMA.names]
-    results.write_parquet(path, pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False))
+    return _write(Path(output) / COMPARISONS, df, SCHEMA)
+
+
+def write_all(output: Path, tables: Tables) -> list[Path]:
+    """Write comparisons.parquet and reliability.parquet (atomically, each)."""
+    return [
+        write(output, tables.comparisons),
+        _write(Path(output) / RELIABILITY, tables.reliability, RELIABILITY_SCHEMA),
+    ]
+
+
+def _write(path: Path, df: pd.DataFrame, schema: pa.Schema) -> Path:
+    df = df.loc[:, schema.names]
+    results.write_parquet(path, pa.Table.from_pandas(df, schema=schema, preserve_index=False))
     return path
 
 
 def load(output: str | Path) -> pd.DataFrame | None:
     """``<output>/comparisons.parquet`` as a DataFrame, or None when it was not written."""
     path = Path(output) / COMPARISONS
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def load_reliability(output: str | Path) -> pd.DataFrame | None:
+    """``<output>/reliability.parquet`` as a DataFrame, or None when it was not written."""
+    path = Path(output) / RELIABILITY
     return pd.read_parquet(path) if path.is_file() else None

@@ -133,6 +133,29 @@ class RayConfig:
     trial_timeout_s: float = 0.0  # wall-clock limit per trial attempt; 0 = none
 
 
+AUDIT_KINDS = ("gradient", "input")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """``audit:`` in the grid: which cells get an audit twin, and its canaries."""
+
+    canaries: int = 1000  # m; with m = 1000 a non-DP twin proves ~4.4, the most is ~ln(m)
+    kind: str = "gradient"  # white-box gradient canaries, or black-box input canaries
+    sources: tuple[str, ...] = ()  # the audited sources (empty: every source)
+    epsilons: tuple[float, ...] = ()  # the audited epsilons (empty: every epsilon)
+    auditor_seed: int = 0  # public: which coordinates (or input patterns) the canaries use
+
+
+@dataclass(frozen=True)
+class AuditSpec:
+    """What makes a trial an audit twin: its canaries (part of the twin's key)."""
+
+    canaries: int
+    kind: str
+    auditor_seed: int
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """A federated source as written in the grid: sites train together with FedAvg."""
@@ -195,6 +218,7 @@ class SweepSpec:
     resources: Resources
     evaluation: EvaluationConfig
     ray: RayConfig
+    audit: AuditConfig | None = None
 
     def domain(self, name: str) -> DomainSpec:
         return next(d for d in self.domains if d.name == name)
@@ -228,6 +252,8 @@ class TrialSpec:
     federation: Federation | None = None
     # training.pos_weight "public", resolved: the pretraining domain's exact weights
     public_pos_weight: tuple[float, ...] = ()
+    # set for an audit twin (variant "audit"): its canaries
+    audit: AuditSpec | None = None
     key: str = field(default="", compare=False)
 
     @property
@@ -249,9 +275,12 @@ class TrialSpec:
     @property
     def name(self) -> str:
         """Human-readable trial name (Ray dashboard, logs): source, epsilon, seed."""
+        cell = f"{self.source}_eps{format_epsilon(self.epsilon)}_seed{self.seed}"
+        if self.variant == "audit":
+            return f"{cell}_audit"
         if self.variant != "standard":
             return f"{self.source}_{self.variant.replace('_', '-')}_seed{self.seed}"
-        return f"{self.source}_eps{format_epsilon(self.epsilon)}_seed{self.seed}"
+        return cell
 
     def identity(self) -> dict[str, Any]:
         """The fields the key hashes: what determines the model, and nothing that does not.
@@ -306,6 +335,7 @@ class TrialSpec:
             init=d.get("init", "scratch"),
             federation=Federation.from_json(d["federation"]) if d.get("federation") else None,
             public_pos_weight=tuple(d.get("public_pos_weight", ())),
+            audit=AuditSpec(**d["audit"]) if d.get("audit") else None,
             key=d.get("key", ""),
         )
 
@@ -320,6 +350,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "training.privacy_unit": "image",
     "training.pos_weight": "auto",
     "training.pos_weight_budget": 0.05,
+    "audit": None,
 }
 _UNUSED_WITHOUT_DP = ("accountant",)
 _UNUSED_WITHOUT_CLIPPING = ("max_grad_norm", "privacy_unit", "grad_sample_mode")

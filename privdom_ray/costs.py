@@ -125,9 +125,9 @@ def measure(spec: SweepSpec, device: str, *, steps: int = 3) -> tuple[Rate, int]
     """Training images/s of one slot (plain and DP; ``steps`` 0: not measured) and the peak
     memory of one DP step at the physical batch, measured with a few steps of the grid's model
     on ``device`` (memory: two small probe batches, extrapolated)."""
-    from privdom_ray import dpstep
-
     import warnings
+
+    from privdom_ray import dpstep
 
     warnings.filterwarnings("ignore", message="Secure RNG turned off")  # no secure_mode here
     cfg = spec.training

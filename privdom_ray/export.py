@@ -22,7 +22,7 @@ from privdom_ray.results import COLUMN_PRIVACY, PRIVACY_CLASSES, TRANSFER, priva
 from privdom_ray.store import TrialRecord, TrialStore
 
 #: Aggregate tables a sweep writes next to its trial folders: all shareable.
-SHAREABLE_TABLES = (TRANSFER, "comparisons.parquet", "calibration.parquet")
+SHAREABLE_TABLES = (TRANSFER, "comparisons.parquet", "reliability.parquet")
 REPORT_FILES = ("report.md",)
 FIGURES = "figures"
 MODELS = "models"
@@ -123,7 +123,7 @@ def _privacy_note(models: list[str], non_private: bool) -> str:
             listed = "label, subgroup, n, n_pos and every metric column (auc, accuracy, ...)"
         lines.append(f"  - **{cls}** ({meaning}): {listed}")
     lines += [
-        "- `comparisons.parquet`, `calibration.parquet` (when present): statistics of the test "
+        "- `comparisons.parquet`, `reliability.parquet` (when present): statistics of the test "
         "predictions (class **test**), with the ledger's epsilon (class **ledger**).",
         "- `report.md`, `figures/`: drawn from the tables above only.",
         f"- `models/`: {len(models)} released model(s), each with `model.pt` (weights), "

@@ -19,11 +19,13 @@ import yaml
 from privdom_ray import domains
 from privdom_ray.config import (
     ACCOUNTANTS,
+    AUDIT_KINDS,
     CONTROLS,
     DP_MODE_NAMES,
     MEMORY_FORMATS,
     MODEL_NAMES,
     PRIVACY_UNITS,
+    AuditConfig,
     DomainSpec,
     EvaluationConfig,
     FederationConfig,
@@ -59,6 +61,7 @@ TOP_KEYS = {
     "resources": "per-trial cpu/gpu",
     "evaluation": "bootstrap and subgroup settings",
     "ray": "Ray cluster settings",
+    "audit": "one-run canary audit twins: {canaries, kind: gradient|input, sources, epsilons}",
 }
 DOMAIN_KEYS = ("name", "kind", "root", "options", "delta")
 
@@ -149,106 +152,162 @@ def parse_grid(
     grid_path: Path | None = None,
     output: str | Path | None = None,
 ) -> SweepSpec:
+    """A validated ``SweepSpec`` from a grid mapping; ``GridError`` lists every problem."""
     c = _Collector()
     for k, v in raw.items():
         if k not in TOP_KEYS:
             c.add(str(k), v, f"one of the known top-level keys {sorted(TOP_KEYS)} (typo?)")
-
     name = str(raw.get("name") or (grid_path.stem if grid_path else "sweep"))
-    out_raw = output if output is not None else raw.get("output")
-    if out_raw in (None, ""):
-        c.add("output", out_raw, "an output folder (in the grid or as --out DIR)")
-        out_path = base / "runs" / name
-    else:
-        out_path = (
-            _resolve(base, out_raw) if output is None else Path(out_raw).expanduser().resolve()
-        )
-    cache_dir = _resolve(base, raw["cache_dir"]) if raw.get("cache_dir") else out_path / "cache"
-
+    out_path = _output(c, raw, base, name, output)
     doms = _parse_domains(c, raw.get("domains"), base)
     names = [d.name for d in doms]
-    pretrain = c.section(raw, "pretrain", PretrainConfig) if raw.get("pretrain") else None
-    declared = [d.get("name") for d in raw.get("domains") or [] if isinstance(d, Mapping)]
-    if pretrain is not None:
-        if pretrain.domain not in declared:  # declared, not only valid: no cascading error
-            c.add(
-                "pretrain.domain", pretrain.domain, f"the name of a domain in this grid: {declared}"
-            )
-        if pretrain.epochs <= 0 or pretrain.logical_batch <= 0 or pretrain.physical_batch <= 0:
-            c.add("pretrain", dict(raw["pretrain"]), "positive epochs and batch sizes")
-        if not pretrain.lr > 0:
-            c.add("pretrain.lr", pretrain.lr, "a positive learning rate")
+    pretrain = _parse_pretrain(c, raw)
     # a public pretraining domain is neither trained on privately nor tested on by default
     private = [n for n in names if pretrain is None or n != pretrain.domain]
     # a sweep of federations alone trains no single-site model: `sources: []`
     sources = _parse_names(c, raw, "sources", private, allow_empty=bool(raw.get("federations")))
     targets = _parse_names(c, raw, "targets", private if "targets" not in raw else names)
-
     federations = _parse_federations(c, raw.get("federations"), private, names)
+    epsilons = _parse_epsilons(c, raw.get("epsilons", [math.inf]))
+    training, init_path = _parse_training(c, raw, base, epsilons, pretrain, bool(federations))
+    parsed = dict(
+        controls=_parse_controls(c, raw),
+        delta=_parse_delta(c, "delta", raw.get("delta")),
+        allow_large_delta=_parse_bool(c, raw, "allow_large_delta"),
+        seeds=tuple(_parse_seeds(c, raw.get("seeds", [0]))),
+        model=_parse_model(c, raw),
+        preprocessing=_parse_preprocessing(c, raw),
+        resources=_parse_resources(c, raw),
+        evaluation=_parse_evaluation(c, raw),
+        ray=_parse_ray(c, raw),
+        audit=_parse_audit(c, raw, sources, epsilons, training),
+    )
+    if c.errors:
+        raise GridError(str(grid_path or "grid"), c.errors)
+    return SweepSpec(
+        name=name,
+        grid_path=grid_path or base,
+        output=out_path,
+        cache_dir=_resolve(base, raw["cache_dir"]) if raw.get("cache_dir") else out_path / "cache",
+        domains=tuple(doms),
+        sources=tuple(sources),
+        targets=tuple(targets),
+        epsilons=tuple(epsilons),
+        training=training,
+        pretrain=pretrain,
+        federations=tuple(federations),
+        init_path=init_path,
+        **parsed,
+    )
 
+
+def _output(c: _Collector, raw: Mapping, base: Path, name: str, output: Any) -> Path:
+    out_raw = output if output is not None else raw.get("output")
+    if out_raw in (None, ""):
+        c.add("output", out_raw, "an output folder (in the grid or as --out DIR)")
+        return base / "runs" / name
+    return _resolve(base, out_raw) if output is None else Path(out_raw).expanduser().resolve()
+
+
+def _parse_pretrain(c: _Collector, raw: Mapping) -> PretrainConfig | None:
+    if not raw.get("pretrain"):
+        return None
+    pretrain = c.section(raw, "pretrain", PretrainConfig)
+    declared = [d.get("name") for d in raw.get("domains") or [] if isinstance(d, Mapping)]
+    if pretrain.domain not in declared:  # declared, not only valid: no cascading error
+        c.add("pretrain.domain", pretrain.domain, f"the name of a domain in this grid: {declared}")
+    if pretrain.epochs <= 0 or pretrain.logical_batch <= 0 or pretrain.physical_batch <= 0:
+        c.add("pretrain", dict(raw["pretrain"]), "positive epochs and batch sizes")
+    if not pretrain.lr > 0:
+        c.add("pretrain.lr", pretrain.lr, "a positive learning rate")
+    return pretrain
+
+
+def _parse_epsilons(c: _Collector, eps_raw: Any) -> list[float]:
     epsilons: list[float] = []
-    eps_raw = raw.get("epsilons", [math.inf])
     if not isinstance(eps_raw, list) or not eps_raw:
         c.add("epsilons", eps_raw, "a non-empty list of positive numbers and/or inf")
-    else:
-        for i, e in enumerate(eps_raw):
-            try:
-                eps = parse_epsilon(e)
-            except (TypeError, ValueError):
-                c.add(f"epsilons[{i}]", e, "a positive number or inf")
-                continue
-            if not eps > 0 or math.isnan(eps):
-                c.add(f"epsilons[{i}]", e, "a positive number or inf (epsilon must be > 0)")
-            elif eps in epsilons:
-                c.add(f"epsilons[{i}]", e, "each epsilon once (duplicate)")
-            else:
-                epsilons.append(eps)
+        return epsilons
+    for i, e in enumerate(eps_raw):
+        try:
+            eps = parse_epsilon(e)
+        except (TypeError, ValueError):
+            c.add(f"epsilons[{i}]", e, "a positive number or inf")
+            continue
+        if not eps > 0 or math.isnan(eps):
+            c.add(f"epsilons[{i}]", e, "a positive number or inf (epsilon must be > 0)")
+        elif eps in epsilons:
+            c.add(f"epsilons[{i}]", e, "each epsilon once (duplicate)")
+        else:
+            epsilons.append(eps)
+    return epsilons
 
-    controls_raw = raw.get("controls") or []
-    if not isinstance(controls_raw, list) or any(x not in CONTROLS for x in controls_raw):
-        c.add("controls", controls_raw, f"a list of any of {list(CONTROLS)}")
-        controls_raw = []
-    delta = _parse_delta(c, "delta", raw.get("delta"))
-    allow_large_delta = raw.get("allow_large_delta", False)
-    if not isinstance(allow_large_delta, bool):
-        c.add("allow_large_delta", allow_large_delta, "true or false")
-        allow_large_delta = False
 
-    seeds_raw = raw.get("seeds", [0])
+def _parse_controls(c: _Collector, raw: Mapping) -> tuple[str, ...]:
+    controls = raw.get("controls") or []
+    if not isinstance(controls, list) or any(x not in CONTROLS for x in controls):
+        c.add("controls", controls, f"a list of any of {list(CONTROLS)}")
+        return ()
+    return tuple(dict.fromkeys(controls))
+
+
+def _parse_bool(c: _Collector, raw: Mapping, key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        c.add(key, value, "true or false")
+        return False
+    return value
+
+
+def _parse_seeds(c: _Collector, seeds_raw: Any) -> list[int]:
     seeds: list[int] = []
     if not isinstance(seeds_raw, list) or not seeds_raw:
         c.add("seeds", seeds_raw, "a non-empty list of integers")
-    else:
-        for i, s in enumerate(seeds_raw):
-            if isinstance(s, int) and not isinstance(s, bool) and s not in seeds:
-                seeds.append(s)
-            else:
-                c.add(f"seeds[{i}]", s, "distinct integers")
+        return seeds
+    for i, s in enumerate(seeds_raw):
+        if isinstance(s, int) and not isinstance(s, bool) and s not in seeds:
+            seeds.append(s)
+        else:
+            c.add(f"seeds[{i}]", s, "distinct integers")
+    return seeds
 
+
+def _parse_model(c: _Collector, raw: Mapping) -> str:
     model = raw.get("model", "resnet9")
     if model not in MODEL_NAMES:
         c.add("model", model, f"one of {sorted(MODEL_NAMES)}")
+    return model
 
-    if isinstance(raw.get("training"), Mapping) and raw["training"].get("physical_batch") == "auto":
-        raw = {**raw, "training": {**raw["training"], "physical_batch": 0}}
+
+def _parse_training(
+    c: _Collector,
+    raw: Mapping,
+    base: Path,
+    epsilons: list[float],
+    pretrain: PretrainConfig | None,
+    federated: bool,
+) -> tuple[TrainingConfig, Path | None]:
+    """The training section and, when ``training.init`` names a file, its resolved path."""
+    section = raw.get("training")
     fixed_weights = _fixed_pos_weight(c, raw)
-    if isinstance(raw.get("training"), Mapping) and isinstance(
-        raw["training"].get("pos_weight"), list
-    ):
-        raw = {**raw, "training": {k: v for k, v in raw["training"].items() if k != "pos_weight"}}
-    training = c.section(raw, "training", TrainingConfig)
+    if isinstance(section, Mapping):  # "auto" and a list of numbers are parsed here
+        section = dict(section)
+        if section.get("physical_batch") == "auto":
+            section["physical_batch"] = 0
+        if isinstance(section.get("pos_weight"), list):
+            section.pop("pos_weight")
+    training = c.section({"training": section}, "training", TrainingConfig)
     if fixed_weights is not None:
         training = dataclasses.replace(training, pos_weight=fixed_weights)
     _check_training(c, training)
     _check_pos_weight(c, training, epsilons, pretrain is not None)
-    if federations and training.privacy_unit == "patient":
+    if federated and training.privacy_unit == "patient":
         c.add(
             "training.privacy_unit",
             "patient",
             "'image' when the grid has federations (federated training protects images; "
             "patient-level federated DP is not implemented)",
         )
-    init_path = None
     if training.init == "pretrain" and pretrain is None:
         c.add("training.init", "pretrain", "a 'pretrain' section when init is 'pretrain'")
     elif training.init not in ("scratch", "pretrain"):
@@ -259,11 +318,20 @@ def parse_grid(
                 training.init,
                 f"'scratch', 'pretrain' or an existing weights file (resolved to {init_path})",
             )
+        return training, init_path
+    return training, None
+
+
+def _parse_preprocessing(c: _Collector, raw: Mapping) -> Preprocessing:
     prep = c.section(raw, "preprocessing", Preprocessing)
     if not (isinstance(prep.image_size, int) and 8 <= prep.image_size <= 4096):
         c.add("preprocessing.image_size", prep.image_size, "an integer between 8 and 4096")
     if prep.geometry not in GEOMETRIES:
         c.add("preprocessing.geometry", prep.geometry, f"one of {list(GEOMETRIES)}")
+    return prep
+
+
+def _parse_resources(c: _Collector, raw: Mapping) -> Resources:
     resources = c.section(raw, "resources", Resources)
     if resources.memory_budget_mb < 0:
         c.add(
@@ -277,6 +345,10 @@ def parse_grid(
         c.add("resources.gpu", resources.gpu, "a GPU count >= 0 (fractions like 0.25 share a GPU)")
     if resources.memory_format not in MEMORY_FORMATS:
         c.add("resources.memory_format", resources.memory_format, f"one of {list(MEMORY_FORMATS)}")
+    return resources
+
+
+def _parse_evaluation(c: _Collector, raw: Mapping) -> EvaluationConfig:
     evaluation = c.section(raw, "evaluation", EvaluationConfig)
     if evaluation.n_boot < 0:
         c.add("evaluation.n_boot", evaluation.n_boot, "an integer >= 0 (0 = no CIs)")
@@ -300,6 +372,10 @@ def parse_grid(
             list(bins),
             "at least two increasing bin edges, e.g. [0, 40, 70, inf]",
         )
+    return evaluation
+
+
+def _parse_ray(c: _Collector, raw: Mapping) -> RayConfig:
     ray_cfg = c.section(raw, "ray", RayConfig)
     if ray_cfg.max_failures < 0:
         c.add("ray.max_failures", ray_cfg.max_failures, "an integer >= 0")
@@ -307,32 +383,33 @@ def parse_grid(
         c.add("ray.checkpoint_every", ray_cfg.checkpoint_every, "an integer >= 1 (epochs)")
     if ray_cfg.trial_timeout_s < 0:
         c.add("ray.trial_timeout_s", ray_cfg.trial_timeout_s, "seconds >= 0 (0 = no limit)")
+    return ray_cfg
 
-    if c.errors:
-        raise GridError(str(grid_path or "grid"), c.errors)
-    return SweepSpec(
-        name=name,
-        grid_path=grid_path or base,
-        output=out_path,
-        cache_dir=cache_dir,
-        domains=tuple(doms),
-        sources=tuple(sources),
-        targets=tuple(targets),
-        epsilons=tuple(epsilons),
-        controls=tuple(dict.fromkeys(controls_raw)),
-        delta=delta,
-        allow_large_delta=allow_large_delta,
-        seeds=tuple(seeds),
-        model=model,
-        training=training,
-        pretrain=pretrain,
-        federations=tuple(federations),
-        init_path=init_path,
-        preprocessing=prep,
-        resources=resources,
-        evaluation=evaluation,
-        ray=ray_cfg,
-    )
+
+def _parse_audit(
+    c: _Collector,
+    raw: Mapping,
+    sources: list[str],
+    epsilons: list[float],
+    training: TrainingConfig,
+) -> AuditConfig | None:
+    """``audit:`` one audit twin per (source, epsilon, seed) it names (default: all)."""
+    if not raw.get("audit"):
+        return None
+    audit = c.section(raw, "audit", AuditConfig)
+    if audit.canaries < 20:
+        c.add("audit.canaries", audit.canaries, "an integer >= 20 (1000 is a good default)")
+    if audit.kind not in AUDIT_KINDS:
+        c.add("audit.kind", audit.kind, f"one of {list(AUDIT_KINDS)}")
+    if audit.kind == "input" and training.privacy_unit == "patient":
+        c.add("audit.kind", "input", "'gradient' with privacy_unit: patient")
+    unknown = [s for s in audit.sources if s not in sources]
+    if unknown:
+        c.add("audit.sources", unknown, f"sources of this grid: {sources}")
+    missing = [e for e in audit.epsilons if e not in epsilons]
+    if missing:
+        c.add("audit.epsilons", list(audit.epsilons), f"epsilons of this grid: {epsilons}")
+    return audit
 
 
 def _resolve(base: Path, value: Any) -> Path:

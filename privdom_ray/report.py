@@ -1,57 +1,50 @@
-"""Turn the transfer table into what a reader looks at: transfer matrices per epsilon.
+"""Turn the aggregate tables into what a reader looks at: verdicts, transfer matrices, figures.
 
-Reads only the aggregated tables (``transfer.parquet`` and, when present,
-``comparisons.parquet``; never trial folders), so a report can be drawn anywhere the parquet
-files are copied. Missing cells are shown as missing ("—"), never dropped.
+ONE pipeline: :class:`ReportView` is built once from the aggregate tables only
+(``transfer.parquet`` and, when present, ``comparisons.parquet`` and ``reliability.parquet``;
+never trial folders, so a report can be drawn anywhere the parquet files are copied), and
+every output renders that view: the console summary (:func:`transfer_matrices_text`, printed
+at the end of a sweep) and ``report.md`` (:func:`write_report`) are lists of
+:class:`Section` functions over the same view, and the figures draw the same matrices and
+comparison rows. A section is added by registering one function (:func:`register_section`).
 
-``transfer_matrices_text`` is the short console summary; ``write_report`` writes
-``report.md`` and PNG figures (matplotlib is imported only there).
+Missing cells are shown as missing ("—"), never dropped; a metric that exists but is
+undefined (too few positives) reads "n/a". matplotlib is imported only for the figures.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from privdom_ray import results
-from privdom_ray.grid import format_epsilon
+from privdom_ray import comparisons, inference, results
+from privdom_ray.config import format_epsilon
 
 MISSING = "—"
+UNDEFINED = "n/a"
+REPORT = "report.md"
+FIGURES = "figures"
+NO_DP = "∞ (no DP)"
+_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "brier", "ece")
 
 
-def macro_all(df: pd.DataFrame) -> pd.DataFrame:
-    """Macro-AUC rows of the whole test sets (subgroup "all")."""
-    return df[(df["label"] == "macro") & (df["subgroup"] == "all")]
-
-
-def transfer_matrix(df: pd.DataFrame, epsilon: float) -> pd.DataFrame:
-    """Rows = source, columns = target, macro AUC averaged over seeds; NaN where missing."""
-    sel = macro_all(df)
-    sel = sel[sel["epsilon_target"] == epsilon]
-    sources = sorted(df["source"].unique())
-    targets = sorted(df["target"].unique())
-    mat = sel.pivot_table(index="source", columns="target", values="auc", aggfunc="mean")
-    return mat.reindex(index=sources, columns=targets)
+# ------------------------------------------------------------------------------ selections
 
 
 def epsilons(df: pd.DataFrame) -> list[float]:
     return sorted(df["epsilon_target"].unique(), key=lambda e: (math.isinf(e), e))
 
 
-def _fmt(x: float) -> str:
-    return MISSING if pd.isna(x) else f"{x:.3f}"
-
-
-def matrix_markdown(mat: pd.DataFrame, title: str) -> str:
-    header = "| source \\ target | " + " | ".join(mat.columns) + " |"
-    sep = "|---" * (len(mat.columns) + 1) + "|"
-    rows = [f"| {src} | " + " | ".join(_fmt(v) for v in mat.loc[src]) + " |" for src in mat.index]
-    return "\n".join([f"### {title}", "", header, sep, *rows, ""])
+def is_federated(df: pd.DataFrame) -> pd.Series:
+    if "training_sites" not in df.columns:  # tables written before federations existed
+        return pd.Series(False, index=df.index)
+    return df["training_sites"].fillna(df["source"]) != df["source"]
 
 
 def split_controls(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -63,200 +56,57 @@ def split_controls(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return df[standard & ~is_federated(df)], df[~standard]
 
 
-def is_federated(df: pd.DataFrame) -> pd.Series:
-    if "training_sites" not in df.columns:  # tables written before federations existed
-        return pd.Series(False, index=df.index)
-    return df["training_sites"].fillna(df["source"]) != df["source"]
+# ------------------------------------------------------------------------------ the view
 
 
-def federated_text(df: pd.DataFrame) -> str:
-    """Federated vs single-site models: mean macro AUC on member sites and on held-out sites."""
-    fed = df[is_federated(df)]
-    if fed.empty:
-        return ""
-    single, _ = split_controls(df)
-    out = [
-        "### Federated vs single-site training (macro AUC, mean over targets and seeds)",
-        "",
-        "| epsilon | model | on member sites | on held-out sites |",
-        "|---|---|---|---|",
-    ]
-    for eps in epsilons(fed):
-        for name in sorted(fed["source"].unique()):
-            sel = macro_all(fed[(fed["source"] == name) & (fed["epsilon_target"] == eps)])
-            if sel.empty:
-                continue
-            sites = set(sel["training_sites"].iloc[0].split(","))
-            member = sel["target"].isin(sites)
-            on, off = sel.loc[member, "auc"].mean(), sel.loc[~member, "auc"].mean()
-            out.append(f"| {format_epsilon(eps)} | federated {name} | {_fmt(on)} | {_fmt(off)} |")
-            ref = macro_all(single[single["epsilon_target"] == eps])
-            ref = ref[ref["source"].isin(sites)]
-            if len(ref):
-                own = ref["source"] == ref["target"]
-                out.append(
-                    f"| {format_epsilon(eps)} | single-site ({', '.join(sorted(sites))}) | "
-                    f"{_fmt(ref.loc[own, 'auc'].mean())} (own site) | "
-                    f"{_fmt(ref.loc[~own, 'auc'].mean())} (other sites) |"
-                )
-    out.append("")
-    out.append(
-        "Federated epsilons are per site: every member site's data is protected at the row's "
-        "epsilon or better (see each trial's ledger.json, `sites`)."
-    )
-    return "\n".join(out) + "\n"
+class ReportView:
+    """The aggregate tables plus every lookup the sections and figures need.
 
-
-def controls_and_leakage_text(df: pd.DataFrame) -> str:
-    """Matrices of the control trials and the membership-inference audit per epsilon/variant."""
-    df_std, controls = split_controls(df)
-    out = []
-    for variant in sorted(controls["variant"].unique()) if len(controls) else []:
-        sub = controls[controls["variant"] == variant]
-        title = f"control: {variant} (clipping + Poisson sampling, no noise; epsilon = inf)"
-        out.append(matrix_markdown(transfer_matrix(sub, math.inf), title))
-    if "mia_auc" in df.columns and df["mia_auc"].notna().any():
-        out.append(
-            "### Membership inference (loss threshold; train vs held-out images of the source)"
-        )
-        out.append("")
-        out.append("| trials | attack AUC (0.5 = no leakage) | TPR at 1% FPR |")
-        out.append("|---|---|---|")
-        trials = df.drop_duplicates("trial_key")
-        fed = is_federated(trials)
-        groups = [
-            (
-                f"epsilon = {format_epsilon(e)}",
-                trials[
-                    (trials["epsilon_target"] == e)
-                    & (trials["variant"].fillna("standard") == "standard")
-                    & ~fed
-                ],
-            )
-            for e in epsilons(df_std)
-        ]
-        groups += [
-            (
-                f"federated, epsilon = {format_epsilon(e)} (worst site)",
-                trials[fed & (trials["epsilon_target"] == e)],
-            )
-            for e in (epsilons(trials[fed]) if fed.any() else [])
-        ]
-        groups += [
-            (v, trials[trials["variant"] == v]) for v in sorted(controls["variant"].unique())
-        ]
-        for name, g in groups:
-            if len(g):
-                out.append(
-                    f"| {name} | {_fmt(g['mia_auc'].mean())} | {_fmt(g['mia_tpr_at_1fpr'].mean())} |"
-                )
-        out.append("")
-    return "\n".join(out)
-
-
-def transfer_matrices_text(df: pd.DataFrame) -> str:
-    """One markdown matrix per epsilon (macro AUC over the five labels), plus on/off-domain means."""
-    if df.empty:
-        return "(no finished trials yet: the transfer table is empty)"
-    full = df
-    df, _ = split_controls(df)
-    out = ["## Transfer matrices (macro AUC, rows = trained on, columns = tested on)", ""]
-    for eps in epsilons(df):
-        mat = transfer_matrix(df, eps)
-        accountant = _accountants(df, eps)
-        title = f"epsilon = {format_epsilon(eps)}" + (
-            f" ({accountant})" if accountant else " (no DP)"
-        )
-        out.append(matrix_markdown(mat, title))
-        on = [mat.loc[s, s] for s in mat.index if s in mat.columns]
-        off = [mat.loc[s, t] for s in mat.index for t in mat.columns if s != t]
-        out.append(f"mean on-domain {_mean(on)}, mean off-domain {_mean(off)}\n")
-    out.append(federated_text(full))
-    out.append(controls_and_leakage_text(full))
-    return "\n".join(out)
-
-
-def _accountants(df: pd.DataFrame, eps: float) -> str:
-    if math.isinf(eps):
-        return ""
-    used = sorted(df.loc[df["epsilon_target"] == eps, "accountant"].dropna().unique())
-    return "epsilon by " + ", ".join(used) + " accountant"
-
-
-def _mean(values: list[float]) -> str:
-    finite = [v for v in values if not pd.isna(v)]
-    return _fmt(sum(finite) / len(finite)) if finite else MISSING
-
-
-# ------------------------------------------------------------------------------ full report
-
-REPORT = "report.md"
-FIGURES = "figures"
-NO_DP = "∞ (no DP)"
-
-
-def write_report(output: Path, *, figures: bool = True) -> str:
-    """Write ``<output>/report.md`` (atomically) and PNG figures under ``<output>/figures/``.
-
-    Reads ``transfer.parquet`` (required) and ``comparisons.parquet`` (optional: without it
-    the report has no p-values and no paired ΔAUC table, and says so). Returns the markdown.
+    ``df``: standard single-site rows of the transfer table (``full``: all rows). Cells are
+    averaged over seeds (``k`` seeds, ``sd`` of the AUC across them). Comparison lookups
+    return the row that answers a comparison (``is_summary``: the per-seed row with one
+    seed, the hierarchical across-seeds row with several).
     """
-    output = Path(output)
-    full = results.load(output)
-    df, _ = split_controls(full)
-    cmp_path = output / "comparisons.parquet"
-    cmp = pd.read_parquet(cmp_path) if cmp_path.is_file() else None
-    view = _View(df, cmp)
-    parts = [_header(view)]
-    if df.empty:
-        parts.append("(no finished trials yet: the transfer table is empty)\n")
-    else:
-        parts += [
-            _section_matrices(view),
-            _section_drop(view),
-            _section_fairness(view),
-            _section_paired(view),
-            "## 5. Controls, federated models and membership inference\n\n"
-            + federated_text(full)
-            + controls_and_leakage_text(full),
-        ]
-        if figures:
-            parts.append(_section_figures(_draw_figures(view, output / FIGURES)))
-    text = "\n".join(parts).rstrip() + "\n"
-    results.atomic_write(output / REPORT, lambda p: p.write_text(text, encoding="utf-8"))
-    return text
 
-
-class _View:
-    """The two tables plus the lookups every section needs (seed-averaged cells, p-values)."""
-
-    def __init__(self, df: pd.DataFrame, cmp: pd.DataFrame | None) -> None:
-        self.df = df
-        self.cmp = cmp
+    def __init__(
+        self,
+        transfer: pd.DataFrame,
+        cmp: pd.DataFrame | None = None,
+        reliability: pd.DataFrame | None = None,
+        *,
+        standard_only: bool = True,
+    ) -> None:
+        self.full = transfer
+        self.df = transfer
+        if standard_only and not transfer.empty:
+            self.df = split_controls(transfer)[0]
+        self.cmp = cmp if cmp is not None and "is_summary" in cmp.columns else None
+        self.old_cmp = cmp is not None and self.cmp is None  # written by an older version
+        self.reliability = reliability
+        df = self.df
         if df.empty:
-            self.sources, self.targets, self.eps, self.seeds, self.subgroups = [], [], [], [], []
-            self.cells = pd.DataFrame()
+            self.sources, self.targets, self.eps, self.seeds = [], [], [], []
+            self.subgroups, self.labels, self.cells = [], [], pd.DataFrame()
         else:
             self.sources = sorted(df["source"].unique())
             self.targets = sorted(df["target"].unique())
             self.eps = epsilons(df)
             self.seeds = sorted(int(s) for s in df["seed"].dropna().unique())
             self.subgroups = list(pd.unique(df["subgroup"]))
-            grp = df.groupby(
-                ["epsilon_target", "label", "subgroup", "source", "target"], dropna=False
-            )
-            self.cells = grp.agg(
-                auc=("auc", "mean"),
-                lo=("auc_lo", "mean"),
-                hi=("auc_hi", "mean"),
-                sd=("auc", "std"),
-                k=("auc", "count"),
-            )
-        self._cmp_index: dict[tuple, pd.DataFrame] = {}
-        if cmp is not None and not cmp.empty:
-            keyed = cmp.assign(source=cmp["source"].fillna(""))
-            cols = ["comparison", "quantity", "source", "target", "label", "subgroup", "epsilon"]
-            self._cmp_index = {k: g for k, g in keyed.groupby(cols, sort=False, dropna=False)}
+            self.labels = [x for x in pd.unique(df["label"]) if x != "macro"]
+            self.cells = _cells(df)
+        self._summary: dict[tuple, dict] = {}
+        if self.cmp is not None and not self.cmp.empty:
+            rows = self.cmp[self.cmp["is_summary"].fillna(False).astype(bool)]
+            for r in rows.to_dict("records"):
+                self._summary[_summary_key(r)] = r
+
+    @classmethod
+    def load(cls, output: str | Path) -> ReportView:
+        """The view of a sweep's output folder (transfer.parquet is required)."""
+        return cls(
+            results.load(output), comparisons.load(output), comparisons.load_reliability(output)
+        )
 
     @property
     def finite_eps(self) -> list[float]:
@@ -266,18 +116,26 @@ class _View:
     def has_nondp(self) -> bool:
         return any(math.isinf(e) for e in self.eps)
 
+    @property
+    def unit(self) -> str:
+        """The resampling unit of the CIs ("patient", "image" or "patient/image")."""
+        if "resampling_unit" not in self.df.columns:
+            return "image"
+        units = sorted(self.df["resampling_unit"].fillna("image").unique())
+        return "/".join(units) or "image"
+
     def cell(self, eps: float, source: str, target: str, label="macro", subgroup="all") -> dict:
-        """Seed-averaged AUC of one source -> target cell; NaN values when missing."""
+        """Seed-averaged metrics of one source -> target cell; NaN values (k = 0) if missing."""
         try:
-            row = self.cells.loc[(eps, label, subgroup, source, target)]
+            return self.cells.loc[(eps, label, subgroup, source, target)].to_dict()
         except KeyError:
-            return {"auc": math.nan, "lo": math.nan, "hi": math.nan, "sd": math.nan, "k": 0}
-        return row.to_dict()
+            return {"k": 0}
 
     def matrix(self, eps: float, field: str = "auc", label="macro", subgroup="all"):
+        """Rows = sources, columns = targets; NaN where the cell or value is missing."""
         return pd.DataFrame(
             [
-                [self.cell(eps, s, t, label, subgroup)[field] for t in self.targets]
+                [self.cell(eps, s, t, label, subgroup).get(field, math.nan) for t in self.targets]
                 for s in self.sources
             ],
             index=self.sources,
@@ -285,73 +143,117 @@ class _View:
             dtype=float,
         )
 
-    def per_seed(self, comparison: str, quantity: str, **where: Any) -> pd.DataFrame | None:
-        """The per-seed comparison rows of one (source, target, label, subgroup, epsilon)."""
-        return self._cmp_index.get(self._key(comparison, quantity, where))
-
-    @staticmethod
-    def _key(comparison: str, quantity: str, where: dict[str, Any]) -> tuple:
-        return (
-            comparison,
+    def summary(self, quantity: str, **where: Any) -> dict | None:
+        """The summary comparison row of ``quantity`` at (source, target, label, subgroup,
+        epsilon); None when comparisons.parquet lacks it."""
+        key = (
             quantity,
-            where.get("source", ""),
+            where.get("source"),
             where["target"],
             where.get("label", "macro"),
             where.get("subgroup", "all"),
-            where["epsilon"],
+            float(where["epsilon"]),
         )
+        return self._summary.get(key)
 
-    def stat(self, comparison: str, quantity: str, **where: Any) -> dict | None:
-        """One comparison, summarised over seeds.
+    def rows(self, **where: Any) -> pd.DataFrame:
+        """Summary comparison rows matching ``where`` (empty without comparisons)."""
+        if self.cmp is None:
+            return pd.DataFrame()
+        sel = self.cmp[self.cmp["is_summary"].fillna(False).astype(bool)]
+        for k, v in where.items():
+            sel = sel[sel[k] == v]
+        return sel
 
-        One seed: that seed's row (bootstrap CI and p). Several seeds: the across_seeds row
-        (mean, SD, paired t test across seeds). None when comparisons.parquet lacks it.
-        """
-        key = self._key(comparison, quantity, where)
-        per_seed = self._cmp_index.get(key)
-        if per_seed is None or per_seed.empty:
-            return None
-        if len(per_seed) == 1:
-            r = per_seed.iloc[0]
-            return {**r.to_dict(), "k": 1, "sd": math.nan}
-        summary = self._cmp_index.get(("across_seeds", *key[1:]))
-        if summary is None or summary.empty:
-            return None
-        r = summary.iloc[0]
-        return {**r.to_dict(), "k": int(r["n_seeds"]), "sd": r["delta_sd"]}
+
+def _cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Seed-averaged metric columns per (epsilon, label, subgroup, source, target)."""
+    cols = [
+        c
+        for m in _METRICS
+        for c in (m, f"{m}_lo", f"{m}_hi")
+        if c in df.columns and df[c].notna().any()
+    ]
+    cols += [c for c in ("n", "n_pos", "n_patients", "threshold") if c in df.columns]
+    keys = ["epsilon_target", "label", "subgroup", "source", "target"]
+    num = df[keys + cols].copy()
+    for c in cols:
+        num[c] = pd.to_numeric(num[c], errors="coerce")
+    grp = num.groupby(keys, dropna=False)
+    out = grp[cols].mean()
+    out["sd"] = grp["auc"].std()
+    out["k"] = grp["auc"].count()
+    out["rows"] = grp.size()
+    return out
+
+
+def _summary_key(r: dict) -> tuple:
+    source = r.get("source")
+    return (
+        r["quantity"],
+        None if source is None or (isinstance(source, float) and math.isnan(source)) else source,
+        r["target"],
+        r["label"],
+        r["subgroup"],
+        float(r["epsilon"]),
+    )
 
 
 # ------------------------------------------------------------------------------ formatting
 
 
+def _missing(x: Any) -> bool:
+    return x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x))
+
+
 def _num(x: Any, digits: int = 3, sign: bool = False) -> str:
-    if x is None or pd.isna(x):
+    if _missing(x):
         return MISSING
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
-def _p(p: Any) -> str:
-    if p is None or pd.isna(p):
-        return MISSING
-    if p < 0.001:
-        return "<0.001"
-    return f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
-
-
 def _ci(lo: Any, hi: Any, digits: int = 2, sign: bool = False) -> str:
-    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+    if _missing(lo) or _missing(hi):
         return ""
     return f" [{_num(lo, digits, sign)}, {_num(hi, digits, sign)}]"
 
 
-def _cell_text(c: dict) -> str:
-    """ "0.812 [0.78, 0.84]" (one seed) or "0.812 [0.78, 0.84] ±0.004" (k seeds)."""
-    if pd.isna(c["auc"]):
+def _value(r: dict | None, col: str, digits: int = 3, sign: bool = False) -> str:
+    """ "0.812 [0.780, 0.840]" of a comparison row's column and its CI columns."""
+    if r is None:
         return MISSING
-    text = _num(c["auc"]) + _ci(c["lo"], c["hi"])
-    if c["k"] > 1 and not pd.isna(c["sd"]):
-        text += f" ±{c['sd']:.3f}"
-    return text
+    v = r.get(col)
+    if _missing(v):
+        return MISSING  # why: the row's null_reason in comparisons.parquet
+    lo, hi = (r.get("delta_lo"), r.get("delta_hi")) if col == "delta" else (
+        r.get(f"{col}_lo"), r.get(f"{col}_hi"))  # fmt: skip
+    return _num(v, digits, sign) + _ci(lo, hi, digits, sign)
+
+
+def _p(p: Any, n_valid: Any = None) -> str:
+    """A p-value; the smallest the bootstrap can give is shown as the bound it is."""
+    if _missing(p):
+        return MISSING
+    if not _missing(n_valid) and n_valid and math.isclose(p, inference.p_floor(int(n_valid))):
+        return f"< {p:.3g} (= 2/{int(n_valid) + 1}, the floor)"
+    return f"{p:.3g}" if p < 0.1 else f"{p:.2f}"
+
+
+def _verdict(r: dict | None) -> str:
+    """The verdict, with the direction when the difference is detectable."""
+    if r is None or _missing(r.get("verdict")):
+        return MISSING
+    v = str(r["verdict"]).replace("±m", f"±{r['margin']:g}")
+    if r["verdict"] == inference.DIFFERENT and not _missing(r.get("worse_if")):
+        harm = r["delta"] if r["worse_if"] == "higher" else -r["delta"]
+        v += " (DP worse)" if harm > 0 else " (DP better)"
+    return v
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _eps_label(eps: float) -> str:
@@ -377,288 +279,657 @@ def _privacy_note(df: pd.DataFrame, eps: float) -> str:
     )
 
 
-def _table(header: list[str], rows: Iterable[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _seeds_note(view: _View) -> str:
+def _seeds_note(view: ReportView) -> str:
     k = len(view.seeds)
     if k <= 1:
         return (
-            f"One seed ({', '.join(map(str, view.seeds)) or MISSING}): p-values are paired "
-            "bootstrap p-values on the shared resamples of each test set."
+            f"One seed ({', '.join(map(str, view.seeds)) or MISSING}): CIs and p-values cover "
+            f"the sampling of test {view.unit}s for one trained model per cell; training "
+            "randomness (a second seed could give a different model) is NOT covered."
         )
     return (
-        f"{k} seeds ({', '.join(map(str, view.seeds))}): values are means over seeds, "
-        "p-values come from paired Student t tests across seeds (the paper's test)."
+        f"{k} seeds ({', '.join(map(str, view.seeds))}): values are means over seeds; CIs and "
+        f"p-values come from a hierarchical bootstrap (seeds and test {view.unit}s resampled "
+        f"with replacement). With only {k} seeds the seed level is crude: it cannot represent "
+        "training variability it never saw. The paired t test across seeds (the paper's "
+        "test) is in the p_t column of comparisons.parquet."
     )
+
+
+def _cell_text(c: dict, digits: int = 3) -> str:
+    """ "0.812 [0.78, 0.84]" (one seed) or "... ±0.004" (SD over k seeds); n/a if undefined."""
+    if c.get("k", 0) == 0 and c.get("rows", 0) == 0:
+        return MISSING
+    if _missing(c.get("auc")):
+        return UNDEFINED
+    text = _num(c["auc"], digits) + _ci(c.get("auc_lo"), c.get("auc_hi"))
+    if c["k"] > 1 and not _missing(c.get("sd")):
+        text += f" ±{c['sd']:.3f}"
+    return text
+
+
+def _pairs(view: ReportView) -> list[tuple[str, str]]:
+    """(source, target) pairs, on-domain first."""
+    pairs = [(s, t) for s in view.sources for t in view.targets]
+    return sorted(pairs, key=lambda p: (p[0] != p[1], p))
+
+
+def _pair_name(s: str, t: str) -> str:
+    return f"{s} → {t}" + (" (on-domain)" if s == t else "")
 
 
 # ------------------------------------------------------------------------------ sections
 
 
-def _header(view: _View) -> str:
+@dataclass(frozen=True)
+class Section:
+    """One part of the report: ``render(view)`` returns its markdown body (no heading).
+
+    ``console``: also part of the console summary printed at the end of a sweep."""
+
+    key: str
+    title: str
+    render: Callable[[ReportView], str]
+    console: bool = False
+
+
+def _no_comparisons(view: ReportView) -> str | None:
+    if view.cmp is not None:
+        return None
+    if view.old_cmp:
+        return "comparisons.parquet was written by an older version: re-run the aggregation.\n"
+    return (
+        "comparisons.parquet not found: CIs of differences, p-values and verdicts need the "
+        "per-image predictions and are written by the sweep's aggregator.\n"
+    )
+
+
+def _primary_intro(view: ReportView, margin: Any, alpha: float) -> str:
+    return (
+        "**Primary endpoint** (the paper's abstract): per test site T, Δ = drop(DP) − "
+        "drop(non-DP) with drop(DP) = non-DP on-domain AUC − mean DP off-domain AUC on T and "
+        "drop(non-DP) = non-DP on-domain − mean non-DP off-domain AUC, i.e. Δ = mean "
+        "off-domain AUC(non-DP) − mean off-domain AUC(DP) (macro AUC, all test images). A "
+        f"larger drop is worse. Equivalence within ±{_num(margin, 3)} AUC by two one-sided "
+        f"tests at α = {alpha:g} (the {1 - 2 * alpha:.0%} CI inside the margin), TOST p "
+        f"Holm-adjusted across test sites per ε. Resampling unit: {view.unit}s. "
+        + _seeds_note(view)
+        + "\n"
+    )
+
+
+def _section_headline(view: ReportView) -> str:
+    missing = _no_comparisons(view)
+    if missing:
+        return missing
+    if not view.finite_eps or not view.has_nondp:
+        return "Needs both DP and non-DP trials.\n"
+    rows = view.rows(quantity=comparisons.PRIMARY_QUANTITY)
+    margin = rows["margin"].dropna().iloc[0] if rows["margin"].notna().any() else None
+    alpha = inference.alpha_of(float(view.cmp["ci"].dropna().iloc[0]))
+    out = [_primary_intro(view, margin, alpha)]
+    header = ["test site", "drop non-DP [95% CI]", "drop DP (abstract) [95% CI]",
+              "Δ [95% CI]", "Δ [90% CI]", "TOST p (Holm)", "verdict", "test units"]  # fmt: skip
+    for eps in view.finite_eps:
+        out.append(f"### Primary: {_eps_label(eps)} vs non-DP — {_privacy_note(view.df, eps)}\n")
+        table = []
+        for t in view.targets:
+            r = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
+            tost = "" if r is None else _ci(r.get("tost_lo"), r.get("tost_hi"), 3, True)
+            p = MISSING if r is None else f"{_p(r.get('p_tost'))} ({_p(r.get('p_tost_holm'))})"
+            units = MISSING if r is None else f"{r['n_patients']} {r['resampling_unit']}s"
+            table.append([f"**{t}**", _value(r, "value_nondp"), _value(r, "value_dp"),
+                          _value(r, "delta", 3, True), tost.strip() or MISSING, p,
+                          _verdict(r), units])  # fmt: skip
+        out.append(_table(header, table))
+        out.append(_paired_overview(view, eps))
+    return "\n".join(out)
+
+
+def _paired_overview(view: ReportView, eps: float) -> str:
+    """The secondary headline: paired ΔAUC on-domain and off-domain (macro, all images)."""
+    rows = []
+    for s, t in _pairs(view):
+        r = view.summary("delta_auc", source=s, target=t, epsilon=eps)
+        q = MISSING if r is None else _p(r.get("q_value"))
+        rows.append([_pair_name(s, t), _value(r, "delta", 3, True),
+                     MISSING if r is None else _ci(r.get("tost_lo"), r.get("tost_hi"), 3,
+                                                   True).strip() or MISSING,
+                     MISSING if r is None else _p(r.get("p_value"), r.get("n_valid_boot")), q,
+                     _verdict(r)])  # fmt: skip
+    header = ["source → target", "ΔAUC = DP − non-DP [95% CI]", "[90% CI]", "p", "q (BH)",
+              "verdict (exploratory)"]  # fmt: skip
+    return f"Paired ΔAUC, on-domain and off-domain ({_eps_label(eps)} vs non-DP):\n\n" + _table(
+        header, rows
+    )
+
+
+def _section_conclusions(view: ReportView) -> str:
+    return (
+        "- A verdict is one of: **equivalent within ±m** (the 90% CI of the difference lies "
+        "inside ±m: DP changes the quantity by less than m, either way); **different** (the "
+        "95% CI excludes 0, with the direction); **non-inferior** (DP is not worse by m or "
+        "more, but may be better by more than m); **inconclusive** (the data cannot tell). "
+        'A large p-value is never read as "no difference": without equivalence, the data '
+        "are compatible with a difference as large as the CI's far end.\n"
+        f"- Every CI and p-value resamples test {view.unit}s (all images of a drawn patient "
+        "together), so correlated follow-up images do not shrink the intervals; domains "
+        "without patient ids are resampled by image and say so (resampling_unit).\n"
+        "- Seeds. " + _seeds_note(view) + "\n"
+        "- Only the primary endpoint is adjusted for multiplicity (Holm across test sites); "
+        "every other p-value is exploratory, with a Benjamini-Hochberg q-value within its "
+        "family (comparison, quantity, label, subgroup). Non-inferiority and 'different' "
+        "verdicts are never adjusted.\n"
+        "- They cannot say why a model transfers badly (label-definition shift between sites "
+        "shows in the per-label matrices), nor anything about sites, populations or epsilons "
+        "not in the grid, nor about privacy (the ε column does that).\n"
+        "- Macro values average a fixed label set: the labels with enough positives and "
+        "negatives (evaluation.min_positives / min_negatives) in the evaluated set; "
+        "resamples in which one of them lacks a class are invalid and counted "
+        "(n_valid_boot), never averaged over fewer labels.\n"
+    )
+
+
+def _section_test_sets(view: ReportView) -> str:
+    """n, patients and prevalence per target and subgroup (the same for every model)."""
+    if view.df.empty:
+        return "(no rows)\n"
+    first = view.df.drop_duplicates(["target", "subgroup", "label"])
+    header = ["target", "subgroup", "images", "units", *view.labels]
+    rows = []
+    for t in view.targets:
+        for g in view.subgroups:
+            sel = first[(first["target"] == t) & (first["subgroup"] == g)].set_index("label")
+            if "macro" not in sel.index:
+                continue
+            m = sel.loc["macro"]
+            units = MISSING
+            if "n_patients" in sel.columns and not _missing(m.get("n_patients")):
+                units = f"{int(m['n_patients'])} {m.get('resampling_unit') or 'image'}s"
+            cells = []
+            for lab in view.labels:
+                r = sel.loc[lab] if lab in sel.index else None
+                ok = r is not None and not _missing(r["n"]) and r["n"] > 0
+                cells.append(f"{int(r['n_pos'])} ({r['n_pos'] / r['n']:.0%})" if ok else MISSING)
+            rows.append([f"**{t}**" if g == "all" else t, g, str(int(m["n"])), units, *cells])
+    return (
+        "Positives per label (prevalence among images with a known label); the same for "
+        "every model evaluated on the target.\n\n" + _table(header, rows)
+    )
+
+
+def _matrix_rows(view: ReportView, eps: float, label: str, digits: int = 3) -> list[list[str]]:
+    return [
+        [f"**{s}**", *(_cell_text(view.cell(eps, s, t, label), digits) for t in view.targets)]
+        for s in view.sources
+    ]
+
+
+def _on_off_means(view: ReportView, eps: float) -> str:
+    mat = view.matrix(eps)
+    on = [mat.loc[s, s] for s in mat.index if s in mat.columns]
+    off = [mat.loc[s, t] for s in mat.index for t in mat.columns if s != t]
+    return f"mean on-domain {_mean(on)}, mean off-domain {_mean(off)}\n"
+
+
+def _mean(values: Iterable[float]) -> str:
+    return _num(inference.nanmean(list(values)))
+
+
+def _section_matrices(view: ReportView) -> str:
+    k = len(view.seeds)
+    how = (
+        f"Cells: mean macro AUC over the {k} seeds [mean of the per-seed 95% CI bounds, the "
+        "test-set uncertainty of one model] ± SD across seeds (training variability)."
+        if k > 1
+        else f"Cells: macro AUC [95% CI, {view.unit}-level bootstrap]."
+    )
+    out = [how + ' "—": no evaluation; "n/a": too few positives or negatives.\n']
+    for eps in view.eps:
+        out.append(f"### {_eps_label(eps)} — {_privacy_note(view.df, eps)}\n")
+        out.append(_table(["source \\ target", *view.targets], _matrix_rows(view, eps, "macro")))
+        out.append(_on_off_means(view, eps))
+    return "\n".join(out)
+
+
+def _section_label_matrices(view: ReportView) -> str:
+    out = [
+        "The paper's per-label matrices: a label that transfers much worse than the others "
+        "(e.g. an AUC below 0.5 off-domain) points to a label-definition shift between sites "
+        "rather than to the model.\n"
+    ]
+    for eps in view.eps:
+        for label in view.labels:
+            out.append(f"### {label}, {_eps_label(eps)}\n")
+            out.append(
+                _table(["source \\ target", *view.targets], _matrix_rows(view, eps, label, 2))
+            )
+    return "\n".join(out)
+
+
+def _section_drop(view: ReportView) -> str:
+    out = [
+        "For test site T: on-domain AUC = model trained on T, tested on T; mean off-domain "
+        "AUC = mean over the other sources S ≠ T of the models trained on S, tested on T "
+        "(macro AUC, subgroup all). **drop non-DP** = on-domain(non-DP) − mean "
+        "off-domain(non-DP); **drop DP (same ε)** = on-domain(DP) − mean off-domain(DP); "
+        "**drop DP (abstract)** = on-domain(non-DP) − mean off-domain(DP), the paper's DP "
+        'figure ("0.07 vs 0.07"). Δ = drop DP − drop non-DP (a larger drop is worse), with '
+        "its 95% CI and verdict.\n",
+        _seeds_note(view) + "\n",
+    ]
+    if not view.finite_eps:
+        out.append("No DP trials: nothing to compare.\n")
+    missing = _no_comparisons(view)
+    if missing:
+        return "\n".join([*out, missing])
+    header = ["test site", "drop non-DP", "drop DP (same ε)", "Δ (same ε)", "verdict",
+              "drop DP (abstract)", "Δ (abstract)", "verdict", "n off"]  # fmt: skip
+    for eps in view.finite_eps:
+        out.append(f"### {_eps_label(eps)} vs non-DP — {_privacy_note(view.df, eps)}\n")
+        rows, abstract = [], []
+        for t in view.targets:
+            same = view.summary("drop", target=t, epsilon=eps)
+            ab = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
+            nondp = view.summary("drop", target=t, epsilon=math.inf)
+            n_off = MISSING if same is None or _missing(same.get("n_off")) else str(same["n_off"])
+            rows.append([f"**{t}**", _value(nondp, "value_nondp"), _value(same, "value_dp"),
+                         _value(same, "delta", 3, True), _verdict(same), _value(ab, "value_dp"),
+                         _value(ab, "delta", 3, True), _verdict(ab), n_off])  # fmt: skip
+            abstract.append(
+                f"{_num(ab and ab.get('value_dp'), 2)} vs {_num(nondp and nondp.get('value_nondp'), 2)}"
+                f", {_verdict(ab)}"
+            )
+        out.append(_table(header, rows))
+        out.append("Abstract-style summary (drop DP (abstract) vs drop non-DP, verdict):\n")
+        out.append(_table(["", *view.targets], [["AUC drop, DP vs non-DP", *abstract]]))
+    return "\n".join(out)
+
+
+def _section_thresholded(view: ReportView) -> str:
+    out = [
+        "Accuracy, sensitivity and specificity (macro over the label set) at the SOURCE's "
+        "threshold (Youden's J on the source's validation split) carried unchanged to each "
+        "target, with 95% CIs: what a deployed model's fixed cut-off does at another site.\n"
+    ]
+    header = ["source → target", "accuracy", "sensitivity", "specificity"]
+    for eps in view.eps:
+        out.append(f"### {_eps_label(eps)}\n")
+        rows = []
+        for s, t in _pairs(view):
+            c = view.cell(eps, s, t)
+            rows.append([_pair_name(s, t), *(_metric_text(c, m) for m in header[1:])])
+        out.append(_table(header, rows))
+    return "\n".join(out)
+
+
+def _metric_text(c: dict, metric: str, digits: int = 3) -> str:
+    if c.get("k", 0) == 0 and c.get("rows", 0) == 0:
+        return MISSING
+    v = c.get(metric)
+    if _missing(v):
+        return UNDEFINED
+    return _num(v, digits) + _ci(c.get(f"{metric}_lo"), c.get(f"{metric}_hi"), digits)
+
+
+def _section_calibration(view: ReportView) -> str:
+    out = [
+        "Brier score and expected calibration error (10 equal-width probability bins) of the "
+        "sigmoid outputs, macro over the label set, with 95% CIs; lower is better. Δ = DP − "
+        "non-DP of the same source and seed on the same test patients (exploratory). The ECE "
+        "is biased upwards in small samples (and more so in resamples): read its level as a "
+        "scale, its DP-vs-non-DP difference as the comparison.\n"
+    ]
+    header = ["source → target", "Brier", "ECE", "ΔBrier [95% CI]", "p", "ΔECE [95% CI]", "p"]
+    for eps in view.eps:
+        out.append(f"### {_eps_label(eps)}\n")
+        rows = []
+        for s, t in _pairs(view):
+            c = view.cell(eps, s, t)
+            line = [_pair_name(s, t), _metric_text(c, "brier"), _metric_text(c, "ece")]
+            for q in ("delta_brier", "delta_ece"):
+                r = view.summary(q, source=s, target=t, epsilon=eps) if math.isfinite(eps) else None
+                line += [_value(r, "delta", 3, True),
+                         MISSING if r is None else _p(r.get("p_value"), r.get("n_valid_boot"))]  # fmt: skip
+            rows.append(line)
+        out.append(_table(header, rows))
+    if view.reliability is not None and not view.reliability.empty:
+        out.append("Reliability diagram (pooled over labels, on- vs off-domain): "
+                   f"`{FIGURES}/reliability.png`.\n")  # fmt: skip
+    return "\n".join(out)
+
+
+def _section_fairness(view: ReportView) -> str:
+    out = [
+        "Macro AUC gaps per model and test site: female − male and oldest − youngest age bin, "
+        f"each with a 95% CI from {view.unit}s resampled jointly across the two subgroups; "
+        "DP's effect = gap(DP) − gap(non-DP), paired (same source, seed and test patients). "
+        "A gap has no 'worse' direction, so verdicts are equivalence, different or "
+        "inconclusive.\n"
+    ]
+    missing = _no_comparisons(view)
+    if missing or not view.finite_eps or not view.has_nondp:
+        return "\n".join([*out, missing or "Needs both DP and non-DP trials.\n"])
+    header = ["source → target", "gap", "gap DP [95% CI]", "gap non-DP [95% CI]",
+              "Δ gap [95% CI]", "p", "verdict"]  # fmt: skip
+    for eps in view.finite_eps:
+        out.append(f"### {_eps_label(eps)} vs non-DP\n")
+        rows = []
+        for s, t in _pairs(view):
+            for q in ("auc_gap_sex", "auc_gap_age"):
+                sel = view.rows(quantity=q, source=s, target=t, epsilon=eps)
+                r = sel.iloc[0].to_dict() if len(sel) else None
+                rows.append([_pair_name(s, t), r["subgroup"] if r else q,
+                             _value(r, "value_dp"), _value(r, "value_nondp"),
+                             _value(r, "delta", 3, True),
+                             MISSING if r is None else _p(r.get("p_value"), r.get("n_valid_boot")),
+                             _verdict(r)])  # fmt: skip
+        out.append(_table(header, rows))
+        out.append(_subgroup_table(view, eps))
+    return "\n".join(out)
+
+
+def _subgroup_table(view: ReportView, eps: float) -> str:
+    """Macro AUC DP / non-DP per subgroup with the paired difference's p (exploratory)."""
+    rows = []
+    for s, t in _pairs(view):
+        row = [_pair_name(s, t)]
+        for g in view.subgroups:
+            dp = view.cell(eps, s, t, subgroup=g).get("auc")
+            nd = view.cell(math.inf, s, t, subgroup=g).get("auc")
+            r = view.summary("delta_auc", source=s, target=t, subgroup=g, epsilon=eps)
+            p = "" if r is None else f" (p {_p(r.get('p_value'), r.get('n_valid_boot'))})"
+            row.append(f"{_num(dp)} / {_num(nd)}{p}")
+        rows.append(row)
+    return "Macro AUC DP / non-DP per subgroup (p of the paired difference):\n\n" + _table(
+        ["source → target", *view.subgroups], rows
+    )
+
+
+def _section_paired(view: ReportView) -> str:
+    out = [
+        "Every DP model vs the non-DP model of the same source and seed on the same test "
+        f"{view.unit}s (exploratory: BH q-values within each label and subgroup family). "
+        + _seeds_note(view)
+        + "\n"
+    ]
+    missing = _no_comparisons(view)
+    if missing or not view.finite_eps or not view.has_nondp:
+        return "\n".join([*out, missing or "Needs both DP and non-DP trials.\n"])
+    header = ["source → target", "AUC DP", "AUC non-DP", "ΔAUC [95% CI]", "p", "q", "verdict",
+              "n", "units"]  # fmt: skip
+    for eps in view.finite_eps:
+        out.append(f"### {_eps_label(eps)} vs non-DP, macro AUC, all test images\n")
+        rows = [_paired_row(_pair_name(s, t), view.summary("delta_auc", source=s, target=t,
+                                                           epsilon=eps)) for s, t in _pairs(view)]  # fmt: skip
+        out.append(_table(header, rows))
+        out.append(f"### {_eps_label(eps)} vs non-DP, on-domain macro AUC by subgroup\n")
+        rows = [
+            _paired_row(f"{s} → {s}, {g}", view.summary("delta_auc", source=s, target=s,
+                                                          subgroup=g, epsilon=eps))
+            for s in view.sources if s in view.targets for g in view.subgroups
+        ]  # fmt: skip
+        out.append(_table(header, rows))
+    return "\n".join(out)
+
+
+def _paired_row(name: str, r: dict | None) -> list[str]:
+    if r is None:
+        return [name, *[MISSING] * 8]
+    units = (
+        f"{r['n_patients']} {r['resampling_unit']}s"
+        if not _missing(r.get("n_patients"))
+        else MISSING
+    )
+    return [name, _num(r.get("value_dp")), _num(r.get("value_nondp")),
+            _value(r, "delta", 3, True), _p(r.get("p_value"), r.get("n_valid_boot")),
+            _p(r.get("q_value")), _verdict(r), _num(r.get("n"), 0), units]  # fmt: skip
+
+
+def federated_text(view: ReportView) -> str:
+    """Federated vs single-site models: mean macro AUC on member sites and on held-out sites."""
+    full = view.full
+    fed = full[is_federated(full)]
+    if fed.empty:
+        return ""
+    single = view.df
+    out = [
+        "### Federated vs single-site training (macro AUC, mean over targets and seeds)",
+        "",
+        "| epsilon | model | on member sites | on held-out sites |",
+        "|---|---|---|---|",
+    ]
+    macro = fed[(fed["label"] == "macro") & (fed["subgroup"] == "all")]
+    ref_all = single[(single["label"] == "macro") & (single["subgroup"] == "all")]
+    for eps in epsilons(fed):
+        for name in sorted(fed["source"].unique()):
+            sel = macro[(macro["source"] == name) & (macro["epsilon_target"] == eps)]
+            if sel.empty:
+                continue
+            sites = set(sel["training_sites"].iloc[0].split(","))
+            member = sel["target"].isin(sites)
+            on, off = sel.loc[member, "auc"].mean(), sel.loc[~member, "auc"].mean()
+            out.append(f"| {format_epsilon(eps)} | federated {name} | {_num(on)} | {_num(off)} |")
+            ref = ref_all[(ref_all["epsilon_target"] == eps) & ref_all["source"].isin(sites)]
+            if len(ref):
+                own = ref["source"] == ref["target"]
+                out.append(
+                    f"| {format_epsilon(eps)} | single-site ({', '.join(sorted(sites))}) | "
+                    f"{_num(ref.loc[own, 'auc'].mean())} (own site) | "
+                    f"{_num(ref.loc[~own, 'auc'].mean())} (other sites) |"
+                )
+    out.append("")
+    out.append(
+        "Federated epsilons are per site: every member site's data is protected at the row's "
+        "epsilon or better (see each trial's ledger.json, `sites`)."
+    )
+    return "\n".join(out) + "\n"
+
+
+def controls_and_leakage_text(view: ReportView) -> str:
+    """Matrices of the control trials and the membership-inference audit per epsilon/variant."""
+    full = view.full
+    _, controls = split_controls(full)
+    out = []
+    for variant in sorted(controls["variant"].unique()) if len(controls) else []:
+        sub = ReportView(controls[controls["variant"] == variant], standard_only=False)
+        out.append(f"### control: {variant} (clipping + Poisson sampling, no noise; epsilon = inf)")
+        out.append("")
+        out.append(_plain_matrix(sub, math.inf))
+    if "mia_auc" not in full.columns or not full["mia_auc"].notna().any():
+        return "\n".join(out)
+    out += [
+        "### Membership inference (loss threshold; train vs held-out images of the source)",
+        "",
+        "| trials | attack AUC (0.5 = no leakage) | TPR at 1% FPR |",
+        "|---|---|---|",
+    ]
+    trials = full.drop_duplicates("trial_key")
+    fed = is_federated(trials)
+    standard = trials["variant"].fillna("standard") == "standard"
+    groups = [
+        (
+            f"epsilon = {format_epsilon(e)}",
+            trials[(trials["epsilon_target"] == e) & standard & ~fed],
+        )
+        for e in view.eps
+    ]
+    groups += [
+        (
+            f"federated, epsilon = {format_epsilon(e)} (worst site)",
+            trials[fed & (trials["epsilon_target"] == e)],
+        )
+        for e in (epsilons(trials[fed]) if fed.any() else [])
+    ]
+    groups += [(v, trials[trials["variant"] == v]) for v in sorted(controls["variant"].unique())]
+    for name, g in groups:  # fmt: skip
+        if len(g) and g["mia_auc"].notna().any():
+            out.append(
+                f"| {name} | {_num(g['mia_auc'].mean())} | {_num(g['mia_tpr_at_1fpr'].mean())} |"
+            )
+    out.append("")
+    return "\n".join(out)
+
+
+def _section_other(view: ReportView) -> str:
+    return "\n".join(p for p in (federated_text(view), controls_and_leakage_text(view)) if p)
+
+
+# ------------------------------------------------------------------------------ console
+
+
+def _plain_matrix(view: ReportView, eps: float) -> str:
+    """The macro matrix without CIs (the console's compact form of the same view cells)."""
+    rows = [
+        [s, *(_num(v) for v in view.matrix(eps).loc[s])] for s in view.sources
+    ]  # missing cells are NaN in view.matrix: "—"
+    return _table(["source \\ target", *view.targets], rows)
+
+
+def _console_matrices(view: ReportView) -> str:
+    out = []
+    for eps in view.eps:
+        used = sorted(view.df.loc[view.df["epsilon_target"] == eps, "accountant"].dropna().unique())
+        how = " (no DP)" if math.isinf(eps) else f" (epsilon by {', '.join(used)} accountant)"
+        out.append(f"### epsilon = {format_epsilon(eps)}{how}\n")
+        out.append(_plain_matrix(view, eps))
+        out.append(_on_off_means(view, eps))
+    return "\n".join(out)
+
+
+def _console_verdicts(view: ReportView) -> str:
+    """The primary endpoint's verdicts, one line per (epsilon, test site)."""
+    if view.cmp is None:
+        return ""
+    lines = []
+    for eps in view.finite_eps:
+        for t in view.targets:
+            r = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
+            if r is not None and not _missing(r.get("delta")):
+                lines.append(f"- epsilon = {format_epsilon(eps)}, test site {t}: Δdrop "
+                             f"{_value(r, 'delta', 3, True)}: {_verdict(r)}")  # fmt: skip
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+SECTIONS: list[Section] = [
+    Section("headline", "Does DP change transfer? Equivalence verdicts", _section_headline),
+    Section("conclusions", "What these tests can and cannot conclude", _section_conclusions),
+    Section("test_sets", "Test sets: images, patients and prevalence", _section_test_sets),
+    Section(
+        "matrices",
+        "Transfer matrices (macro AUC over the labels; rows = trained on, columns = tested on)",
+        _section_matrices,
+    ),  # fmt: skip
+    Section("label_matrices", "Per-label transfer matrices", _section_label_matrices),
+    Section("drop", "AUC drop from on-domain to off-domain, DP vs non-DP", _section_drop),
+    Section("thresholded", "Thresholded metrics at the source's threshold", _section_thresholded),
+    Section("calibration", "Calibration", _section_calibration),
+    Section("fairness", "Fairness: subgroup gaps and DP's effect on them", _section_fairness),
+    Section("paired", "Paired ΔAUC = AUC(DP) − AUC(non-DP) (exploratory)", _section_paired),
+    Section("other", "Controls, federated models and membership inference", _section_other),
+]
+
+CONSOLE: list[Section] = [
+    Section(
+        "matrices",
+        "Transfer matrices (macro AUC, rows = trained on, columns = tested on)",
+        _console_matrices,
+    ),  # fmt: skip
+    Section("verdicts", "Primary endpoint (see report.md)", _console_verdicts),
+    Section("other", "", _section_other),
+]
+
+
+def register_section(section: Section, *, after: str | None = None) -> None:
+    """Add a report section after the one keyed ``after`` (at the end when None)."""
+    keys = [s.key for s in SECTIONS]
+    if section.key in keys:
+        raise ValueError(f"a section {section.key!r} exists already")
+    SECTIONS.insert(keys.index(after) + 1 if after is not None else len(SECTIONS), section)
+
+
+def render(view: ReportView, sections: Iterable[Section], *, numbered: bool = True) -> str:
+    """Markdown of ``sections`` over one view (empty bodies are left out)."""
+    parts, k = [], 0
+    for section in sections:
+        body = section.render(view)
+        if not body.strip():
+            continue
+        if section.title:
+            k += 1
+            parts.append(f"## {f'{k}. ' if numbered else ''}{section.title}\n")
+        parts.append(body)
+    return "\n".join(parts)
+
+
+def transfer_matrices_text(df: pd.DataFrame, cmp: pd.DataFrame | None = None) -> str:
+    """The console summary: macro matrices per epsilon, the primary verdicts (with ``cmp``),
+    federated models, controls and the membership audit (the report's view, compactly)."""
+    if df.empty:
+        return "(no finished trials yet: the transfer table is empty)"
+    return render(ReportView(df, cmp), CONSOLE, numbered=False)
+
+
+# ------------------------------------------------------------------------------ report.md
+
+
+def write_report(output: Path, *, figures: bool = True) -> str:
+    """Write ``<output>/report.md`` (atomically) and PNG figures under ``<output>/figures/``.
+
+    Reads ``transfer.parquet`` (required), ``comparisons.parquet`` and
+    ``reliability.parquet`` (optional: without them the report has no verdicts, CIs of
+    differences or reliability diagram, and says so). Returns the markdown.
+    """
+    output = Path(output)
+    view = ReportView.load(output)
+    parts = [_header(view)]
+    if view.df.empty:
+        parts.append("(no finished trials yet: the transfer table is empty)\n")
+    else:
+        parts.append(render(view, SECTIONS))
+        if figures:
+            paths = _draw_figures(view, output / FIGURES)
+            parts.append("## Figures\n\n" + "\n".join(f"![{p.stem}]({FIGURES}/{p.name})\n"
+                                                      for p in paths))  # fmt: skip
+    text = "\n".join(parts).rstrip() + "\n"
+    results.atomic_write(output / REPORT, lambda p: p.write_text(text, encoding="utf-8"))
+    return text
+
+
+def _header(view: ReportView) -> str:
     df = view.df
     if df.empty:
         return "# Sweep report\n"
     sweep = ", ".join(sorted(df["sweep"].dropna().astype(str).unique())) or MISSING
     n_boot = ", ".join(str(int(b)) for b in sorted(df["n_boot"].dropna().unique())) or MISSING
-    lines = [
+    cmp_state = "present" if view.cmp is not None else "not found (no verdicts, no paired CIs)"
+    if view.old_cmp:
+        cmp_state = "from an older version (re-run the aggregation)"
+    return "\n".join([
         f"# Sweep report: {sweep}",
         "",
         f"- sources: {', '.join(view.sources)}; targets: {', '.join(view.targets)}",
         f"- epsilons: {', '.join(format_epsilon(e) for e in view.eps)}; "
         f"seeds: {', '.join(map(str, view.seeds))}; models: "
         + ", ".join(sorted(df["model"].dropna().astype(str).unique())),
-        f"- {df['trial_key'].nunique()} trials; bootstrap resamples per CI: {n_boot}",
-        "- privacy: "
-        + "; ".join(_privacy_note(df, e) for e in view.eps if math.isfinite(e))
+        f"- {df['trial_key'].nunique()} trials; bootstrap resamples per CI: {n_boot}; "
+        f"resampling unit: {view.unit}",
+        "- privacy: " + "; ".join(_privacy_note(df, e) for e in view.finite_eps)
         + ("" if view.finite_eps else "no DP trials"),
-        "- comparisons.parquet: "
-        + ("present" if view.cmp is not None else "not found (no p-values, no paired ΔAUC)"),
+        f"- comparisons.parquet: {cmp_state}",
         "",
         'A cell without a row in the tables is printed as "—" (missing), never dropped.',
         "",
-    ]
-    return "\n".join(lines)
-
-
-def _section_matrices(view: _View) -> str:
-    k = len(view.seeds)
-    if k > 1:
-        how = (
-            f"Cells: mean macro AUC over the {k} seeds [mean of the per-seed 95% bootstrap CI "
-            "bounds, i.e. the test-set uncertainty of one model] ± SD across seeds (training "
-            "variability)."
-        )
-    else:
-        how = "Cells: macro AUC [95% bootstrap CI over the test images]."
-    out = [
-        "## 1. Transfer matrices (macro AUC over the labels; rows = trained on, "
-        "columns = tested on)",
-        "",
-        how,
-        "",
-    ]
-    for eps in view.eps:
-        out.append(f"### {_eps_label(eps)} — {_privacy_note(view.df, eps)}\n")
-        rows = [
-            [f"**{s}**", *(_cell_text(view.cell(eps, s, t)) for t in view.targets)]
-            for s in view.sources
-        ]
-        out.append(_table(["source \\ target", *view.targets], rows))
-        mat = view.matrix(eps)
-        on = [mat.loc[s, s] for s in mat.index if s in mat.columns]
-        off = [mat.loc[s, t] for s in mat.index for t in mat.columns if s != t]
-        out.append(f"mean on-domain {_mean(on)}, mean off-domain {_mean(off)}\n")
-    return "\n".join(out)
-
-
-def _drop_values(view: _View, eps: float) -> dict[str, dict[str, float]]:
-    """Per test site: on-domain and mean off-domain AUC at eps and at inf, and the drops."""
-    m = view.matrix(eps)
-    m0 = view.matrix(math.inf) if view.has_nondp else m * np.nan
-    out = {}
-    for t in view.targets:
-        if t not in m.index:
-            continue  # never trained on: no on-domain model, no drop
-        off = [s for s in view.sources if s != t]
-        on_dp, on_nd = m.loc[t, t], m0.loc[t, t]
-        off_dp = _nanmean(m.loc[off, t]) if off else math.nan
-        off_nd = _nanmean(m0.loc[off, t]) if off else math.nan
-        out[t] = {
-            "on_nondp": on_nd,
-            "on_dp": on_dp,
-            "off_nondp": off_nd,
-            "off_dp": off_dp,
-            "n_off": int(m.loc[off, t].notna().sum()) if off else 0,
-            "drop_nondp": on_nd - off_nd,
-            "drop_dp": on_dp - off_dp,
-            "drop_abstract": on_nd - off_dp,
-        }
-    return out
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    a = np.asarray(list(values), dtype=float)
-    a = a[~np.isnan(a)]
-    return float(a.mean()) if a.size else math.nan
-
-
-def _section_drop(view: _View) -> str:
-    out = [
-        "## 2. AUC drop from on-domain to off-domain, DP vs non-DP",
-        "",
-        "For test site T: on-domain AUC = model trained on T, tested on T; mean off-domain "
-        "AUC = mean over the other sources S ≠ T of the models trained on S, tested on T "
-        "(macro AUC, subgroup all).",
-        "",
-        "- **drop non-DP** = on-domain(non-DP) − mean off-domain(non-DP)",
-        "- **drop DP (same ε)** = on-domain(DP) − mean off-domain(DP)",
-        "- **drop DP (abstract)** = on-domain(**non-DP**) − mean off-domain(DP): the paper's "
-        'abstract compares this with drop non-DP ("0.07 vs 0.07"); their difference is '
-        "mean off-domain(non-DP) − mean off-domain(DP).",
-        "",
-        _seeds_note(view),
-        "",
-    ]
-    if not view.finite_eps:
-        out.append("No DP trials: nothing to compare.\n")
-    if not view.has_nondp:
-        out.append("No non-DP (ε = inf) trials: the non-DP columns are missing.\n")
-    if view.cmp is None:
-        out.append("comparisons.parquet not found: p-values are missing.\n")
-    for eps in view.finite_eps:
-        vals = _drop_values(view, eps)
-        out.append(f"### {_eps_label(eps)} vs non-DP — {_privacy_note(view.df, eps)}\n")
-        rows, abstract = [], []
-        for t, v in vals.items():
-            p_same = view.stat("auc_drop", "drop", target=t, epsilon=eps)
-            p_abs = view.stat("auc_drop", "drop_vs_nondp_ondomain", target=t, epsilon=eps)
-            rows.append(
-                [
-                    f"**{t}**",
-                    _num(v["on_nondp"]),
-                    _num(v["on_dp"]),
-                    _num(v["off_nondp"]) + f" (n={v['n_off']})",
-                    _num(v["off_dp"]),
-                    _num(v["drop_nondp"]),
-                    _num(v["drop_dp"]),
-                    _p(p_same and p_same.get("p_value")),
-                    _num(v["drop_abstract"]),
-                    _p(p_abs and p_abs.get("p_value")),
-                ]
-            )
-            abstract.append(
-                f"{_num(v['drop_abstract'], 2)} vs {_num(v['drop_nondp'], 2)}, "
-                f"P = {_p(p_abs and p_abs.get('p_value'))}"
-            )
-        header = [
-            "test site",
-            "on-domain non-DP",
-            "on-domain DP",
-            "mean off-domain non-DP (n sources)",
-            "mean off-domain DP",
-            "drop non-DP",
-            "drop DP (same ε)",
-            "p (same ε)",
-            "drop DP (abstract)",
-            "p (abstract)",
-        ]
-        out.append(_table(header, rows))
-        out.append("Abstract-style summary (drop DP (abstract) vs drop non-DP, P):\n")
-        out.append(_table(["", *vals.keys()], [["AUC drop, DP vs non-DP", *abstract]]))
-    return "\n".join(out)
-
-
-def _delta_text(st: dict | None) -> tuple[str, str]:
-    """("+0.012 [-0.010, +0.030]" or "+0.012 ±0.004 (k seeds)", p) from a stat() result."""
-    if st is None or pd.isna(st.get("delta_auc")):
-        return MISSING, _p(None if st is None else st.get("p_value"))
-    if st["k"] > 1:
-        sd = "" if pd.isna(st["sd"]) else f" ±{st['sd']:.3f}"
-        return _num(st["delta_auc"], sign=True) + sd + f" ({st['k']} seeds)", _p(st["p_value"])
-    return _num(st["delta_auc"], sign=True) + _ci(st["delta_lo"], st["delta_hi"], 3, True), _p(
-        st["p_value"]
-    )
-
-
-def _section_fairness(view: _View) -> str:
-    out = [
-        "## 3. Fairness: macro AUC per subgroup, DP vs non-DP",
-        "",
-        "Cells: AUC DP / AUC non-DP (mean over seeds) and the p-value of their paired "
-        "difference (see section 4). " + _seeds_note(view),
-        "",
-    ]
-    if not view.finite_eps or not view.has_nondp:
-        out.append("Needs both DP and non-DP trials.\n")
-        return "\n".join(out)
-    for eps in view.finite_eps:
-        out.append(f"### {_eps_label(eps)} vs non-DP\n")
-        rows = []
-        for s in view.sources:
-            for t in view.targets:
-                row = [f"{s} → {t}" + (" (on-domain)" if s == t else "")]
-                for g in view.subgroups:
-                    dp = view.cell(eps, s, t, subgroup=g)["auc"]
-                    nd = view.cell(math.inf, s, t, subgroup=g)["auc"]
-                    st = view.stat(
-                        "paired_delta", "delta_auc", source=s, target=t, subgroup=g, epsilon=eps
-                    )
-                    p = "" if st is None else f" (p {_p(st.get('p_value'))})"
-                    row.append(f"{_num(dp)} / {_num(nd)}{p}")
-                rows.append(row)
-        out.append(_table(["source → target", *view.subgroups], rows))
-    return "\n".join(out)
-
-
-def _section_paired(view: _View) -> str:
-    out = [
-        "## 4. Paired ΔAUC = AUC(DP) − AUC(non-DP), same source, seed and test images",
-        "",
-    ]
-    if view.cmp is None:
-        out.append(
-            "comparisons.parquet not found: the paired comparison needs the per-image "
-            "predictions and is written by the sweep's aggregator.\n"
-        )
-        return "\n".join(out)
-    out += [
-        "ΔAUC [95% paired-bootstrap CI] with one seed; mean ΔAUC ± SD across seeds with "
-        "several. " + _seeds_note(view),
-        "",
-    ]
-    if not view.finite_eps or not view.has_nondp:
-        out.append("Needs both DP and non-DP trials.\n")
-        return "\n".join(out)
-    header = ["source → target", "AUC DP", "AUC non-DP", "ΔAUC", "p", "n"]
-    for eps in view.finite_eps:
-        out.append(f"### {_eps_label(eps)} vs non-DP, macro AUC, all test images\n")
-        pairs = sorted(
-            ((s, t) for s in view.sources for t in view.targets), key=lambda p: (p[0] != p[1], p)
-        )
-        rows = []
-        for s, t in pairs:
-            st = view.stat("paired_delta", "delta_auc", source=s, target=t, epsilon=eps)
-            rows.append(_paired_row(f"{s} → {t}" + (" (on-domain)" if s == t else ""), st))
-        out.append(_table(header, rows))
-        out.append(f"### {_eps_label(eps)} vs non-DP, on-domain macro AUC by subgroup\n")
-        rows = []
-        for s in view.sources:
-            if s not in view.targets:
-                continue
-            for g in view.subgroups:
-                st = view.stat(
-                    "paired_delta", "delta_auc", source=s, target=s, subgroup=g, epsilon=eps
-                )
-                rows.append(_paired_row(f"{s} → {s}, {g}", st))
-        out.append(_table(header, rows))
-    return "\n".join(out)
-
-
-def _paired_row(name: str, st: dict | None) -> list[str]:
-    delta, p = _delta_text(st)
-    if st is None:
-        return [name, MISSING, MISSING, delta, p, MISSING]
-    dp = st.get("auc_dp") if st["k"] == 1 else st.get("mean_dp")
-    nd = st.get("auc_nondp") if st["k"] == 1 else st.get("mean_nondp")
-    n = st.get("n")
-    return [name, _num(dp), _num(nd), delta, p, MISSING if pd.isna(n) else str(int(n))]
-
-
-def _section_figures(paths: list[Path]) -> str:
-    out = ["## Figures", ""]
-    out += [f"![{p.stem}]({FIGURES}/{p.name})\n" for p in paths]
-    return "\n".join(out)
+    ])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ figures
 
 
-def _draw_figures(view: _View, folder: Path) -> list[Path]:
+def _draw_figures(view: ReportView, folder: Path) -> list[Path]:
     """All PNGs; matplotlib's object API with the Agg canvas (no pyplot, no global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -668,15 +939,15 @@ def _draw_figures(view: _View, folder: Path) -> list[Path]:
         FigureCanvasAgg(fig)
         return fig, fig.subplots(**kw)
 
-    paths = []
-    for eps in view.eps:
-        path = folder / f"transfer_matrix_eps-{format_epsilon(eps)}.png"
-        _heatmap(view, eps, new, path)
-        paths.append(path)
+    paths = [_heatmap(view, eps, new, folder / f"transfer_matrix_eps-{format_epsilon(eps)}.png")
+             for eps in view.eps]  # fmt: skip
     paths.append(_auc_vs_epsilon(view, new, folder / "auc_vs_epsilon.png"))
     paths.append(_subgroup_bars(view, new, folder / "subgroup_auc.png"))
-    if view.finite_eps and view.has_nondp:
+    if view.finite_eps and view.has_nondp and view.cmp is not None:
         paths.append(_drop_bars(view, new, folder / "auc_drop.png"))
+        paths.append(_equivalence_plot(view, new, folder / "equivalence.png"))
+    if view.reliability is not None and not view.reliability.empty:
+        paths.append(_reliability_plot(view, new, folder / "reliability.png"))
     return paths
 
 
@@ -685,37 +956,27 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _accountant_title(view: _View, eps: float) -> str:
+def _accountant_title(view: ReportView, eps: float) -> str:
     if math.isinf(eps):
         return "ε = ∞ (no DP)"
     return _privacy_note(view.df, eps).replace("target ε", "ε")
 
 
-def _heatmap(view: _View, eps: float, new, path: Path) -> Path:
+def _heatmap(view: ReportView, eps: float, new, path: Path) -> Path:
     from matplotlib.patches import Rectangle
 
     auc = view.matrix(eps).to_numpy()
-    lo, hi = view.matrix(eps, "lo").to_numpy(), view.matrix(eps, "hi").to_numpy()
+    lo, hi = view.matrix(eps, "auc_lo").to_numpy(), view.matrix(eps, "auc_hi").to_numpy()
     n_s, n_t = auc.shape
     fig, ax = new((1.6 * n_t + 2.6, 1.1 * n_s + 1.8))
     finite = auc[~np.isnan(auc)]
     vmin = min(0.5, float(finite.min())) if finite.size else 0.5
-    cmap = _cmap("viridis")
-    im = ax.imshow(np.ma.masked_invalid(auc), cmap=cmap, vmin=vmin, vmax=1.0)
+    im = ax.imshow(np.ma.masked_invalid(auc), cmap=_cmap("viridis"), vmin=vmin, vmax=1.0)
     for i in range(n_s):
         for j in range(n_t):
             if np.isnan(auc[i, j]):
-                ax.add_patch(
-                    Rectangle(
-                        (j - 0.5, i - 0.5),
-                        1,
-                        1,
-                        facecolor="0.85",
-                        hatch="//",
-                        edgecolor="0.6",
-                        linewidth=0,
-                    )
-                )
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", hatch="//",
+                                       edgecolor="0.6", linewidth=0))  # fmt: skip
                 ax.text(j, i, MISSING, ha="center", va="center", fontsize=14, color="0.3")
                 continue
             text = f"{auc[i, j]:.3f}"
@@ -723,22 +984,15 @@ def _heatmap(view: _View, eps: float, new, path: Path) -> Path:
                 text += f"\n[{lo[i, j]:.2f}, {hi[i, j]:.2f}]"
             light = (auc[i, j] - vmin) / max(1e-9, 1.0 - vmin) > 0.6
             weight = "bold" if view.sources[i] == view.targets[j] else "normal"
-            ax.text(
-                j,
-                i,
-                text,
-                ha="center",
-                va="center",
-                fontsize=8,
-                fontweight=weight,
-                color="black" if light else "white",
-            )
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, fontweight=weight,
+                    color="black" if light else "white")  # fmt: skip
     ax.set_xticks(range(n_t), view.targets)
     ax.set_yticks(range(n_s), view.sources)
     ax.set_xlabel("tested on (target)")
     ax.set_ylabel("trained on (source)")
     seeds = f", mean of {len(view.seeds)} seeds" if len(view.seeds) > 1 else ""
-    ax.set_title(f"Macro AUC [95% CI]{seeds}\n{_accountant_title(view, eps)}", fontsize=9)
+    ax.set_title(f"Macro AUC [95% CI, {view.unit} bootstrap]{seeds}\n"
+                 f"{_accountant_title(view, eps)}", fontsize=9)  # fmt: skip
     fig.colorbar(im, ax=ax, shrink=0.8, label="macro AUC")
     return _save(fig, path)
 
@@ -764,67 +1018,53 @@ def _eps_positions(eps_list: list[float]) -> dict[float, float]:
 
 def _eps_axis(ax: Any, pos: dict[float, float]) -> None:
     ticks = sorted(pos, key=lambda e: pos[e])
-    ax.set_xticks(
-        [pos[e] for e in ticks],
-        [NO_DP if math.isinf(e) else format_epsilon(e) for e in ticks],
-    )
+    ax.set_xticks([pos[e] for e in ticks],
+                  [NO_DP if math.isinf(e) else format_epsilon(e) for e in ticks])  # fmt: skip
     ax.set_xlabel("ε (target; log scale)")
     ax.grid(alpha=0.3)
 
 
-def _accountants_used(view: _View) -> str:
-    used = sorted(
-        view.df.loc[np.isfinite(view.df["epsilon_target"]), "accountant"].dropna().unique()
-    )
+def _accountants_used(view: ReportView) -> str:
+    finite = view.df.loc[np.isfinite(view.df["epsilon_target"]), "accountant"]
+    used = sorted(finite.dropna().unique())
     return ("ε by " + ", ".join(used) + " accountant") if used else "no DP trials"
 
 
-def _auc_vs_epsilon(view: _View, new, path: Path) -> Path:
+def _errorbars(ax: Any, xs: list, ys: list, err: list, **kw) -> None:
+    if xs:
+        yerr = np.nan_to_num(np.array(err, dtype=float).T, nan=0.0)
+        ax.errorbar(xs, ys, yerr=yerr, capsize=3, **kw)
+
+
+def _auc_vs_epsilon(view: ReportView, new, path: Path) -> Path:
     pos = _eps_positions(view.eps)
     fig, (ax_on, ax_off) = new((11, 4.4), ncols=2, sharey=True)
     width = 0.04 * max(1.0, max(pos.values()) - min(pos.values()))
-    drops = view.cmp is not None
     for i, s in enumerate(view.sources):
         shift = (i - (len(view.sources) - 1) / 2) * width
-        xs, ys, err = [], [], []
-        for e in view.eps:
-            c = view.cell(e, s, s)
-            if pd.isna(c["auc"]):
-                continue
-            xs.append(pos[e] + shift)
-            ys.append(c["auc"])
-            err.append((c["auc"] - c["lo"], c["hi"] - c["auc"]))
-        if xs:
-            yerr = np.nan_to_num(np.array(err).T, nan=0.0)
-            ax_on.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=s)
+        pts = [(pos[e] + shift, view.cell(e, s, s)) for e in view.eps]
+        pts = [(x, c) for x, c in pts if not _missing(c.get("auc"))]
+        _errorbars(ax_on, [x for x, _ in pts], [c["auc"] for _, c in pts],
+                   [(c["auc"] - c.get("auc_lo", np.nan), c.get("auc_hi", np.nan) - c["auc"])
+                    for _, c in pts], marker="o", label=s)  # fmt: skip
     for i, t in enumerate(view.targets):
         shift = (i - (len(view.targets) - 1) / 2) * width
         xs, ys, err = [], [], []
         for e in view.eps:
-            off = [view.cell(e, s, t)["auc"] for s in view.sources if s != t]
-            y = _nanmean(off)
+            y = inference.nanmean([view.cell(e, s, t).get("auc", np.nan) for s in view.sources
+                                   if s != t])  # fmt: skip
             if math.isnan(y):
                 continue
-            st = view.stat("auc_drop", "drop", target=t, epsilon=e) if drops else None
-            lo, hi = (
-                (st.get("auc_off_lo"), st.get("auc_off_hi"))
-                if st is not None and st["k"] == 1
-                else (None, None)
-            )
-            if st is not None and st["k"] > 1:  # mean of the per-seed CI bounds
-                rows = view.per_seed("auc_drop", "drop", target=t, epsilon=e)
-                lo, hi = rows["auc_off_lo"].mean(), rows["auc_off_hi"].mean()
+            r = view.summary("drop", target=t, epsilon=e)
+            lo = r.get("auc_off_lo") if r else None
+            hi = r.get("auc_off_hi") if r else None
             xs.append(pos[e] + shift)
             ys.append(y)
-            err.append((y - lo, hi - y) if lo is not None and not pd.isna(lo) else (0.0, 0.0))
-        if xs:
-            ax_off.errorbar(xs, ys, yerr=np.array(err).T, marker="s", capsize=3, label=t)
-    ax_on.set_title(
-        "On-domain (trained and tested on the same site)\nerror bars: 95% bootstrap CI", fontsize=9
-    )
-    off_note = (
-        "95% bootstrap CI of the mean" if drops else "no error bars: comparisons.parquet missing"
-    )
+            err.append((0.0, 0.0) if _missing(lo) or _missing(hi) else (y - lo, hi - y))
+        _errorbars(ax_off, xs, ys, err, marker="s", label=t)
+    ax_on.set_title("On-domain (trained and tested on the same site)\nerror bars: 95% CI",
+                    fontsize=9)  # fmt: skip
+    off_note = "95% CI of the mean" if view.cmp is not None else "no CIs: comparisons missing"
     ax_off.set_title(f"Off-domain: mean over other sources, per test site\n{off_note}", fontsize=9)
     ax_on.set_ylabel("macro AUC")
     for ax in (ax_on, ax_off):
@@ -835,17 +1075,11 @@ def _auc_vs_epsilon(view: _View, new, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _subgroup_bars(view: _View, new, path: Path) -> Path:
+def _subgroup_bars(view: ReportView, new, path: Path) -> Path:
     on = [s for s in view.sources if s in view.targets]
-    fig, axes = new(
-        (
-            max(6.0, 1.3 * len(view.subgroups) * max(1, len(view.eps)) / 2 + 2),
-            2.8 * max(1, len(on)),
-        ),
-        nrows=max(1, len(on)),
-        squeeze=False,
-    )
     n_e = max(1, len(view.eps))
+    fig, axes = new((max(6.0, 1.3 * len(view.subgroups) * n_e / 2 + 2), 2.8 * max(1, len(on))),
+                    nrows=max(1, len(on)), squeeze=False)  # fmt: skip
     width = 0.8 / n_e
     x = np.arange(len(view.subgroups))
     for ax, s in zip(axes[:, 0], on or [None], strict=False):
@@ -854,9 +1088,8 @@ def _subgroup_bars(view: _View, new, path: Path) -> Path:
             continue
         for k, e in enumerate(view.eps):
             cells = [view.cell(e, s, s, subgroup=g) for g in view.subgroups]
-            h = np.array([c["auc"] for c in cells], dtype=float)
-            lo = np.array([c["lo"] for c in cells], dtype=float)
-            hi = np.array([c["hi"] for c in cells], dtype=float)
+            h, lo, hi = (np.array([c.get(f, np.nan) for c in cells], dtype=float)
+                         for f in ("auc", "auc_lo", "auc_hi"))  # fmt: skip
             xs = x + (k - (n_e - 1) / 2) * width
             label = NO_DP if math.isinf(e) else f"ε = {format_epsilon(e)}"
             # NaN heights and error bars draw nothing: a missing bar stays visibly missing
@@ -868,41 +1101,92 @@ def _subgroup_bars(view: _View, new, path: Path) -> Path:
         ax.set_xlim(-0.5, len(view.subgroups) - 0.5)  # all-missing groups keep their slot
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("macro AUC")
-        ax.set_title(f"{s} → {s} (on-domain); error bars: 95% bootstrap CI", fontsize=9)
+        ax.set_title(f"{s} → {s} (on-domain); error bars: 95% CI", fontsize=9)
         ax.legend(fontsize=7, ncols=n_e)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Macro AUC by subgroup ({_accountants_used(view)}; — = missing)", fontsize=10)
     return _save(fig, path)
 
 
-def _drop_bars(view: _View, new, path: Path) -> Path:
-    fig, axes = new(
-        (max(6.0, 1.6 * len(view.targets) + 2), 3.2 * len(view.finite_eps)),
-        nrows=len(view.finite_eps),
-        squeeze=False,
-    )
+def _drop_bars(view: ReportView, new, path: Path) -> Path:
+    fig, axes = new((max(6.0, 1.6 * len(view.targets) + 2), 3.2 * len(view.finite_eps)),
+                    nrows=len(view.finite_eps), squeeze=False)  # fmt: skip
     series = (
-        ("drop_nondp", "drop non-DP"),
-        ("drop_dp", "drop DP (same ε)"),
-        ("drop_abstract", "drop DP (abstract: non-DP on-domain)"),
+        ("drop", math.inf, "value_nondp", "drop non-DP"),
+        ("drop", None, "value_dp", "drop DP (same ε)"),
+        (comparisons.PRIMARY_QUANTITY, None, "value_dp", "drop DP (abstract)"),
     )
     for ax, eps in zip(axes[:, 0], view.finite_eps, strict=True):
-        vals = _drop_values(view, eps)
-        sites = list(vals)
-        x = np.arange(len(sites))
-        for k, (field, label) in enumerate(series):
-            h = np.array([vals[t][field] for t in sites], dtype=float)
+        x = np.arange(len(view.targets))
+        for k, (q, e, col, label) in enumerate(series):
+            rows = [view.summary(q, target=t, epsilon=e or eps) or {} for t in view.targets]
+            h, lo, hi = (np.array([r.get(c, np.nan) for r in rows], dtype=float)
+                         for c in (col, f"{col}_lo", f"{col}_hi"))  # fmt: skip
             xs = x + (k - 1) * 0.27
-            ax.bar(xs, np.nan_to_num(h), 0.27, label=label)
+            ax.bar(xs, np.nan_to_num(h), 0.27, yerr=np.nan_to_num(np.vstack([h - lo, hi - h])),
+                   capsize=2, label=label)  # fmt: skip
             for xi, hv in zip(xs, h, strict=True):
                 if np.isnan(hv):
                     ax.text(xi, 0, MISSING, ha="center", va="bottom", fontsize=9)
         ax.axhline(0, color="0.3", linewidth=0.8)
-        ax.set_xticks(x, sites)
+        ax.set_xticks(x, view.targets)
         ax.set_xlabel("test site")
         ax.set_ylabel("AUC drop")
-        ax.set_title(f"{_accountant_title(view, eps)} vs no DP", fontsize=9)
+        ax.set_title(f"{_accountant_title(view, eps)} vs no DP; error bars: 95% CI", fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("AUC drop: on-domain − mean off-domain, per test site", fontsize=10)
+    return _save(fig, path)
+
+
+def _equivalence_plot(view: ReportView, new, path: Path) -> Path:
+    """Forest plot of the primary endpoint: Δ with its 90% (TOST) and 95% CIs vs ±margin."""
+    rows = [(eps, t, view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps))
+            for eps in view.finite_eps for t in view.targets]  # fmt: skip
+    fig, ax = new((7.5, 0.45 * len(rows) + 1.8))
+    margin = next((r["margin"] for *_, r in rows if r and not _missing(r.get("margin"))), None)
+    if margin is not None:
+        ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, label=f"±{margin:g} margin")
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    for i, (*_, r) in enumerate(rows):
+        if r is None or _missing(r.get("delta")):
+            ax.text(0, i, MISSING, ha="center", va="center")
+            continue
+        for lo, hi, lw in (("delta_lo", "delta_hi", 1.2), ("tost_lo", "tost_hi", 3.5)):
+            if not _missing(r.get(lo)):
+                ax.plot([r[lo], r[hi]], [i, i], color="tab:blue", linewidth=lw)
+        ax.plot(r["delta"], i, "o", color="black")
+        ax.text(1.01, i, _verdict(r), transform=ax.get_yaxis_transform(), va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{t}, ε = {format_epsilon(e)}" for e, t, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("Δ drop = drop(DP) − drop(non-DP) (AUC; > 0: DP transfers worse)")
+    ax.set_title("Primary endpoint: thick = 90% CI (TOST), thin = 95% CI", fontsize=9)
+    if margin is not None:
+        ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def _reliability_plot(view: ReportView, new, path: Path) -> Path:
+    """Reliability diagram pooled over labels and seeds: on- vs off-domain, per epsilon."""
+    rel = view.reliability
+    rel = rel[rel["label"] == "pooled"]
+    fig, axes = new((9, 4.2), ncols=2, sharey=True)
+    for ax, on in zip(axes, (True, False), strict=True):
+        ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=0.8)
+        for eps in epsilons(rel.rename(columns={"epsilon": "epsilon_target"})):
+            sel = rel[(rel["on_domain"] == on) & (rel["epsilon"] == eps)]
+            grp = sel.assign(s=sel["mean_score"] * sel["n"], o=sel["observed"] * sel["n"])
+            agg = grp.groupby("bin")[["n", "s", "o"]].sum()
+            agg = agg[agg["n"] > 0]
+            label = NO_DP if math.isinf(eps) else f"ε = {format_epsilon(eps)}"
+            ax.plot(agg["s"] / agg["n"], agg["o"] / agg["n"], marker="o", label=label)
+        ax.set_title("on-domain" if on else "off-domain", fontsize=9)
+        ax.set_xlabel("mean predicted probability")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("observed fraction positive")
+    fig.suptitle("Reliability diagram (test images, pooled over labels)", fontsize=10)
     return _save(fig, path)

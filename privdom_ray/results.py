@@ -202,22 +202,6 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-# ------------------------------------------------------------------------------ trial folders
-# (comparisons.py still reads folders with these three; everything else uses store.TrialStore)
-
-
-def trial_dir(output: Path, key: str) -> Path:
-    return Path(output) / "trials" / key
-
-
-def is_trained(tdir: Path) -> bool:
-    return (Path(tdir) / "done").is_file()
-
-
-def is_evaluated(edir: Path) -> bool:
-    return (Path(edir) / "eval.json").is_file()
-
-
 # ------------------------------------------------------------------------------ aggregation
 
 

@@ -577,16 +577,11 @@ def _aggregate(spec: SweepSpec, prep: Prepared, log: Log) -> Path:
     """The tables and the report from the finished trials (current evaluations only)."""
     keys = [t.key for t in prep.trials]
     path, df = results.aggregate(spec.output, keys, spec.name, prep.targets)
-    ev = spec.evaluation
-    comparisons.write(
-        spec.output,
-        comparisons.compute(
-            spec.output, keys, n_boot=ev.n_boot, seed=ev.seed, ci=ev.ci, age_bins=ev.age_bins
-        ),
-    )
+    tables = comparisons.compute_all(spec.output, keys, spec.evaluation, targets=prep.targets)
+    comparisons.write_all(spec.output, tables)
     report.write_report(spec.output)
     log("")
-    log(report.transfer_matrices_text(df))
+    log(report.transfer_matrices_text(df, tables.comparisons))
     evaluated = [t for t in prep.trials if kinds.kind_of(t).evaluated]  # others have no rows
     missing = len(evaluated) - (df["trial_key"].nunique() if len(df) else 0)
     log(f"[sweep] table: {path} ({len(df)} rows; {missing} cell(s) missing)")

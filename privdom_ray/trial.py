@@ -491,6 +491,10 @@ def evaluate_target(
         seed=evaluation.seed,
         ci=evaluation.ci,
         oracle=evaluation.oracle_threshold,
+        clusters=None if target.unit == "image" else groups,  # patients are resampled
+        min_positives=evaluation.min_positives,
+        min_negatives=evaluation.min_negatives,
+        calibration_bins=evaluation.calibration_bins,
     )
     predictions = _prediction_frame(scores, test)
     predictions["patient_group"] = groups

@@ -1,217 +1,49 @@
-"""DP-vs-non-DP comparisons from real trial folders (written with the results helpers).
+"""DP-vs-non-DP comparisons from real trial folders, written through the trial store.
 
-``build_output`` writes what ``trial.py`` writes for a finished trial (trial.json, ledger.json,
-done, eval/<target>-<fp>/{predictions,metrics}.parquet + eval.json) from synthetic scores, so
-the tests need no torch, no Ray and no earlier sweep on the machine.
+``conftest.build_output`` writes finished trials (spec, ledger, model, evaluations with patient
+groups) from synthetic scores, so the tests need no training, no Ray and no earlier sweep.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import AGE_BINS, EV, N_BOOT, build_output, make_testset, scores_for, write_trial
 
-from privdom_ray import comparisons, metrics, results
+from privdom_ray import comparisons, inference, metrics, results
 from privdom_ray.comparisons import ComparisonWarning
-from privdom_ray.grid import content_key, format_epsilon
+from privdom_ray.config import format_epsilon
 from privdom_ray.manifest import LABELS
-
-N_BOOT = 200
-AGE_BINS = (0.0, 40.0, 70.0, math.inf)
+from privdom_ray.store import TrialStore
 
 
-# ------------------------------------------------------------------------------ builder
+def compute(output: Path, keys: list[str], **kw) -> pd.DataFrame:
+    return comparisons.compute(output, keys, EV, **kw)
 
 
-def make_testset(n: int, seed: int) -> dict[str, np.ndarray]:
-    """A target's test split: labels (some unknown), sex, age in [20, 70) only.
-
-    Cardiomegaly is never positive under 40, so "age=[0,40)" has no positives for it, and
-    nobody is 70 or older, so "age=[70,inf)" is empty.
-    """
-    rng = np.random.default_rng(seed)
-    age = rng.uniform(20, 69.9, n)
-    y = (rng.random((n, len(LABELS))) < 0.35).astype(float)
-    y[age < 40, 0] = 0.0
-    y[rng.random((n, len(LABELS))) < 0.05] = np.nan
-    sex = rng.choice(np.array(["F", "M", "U"]), n, p=[0.45, 0.45, 0.1])
-    return {"y": y, "sex": sex, "age": age}
-
-
-def scores_for(test: dict[str, np.ndarray], strength: float, seed: int) -> np.ndarray:
-    """Scores separating the classes by ``strength`` standard deviations."""
-    rng = np.random.default_rng(seed)
-    return np.nan_to_num(test["y"], nan=0.0) * strength + rng.normal(size=test["y"].shape)
-
-
-def write_trial(
-    output: Path,
-    *,
-    source: str,
-    epsilon: float,
-    seed: int,
-    evals: dict[str, tuple[str, dict[str, np.ndarray], np.ndarray]],
-    spent: float | None = None,
-    accountant: str = "prv",
-    done: bool = True,
-    incomplete: tuple[str, ...] = (),
-) -> str:
-    """A trial folder like trial.py writes it; ``evals`` maps target -> (fingerprint, test, scores).
-
-    Targets in ``incomplete`` get an eval folder without eval.json (a half-written evaluation).
-    """
-    private = math.isfinite(epsilon)
-    spec = {
-        "source": source,
-        "data_fingerprint": f"fp-{source}",
-        "epsilon": format_epsilon(epsilon),
-        "delta": 1e-5,
-        "seed": seed,
-        "model": "resnet9",
-        "training": {"epochs": 2, "logical_batch": 32, "physical_batch": 16, "lr": 1e-3},
-        "preprocessing": {"image_size": 32, "geometry": "stretch", "equalize": True},
-    }
-    key = content_key(spec)
-    spec["key"] = key
-    tdir = results.trial_dir(output, key)
-    results.write_json(
-        tdir / "trial.json",
-        {
-            "spec": spec,
-            "name": f"{source}_eps{format_epsilon(epsilon)}_seed{seed}",
-            "best_epoch": 2,
-            "val_macro_auc": 0.7,
-            "train_seconds": 1.0,
-            "node": "test",
-            "versions": {"python": "3"},
-        },
-    )
-    results.write_json(
-        tdir / "ledger.json",
-        {
-            "epsilon_target": epsilon,
-            "epsilon_spent": (spent if spent is not None else 0.99 * epsilon)
-            if private
-            else math.inf,
-            "epsilon_rdp": 1.1 * epsilon if private else math.inf,
-            "delta": 1e-5 if private else 0.0,
-            "noise_multiplier": 1.0 if private else 0.0,
-            "sample_rate": 0.1,
-            "steps": 10,
-            "max_grad_norm": 1.5 if private else math.inf,
-            "accountant": accountant if private else "none",
-            "accountant_requested": accountant if private else "none",
-            "poisson_sampling": private,
-            "privacy_unit": "image",
-        },
-    )
-    for target, (fp, test, scores) in evals.items():
-        edir = results.eval_dir(tdir, target, fp)
-        pred = pd.DataFrame({"row": np.arange(len(scores))})
-        for j, label in enumerate(LABELS):
-            pred[f"score_{label}"] = scores[:, j].astype(np.float32)
-            pred[f"label_{label}"] = test["y"][:, j].astype(np.float32)
-        pred["sex"] = test["sex"].astype(str)
-        pred["age"] = test["age"]
-        results.write_parquet(edir / "predictions.parquet", pred)
-        rows = metrics.evaluate(
-            pred[[f"score_{lab}" for lab in LABELS]].to_numpy(np.float64),
-            test["y"],
-            np.zeros(len(LABELS)),
-            LABELS,
-            groups=metrics.subgroup_masks(test["sex"], test["age"], AGE_BINS),
-            n_boot=N_BOOT,
-            seed=0,
-        )
-        results.write_parquet(edir / "metrics.parquet", pd.DataFrame([r.as_dict() for r in rows]))
-        if target not in incomplete:
-            results.write_json(
-                edir / "eval.json",
-                {
-                    "target": target,
-                    "fingerprint": fp,
-                    "n_test": len(scores),
-                    "n_boot": N_BOOT,
-                    "eval_seconds": 0.1,
-                },
-            )
-    if done:
-        results.mark_done(tdir)
-    return key
-
-
-Strength = Callable[[str, str, float, int], float]
-
-
-def default_strength(source: str, target: str, epsilon: float, seed: int) -> float:
-    """Models are better on-domain and without DP; a seed shifts every model a little."""
-    base = 1.6 if source == target else 0.9
-    dp = -0.35 if math.isfinite(epsilon) else 0.0
-    return base + dp + 0.05 * seed
-
-
-def build_output(
-    output: Path,
-    *,
-    domains: tuple[str, ...] = ("a", "b", "c"),
-    epsilons: tuple[float, ...] = (1.0, math.inf),
-    seeds: tuple[int, ...] = (0,),
-    n: int = 240,
-    strength: Strength = default_strength,
-    skip: tuple[tuple[str, float, int, str], ...] = (),
-) -> list[str]:
-    """A finished sweep: every (source, epsilon, seed) trained and evaluated on every domain.
-
-    ``skip`` lists (source, epsilon, seed, target) evaluations left half-written.
-    """
-    tests = {d: make_testset(n, seed=10 + i) for i, d in enumerate(domains)}
-    keys = []
-    for si, source in enumerate(domains):
-        for ei, eps in enumerate(epsilons):
-            for seed in seeds:
-                evals = {
-                    t: (
-                        f"fp{t}",
-                        tests[t],
-                        scores_for(
-                            tests[t],
-                            strength(source, t, eps, seed),
-                            1000 * seed + 100 * si + 10 * ei + ti,
-                        ),
-                    )
-                    for ti, t in enumerate(domains)
-                }
-                incomplete = tuple(t for (s, e, sd, t) in skip if (s, e, sd) == (source, eps, seed))
-                keys.append(
-                    write_trial(
-                        output,
-                        source=source,
-                        epsilon=eps,
-                        seed=seed,
-                        evals=evals,
-                        incomplete=incomplete,
-                    )
-                )
-    return keys
-
-
-def compute(output: Path, keys: list[str]) -> pd.DataFrame:
-    return comparisons.compute(output, keys, n_boot=N_BOOT, seed=0, ci=0.95, age_bins=AGE_BINS)
-
-
-def edir_of(output: Path, keys: list[str], source: str, epsilon: str, target: str) -> Path:
-    """The evaluation folder of trial (source, epsilon) on ``target``."""
+def edir_of(
+    output: Path, keys: list[str], source: str, epsilon: str, target: str, seed: int = 0
+) -> Path:
+    """The evaluation folder of trial (source, epsilon, seed) on ``target`` (from the store)."""
+    store = TrialStore(output)
     for key in keys:
-        tdir = results.trial_dir(output, key)
-        spec = results.read_json(tdir / "trial.json")["spec"]
-        if (spec["source"], spec["epsilon"]) == (source, epsilon):
-            return results.eval_dir(tdir, target, f"fp{target}")
+        spec = store.read(key).spec
+        if (spec.source, format_epsilon(spec.epsilon), spec.seed) == (source, epsilon, seed):
+            return store.evaluation(key, target, f"fp{target}").path
     raise KeyError((source, epsilon))
+
+
+def read_eval(edir: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(scores, labels, predictions frame) of one evaluation folder."""
+    df = pd.read_parquet(edir / "predictions.parquet")
+    s = df[[f"score_{lab}" for lab in LABELS]].to_numpy(np.float64)
+    y = df[[f"label_{lab}" for lab in LABELS]].to_numpy(np.float64)
+    return s, y, df
 
 
 def one(df: pd.DataFrame, **where) -> pd.Series:
@@ -222,10 +54,18 @@ def one(df: pd.DataFrame, **where) -> pd.Series:
     return sel.iloc[0]
 
 
+def macro_boot(s: np.ndarray, y: np.ndarray, rs: metrics.Resampler) -> tuple[float, np.ndarray]:
+    """Macro AUC over the fixed label set and its resamples, computed with metrics directly."""
+    bs = metrics.bootstrap_stats(s, y, rs)
+    point = np.array([metrics.auc(s[:, j], y[:, j]) for j in range(y.shape[1])])
+    ok = metrics.label_support(y, EV.min_positives, EV.min_negatives).ok
+    return metrics.macro_over(point, bs.auc, bs.valid, ok)
+
+
 # ------------------------------------------------------------------------------ paired delta
 
 
-def test_identical_models_give_zero_delta_and_p_one(tmp_path):
+def test_identical_models_give_zero_delta_p_one_and_equivalence(tmp_path):
     test = make_testset(200, seed=1)
     s = scores_for(test, 1.0, seed=2)
     keys = [
@@ -233,17 +73,22 @@ def test_identical_models_give_zero_delta_and_p_one(tmp_path):
         for eps in (1.0, math.inf)
     ]
     df = compute(tmp_path, keys)
-    pd_rows = df[df["comparison"] == "paired_delta"]
-    assert len(pd_rows) == (len(LABELS) + 1) * 6  # 5 labels + macro, "all" + 5 subgroups
-    defined = pd_rows[pd_rows["delta_auc"].notna()]
-    assert len(defined) > 20
-    assert (defined["delta_auc"] == 0).all()
+    rows = df[(df["comparison"] == "paired_delta") & (df["quantity"] == "delta_auc")]
+    assert len(rows) == (len(LABELS) + 1) * 6  # 5 labels + macro, "all" + 5 subgroups
+    defined = rows[rows["delta"].notna()]
+    assert len(defined) > 15
+    assert (defined["delta"] == 0).all() and (defined["p_value"] == 1.0).all()
     assert (defined["delta_lo"] == 0).all() and (defined["delta_hi"] == 0).all()
-    assert (defined["p_value"] == 1.0).all()
-    assert (defined["auc_dp"] == defined["auc_nondp"]).all()
+    assert (defined["value_dp"] == defined["value_nondp"]).all()
+    # all resamples at 0: both one-sided TOST p's are 1/(B+1), so equivalence is shown
+    assert (defined["p_tost"] == 1 / (defined["n_valid_boot"] + 1)).all()
+    assert (defined["verdict"] == "equivalent within ±m").all()
+    assert (defined["margin"] == EV.equivalence_margin).all()
+    assert (defined["resampling_unit"] == "patient").all()
+    assert (defined["test"] == "paired patient bootstrap (shared resamples of the test set)").all()
 
 
-def test_clearly_better_dp_model_is_significant(tmp_path):
+def test_clearly_better_dp_model_is_different(tmp_path):
     test = make_testset(300, seed=3)
     keys = [
         write_trial(
@@ -253,210 +98,297 @@ def test_clearly_better_dp_model_is_significant(tmp_path):
             seed=0,
             evals={"a": ("fpa", test, scores_for(test, strength, seed=int(strength * 10)))},
         )
-        for eps, strength in ((2.0, 2.5), (math.inf, 0.3))
+        for eps, strength in ((2.0, 3.0), (math.inf, 0.3))
     ]
     df = compute(tmp_path, keys)
-    row = one(df, comparison="paired_delta", label="macro", subgroup="all")
+    row = one(df, comparison="paired_delta", quantity="delta_auc", label="macro", subgroup="all")
     assert row["epsilon"] == 2.0 and row["on_domain"] and row["source"] == row["target"] == "a"
-    assert row["delta_auc"] > 0.2
-    assert row["delta_lo"] > 0 and row["delta_hi"] >= row["delta_auc"] >= row["delta_lo"]
-    assert row["p_value"] < 0.01
-    assert row["delta_auc"] == pytest.approx(row["auc_dp"] - row["auc_nondp"], abs=1e-12)
+    assert row["delta"] > 0.2 and row["delta_lo"] > 0
+    assert row["delta_hi"] >= row["delta"] >= row["delta_lo"]
+    assert row["p_value"] == pytest.approx(inference.p_floor(row["n_valid_boot"]))
+    assert row["verdict"] == "different" and row["worse_if"] == "lower"
+    assert row["delta"] == pytest.approx(row["value_dp"] - row["value_nondp"], abs=1e-12)
     assert row["epsilon_spent"] == pytest.approx(1.98) and row["accountant"] == "prv"
     assert row["n"] == 300 and row["n_boot"] == N_BOOT
+    assert row["n_patients"] == int(test["group"].max()) + 1
 
 
 def test_paired_delta_equals_metrics_paired_auc_difference(tmp_path):
-    """Shared per-model resamples give exactly what metrics.paired_auc_difference gives."""
+    """Shared patient resamples give exactly what metrics.paired_auc_difference gives."""
     keys = build_output(tmp_path, domains=("a", "b"), n=200)
     df = compute(tmp_path, keys)
-    pa_, pb_ = (
-        pd.read_parquet(edir_of(tmp_path, keys, "a", eps, "b") / "predictions.parquet")
-        for eps in ("1", "inf")
-    )
-    cols = [f"score_{lab}" for lab in LABELS]
-    y = pa_[[f"label_{lab}" for lab in LABELS]].to_numpy(np.float64)
+    sa, y, pred = read_eval(edir_of(tmp_path, keys, "a", "1", "b"))
+    sb, _, _ = read_eval(edir_of(tmp_path, keys, "a", "inf", "b"))
+    groups = pred["patient_group"].to_numpy()
+    masks = {"all": np.ones(len(y), bool)}
+    masks.update(metrics.subgroup_masks(pred["sex"], pred["age"], AGE_BINS))
     for g in ("all", "sex=F", "age=[40,70)"):
-        mask = (
-            np.ones(len(y), bool)
-            if g == "all"
-            else metrics.subgroup_masks(pa_["sex"], pa_["age"], AGE_BINS)[g]
-        )
-        idx = metrics.bootstrap_indices(int(mask.sum()), N_BOOT, metrics.subgroup_seed(0, g))
+        m = masks[g]
+        rs = metrics.make_resampler(int(m.sum()), N_BOOT, metrics.subgroup_seed(0, g), groups[m])
         expect = metrics.paired_auc_difference(
-            pa_[cols].to_numpy(np.float64)[mask],
-            pb_[cols].to_numpy(np.float64)[mask],
-            y[mask],
-            idx,
-            0.95,
-            label_names=LABELS,
-        )
+            sa[m], sb[m], y[m], rs.draws, 0.95, label_names=LABELS, clusters=groups[m],
+            min_positives=EV.min_positives, min_negatives=EV.min_negatives,
+        )  # fmt: skip
         for res in expect:
             row = one(
                 df,
                 comparison="paired_delta",
+                quantity="delta_auc",
                 source="a",
                 target="b",
                 subgroup=g,
                 label=res.label,
             )
-            assert row["delta_auc"] == res.delta
+            assert (row["n"], row["n_pos"]) == (res.n, res.n_pos)
+            if res.delta is None:
+                assert pd.isna(row["delta"]) and pd.isna(row["p_value"])
+                continue
+            assert row["delta"] == res.delta and row["p_value"] == res.p_value
             assert row["delta_lo"] == res.delta_lo and row["delta_hi"] == res.delta_hi
-            assert row["p_value"] == res.p_value
-            assert row["n"] == res.n and row["n_pos"] == res.n_pos
+            assert row["n_valid_boot"] == res.n_valid_boot
+
+
+def test_model_cis_are_the_transfer_tables_cis(tmp_path):
+    """Every model's AUC CI in a comparison row is the one metrics.evaluate wrote for the
+    transfer table: same patient resamples, same order-statistic rule."""
+    keys = build_output(tmp_path, domains=("a", "b"), n=200)
+    df = compute(tmp_path, keys)
+    rows = df[(df["comparison"] == "paired_delta") & (df["quantity"] == "delta_auc")]
+    checked = 0
+    for side, eps in (("dp", "1"), ("nondp", "inf")):
+        for (source, target), sel in rows.groupby(["source", "target"]):
+            mt = pd.read_parquet(edir_of(tmp_path, keys, source, eps, target) / "metrics.parquet")
+            merged = sel.merge(mt, on=["label", "subgroup"])
+            assert len(merged) == len(sel)
+            for col, ref in (("", "auc"), ("_lo", "auc_lo"), ("_hi", "auc_hi")):
+                got, want = merged[f"value_{side}{col}"], merged[ref]
+                assert (got.isna() == want.isna()).all()
+                assert (got[got.notna()] == want[want.notna()]).all()
+            checked += int(merged["auc_lo"].notna().sum())
+    assert checked > 40
 
 
 # ------------------------------------------------------------------------------ AUC drop
 
 
-def test_auc_drop_equals_hand_computation_from_transfer_table(tmp_path):
+def test_auc_drop_equals_hand_computation(tmp_path):
     keys = build_output(tmp_path)
-    _, transfer = results.aggregate(tmp_path, keys, "test")
     df = compute(tmp_path, keys)
 
     def auc(source, target, eps, label="macro"):
-        sel = transfer[
-            (transfer["source"] == source)
-            & (transfer["target"] == target)
-            & (transfer["epsilon_target"] == eps)
-            & (transfer["label"] == label)
-            & (transfer["subgroup"] == "all")
-        ]
-        assert len(sel) == 1
-        return float(sel["auc"].iloc[0])
+        mt = pd.read_parquet(edir_of(tmp_path, keys, source, eps, target) / "metrics.parquet")
+        return float(one(mt, label=label, subgroup="all")["auc"])
 
     domains = ("a", "b", "c")
     for label in ("macro", LABELS[1]):
         for t in domains:
             off = [s for s in domains if s != t]
-            drop = {
-                eps: auc(t, t, eps, label) - np.mean([auc(s, t, eps, label) for s in off])
-                for eps in (1.0, math.inf)
-            }
-            abstract_dp = auc(t, t, math.inf, label) - np.mean([auc(s, t, 1.0, label) for s in off])
+            drop = {e: auc(t, t, e, label) - np.mean([auc(s, t, e, label) for s in off])
+                    for e in ("1", "inf")}  # fmt: skip
+            abstract_dp = auc(t, t, "inf", label) - np.mean([auc(s, t, "1", label) for s in off])
             common = {"comparison": "auc_drop", "target": t, "label": label, "subgroup": "all"}
             r_inf = one(df, **common, quantity="drop", epsilon=math.inf)
             r_dp = one(df, **common, quantity="drop", epsilon=1.0)
             r_abs = one(df, **common, quantity="drop_vs_nondp_ondomain", epsilon=1.0)
-            assert r_inf["drop"] == pytest.approx(drop[math.inf], abs=1e-12)
-            assert r_dp["drop"] == pytest.approx(drop[1.0], abs=1e-12)
-            assert r_abs["drop"] == pytest.approx(abstract_dp, abs=1e-12)
-            for r in (r_inf, r_dp, r_abs):
-                assert r["drop_nondp"] == pytest.approx(drop[math.inf], abs=1e-12)
+            assert r_inf["value_nondp"] == pytest.approx(drop["inf"], abs=1e-12)
+            assert pd.isna(r_inf["value_dp"]) and pd.isna(r_inf["delta"])
+            assert r_dp["value_dp"] == pytest.approx(drop["1"], abs=1e-12)
+            assert r_abs["value_dp"] == pytest.approx(abstract_dp, abs=1e-12)
+            for r in (r_dp, r_abs):
+                assert r["value_nondp"] == pytest.approx(drop["inf"], abs=1e-12)
                 assert r["n_off"] == 2 and pd.isna(r["source"]) and pd.isna(r["on_domain"])
-                assert r["drop_lo"] <= r["drop"] <= r["drop_hi"]
-            assert r_dp["auc_on"] == pytest.approx(auc(t, t, 1.0, label), abs=1e-12)
-            assert r_abs["auc_on"] == pytest.approx(auc(t, t, math.inf, label), abs=1e-12)
+                assert r["value_dp_lo"] <= r["value_dp"] <= r["value_dp_hi"]
+                assert r["worse_if"] == "higher" and r["verdict"] in {
+                    "equivalent within ±m", "different", "non-inferior", "inconclusive"
+                }  # fmt: skip
+            assert r_dp["auc_on"] == pytest.approx(auc(t, t, "1", label), abs=1e-12)
+            assert r_abs["auc_on"] == pytest.approx(auc(t, t, "inf", label), abs=1e-12)
             assert r_dp["auc_off_mean"] == pytest.approx(
-                np.mean([auc(s, t, 1.0, label) for s in off]), abs=1e-12
+                np.mean([auc(s, t, "1", label) for s in off]), abs=1e-12
             )
-            assert r_dp["delta_auc"] == pytest.approx(drop[1.0] - drop[math.inf], abs=1e-12)
-            assert r_abs["delta_auc"] == pytest.approx(abstract_dp - drop[math.inf], abs=1e-12)
-            assert 0 < r_dp["p_value"] <= 1 and pd.isna(r_inf["p_value"])
-            # one seed: the across-seeds summary is there, with SD and p null
-            s = one(df, **{**common, "comparison": "across_seeds"}, quantity="drop", epsilon=1.0)
-            assert s["n_seeds"] == 1 and s["mean_dp"] == pytest.approx(r_dp["drop"])
-            assert pd.isna(s["sd_dp"]) and pd.isna(s["p_value"]) and pd.isna(s["t_stat"])
-            assert pd.isna(s["test"])
+            assert r_dp["delta"] == pytest.approx(drop["1"] - drop["inf"], abs=1e-12)
+            assert r_abs["delta"] == pytest.approx(abstract_dp - drop["inf"], abs=1e-12)
+            assert 0 < r_dp["p_value"] <= 1
+    # one seed: no across_seeds rows; the per-seed rows are the summaries
+    assert not (df["comparison"] == "across_seeds").any() and df["is_summary"].all()
 
 
-# ------------------------------------------------------------------------------ across seeds
+def test_primary_endpoint_is_holm_adjusted_and_the_rest_gets_bh_q_values(tmp_path):
+    keys = build_output(tmp_path)
+    df = compute(tmp_path, keys)
+    primary = df[df["endpoint"] == "primary"]
+    assert len(primary) == 3  # one per test site (one DP epsilon, one model)
+    assert set(primary["quantity"]) == {"drop_vs_nondp_ondomain"}
+    assert set(primary["label"]) == {"macro"} and set(primary["subgroup"]) == {"all"}
+    primary = primary.sort_values("target")
+    assert primary["p_tost_holm"].tolist() == inference.holm(primary["p_tost"].tolist())
+    alpha = inference.alpha_of(EV.ci)
+    for _, r in primary.iterrows():
+        equivalent = r["p_tost_holm"] <= alpha
+        assert (r["verdict"] == "equivalent within ±m") == equivalent
+    assert df.loc[df["endpoint"] != "primary", "p_tost_holm"].isna().all()
+    fam = df[(df["comparison"] == "paired_delta") & (df["quantity"] == "delta_auc")]
+    fam = fam[(fam["label"] == "macro") & (fam["subgroup"] == "all")]
+    assert fam["q_value"].tolist() == pytest.approx(inference.bh(fam["p_value"].tolist()))
+    assert (fam["q_value"] >= fam["p_value"]).all()
 
 
-def test_across_seeds_mean_sd_and_paired_t(tmp_path):
-    keys = build_output(tmp_path, domains=("a", "b"), seeds=(0, 1, 2), n=160)
+# ------------------------------------------------------------------------------ seeds
+
+
+def test_across_seeds_is_a_hierarchical_bootstrap_with_a_secondary_t_test(tmp_path):
+    seeds = (0, 1, 2)
+    keys = build_output(tmp_path, domains=("a", "b"), seeds=seeds, n=160)
     df = compute(tmp_path, keys)
     where = {"source": "a", "target": "b", "label": "macro", "subgroup": "all", "epsilon": 1.0}
-    seeds = df[(df["comparison"] == "paired_delta")]
+    per_seed = df[(df["comparison"] == "paired_delta") & (df["quantity"] == "delta_auc")]
     for k, v in where.items():
-        seeds = seeds[seeds[k] == v]
-    seeds = seeds.sort_values("seed")
-    assert list(seeds["seed"]) == [0, 1, 2]
-    x, y = seeds["auc_dp"].to_numpy(float), seeds["auc_nondp"].to_numpy(float)
-    d = x - y
-    t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
-    p = 1 - abs(t) / math.sqrt(t * t + 2)  # two-sided Student t tail with 2 degrees of freedom
+        per_seed = per_seed[per_seed[k] == v]
+    assert sorted(per_seed["seed"]) == [0, 1, 2] and not per_seed["is_summary"].any()
+    # by hand: per-seed paired macro deltas on the shared patient resamples, then seeds drawn
+    deltas, x, y = [], [], []
+    for seed in seeds:
+        sa, lab, pred = read_eval(edir_of(tmp_path, keys, "a", "1", "b", seed))
+        sb, _, _ = read_eval(edir_of(tmp_path, keys, "a", "inf", "b", seed))
+        rs = metrics.make_resampler(len(lab), N_BOOT, 0, pred["patient_group"].to_numpy())
+        (pa_, ba), (pb_, bb) = macro_boot(sa, lab, rs), macro_boot(sb, lab, rs)
+        deltas.append(ba - bb)
+        x.append(pa_)
+        y.append(pb_)
+    boot = inference.hierarchical(np.stack(deltas), inference.seed_draws(3, N_BOOT, 0))
     row = one(df, comparison="across_seeds", quantity="delta_auc", **where)
-    assert row["n_seeds"] == 3 and pd.isna(row["seed"])
-    assert row["mean_dp"] == pytest.approx(x.mean()) and row["sd_dp"] == pytest.approx(
+    assert row["is_summary"] and row["n_seeds"] == 3 and pd.isna(row["seed"])
+    assert row["test"] == "hierarchical bootstrap (seeds x patients), paired"
+    x, y = np.array(x), np.array(y)
+    assert row["delta"] == pytest.approx((x - y).mean(), abs=1e-12)
+    assert (row["delta_lo"], row["delta_hi"]) == inference.order_ci(boot, 0.95)
+    assert row["p_value"] == inference.p_two_sided(boot)
+    assert row["value_dp"] == pytest.approx(x.mean()) and row["sd_dp"] == pytest.approx(
         x.std(ddof=1)
     )
-    assert row["mean_nondp"] == pytest.approx(y.mean())
-    assert row["sd_nondp"] == pytest.approx(y.std(ddof=1))
-    assert row["delta_auc"] == pytest.approx(d.mean())
-    assert row["delta_sd"] == pytest.approx(d.std(ddof=1))
-    assert row["t_stat"] == pytest.approx(t) and row["p_value"] == pytest.approx(p, rel=1e-9)
-    assert row["test"] == "paired Student t test across seeds"
-
-    drops = df[(df["comparison"] == "auc_drop") & (df["quantity"] == "drop")]
-    drops = drops[(drops["target"] == "a") & (drops["label"] == "macro")]
-    drops = drops[drops["subgroup"] == "all"]
-    dp = drops[drops["epsilon"] == 1.0].sort_values("seed")["drop"].to_numpy(float)
-    nondp = drops[drops["epsilon"] == math.inf].sort_values("seed")["drop"].to_numpy(float)
-    row = one(
-        df,
-        comparison="across_seeds",
-        quantity="drop",
-        target="a",
-        label="macro",
-        subgroup="all",
-        epsilon=1.0,
+    assert row["delta_sd"] == pytest.approx((x - y).std(ddof=1))
+    t, p = metrics.paired_t_test(x, y)
+    assert row["t_stat"] == pytest.approx(t) and row["p_t"] == pytest.approx(p)
+    # the seed level widens the interval compared with any one seed's patient-only CI
+    assert (
+        row["delta_hi"] - row["delta_lo"]
+        >= 0.5 * (per_seed["delta_hi"] - per_seed["delta_lo"]).min()
     )
-    tt, pp = metrics.paired_t_test(dp, nondp)
-    assert row["mean_dp"] == pytest.approx(dp.mean()) and row["mean_nondp"] == pytest.approx(
-        nondp.mean()
+    nondp = one(
+        df, comparison="across_seeds", quantity="drop", target="a", label="macro",
+        subgroup="all", epsilon=math.inf,
+    )  # fmt: skip
+    assert nondp["n_seeds"] == 3 and pd.isna(nondp["delta"]) and nondp["value_nondp_lo"] < 1
+
+
+# ------------------------------------------------------------------------------ fairness
+
+
+def test_fairness_gaps_resample_patients_jointly_across_subgroups(tmp_path):
+    keys = build_output(tmp_path, domains=("a", "b"), n=300)
+    df = compute(tmp_path, keys)
+    s_dp, y, pred = read_eval(edir_of(tmp_path, keys, "b", "1", "a"))
+    s_nd, _, _ = read_eval(edir_of(tmp_path, keys, "b", "inf", "a"))
+    masks = metrics.subgroup_masks(pred["sex"], pred["age"], AGE_BINS)
+    rs = metrics.make_resampler(len(y), N_BOOT, 0, pred["patient_group"].to_numpy())
+    f, m = masks["sex=F"], masks["sex=M"]
+    ok = (
+        metrics.label_support(y[f], EV.min_positives, EV.min_negatives).ok
+        & metrics.label_support(y[m], EV.min_positives, EV.min_negatives).ok
     )
-    assert row["t_stat"] == pytest.approx(tt) and row["p_value"] == pytest.approx(pp)
-    nondp_row = one(
-        df,
-        comparison="across_seeds",
-        quantity="drop",
-        target="a",
-        label="macro",
-        subgroup="all",
-        epsilon=math.inf,
-    )
-    assert nondp_row["mean_nondp"] == pytest.approx(nondp.mean())
-    assert nondp_row["sd_nondp"] == pytest.approx(nondp.std(ddof=1))
-    assert pd.isna(nondp_row["mean_dp"]) and pd.isna(nondp_row["p_value"])
+
+    def gap(s):
+        sides = []
+        for mask in (f, m):
+            bs = metrics.bootstrap_stats(s[mask], y[mask], rs.subset(mask))
+            point = np.array([metrics.auc(s[mask, j], y[mask, j]) for j in range(len(LABELS))])
+            sides.append(metrics.macro_over(point, bs.auc, bs.valid, ok))
+        return sides[0][0] - sides[1][0], sides[0][1] - sides[1][1]
+
+    (g_dp, b_dp), (g_nd, b_nd) = gap(s_dp), gap(s_nd)
+    row = one(df, comparison="fairness_gap", quantity="auc_gap_sex", source="b", target="a",
+              epsilon=1.0)  # fmt: skip
+    assert row["subgroup"] == "sex=F - sex=M" and row["label"] == "macro"
+    assert row["value_dp"] == pytest.approx(g_dp, abs=1e-12)
+    assert row["value_nondp"] == pytest.approx(g_nd, abs=1e-12)
+    assert (row["value_dp_lo"], row["value_dp_hi"]) == inference.order_ci(b_dp)
+    assert (row["delta_lo"], row["delta_hi"]) == inference.order_ci(b_dp - b_nd)
+    assert row["n_labels"] == ok.sum() and pd.isna(row["worse_if"])
+    assert row["verdict"] != "non-inferior"  # a gap has no "worse" direction
+    # nobody is 70 or older: the age gap is null, and the row says why
+    age = df[(df["quantity"] == "auc_gap_age") & (df["target"] == "a")]
+    assert age["delta"].isna().all() and age["null_reason"].str.contains("age=").all()
 
 
-# ------------------------------------------------------------------------------ nulls, hygiene
+# ------------------------------------------------------------------------------ nulls
 
 
-def test_subgroups_without_positives_or_members_give_nulls(tmp_path):
+def test_subgroups_without_positives_or_members_give_nulls_with_reasons(tmp_path):
     keys = build_output(tmp_path, domains=("a", "b"), n=200)
     df = compute(tmp_path, keys)
     young = df[(df["subgroup"] == "age=[0,40)") & (df["label"] == LABELS[0])]
     assert len(young) > 0 and (young["n_pos"].dropna() == 0).all()
-    value_cols = ["auc_dp", "auc_nondp", "delta_auc", "delta_lo", "delta_hi", "p_value", "drop"]
-    assert young[young["comparison"] != "across_seeds"][value_cols].isna().all().all()
+    value_cols = ["value_dp", "value_nondp", "delta", "delta_lo", "p_value", "verdict"]
+    assert young[value_cols].isna().all().all()
+    assert young["null_reason"].str.startswith("0 positive(s), fewer than min_positives").all()
     old = df[df["subgroup"] == "age=[70,inf)"]
     assert len(old) > 0 and (old["n"].dropna() == 0).all()
-    assert old[value_cols + ["auc_on", "auc_off_mean", "mean_dp"]].isna().all().all()
-    # the young macro is still defined from the other labels
-    row = one(
-        df, comparison="paired_delta", source="a", target="a", label="macro", subgroup="age=[0,40)"
-    )
-    assert row["delta_auc"] is not None and not pd.isna(row["p_value"])
+    assert old[value_cols + ["auc_on", "auc_off_mean"]].isna().all().all()
+    assert old["null_reason"].notna().all()
+    # the young macro is still defined, over the labels that qualify there
+    row = one(df, comparison="paired_delta", quantity="delta_auc", source="a", target="a",
+              label="macro", subgroup="age=[0,40)")  # fmt: skip
+    assert 0 < row["n_labels"] < len(LABELS) and not pd.isna(row["p_value"])
 
 
-def test_table_is_an_aggregate_without_paths_or_ids(tmp_path):
-    keys = build_output(tmp_path, domains=("a", "b"), n=150)
+def test_old_evaluations_without_patient_groups_resample_images(tmp_path):
+    keys = build_output(tmp_path, domains=("a", "b"), n=150, patient_groups=False)
     df = compute(tmp_path, keys)
-    path = comparisons.write(tmp_path, df)
-    assert path == tmp_path / "comparisons.parquet"
-    table = pq.read_table(path)
+    assert set(df["resampling_unit"]) == {"image"}
+    row = one(df, comparison="paired_delta", quantity="delta_auc", source="a", target="a",
+              label="macro", subgroup="all")  # fmt: skip
+    assert row["n_patients"] == 150 and row["test"].startswith("paired image bootstrap")
+
+
+def test_domains_without_patient_ids_resample_images(tmp_path):
+    """VinDr-like: every image is its own group and eval.json says resampling_unit = image."""
+    keys = build_output(tmp_path, domains=("a", "b"), n=150)
+    for path in tmp_path.glob("trials/*/eval/*/eval.json"):
+        results.write_json(path, {**results.read_json(path), "resampling_unit": "image"})
+    df = compute(tmp_path, keys)
+    assert set(df["resampling_unit"]) == {"image"}
+    row = one(df, comparison="paired_delta", quantity="delta_auc", source="b", target="a",
+              label="macro", subgroup="all")  # fmt: skip
+    assert row["n_patients"] == 150
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def test_tables_are_aggregates_without_paths_or_ids(tmp_path):
+    keys = build_output(tmp_path, domains=("a", "b"), n=150)
+    tables = comparisons.compute_all(tmp_path, keys, EV)
+    paths = comparisons.write_all(tmp_path, tables)
+    assert paths == [tmp_path / "comparisons.parquet", tmp_path / "reliability.parquet"]
+    table = pq.read_table(paths[0])
     assert table.schema.equals(comparisons.SCHEMA)
     assert list(comparisons.COLUMNS) == comparisons.SCHEMA.names  # every column documented
-    for col in table.column_names:
-        assert not any(w in col for w in ("path", "patient", "row", "file", "dir", "key", "image"))
-    text = pd.read_parquet(path).select_dtypes(exclude="number").astype(str)
-    assert not text.apply(lambda c: c.str.contains("/|\\\\|fpa|fpb", regex=True)).any().any()
-    assert not list(tmp_path.glob(".comparisons.parquet.*"))  # atomic write left no temp file
-    back = comparisons.load(tmp_path)
-    pd.testing.assert_frame_equal(back, pd.read_parquet(path))
-    assert set(df["comparison"]) == {"paired_delta", "auc_drop", "across_seeds"}
+    assert pq.read_table(paths[1]).schema.equals(comparisons.RELIABILITY_SCHEMA)
+    forbidden = {"path", "patient_id", "patient_group", "row", "file", "key", "trial_key"}
+    for path in paths:
+        df = pd.read_parquet(path)
+        assert not forbidden & set(df.columns)
+        text = df.select_dtypes(exclude="number").astype(str)
+        assert not text.apply(lambda c: c.str.contains("/|\\\\|fpa|fpb", regex=True)).any().any()
+    assert not list(tmp_path.glob(".*.parquet.*"))  # atomic writes left no temp file
+    pd.testing.assert_frame_equal(comparisons.load(tmp_path), pd.read_parquet(paths[0]))
+    assert set(tables.comparisons["comparison"]) == {"paired_delta", "auc_drop", "fairness_gap"}
+    # the reliability bins add up to the known image-label pairs of each model and target
+    rel = comparisons.load_reliability(tmp_path)
+    pooled = rel[(rel["label"] == "pooled") & (rel["source"] == "a") & (rel["target"] == "b")]
+    _, y, _ = read_eval(edir_of(tmp_path, keys, "a", "1", "b"))
+    assert pooled[pooled["epsilon"] == 1.0]["n"].sum() == int((~np.isnan(y)).sum())
+    assert rel["observed"].dropna().between(0, 1).all()
 
 
 def test_reads_only_finished_trials_and_complete_evaluations(tmp_path):
@@ -470,8 +402,15 @@ def test_reads_only_finished_trials_and_complete_evaluations(tmp_path):
         evals={"a": ("fpa", test, scores_for(test, 1.0, 5))},
         done=False,
     )
-    with pytest.warns(ComparisonWarning, match="off-domain sources differ"):
+    # an evaluation the store replaced (kept aside under a hidden name) is never read
+    aside = edir_of(tmp_path, keys, "a", "inf", "a")
+    replaced = aside.with_name(f".{aside.name}.replaced-1")
+    replaced.mkdir()
+    results.write_json(replaced / "eval.json", {"target": "a", "fingerprint": "old"})
+    with pytest.warns(ComparisonWarning) as caught:
         df = compute(tmp_path, [*keys, unfinished])
+    assert [str(w.message) for w in caught if "off-domain sources differ" in str(w.message)]
+    assert not [w for w in caught if "several test sets" in str(w.message)]
     assert "c" not in set(df["source"].dropna())
     pairs = df[df["comparison"] == "paired_delta"]
     assert set(zip(pairs["source"], pairs["target"], strict=True)) == {
@@ -479,17 +418,9 @@ def test_reads_only_finished_trials_and_complete_evaluations(tmp_path):
         ("a", "b"),
         ("b", "b"),
     }  # b (eps 1) -> a was never completed: no pair, not a fake one
-    drop = one(
-        df,
-        comparison="auc_drop",
-        quantity="drop",
-        target="a",
-        epsilon=1.0,
-        label="macro",
-        subgroup="all",
-    )
-    assert drop["n_off"] == 0 and pd.isna(drop["drop"])  # no off-domain model: missing, kept
-    assert not df.empty
+    drop = one(df, comparison="auc_drop", quantity="drop", target="a", epsilon=1.0,
+               label="macro", subgroup="all")  # fmt: skip
+    assert drop["n_off"] == 0 and pd.isna(drop["value_dp"])  # no off-domain model: kept, missing
 
 
 def test_mismatched_labels_on_same_fingerprint_are_skipped_with_warning(tmp_path):
@@ -497,22 +428,59 @@ def test_mismatched_labels_on_same_fingerprint_are_skipped_with_warning(tmp_path
     other = {**test, "y": test["y"].copy()}
     other["y"][:10, 1] = 1.0 - np.nan_to_num(other["y"][:10, 1])
     keys = [
-        write_trial(
-            tmp_path,
-            source="a",
-            epsilon=1.0,
-            seed=0,
-            evals={"a": ("fpa", test, scores_for(test, 1.0, 1))},
-        ),
-        write_trial(
-            tmp_path,
-            source="a",
-            epsilon=math.inf,
-            seed=0,
-            evals={"a": ("fpa", other, scores_for(other, 1.0, 2))},
-        ),
-    ]
+        write_trial(tmp_path, source="a", epsilon=1.0, seed=0,
+                    evals={"a": ("fpa", test, scores_for(test, 1.0, 1))}),
+        write_trial(tmp_path, source="a", epsilon=math.inf, seed=0,
+                    evals={"a": ("fpa", other, scores_for(other, 1.0, 2))}),
+    ]  # fmt: skip
     with pytest.warns(ComparisonWarning, match="labels differ"):
         df = compute(tmp_path, keys)
     assert (df["comparison"] != "paired_delta").all()
     assert comparisons.compute(tmp_path, []).empty
+
+
+def test_equivalence_is_declared_for_identical_models_and_refused_for_costly_dp(tmp_path):
+    """The primary endpoint end to end: DP models identical to their non-DP partners are
+    equivalent at every site; DP models much worse off-domain are not."""
+    same = build_output(
+        tmp_path / "same", strength=lambda s, t, e, seed: 1.5 if s == t else 1.0, share_noise=True
+    )
+    df = compute(tmp_path / "same", same)
+    primary = df[df["endpoint"] == "primary"]
+    assert len(primary) == 3 and (primary["delta"] == 0).all()
+    assert (primary["verdict"] == "equivalent within ±m").all()
+
+    def costly(source, target, eps, seed):
+        return (1.5 if source == target else 1.0) - (0.8 if math.isfinite(eps) else 0.0)
+
+    worse = build_output(tmp_path / "worse", strength=costly)
+    primary = compute(tmp_path / "worse", worse).query("endpoint == 'primary'")
+    assert (primary["delta"] > 2 * EV.equivalence_margin).all()
+    assert (primary["verdict"] == "different").all()
+
+
+def test_grid_validates_the_statistics_settings(tmp_path):
+    import yaml
+
+    from privdom_ray.config import GridError
+    from privdom_ray.grid import load_grid
+
+    grid = {
+        "name": "t",
+        "output": "out",
+        "domains": [{"name": "a", "kind": "synthetic", "root": "data/a", "options": {"site": "a"}}],
+        "epsilons": [1, "inf"],
+        "seeds": [0],
+        "evaluation": {"equivalence_margin": 0.03, "min_positives": 5, "min_negatives": 8},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    ev = load_grid(path).evaluation
+    assert (ev.equivalence_margin, ev.min_positives, ev.min_negatives) == (0.03, 5, 8)
+    bad = {"equivalence_margin": 0, "min_positives": 0, "min_negatives": -1,
+           "calibration_bins": 1}  # fmt: skip
+    path.write_text(yaml.safe_dump({**grid, "evaluation": bad}))
+    with pytest.raises(GridError) as info:
+        load_grid(path)
+    assert len(info.value.errors) == 4
+    assert all(any(f"evaluation.{k}" in e for e in info.value.errors) for k in bad)

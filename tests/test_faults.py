@@ -52,7 +52,7 @@ def grid(**changes) -> dict:
         "seeds": [0],
         "training": {"epochs": 4, "logical_batch": 16, "physical_batch": 16},
         "preprocessing": {"image_size": 24},
-        "evaluation": {"n_boot": 10},
+        "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},  # tiny test splits
         "ray": {"num_cpus": 2, "max_failures": 2},
     }
     return {**base, **changes}

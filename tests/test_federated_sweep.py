@@ -29,7 +29,7 @@ GRID = {
     "seeds": [0],
     "training": {"epochs": 2, "logical_batch": 32, "physical_batch": 16},
     "preprocessing": {"image_size": 24},
-    "evaluation": {"n_boot": 10},
+    "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},  # tiny test splits
     "ray": {"num_cpus": 2},
 }
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from privdom_ray import inference as I
 from privdom_ray import metrics as M
+from privdom_ray.config import EvaluationConfig
 
 
 def _data(n: int = 2000, n_lab: int = 5, seed: int = 0, decimals: int | None = None):
@@ -94,7 +96,7 @@ def test_bootstrap_auc_nan_when_resample_lacks_a_class():
 
 
 def test_ci_coverage_binormal():
-    """95% percentile CIs cover the true AUC Phi(d/sqrt 2) in roughly 95% of datasets."""
+    """95% order-statistic CIs cover the true AUC Phi(d/sqrt 2) in roughly 95% of datasets."""
     rng = np.random.default_rng(123)
     d, n_half, n_sim = 1.0, 100, 200
     true_auc = 0.5 * (1 + math.erf(d / math.sqrt(2) / math.sqrt(2)))
@@ -103,9 +105,57 @@ def test_ci_coverage_binormal():
     for k in range(n_sim):
         s = rng.normal(size=2 * n_half) + d * y
         idx = M.bootstrap_indices(2 * n_half, 200, seed=k)
-        lo, hi = M.percentile_ci(M.bootstrap_auc(s, y, idx), 0.95)
+        lo, hi = I.order_ci(M.bootstrap_auc(s, y, idx), 0.95)
         covered += lo <= true_auc <= hi
     assert 0.85 <= covered / n_sim <= 0.99
+
+
+def _expand(draws_row: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Image rows of one resample's drawn patients, in draw order (explicit resampling)."""
+    return np.concatenate([np.flatnonzero(codes == p) for p in draws_row])
+
+
+def _clusters(n: int, seed: int) -> np.ndarray:
+    """An opaque, unsorted patient index per image (1-5 images per patient)."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(np.repeat(np.arange(n), rng.integers(1, 6, n))[:n]) * 7 + 3
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_clustered_bootstrap_equals_explicit_patient_resample(decimals):
+    s, y = _data(n=600, seed=15, decimals=decimals)
+    p = 1 / (1 + np.exp(-s))  # probabilities, for the calibration statistics
+    clusters = _clusters(600, seed=1)
+    rs = M.make_resampler(600, 30, seed=5, clusters=clusters)
+    assert rs.n_clusters == np.unique(clusters).size < 600
+    thr = np.array([0.5, 0.4, 0.6, 0.5, 0.5])
+    bs = M.bootstrap_stats(p, y, rs, pred=p >= thr, bins=10)
+    np.testing.assert_array_equal(bs.auc, M.bootstrap_auc(p, y, rs.draws, clusters=clusters))
+    tm = M.threshold_metrics(p, y, thr, rs.draws, clusters=clusters)
+    for b in (0, 11, 29):
+        rows = _expand(rs.draws[b], rs.codes)
+        brier, ece = M.calibration(p[rows], y[rows], 10)
+        acc, sens, spec = (getattr(M.threshold_metrics(p[rows], y[rows], thr), k)
+                           for k in ("accuracy", "sensitivity", "specificity"))  # fmt: skip
+        for j in range(5):
+            assert bs.auc[b, j] == M.auc(p[rows, j], y[rows, j])  # bit-exact
+            assert bs.auc[b, j] == pytest.approx(_sk_auc(p[rows, j], y[rows, j]), abs=1e-9)
+            assert bs.brier[b, j] == pytest.approx(brier[j], rel=1e-5)
+            assert bs.ece[b, j] == pytest.approx(ece[j], rel=1e-5, abs=1e-7)
+            assert tm.boot_accuracy[b, j] == pytest.approx(acc[j], abs=1e-12)
+            assert tm.boot_sensitivity[b, j] == pytest.approx(sens[j], abs=1e-12)
+            assert tm.boot_specificity[b, j] == pytest.approx(spec[j], abs=1e-12)
+
+
+def test_clustered_bootstrap_chunking(monkeypatch):
+    s, y = _data(n=300, seed=16, decimals=1)
+    clusters = _clusters(300, seed=2)
+    idx = M.make_resampler(300, 25, seed=3, clusters=clusters).draws
+    full = M.bootstrap_auc(s, y, idx, clusters=clusters)
+    monkeypatch.setattr(M, "_CHUNK_CELLS", 700)  # force several small chunks
+    np.testing.assert_array_equal(full, M.bootstrap_auc(s, y, idx, clusters=clusters))
+    with pytest.raises(ValueError):
+        M.bootstrap_auc(s, y, idx, clusters=clusters[:-1])
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -186,8 +236,10 @@ def test_evaluate_rows_and_values():
         assert r.oracle_accuracy == pytest.approx(o_acc)
         m = groups["sex=F"]
         assert by["sex=F", lab].auc == pytest.approx(M.auc(s[m, j], y[m, j]), abs=1e-12)
+        assert r.resampling_unit == "image" and r.n_valid_boot == 100 and r.n_labels == 1
+        assert r.brier is None and "not probabilities" in r.null_reason  # logits: no calibration
     macro = by["all", "macro"]
-    assert macro.n == len(s) and macro.threshold is None
+    assert macro.n == len(s) and macro.threshold is None and macro.n_labels == 5
     assert macro.auc == pytest.approx(np.mean([by["all", lab].auc for lab in names]))
     assert macro.auc_lo < macro.auc < macro.auc_hi
     assert macro.sensitivity == pytest.approx(
@@ -203,31 +255,42 @@ def test_evaluate_all_subgroup_uses_plain_seed():
     s, y = _data(n=400, seed=6)
     rows = M.evaluate(s, y, np.zeros(5), list("abcde"), n_boot=50, seed=7)
     boot = M.bootstrap_auc(s, y, M.bootstrap_indices(len(s), 50, seed=7))
-    assert (rows[0].auc_lo, rows[0].auc_hi) == M.percentile_ci(boot[:, 0], 0.95)
+    assert (rows[0].auc_lo, rows[0].auc_hi) == I.order_ci(boot[:, 0], 0.95)
+    assert rows[0].resampling_unit == "image" and rows[5].n_patients == len(s)
 
 
-def test_evaluate_degenerate_subgroups_give_none():
+def test_evaluate_degenerate_subgroups_give_none_with_a_reason():
     s, y = _data(n=600, seed=7)
     y[:, 1] = np.where(np.isnan(y[:, 1]), np.nan, 0.0)  # label 1: no positives anywhere
     no_pos_0 = y[:, 0] != 1  # subgroup where label 0 has no positives
     groups = {"nopos0": no_pos_0, "empty": np.zeros(len(s), bool), "one": np.eye(1, len(s))[0] > 0}
-    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), groups=groups, n_boot=30, oracle=True)
+    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), groups=groups, n_boot=30, oracle=True,
+                      min_positives=10, min_negatives=10)  # fmt: skip
     by = {(r.subgroup, r.label): r for r in rows}
     metric_fields = [
         f"{m}{sfx}"
-        for m in ("auc", "accuracy", "sensitivity", "specificity")
+        for m in ("auc", "accuracy", "sensitivity", "specificity", "brier", "ece")
         for sfx in ("", "_lo", "_hi")
     ] + ["oracle_threshold", "oracle_accuracy", "oracle_sensitivity", "oracle_specificity"]
     for key in [("all", "b"), ("nopos0", "a"), ("nopos0", "b"), ("one", "a"), ("empty", "c")]:
         r = by[key]
         assert all(getattr(r, f) is None for f in metric_fields), key
+        assert r.null_reason and r.n_labels == 0 and r.n_valid_boot is None
     assert by["nopos0", "a"].n_pos == 0 and by["nopos0", "a"].n > 0
+    assert by["nopos0", "a"].null_reason == "0 positive(s), fewer than min_positives = 10"
+    assert by["empty", "c"].null_reason == "no image with a known label"
     assert by["empty", "macro"].n == 0 and by["empty", "macro"].auc is None
-    # macro ignores the undefined labels instead of counting them as 0.5
-    defined = [by["nopos0", lab].auc for lab in "cde"]
-    assert by["nopos0", "macro"].auc == pytest.approx(np.mean(defined))
+    assert by["empty", "macro"].null_reason.startswith("no label has >= 10 positives")
+    # "d" (3% prevalence) has fewer than 10 positives even in the whole set
+    assert by["all", "d"].n_pos < 10 and by["all", "d"].auc is None
+    # macro is the mean over the labels that qualify, not a 0.5 for the others
+    ok = [lab for lab in "abcde" if by["nopos0", lab].auc is not None]
+    assert by["nopos0", "macro"].n_labels == len(ok) >= 2
+    assert by["nopos0", "macro"].auc == pytest.approx(np.mean([by["nopos0", k].auc for k in ok]))
     for r in rows:  # never NaN: undefined is None
         assert not any(isinstance(v, float) and math.isnan(v) for v in r.as_dict().values())
+    # by default (both classes present, the rule before the minimums) "d" has an AUC
+    assert M.evaluate(s, y, np.zeros(5), list("abcde"), n_boot=0)[3].auc is not None
 
 
 def test_evaluate_deterministic():
@@ -301,10 +364,6 @@ def test_paired_t_test_known_values():
     t, p = M.paired_t_test([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
     assert t == pytest.approx(2.5 / (1.2909944487358056 / 2), rel=1e-12)
     assert p == pytest.approx(0.030466, abs=2e-6)
-    # textbook two-sided 5% critical values of Student's t
-    for df, crit in [(1, 12.706204736), (4, 2.776445105), (10, 2.228138852), (30, 2.042272456)]:
-        assert M._t_two_sided_p(crit, df) == pytest.approx(0.05, abs=1e-8)
-    assert M._t_two_sided_p(0.0, 5) == pytest.approx(1.0)
     # sign symmetry and NaN/None handling
     t2, p2 = M.paired_t_test([0, 0, 0, 0, None], [1, 2, 3, 4, 7])
     assert t2 == pytest.approx(-t) and p2 == pytest.approx(0.030466, abs=2e-6)
@@ -337,3 +396,88 @@ def test_per_image_bce_ignores_masked_labels():
     out = M.per_image_bce(probs, labels)
     assert out[0] == pytest.approx(-np.log(0.9))
     assert out[1] == pytest.approx((-np.log(0.9) - np.log(0.2)) / 2)
+
+
+# --------------------------------------------------------------------------- patients, macro
+
+
+def test_evaluate_resamples_patients_within_each_subgroup():
+    s, y = _data(n=800, seed=17)
+    clusters = _clusters(800, seed=4)
+    f = np.isin(clusters % 2, [1])  # an arbitrary subgroup of images
+    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), groups={"g": f}, n_boot=60, seed=9,
+                      clusters=clusters)  # fmt: skip
+    by = {(r.subgroup, r.label): r for r in rows}
+    rs = M.make_resampler(800, 60, seed=9, clusters=clusters)
+    assert (by["all", "a"].auc_lo, by["all", "a"].auc_hi) == I.order_ci(
+        M.bootstrap_auc(s, y, rs.draws, clusters=clusters)[:, 0]
+    )
+    rs_g = M.make_resampler(int(f.sum()), 60, M.subgroup_seed(9, "g"), clusters[f])
+    boot_g = M.bootstrap_auc(s[f], y[f], rs_g.draws, clusters=clusters[f])
+    assert (by["g", "b"].auc_lo, by["g", "b"].auc_hi) == I.order_ci(boot_g[:, 1])
+    assert by["g", "macro"].n_patients == np.unique(clusters[f]).size == rs_g.n_clusters
+    assert by["all", "macro"].n_patients == np.unique(clusters).size
+    known_a = ~np.isnan(y[:, 0])
+    assert by["all", "a"].n_patients == np.unique(clusters[known_a]).size
+    assert {r.resampling_unit for r in rows} == {"patient"}
+    with pytest.raises(ValueError):
+        M.evaluate(s, y, np.zeros(5), list("abcde"), clusters=clusters.astype(float))
+
+
+def test_macro_uses_a_fixed_label_set_and_counts_invalid_resamples():
+    rng = np.random.default_rng(18)
+    n_pat, per = 120, 4
+    clusters = np.repeat(np.arange(n_pat), per)
+    y = (rng.random((n_pat * per, 3)) < 0.3).astype(float)
+    y[:, 2] = 0.0
+    y[:12, 2] = 1.0  # label 2: 12 positives in 3 patients, so many resamples lack them
+    s = y + rng.normal(size=y.shape)
+    rows = M.evaluate(s, y, np.zeros(3), ["x", "z", "rare"], n_boot=200, seed=1,
+                      clusters=clusters)  # fmt: skip
+    by = {r.label: r for r in rows}
+    rs = M.make_resampler(len(y), 200, 1, clusters)
+    bs = M.bootstrap_stats(s, y, rs)
+    valid_rare = bs.valid[:, 2]
+    assert 0 < valid_rare.sum() < 200 and by["rare"].n_valid_boot == int(valid_rare.sum())
+    macro = by["macro"]
+    assert macro.n_labels == 3 and macro.n_valid_boot == int(bs.valid.all(axis=1).sum())
+    # the macro's resamples average all three labels or are invalid: never fewer labels
+    expect = np.where(bs.valid.all(axis=1), bs.auc.mean(axis=1), np.nan)
+    assert (macro.auc_lo, macro.auc_hi) == I.order_ci(expect, 0.95)
+    assert macro.auc == pytest.approx(np.mean([by[k].auc for k in ("x", "z", "rare")]))
+    # with a higher minimum the rare label leaves the set: null with a reason, macro of two
+    strict = {r.label: r for r in M.evaluate(s, y, np.zeros(3), ["x", "z", "rare"], n_boot=50,
+                                             clusters=clusters, min_positives=13)}  # fmt: skip
+    assert strict["rare"].auc is None and "min_positives = 13" in strict["rare"].null_reason
+    assert strict["macro"].n_labels == 2
+    assert strict["macro"].auc == pytest.approx((strict["x"].auc + strict["z"].auc) / 2)
+
+
+def test_calibration_matches_direct_computation():
+    rng = np.random.default_rng(19)
+    y = (rng.random((500, 2)) < 0.3).astype(float)
+    p = np.clip(0.3 + 0.4 * y + rng.normal(scale=0.15, size=y.shape), 0, 1)
+    y[:20, 1] = np.nan
+    brier, ece = M.calibration(p, y, bins=10)
+    for j in range(2):
+        k = ~np.isnan(y[:, j])
+        pj, yj = p[k, j], y[k, j]
+        assert brier[j] == pytest.approx(np.mean((pj - yj) ** 2), rel=1e-12)
+        which = np.minimum((pj * 10).astype(int), 9)
+        direct = sum(abs(yj[which == b].sum() - pj[which == b].sum()) for b in range(10))
+        assert ece[j] == pytest.approx(direct / k.sum(), rel=1e-12)
+    n, tot, pos = M.reliability_bins(p, y, bins=10)
+    assert n.sum(axis=1).tolist() == [500, 480] and pos.sum() == np.nansum(y)
+    assert tot.sum() == pytest.approx(p[:, 0].sum() + p[20:, 1].sum())
+    nan_b, nan_e = M.calibration(p * 3, y)  # not probabilities: undefined, not wrong
+    assert np.isnan(nan_b).all() and np.isnan(nan_e).all()
+    rows = M.evaluate(p, y, [0.5, 0.5], ["u", "v"], n_boot=100, seed=2)
+    assert rows[0].brier == pytest.approx(brier[0]) and rows[0].ece == pytest.approx(ece[0])
+    assert rows[0].brier_lo <= rows[0].brier <= rows[0].brier_hi
+    assert rows[-1].brier == pytest.approx(brier.mean())
+
+
+def test_module_defaults_agree_with_the_grid():
+    ev = EvaluationConfig()
+    assert (ev.min_positives, ev.min_negatives) == (M.MIN_POSITIVES, M.MIN_NEGATIVES)
+    assert ev.calibration_bins == M.CALIBRATION_BINS

@@ -36,7 +36,7 @@ def test_mixed_sweep_runs_end_to_end_and_counts_broken_images(tmp_path):
         "seeds": [0],
         "training": {"epochs": 1, "logical_batch": 16, "physical_batch": 16},
         "preprocessing": {"image_size": 24},
-        "evaluation": {"n_boot": 10},
+        "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},  # tiny test splits
         "ray": {"num_cpus": 2},
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))

@@ -53,7 +53,7 @@ GRID = {
     "seeds": [0],
     "training": {"init": "pretrain", "epochs": 1, "logical_batch": 16, "physical_batch": 16},
     "preprocessing": {"image_size": 24},
-    "evaluation": {"n_boot": 10},
+    "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},  # tiny test splits
     "ray": {"num_cpus": 2},
 }
 

@@ -1,132 +1,199 @@
-"""report.write_report on real sweep outputs built with the results helpers (no mocks)."""
+"""report.write_report on real aggregate tables built from synthetic predictions (no mocks).
+
+The trial folders come from conftest's builder (through the trial store); transfer.parquet is
+aggregated from them by results.aggregate, and comparisons.parquet / reliability.parquet are
+computed by comparisons.compute_all on the same folders.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
+from conftest import EV, build_output
 from PIL import Image
-from test_comparisons import build_output, compute
 
-from privdom_ray import comparisons, report, results
+from privdom_ray import comparisons, inference, report, results
+
+
+def write_transfer(output, keys, sweep: str = "test-sweep") -> pd.DataFrame:
+    """transfer.parquet of the finished trials, by the sweep's own aggregator."""
+    _, df = results.aggregate(output, keys, sweep)
+    return results.load(output)
 
 
 def _sweep(tmp_path, **kw):
-    """A finished output folder: trials, transfer.parquet and comparisons.parquet."""
+    """A finished output folder: trials, transfer.parquet, comparisons and reliability."""
     keys = build_output(tmp_path, **kw)
-    _, df = results.aggregate(tmp_path, keys, "test-sweep")
-    with pytest.warns(comparisons.ComparisonWarning) if kw.get("skip") else _nothing():
-        comparisons.write(tmp_path, compute(tmp_path, keys))
-    return df
+    df = write_transfer(tmp_path, keys)
+    if kw.get("skip"):
+        with pytest.warns(comparisons.ComparisonWarning):
+            tables = comparisons.compute_all(tmp_path, keys, EV)
+    else:
+        tables = comparisons.compute_all(tmp_path, keys, EV)
+    comparisons.write_all(tmp_path, tables)
+    return df, tables.comparisons
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _matrix_rows(md: str, heading_start: str) -> dict[str, list[str]]:
-    """The rows of the first markdown table after the heading starting with heading_start."""
+def _rows(md: str, heading_start: str, after: str = "") -> dict[str, list[str]]:
+    """The body rows of the first markdown table after the heading starting with
+    heading_start (the first one after the heading ``after``), keyed by their first cell
+    (bold marks stripped)."""
     lines = md.splitlines()
-    i = next(k for k, line in enumerate(lines) if line.startswith(heading_start))
-    rows = {}
+    i0 = next(k for k, line in enumerate(lines) if line.startswith(after)) if after else 0
+    i = next(k for k, line in enumerate(lines) if k >= i0 and line.startswith(heading_start))
+    rows, body = {}, False
     for line in lines[i + 1 :]:
-        if line.startswith("#"):
+        if line.startswith("#") or (body and not line.startswith("|")):
             break
-        if line.startswith("| **"):
+        if line.startswith("|---"):
+            body = True
+        elif body:
             cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[0].strip("*")] = cells[1:]
+            rows.setdefault(cells[0].strip("*"), cells[1:])
     return rows
 
 
-def test_report_has_matrices_drop_table_fairness_and_figures(tmp_path):
-    df = _sweep(tmp_path, skip=(("b", 1.0, 0, "a"),))  # b (eps 1) never finished on a
+def _one(df: pd.DataFrame, **where) -> dict:
+    sel = df
+    for k, v in where.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, (where, len(sel))
+    return sel.iloc[0].to_dict()
+
+
+def _val(x: float, lo: float, hi: float, digits: int = 3, sign: bool = False) -> str:
+    f = f"{{:+.{digits}f}}" if sign else f"{{:.{digits}f}}"
+    return f"{f.format(x)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def test_report_sections_and_numbers_match_the_tables(tmp_path):
+    df, cmp = _sweep(tmp_path, skip=(("b", 1.0, 0, "a"),))  # b (eps 1) never finished on a
     md = report.write_report(tmp_path)
     assert (tmp_path / "report.md").read_text(encoding="utf-8") == md
     assert not list(tmp_path.glob(".report.md.*"))
+    # every registered section with content, numbered in order (no controls here: no "other")
+    view = report.ReportView.load(tmp_path)
+    shown = [s for s in report.SECTIONS if s.render(view).strip()]
+    assert [s.key for s in report.SECTIONS if s not in shown] == ["other"]
+    positions = [md.index(f"## {k}. {s.title}") for k, s in enumerate(shown, 1)]
+    assert positions == sorted(positions)
 
-    # (1) one matrix per epsilon with CIs; the missing cell is "—", not dropped
-    assert "## 1. Transfer matrices" in md
-    dp = _matrix_rows(md, "### ε = 1 ")
-    nondp = _matrix_rows(md, "### ε = inf (no DP)")
-    assert set(dp) == set(nondp) == {"a", "b", "c"}
-    assert dp["b"][0] == report.MISSING  # b -> a at eps 1
-    assert report.MISSING not in nondp["b"][0]
-    auc_aa = df[
-        (df["source"] == "a")
-        & (df["target"] == "a")
-        & (df["epsilon_target"] == 1.0)
-        & (df["label"] == "macro")
-        & (df["subgroup"] == "all")
-    ].iloc[0]
-    expect = f"{auc_aa['auc']:.3f} [{auc_aa['auc_lo']:.2f}, {auc_aa['auc_hi']:.2f}]"
-    assert dp["a"][0] == expect
-    assert "ε spent 0.99 by the prv accountant" in md
+    # headline: the primary endpoint per test site, as in comparisons.parquet
+    head = _rows(md, "### Primary: ε = 1 vs non-DP")
+    assert set(head) == {"a", "b", "c"}
+    for t in ("b", "c"):
+        r = _one(cmp, endpoint="primary", target=t)
+        assert head[t][2] == _val(r["delta"], r["delta_lo"], r["delta_hi"], sign=True)
+        assert head[t][3] == f"[{r['tost_lo']:+.3f}, {r['tost_hi']:+.3f}]"
+        assert head[t][5].startswith(r["verdict"].replace("±m", "±0.02"))
+        assert head[t][6] == f"{r['n_patients']} patients"
+    assert head["a"][2] == report.MISSING  # the DP model of b never reached a: no mean off
 
-    # (2) the drop table: every test site, non-DP vs DP drops and p-values
-    assert "## 2. AUC drop" in md
-    drop_rows = _matrix_rows(md, "### ε = 1 vs non-DP")
-    assert set(drop_rows) == {"a", "b", "c"}
-    for site in ("b", "c"):
-        assert all(c != report.MISSING for c in drop_rows[site])  # complete sites
-        assert re.fullmatch(r"<0\.001|[01]\.\d+", drop_rows[site][6])  # p (same eps)
-    assert "AUC drop, DP vs non-DP" in md and ", P = " in md
+    # test sets: images, patients and prevalence from the transfer table
+    sets = _rows(md, "Positives per label", after="## 3. Test sets")
+    row = _one(df, trial_key=df["trial_key"].iloc[0], target="a", label="cardiomegaly",
+               subgroup="all")  # fmt: skip
+    assert sets["a"][3].startswith(f"{row['n_pos']} ({row['n_pos'] / row['n']:.0%})")
 
-    # (3) fairness and (4) paired deltas
-    assert "## 3. Fairness" in md and "sex=F" in md and "age=[40,70)" in md
-    assert "## 4. Paired ΔAUC" in md and "a → a (on-domain)" in md
-    assert "| b → a | — | — | — | — | — |" in md  # the unfinished pair is shown, as missing
+    # macro matrices with CIs; the missing cell is "—", not dropped
+    dp = _rows(md, "### ε = 1 — ")
+    assert set(dp) == {"a", "b", "c"} and dp["b"][0] == report.MISSING
+    aa = _one(df, source="a", target="a", epsilon_target=1.0, label="macro", subgroup="all")
+    assert dp["a"][0] == f"{aa['auc']:.3f} [{aa['auc_lo']:.2f}, {aa['auc_hi']:.2f}]"
+    # per-label matrices (2 decimals), thresholded metrics and calibration of the same cell
+    lab = _rows(md, "### pleural_effusion, ε = 1")
+    pe = _one(df, source="a", target="a", epsilon_target=1.0, label="pleural_effusion",
+              subgroup="all")  # fmt: skip
+    assert lab["a"][0] == f"{pe['auc']:.2f} [{pe['auc_lo']:.2f}, {pe['auc_hi']:.2f}]"
+    thr = _rows(md, "### ε = 1", after="## 7. Thresholded")
+    assert thr["a → a (on-domain)"][0] == _val(aa["accuracy"], aa["accuracy_lo"], aa["accuracy_hi"])
+    cal = _rows(md, "### ε = 1", after="## 8. Calibration")
+    assert cal["a → a (on-domain)"][0] == _val(aa["brier"], aa["brier_lo"], aa["brier_hi"])
+    db = _one(cmp, quantity="delta_brier", source="a", target="a", label="macro")
+    assert cal["a → a (on-domain)"][2] == _val(db["delta"], db["delta_lo"], db["delta_hi"],
+                                               sign=True)  # fmt: skip
 
-    # figures: one heatmap per epsilon, AUC vs epsilon, subgroup bars, drop bars
-    names = {
-        "transfer_matrix_eps-1.png",
-        "transfer_matrix_eps-inf.png",
-        "auc_vs_epsilon.png",
-        "subgroup_auc.png",
-        "auc_drop.png",
-    }
+    # drop table and fairness gaps from comparisons.parquet
+    drop = _rows(md, "### ε = 1 vs non-DP — ")
+    nd = _one(cmp, quantity="drop", target="c", epsilon=math.inf, label="macro", subgroup="all")
+    assert drop["c"][0] == _val(nd["value_nondp"], nd["value_nondp_lo"], nd["value_nondp_hi"])
+    gap = _one(cmp, quantity="auc_gap_sex", source="a", target="b", epsilon=1.0)
+    gap_row = next(line for line in md.splitlines() if line.startswith("| a → b | sex=F - sex=M"))
+    assert _val(gap["delta"], gap["delta_lo"], gap["delta_hi"], sign=True) in gap_row
+
+    # paired ΔAUC: the unfinished pair is shown, as missing; a floor p-value says so
+    assert "| b → a | " + " | ".join([report.MISSING] * 8) + " |" in md
+    floor = cmp[np.isclose(cmp["p_value"], 2 / (cmp["n_valid_boot"].astype(float) + 1))]
+    assert len(floor) and f"< {2 / 201:.3g} (= 2/201, the floor)" in md
+    assert "no difference" not in md.replace('"no difference"', "")
+    assert "## 2. What these tests can and cannot conclude" in md
+
+    names = {"transfer_matrix_eps-1.png", "transfer_matrix_eps-inf.png", "auc_vs_epsilon.png",
+             "subgroup_auc.png", "auc_drop.png", "equivalence.png", "reliability.png"}  # fmt: skip
     assert {p.name for p in (tmp_path / "figures").iterdir()} == names
     for name in names:
         path = tmp_path / "figures" / name
-        assert path.stat().st_size > 0 and f"(figures/{name})" in md
-        with Image.open(path) as im:
-            im.verify()
+        assert f"(figures/{name})" in md
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
 
 
-def test_report_with_several_seeds_uses_means_and_t_tests(tmp_path):
-    _sweep(tmp_path, domains=("a", "b"), seeds=(0, 1), n=120)
+def test_report_with_several_seeds_uses_the_hierarchical_rows(tmp_path):
+    _, cmp = _sweep(tmp_path, domains=("a", "b"), seeds=(0, 1), n=120)
     md = report.write_report(tmp_path, figures=False)
     assert not (tmp_path / "figures").exists()
-    assert "mean macro AUC over the 2 seeds" in md
-    assert "paired Student t tests across seeds" in md
-    dp = _matrix_rows(md, "### ε = 1 ")
+    assert "mean macro AUC over the 2 seeds" in md and "hierarchical bootstrap" in md
+    assert "the seed level is crude" in md
+    dp = _rows(md, "### ε = 1 — ")
     assert re.fullmatch(r"\d\.\d{3} \[\d\.\d{2}, \d\.\d{2}\] ±\d\.\d{3}", dp["a"][0])
-    assert re.search(
-        r"\| a → a \(on-domain\) \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ ±[\d.]+ \(2 seeds\)", md
-    )
+    r = _one(cmp, comparison="across_seeds", quantity="drop_vs_nondp_ondomain", target="a",
+             label="macro", subgroup="all")  # fmt: skip
+    assert r["endpoint"] == "primary" and r["n_seeds"] == 2
+    head = _rows(md, "### Primary: ε = 1 vs non-DP")
+    assert head["a"][2] == _val(r["delta"], r["delta_lo"], r["delta_hi"], sign=True)
 
 
 def test_report_without_comparisons_or_dp(tmp_path):
     keys = build_output(tmp_path, domains=("a", "b"), epsilons=(math.inf,), n=100)
-    results.aggregate(tmp_path, keys, "nondp-only")
+    df = write_transfer(tmp_path, keys)
     md = report.write_report(tmp_path)
     assert "comparisons.parquet: not found" in md
     assert "No DP trials" in md and "### ε = inf (no DP)" in md
     assert (tmp_path / "figures" / "transfer_matrix_eps-inf.png").is_file()
     assert not (tmp_path / "figures" / "auc_drop.png").exists()
-    # the console summary keeps working on the same table
-    assert "### epsilon = inf (no DP)" in report.transfer_matrices_text(results.load(tmp_path))
+    console = report.transfer_matrices_text(df)
+    assert "### epsilon = inf (no DP)" in console and "Primary endpoint" not in console
+
+
+def test_console_and_report_render_one_view_and_sections_register(tmp_path, monkeypatch):
+    df, cmp = _sweep(tmp_path, domains=("a", "b"), n=150)
+    console = report.transfer_matrices_text(df, cmp)
+    view = report.ReportView.load(tmp_path)
+    value = view.matrix(1.0).loc["a", "b"]
+    assert f"| a | {view.matrix(1.0).loc['a', 'a']:.3f} | {value:.3f} |" in console
+    md = report.write_report(tmp_path, figures=False)
+    assert f"{value:.3f} [" in _rows(md, "### ε = 1 — ")["a"][1]
+    primary = cmp[cmp["endpoint"] == "primary"]
+    assert all(f"test site {t}: Δdrop" in console for t in primary["target"])
+    monkeypatch.setattr(report, "SECTIONS", list(report.SECTIONS))
+    report.register_section(
+        report.Section("canary", "Canary audit", lambda v: f"{len(v.targets)} targets\n"),
+        after="headline",
+    )
+    md = report.write_report(tmp_path, figures=False)
+    assert "## 2. Canary audit\n\n2 targets" in md
+    with pytest.raises(ValueError):
+        report.register_section(report.Section("canary", "again", lambda v: ""))
 
 
 def test_report_on_empty_table_and_missing_table(tmp_path):
     with pytest.raises(FileNotFoundError):
         report.write_report(tmp_path)
-    results.aggregate(tmp_path, [], "empty")
+    write_transfer(tmp_path, [])
     md = report.write_report(tmp_path)
     assert "transfer table is empty" in md
+    assert inference.p_floor(200) == pytest.approx(2 / 201)

@@ -128,10 +128,13 @@ def _audit(argv: list[str]) -> int:
     print(
         "trial          site        accountant  target    reported  recomputed  (rdp)     verdict"
     )
+    print("  (audit twins, site 'canaries': spent epsilon, epsilon_lower, f-DP epsilon_lower)")
     for r in rows:
         print(r.line())
     bad = sum(not r.ok for r in rows)
-    print(f"{sum(r.checked for r in rows)} DP ledger(s) audited, {bad} problem(s)")
+    print(
+        f"{sum(r.checked for r in rows)} DP ledger(s) and canary audit(s) checked, {bad} problem(s)"
+    )
     return 1 if bad else 0
 
 
@@ -158,9 +161,7 @@ def _plan(argv: list[str]) -> int:
 
     spec = grid.load_grid(args.grid, output=args.out)
     inputs = sweep.check_inputs(spec, log=lambda _m: None, writable=False)
-    splits = {
-        name: df.groupby("split").size().to_dict() for name, df in inputs.manifests.items()
-    }
+    splits = {name: df.groupby("split").size().to_dict() for name, df in inputs.manifests.items()}
     rate = None
     if args.images_per_s:
         plain = args.images_per_s[0]

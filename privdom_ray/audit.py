@@ -62,13 +62,20 @@ def audit_output(output: Path) -> list[AuditLine]:
 
 
 def audit_trial(store: TrialStore, record: TrialRecord) -> list[AuditLine]:
-    """The trial's DP ledgers: a single-site trial's one, or every trained site's."""
-    out = []
+    """Every ledger the trial's spec says it must have (a DP trial's, or each trained site's
+    of a federation, and the federation's summary), checked against the spec and the record;
+    for an audit twin also its empirical lower bound against the epsilon it spent."""
+    out = [] if record.spec.audit is None else [_canary_line(record)]
+    if not record.spec.is_private:
+        return out  # non-private: no guarantee claimed, nothing to audit
     for site, ledger, run in _ledgers_and_runs(store, record):
-        if ledger["accountant"] == "none":
-            continue  # non-private: nothing to audit
+        if ledger is None:
+            out.append(AuditLine(record.key[:12], site, problem="no ledger for this site"))
+            continue
         row = audit_ledger(ledger)
         problem = row.problem or check_against_record(ledger, run)
+        if ledger["accountant"] == "none":
+            problem = "a DP trial's ledger claims no accountant (epsilon = inf)"
         out.append(
             AuditLine(
                 record.key[:12],
@@ -79,36 +86,82 @@ def audit_trial(store: TrialStore, record: TrialRecord) -> list[AuditLine]:
                 row.recomputed,
                 row.recomputed_rdp,
                 problem,
-            )
+            )  # fmt: skip
         )
+    if record.spec.federation is not None:
+        out.append(_summary_line(record))
     return out
 
 
-def _ledgers_and_runs(store: TrialStore, record: TrialRecord) -> list[tuple[str, dict, RunRecord]]:
+def _summary_line(record: TrialRecord) -> AuditLine:
+    """A federation's summary ledger (the table's) must be its largest-epsilon site's."""
+    sites = [v for v in record.ledger.get("sites", {}).values() if int(v.get("steps", 0)) > 0]
+    summary = {k: v for k, v in record.ledger.items() if k not in ("sites", "scope", "site")}
+    worst = max(sites, key=lambda v: float(v["epsilon_spent"]), default=None)
+    same = worst is not None and all(
+        worst.get(k) == v for k, v in summary.items() if k not in ("scope", "site")
+    )
+    problem = "" if same else "the summary ledger is not the largest-epsilon site's ledger"
+    return AuditLine(record.key[:12], "(summary)", str(record.ledger.get("accountant")),
+                     problem=problem)  # fmt: skip
+
+
+def _canary_line(record: TrialRecord) -> AuditLine:
+    """An audit twin's one-run bound: above the epsilon its mechanism spent (at 95%
+    confidence) means the DP implementation or its accounting is broken."""
+    result = record.info.get("audit")
+    spent = float(record.ledger["epsilon_spent"])
+    if result is None:
+        return AuditLine(record.key[:12], "canaries", problem="audit twin without a result")
+    lower = float(result["epsilon_lower"])
+    problem = ""
+    if math.isfinite(spent) and lower > spent:
+        problem = (
+            f"canary audit ({result['kind']}, m={result['m']}): epsilon_lower {lower:.3g} > "
+            f"epsilon_spent {spent:.3g} at 95% confidence: the DP implementation or its "
+            f"accounting is broken ({record.spec.name})"
+        )
+    return AuditLine(
+        record.key[:12], "canaries", result["kind"], float(record.ledger["epsilon_target"]),
+        spent, lower, float(result.get("epsilon_lower_fdp") or math.nan), problem,
+        checked=math.isfinite(spent),
+    )  # fmt: skip
+
+
+def _ledgers_and_runs(
+    store: TrialStore, record: TrialRecord
+) -> list[tuple[str, dict | None, RunRecord]]:
+    """(site, ledger or None when missing, what the spec and record say the run did)."""
     spec, info = record.spec, record.info
-    source = spec.loss_weight_source
+    common = dict(
+        logical_batch=spec.training.logical_batch,
+        epochs=spec.training.epochs,  # a federation's: rounds x local epochs
+        loss_weights=spec.loss_weight_source,
+        epsilon_target=spec.epsilon,
+        max_grad_norm=spec.training.max_grad_norm,
+        privacy_unit=spec.training.privacy_unit,
+    )
     if spec.federation is None:
         history = store.history(record.key)
         run = RunRecord(
             units=int(info.get("units", info.get("n_train", 0))),
-            logical_batch=spec.training.logical_batch,
-            epochs=spec.training.epochs,
             steps_taken=int(history[-1]["steps"]) if history else 0,
-            loss_weights=source,
+            delta=spec.delta,
+            **common,
         )
         return [("", record.ledger, run)]
-    sites = {s["name"]: s for s in info.get("sites", [])}
+    recorded = {s["name"]: s for s in info.get("sites", [])}
+    ledgers = record.ledger.get("sites", {})
     out = []
-    for name, ledger in sorted(record.ledger.get("sites", {}).items()):
-        if int(ledger["steps"]) == 0:
-            continue  # a weight-0 site never trained
-        site = sites.get(name, {})
+    for site in spec.federation.sites:
+        if site.weight <= 0:
+            continue  # a weight-0 site never trained and released nothing
+        rec = recorded.get(site.name, {})
         run = RunRecord(
-            units=int(site.get("n_train", 0)),
-            logical_batch=spec.training.logical_batch,
-            epochs=spec.training.epochs,  # rounds x local epochs
-            steps_taken=int(site.get("steps", -1)),
-            loss_weights=source,
+            units=int(rec.get("n_train", 0)),
+            steps_taken=int(rec.get("steps", -1)),
+            delta=site.delta,
+            **common,
         )
-        out.append((name, ledger, run))
+        out.append((site.name, ledgers.get(site.name), run))
     return out

@@ -59,6 +59,7 @@ class CachedImages:
             raise ValueError(f"{path}: expected uint8 (N, S, S), found {dtype} {shape}")
         self.size = shape[1:]
         self.row_bytes = int(shape[1] * shape[2])
+        self.extra = np.zeros((0, *self.size), dtype=np.uint8)  # in-memory rows (row -1 - k)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -85,8 +86,22 @@ class CachedImages:
         view.rows = self.rows[index]
         return view
 
+    def with_rows(self, images: np.ndarray) -> CachedImages:
+        """These rows followed by ``images`` (kept in memory): e.g. an audit's input canaries
+        appended to a split that stays in the cache file."""
+        view = self.subset(slice(None))
+        view.extra = np.concatenate([self.extra, np.asarray(images, dtype=np.uint8)])
+        start = len(self.extra)
+        view.rows = np.concatenate([self.rows, -1 - np.arange(start, start + len(images))])
+        return view
+
     def _read(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), *self.size), dtype=np.uint8)
+        in_memory = rows < 0
+        if in_memory.any():
+            out[in_memory] = self.extra[-1 - rows[in_memory]]
+            out[~in_memory] = self._read(rows[~in_memory])
+            return out
         if not len(rows):
             return out
         order = np.argsort(rows, kind="stable")
@@ -108,6 +123,13 @@ class CachedImages:
 def take(images: np.ndarray | CachedImages, index) -> np.ndarray | CachedImages:
     """Rows of an image array without reading them (a lazy view of a cached split)."""
     return images.subset(index) if isinstance(images, CachedImages) else images[index]
+
+
+def append(images: np.ndarray | CachedImages, extra: np.ndarray) -> np.ndarray | CachedImages:
+    """``images`` followed by ``extra``, without reading a cached split into memory."""
+    if isinstance(images, CachedImages):
+        return images.with_rows(extra)
+    return np.concatenate([images, extra])
 
 
 @dataclass(frozen=True)

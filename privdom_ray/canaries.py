@@ -56,7 +56,7 @@ from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 
 from privdom_ray import audit_bound
-from privdom_ray.cache import SplitData
+from privdom_ray.cache import SplitData, append
 from privdom_ray.manifest import LABELS
 
 KINDS: tuple[str, ...] = ("gradient", "input")
@@ -399,7 +399,7 @@ def with_input_canaries(
         ids = np.array([f"canary-{i}" for i in idx], dtype=object)
         patient = np.concatenate([train.patient.astype(object), ids])
     return SplitData(
-        images=np.concatenate([train.images, canaries.images[idx]]),
+        images=append(train.images, canaries.images[idx]),  # the split stays in its cache
         labels=np.concatenate([train.labels, canaries.labels[idx].astype(train.labels.dtype)]),
         sex=np.concatenate([train.sex.astype(object), np.full(len(idx), "U", dtype=object)]),
         age=np.concatenate([train.age.astype(np.float64), np.full(len(idx), np.nan)]),
@@ -454,3 +454,93 @@ def audit_canaries(
     if kind not in KINDS:
         raise ValueError(f"unknown canary kind {kind!r}; known: {', '.join(KINDS)}")
     return audit_bound.audit(scores, included, delta=delta, beta=beta, kind=kind, fdp=fdp)
+
+
+# --------------------------------------------------------------------------------------------
+# An audit twin's canaries, carried by a training run (train.run_trial's ``instrument``)
+# --------------------------------------------------------------------------------------------
+
+
+class CanaryInstrument:
+    """An audit twin's canaries in a training run: input canaries join the training split
+    (``prepare``), gradient canaries attach to the optimizer (``attach``). The coins, the
+    per-step draws and the scores are secret: they live in the private checkpoint only, and
+    the twin keeps just the audit's result.
+
+    ``units`` and ``sample_rate`` are the audited cell's (the trial's training set WITHOUT
+    canaries): the Poisson rate and, for input canaries, the expected batch size that the DP
+    optimizer divides by stay what they would be without them, so nothing the released run
+    computes depends on how many coins came up.
+    """
+
+    def __init__(
+        self,
+        *,
+        count: int,
+        kind: str,
+        auditor_seed: int,
+        units: int,
+        logical_batch: int,
+        max_grad_norm: float,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown canary kind {kind!r}; known: {', '.join(KINDS)}")
+        self.count, self.kind, self.auditor_seed = count, kind, auditor_seed
+        self.units, self.logical_batch, self.max_grad_norm = units, logical_batch, max_grad_norm
+        self.coins: np.ndarray | None = None
+        self.generator: torch.Generator | None = None
+        self.gradient: GradientCanaries | None = None
+        self.inputs: InputCanaries | None = None
+        self._saved: dict | None = None
+
+    def prepare(self, train: SplitData, generator: torch.Generator) -> SplitData:
+        """Draw the coins (unless restored) and, for input canaries, append the included ones."""
+        self.generator = generator
+        if self.coins is None:
+            self.coins = draw_coins(self.count, generator)
+        if self.kind != "input":
+            return train
+        size = int(train.images.shape[1])
+        self.inputs = make_input_canaries(self.count, size, self.auditor_seed)
+        return with_input_canaries(train, self.inputs, self.coins)
+
+    def attach(self, optimizer: torch.optim.Optimizer, sample_rate: float) -> None:
+        assert self.coins is not None and self.generator is not None, "prepare() first"
+        private = isinstance(optimizer, DPOptimizer)
+        if self.kind == "input":
+            if private:  # divide by the cell's expected batch, not one that counts the coins
+                optimizer.expected_batch_size = int(self.units * sample_rate)
+            return
+        extra = {} if private else dict(
+            max_grad_norm=self.max_grad_norm, expected_batch_size=self.logical_batch
+        )  # fmt: skip
+        self.gradient = GradientCanaries.attach(
+            optimizer, count=self.count, sample_rate=sample_rate, generator=self.generator,
+            auditor_seed=self.auditor_seed, included=self.coins, **extra,
+        )  # fmt: skip
+        if self._saved is not None:
+            self.gradient.load_state_dict(self._saved)
+
+    def result(
+        self, model: nn.Module, *, delta: float, device: str = "cpu"
+    ) -> audit_bound.AuditResult:
+        """The audit: scores against the secret coins (gradient: released updates; input: minus
+        the final model's loss on each canary)."""
+        assert self.coins is not None
+        if self.kind == "gradient":
+            assert self.gradient is not None
+            scores = self.gradient.scores()
+        else:
+            assert self.inputs is not None
+            scores = -input_canary_losses(model, self.inputs, device=device)
+        return audit_canaries(scores, self.coins, kind=self.kind, delta=delta)
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "coins": [] if self.coins is None else self.coins.tolist(),
+            "gradient": None if self.gradient is None else self.gradient.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.coins = np.asarray(state["coins"], dtype=bool)
+        self._saved = state["gradient"]  # type: ignore[assignment]

@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from privdom_ray.kinds import kind_of
 from privdom_ray.results import COLUMN_PRIVACY, PRIVACY_CLASSES, TRANSFER, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
@@ -49,13 +51,15 @@ def export(output: Path, dest: Path, *, non_private: bool = False) -> list[Path]
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for name in (*SHAREABLE_TABLES, *REPORT_FILES):
+        store = TrialStore(output)
+        _export_transfer(store, output / TRANSFER, tmp / TRANSFER)
+        for name in (*SHAREABLE_TABLES[1:], *REPORT_FILES):
             if (output / name).is_file():
                 shutil.copy2(output / name, tmp / name)
         if (output / FIGURES).is_dir():
             shutil.copytree(output / FIGURES, tmp / FIGURES)
-        models = _copy_models(TrialStore(output), tmp / MODELS, non_private=non_private)
-        (tmp / "PRIVACY.md").write_text(_privacy_note(models, non_private))
+        models, held = _copy_models(store, tmp / MODELS, non_private=non_private)
+        (tmp / "PRIVACY.md").write_text(_privacy_note(models, held, non_private))
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
@@ -65,29 +69,64 @@ def export(output: Path, dest: Path, *, non_private: bool = False) -> list[Path]
     return sorted(p for p in dest.rglob("*") if p.is_file())
 
 
-def _copy_models(store: TrialStore, folder: Path, *, non_private: bool) -> list[str]:
-    names = []
+def _export_transfer(store: TrialStore, src: Path, dest: Path) -> None:
+    """The transfer table without identifiers computed from the data: trial keys become
+    release ids, the data fingerprint column is left out."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(src)
+    ids = [store.release_id(k) if k else None for k in table.column("trial_key").to_pylist()]
+    index = table.schema.get_field_index("trial_key")
+    field = table.schema.field(index).with_metadata({"privacy": "public (keyed release id)"})
+    table = table.set_column(index, field, pa.array(ids, pa.string()))
+    if "data_fingerprint" in table.column_names:
+        table = table.drop_columns(["data_fingerprint"])
+    pq.write_table(table, dest)
+
+
+def _copy_models(
+    store: TrialStore, folder: Path, *, non_private: bool
+) -> tuple[list[str], list[str]]:
+    """Copy the released models; a DP model whose audit finds a problem is held back."""
+    from privdom_ray.audit import audit_trial
+
+    names, held = [], []
     for key in store.trial_keys():
         record = store.valid(key)
         if record is None or not released(record, non_private=non_private):
             continue
-        target = folder / f"{record.spec.name}-{key}"
+        problems = [line.problem for line in audit_trial(store, record) if not line.ok]
+        if problems:
+            held.append(f"{record.spec.name}: {problems[0]}")
+            continue
+        target = folder / f"{record.spec.name}-{store.release_id(key)}"
         target.mkdir(parents=True)
         shutil.copy2(store.model_path(key), target / "model.pt")
         (target / "ledger.json").write_text(json.dumps(record.ledger, indent=2, default=str))
-        (target / "card.json").write_text(json.dumps(_card(record), indent=2, default=str))
+        card = _card(record, store.release_id(key))
+        (target / "card.json").write_text(json.dumps(card, indent=2, default=str))
         names.append(target.name)
-    return names
+    return names, held
 
 
-def _card(record: TrialRecord) -> dict[str, Any]:
+def _public_spec(record: TrialRecord) -> dict[str, Any]:
+    """The spec without what hashes the data (its key, the data fingerprints)."""
+    spec = record.spec.to_json()
+    for name in ("key", "data_fingerprint"):
+        spec.pop(name, None)
+    for site in (spec.get("federation") or {}).get("sites", []):
+        site.pop("data_fingerprint", None)
+    return spec
+
+
+def _card(record: TrialRecord, release_id: str) -> dict[str, Any]:
     """What a collaborator needs to use the weights: the spec, the thresholds (marked), and
     what the epsilon covers."""
     eps = record.ledger["epsilon_spent"]
     return {
-        "trial_key": record.key,
+        "release_id": release_id,
         "name": record.spec.name,
-        "spec": record.spec.to_json(),
+        "spec": _public_spec(record),
         "training_sites": list(record.training_sites),
         "epsilon_spent": eps,
         "delta": record.ledger["delta"],
@@ -107,7 +146,7 @@ def _card(record: TrialRecord) -> dict[str, Any]:
     }
 
 
-def _privacy_note(models: list[str], non_private: bool) -> str:
+def _privacy_note(models: list[str], held: list[str], non_private: bool) -> str:
     lines = [
         "# What is in this export, and what each value's privacy is",
         "",
@@ -134,6 +173,15 @@ def _privacy_note(models: list[str], non_private: bool) -> str:
             if non_private
             else "Only DP models with a valid guarantee; non-private weights were left out."
         ),
+        *(
+            ["", "Held back (their ledger failed `launch.py audit`):"] + [f"- {h}" for h in held]
+            if held
+            else []
+        ),  # fmt: skip
+        "",
+        "Trial keys and data fingerprints hash the data's manifest (training rows included), "
+        "so they stay home: `trial_key` here is a keyed release id, and the fingerprint column "
+        "is left out.",
         "",
         "Not exported (private, they stay with the data owner): trial folders with checkpoints "
         "(secret noise and sampling states), training curves and logs, per-image predictions, "

@@ -210,7 +210,7 @@ def site_randomness(spec: TrialSpec, site: str, key: str, round: int, device) ->
         sampling=gen("sample"),
         noise=gen("noise", dev=device),
         release=gen("counts", rnd=0),
-        augment=torch.Generator().manual_seed(stream_seed(str(spec.seed), site, round, "augment")),
+        augment=gen("augment"),  # secret too: see train.Randomness
         secret=spec.is_private,
     )
 

@@ -111,12 +111,15 @@ class _Collector:
                 self.add(key, value, "a number")
                 return _BAD
         if isinstance(default, tuple):
+            names = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+            if names and not any(v.strip().lower() in ("inf", "infinity", ".inf") for v in value):
+                return tuple(value)  # names (e.g. audit.sources)
             if isinstance(value, list):
                 try:
                     return tuple(parse_epsilon(v) for v in value)
                 except (TypeError, ValueError):
                     pass
-            self.add(key, value, "a list of numbers")
+            self.add(key, value, "a list of numbers (or of names)")
             return _BAD
         if default is None or isinstance(default, str):
             if value is None or isinstance(value, str | int):

@@ -71,9 +71,13 @@ def plan_cells(
     for t in trials:
         kind = kind_of(t)
         record = store.usable(t.key, log)  # sets a damaged or void folder aside
-        if not kind.evaluated:  # e.g. pretraining: its own cache (preprocessing), no init
-            if record is None:
-                cells.append(_cell(spec, t, caches, caches[t.name], (), "", run_id, slots))
+        init = init_path if t.init != "scratch" else ""
+        source = {"source": caches.get(t.source, ""), "own": caches.get(t.name, "")}.get(
+            kind.data, ""
+        )  # a federation's data is its sites'
+        if not kind.evaluated:  # pretraining, audit twins: trained, never tested on targets
+            if record is None and train:
+                cells.append(_cell(spec, t, caches, source, (), init, run_id, slots))
             continue
         missing = tuple(store.missing_targets(t.key, targets)) if record else targets
         if record is not None and not missing:
@@ -81,8 +85,6 @@ def plan_cells(
         if not train and record is None:
             log(f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)")
             continue
-        init = init_path if t.init != "scratch" else ""
-        source = caches[t.source] if kind.data == "source" else ""  # a federation: its sites
         cells.append(_cell(spec, t, caches, source, missing, init, run_id, slots))
     return CellPlan(list(trials), cells, targets)
 

@@ -392,13 +392,17 @@ def audit_ledger(ledger: Mapping[str, Any], *, rel_tol: float = 1e-6) -> AuditRo
 
 @dataclass(frozen=True)
 class RunRecord:
-    """What a DP run's own record says it did, for checking its ledger against."""
+    """What a DP run's own spec and record say it did, for checking its ledger against."""
 
     units: int  # training images, or patients for privacy_unit "patient"
     logical_batch: int
     epochs: int
     steps_taken: int  # steps the run's accountant saw (from its history)
     loss_weights: str
+    epsilon_target: float = math.nan  # the spec's (NaN: not checked)
+    delta: float = math.nan
+    max_grad_norm: float = math.nan
+    privacy_unit: str = ""
 
 
 def check_against_record(ledger: Mapping[str, Any], record: RunRecord) -> str:
@@ -418,12 +422,25 @@ def check_against_record(ledger: Mapping[str, Any], record: RunRecord) -> str:
             f"the ledger counts {ledger['steps']} steps and the run took {record.steps_taken}; "
             f"{record.epochs} epochs x int(1/q) = {steps}"
         )
-    wants_counts = record.loss_weights == "dp_counts"
-    if wants_counts != ("label_counts" in names) or ledger.get("loss_weights") != (
-        record.loss_weights
-    ):
+    wants = 1 if record.loss_weights == "dp_counts" else 0
+    if names.count("label_counts") != wants or ledger.get("loss_weights") != record.loss_weights:
         return (
             f"loss weights {record.loss_weights!r} but the ledger says "
             f"{ledger.get('loss_weights')!r} with releases {names}"
         )
+    return _against_spec(ledger, record)
+
+
+def _against_spec(ledger: Mapping[str, Any], record: RunRecord) -> str:
+    """The ledger's target, delta, clipping bound and unit must be the spec's."""
+    checks = (
+        ("epsilon_target", _number(ledger["epsilon_target"]), record.epsilon_target),
+        ("delta", float(ledger["delta"]), record.delta),
+        ("max_grad_norm", float(ledger["max_grad_norm"]), record.max_grad_norm),
+    )
+    for name, found, expected in checks:
+        if not math.isnan(expected) and found != expected:
+            return f"the ledger's {name} {found:g} is not the trial spec's {expected:g}"
+    if record.privacy_unit and ledger.get("privacy_unit", "image") != record.privacy_unit:
+        return f"the ledger protects {ledger.get('privacy_unit')}s, the spec {record.privacy_unit}s"
     return ""

@@ -811,12 +811,96 @@ def _console_verdicts(view: ReportView) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def _section_privacy(view: ReportView) -> str:
+    """What the reported epsilon covers, and which values of these tables it does not."""
+    trials = view.full.drop_duplicates("trial_key")
+    dp = trials[trials["accountant"].fillna("none") != "none"]
+    lines = []
+    if dp.empty:
+        lines.append("No DP trials: nothing here carries a privacy guarantee.\n")
+    for eps in epsilons(dp):
+        sel = dp[dp["epsilon_target"] == eps]
+        units = ", ".join(sorted(sel["privacy_unit"].dropna().unique())) or "image"
+        weights = ", ".join(sorted(sel["loss_weights"].dropna().unique())) or "?"
+        lines.append(
+            f"- **ε = {format_epsilon(eps)}** ({_privacy_note(sel, eps)}): each training "
+            f"{units} of the source (each site's own, for a federation) is protected in the "
+            f"released weights and everything computed from them; loss weights: {weights}"
+            + (" (the label counts' Gaussian release is part of ε)" if "dp_counts" in weights else "")
+        )
+    lines += [
+        "",
+        "The guarantee assumes the DP mechanism's randomness is secret: the noise and the "
+        "Poisson sampling (and the label-count release) were drawn from OS entropy, and their "
+        "states lived only in the private checkpoints, deleted when each trial finished. The "
+        "training-set size (hence q and the step count) is treated as public, as in Opacus.",
+        "",
+        "Values in these tables that the epsilon does **not** cover (the parquet schema marks "
+        "each column, field metadata `privacy`):",
+    ]
+    for cls, meaning in results.PRIVACY_CLASSES.items():
+        if cls in ("validation", "training", "audit", "identifier"):
+            cols = sorted(c for c, k in results.COLUMN_PRIVACY.items() if k == cls)
+            lines.append(f"- {', '.join(f'`{c}`' for c in cols)}: {meaning}")
+    lines.append(
+        "\nEvery other value is computed only from test images (never trained on), from the "
+        "ledger, or is configuration. Per-image predictions, training curves, logs and "
+        "checkpoints stay with the data owner; `launch.py export` copies only the shareable set."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _audit_rows(view: ReportView) -> pd.DataFrame:
+    full = view.full
+    if "audit_epsilon_lower" not in full.columns:
+        return pd.DataFrame()
+    rows = full[full["audit_epsilon_lower"].notna()].drop_duplicates("trial_key")
+    return rows.sort_values(["source", "epsilon_target", "seed"])
+
+
+def _section_audit(view: ReportView) -> str:
+    """Audit twins: the empirical lower bound on epsilon next to the epsilon spent."""
+    rows = _audit_rows(view)
+    if rows.empty:
+        return ""
+    table = []
+    for r in rows.to_dict("records"):
+        spent, lower = r["audit_twin_epsilon"], r["audit_epsilon_lower"]
+        broken = not _missing(spent) and math.isfinite(spent) and lower > spent
+        verdict = "**BROKEN: above ε spent**" if broken else (
+            "consistent" if math.isfinite(spent) else "no DP: shows what leaks")  # fmt: skip
+        table.append([
+            f"{r['source']}, ε = {format_epsilon(r['epsilon_target'])}, seed {r['seed']}",
+            _num(spent, 2), f"{r['audit_kind']}, m = {int(r['audit_canaries'])}",
+            f"{int(r['audit_correct'])}/{int(r['audit_guesses'])}", _num(lower, 2),
+            _num(r.get("audit_epsilon_lower_fdp"), 2), verdict,
+        ])  # fmt: skip
+    head = ["cell", "ε spent", "canaries", "correct/guesses", "ε lower (95%)", "f-DP ε lower",
+            "verdict"]  # fmt: skip
+    return "\n".join([
+        "Each audited cell has a twin trained the same way with m canaries, each included by a "
+        "secret coin; the auditor guesses the coins from the twin's output, and the correct "
+        "guesses give an ε that holds with 95% confidence as a LOWER bound (Steinke, Nasr & "
+        "Jagielski 2023; f-DP: Mahloujifar, Melis & Chaudhuri 2025). A lower bound above the ε "
+        "spent means the implementation or the accounting is broken (`launch.py audit` exits "
+        "1). Gradient canaries audit DP-SGD itself (a white-box adversary who sees every noised "
+        "update); input canaries audit only the final model (black box) and give far weaker "
+        "bounds. With m canaries no run can prove more than about ln(m), so a non-DP twin shows "
+        "a large but capped value, and a DP twin's bound sits well below its ε: an audit "
+        "catches gross failures (noise too small, noise replayable), not small accounting "
+        "slack.",
+        "",
+        _table(head, table),
+    ]) + "\n"  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ registry
 
 
 SECTIONS: list[Section] = [
     Section("headline", "Does DP change transfer? Equivalence verdicts", _section_headline),
     Section("conclusions", "What these tests can and cannot conclude", _section_conclusions),
+    Section("privacy", "What this epsilon covers", _section_privacy),
     Section("test_sets", "Test sets: images, patients and prevalence", _section_test_sets),
     Section(
         "matrices",
@@ -830,6 +914,7 @@ SECTIONS: list[Section] = [
     Section("fairness", "Fairness: subgroup gaps and DP's effect on them", _section_fairness),
     Section("paired", "Paired ΔAUC = AUC(DP) − AUC(non-DP) (exploratory)", _section_paired),
     Section("other", "Controls, federated models and membership inference", _section_other),
+    Section("audit", "Canary audit: an empirical lower bound on epsilon", _section_audit),
 ]
 
 CONSOLE: list[Section] = [
@@ -948,6 +1033,8 @@ def _draw_figures(view: ReportView, folder: Path) -> list[Path]:
         paths.append(_equivalence_plot(view, new, folder / "equivalence.png"))
     if view.reliability is not None and not view.reliability.empty:
         paths.append(_reliability_plot(view, new, folder / "reliability.png"))
+    if not _audit_rows(view).empty:
+        paths.append(_audit_plot(view, new, folder / "audit_epsilon.png"))
     return paths
 
 
@@ -1163,6 +1250,29 @@ def _equivalence_plot(view: ReportView, new, path: Path) -> Path:
     ax.set_title("Primary endpoint: thick = 90% CI (TOST), thin = 95% CI", fontsize=9)
     if margin is not None:
         ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def _audit_plot(view: ReportView, new, path: Path) -> Path:
+    """Canary audit: epsilon_lower against epsilon spent, with the y = x line (above it: a
+    broken implementation). Non-DP twins sit at the right edge, marked "no DP"."""
+    rows = _audit_rows(view)
+    finite = rows["audit_twin_epsilon"].replace([np.inf, -np.inf], np.nan).dropna()
+    top = max([1.0, *finite.tolist(), *rows["audit_epsilon_lower"].tolist()]) * 1.15
+    fig, ax = new((5.5, 4.6))
+    ax.plot([0, top], [0, top], color="0.4", linestyle="--", linewidth=0.9, label="y = x")
+    for source in sorted(rows["source"].unique()):
+        sel = rows[rows["source"] == source]
+        x = sel["audit_twin_epsilon"].replace(np.inf, top)
+        ax.plot(x, sel["audit_epsilon_lower"], "o", label=source)
+    ax.axvline(top, color="0.8", linewidth=0.8)
+    ax.text(top, 0.02 * top, " no DP", rotation=90, va="bottom", fontsize=7)
+    ax.set_xlim(0, top * 1.05)
+    ax.set_ylim(0, top * 1.05)
+    ax.set_xlabel("ε spent (accountant)")
+    ax.set_ylabel("ε lower bound (canary audit, 95%)")
+    ax.set_title("Canary audit: points above y = x would be a broken implementation", fontsize=9)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -51,13 +51,16 @@ PRIVACY_CLASSES = {
     "guarantee, which covers training images only",
     "training": "computed from training images without noise: filled for non-private trials "
     "only (null for DP trials, whose values stay in the private trial record)",
+    "audit": "the one-run canary audit of the cell's audit twin: a second run on the same "
+    "training data (its model is never released), covered by the twin's own epsilon",
+    "identifier": "a hash computed from the data's manifest (training rows included): exact, "
+    "un-noised, so it stays home; `export` drops the fingerprint and replaces the trial key "
+    "by a keyed release id",
 }
 _PUBLIC = [
     "sweep",
-    "trial_key",
     "source",
     "target",
-    "data_fingerprint",
     "on_domain",
     "training_sites",
     "seed",
@@ -88,13 +91,25 @@ _LEDGER = [
     "privacy_scope",
     "loss_weights",
 ]
+AUDIT_COLUMNS = [
+    "audit_epsilon_lower",
+    "audit_epsilon_lower_fdp",
+    "audit_canaries",
+    "audit_guesses",
+    "audit_correct",
+    "audit_kind",
+    "audit_twin_epsilon",
+]
 COLUMN_PRIVACY: dict[str, str] = {
     **dict.fromkeys(_PUBLIC, "public"),
     **dict.fromkeys(_LEDGER, "ledger"),
+    "trial_key": "identifier",
+    "data_fingerprint": "identifier",
     "threshold": "validation",
     "best_epoch": "validation",
     "mia_auc": "training",
     "mia_tpr_at_1fpr": "training",
+    **dict.fromkeys(AUDIT_COLUMNS, "audit"),
 }  # every other column (metrics.MetricRow's) is "test"
 
 
@@ -141,6 +156,15 @@ SCHEMA = _with_privacy(
         *_metric_fields(),  # label, subgroup, n, auc, ... : every field of metrics.MetricRow
         ("mia_auc", pa.float64()),
         ("mia_tpr_at_1fpr", pa.float64()),
+        # the cell's audit twin (grid option audit:): a 95% lower bound on epsilon from m
+        # canaries, and what gave it (null without a twin)
+        ("audit_epsilon_lower", pa.float64()),
+        ("audit_epsilon_lower_fdp", pa.float64()),
+        ("audit_canaries", pa.int64()),
+        ("audit_guesses", pa.int64()),
+        ("audit_correct", pa.int64()),
+        ("audit_kind", pa.string()),
+        ("audit_twin_epsilon", pa.float64()),
         ("n_boot", pa.int64()),
         ("image_size", pa.int64()),
         ("epochs", pa.int64()),
@@ -161,14 +185,17 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers see the old file or the new one."""
+def atomic_write(path: Path, write, *, private: bool = False) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers see the old file or the new
+    one. ``private`` files (checkpoints: secret generator states) stay readable by the owner
+    only; others get the usual permissions (results are meant to be shared)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
+        if not private:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -219,9 +246,11 @@ LEDGER_COLUMNS = (
 )
 
 
-def rows_for_trial(record: Any, evaluations: Iterable[Any], sweep: str) -> list[pd.DataFrame]:
+def rows_for_trial(
+    record: Any, evaluations: Iterable[Any], sweep: str, twin: Any = None
+) -> list[pd.DataFrame]:
     """The transfer-table rows of one trained trial (a store.TrialRecord), one frame per
-    current evaluation (store.EvalRecord)."""
+    current evaluation (store.EvalRecord); ``twin``: its audit twin's record, if any."""
     spec, info, ledger = record.spec, record.info, record.ledger
     # the membership attack reads training images without noise: never shared for DP trials
     shareable_mia = ledger["accountant"] == "none"
@@ -247,6 +276,7 @@ def rows_for_trial(record: Any, evaluations: Iterable[Any], sweep: str) -> list[
         "train_seconds": info["train_seconds"],
         "node": info.get("node", ""),
         "versions": json.dumps(info.get("versions", {}), sort_keys=True),
+        **audit_columns(twin),
     }
     frames = []
     for ev in evaluations:
@@ -261,6 +291,22 @@ def rows_for_trial(record: Any, evaluations: Iterable[Any], sweep: str) -> list[
         )
         frames.append(df)
     return frames
+
+
+def audit_columns(twin: Any) -> dict[str, Any]:
+    """The audit columns of a cell from its twin's record (nulls without one)."""
+    if twin is None or "audit" not in twin.info:
+        return dict.fromkeys(AUDIT_COLUMNS)
+    a = twin.info["audit"]
+    return {
+        "audit_epsilon_lower": a["epsilon_lower"],
+        "audit_epsilon_lower_fdp": a.get("epsilon_lower_fdp"),
+        "audit_canaries": a["m"],
+        "audit_guesses": a["guesses"],
+        "audit_correct": a["correct"],
+        "audit_kind": a["kind"],
+        "audit_twin_epsilon": _number(twin.ledger["epsilon_spent"]),
+    }
 
 
 def _number(value: Any) -> Any:
@@ -278,15 +324,18 @@ def aggregate(
     (``targets``: objects with ``name`` and ``fingerprint``; default: the targets of the last
     plan, ``plan.json``). Older evaluations stay on disk, out of the table.
     """
+    from privdom_ray.kinds.audit import audited
     from privdom_ray.store import TrialStore
 
     store = TrialStore(output)
     targets = list(targets) if targets is not None else planned_targets(output)
+    records = {key: store.valid(key) for key in dict.fromkeys(keys)}
+    twins = {audited(r.spec).key: r for r in records.values() if r is not None and r.spec.audit}
     frames: list[pd.DataFrame] = []
-    for key in keys:
-        record = store.valid(key)
+    for key, record in records.items():
         if record is not None:
-            frames.extend(rows_for_trial(record, store.current(key, targets), sweep))
+            evaluations = store.current(key, targets)
+            frames.extend(rows_for_trial(record, evaluations, sweep, twins.get(key)))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     for field in SCHEMA:
         if field.name not in df.columns:

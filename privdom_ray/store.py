@@ -175,7 +175,14 @@ class FileCheckpoint:
     def save(self, state: dict[str, Any]) -> None:
         import torch
 
-        atomic_write(self.path, lambda p: torch.save(state, p))
+        atomic_write(self.path, lambda p: torch.save(state, p), private=True)  # mode 0600
+
+    def remove(self) -> None:
+        """Delete the checkpoint and any temporary copy an interrupted save left behind: once
+        the trial is done, nothing may be able to replay its noise or batches."""
+        self.path.unlink(missing_ok=True)
+        for leftover in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 class TrialStore:
@@ -338,6 +345,7 @@ class TrialStore:
             why = ("damaged", f"{exc.path.name}: {exc.reason}")
         else:
             if not record.void:
+                self.checkpoint(key).remove()  # a crash between `done` and its removal
                 return record
             why = ("void", "a DP model trained before its noise and sampling were secret")
         dest = self.set_aside(key, *why)
@@ -380,7 +388,7 @@ class TrialStore:
         write_json(tdir / _TRIAL_JSON, record)
         write_yaml(tdir / _CONFIG, {**record, "ledger": ledger})
         atomic_write(tdir / _DONE, lambda p: p.write_text("done\n"))
-        (tdir / _CHECKPOINT).unlink(missing_ok=True)
+        self.checkpoint(key).remove()
 
     def write_eval(
         self,
@@ -451,6 +459,21 @@ class TrialStore:
         (self.folder(key) / _FAILED).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------------------- queries
+
+    def release_id(self, key: str) -> str:
+        """The id a trial goes by outside the data owner's site: a keyed hash (HMAC with a
+        secret kept in the output folder) of its key. The key itself hashes the data's
+        manifest, so publishing it would let anyone test guesses about the training set."""
+        import hashlib
+        import hmac
+
+        salt_path = self.output / ".release_salt"
+        if not salt_path.is_file():
+            import secrets
+
+            atomic_write(salt_path, lambda p: p.write_text(secrets.token_hex(32)), private=True)
+        salt = salt_path.read_text().strip().encode()
+        return hmac.new(salt, key.encode(), hashlib.sha256).hexdigest()[:12]
 
     def find(self, query: str) -> list[str]:
         """Keys of finished trials matching a key (or prefix) or ``source/epsilon/seed``."""

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
@@ -63,9 +64,12 @@ class Randomness:
     ``release`` (the label-count release) are the DP mechanism's randomness: the guarantee
     assumes nobody can replay them, so for DP trials they are seeded from OS entropy, never
     from the published seed, and their states live only in the private checkpoint (deleted
-    when the trial is done). ``augment`` needs no secrecy and follows the public seed, as does
-    the initialisation (torch's global generator). Non-private trials and the clip-only
-    control have no guarantee: all their streams follow the public seed (reproducible).
+    when the trial is done). So is ``augment``: its draws are consumed in batch order, so with
+    a known stream one example's presence would change how every later example is augmented
+    (its clipped gradient sum would move by more than C); a secret i.i.d. stream keeps the
+    sensitivity bound. The initialisation follows the public seed (torch's global generator).
+    Non-private trials and the clip-only control have no guarantee: all their streams follow
+    the public seed (reproducible).
     Tests inject fixed generators through ``run_trial(randomness=...)``; a sweep never does.
     """
 
@@ -74,8 +78,11 @@ class Randomness:
     release: torch.Generator
     augment: torch.Generator
     secret: bool
+    # an audit twin's coins and canary draws: always from OS entropy (the auditor must not be
+    # able to derive them), whatever the trial
+    audit: torch.Generator = field(default_factory=lambda: _entropy_generator())
 
-    STREAMS = ("sampling", "noise", "release", "augment")
+    STREAMS = ("sampling", "noise", "release", "augment", "audit")
 
     @classmethod
     def for_trial(cls, seed: int, device: str | torch.device, *, secret: bool) -> Randomness:
@@ -89,7 +96,7 @@ class Randomness:
             sampling=torch.Generator().manual_seed(seed_of(0)),
             noise=torch.Generator(device=torch.device(device)).manual_seed(seed_of(1)),
             release=torch.Generator().manual_seed(seed_of(2)),
-            augment=torch.Generator().manual_seed(seed + 3),
+            augment=torch.Generator().manual_seed(seed_of(3)),
             secret=secret,
         )
 
@@ -99,8 +106,29 @@ class Randomness:
 
     def restore(self, state: dict[str, Any]) -> None:
         for name in self.STREAMS:
-            getattr(self, name).set_state(state[name])
+            if name in state:
+                getattr(self, name).set_state(state[name])
         self.secret = bool(state["secret"])
+
+
+def _entropy_generator() -> torch.Generator:
+    import secrets
+
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+class Instrument(Protocol):
+    """What a run may carry besides training (an audit twin's canaries, canaries.py): it may
+    change the training split before the loader is built, hooks into the optimizer, and has
+    private state that checkpoints keep."""
+
+    def prepare(self, train: SplitData, generator: torch.Generator) -> SplitData: ...
+
+    def attach(self, optimizer: torch.optim.Optimizer, sample_rate: float) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -336,6 +364,7 @@ def prepare_training(
     device: str,
     memory_budget_mb: int,
     channels_last: bool = False,
+    sample_rate: float | None = None,
 ) -> Training:
     """Wrap ``model`` and ``optimizer`` for training on ``train``.
 
@@ -344,7 +373,8 @@ def prepare_training(
     ``weights`` is the loss's pos_weight, obtained beforehand from a source that reads no
     private statistic unaccounted (lossweights.py): nothing here looks at the training labels
     except per example. ``channels_last`` converts the model's conv weights (in place: the
-    optimizer keeps its parameters) and the batches to NHWC.
+    optimizer keeps its parameters) and the batches to NHWC. ``sample_rate``: the DP loader's
+    Poisson rate (default 1/ceil(N/B), Opacus's own rule): a run's noise plan fixes it.
     """
     cfg = spec.training
     dev = torch.device(device)
@@ -363,6 +393,14 @@ def prepare_training(
     patient_rows: list[np.ndarray] = []
     if by_patient:
         loader, patient_rows = _patient_loader(train, cfg.logical_batch, randomness.sampling)
+    elif private:  # Poisson sampling at the planned rate, with the secret generator
+        rate = sample_rate or poisson_rate(len(train), cfg.logical_batch)
+        loader = DPDataLoader(
+            SplitDataset(train),
+            sample_rate=rate,
+            generator=randomness.sampling,
+            pin_memory=dev.type == "cuda",
+        )
 
     engine: PrivacyEngine | None = None
     criterion: Callable[..., Any] = dpstep.MaskedBCELoss(weights.to(dev))
@@ -388,8 +426,7 @@ def prepare_training(
             data_loader=loader,
             criterion=criterion,
             max_grad_norm=cfg.max_grad_norm,
-            # per patient, the loader already Poisson-samples patients with Opacus's sampler
-            poisson_sampling=not by_patient,
+            poisson_sampling=False,  # the loader already Poisson-samples (images or patients)
             noise_generator=randomness.noise,
             noise_multiplier=noise_multiplier,
         )
@@ -575,6 +612,7 @@ def run_trial(
     memory_budget_mb: int = 2048,
     channels_last: bool = False,
     randomness: Randomness | None = None,
+    instrument: Instrument | None = None,
 ) -> TrainResult:
     """Train ``spec`` on ``train``; select the epoch with the best validation macro AUC.
 
@@ -588,12 +626,13 @@ def run_trial(
     saved state is resumed exactly: the same noise and batches follow, sigma is restored and
     never re-calibrated. ``init_state`` (pretrained weights) is the starting point of a fresh
     run. ``randomness`` injects generators (tests); by default they are drawn fresh.
+    ``instrument`` (an audit twin's canaries) joins the run and its checkpoints.
     """
     t0 = time.perf_counter()
     state = _resumable(checkpoint, spec)
     t, rng, plan, weights = _setup(
         spec, train, state, device=device, init_state=init_state, randomness=randomness,
-        memory_budget_mb=memory_budget_mb, channels_last=channels_last,
+        memory_budget_mb=memory_budget_mb, channels_last=channels_last, instrument=instrument,
     )  # fmt: skip
     progress = _Progress.from_checkpoint(state)
     if progress.history:  # wall-clock time keeps counting across a resume
@@ -603,7 +642,10 @@ def run_trial(
         record = _train_one_epoch(spec, t, val, plan, progress, epoch, device, t0)
         last = epoch == spec.training.epochs
         if checkpoint is not None and (epoch % checkpoint_every == 0 or last):
-            checkpoint.save(_checkpoint_state(spec, t, rng, plan, weights, progress))
+            saved = _checkpoint_state(spec, t, rng, plan, weights, progress)
+            if instrument is not None:
+                saved["instrument"] = instrument.state_dict()
+            checkpoint.save(saved)
         if on_epoch is not None:
             on_epoch(record)
     if plan is not None:
@@ -633,8 +675,11 @@ def _setup(
     randomness: Randomness | None,
     memory_budget_mb: int,
     channels_last: bool,
+    instrument: Instrument | None = None,
 ) -> tuple[Training, Randomness, NoisePlan | None, LossWeights]:
-    """Model, optimizer, generators, noise plan and loss weights: fresh, or as checkpointed."""
+    """Model, optimizer, generators, noise plan and loss weights: fresh, or as checkpointed.
+    Plan, weights and the sample rate come from ``train`` itself, never from what an
+    ``instrument`` adds to the loader's split."""
     dev = torch.device(device)
     torch.manual_seed(spec.seed)  # the initialisation follows the public seed
     model = build_model(spec.model, num_outputs=train.labels.shape[1]).to(dev)
@@ -653,11 +698,20 @@ def _setup(
         torch.set_rng_state(state["torch_rng"])
         plan = NoisePlan(**state["noise_plan"]) if state["noise_plan"] else None
         weights = LossWeights(**{**state["loss_weights"]})
+    loader_split = train
+    if instrument is not None:
+        if state is not None and "instrument" in state:
+            instrument.load_state_dict(state["instrument"])
+        loader_split = instrument.prepare(train, rng.audit)
     t = prepare_training(
-        spec, model, optimizer, train, randomness=rng, weights=weights.tensor(),
+        spec, model, optimizer, loader_split, randomness=rng, weights=weights.tensor(),
         noise_multiplier=plan.noise_multiplier if plan is not None else None, device=device,
         memory_budget_mb=memory_budget_mb, channels_last=channels_last,
+        sample_rate=plan.sample_rate if plan is not None else None,
     )  # fmt: skip
+    if instrument is not None:
+        rate = plan.sample_rate if plan is not None else spec.training.logical_batch / len(train)
+        instrument.attach(t.optimizer, rate)
     if plan is not None and not math.isclose(_sample_rate(t.loader), plan.sample_rate):
         raise ValueError(
             f"sample rate {_sample_rate(t.loader)} differs from the plan's {plan.sample_rate}; "

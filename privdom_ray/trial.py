@@ -192,9 +192,59 @@ def train_single_site(
     cell: Cell, store: TrialStore, report: Report | None, node: str, _executor: Executor
 ) -> None:
     """Train a single-site trial on its source's cached train split (kinds: standard,
-    clip_only, pretrain)."""
+    clip_only, pretrain) and run the loss-threshold membership attack on it (private)."""
     spec = cell.spec
+    result, train, val, model = _train_on_source(cell, store, report, node)
+    mia_auc, mia_tpr, mia_n = membership_audit(
+        model, train, load_split(cell.source_cache, "test"), seed=spec.seed, device=cell.device
+    )
+    _write_single_site(
+        cell, store, node, result, val,
+        # computed from training images without noise: private (never in a shareable table
+        # for DP trials; see results.rows_for_trial)
+        {"mia_auc": mia_auc, "mia_tpr_at_1fpr": mia_tpr, "mia_n": mia_n, "n_train": len(train)},
+    )  # fmt: skip
+
+
+def train_audit_twin(
+    cell: Cell,
+    store: TrialStore,
+    report: Report | None,
+    node: str,
+    _executor: Executor,
+    *,
+    make_instrument: Callable[..., Any] | None = None,
+) -> None:
+    """Train an audit twin: the audited cell's training with canaries (kinds/audit.py), then
+    the one-run audit. The twin keeps only the audit's result; its coins, draws and scores
+    were private to its checkpoint, and its model is never released. ``make_instrument``
+    (tests: a deliberately broken build) replaces ``canaries.CanaryInstrument``."""
+    from privdom_ray.canaries import CanaryInstrument
+    from privdom_ray.config import DEFAULT_DELTA
+
+    spec = cell.spec
+    assert spec.audit is not None
     train = load_split(cell.source_cache, "train")
+    instrument = (make_instrument or CanaryInstrument)(
+        count=spec.audit.canaries,
+        kind=spec.audit.kind,
+        auditor_seed=spec.audit.auditor_seed,
+        units=len(train),
+        logical_batch=spec.training.logical_batch,
+        max_grad_norm=spec.training.max_grad_norm,
+    )
+    result, train, val, model = _train_on_source(cell, store, report, node, instrument, train)
+    # a non-private twin is audited at the grid's default delta, to compare with DP cells
+    audit = instrument.result(model, delta=spec.delta or DEFAULT_DELTA, device=cell.device)
+    _write_single_site(
+        cell, store, node, result, val, {"audit": dataclasses.asdict(audit), "n_train": len(train)}
+    )
+
+
+def _train_on_source(cell: Cell, store: TrialStore, report, node: str, instrument=None, train=None):
+    """run_trial on the cell's source cache: (result, train split, val split, final model)."""
+    spec = cell.spec
+    train = train if train is not None else load_split(cell.source_cache, "train")
     val = load_split(cell.source_cache, "val")
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
@@ -214,13 +264,16 @@ def train_single_site(
             init_state=_init_state(cell),
             memory_budget_mb=memory_budget_mb(cell.memory_budget_mb, cell.device, cell.gpu),
             channels_last=cell.channels_last,
+            instrument=instrument,
         )
     finally:
         writer.close()
     model = load_model(spec.model, result.state_dict, num_outputs=len(LABELS))
-    mia_auc, mia_tpr, mia_n = membership_audit(
-        model, train, load_split(cell.source_cache, "test"), seed=spec.seed, device=cell.device
-    )
+    return result, train, val, model
+
+
+def _write_single_site(cell: Cell, store: TrialStore, node: str, result, val, extra: dict) -> None:
+    spec = cell.spec
     thresholds = [
         metrics.youden_threshold(result.val_scores[:, j], val.labels[:, j])
         for j in range(len(LABELS))
@@ -240,14 +293,9 @@ def train_single_site(
             "selection": "best validation macro AUC (source val split); epsilon covers all epochs",
             "train_seconds": result.train_seconds,
             "resumed_from_epoch": result.resumed_from_epoch,
-            # computed from training images without noise: private (never in a shareable
-            # table for DP trials; see results.rows_for_trial)
-            "mia_auc": mia_auc,
-            "mia_tpr_at_1fpr": mia_tpr,
-            "mia_n": mia_n,
-            "n_train": len(train),
             "n_val": len(val),
             "units": result.units,  # what Poisson sampling drew from: images or patients
+            **extra,
         },
     )
 

@@ -78,3 +78,16 @@ def test_a_header_that_is_not_uint8_images_is_refused(tmp_path):
     np.save(tmp_path / "images.npy", np.zeros((3, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="uint8"):
         CachedImages(tmp_path / "images.npy", np.arange(3))
+
+
+def test_rows_appended_to_a_cached_split_are_read_with_it(entry):
+    path, reference, rows = entry
+    train = load_split(path, "train")
+    extra = np.full((2, 8, 8), 7, dtype=np.uint8)
+    both = train.images.with_rows(extra)
+    keep = np.flatnonzero((rows["split"] == "train") & rows["ok"])
+    assert len(both) == len(keep) + 2
+    np.testing.assert_array_equal(np.asarray(both), np.concatenate([reference[keep], extra]))
+    np.testing.assert_array_equal(
+        both[[len(keep) + 1, 0]], np.stack([extra[1], reference[keep[0]]])
+    )

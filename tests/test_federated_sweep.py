@@ -102,6 +102,28 @@ def test_site_ledgers_reproduce_their_epsilons(fed_sweep):
     assert all(math.isinf(s["epsilon_spent"]) for s in nondp["sites"].values())
 
 
+@pytest.mark.parametrize("tamper", ["understated summary", "missing site ledger"])
+def test_audit_covers_a_federations_summary_and_every_trained_site(fed_sweep, tamper):
+    work, _ = fed_sweep
+    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    key = df[(df["source"] == "ab") & (df["epsilon_target"] == 2)]["trial_key"].iloc[0]
+    path = work / "out" / "trials" / key / "ledger.json"
+    original = path.read_text()
+    ledger = json.loads(original)
+    if tamper == "understated summary":
+        ledger["epsilon_spent"] = 0.05
+    else:
+        ledger["sites"].pop("b")
+    try:
+        path.write_text(json.dumps(ledger))
+        proc = launch("audit", "out", cwd=work, expect=1)
+    finally:
+        path.write_text(original)
+    assert (
+        "summary" if tamper == "understated summary" else "no ledger for this site"
+    ) in proc.stdout
+
+
 def test_report_compares_federated_with_single_site(fed_sweep):
     work, proc = fed_sweep
     assert "Federated vs single-site" in proc.stdout
@@ -129,7 +151,9 @@ def test_sweep_timing_feeds_the_efficiency_benchmark(fed_sweep):
     for t in feds:
         info = json.loads((out / "trials" / t["key"] / "trial.json").read_text())
         tasks, held = info["site_tasks"], info["site_slots"] * info["slot_share"]
-        assert len(tasks) == 2 * 2 * 2 + 2  # rounds x sites x (train, validate) + 2 audits
+        # rounds x sites x (train, validate), + 2 membership attacks when non-private
+        audits = 0 if "eps2" in t["name"] else 2
+        assert len(tasks) == 2 * 2 * 2 + audits
         assert all(start < end for start, end in tasks)
         busy = bench["busy_slot_seconds"](tasks, held)
         weighted = info["slot_share"] * sum(end - start for start, end in tasks)

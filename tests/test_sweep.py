@@ -24,6 +24,7 @@ GRID = {
     "preprocessing": {"image_size": 24},
     "evaluation": {"n_boot": 40, "min_positives": 1, "min_negatives": 1},  # tiny test splits
     "ray": {"num_cpus": 2},
+    "audit": {"canaries": 200, "sources": ["a"], "epsilons": [1]},  # one audit twin
 }
 
 
@@ -108,6 +109,21 @@ def test_every_dp_epsilon_matches_an_independent_pld_accountant(tiny_sweep):
         assert row.epsilon_spent <= row.epsilon_target
 
 
+def test_the_audit_twin_bounds_its_cells_epsilon_and_stays_out_of_the_matrices(tiny_sweep):
+    work, proc = tiny_sweep
+    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    audited = df[df["audit_epsilon_lower"].notna()]
+    assert set(audited["source"]) == {"a"} and set(audited["epsilon_target"]) == {1.0}
+    assert audited["trial_key"].nunique() == 1 and (audited["audit_canaries"] == 200).all()
+    lower, spent = audited["audit_epsilon_lower"].iloc[0], audited["epsilon_spent"].iloc[0]
+    assert 0 <= lower <= spent
+    assert "a_eps1_seed0_audit" in proc.stdout  # trained as a trial of its own
+    report = (work / "out" / "report.md").read_text()
+    assert "Canary audit" in report and "What this epsilon covers" in report
+    assert (work / "out" / "figures" / "audit_epsilon.png").is_file()
+    assert "0 problem(s)" in launch("audit", "out", cwd=work).stdout
+
+
 def test_finished_trial_folders_hold_no_generator_state(tiny_sweep):
     """The checkpoint (with the secret sampling and noise states) is gone once a trial is done;
     what is left cannot replay the noise or the batches."""
@@ -155,7 +171,7 @@ def test_plan_counts_what_the_sweep_then_runs(tiny_sweep):
     work, _ = tiny_sweep
     (work / "grid2.yaml").write_text(yaml.safe_dump({**GRID, "epsilons": [1, 8, "inf"]}))
     out = launch("plan", "grid2.yaml", "--images-per-s", "50", cwd=work).stdout
-    assert "trainings: 8 (2 clip_only, 6 standard); 6 already done, 2 to run" in out
+    assert "trainings: 9 (1 audit, 2 clip_only, 6 standard); 7 already done, 2 to run" in out
     assert "evaluations: 16 (trained models x targets); 12 already done, 4 to run" in out
 
 
@@ -166,10 +182,10 @@ def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
     grid = {**GRID, "epsilons": [1, 8, "inf"]}
     (work / "grid2.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("--grid", "grid2.yaml", cwd=work)
-    assert "6 already done, 2 to run" in proc.stdout
+    assert "7 already done, 2 to run" in proc.stdout  # the audit twin is done too
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     assert {k: after[k] for k in before} == before  # finished models untouched
-    assert len(after) == 8
+    assert len(after) == 9  # 8 cells and the audit twin
     df = pd.read_parquet(work / "out" / "transfer.parquet")
     assert df["trial_key"].nunique() == 8
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
@@ -250,6 +266,43 @@ def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
     assert "below the recomputed" in bad.stdout and "1 problem(s)" in bad.stdout
 
 
+@pytest.mark.parametrize(
+    "tamper,problem",
+    [
+        (lambda led: {**led, "epsilon_target": 10.0}, "epsilon_target"),
+        (lambda led: {**led, "max_grad_norm": 3.0}, "max_grad_norm"),
+        (lambda led: {**led, "accountant": "none"}, "claims no accountant"),
+        (
+            lambda led: {
+                **led,
+                "mechanisms": [
+                    *led["mechanisms"],
+                    {**led["mechanisms"][0], "noise_multiplier": 1000.0},
+                ],
+            },
+            "1 problem(s)",
+        ),  # fmt: skip
+    ],
+    ids=["target", "clipping bound", "no accountant", "extra count release"],
+)
+def test_audit_checks_each_ledger_against_its_trial_spec(tiny_sweep, tamper, problem):
+    import json
+
+    work, _ = tiny_sweep
+    path = next(
+        p / "ledger.json"
+        for p in (work / "out" / "trials").iterdir()
+        if json.loads((p / "trial.json").read_text())["name"] == "b_eps1_seed0"
+    )
+    original = path.read_text()
+    try:
+        path.write_text(json.dumps(tamper(json.loads(original))))
+        proc = launch("audit", "out", cwd=work, expect=1)
+    finally:
+        path.write_text(original)
+    assert problem in proc.stdout
+
+
 def test_patient_level_privacy_end_to_end(tmp_path):
     grid = {
         **GRID,
@@ -257,6 +310,7 @@ def test_patient_level_privacy_end_to_end(tmp_path):
         "epsilons": [2],
         "controls": [],
         "training": {**GRID["training"], "privacy_unit": "patient"},
+        "audit": {"canaries": 200, "epsilons": [2]},  # canaries are units too: one per patient
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     launch("--grid", "grid.yaml", cwd=tmp_path)
@@ -298,6 +352,15 @@ def test_export_writes_exactly_the_shareable_set(tiny_sweep):
     classes = {f.name: f.metadata[b"privacy"].decode() for f in schema}
     assert classes["auc"] == "test" and classes["threshold"] == "validation"
     assert classes["epsilon_spent"] == "ledger" and classes["mia_auc"] == "training"
+    # identifiers that hash the data (trial keys, fingerprints) never leave: release ids only
+    assert "data_fingerprint" not in classes
+    shared = pd.read_parquet(work / "shared" / "transfer.parquet")
+    internal = pd.read_parquet(work / "out" / "transfer.parquet")
+    assert not set(shared["trial_key"]) & set(internal["trial_key"])
+    assert shared["trial_key"].nunique() == internal["trial_key"].nunique()
+    cards = [f for f in files if f.endswith("card.json")]
+    text = "".join((work / "shared" / f).read_text() for f in cards)
+    assert not any(k in text for k in internal["trial_key"]) and "data_fingerprint" not in text
     assert "exported" in proc.stdout
     assert (
         launch("export", "out", "--to", "shared", cwd=work, expect=2).returncode == 2
@@ -330,7 +393,7 @@ def test_a_void_dp_model_is_flagged_and_retrained(tiny_sweep):
     before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     proc = launch("--grid", "grid2.yaml", cwd=work)
     assert f"trial {dp.name}" in proc.stdout and "set_aside" in proc.stdout
-    assert "7 already done, 1 to run" in proc.stdout
+    assert "8 already done, 1 to run" in proc.stdout
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     assert after[dp.name] != before[dp.name]
     assert {k: v for k, v in after.items() if k != dp.name} == {

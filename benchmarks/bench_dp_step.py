@@ -8,7 +8,7 @@ norms for Linear, per-sample gradients + a second backward for convs), and ``bk`
 (``privdom_ray.dpstep.BookKeepingClipper``: one backward, mixed ghost norms, book-keeping).
 
 Each mode is first checked for correctness: its clipped gradient for one noiseless step must
-match a per-example loop (``dpstep.clipping_error``), in every layout timed.
+match a per-example loop (``dpcheck.clipping_error``), in every layout timed.
 ``--memory-format both`` times every mode in NCHW and in NHWC (``channels_last``, what
 ``resources.memory_format: auto`` uses on GPUs) in the same interleaved loop. Modes that fail or disagree are listed with
 the reason and not timed. Repetitions are interleaved across modes (so load from other
@@ -39,7 +39,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # dpcheck: the checks
 
+import dpcheck  # noqa: E402
 import opacus  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -211,7 +213,7 @@ def main() -> None:
         if mode == "nondp":
             continue
         try:
-            err = dpstep.clipping_error(
+            err = dpcheck.clipping_error(
                 args.model,
                 mode,
                 image_size=args.check_size,

@@ -187,13 +187,18 @@ def _decode_batch(batch: dict[str, np.ndarray], prep: dict) -> dict[str, np.ndar
 
 
 def _quiet_ray_data() -> None:
-    """One line per domain instead of Ray Data's per-operator progress blocks."""
+    """One line per domain (the sweep's ``[cache]`` line) instead of Ray Data's per-operator
+    progress blocks and its start/finish messages, which a user cannot act on."""
+    import logging
+
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_operator_progress_bars = False
+    for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # "bars disabled", "finished in 0.1s"
 
 
 def build(

@@ -20,8 +20,8 @@ from typing import Any
 from privdom_ray.imaging import Preprocessing
 
 ACCOUNTANTS = ("prv", "rdp")
-CONTROLS = ("clip_only",)
-PRIVACY_UNITS = ("image", "patient")  # extra trials per (source, seed); see TrialSpec.variant
+CONTROLS = ("clip_only",)  # extra control trials per (source, seed): kinds/clip_only.py
+PRIVACY_UNITS = ("image", "patient")  # what one unit of the DP guarantee is
 DEFAULT_DELTA = 1e-5
 
 

@@ -35,15 +35,18 @@ per-sample gradients for every parameter (hooks/ew/functorch) or a second backwa
 The privacy mechanism is unchanged: same clipping bound, same noise, same optimizer and
 accountant objects, made by ``PrivacyEngine.make_private(grad_sample_mode="ghost")``.
 
-Adopting it in the training core (same loop for every mode, BatchMemoryManager unchanged)::
+How the training core uses it (``train.prepare_training``; the same loop for every mode,
+BatchMemoryManager unchanged)::
 
-    criterion = MaskedBCELoss(pos_weight)              # == train.masked_bce, with reduction
+    criterion = MaskedBCELoss(pos_weight)
     model, optimizer, criterion, loader = privatize(
         engine, mode=fastest_correct_mode(spec.model), module=model, optimizer=optimizer,
-        data_loader=loader, criterion=criterion, target_epsilon=..., target_delta=...,
-        epochs=..., max_grad_norm=..., poisson_sampling=True, noise_generator=...)
+        data_loader=poisson_loader, criterion=criterion, noise_multiplier=sigma,
+        max_grad_norm=..., poisson_sampling=False, noise_generator=secret_generator)
     ...
     loss = criterion(model(x), y); loss.backward(); optimizer.step(); loss.item()
+
+Checks of each mode against a per-example loop live with the tests (``tests/dpcheck.py``).
 """
 
 from __future__ import annotations
@@ -114,12 +117,12 @@ def fastest_correct_mode(model_name: str, *, opacus_only: bool = False) -> str:
 
 
 class MaskedBCELoss(nn.Module):
-    """``train.masked_bce`` as a criterion with a ``reduction`` attribute.
+    """The training loss: masked BCE with a ``reduction`` attribute, for every mode.
 
     Per sample: the mean over labels of the BCE-with-logits, NaN targets (unknown labels)
-    contributing 0 and still counted in the denominator, exactly as ``masked_bce``.
-    ``reduction="mean"`` gives ``masked_bce`` itself; ``"none"`` the per-sample vector that
-    Opacus's ghost clipping and :class:`BookKeepingLoss` need.
+    contributing 0 and still counted in the denominator. ``reduction="mean"`` averages over
+    the batch (plain training); ``"none"`` gives the per-sample vector that Opacus's ghost
+    clipping and :class:`BookKeepingLoss` need.
     """
 
     def __init__(self, pos_weight: torch.Tensor | None = None, reduction: str = "mean") -> None:
@@ -761,100 +764,3 @@ def max_physical_batch(
             f"for one sample; the budget is {budget_bytes / 2**20:.0f} MiB"
         )
     return min(fit, limit) if limit is not None else fit
-
-
-# --------------------------------------------------------------------------------------------
-# Correctness of a mode: its clipped gradient against a per-example loop
-# --------------------------------------------------------------------------------------------
-
-
-def dp_gradient(
-    module: nn.Module,
-    mode: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    criterion: nn.Module,
-    *,
-    max_grad_norm: float,
-    noise_multiplier: float = 0.0,
-    noise_generator: torch.Generator | None = None,
-) -> list[torch.Tensor]:
-    """The gradient the DP optimizer hands to the wrapped optimizer for one step on (x, y):
-    clipped per-sample gradients summed, plus noise, divided by the expected batch size
-    (= ``len(x)``); read from ``p.grad`` after ``optimizer.pre_step()``. ``module`` is wrapped
-    in place: pass a copy."""
-    loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=len(x))
-    params = [p for p in module.parameters() if p.requires_grad]
-    with _quiet():
-        dp_module, opt, dp_criterion, _ = privatize(
-            PrivacyEngine(accountant="rdp"),
-            mode=mode,
-            module=module,
-            optimizer=torch.optim.SGD(params, lr=1.0),
-            data_loader=loader,
-            criterion=criterion,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            noise_generator=noise_generator,
-        )
-        opt.zero_grad(set_to_none=True)
-        dp_criterion(dp_module(x), y).backward()
-        opt.pre_step()
-    return [p.grad.detach().clone() for p in params]
-
-
-def reference_clipped_gradient(
-    module: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, max_grad_norm: float
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-example loop (batch of one at a time, plain autograd): ``(mean_i c_i grad_i,
-    per-sample norms)`` with Opacus's ``c_i = min(1, C / (norm_i + 1e-6))``."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    old = getattr(criterion, "reduction", "mean")
-    criterion.reduction = "mean"
-    try:
-        grads = [
-            torch.autograd.grad(criterion(module(x[i : i + 1]), y[i : i + 1]), params)
-            for i in range(len(x))
-        ]
-    finally:
-        criterion.reduction = old
-    norms = torch.stack([torch.sqrt(sum((g.double() ** 2).sum() for g in gs)) for gs in grads])
-    coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    summed = [
-        sum(float(coef[i]) * grads[i][k].double() for i in range(len(x))) / len(x)
-        for k in range(len(params))
-    ]
-    return [s.float() for s in summed], norms.float()
-
-
-def clipping_error(
-    model_name: str,
-    mode: str,
-    *,
-    image_size: int = 32,
-    batch: int = 4,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    channels_last: bool = False,
-) -> float:
-    """``max |mode's clipped gradient - per-example loop| / max |loop|`` for one noiseless step,
-    with the clipping bound at the median per-sample norm (so some samples are clipped and
-    some are not) and a non-trivial ``pos_weight``. float32 gives ~1e-6; a wrong mode ~1.
-    ``channels_last`` runs the mode's model and batch in NHWC (the loop stays in NCHW)."""
-    import copy
-
-    dev = torch.device(device)
-    x, y = synthetic_batch(batch, image_size, dev, seed=seed)
-    torch.manual_seed(seed)
-    base = build_model(model_name, num_outputs=y.shape[1]).to(dev).train()
-    criterion = MaskedBCELoss(torch.linspace(0.5, 3.0, y.shape[1], device=dev))
-    ref, norms = reference_clipped_gradient(copy.deepcopy(base), x, y, criterion, 1.0)
-    clip = float(norms.median())
-    ref, _ = reference_clipped_gradient(copy.deepcopy(base), x, y, criterion, clip)
-    fmt = memory_format(channels_last)
-    module = copy.deepcopy(base).to(memory_format=fmt)
-    got = dp_gradient(
-        module, mode, x.contiguous(memory_format=fmt), y, criterion, max_grad_norm=clip
-    )
-    scale = max(float(r.abs().max()) for r in ref)
-    return max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True)) / scale

@@ -40,19 +40,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from privdom_ray import privacy
 from privdom_ray.cache import SplitData, load_split
 from privdom_ray.config import Federation, TrialSpec
 from privdom_ray.manifest import LABELS
 from privdom_ray.models import build_model
-from privdom_ray.privacy import (
-    Ledger,
-    NoisePlan,
-    calibrate,
-    epsilon_of,
-    make_ledger,
-    poisson_rate,
-    steps_per_epoch,
-)
+from privdom_ray.privacy import Ledger, NoisePlan
 from privdom_ray.train import (
     CheckpointStore,
     Randomness,
@@ -134,8 +127,8 @@ def plan_sites(spec: TrialSpec, n_train: Mapping[str, int]) -> list[SitePlan]:
         if site.weight > 0 and n <= 0:
             raise ValueError(f"site {site.name!r} has weight {site.weight} but no training images")
         if spec.is_private:
-            rate = poisson_rate(n, cfg.logical_batch)
-            per_epoch = steps_per_epoch(rate)
+            rate = privacy.poisson_rate(n, cfg.logical_batch)
+            per_epoch = privacy.steps_per_epoch(rate)
         else:
             rate, per_epoch = cfg.logical_batch / max(n, 1), math.ceil(n / cfg.logical_batch)
         steps_per_round = fed.local_epochs * per_epoch if site.weight > 0 else 0
@@ -145,7 +138,7 @@ def plan_sites(spec: TrialSpec, n_train: Mapping[str, int]) -> list[SitePlan]:
                 raise ValueError(f"site {site.name!r}: a DP trial needs delta > 0")
             args = (site.delta, rate, fed.rounds * steps_per_round)
             if args not in noise:
-                noise[args] = calibrate(
+                noise[args] = privacy.calibrate(
                     epsilon=spec.epsilon, delta=site.delta, sample_rate=rate,
                     steps=args[2], accountant=cfg.accountant, count_fraction=budget,
                 )  # fmt: skip
@@ -177,6 +170,29 @@ def stream_seed(key: str, site: str, round: int, stream: str) -> int:
 
 
 @dataclass(frozen=True)
+class TaskTiming:
+    """When a site task ran (for the sweep's efficiency benchmark, benchmarks/bench_sweep.py):
+    wall-clock start (time.time()), wall seconds, and the process's CPU seconds (a site's
+    compute even when sites share CPUs)."""
+
+    started: float = 0.0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    @classmethod
+    def since(cls, started: float, t0: float, c0: float) -> TaskTiming:
+        return cls(started, time.perf_counter() - t0, time.process_time() - c0)
+
+    @property
+    def interval(self) -> list[float]:
+        return [self.started, self.started + self.seconds]
+
+
+def _clock() -> tuple[float, float, float]:
+    return time.time(), time.perf_counter(), time.process_time()
+
+
+@dataclass(frozen=True)
 class SiteUpdate:
     """What a site sends back after local training: weights and accounting numbers only (no
     training loss or other training statistic for DP trials: it would leave un-noised)."""
@@ -188,13 +204,10 @@ class SiteUpdate:
     noise_multiplier: float
     # non-private trials only: the round's mean physical-batch loss (NaN for DP trials)
     train_loss: float
-    seconds: float
     # the released loss weights (DP: the noised label counts, covered by the site's epsilon)
     pos_weight: tuple[float, ...] = ()
     loss_weights: str = ""
-    # the site process's CPU time: its compute even when sites share CPUs (wall time is not)
-    cpu_seconds: float = 0.0
-    started: float = 0.0  # wall clock (time.time()) when the site began: benchmarks/bench_sweep.py
+    timing: TaskTiming = field(default_factory=TaskTiming)
 
 
 def site_randomness(spec: TrialSpec, site: str, key: str, round: int, device) -> Randomness:
@@ -234,7 +247,7 @@ def local_update(
     the round's streams (:func:`site_randomness`). A DP site runs with its planned sigma and
     raises if the accountant saw anything but exactly (sigma, q, planned steps).
     """
-    t0, c0, started = time.perf_counter(), time.process_time(), time.time()
+    started, t0, c0 = _clock()
     fed = federation_of(spec)
     if not plan.active:
         raise ValueError(f"site {plan.name!r} has weight 0 and is not trained")
@@ -279,11 +292,9 @@ def local_update(
         sample_rate=plan.sample_rate,
         noise_multiplier=plan.noise_multiplier,
         train_loss=math.nan if spec.is_private or not losses else float(np.mean(losses)),
-        seconds=time.perf_counter() - t0,
         pos_weight=weights.values,
         loss_weights=weights.source,
-        cpu_seconds=time.process_time() - c0,
-        started=started,
+        timing=TaskTiming.since(started, t0, c0),
     )
 
 
@@ -293,7 +304,7 @@ def _check_accounting(plan: SitePlan, history: list, loader_rate: float) -> None
     Opacus accounts at 1/len(loader) = 1/int(1/q_s), which is q_s except for the few batch
     counts where int(1/q_s) rounds down (then slightly above q_s: conservative)."""
     expected = [
-        (plan.noise_multiplier, 1 / steps_per_epoch(plan.sample_rate), plan.steps_per_round)
+        (plan.noise_multiplier, 1 / privacy.steps_per_epoch(plan.sample_rate), plan.steps_per_round)
     ]
     seen = [(float(s), float(q), int(n)) for s, q, n in history]
     if loader_rate != plan.sample_rate or seen != expected:
@@ -314,8 +325,7 @@ class SiteValidation:
     n: int
     hist_pos: np.ndarray  # (L, HIST_BINS) int64: scores of images whose label is positive
     hist_neg: np.ndarray  # (L, HIST_BINS) int64: ... negative; masked labels are left out
-    seconds: float = 0.0  # wall time of the validation at the site
-    started: float = 0.0  # wall clock (time.time()) when it began
+    timing: TaskTiming = field(default_factory=TaskTiming)
 
 
 def score_histograms(
@@ -355,7 +365,7 @@ def validate_site(
     device: str = "cpu",
 ) -> SiteValidation:
     """Score the global model on this site's validation split; return only aggregates."""
-    t0, started = time.perf_counter(), time.time()
+    started, t0, c0 = _clock()
     model = load_model(spec.model, dict(global_state), num_outputs=val.labels.shape[1])
     scores = predict(model.to(device), val.images, device=device)
     hist_pos, hist_neg = score_histograms(scores, val.labels)
@@ -365,8 +375,7 @@ def validate_site(
         len(val),
         hist_pos,
         hist_neg,
-        seconds=time.perf_counter() - t0,
-        started=started,
+        timing=TaskTiming.since(started, t0, c0),
     )
 
 
@@ -432,21 +441,6 @@ def fedavg(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> 
             acc += s[key].detach().to(torch.float64) * (w / total)
         out[key] = acc.to(first.dtype)
     return out
-
-
-def pooled_youden(validations: Sequence[SiteValidation]) -> np.ndarray:
-    """Per-label Youden thresholds of the pooled validation data, from summed histograms.
-
-    Candidates are the bin edges plus ``inf``; like ``metrics.youden_threshold`` (positive
-    when score >= threshold) the highest threshold with the largest sensitivity +
-    specificity - 1 wins, ``inf`` when no cut beats chance, NaN without positives or negatives.
-    Exact on the binned scores, so within one bin width of the per-image threshold.
-    """
-    if not validations:
-        raise ValueError("no validations to pool")
-    hist_pos = np.sum([v.hist_pos for v in validations], axis=0)
-    hist_neg = np.sum([v.hist_neg for v in validations], axis=0)
-    return youden_from_histograms(hist_pos, hist_neg)
 
 
 def youden_from_histograms(hist_pos: np.ndarray, hist_neg: np.ndarray) -> np.ndarray:
@@ -645,9 +639,9 @@ def _round(spec, st: _FedState, active, r: int, update, validate, t0: float) -> 
         "steps": max(st.site_steps[p.name] for p in active),
         "seconds": time.perf_counter() - t0,
         # the sites' local training CPU time this round, summed
-        "site_cpu_seconds": math.fsum(u.cpu_seconds for u in updates),
+        "site_cpu_seconds": math.fsum(u.timing.cpu_seconds for u in updates),
         # the round's site tasks (training, validation) as [start, end] wall-clock times
-        "site_tasks": [[x.started, x.started + x.seconds] for x in [*updates, *validations]],
+        "site_tasks": [x.timing.interval for x in [*updates, *validations]],
     }
     st.history.append(record)
     st.round = r
@@ -669,7 +663,7 @@ def site_ledger(
     source, values = (site_weights or {}).get(plan.name, ["", []])
     common = dict(loss_weights=source, pos_weight=tuple(float(v) for v in values))
     if spec.is_private:
-        ledger = make_ledger(
+        ledger = privacy.make_ledger(
             epsilon_target=spec.epsilon,
             delta=plan.delta,
             plan=plan.noise_plan(steps),
@@ -691,7 +685,7 @@ def _largest_epsilon(spec: TrialSpec, active: list[SitePlan], site_steps: dict[s
         return math.inf
     # sites of equal size share (sigma, q, steps, delta): one accountant call per distinct ledger
     plans = {(p.noise_plan(site_steps[p.name]), p.delta) for p in active}
-    return max(epsilon_of(spec.training.accountant, pl.mechanisms, d)[0] for pl, d in plans)
+    return max(privacy.epsilon_of(spec.training.accountant, pl.mechanisms, d)[0] for pl, d in plans)
 
 
 def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:

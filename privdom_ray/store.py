@@ -150,6 +150,30 @@ class EvalRecord:
         return _parquet(self.path / _PRED)
 
 
+def _check_complete(path: Path, complete: Callable[[Path], bool], what: str) -> None:
+    if not path.is_file():
+        raise DamagedRecord(path, "missing")
+    if not complete(path):
+        raise DamagedRecord(path, f"{what} (truncated?)")
+
+
+def _parquet_complete(path: Path) -> bool:
+    """A parquet file ends with its footer's magic bytes: a cheap check without reading it."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 8:
+            return False
+        f.seek(-4, os.SEEK_END)
+        return f.read(4) == b"PAR1"
+
+
+def _zip_complete(path: Path) -> bool:
+    """torch.save writes a zip archive: its end-of-directory record is at the end."""
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
 def _parquet(path: Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
@@ -214,8 +238,9 @@ class TrialStore:
         info = _json(tdir / _TRIAL_JSON, ("spec",))
         ledger = _json(tdir / _LEDGER, ("accountant", "epsilon_spent", "steps"))
         thresholds = _json(tdir / _THRESHOLDS, ("youden_val",))["youden_val"]
-        if not (tdir / _MODEL).is_file():
-            raise DamagedRecord(tdir / _MODEL, "missing")
+        if not isinstance(_json(tdir / _HISTORY), list):
+            raise DamagedRecord(tdir / _HISTORY, "not a list of epoch records")
+        _check_complete(tdir / _MODEL, _zip_complete, "not a complete torch file")
         try:
             spec = TrialSpec.from_json(info["spec"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -247,6 +272,8 @@ class TrialStore:
         if not (edir / _EVAL_JSON).is_file():
             return None  # absent or half-written (renamed into place only when complete)
         ev = _json(edir / _EVAL_JSON, ("target", "fingerprint", "n_test", "n_boot"))
+        for name in (_METRICS, _PRED):
+            _check_complete(edir / name, _parquet_complete, "not a complete parquet file")
         return EvalRecord(
             target=str(ev["target"]),
             fingerprint=str(ev["fingerprint"]),
@@ -276,10 +303,14 @@ class TrialStore:
 
     def current(self, key: str, targets: Iterable[Any]) -> list[EvalRecord]:
         """The evaluations of ``targets`` (objects with ``name`` and ``fingerprint``) at their
-        current data version and protocol; one per target at most."""
+        current data version and protocol; one per target at most. A damaged one counts as
+        missing: it is evaluated again (and replaced)."""
         out = []
         for t in targets:
-            ev = self.evaluation(key, t.name, t.fingerprint)
+            try:
+                ev = self.evaluation(key, t.name, t.fingerprint)
+            except DamagedRecord:
+                continue
             if ev is not None and ev.protocol >= EVAL_PROTOCOL:
                 out.append(ev)
         return out
@@ -298,9 +329,12 @@ class TrialStore:
         if self.is_trained(key):
             try:
                 record = self.read(key)
+                for t in targets:
+                    self.evaluation(key, t.name, t.fingerprint)  # raises when damaged
                 missing = self.missing_targets(key, targets)
             except DamagedRecord as exc:
-                return "damaged", f"{exc.path.name}: {exc.reason}"
+                where = exc.path.relative_to(tdir) if exc.path.is_relative_to(tdir) else exc.path
+                return "damaged", f"{where}: {exc.reason} (the next sweep redoes it)"
             if record.void:
                 return "void", "DP model trained before secret randomness; will be retrained"
             if not missing:
@@ -412,7 +446,10 @@ class TrialStore:
             tmp / _EVAL_JSON,
             {"target": target, "fingerprint": fingerprint, "protocol": EVAL_PROTOCOL, **info},
         )
-        existing = self.evaluation(key, target, fingerprint) if edir.exists() else None
+        try:
+            existing = self.evaluation(key, target, fingerprint) if edir.exists() else None
+        except DamagedRecord:
+            existing = None  # replaced below (and kept beside, hidden)
         if existing is not None and existing.protocol >= EVAL_PROTOCOL:
             shutil.rmtree(tmp, ignore_errors=True)  # an at-least-once duplicate: keep the first
             return

@@ -1,8 +1,9 @@
 """Train one model (DP-SGD via Opacus, or plainly for epsilon = inf) and predict with it.
 
-Pure: no Ray, no Tune, no file layout. A GPU benchmark machine with only torch + opacus can
-run it. Progress leaves through the ``on_epoch`` callback, so the caller decides whether that
-becomes a Tune report, a log line, or nothing.
+Pure: no Ray, no Tune, no file layout (a checkpoint store is passed in). It needs torch,
+Opacus, numpy and the package's own torch-free modules (config, cache, privacy, lossweights),
+so a GPU machine without Ray can run it. Progress leaves through the ``on_epoch`` callback,
+so the caller decides whether that becomes a Tune report, a log line, or nothing.
 """
 
 from __future__ import annotations
@@ -381,27 +382,9 @@ def prepare_training(
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model {spec.model!r} is not Opacus-compatible: {errors}")
-    loader = DataLoader(
-        SplitDataset(train),
-        batch_size=cfg.logical_batch,
-        shuffle=True,
-        generator=randomness.sampling,  # Opacus's Poisson sampler takes this generator over
-        pin_memory=dev.type == "cuda",  # page-locked batches: asynchronous host-to-GPU copies
-    )
     private = noise_multiplier is not None
     by_patient = private and cfg.privacy_unit == "patient"
-    patient_rows: list[np.ndarray] = []
-    if by_patient:
-        loader, patient_rows = _patient_loader(train, cfg.logical_batch, randomness.sampling)
-    elif private:  # Poisson sampling at the planned rate, with the secret generator
-        rate = sample_rate or poisson_rate(len(train), cfg.logical_batch)
-        loader = DPDataLoader(
-            SplitDataset(train),
-            sample_rate=rate,
-            generator=randomness.sampling,
-            pin_memory=dev.type == "cuda",
-        )
-
+    loader, patient_rows = _loader(spec, train, randomness, dev, private, by_patient, sample_rate)
     engine: PrivacyEngine | None = None
     criterion: Callable[..., Any] = dpstep.MaskedBCELoss(weights.to(dev))
     mode = cfg.grad_sample_mode
@@ -419,21 +402,11 @@ def prepare_training(
     if private:
         engine = PrivacyEngine(accountant=cfg.accountant)
         model, optimizer, criterion, loader = dpstep.privatize(
-            engine,
-            mode=mode,
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            criterion=criterion,
-            max_grad_norm=cfg.max_grad_norm,
+            engine, mode=mode, module=model, optimizer=optimizer, data_loader=loader,
+            criterion=criterion, max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=False,  # the loader already Poisson-samples (images or patients)
-            noise_generator=randomness.noise,
-            noise_multiplier=noise_multiplier,
-        )
-
-    physical = cfg.physical_batch or auto_physical_batch(
-        spec, device, memory_budget_mb or CPU_BUDGET_MB
-    )
+            noise_generator=randomness.noise, noise_multiplier=noise_multiplier,
+        )  # fmt: skip
 
     def inputs(x: torch.Tensor) -> torch.Tensor:
         batch = _as_input(x, dev)
@@ -449,12 +422,36 @@ def prepare_training(
         engine=engine,
         train=train,
         inputs=inputs,
-        physical=physical,
+        physical=cfg.physical_batch
+        or auto_physical_batch(spec, device, memory_budget_mb or CPU_BUDGET_MB),
         device=dev,
         by_patient=by_patient,
         patient_rows=patient_rows,
         per_sample_grads=private and mode in ("hooks", "functorch", "ew"),
     )
+
+
+def _loader(spec, train, randomness, dev, private: bool, by_patient: bool, sample_rate):
+    """(loader, image rows of each patient): Poisson sampling over patients or images at the
+    planned rate with the secret generator for DP runs, shuffled batches otherwise."""
+    cfg = spec.training
+    pin = dev.type == "cuda"  # page-locked batches: asynchronous host-to-GPU copies
+    if by_patient:
+        return _patient_loader(train, cfg.logical_batch, randomness.sampling)
+    if private:
+        rate = sample_rate or poisson_rate(len(train), cfg.logical_batch)
+        loader = DPDataLoader(
+            SplitDataset(train), sample_rate=rate, generator=randomness.sampling, pin_memory=pin
+        )
+        return loader, []
+    loader = DataLoader(
+        SplitDataset(train),
+        batch_size=cfg.logical_batch,
+        shuffle=True,
+        generator=randomness.sampling,
+        pin_memory=pin,
+    )
+    return loader, []
 
 
 def train_epoch(t: Training) -> list[float]:

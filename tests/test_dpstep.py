@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dpcheck
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,15 +44,15 @@ def case():
     torch.manual_seed(0)
     model = build_model("resnet9").train()
     criterion = dpstep.MaskedBCELoss(torch.linspace(0.5, 3.0, 5))
-    _, norms = dpstep.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, 1.0)
+    _, norms = dpcheck.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, 1.0)
     clip = float(norms.median())
-    ref, _ = dpstep.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, clip)
+    ref, _ = dpcheck.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, clip)
     assert (norms > clip).any() and (norms < clip).any()  # some clipped, some not
     return {"x": x, "y": y, "model": model, "criterion": criterion, "clip": clip, "ref": ref}
 
 
 def _grad(case, mode, sigma=0.0, seed=0, model=None):
-    return dpstep.dp_gradient(
+    return dpcheck.dp_gradient(
         copy.deepcopy(model if model is not None else case["model"]),
         mode,
         case["x"],
@@ -104,7 +105,7 @@ def test_channels_last_is_correct_exactly_in_the_nhwc_modes(case, mode):
     clip wrong gradients in NHWC (if Opacus fixes it, this fails: widen NHWC_MODES)."""
     nhwc = copy.deepcopy(case["model"]).to(memory_format=torch.channels_last)
     x = case["x"].contiguous(memory_format=torch.channels_last)
-    got = dpstep.dp_gradient(
+    got = dpcheck.dp_gradient(
         nhwc, mode, x, case["y"], case["criterion"], max_grad_norm=case["clip"]
     )
     assert (_rel_err(got, case["ref"]) < 1e-4) == (mode in dpstep.NHWC_MODES)
@@ -119,7 +120,7 @@ def test_channels_last_clips_and_noises_like_nchw(case, mode):
     assert nhwc.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
 
     def grad(sigma: float) -> list[torch.Tensor]:
-        return dpstep.dp_gradient(
+        return dpcheck.dp_gradient(
             copy.deepcopy(nhwc),
             mode,
             x,
@@ -171,7 +172,7 @@ def _deeper_model_cases():
 
 @pytest.mark.parametrize(("name", "mode"), list(_deeper_model_cases()))
 def test_clipped_gradient_matches_per_example_loop_on_deeper_models(name, mode):
-    assert dpstep.clipping_error(name, mode, image_size=32, batch=3) < 1e-4
+    assert dpcheck.clipping_error(name, mode, image_size=32, batch=3) < 1e-4
 
 
 def test_fastest_table_covers_every_model_with_verified_modes():
@@ -200,9 +201,9 @@ def test_bookkeeping_pointwise_on_bottlenecks_matches_per_example_loop(channels_
     torch.manual_seed(0)
     model = build_model("resnet50").train()
     criterion = dpstep.MaskedBCELoss(torch.linspace(0.5, 3.0, 5))
-    _, norms = dpstep.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, 1.0)
+    _, norms = dpcheck.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, 1.0)
     clip = float(norms.median())
-    ref, _ = dpstep.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, clip)
+    ref, _ = dpcheck.reference_clipped_gradient(copy.deepcopy(model), x, y, criterion, clip)
     fmt = dpstep.memory_format(channels_last)
     model = model.to(memory_format=fmt)
     clipper = dpstep.BookKeepingClipper(model, clip, ghost="never")

@@ -402,3 +402,25 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
     failed = [line for line in status.splitlines() if line.startswith("failed")]
     assert len(failed) == 1 and "b_epsinf_seed0" in failed[0] and "timeout" in failed[0]
     assert "1 done" in status and "1 failed" in status
+
+
+def test_two_drivers_on_one_output_folder_train_every_cell_once(tmp_path):
+    """Started at the same moment, one driver runs the sweep and the other is refused with
+    the first one's name (exit 2); every cell is trained exactly once."""
+    g = grid(epsilons=[2, "inf"], training={"epochs": 1, "logical_batch": 16, "physical_batch": 16})
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
+    args = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
+    drivers = [start(args, tmp_path, tmp_path / f"log{i}") for i in range(2)]
+    try:
+        codes = sorted(d.wait(timeout=400) for d in drivers)
+    finally:
+        for d in drivers:
+            kill_session(d)
+    assert codes == [0, 2], [(tmp_path / f"log{i}").read_text()[-2000:] for i in range(2)]
+    logs = [(tmp_path / f"log{i}").read_text() for i in range(2)]
+    refused = next(log for log in logs if "another driver" in log)
+    assert "pid" in refused and "run" in refused
+    trials = tmp_path / "out" / "trials"
+    assert len(list(trials.glob("*/model.pt"))) == 4  # 2 sources x 2 epsilons, once each
+    ran = next(log for log in logs if "another driver" not in log)
+    assert "0 already done, 4 to run" in ran

@@ -87,7 +87,32 @@ class CsvOptions:
     "csv", CsvOptions, description="generic site CSV: path,patient_id,sex,age,<5 labels>[,split]"
 )
 def build(root: Path, options: CsvOptions) -> pd.DataFrame:
+    """Read the site CSV, validate every column and return the manifest rows."""
     source = (root / options.file).expanduser()
+    raw = _read_rows(source)
+    path, patient = _ids(source, raw)
+    # validated in a fixed order, so a file with several problems always reports the same one
+    sex = _sex(source, raw)
+    labels = _labels(source, raw, options.blank)
+    split = _split(source, raw, patient)
+    out = frame_of(
+        path=join_paths(root, path),
+        patient_id=patient,
+        split=split,
+        sex=sex,
+        age=parse_age(raw["age"]),
+        labels=labels,
+    )
+    if options.check_images:
+        require_some_images(out["path"], root=root, source=source, domain="csv")
+    return out
+
+
+def _read_rows(source: Path) -> pd.DataFrame:
+    """The CSV as strings, with the required columns present and at least one row.
+
+    Why: every value is parsed (and its errors reported) by this module, not guessed by pandas.
+    """
     if not source.is_file():
         raise ManifestError(
             f"{source}: label file not found. Fix: write a CSV with the header "
@@ -109,6 +134,15 @@ def build(root: Path, options: CsvOptions) -> pd.DataFrame:
     )
     if raw.empty:
         raise ManifestError(f"{source}: no rows")
+    return raw
+
+
+def _ids(source: Path, raw: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Stripped ``path`` and ``patient_id``: both non-blank, each path with a known decoder.
+
+    Why: a blank id would merge unrelated images into one patient, and an unknown extension
+    would only fail later, at decode time inside a training run.
+    """
     path = raw["path"].str.strip()
     patient = raw["patient_id"].str.strip()
     for column, values in (("path", path), ("patient_id", patient)):
@@ -124,7 +158,15 @@ def build(root: Path, options: CsvOptions) -> pd.DataFrame:
             f"{source}: column 'path' value {path[unknown].iloc[0]!r} (line {_line(unknown)}) has no "
             f"image decoder; allowed extensions: {sorted(DECODERS)}"
         )
+    return path, patient
 
+
+def _sex(source: Path, raw: pd.DataFrame) -> pd.Series:
+    """``sex`` as F / M / U; blank -> U.
+
+    Why: sites spell it differently (``female``, ``M``, ``other``), and an unknown code is
+    reported rather than silently read as unknown.
+    """
     sex_raw = raw["sex"].str.strip().str.upper().fillna("")
     sex = sex_raw.map({**SEX_CODES, "": "U"})
     if sex.isna().any():
@@ -132,7 +174,15 @@ def build(root: Path, options: CsvOptions) -> pd.DataFrame:
             f"{source}: column 'sex' has value {raw['sex'][sex.isna()].iloc[0]!r} (line "
             f"{_line(sex.isna())}); allowed: F, M, U, female, male, unknown or blank"
         )
+    return sex
 
+
+def _labels(source: Path, raw: pd.DataFrame, blank: str) -> pd.DataFrame:
+    """The five labels as 1.0 / 0.0, blanks masked (NaN) or, with ``blank: zeros``, 0.
+
+    Why: anything else (e.g. CheXpert's uncertain ``-1``) has no agreed meaning in this format,
+    so it fails instead of being guessed.
+    """
     labels = pd.DataFrame(index=raw.index)
     for label in LABELS:
         text = raw[label].str.strip()
@@ -143,32 +193,28 @@ def build(root: Path, options: CsvOptions) -> pd.DataFrame:
                 f"{source}: column {label!r} has value {raw[label][bad].iloc[0]!r} (line "
                 f"{_line(bad)}); allowed: 1, 0 or blank"
             )
-        labels[label] = value.fillna(0.0) if options.blank == "zeros" else value
+        labels[label] = value.fillna(0.0) if blank == "zeros" else value
+    return labels
 
-    if "split" in raw.columns:
-        split = raw["split"].str.strip().str.lower().map(SPLIT_CODES)
-        if split.isna().any():
-            raise ManifestError(
-                f"{source}: column 'split' has value {raw['split'][split.isna()].iloc[0]!r} (line "
-                f"{_line(split.isna())}); allowed: train, val, test (or drop the column for a "
-                "hash split)"
-            )
-        if "val" not in set(split):
-            split = carve_validation(split.astype(str), patient, salt=SALT)
-    else:
-        split = hash_split(patient, salt=SALT)
 
-    out = frame_of(
-        path=join_paths(root, path),
-        patient_id=patient,
-        split=split,
-        sex=sex,
-        age=parse_age(raw["age"]),
-        labels=labels,
-    )
-    if options.check_images:
-        require_some_images(out["path"], root=root, source=source, domain="csv")
-    return out
+def _split(source: Path, raw: pd.DataFrame, patient: pd.Series) -> pd.Series:
+    """The site's own split (val carved from train when it has none), else a salted hash split.
+
+    Why: a site's published split must be honoured so results compare, but every domain needs
+    train, val and test.
+    """
+    if "split" not in raw.columns:
+        return hash_split(patient, salt=SALT)
+    split = raw["split"].str.strip().str.lower().map(SPLIT_CODES)
+    if split.isna().any():
+        raise ManifestError(
+            f"{source}: column 'split' has value {raw['split'][split.isna()].iloc[0]!r} (line "
+            f"{_line(split.isna())}); allowed: train, val, test (or drop the column for a "
+            "hash split)"
+        )
+    if "val" not in set(split):
+        split = carve_validation(split.astype(str), patient, salt=SALT)
+    return split
 
 
 def _line(mask: pd.Series) -> int:

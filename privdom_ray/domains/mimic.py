@@ -91,93 +91,22 @@ def _find(root: Path, name: str) -> Path:
     "mimic", MimicOptions, description="MIMIC-CXR-JPG v2: chexpert/negbio + metadata + split CSVs"
 )
 def build(root: Path, options: MimicOptions) -> pd.DataFrame:
-    meta_csv = _find(root, "metadata")
+    """Join metadata, labels, split and patients into the manifest rows (frontal views only)."""
     study_date = ["StudyDate"] if options.demographics and options.age == "study" else []
-    meta = read_csv(
-        meta_csv,
-        required=["dicom_id", *KEYS, "ViewPosition", *study_date],
-        dtype={"dicom_id": "string", "ViewPosition": "string"},
-    )
-    meta = _int_keys(meta, meta_csv, KEYS)
-    view = meta["ViewPosition"].str.strip().str.upper()
-    meta = meta[view.isin(options.views).fillna(False).to_numpy()]
-
-    labels_csv = _find(root, options.labeler)
-    labels = _int_keys(
-        read_csv(labels_csv, required=[*KEYS, *LABEL_COLUMNS.values()]), labels_csv, KEYS
-    )
-    df = meta.merge(labels.drop_duplicates(KEYS), on=KEYS, how="inner")
-    if len(df) < len(meta):
-        log.info(
-            "mimic: %d images have no study row in %s; dropped",
-            len(meta) - len(df),
-            labels_csv.name,
-        )
-
+    meta_csv, meta = _read_metadata(root, options.views, study_date)
+    labels_csv, df = _join_labels(root, options.labeler, meta)
     if options.split == "official":
-        split_csv = _find(root, "split")
-        split = read_csv(
-            split_csv,
-            required=["dicom_id", "split"],
-            dtype={"dicom_id": "string", "split": "string"},
-        )
-        mapped = split["split"].str.strip().str.lower().map(SPLIT_VALUES)
-        if mapped.isna().any():
-            bad = split["split"][mapped.isna()].iloc[0]
-            raise ManifestError(
-                f"{split_csv}: column 'split' has value {bad!r}; allowed: {list(SPLIT_VALUES)}. "
-                "Fix: use MIMIC's own split file, or split: hash"
-            )
-        split = pd.DataFrame({"dicom_id": split["dicom_id"], "split": mapped}).drop_duplicates(
-            "dicom_id"
-        )
-        n = len(df)
-        df = df.merge(split, on="dicom_id", how="inner")
-        if len(df) < n:
-            log.info("mimic: %d images are not in %s; dropped", n - len(df), split_csv.name)
+        df = _join_official_split(root, df)
     else:
         df["split"] = hash_split(df["subject_id"].astype(str), salt=SALT)
-
-    sex = pd.Series("U", index=df.index)
-    age = pd.Series(float("nan"), index=df.index)
     if options.demographics:
-        patients_csv = find_file(
-            root,
-            ["patients.csv", "patients.csv.gz"],
-            what="MIMIC-IV patients file",
-            fix="copy MIMIC-IV's hosp/patients.csv.gz into root (or root/hosp), "
-            "or set demographics: false (sex U, age missing)",
-            subdirs=("", "hosp", "core"),
-        )
-        patients = read_csv(
-            patients_csv,
-            required=["subject_id", "gender", "anchor_age", "anchor_year"],
-            dtype={"gender": "string"},
-        )
-        patients = _int_keys(patients, patients_csv, ["subject_id"]).drop_duplicates("subject_id")
-        info = df[["subject_id"]].merge(patients, on="subject_id", how="left")
-        sex = map_sex(info["gender"], {"M": "M", "F": "F"})
-        anchor_age = pd.to_numeric(info["anchor_age"], errors="coerce")
-        if study_date:
-            year = pd.to_numeric(df["StudyDate"], errors="coerce").to_numpy() // 10000
-            anchor_age = anchor_age + (year - pd.to_numeric(info["anchor_year"], errors="coerce"))
-        age = parse_age(anchor_age.astype("float64"))
-
-    subject = df["subject_id"].astype(str)
-    rel = (
-        "files/p"
-        + subject.str[:2]
-        + "/p"
-        + subject
-        + "/s"
-        + df["study_id"].astype(str)
-        + "/"
-        + df["dicom_id"].str.strip()
-        + ".jpg"
-    )
+        sex, age = _demographics(root, df, with_study_date=bool(study_date))
+    else:
+        sex = pd.Series("U", index=df.index)
+        age = pd.Series(float("nan"), index=df.index)
     out = frame_of(
-        path=join_paths(root, rel),
-        patient_id=subject,
+        path=join_paths(root, _image_paths(df)),
+        patient_id=df["subject_id"].astype(str),
         split=df["split"],
         sex=sex,
         age=age,
@@ -188,6 +117,125 @@ def build(root: Path, options: MimicOptions) -> pd.DataFrame:
     if options.check_images:
         require_some_images(out["path"], root=root, source=meta_csv, domain="mimic")
     return out
+
+
+def _read_metadata(
+    root: Path, views: tuple[str, ...], study_date: list[str]
+) -> tuple[Path, pd.DataFrame]:
+    """The image metadata file and its rows whose ``ViewPosition`` is one of ``views``.
+
+    Why: MIMIC-CXR mixes frontal and lateral films; ``StudyDate`` is only required when the
+    age at the study is wanted.
+    """
+    meta_csv = _find(root, "metadata")
+    meta = read_csv(
+        meta_csv,
+        required=["dicom_id", *KEYS, "ViewPosition", *study_date],
+        dtype={"dicom_id": "string", "ViewPosition": "string"},
+    )
+    meta = _int_keys(meta, meta_csv, KEYS)
+    view = meta["ViewPosition"].str.strip().str.upper()
+    return meta_csv, meta[view.isin(views).fillna(False).to_numpy()]
+
+
+def _join_labels(root: Path, labeler: str, meta: pd.DataFrame) -> tuple[Path, pd.DataFrame]:
+    """The labeler's file and the images joined to their study's labels.
+
+    Why: labels are per study, images per ``dicom_id``; images of a study without a label row
+    cannot be trained on, so they are dropped (and counted in the log).
+    """
+    labels_csv = _find(root, labeler)
+    labels = _int_keys(
+        read_csv(labels_csv, required=[*KEYS, *LABEL_COLUMNS.values()]), labels_csv, KEYS
+    )
+    df = meta.merge(labels.drop_duplicates(KEYS), on=KEYS, how="inner")
+    if len(df) < len(meta):
+        log.info(
+            "mimic: %d images have no study row in %s; dropped",
+            len(meta) - len(df),
+            labels_csv.name,
+        )
+    return labels_csv, df
+
+
+def _join_official_split(root: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """Images joined to MIMIC's own split file (``validate`` -> ``val``).
+
+    Why: the official split is what published MIMIC results use; images it does not list are
+    dropped rather than guessed into a split.
+    """
+    split_csv = _find(root, "split")
+    split = read_csv(
+        split_csv,
+        required=["dicom_id", "split"],
+        dtype={"dicom_id": "string", "split": "string"},
+    )
+    mapped = split["split"].str.strip().str.lower().map(SPLIT_VALUES)
+    if mapped.isna().any():
+        bad = split["split"][mapped.isna()].iloc[0]
+        raise ManifestError(
+            f"{split_csv}: column 'split' has value {bad!r}; allowed: {list(SPLIT_VALUES)}. "
+            "Fix: use MIMIC's own split file, or split: hash"
+        )
+    split = pd.DataFrame({"dicom_id": split["dicom_id"], "split": mapped}).drop_duplicates(
+        "dicom_id"
+    )
+    n = len(df)
+    df = df.merge(split, on="dicom_id", how="inner")
+    if len(df) < n:
+        log.info("mimic: %d images are not in %s; dropped", n - len(df), split_csv.name)
+    return df
+
+
+def _demographics(
+    root: Path, df: pd.DataFrame, *, with_study_date: bool
+) -> tuple[pd.Series, pd.Series]:
+    """Sex and age of each image's patient from MIMIC-IV's ``patients.csv``.
+
+    Why: MIMIC-CXR itself has no demographics. The age is ``anchor_age`` shifted to the study's
+    year (``with_study_date``; MIMIC-CXR shares MIMIC-IV's per-patient date shift) or, without
+    it, ``anchor_age`` as is.
+    """
+    patients_csv = find_file(
+        root,
+        ["patients.csv", "patients.csv.gz"],
+        what="MIMIC-IV patients file",
+        fix="copy MIMIC-IV's hosp/patients.csv.gz into root (or root/hosp), "
+        "or set demographics: false (sex U, age missing)",
+        subdirs=("", "hosp", "core"),
+    )
+    patients = read_csv(
+        patients_csv,
+        required=["subject_id", "gender", "anchor_age", "anchor_year"],
+        dtype={"gender": "string"},
+    )
+    patients = _int_keys(patients, patients_csv, ["subject_id"]).drop_duplicates("subject_id")
+    info = df[["subject_id"]].merge(patients, on="subject_id", how="left")
+    sex = map_sex(info["gender"], {"M": "M", "F": "F"})
+    anchor_age = pd.to_numeric(info["anchor_age"], errors="coerce")
+    if with_study_date:
+        year = pd.to_numeric(df["StudyDate"], errors="coerce").to_numpy() // 10000
+        anchor_age = anchor_age + (year - pd.to_numeric(info["anchor_year"], errors="coerce"))
+    return sex, parse_age(anchor_age.astype("float64"))
+
+
+def _image_paths(df: pd.DataFrame) -> pd.Series:
+    """``files/p1X/p1XXXXXXX/sXXXXXXXX/<dicom_id>.jpg`` relative to root, per image.
+
+    Why: MIMIC-CXR-JPG lists no paths; its folder layout is derived from the ids.
+    """
+    subject = df["subject_id"].astype(str)
+    return (
+        "files/p"
+        + subject.str[:2]
+        + "/p"
+        + subject
+        + "/s"
+        + df["study_id"].astype(str)
+        + "/"
+        + df["dicom_id"].str.strip()
+        + ".jpg"
+    )
 
 
 def _int_keys(df: pd.DataFrame, source: Path, keys: list[str]) -> pd.DataFrame:

@@ -915,7 +915,7 @@ def _add_bones_and_soft_tissue(
     """Spine, clavicles, scapulae and, for women, breast shadows, on top of everything.
 
     Why: these overlap the lungs and heart on real films and are nuisance that changes no label.
-    ``density`` is updated in place (as it always was) and returned.
+    ``density`` is updated in place and returned.
     """
     density += 0.05 * _soft(np.abs(X - shift_med) - 0.05, 0.02)  # spine
     for s in (-1, 1):  # clavicles

@@ -83,7 +83,9 @@ def plan_cells(
         if record is not None and not missing:
             continue
         if not train and record is None:
-            log(f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)")
+            log(
+                f"[evaluate] {t.name} has no trained model yet; skipped (run the sweep to train it)"
+            )
             continue
         cells.append(_cell(spec, t, caches, source, missing, init, run_id, slots))
     return CellPlan(list(trials), cells, targets)

@@ -826,7 +826,11 @@ def _section_privacy(view: ReportView) -> str:
             f"- **ε = {format_epsilon(eps)}** ({_privacy_note(sel, eps)}): each training "
             f"{units} of the source (each site's own, for a federation) is protected in the "
             f"released weights and everything computed from them; loss weights: {weights}"
-            + (" (the label counts' Gaussian release is part of ε)" if "dp_counts" in weights else "")
+            + (
+                " (the label counts' Gaussian release is part of ε)"
+                if "dp_counts" in weights
+                else ""
+            )
         )
     lines += [
         "",

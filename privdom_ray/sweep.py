@@ -142,9 +142,7 @@ def check_weights_file(path: Path, model_name: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def build_caches(
-    spec: SweepSpec, inputs: Inputs, log: Log = _log
-) -> dict[str, cache.CacheEntry]:
+def build_caches(spec: SweepSpec, inputs: Inputs, log: Log = _log) -> dict[str, cache.CacheEntry]:
     """Decode every domain the grid trains or tests on once (Ray Data; needs ``ray.init``);
     the pretraining domain gets its own entry under the pretraining trial's name."""
     manifests, fps = inputs.manifests, inputs.fingerprints

@@ -236,3 +236,13 @@ def build_output(
         output / "plan.json", {"targets": [{"name": d, "fingerprint": f"fp{d}"} for d in domains]}
     )
     return keys
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests that start a Ray cluster (marked ``ray``) are slow too: ``-m "not slow"`` is the
+    quick suite (no Ray, no sweeps)."""
+    import pytest
+
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.slow)

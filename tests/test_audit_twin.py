@@ -92,6 +92,7 @@ class BrokenNoise(CanaryInstrument):
         optimizer.add_noise = broken
 
 
+@pytest.mark.slow
 def test_audit_twins_bound_epsilon_from_below_and_catch_a_broken_build(tmp_path):
     dp = train_twin(tmp_path, 1.0)
     nondp = train_twin(tmp_path, math.inf)
@@ -178,6 +179,16 @@ def test_twins_are_planned_keyed_and_attached_to_the_audited_rows(tmp_path):
     _, df = results.aggregate(tmp_path / "agg", [key, twin.key], "t", [_T("a", "fpa")])
     assert set(df["trial_key"]) == {key}  # the twin has no rows of its own
     assert (df["audit_epsilon_lower"] == 0.3).all() and (df["audit_canaries"] == 100).all()
+
+    # the report shows the audited cell once, with its numbers and verdict, and draws the figure
+    from privdom_ray import report
+
+    md = report.write_report(tmp_path / "agg")
+    rows = [line for line in md.splitlines() if line.startswith("| a, ε = 1, seed 0")]
+    spent = f"{record.ledger['epsilon_spent']:.2f}"
+    assert rows == [f"| a, ε = 1, seed 0 | {spent} | gradient, m = 100 | 26/40 | 0.30 | 0.40 "
+                    "| consistent |"]  # fmt: skip
+    assert (tmp_path / "agg" / "figures" / "audit_epsilon.png").is_file()
 
 
 @dataclasses.dataclass(frozen=True)

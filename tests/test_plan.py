@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import ROOT, launch
 from cxr_fixtures import (
@@ -16,6 +17,7 @@ from cxr_fixtures import (
 )
 
 
+@pytest.mark.slow
 def test_plan_of_the_paper_grid_on_fixture_folders(tmp_path):
     roots = {
         "MIMIC": write_mimic(tmp_path / "mimic"),

@@ -75,11 +75,13 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
     md = report.write_report(tmp_path)
     assert (tmp_path / "report.md").read_text(encoding="utf-8") == md
     assert not list(tmp_path.glob(".report.md.*"))
-    # every registered section with content, numbered in order (no controls here: no "other")
+    # every registered section with content, numbered in order (no controls and no audit
+    # twins here: no "other", no "audit"; the audit section is tested in test_audit_twin.py)
     view = report.ReportView.load(tmp_path)
     shown = [s for s in report.SECTIONS if s.render(view).strip()]
-    assert [s.key for s in report.SECTIONS if s not in shown] == ["other"]
-    positions = [md.index(f"## {k}. {s.title}") for k, s in enumerate(shown, 1)]
+    assert [s.key for s in report.SECTIONS if s not in shown] == ["other", "audit"]
+    heading = {s.key: f"## {k}. {s.title}" for k, s in enumerate(shown, 1)}
+    positions = [md.index(h) for h in heading.values()]
     assert positions == sorted(positions)
 
     # headline: the primary endpoint per test site, as in comparisons.parquet
@@ -94,7 +96,7 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
     assert head["a"][2] == report.MISSING  # the DP model of b never reached a: no mean off
 
     # test sets: images, patients and prevalence from the transfer table
-    sets = _rows(md, "Positives per label", after="## 3. Test sets")
+    sets = _rows(md, "Positives per label", after=heading["test_sets"])
     row = _one(df, trial_key=df["trial_key"].iloc[0], target="a", label="cardiomegaly",
                subgroup="all")  # fmt: skip
     assert sets["a"][3].startswith(f"{row['n_pos']} ({row['n_pos'] / row['n']:.0%})")
@@ -109,9 +111,9 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
     pe = _one(df, source="a", target="a", epsilon_target=1.0, label="pleural_effusion",
               subgroup="all")  # fmt: skip
     assert lab["a"][0] == f"{pe['auc']:.2f} [{pe['auc_lo']:.2f}, {pe['auc_hi']:.2f}]"
-    thr = _rows(md, "### ε = 1", after="## 7. Thresholded")
+    thr = _rows(md, "### ε = 1", after=heading["thresholded"])
     assert thr["a → a (on-domain)"][0] == _val(aa["accuracy"], aa["accuracy_lo"], aa["accuracy_hi"])
-    cal = _rows(md, "### ε = 1", after="## 8. Calibration")
+    cal = _rows(md, "### ε = 1", after=heading["calibration"])
     assert cal["a → a (on-domain)"][0] == _val(aa["brier"], aa["brier_lo"], aa["brier_hi"])
     db = _one(cmp, quantity="delta_brier", source="a", target="a", label="macro")
     assert cal["a → a (on-domain)"][2] == _val(db["delta"], db["delta_lo"], db["delta_hi"],

@@ -633,24 +633,42 @@ class LabelSupport:
 
 
 def label_support(
-    labels: np.ndarray, min_positives: int = 1, min_negatives: int = 1
+    labels: np.ndarray,
+    min_positives: int = 1,
+    min_negatives: int = 1,
+    units: np.ndarray | None = None,
 ) -> LabelSupport:
-    """Labels with >= ``min_positives`` positives and >= ``min_negatives`` negatives."""
+    """Labels with >= ``min_positives`` positive and >= ``min_negatives`` negative units.
+
+    ``units`` (the patient of each row) makes the unit the patient: a patient counts once as
+    positive if any of its images is (and once as negative if any is negative). Counting images
+    let a chronic finding of 3 patients with 8 images each pass a minimum of 10 and publish
+    CIs that covered 78% of the time (statistics red team); the resampling unit is the unit
+    that counts. ``n_pos`` stays the number of positive images.
+    """
     if min_positives < 1 or min_negatives < 1:
         raise ValueError("min_positives and min_negatives must be >= 1")
     y = _check_labels(labels)
     y = y[:, None] if y.ndim == 1 else y
     n_known = (~np.isnan(y)).sum(axis=0)
     n_pos = (y == 1.0).sum(axis=0)
-    n_neg = n_known - n_pos
+    unit = "image" if units is None else "patient"
+    if units is None:
+        u_pos, u_neg = n_pos, n_known - n_pos
+    else:
+        codes = np.asarray(units).ravel()
+        if codes.size != y.shape[0]:
+            raise ValueError(f"units has {codes.size} entries for {y.shape[0]} rows")
+        u_pos = np.array([np.unique(codes[y[:, j] == 1.0]).size for j in range(y.shape[1])])
+        u_neg = np.array([np.unique(codes[y[:, j] == 0.0]).size for j in range(y.shape[1])])
     reasons: list[str | None] = []
-    for k, p, q in zip(n_known, n_pos, n_neg, strict=True):
+    for k, p, q in zip(n_known, u_pos, u_neg, strict=True):
         if k == 0:
             reasons.append("no image with a known label")
         elif p < min_positives:
-            reasons.append(f"{p} positive(s), fewer than min_positives = {min_positives}")
+            reasons.append(f"{p} positive {unit}(s), fewer than min_positives = {min_positives}")
         elif q < min_negatives:
-            reasons.append(f"{q} negative(s), fewer than min_negatives = {min_negatives}")
+            reasons.append(f"{q} negative {unit}(s), fewer than min_negatives = {min_negatives}")
         else:
             reasons.append(None)
     ok = np.array([r is None for r in reasons], dtype=bool)
@@ -757,7 +775,8 @@ def _subset_values(
     s: np.ndarray, y: np.ndarray, thr: np.ndarray, rs: Resampler, st: _Settings
 ) -> _Values:
     n_lab = s.shape[1]
-    support = label_support(y, st.min_positives, st.min_negatives)
+    units = None if rs.identity else rs.codes
+    support = label_support(y, st.min_positives, st.min_negatives, units)
     thr_ok = ~np.isnan(thr)
     pred = s >= thr[None, :]
     probs = are_probabilities(s, y)
@@ -787,12 +806,18 @@ def _subset_values(
     return _Values(point, boot, valid, support, probs, orc)
 
 
+#: Metrics reported without a CI: the binned ECE is biased upwards, and a bootstrap around a
+#: biased plug-in covered a calibrated model's true ECE in 0 of 300 simulations (statistics
+#: red team). Its point is a scale; the Brier score carries the calibration CIs.
+_NO_CI = frozenset({"ece"})
+
+
 def _ci_fields(vals: dict[str, tuple[float, np.ndarray]], ci: float) -> dict[str, float | None]:
     kw: dict[str, float | None] = {}
     for key in _METRICS:
         v, samples = vals[key]
         v = opt(v)
-        lo, hi = order_ci(samples, ci) if v is not None else (None, None)
+        lo, hi = order_ci(samples, ci) if v is not None and key not in _NO_CI else (None, None)
         kw[key], kw[f"{key}_lo"], kw[f"{key}_hi"] = v, lo, hi
     return kw
 
@@ -1017,7 +1042,7 @@ def paired_auc_difference(
     names = [str(j) for j in range(n_lab)] if label_names is None else list(label_names)
     if len(names) != n_lab:
         raise ValueError(f"need {n_lab} label names, got {len(names)}")
-    sup = label_support(y, min_positives, min_negatives)
+    sup = label_support(y, min_positives, min_negatives, None if rs.identity else rs.codes)
     pa = np.array([auc(sa[:, j], y[:, j]) if sup.ok[j] else np.nan for j in range(n_lab)])
     pb = np.array([auc(sb[:, j], y[:, j]) if sup.ok[j] else np.nan for j in range(n_lab)])
     ba, bb = bootstrap_stats(sa, y, rs), bootstrap_stats(sb, y, rs)

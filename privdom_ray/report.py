@@ -230,12 +230,13 @@ def _value(r: dict | None, col: str, digits: int = 3, sign: bool = False) -> str
     return _num(v, digits, sign) + _ci(lo, hi, digits, sign)
 
 
-def _p(p: Any, n_valid: Any = None) -> str:
-    """A p-value; the smallest the bootstrap can give is shown as the bound it is."""
+def _p(p: Any, n_valid: Any = None, *, sides: int = 2) -> str:
+    """A p-value; the smallest the bootstrap can give (``sides``/(B + 1)) is shown as the bound
+    it is."""
     if _missing(p):
         return MISSING
-    if not _missing(n_valid) and n_valid and math.isclose(p, inference.p_floor(int(n_valid))):
-        return f"< {p:.3g} (= 2/{int(n_valid) + 1}, the floor)"
+    if not _missing(n_valid) and n_valid and math.isclose(p, sides / (int(n_valid) + 1)):
+        return f"< {p:.3g} (= {sides}/{int(n_valid) + 1}, the floor)"
     return f"{p:.3g}" if p < 0.1 else f"{p:.2f}"
 
 
@@ -247,6 +248,8 @@ def _verdict(r: dict | None) -> str:
     if r["verdict"] == inference.DIFFERENT and not _missing(r.get("worse_if")):
         harm = r["delta"] if r["worse_if"] == "higher" else -r["delta"]
         v += " (DP worse)" if harm > 0 else " (DP better)"
+    if r.get("n_seeds") == 1:  # training randomness is not covered: a verdict on these models
+        v += " (1 seed: these trained models only)"
     return v
 
 
@@ -376,7 +379,8 @@ def _section_headline(view: ReportView) -> str:
         for t in view.targets:
             r = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
             tost = "" if r is None else _ci(r.get("tost_lo"), r.get("tost_hi"), 3, True)
-            p = MISSING if r is None else f"{_p(r.get('p_tost'))} ({_p(r.get('p_tost_holm'))})"
+            p = (MISSING if r is None else f"{_p(r.get('p_tost'), r.get('n_valid_boot'), sides=1)}"
+                 f" ({_p(r.get('p_tost_holm'))})")  # fmt: skip
             units = MISSING if r is None else f"{r['n_patients']} {r['resampling_unit']}s"
             table.append([f"**{t}**", _value(r, "value_nondp"), _value(r, "value_dp"),
                           _value(r, "delta", 3, True), tost.strip() or MISSING, p,
@@ -574,23 +578,24 @@ def _metric_text(c: dict, metric: str, digits: int = 3) -> str:
 
 def _section_calibration(view: ReportView) -> str:
     out = [
-        "Brier score and expected calibration error (10 equal-width probability bins) of the "
-        "sigmoid outputs, macro over the label set, with 95% CIs; lower is better. Δ = DP − "
-        "non-DP of the same source and seed on the same test patients (exploratory). The ECE "
-        "is biased upwards in small samples (and more so in resamples): read its level as a "
-        "scale, its DP-vs-non-DP difference as the comparison.\n"
+        "Brier score (with 95% CI) and expected calibration error (10 equal-width probability "
+        "bins, no CI) of the sigmoid outputs, macro over the label set; lower is better. "
+        "ΔBrier = DP − non-DP of the same source and seed on the same test patients "
+        "(exploratory). The ECE is biased upwards, most in small test sets, and a bootstrap "
+        "CI around it does not cover a well-calibrated model's ECE: read it as a scale only; "
+        "the Brier score (a proper scoring rule) carries the comparison.\n"
     ]
-    header = ["source → target", "Brier", "ECE", "ΔBrier [95% CI]", "p", "ΔECE [95% CI]", "p"]
+    header = ["source → target", "Brier", "ECE", "ΔBrier [95% CI]", "p"]
     for eps in view.eps:
         out.append(f"### {_eps_label(eps)}\n")
         rows = []
         for s, t in _pairs(view):
             c = view.cell(eps, s, t)
             line = [_pair_name(s, t), _metric_text(c, "brier"), _metric_text(c, "ece")]
-            for q in ("delta_brier", "delta_ece"):
-                r = view.summary(q, source=s, target=t, epsilon=eps) if math.isfinite(eps) else None
-                line += [_value(r, "delta", 3, True),
-                         MISSING if r is None else _p(r.get("p_value"), r.get("n_valid_boot"))]  # fmt: skip
+            r = (view.summary("delta_brier", source=s, target=t, epsilon=eps)
+                 if math.isfinite(eps) else None)  # fmt: skip
+            line += [_value(r, "delta", 3, True),
+                     MISSING if r is None else _p(r.get("p_value"), r.get("n_valid_boot"))]  # fmt: skip
             rows.append(line)
         out.append(_table(header, rows))
     if view.reliability is not None and not view.reliability.empty:

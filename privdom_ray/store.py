@@ -46,9 +46,10 @@ from privdom_ray.results import atomic_write, read_json, write_json, write_parqu
 
 TRIALS = "trials"
 SET_ASIDE = "set_aside"
-#: Evaluations written before predictions carried patient groups (protocol 1) resampled
-#: images; they are redone (the model is not retrained) so every CI resamples patients.
-EVAL_PROTOCOL = 2
+#: Evaluations of an older protocol are redone (the model is never retrained for it):
+#: 1 resampled images (predictions had no patient groups); 2 counted a label's minimum
+#: positives in images, so a label of 3 patients could pass a minimum of 10; 3 counts patients.
+EVAL_PROTOCOL = 3
 
 _TRIAL_JSON, _LEDGER, _MODEL, _THRESHOLDS = (
     "trial.json",

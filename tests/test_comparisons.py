@@ -58,7 +58,8 @@ def macro_boot(s: np.ndarray, y: np.ndarray, rs: metrics.Resampler) -> tuple[flo
     """Macro AUC over the fixed label set and its resamples, computed with metrics directly."""
     bs = metrics.bootstrap_stats(s, y, rs)
     point = np.array([metrics.auc(s[:, j], y[:, j]) for j in range(y.shape[1])])
-    ok = metrics.label_support(y, EV.min_positives, EV.min_negatives).ok
+    units = None if rs.identity else rs.codes
+    ok = metrics.label_support(y, EV.min_positives, EV.min_negatives, units).ok
     return metrics.macro_over(point, bs.auc, bs.valid, ok)
 
 
@@ -221,12 +222,18 @@ def test_primary_endpoint_is_holm_adjusted_and_the_rest_gets_bh_q_values(tmp_pat
     assert set(primary["quantity"]) == {"drop_vs_nondp_ondomain"}
     assert set(primary["label"]) == {"macro"} and set(primary["subgroup"]) == {"all"}
     primary = primary.sort_values("target")
-    assert primary["p_tost_holm"].tolist() == inference.holm(primary["p_tost"].tolist())
     alpha = inference.alpha_of(EV.ci)
-    for _, r in primary.iterrows():
-        equivalent = r["p_tost_holm"] <= alpha
-        assert (r["verdict"] == "equivalent within ±m") == equivalent
-    assert df.loc[df["endpoint"] != "primary", "p_tost_holm"].isna().all()
+    for col in ("p_tost", "p_value", "p_noninf"):  # every p a verdict can rest on
+        assert primary[f"{col}_holm"].tolist() == inference.holm(primary[col].tolist())
+        assert df.loc[df["endpoint"] != "primary", f"{col}_holm"].isna().all()
+    for _, r in primary.iterrows():  # the verdict reads the adjusted p's, first match wins
+        expected = (
+            "equivalent within ±m" if r["p_tost_holm"] <= alpha
+            else "different" if r["p_value_holm"] <= alpha
+            else "non-inferior" if r["p_noninf_holm"] <= alpha
+            else "inconclusive"
+        )  # fmt: skip
+        assert r["verdict"] == expected
     fam = df[(df["comparison"] == "paired_delta") & (df["quantity"] == "delta_auc")]
     fam = fam[(fam["label"] == "macro") & (fam["subgroup"] == "all")]
     assert fam["q_value"].tolist() == pytest.approx(inference.bh(fam["p_value"].tolist()))
@@ -293,8 +300,8 @@ def test_fairness_gaps_resample_patients_jointly_across_subgroups(tmp_path):
     rs = metrics.make_resampler(len(y), N_BOOT, 0, pred["patient_group"].to_numpy())
     f, m = masks["sex=F"], masks["sex=M"]
     ok = (
-        metrics.label_support(y[f], EV.min_positives, EV.min_negatives).ok
-        & metrics.label_support(y[m], EV.min_positives, EV.min_negatives).ok
+        metrics.label_support(y[f], EV.min_positives, EV.min_negatives, rs.codes[f]).ok
+        & metrics.label_support(y[m], EV.min_positives, EV.min_negatives, rs.codes[m]).ok
     )
 
     def gap(s):
@@ -330,7 +337,9 @@ def test_subgroups_without_positives_or_members_give_nulls_with_reasons(tmp_path
     assert len(young) > 0 and (young["n_pos"].dropna() == 0).all()
     value_cols = ["value_dp", "value_nondp", "delta", "delta_lo", "p_value", "verdict"]
     assert young[value_cols].isna().all().all()
-    assert young["null_reason"].str.startswith("0 positive(s), fewer than min_positives").all()
+    assert (
+        young["null_reason"].str.startswith("0 positive patient(s), fewer than min_positives").all()
+    )
     old = df[df["subgroup"] == "age=[70,inf)"]
     assert len(old) > 0 and (old["n"].dropna() == 0).all()
     assert old[value_cols + ["auc_on", "auc_off_mean"]].isna().all().all()

@@ -277,7 +277,7 @@ def test_evaluate_degenerate_subgroups_give_none_with_a_reason():
         assert all(getattr(r, f) is None for f in metric_fields), key
         assert r.null_reason and r.n_labels == 0 and r.n_valid_boot is None
     assert by["nopos0", "a"].n_pos == 0 and by["nopos0", "a"].n > 0
-    assert by["nopos0", "a"].null_reason == "0 positive(s), fewer than min_positives = 10"
+    assert by["nopos0", "a"].null_reason == "0 positive image(s), fewer than min_positives = 10"
     assert by["empty", "c"].null_reason == "no image with a known label"
     assert by["empty", "macro"].n == 0 and by["empty", "macro"].auc is None
     assert by["empty", "macro"].null_reason.startswith("no label has >= 10 positives")
@@ -450,6 +450,17 @@ def test_macro_uses_a_fixed_label_set_and_counts_invalid_resamples():
                                              clusters=clusters, min_positives=13)}  # fmt: skip
     assert strict["rare"].auc is None and "min_positives = 13" in strict["rare"].null_reason
     assert strict["macro"].n_labels == 2
+    # the patient is the unit that counts: 12 positive images are 3 positive patients
+    by_patient = {
+        r.label: r
+        for r in M.evaluate(
+            s, y, np.zeros(3), ["x", "z", "rare"], n_boot=50, clusters=clusters, min_positives=4
+        )
+    }
+    assert by_patient["rare"].null_reason == "3 positive patient(s), fewer than min_positives = 4"
+    by_image = {r.label: r for r in M.evaluate(s, y, np.zeros(3), ["x", "z", "rare"], n_boot=50,
+                                               min_positives=4)}  # fmt: skip
+    assert by_image["rare"].auc is not None  # by image (no patient groups) it had 12
     assert strict["macro"].auc == pytest.approx((strict["x"].auc + strict["z"].auc) / 2)
 
 
@@ -474,6 +485,7 @@ def test_calibration_matches_direct_computation():
     rows = M.evaluate(p, y, [0.5, 0.5], ["u", "v"], n_boot=100, seed=2)
     assert rows[0].brier == pytest.approx(brier[0]) and rows[0].ece == pytest.approx(ece[0])
     assert rows[0].brier_lo <= rows[0].brier <= rows[0].brier_hi
+    assert rows[0].ece_lo is None and rows[0].ece_hi is None  # biased plug-in: point only
     assert rows[-1].brier == pytest.approx(brier.mean())
 
 

@@ -92,6 +92,8 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
         assert head[t][2] == _val(r["delta"], r["delta_lo"], r["delta_hi"], sign=True)
         assert head[t][3] == f"[{r['tost_lo']:+.3f}, {r['tost_hi']:+.3f}]"
         assert head[t][5].startswith(r["verdict"].replace("±m", "±0.02"))
+        assert head[t][5].endswith("(1 seed: these trained models only)")  # one seed here
+        assert head[t][4].startswith(report._p(r["p_tost"], r["n_valid_boot"], sides=1))
         assert head[t][6] == f"{r['n_patients']} patients"
     assert head["a"][2] == report.MISSING  # the DP model of b never reached a: no mean off
 
@@ -199,3 +201,6 @@ def test_report_on_empty_table_and_missing_table(tmp_path):
     md = report.write_report(tmp_path)
     assert "transfer table is empty" in md
     assert inference.p_floor(200) == pytest.approx(2 / 201)
+    # a one-sided (TOST) p has its own floor, 1/(B + 1), and is shown as the bound it is too
+    assert report._p(1 / 201, 200, sides=1) == f"< {1 / 201:.3g} (= 1/201, the floor)"
+    assert report._p(2 / 201, 200, sides=1) == f"{2 / 201:.3g}"

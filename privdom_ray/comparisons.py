@@ -452,7 +452,7 @@ def _cells(ts: TestSet, g: _Group) -> list[dict[str, Any]]:
         reason = sup.reasons[j] if not macro else None
         if macro and not sup.ok.any():
             reason = (
-                "no label has enough positives and negatives "
+                f"no label has enough positive and negative {ts.unit}s "
                 "(evaluation.min_positives, min_negatives)"
             )
         out.append(
@@ -639,8 +639,8 @@ def _gap_items(ts: TestSet, models: list[ModelInfo], ev: EvaluationConfig) -> li
         cell = {"label": "macro", "subgroup": f"{a} - {b}", "n": int((ma | mb).sum()),
                 "n_patients": int(np.unique(rs.codes[ma | mb]).size),
                 "resampling_unit": ts.unit, "n_labels": int(ok.sum()),
-                "null_reason": None if ok.any() else f"no label has enough positives and "
-                f"negatives in both {a} and {b}"}  # fmt: skip
+                "null_reason": None if ok.any() else f"no label has enough positive and "
+                f"negative {ts.unit}s in both {a} and {b}"}  # fmt: skip
         for m in models:
             if m.key not in gaps:
                 continue

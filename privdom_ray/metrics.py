@@ -877,7 +877,8 @@ def _macro_row(v: _Values, n: int, subgroup: str, rs: Resampler, st: _Settings) 
     notes = []
     if not ok.any():
         notes.append(
-            f"no label has >= {st.min_positives} positives and >= {st.min_negatives} negatives"
+            f"no label has >= {st.min_positives} positive and >= {st.min_negatives} negative "
+            f"{'image' if rs.identity else 'patient'}s"
         )
     notes += _notes(kw, v, n_valid, rs.n_boot, st.ci, False)
     if kw["auc"] is not None and kw["accuracy"] is None:

@@ -77,7 +77,8 @@ _PUBLIC = [
     "node",
     "versions",
 ]
-_LEDGER = [
+#: the numeric ledger fields copied onto every row of a trial
+LEDGER_COLUMNS = (
     "epsilon_target",
     "epsilon_spent",
     "epsilon_rdp",
@@ -88,9 +89,9 @@ _LEDGER = [
     "max_grad_norm",
     "accountant",
     "privacy_unit",
-    "privacy_scope",
-    "loss_weights",
-]
+)
+
+_LEDGER = [*LEDGER_COLUMNS, "privacy_scope", "loss_weights"]
 AUDIT_COLUMNS = [
     "audit_epsilon_lower",
     "audit_epsilon_lower_fdp",
@@ -230,20 +231,6 @@ def read_json(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------ aggregation
-
-
-LEDGER_COLUMNS = (
-    "epsilon_target",
-    "epsilon_spent",
-    "epsilon_rdp",
-    "delta",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "max_grad_norm",
-    "accountant",
-    "privacy_unit",
-)
 
 
 def rows_for_trial(

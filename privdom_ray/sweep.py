@@ -9,6 +9,7 @@ Tune run.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -359,9 +360,12 @@ def _progress_callback(names: dict[str, str], log: Log):
             if result.get("phase") == "train":
                 eps = result.get("epsilon", -1.0)
                 unit = "round" if result.get("round") else "epoch"  # federations: rounds
+                loss = result["train_loss"]
+                # DP federation sites send no training loss (an un-noised training statistic)
+                loss_text = f"loss {loss:.3f}" if math.isfinite(loss) else "loss stays at the sites"
                 log(
-                    f"[trial] {names[self._key(trial)]} {unit} {result['epoch']}: "
-                    f"loss {result['train_loss']:.3f}, val macro AUC {result['val_macro_auc']:.3f}"
+                    f"[trial] {names[self._key(trial)]} {unit} {result['epoch']}: {loss_text}, "
+                    f"val macro AUC {result['val_macro_auc']:.3f}"
                     + (f", epsilon {eps:.2f}" if eps >= 0 else "")
                 )
 
@@ -543,12 +547,15 @@ def _run_cells_on_ray(spec, inputs, address, embedded, train, run_id, log):
             warm_workers(spec)  # in the background; Ray runs a task whose result is dropped
         prep = prepare(spec, inputs, log, train=train, run_id=run_id)
         done = len(prep.trials) - len(prep.cells)
+        store = TrialStore(spec.output)
+        evaluate_only = sum(store.is_trained(c.spec.key) for c in prep.cells)
         log(
             f"[sweep] {spec.name}: {len(prep.trials)} cells ({len(spec.sources)} sources"
             + (f" + {len(spec.federations)} federations" if spec.federations else "")
             + " x "
             f"{len(spec.epsilons)} epsilons x {len(spec.seeds)} seeds), {len(spec.targets)} targets; "
-            f"{done} already done, {len(prep.cells)} to run"
+            f"{done} already done, {len(prep.cells) - evaluate_only} to train, "
+            f"{evaluate_only} trained with evaluations to (re)do"
         )
         failed = run_stages(prep, log)
     finally:

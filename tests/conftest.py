@@ -18,6 +18,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
 from privdom_ray import metrics, results  # noqa: E402
 from privdom_ray.cache import SplitData  # noqa: E402
@@ -238,11 +239,21 @@ def build_output(
     return keys
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for a test (per-sample gradient checks are exact and fast there);
+    the previous setting is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests that start a Ray cluster (marked ``ray``) are slow too: ``-m "not slow"`` is the
     quick suite (no Ray, no sweeps)."""
-    import pytest
-
     for item in items:
         if item.get_closest_marker("ray") is not None:
             item.add_marker(pytest.mark.slow)

@@ -28,18 +28,11 @@ from privdom_ray.canaries import (
 
 CLIP = 0.5
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),
     pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha"),
     pytest.mark.filterwarnings("ignore:Using a non-full backward hook"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _conv_model() -> nn.Module:

@@ -23,17 +23,10 @@ from privdom_ray.models import MODELS, build_model
 SIZE, BATCH, SIGMA = 32, 6, 1.3
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore:Secure RNG turned off"),
     pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,10 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
     assert 1 <= len(done_before) < 4
 
     proc = sweep(tmp_path)
-    assert f"{len(done_before)} already done, {4 - len(done_before)} to run" in proc.stdout
+    assert (
+        f"{len(done_before)} already done, {4 - len(trained_before)} to train, "
+        f"{len(trained_before) - len(done_before)} trained with evaluations to (re)do"
+    ) in proc.stdout
     # no trained model is trained again (one killed before its evaluation is only evaluated)
     assert {k: (trials / k / "model.pt").stat().st_mtime_ns for k in trained_before} == mtimes
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
@@ -423,4 +426,4 @@ def test_two_drivers_on_one_output_folder_train_every_cell_once(tmp_path):
     trials = tmp_path / "out" / "trials"
     assert len(list(trials.glob("*/model.pt"))) == 4  # 2 sources x 2 epsilons, once each
     ran = next(log for log in logs if "another driver" not in log)
-    assert "0 already done, 4 to run" in ran
+    assert "0 already done, 4 to train, 0 trained" in ran

@@ -134,7 +134,7 @@ def test_report_compares_federated_with_single_site(fed_sweep):
 def test_rerun_skips_the_finished_federation(fed_sweep):
     work, _ = fed_sweep
     proc = launch("--grid", "grid.yaml", cwd=work)
-    assert "4 already done, 0 to run" in proc.stdout
+    assert "4 already done, 0 to train, 0 trained" in proc.stdout
 
 
 def test_sweep_timing_feeds_the_efficiency_benchmark(fed_sweep):

@@ -280,7 +280,9 @@ def test_evaluate_degenerate_subgroups_give_none_with_a_reason():
     assert by["nopos0", "a"].null_reason == "0 positive image(s), fewer than min_positives = 10"
     assert by["empty", "c"].null_reason == "no image with a known label"
     assert by["empty", "macro"].n == 0 and by["empty", "macro"].auc is None
-    assert by["empty", "macro"].null_reason.startswith("no label has >= 10 positives")
+    assert by["empty", "macro"].null_reason.startswith(
+        "no label has >= 10 positive and >= 10 negative"
+    )
     # "d" (3% prevalence) has fewer than 10 positives even in the whole set
     assert by["all", "d"].n_pos < 10 and by["all", "d"].auc is None
     # macro is the mean over the labels that qualify, not a 0.5 for the others

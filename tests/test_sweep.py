@@ -182,7 +182,7 @@ def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
     grid = {**GRID, "epsilons": [1, 8, "inf"]}
     (work / "grid2.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("--grid", "grid2.yaml", cwd=work)
-    assert "7 already done, 2 to run" in proc.stdout  # the audit twin is done too
+    assert "7 already done, 2 to train, 0 trained" in proc.stdout  # the audit twin is done too
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     assert {k: after[k] for k in before} == before  # finished models untouched
     assert len(after) == 9  # 8 cells and the audit twin
@@ -393,7 +393,7 @@ def test_a_void_dp_model_is_flagged_and_retrained(tiny_sweep):
     before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     proc = launch("--grid", "grid2.yaml", cwd=work)
     assert f"trial {dp.name}" in proc.stdout and "set_aside" in proc.stdout
-    assert "8 already done, 1 to run" in proc.stdout
+    assert "8 already done, 1 to train, 0 trained" in proc.stdout
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     assert after[dp.name] != before[dp.name]
     assert {k: v for k, v in after.items() if k != dp.name} == {

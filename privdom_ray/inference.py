@@ -17,6 +17,22 @@ Equivalence (TOST) uses the same rule at level ``1 - 2 alpha``: the two one-side
 ``(#{d <= -margin} + 1) / (B + 1)`` and ``(#{d >= margin} + 1) / (B + 1)`` are both <= alpha
 <=> the ``1 - 2 alpha`` CI lies strictly inside ``(-margin, margin)``.
 
+Pooling training seeds (:func:`pool_seeds`) uses a second rule, a Student t interval with
+one variance ``V`` and one number of degrees of freedom ``df`` (see :func:`seed_variance`):
+
+* CI = ``est -+ t(1 - alpha/2, df) sqrt(V)``; two-sided p = ``2 P(T_df >= |est| / sqrt(V))``;
+* TOST: the ``1 - 2 alpha`` CI ``est -+ t(1 - alpha, df) sqrt(V)``; one-sided p-values
+  ``P(T_df >= (est + margin) / sqrt(V))`` (H0: statistic <= -margin) and
+  ``P(T_df >= (margin - est) / sqrt(V))`` (H0: statistic >= +margin).
+
+Every p is a monotone function of the same standardised distance as its CI bound, so the
+same equivalences hold ("the CI excludes 0" <=> ``p <= alpha``; TOST p <= alpha <=> the
+``1 - 2 alpha`` CI lies strictly inside ``(-margin, margin)``; the non-inferiority p <=
+alpha <=> that CI's bound on the worse side lies inside the margin). Floating-point
+rounding could break a tie at the exact boundary, so each p is snapped to the decision its
+CI gives there (it moves by at most a rounding error). ``V == 0`` (identical models, no
+test noise) gives the CI ``[est, est]`` and p-values 0 or 1 by the same rule.
+
 "No difference" is never a conclusion: a large p-value only means "not shown"; the verdicts
 are "equivalent within ±m", "non-inferior", "different" or "inconclusive" (see
 :func:`verdict`).
@@ -38,10 +54,10 @@ __all__ = [
     "INCONCLUSIVE",
     "NON_INFERIOR",
     "Inference",
+    "SeedVariance",
     "alpha_of",
     "bh",
     "ci_rank",
-    "hierarchical",
     "holm",
     "infer",
     "nanmean",
@@ -50,7 +66,8 @@ __all__ = [
     "p_floor",
     "p_one_sided",
     "p_two_sided",
-    "seed_draws",
+    "pool_seeds",
+    "seed_variance",
     "t_two_sided_p",
     "verdict",
 ]
@@ -204,11 +221,10 @@ def infer(
     )  # fmt: skip
 
 
-def verdict(inf: Inference, alpha: float, *, p_equivalence: float | None = None) -> str | None:
+def verdict(inf: Inference, alpha: float) -> str | None:
     """The row's verdict, first match wins (None when the estimate or margin is missing):
 
     1. "equivalent within ±m": TOST p <= alpha (the 1 - 2 alpha CI lies inside (-m, m));
-       ``p_equivalence`` replaces the TOST p (e.g. Holm-adjusted for primary endpoints);
     2. "different": two-sided p <= alpha (the 1 - alpha CI excludes 0);
     3. "non-inferior": the one-sided p of "DP worse by m or more" is <= alpha (the 1 - 2 alpha
        CI's bound on the worse side lies inside the margin); needs a direction;
@@ -216,8 +232,7 @@ def verdict(inf: Inference, alpha: float, *, p_equivalence: float | None = None)
     """
     if inf.estimate is None or inf.margin is None or inf.p_tost is None:
         return None
-    p_eq = inf.p_tost if p_equivalence is None else p_equivalence
-    if p_eq <= alpha:
+    if inf.p_tost <= alpha:
         return EQUIVALENT
     if inf.p_value is not None and inf.p_value <= alpha:
         return DIFFERENT
@@ -262,27 +277,148 @@ def bh(p: Sequence[float | None]) -> list[float | None]:
 # --------------------------------------------------------------------------- seeds
 
 
-def seed_draws(k: int, n_boot: int, seed: int) -> np.ndarray:
-    """(B, k) seed indices drawn with replacement: the seed level of the hierarchical bootstrap."""
-    rng = np.random.default_rng([int(seed), 0x5EED])
-    return rng.integers(0, k, size=(n_boot, k))
-
-
-def hierarchical(per_seed: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """Seeds x patients bootstrap: resample b is the mean over the seeds drawn for b of the
-    per-seed values on patient resample b (shape (k, B) in, (B,) out; NaN stays invalid).
-
-    Each seed's models were evaluated on the same patient resamples, so one patient draw is
-    shared by every seed of resample b: the statistic keeps the patient pairing.
-    """
-    k, n_boot = per_seed.shape
-    if draws.shape != (n_boot, k):
-        raise ValueError(f"draws must have shape ({n_boot}, {k})")
-    return per_seed[draws, np.arange(n_boot)[:, None]].mean(axis=1)
-
-
 def t_two_sided_p(t: float, df: float) -> float:
     """Two-sided Student t tail P(|T| >= |t|) (scipy)."""
     if math.isnan(t):
         return math.nan
     return float(min(1.0, 2.0 * stats.t.sf(abs(t), df)))
+
+
+#: The one-sided level of the upper confidence bound on the between-seed variance that sets
+#: the degrees of freedom of :func:`seed_variance` (chosen by ``benchmarks/sim_seed_pooling.py``
+#: and an exact Gaussian calculation: nominal coverage or more for k = 2, 3, 5, 10 seeds at
+#: ci = 0.90, 0.95 and 0.99, whatever the split between seed and test-set variance).
+SEED_DF_BOUND = 0.05
+
+
+@dataclass(frozen=True)
+class SeedVariance:
+    """The variance of a mean over k training seeds and its degrees of freedom.
+
+    ``v_patients``: patient-bootstrap variance of the all-seed mean (V_b); ``v_within``: mean
+    per-seed bootstrap variance (v̄); ``shared``: mean covariance of two different seeds'
+    resamples ``(k V_b - v̄) / (k - 1)`` (test-set noise every seed shares); ``s2``: sample
+    variance of the k per-seed estimates (ddof 1); ``variance`` = ``max(shared, 0) + s2 / k``;
+    ``df`` its degrees of freedom; ``n_valid`` the patient resamples used.
+    """
+
+    k: int
+    n_valid: int
+    v_patients: float
+    v_within: float
+    shared: float
+    s2: float
+    variance: float
+    df: float
+
+
+def seed_variance(points: np.ndarray, boots: np.ndarray) -> SeedVariance:
+    """Variance of ``mean(points)`` as an estimate of the mean over training randomness.
+
+    Model: ``D_s = mu + a_s + e_s`` with a seed effect ``a_s`` (variance sigma_a^2) and
+    test-set noise ``e_s`` that two seeds share in part (all seeds are scored on the same
+    patients: ``cov(e_s, e_t) = gamma``, ``var(e_s) = v``). Then
+    ``var(mean D) = gamma + (sigma_a^2 + v - gamma) / k``. The sample variance of the points
+    estimates ``sigma_a^2 + v - gamma`` (shared noise cancels between seeds) and the
+    patient resamples estimate gamma as the mean cross-seed covariance, so
+
+        V = max(shared, 0) + s2 / k,   shared = (k V_b - v̄) / (k - 1)
+
+    (identically ``V_b + [s2/k - (v̄ - V_b)/(k - 1)]``: the patient-bootstrap variance of the
+    mean plus the method-of-moments between-seed term, NOT truncated at 0 -- truncating
+    makes the interval conservative where test noise dominates, coverage ~0.99 at k = 3).
+    With identical seeds (s2 = 0, same resamples) ``V = V_b``: the patient bootstrap alone.
+
+    Degrees of freedom: Satterthwaite with the between-seed term at its one-sided
+    ``1 - SEED_DF_BOUND`` upper confidence bound ``U = (s2/k) (k - 1) / chi2(SEED_DF_BOUND,
+    k - 1)``, i.e. ``df = (k - 1) ((max(shared, 0) + U) / U)^2`` clipped to
+    ``[k - 1, n_valid - 1]``. Plain Satterthwaite (s2 in place of U) gives large df whenever
+    the seeds agree by chance and under-covers (0.87 at k = 2, 0.92 at k = 3 where shared
+    noise and seed variance are both present); df = k - 1 throughout is valid but needlessly
+    wide when shared test noise dominates. ``df = k - 1`` whenever no test noise is shared
+    (``shared <= 0``); with no test noise at all this is the t test across seeds.
+
+    ``points`` (k,) per-seed estimates, finite; ``boots`` (k, B) their patient resamples,
+    column b of every seed on the same patient resample b. Columns with a NaN in any seed are
+    dropped. Raises ValueError for k < 2, non-finite points or mismatched shapes; with fewer
+    than 2 valid columns every variance is NaN.
+    """
+    pts = np.asarray(points, dtype=np.float64).ravel()
+    bt = np.asarray(boots, dtype=np.float64)
+    k = pts.size
+    if k < 2:
+        raise ValueError(f"pooling seeds needs k >= 2 per-seed estimates, got {k}")
+    if not np.all(np.isfinite(pts)):
+        raise ValueError("per-seed point estimates must be finite (drop missing seeds first)")
+    if bt.ndim != 2 or bt.shape[0] != k:
+        raise ValueError(f"boots must have shape ({k}, B), got {bt.shape}")
+    valid = bt[:, ~np.isnan(bt).any(axis=0)]
+    n = int(valid.shape[1])
+    s2 = float(np.var(pts, ddof=1))
+    if n < 2:
+        return SeedVariance(k, n, math.nan, math.nan, math.nan, s2, math.nan, math.nan)
+    v_b = float(np.var(valid.mean(axis=0), ddof=1))
+    v_bar = float(np.var(valid, axis=1, ddof=1).mean())
+    shared = (k * v_b - v_bar) / (k - 1)
+    c = max(shared, 0.0)
+    var = c + s2 / k
+    upper = s2 / k * (k - 1) / float(stats.chi2.ppf(SEED_DF_BOUND, k - 1))
+    df = float(n - 1) if upper <= 0.0 else (k - 1) * ((c + upper) / upper) ** 2
+    df = max(float(k - 1), min(float(n - 1), df))
+    return SeedVariance(k, n, v_b, v_bar, shared, s2, var, df)
+
+
+def _agree(p: float, reject: bool, alpha: float) -> float:
+    """Snap p to the decision its CI gives (only moves p at the exact boundary)."""
+    if reject:
+        return min(p, alpha)
+    return max(p, float(np.nextafter(alpha, 1.0)))
+
+
+def _upper_tail(dist: float, se: float, df: float) -> float:
+    """P(T_df >= dist / se); with se = 0 the limit: 0 if dist > 0 else 1."""
+    if se == 0.0:
+        return 0.0 if dist > 0 else 1.0
+    return float(stats.t.sf(dist / se, df))
+
+
+def pool_seeds(
+    points: np.ndarray,
+    boots: np.ndarray,
+    *,
+    ci: float,
+    margin: float | None = None,
+    worse_if: str | None = None,
+) -> Inference:
+    """Mean over k >= 2 training seeds with a t interval from :func:`seed_variance`.
+
+    ``estimate`` = ``mean(points)``; CI = ``est -+ t(1 - alpha/2, df) sqrt(V)``; p = two-sided t
+    p of "mean = 0"; with ``margin``: the ``1 - 2 alpha`` CI, TOST p = max of the two one-sided
+    t p-values at ``-+margin`` and the non-inferiority p on the ``worse_if`` side (see the
+    module docstring: CI and p agree by construction). ``n_valid`` = patient resamples used
+    (columns without NaN in any seed); fewer than 2 gives a null CI and p. Shapes as in
+    :func:`seed_variance` (which raises for k < 2).
+    """
+    if worse_if not in (None, "higher", "lower"):
+        raise ValueError('worse_if must be "higher", "lower" or None')
+    sv = seed_variance(points, boots)
+    est = float(np.mean(np.asarray(points, dtype=np.float64)))
+    if sv.n_valid < 2:
+        return Inference(est, None, None, None, sv.n_valid, margin, worse_if)
+    alpha = alpha_of(ci)
+    se = math.sqrt(sv.variance)
+    half = float(stats.t.ppf(1.0 - alpha / 2.0, sv.df)) * se
+    lo, hi = est - half, est + half
+    p = min(1.0, 2.0 * _upper_tail(abs(est), se, sv.df))
+    p = _agree(p, lo > 0 or hi < 0, alpha)
+    if margin is None or alpha >= 0.5:
+        return Inference(est, lo, hi, p, sv.n_valid, margin, worse_if)
+    half2 = float(stats.t.ppf(1.0 - alpha, sv.df)) * se
+    tost_lo, tost_hi = est - half2, est + half2
+    p_low = _agree(_upper_tail(est + margin, se, sv.df), tost_lo > -margin, alpha)
+    p_high = _agree(_upper_tail(margin - est, se, sv.df), tost_hi < margin, alpha)
+    p_noninf = {"higher": p_high, "lower": p_low, None: None}[worse_if]
+    return Inference(
+        est, lo, hi, p, sv.n_valid, margin, worse_if,
+        tost_lo, tost_hi, max(p_low, p_high), p_noninf,
+    )  # fmt: skip

@@ -65,7 +65,7 @@ class ReportView:
     ``df``: standard single-site rows of the transfer table (``full``: all rows). Cells are
     averaged over seeds (``k`` seeds, ``sd`` of the AUC across them). Comparison lookups
     return the row that answers a comparison (``is_summary``: the per-seed row with one
-    seed, the hierarchical across-seeds row with several).
+    seed, the across-seeds row with several).
     """
 
     def __init__(
@@ -292,10 +292,11 @@ def _seeds_note(view: ReportView) -> str:
         )
     return (
         f"{k} seeds ({', '.join(map(str, view.seeds))}): values are means over seeds; CIs and "
-        f"p-values come from a hierarchical bootstrap (seeds and test {view.unit}s resampled "
-        f"with replacement). With only {k} seeds the seed level is crude: it cannot represent "
-        "training variability it never saw. The paired t test across seeds (the paper's "
-        "test) is in the p_t column of comparisons.parquet."
+        "p-values are for the mean over training randomness: a t interval whose variance adds "
+        f"the between-seed variance to the test-{view.unit} noise the seeds share, with "
+        f"conservative degrees of freedom (few seeds give wide intervals: {k} seeds cannot "
+        "pin down training variability). The paired t test across seeds (the paper's test) is "
+        "in the p_t column of comparisons.parquet."
     )
 
 

@@ -243,7 +243,7 @@ def test_primary_endpoint_is_holm_adjusted_and_the_rest_gets_bh_q_values(tmp_pat
 # ------------------------------------------------------------------------------ seeds
 
 
-def test_across_seeds_is_a_hierarchical_bootstrap_with_a_secondary_t_test(tmp_path):
+def test_across_seeds_pools_the_seeds_with_a_t_interval_and_a_secondary_t_test(tmp_path):
     seeds = (0, 1, 2)
     keys = build_output(tmp_path, domains=("a", "b"), seeds=seeds, n=160)
     df = compute(tmp_path, keys)
@@ -252,7 +252,7 @@ def test_across_seeds_is_a_hierarchical_bootstrap_with_a_secondary_t_test(tmp_pa
     for k, v in where.items():
         per_seed = per_seed[per_seed[k] == v]
     assert sorted(per_seed["seed"]) == [0, 1, 2] and not per_seed["is_summary"].any()
-    # by hand: per-seed paired macro deltas on the shared patient resamples, then seeds drawn
+    # by hand: per-seed paired macro deltas on the shared patient resamples, then pooled
     deltas, x, y = [], [], []
     for seed in seeds:
         sa, lab, pred = read_eval(edir_of(tmp_path, keys, "a", "1", "b", seed))
@@ -262,14 +262,16 @@ def test_across_seeds_is_a_hierarchical_bootstrap_with_a_secondary_t_test(tmp_pa
         deltas.append(ba - bb)
         x.append(pa_)
         y.append(pb_)
-    boot = inference.hierarchical(np.stack(deltas), inference.seed_draws(3, N_BOOT, 0))
+    x, y = np.array(x), np.array(y)
+    pooled = inference.pool_seeds(x - y, np.stack(deltas), ci=0.95, margin=EV.equivalence_margin,
+                                  worse_if="lower")  # fmt: skip
     row = one(df, comparison="across_seeds", quantity="delta_auc", **where)
     assert row["is_summary"] and row["n_seeds"] == 3 and pd.isna(row["seed"])
-    assert row["test"] == "hierarchical bootstrap (seeds x patients), paired"
-    x, y = np.array(x), np.array(y)
+    assert row["test"].startswith("t interval over seeds")
     assert row["delta"] == pytest.approx((x - y).mean(), abs=1e-12)
-    assert (row["delta_lo"], row["delta_hi"]) == inference.order_ci(boot, 0.95)
-    assert row["p_value"] == inference.p_two_sided(boot)
+    assert (row["delta_lo"], row["delta_hi"]) == pytest.approx((pooled.lo, pooled.hi), abs=1e-12)
+    assert row["p_value"] == pytest.approx(pooled.p_value, abs=1e-12)
+    assert row["p_tost"] == pytest.approx(pooled.p_tost, abs=1e-12)
     assert row["value_dp"] == pytest.approx(x.mean()) and row["sd_dp"] == pytest.approx(
         x.std(ddof=1)
     )

@@ -759,8 +759,13 @@ def _row(
             delta=r.estimate, delta_lo=r.lo, delta_hi=r.hi, p_value=r.p_value,
             tost_lo=r.tost_lo, tost_hi=r.tost_hi, p_tost=r.p_tost, p_noninf=r.p_noninf,
             n_valid_boot=r.n_valid if r.estimate is not None else row.get("n_valid_boot"),
-            verdict=inference.verdict(r, inference.alpha_of(ev.ci)),
+            verdict=inference.verdict(r, inference.alpha_of(ev.ci), ev.n_boot),
         )  # fmt: skip
+        if row["verdict"] is None and r.estimate is not None and margin is not None:
+            row["null_reason"] = row.get("null_reason") or (
+                f"no verdict: {r.n_valid} of {ev.n_boot} resamples valid (a verdict needs "
+                f"{inference.MIN_VALID_SHARE:.0%} and a {ev.ci:g} CI)"
+            )
     return row
 
 
@@ -847,7 +852,8 @@ def _finalize(df: pd.DataFrame, ev: EvaluationConfig) -> pd.DataFrame:
         for col in _HOLM_COLUMNS:
             df.loc[idx, f"{col}_holm"] = inference.holm(df.loc[idx, col].tolist())
         df.loc[idx, "verdict"] = [
-            inference.verdict(_inference_of(df.loc[i], adjusted=True), alpha) for i in idx
+            inference.verdict(_inference_of(df.loc[i], adjusted=True), alpha, ev.n_boot)
+            for i in idx
         ]
     family = df["comparison"].where(~across, ACROSS_SEEDS)
     has_p = df["p_value"].notna()

@@ -221,8 +221,16 @@ def infer(
     )  # fmt: skip
 
 
-def verdict(inf: Inference, alpha: float) -> str | None:
-    """The row's verdict, first match wins (None when the estimate or margin is missing):
+#: A verdict needs at least this share of the drawn resamples to be valid: a CI from the few
+#: resamples in which a rare label happened to have both classes is conditional on that luck
+#: (a red team got "equivalent" from 3 valid resamples of 1000).
+MIN_VALID_SHARE = 0.5
+
+
+def verdict(inf: Inference, alpha: float, n_boot: int | None = None) -> str | None:
+    """The row's verdict, first match wins. None when the estimate or margin is missing, the
+    1 - alpha CI is null, or (given ``n_boot``) fewer than :data:`MIN_VALID_SHARE` of the
+    drawn resamples are valid:
 
     1. "equivalent within ±m": TOST p <= alpha (the 1 - 2 alpha CI lies inside (-m, m));
     2. "different": two-sided p <= alpha (the 1 - alpha CI excludes 0);
@@ -230,7 +238,9 @@ def verdict(inf: Inference, alpha: float) -> str | None:
        CI's bound on the worse side lies inside the margin); needs a direction;
     4. "inconclusive": none of these (the data cannot tell; never read as "no difference").
     """
-    if inf.estimate is None or inf.margin is None or inf.p_tost is None:
+    if inf.estimate is None or inf.margin is None or inf.p_tost is None or inf.lo is None:
+        return None  # no value, no margin, or too few resamples for the 1 - alpha CI
+    if n_boot and inf.n_valid < MIN_VALID_SHARE * n_boot:
         return None
     if inf.p_tost <= alpha:
         return EQUIVALENT

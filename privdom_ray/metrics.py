@@ -427,6 +427,7 @@ def bootstrap_stats(
     Validated (n, L) inputs. Linear statistics are one product of the patient counts with the
     per-patient sums of :func:`_linear_columns`; AUCs gather the image counts per label.
     """
+    scores, labels = _check_pair_2d(scores, labels)  # NaN scores would read as ties (0.5)
     n, n_lab = scores.shape
     if rs.n_rows != n:
         raise ValueError(f"resampler has {rs.n_rows} rows, scores have {n}")

@@ -355,10 +355,10 @@ def _primary_intro(view: ReportView, margin: Any, alpha: float) -> str:
         "drop(non-DP) = non-DP on-domain − mean non-DP off-domain AUC, i.e. Δ = mean "
         "off-domain AUC(non-DP) − mean off-domain AUC(DP) (macro AUC, all test images). A "
         f"larger drop is worse. Equivalence within ±{_num(margin, 3)} AUC by two one-sided "
-        f"tests at α = {alpha:g} (the {1 - 2 * alpha:.0%} CI inside the margin), TOST p "
-        f"Holm-adjusted across test sites per ε. Resampling unit: {view.unit}s. "
-        + _seeds_note(view)
-        + "\n"
+        f"tests at α = {alpha:g} (the {1 - 2 * alpha:.0%} CI inside the margin). The three "
+        "p-values a verdict can rest on (TOST, difference, non-inferiority) are each "
+        "Holm-adjusted across test sites per ε (not across ε: a claim about every ε at once "
+        f"is not familywise-controlled). Resampling unit: {view.unit}s. " + _seeds_note(view) + "\n"
     )
 
 
@@ -373,18 +373,20 @@ def _section_headline(view: ReportView) -> str:
     alpha = inference.alpha_of(float(view.cmp["ci"].dropna().iloc[0]))
     out = [_primary_intro(view, margin, alpha)]
     header = ["test site", "drop non-DP [95% CI]", "drop DP (abstract) [95% CI]",
-              "Δ [95% CI]", "Δ [90% CI]", "TOST p (Holm)", "verdict", "test units"]  # fmt: skip
+              "Δ [95% CI]", "Δ [90% CI]", "TOST p", "Holm p: TOST / diff. / non-inf.",
+              "verdict", "test units"]  # fmt: skip
     for eps in view.finite_eps:
         out.append(f"### Primary: {_eps_label(eps)} vs non-DP — {_privacy_note(view.df, eps)}\n")
         table = []
         for t in view.targets:
             r = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
             tost = "" if r is None else _ci(r.get("tost_lo"), r.get("tost_hi"), 3, True)
-            p = (MISSING if r is None else f"{_p(r.get('p_tost'), r.get('n_valid_boot'), sides=1)}"
-                 f" ({_p(r.get('p_tost_holm'))})")  # fmt: skip
+            p = MISSING if r is None else _p(r.get("p_tost"), r.get("n_valid_boot"), sides=1)
+            holm = MISSING if r is None else " / ".join(
+                _p(r.get(f"{c}_holm")) for c in ("p_tost", "p_value", "p_noninf"))  # fmt: skip
             units = MISSING if r is None else f"{r['n_patients']} {r['resampling_unit']}s"
             table.append([f"**{t}**", _value(r, "value_nondp"), _value(r, "value_dp"),
-                          _value(r, "delta", 3, True), tost.strip() or MISSING, p,
+                          _value(r, "delta", 3, True), tost.strip() or MISSING, p, holm,
                           _verdict(r), units])  # fmt: skip
         out.append(_table(header, table))
         out.append(_paired_overview(view, eps))
@@ -421,10 +423,10 @@ def _section_conclusions(view: ReportView) -> str:
         "together), so correlated follow-up images do not shrink the intervals; domains "
         "without patient ids are resampled by image and say so (resampling_unit).\n"
         "- Seeds. " + _seeds_note(view) + "\n"
-        "- Only the primary endpoint is adjusted for multiplicity (Holm across test sites); "
-        "every other p-value is exploratory, with a Benjamini-Hochberg q-value within its "
-        "family (comparison, quantity, label, subgroup). Non-inferiority and 'different' "
-        "verdicts are never adjusted.\n"
+        "- Only the primary endpoint is adjusted for multiplicity (its TOST, difference and "
+        "non-inferiority p's, Holm across test sites per ε); every other p-value and verdict "
+        "is exploratory and unadjusted, with a Benjamini-Hochberg q-value within its family "
+        "(comparison, quantity, label, subgroup).\n"
         "- They cannot say why a model transfers badly (label-definition shift between sites "
         "shows in the per-label matrices), nor anything about sites, populations or epsilons "
         "not in the grid, nor about privacy (the ε column does that).\n"

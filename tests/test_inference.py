@@ -108,6 +108,15 @@ def test_verdicts_follow_their_definitions_in_order():
     # no direction (a fairness gap): never "non-inferior"
     assert I.verdict(_inf(-0.03, -0.06, 0.01, 0.2, 0.6, None, None), a) == I.INCONCLUSIVE
     assert I.verdict(I.Inference(None, None, None, None, 0), a) is None
+    # too few valid resamples: no verdict (a rare label's few lucky resamples), nor without
+    # a 1 - alpha CI (19 resamples give a 90% CI and a TOST p of 1/20, but no 95% CI)
+    eq = _inf(0.0, -0.01, 0.01, 0.9, 0.001, 0.001)
+    assert I.verdict(eq, a, n_boot=1000) == I.EQUIVALENT  # 999 of 1000 valid
+    assert I.verdict(eq, a, n_boot=2000) is None  # 999 of 2000
+    d = np.random.default_rng(0).normal(0.0, 0.001, size=19)
+    r19 = I.infer(float(d.mean()), d, ci=0.95, margin=0.02, worse_if="higher")
+    assert r19.lo is None and r19.p_tost == pytest.approx(1 / 20) and r19.tost_lo is not None
+    assert I.verdict(r19, a) is None
 
 
 def test_t_tail_matches_textbook_critical_values():

@@ -93,6 +93,10 @@ def test_bootstrap_auc_nan_when_resample_lacks_a_class():
     assert math.isnan(out[0]) and out[1] == 1.0 and math.isnan(out[2])
     with pytest.raises(ValueError):
         M.bootstrap_auc(s, y, np.array([[0, 4, 1, 1]]))
+    # a NaN score where the label is known is refused (it would count as a tie: AUC 0.5)
+    rs = M.make_resampler(4, 10, 0, None)
+    with pytest.raises(ValueError, match="NaN"):
+        M.bootstrap_stats(np.array([[0.1], [np.nan], [0.3], [0.9]]), y[:, None], rs)
 
 
 def test_ci_coverage_binormal():

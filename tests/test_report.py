@@ -91,10 +91,13 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
         r = _one(cmp, endpoint="primary", target=t)
         assert head[t][2] == _val(r["delta"], r["delta_lo"], r["delta_hi"], sign=True)
         assert head[t][3] == f"[{r['tost_lo']:+.3f}, {r['tost_hi']:+.3f}]"
-        assert head[t][5].startswith(r["verdict"].replace("±m", "±0.02"))
-        assert head[t][5].endswith("(1 seed: these trained models only)")  # one seed here
-        assert head[t][4].startswith(report._p(r["p_tost"], r["n_valid_boot"], sides=1))
-        assert head[t][6] == f"{r['n_patients']} patients"
+        assert head[t][4] == report._p(r["p_tost"], r["n_valid_boot"], sides=1)
+        holm = [float(v) for v in head[t][5].split(" / ")]  # the p's the verdict read
+        assert holm == pytest.approx([r["p_tost_holm"], r["p_value_holm"], r["p_noninf_holm"]],
+                                     abs=0.006)  # fmt: skip
+        assert head[t][6].startswith(r["verdict"].replace("±m", "±0.02"))
+        assert head[t][6].endswith("(1 seed: these trained models only)")  # one seed here
+        assert head[t][7] == f"{r['n_patients']} patients"
     assert head["a"][2] == report.MISSING  # the DP model of b never reached a: no mean off
 
     # test sets: images, patients and prevalence from the transfer table

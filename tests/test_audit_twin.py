@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import launch, toy_split
+from conftest import launch, synthetic_domain, toy_split
 
 from privdom_ray import kinds, results
 from privdom_ray.canaries import CanaryInstrument
@@ -129,14 +129,7 @@ def test_twins_are_planned_keyed_and_attached_to_the_audited_rows(tmp_path):
         yaml.safe_dump(
             {
                 "output": "out",
-                "domains": [
-                    {
-                        "name": "a",
-                        "kind": "synthetic",
-                        "root": "data/a",
-                        "options": {"site": "a", "n_patients": 20},
-                    },  # fmt: skip
-                ],
+                "domains": [synthetic_domain("a", "a", n_patients=20)],
                 "epsilons": [1, 8, "inf"],
                 "audit": {"canaries": 100, "epsilons": [1, "inf"]},
             }
@@ -204,14 +197,7 @@ def test_the_audit_section_of_a_grid_is_validated(tmp_path):
 
     base = {
         "output": "out",
-        "domains": [
-            {
-                "name": "a",
-                "kind": "synthetic",
-                "root": "data/a",
-                "options": {"site": "a", "n_patients": 20},
-            }
-        ],  # fmt: skip
+        "domains": [synthetic_domain("a", "a", n_patients=20)],
         "epsilons": [1, "inf"],
     }
     bad = {"canaries": 5, "kind": "loss", "sources": ["z"], "epsilons": [3]}

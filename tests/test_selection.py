@@ -456,3 +456,14 @@ def test_youden_from_histograms_finds_the_best_cut_when_noise_is_small():
     noisy = validation.release_thresholds(probs, y, units, 0.5, bins=bins, rng=rng).thresholds
     for col in range(2):
         assert j(noisy[col], col) > j(cuts[col], col) - 0.1
+
+
+def test_untuned_cell_validation_budget_keeps_the_training_epsilon():
+    """Without tuning the cell's epsilon is training's (PRV); the validation releases get the
+    budget whose own epsilon at the same delta is at most that, so the max is unchanged."""
+    rho = tuning.validation_budget_at(2.0, DELTA)
+    noise = tuning.split_validation(rho)
+    a = rdp.as_orders()
+    eps_v = rdp.rdp_to_epsilon(noise.rdp(a), DELTA, a)[0]
+    assert 2.0 * (1 - 2e-3) <= eps_v <= 2.0
+    assert rdp.rdp_to_epsilon(2 * rho * a, DELTA, a)[0] > 2.0

@@ -81,6 +81,22 @@ def validation_budget(train_rdp: np.ndarray, orders: Iterable[float] | None = No
     return float(np.min(np.asarray(train_rdp, dtype=np.float64) / a))
 
 
+def validation_budget_at(
+    epsilon: float, delta: float, orders: Iterable[float] | None = None, tolerance: float = 1e-3
+) -> float:
+    """The largest rho (to ``tolerance``) whose curve rho * alpha converts to at most
+    ``epsilon`` at ``delta``: the budget of an untuned cell's validation releases. There the
+    training epsilon comes from PRV, not RDP, and parallel composition holds for (epsilon,
+    delta) pairs at one delta too, so the cell's epsilon stays its training epsilon as long as
+    the validation releases' own epsilon does not exceed it."""
+    a = rdp.as_orders(orders)
+
+    def eps_of_inverse(x: float) -> float:  # decreasing in x = 1/rho, as _smallest needs
+        return rdp.rdp_to_epsilon(a / x, delta, a)[0]
+
+    return 1.0 / _smallest(eps_of_inverse, epsilon, tolerance)
+
+
 def split_validation(
     rho: float, shares: Mapping[str, float] = VALIDATION_SHARES
 ) -> ValidationNoise:

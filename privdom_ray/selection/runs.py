@@ -7,10 +7,12 @@ is drawn from a truncated negative binomial or a Poisson distribution, the relea
 small additive term over one run's RDP, not K times it.
 
 Two things the theorem needs and the sweep must keep:
-- **K stays secret.** The bound holds for the best run's output alone. Releasing K (a count of
+- **K stays secret.** The bound covers the best run's output alone. Releasing K (a count of
   candidate trials, their names or indices, the cell's wall time) releases best-of-k for a
-  known k, whose cost can grow like k epsilon: K, the losing runs and everything that reveals
-  them live in the private set. K is drawn from OS entropy, never from the public seed.
+  known k, for which the general bound is k-fold composition: K, the losing runs and
+  everything that reveals them live in the private set. K is drawn from OS entropy, never from
+  the public seed, and so is each run's configuration (a seeded configuration sequence would
+  tell which draw won, hence a lower bound on K).
 - **Every run is the same Q.** Q = "draw a configuration, train it, score it"; its curve must
   bound every configuration the space can draw (``tuning.calibrate`` takes the maximum).
 
@@ -223,10 +225,12 @@ RUN_DISTRIBUTIONS: dict[str, Callable[[Mapping[str, Any]], RunDistribution]] = {
 #: E[K] of the default: about ten candidates per cell.
 DEFAULT_MEAN = 10.0
 #: The default distribution of K: logarithmic (truncated negative binomial, eta = 0) with
-#: E[K] = 10. Why: of the distributions the theorems cover, it needs the least per-run noise
-#: for a given total epsilon at both the demo's and the paper's shapes (docs/tuning-design.md
-#: has the table: Poisson(10) costs more everywhere; eta = 1 and eta = 0.5 sit between). Its
-#: price is a long tail (mode 1, P[K > 30] ~ 9%), which ``plan`` must show as a quantile.
+#: E[K] = 10. Why: of logarithmic, eta 0.5, geometric, eta 2 and Poisson at the same mean, it
+#: needs the least per-run noise for a given total epsilon in all nine (shape, target) cells
+#: of docs/tuning-design.md (demo and paper shapes, epsilon 1, 3, 8; 16-17% less sigma than
+#: the geometric at epsilon 1, 4-8% at epsilon 8). Its price is the longest tail (mode 1,
+#: P[K > 30] = 8%, 95% quantile 41), so ``plan`` shows a quantile beside E[K];
+#: ``geometric`` is the choice when compute must be predictable.
 DEFAULT_RUNS: RunDistribution = TruncatedNegativeBinomial.from_mean(0.0, DEFAULT_MEAN)
 
 

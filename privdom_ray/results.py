@@ -311,6 +311,16 @@ def aggregate(
     (``targets``: objects with ``name`` and ``fingerprint``; default: the targets of the last
     plan, ``plan.json``). Older evaluations stay on disk, out of the table.
     """
+    table, df = transfer_table(output, keys, sweep, targets)
+    path = Path(output) / TRANSFER
+    write_parquet(path, table)
+    return path, df
+
+
+def transfer_table(
+    output: Path, keys: Iterable[str], sweep: str, targets: Iterable[Any] | None = None
+) -> tuple[pa.Table, pd.DataFrame]:
+    """The transfer table of :func:`aggregate`, built but not written."""
     from privdom_ray.kinds.audit import audited
     from privdom_ray.store import TrialStore
 
@@ -328,10 +338,7 @@ def aggregate(
         if field.name not in df.columns:
             df[field.name] = None
     df = df.loc[:, SCHEMA.names]
-    table = pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False)
-    path = Path(output) / TRANSFER
-    write_parquet(path, table)
-    return path, df
+    return pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), df
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,13 +116,14 @@ def _status(argv: list[str]) -> int:
         state, detail = store.status(cell["key"], cell_targets, holder.run_id if live else "")
         counts[state] += 1
         print(f"{state:11s} {cell['name']:32s} {cell['key']}  {detail}".rstrip())
-    for line in _cache_lines(plan.get("caches", {})) + _table_lines(output):
+    caches = {name: output / path for name, path in plan.get("caches", {}).items()}
+    for line in _cache_lines(caches) + _table_lines(output):
         print(line)
     print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     return 0
 
 
-def _cache_lines(caches: dict[str, str]) -> list[str]:
+def _cache_lines(caches: dict[str, Path]) -> list[str]:
     """One line per cache entry of the last plan: verified in full, and stale when its image
     files or decoders changed since it was built."""
     from privdom_ray import cache

@@ -434,9 +434,9 @@ class TrialStore:
         DamagedRecord when its record or files do not match their checksums."""
         edir = self._eval_folder(key, target, fingerprint)
         path = edir / _EVAL_JSON
-        if not path.is_file():
-            return None  # absent or half-written (renamed into place only when complete)
-        data = _read(path)
+        if not edir.is_dir():
+            return None  # never evaluated (a folder is renamed into place only when complete)
+        data = _read(path)  # a folder without eval.json was damaged after it was complete
         try:
             ev = integrity.unseal(path, data, required=("target", "fingerprint", "files", "model"))
         except Damage as exc:

@@ -244,12 +244,17 @@ def prepare(
                 for t in trials
             ],
             "targets": [{"name": r.name, "fingerprint": r.fingerprint} for r in plan.targets],
-            "caches": {name: str(entry.path) for name, entry in caches.items()},
+            # relative to the output folder when inside it (the folder may be moved)
+            "caches": {name: _relative(entry.path, spec.output) for name, entry in caches.items()},
         },
     )
     return Prepared(
         spec, fps, n_train, caches, trials, plan.cells, plan.targets, plan.done, plan.unusable
     )
+
+
+def _relative(path: Path, base: Path) -> str:
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
 # ------------------------------------------------------------------------------------- Ray

@@ -325,3 +325,65 @@ def test_many_processes_racing_for_a_stale_lease_have_one_winner_every_round(tmp
             start = time.time() + 0.2
             won = pool.map(_race, [(str(out), i, start) for i in range(8)])
             assert sum(won) == 1, (round_, won)
+
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy_output"
+
+
+def test_an_output_folder_of_the_code_before_checksums_is_used_without_retraining(tmp_path):
+    """Upgrades: trials written by commit 10482de (``done`` = "done", evaluations of protocol
+    3, no checksums anywhere) are read after a full parse, sealed by the driver, never
+    trained again, and only evaluated again (nothing proves which model an old evaluation
+    came from: today's main can keep evaluations of a model it replaced)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(LEGACY, out)
+    store = TrialStore(out)
+    target = [Target("a", "fpa")]
+    keys = store.trial_keys()
+    assert len(keys) == 2
+    models = {k: (store.folder(k) / "model.pt").read_bytes() for k in keys}
+    for key in keys:
+        found = store.inspect(key)
+        assert found.legacy and found.damage is None and store.valid(key) is not None
+        assert store.status(key, target)[0] == "done"
+        assert store.missing_targets(key, target) == target
+        lines: list[str] = []
+        record = store.usable(key, lines.append)  # the driver: parsed in full, then sealed
+        assert record is not None and "sealed" in lines[-1]
+        assert not store.inspect(key).legacy
+        assert store.model(key).digest == store.model_digest(key) == record.model_digest
+        assert store.missing_targets(key, target) == target  # evaluated again, not trained
+        assert (store.folder(key) / "model.pt").read_bytes() == models[key]
+        assert store.verify_file(key, "ledger.json").startswith("b2:")
+    # an old evaluation is replaced by one bound to the model; the table reads it
+    key = keys[0]
+    old = store.evaluation(key, "a", "fpa")
+    assert old is not None and old.protocol == 3 and not old.model
+    store.write_eval(
+        key, "a", "fpa", metrics=old.metrics(), predictions=old.predictions(),
+        info={"n_test": old.n_test, "n_boot": old.n_boot}, model=store.model_digest(key),
+    )  # fmt: skip
+    assert store.missing_targets(key, target) == []
+    _, df = results.aggregate(out, keys, "legacy", target)
+    assert set(df["trial_key"]) == {key}
+
+
+def test_a_failed_run_keeps_a_larger_table_only_while_every_row_still_stands(tmp_path):
+    """Aggregation safety: a run with failed cells never replaces a table by a smaller one,
+    unless a row of the old one no longer stands on the model on disk (then the smaller,
+    true table replaces it)."""
+    from conftest import build_output
+
+    from privdom_ray.sweep import _still_better
+
+    keys = build_output(tmp_path, domains=("a", "b"))
+    _, df = results.aggregate(tmp_path, keys, "s")
+    store = TrialStore(tmp_path)
+    assert _still_better(tmp_path, store, len(df) - 36) == len(df)  # all rows still stand
+    assert _still_better(tmp_path, store, len(df)) == 0  # not larger: the new table goes
+    record = store.read(keys[0])  # a model replaced since the table was written
+    store.rewrite(keys[0], "model.pt", (store.folder(keys[0]) / "model.pt").read_bytes() + b"x")
+    assert store.read(keys[0]).model_digest != record.model_digest
+    assert _still_better(tmp_path, store, len(df) - 36) == 0

@@ -155,8 +155,9 @@ def write_atomic(path: Path, data: bytes, *, private: bool = False) -> FileSum:
 # ------------------------------------------------------------------ sealed files of a folder
 
 OUTPUTS = "outputs.json"
-#: what a sweep seals in its output folder after every aggregation: the tables and the report
-SEALED_OUTPUTS = ("transfer.parquet", "comparisons.parquet", "reliability.parquet", "report.md")
+#: what a sweep seals in its output folder after every aggregation: the tables (the report is
+#: rendered from them, and ``launch.py report`` may render it again at any time)
+SEALED_OUTPUTS = ("transfer.parquet", "comparisons.parquet", "reliability.parquet")
 
 
 def seal_files(folder: Path, names: list[str], record: str = OUTPUTS) -> None:

@@ -180,8 +180,12 @@ def test_damaged_trial_records_and_cache_are_named_and_redone(sweep, round_):
     )
     status = status_names(work, names)
     assert "6 damaged" in status and status.count("cache damaged") == 3, status
+    leftover = entry(work, "a").with_name(entry(work, "a").name + ".tmp-424242")
+    (leftover / "images.npy").parent.mkdir()  # what a build killed midway leaves
+    (leftover / "images.npy").write_bytes(b"\0" * 100)
     proc = launch("--grid", "grid.yaml", cwd=work, timeout=900)
     assert "6 to train" in proc.stdout and proc.stdout.count("building it again") == 3
+    assert not leftover.exists() and f"removed {leftover.name}" in proc.stdout
     check_table(work, rows, refs)
     after = {p.name: (p / "model.pt").stat().st_mtime_ns for p in trials(work)}
     assert all(after[k] != before[k] for k in before)  # every damaged trial trained again

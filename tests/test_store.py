@@ -387,3 +387,16 @@ def test_a_failed_run_keeps_a_larger_table_only_while_every_row_still_stands(tmp
     store.rewrite(keys[0], "model.pt", (store.folder(keys[0]) / "model.pt").read_bytes() + b"x")
     assert store.read(keys[0]).model_digest != record.model_digest
     assert _still_better(tmp_path, store, len(df) - 36) == 0
+
+
+def test_a_cell_of_a_driver_that_is_gone_is_interrupted_not_running(tmp_path):
+    key = finished(tmp_path)
+    store = TrialStore(tmp_path)
+    (store.folder(key) / "done").unlink()  # at work again (e.g. retrained)
+    store.heartbeat(key, "run-1", "node-1", epoch=2)
+    state, detail = store.status(key, [Target("a", "fpa")], driver_run="run-1")
+    assert state == "running" and "epoch 2" in detail
+    state, detail = store.status(key, [Target("a", "fpa")], driver_run="")  # no live driver
+    assert state == "interrupted" and "run-1" in detail
+    state, _ = store.status(key, [Target("a", "fpa")], driver_run="run-2")  # another run's
+    assert state == "interrupted"

@@ -41,7 +41,12 @@ GRID = {
     "name": "probe",
     "output": "out",
     "domains": [
-        {"name": n, "kind": "synthetic", "root": f"data/{n}", "options": {"site": n, "n_patients": 60}}
+        {
+            "name": n,
+            "kind": "synthetic",
+            "root": f"data/{n}",
+            "options": {"site": n, "n_patients": 60},
+        }
         for n in ("a", "b")
     ],
     "epsilons": [2, "inf"],
@@ -54,7 +59,9 @@ GRID = {
 ROWS = 288
 
 
-def launch(code: Path, args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+def launch(
+    code: Path, args: list[str], cwd: Path, timeout: float = 900
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(code)}
     try:
         return subprocess.run(
@@ -77,7 +84,9 @@ def dp_trial(case: Path) -> Path:
 
 
 def cache_entry(case: Path) -> Path:
-    return next(p for p in (case / "out" / "cache").glob("a-*") if p.is_dir() and "tmp" not in p.name)
+    return next(
+        p for p in (case / "out" / "cache").glob("a-*") if p.is_dir() and "tmp" not in p.name
+    )
 
 
 def damage(path: Path, how: str) -> None:
@@ -257,7 +266,11 @@ def main() -> None:
         status = launch(code, ["status", "out"], case, timeout=300)
         said = "n/a" if not named else ("yes" if named in status.stdout + status.stderr else "no")
         t0 = time.perf_counter()
-        extra = ["evaluate", "out", "--grid", "grid.yaml"] if verb == "evaluate" else ["--grid", "grid.yaml"]
+        extra = (
+            ["evaluate", "out", "--grid", "grid.yaml"]
+            if verb == "evaluate"
+            else ["--grid", "grid.yaml"]
+        )
         proc = launch(code, extra, case)
         seconds = time.perf_counter() - t0
         lost, wrong = judge(case, base)

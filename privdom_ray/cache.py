@@ -433,7 +433,10 @@ def build(
 def _remove_leftovers(final: Path, guard: Callable[[], None], log) -> None:
     """Temporaries of interrupted builds of this entry (the caller holds the entry's lock,
     so no live builder owns them)."""
-    leftovers = [*final.parent.glob(f"{final.name}.tmp-*"), *final.parent.glob(f"{final.name}.old-*")]
+    leftovers = [
+        *final.parent.glob(f"{final.name}.tmp-*"),
+        *final.parent.glob(f"{final.name}.old-*"),
+    ]
     for left in leftovers:
         guard()
         shutil.rmtree(left, ignore_errors=True)

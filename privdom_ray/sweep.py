@@ -600,7 +600,9 @@ def run(
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     held = lease.Lease.acquire(spec.output, run_id)
     if held.took_over is not None:
-        log(f"[sweep] took over the output folder from a silent or gone driver ({held.took_over.describe()})")
+        log(
+            f"[sweep] took over the output folder from a silent or gone driver ({held.took_over.describe()})"
+        )
     with _fenced(held):
         prep, failed = _run_cells_on_ray(spec, inputs, address, embedded, train, held, log)
         path = _aggregate(spec, prep, log, held.token, failed)

@@ -38,7 +38,12 @@ GRID = {
     "name": "inject",
     "output": "out",
     "domains": [
-        {"name": n, "kind": "synthetic", "root": f"data/{n}", "options": {"site": n, "n_patients": 40}}
+        {
+            "name": n,
+            "kind": "synthetic",
+            "root": f"data/{n}",
+            "options": {"site": n, "n_patients": 40},
+        }
         for n in "abc"
     ],
     "epsilons": [2, "inf"],
@@ -87,7 +92,7 @@ def trials(work: Path) -> list[Path]:
 
 
 def entry(work: Path, domain: str) -> Path:
-    return next(p for p in (work / "out" / "cache").glob(f"{domain}-*") if ".tmp-" not in p.name)
+    return next(p for p in (work / "out" / "cache").glob(f"{domain}-*") if "." not in p.name)
 
 
 def evaluation(trial: Path, target: str) -> Path:
@@ -212,9 +217,12 @@ def test_logs_evaluations_meta_and_done_under_a_driver_paused_past_its_lease(swe
     paused_and_taken_over(work)
     df = check_table(work, rows, refs)
     assert (folders[0] / "model.pt").read_bytes() != models[folders[0].name]  # new noise
-    assert {p.name for p in folders[1:]} == {  # the others kept their models: logs set aside
-        p.name for p in folders[1:] if (p / "model.pt").read_bytes() == models[p.name]
-    }
+    assert (
+        {p.name for p in folders[1:]}
+        == {  # the others kept their models: logs set aside
+            p.name for p in folders[1:] if (p / "model.pt").read_bytes() == models[p.name]
+        }
+    )
     current = {p.name for p in (folders[0] / "eval").iterdir() if not p.name.startswith(".")}
     assert current == old_evals  # the same targets, evaluated again from the new model
     assert set(df["trial_key"]) == {p.name for p in folders}
@@ -260,3 +268,43 @@ def files(folder: Path) -> dict[str, tuple[int, int]]:
         for p in folder.rglob("*")
         if p.is_file()
     }
+
+
+def as_written_before_checksums(out: Path) -> None:
+    """Rewrite a finished output folder into what privdom-ray wrote before checksums
+    (commit 10482de, see tests/fixtures/legacy_output): ``done`` = "done", evaluations of
+    protocol 3 without checksums or model, cache ``meta.json`` without seal or identity."""
+    import shutil
+
+    from privdom_ray import integrity
+
+    for done in out.glob("trials/*/done"):
+        done.write_text("done\n")
+    for path in out.glob("trials/*/eval/[!.]*/eval.json"):
+        body = integrity.unseal(path)
+        for k in ("files", "model"):
+            body.pop(k)
+        path.write_text(json.dumps({**body, "protocol": 3}, indent=2))
+    for path in out.glob("cache/*/meta.json"):
+        meta = integrity.unseal(path)
+        keep = ("domain", "fingerprint", "preprocessing", "n_images", "n_skipped", "built_seconds")
+        path.write_text(json.dumps({k: meta[k] for k in keep}, indent=2))
+    (out / "outputs.json").unlink()
+    shutil.rmtree(out / ".driver-lease")
+
+
+def test_a_finished_folder_of_the_code_before_checksums_is_upgraded_without_training(sweep):
+    work, rows, refs = sweep
+    out = work / "out"
+    as_written_before_checksums(out)
+    models = {p.name: (p / "model.pt").read_bytes() for p in trials(work)}
+    mtimes = {p.name: (p / "model.pt").stat().st_mtime_ns for p in trials(work)}
+    proc = launch("--grid", "grid.yaml", cwd=work, timeout=900)
+    assert "0 already done, 0 to train, 6 trained with evaluations to (re)do" in proc.stdout
+    assert proc.stdout.count("written before checksums; parsed in full and sealed") == 6
+    assert proc.stdout.count("written before caches had checksums; building it again") == 3
+    check_table(work, rows, refs)
+    assert {p.name: (p / "model.pt").read_bytes() for p in trials(work)} == models
+    assert {p.name: (p / "model.pt").stat().st_mtime_ns for p in trials(work)} == mtimes
+    status = launch("status", "out", cwd=work).stdout
+    assert "6 done" in status and status.count("cache ok") == 3, status

@@ -253,10 +253,14 @@ class EntryState:
         return self.state == "ok"
 
 
-def inspect_entry(path: Path, ident: dict[str, Any] | None = None) -> EntryState:
+def inspect_entry(
+    path: Path, ident: dict[str, Any] | None = None, *, blocks: bool = True
+) -> EntryState:
     """Verify an entry: its sealed ``meta.json``, the checksums of ``rows.parquet`` and
     ``skipped.csv``, and of every block of ``images.npy`` (read in parallel threads); with
-    ``ident``, also that the image files and decoders are those it was built from. Read-only."""
+    ``ident``, also that the image files and decoders are those it was built from.
+    ``blocks=False`` skips hashing images.npy's blocks (its size and header are still
+    checked): ``status --quick`` on large caches. Read-only."""
     t0 = time.perf_counter()
     path = Path(path)
     if not path.is_dir():
@@ -270,7 +274,7 @@ def inspect_entry(path: Path, ident: dict[str, Any] | None = None) -> EntryState
         return EntryState(state, f"{META}: {exc.reason}")
     if meta["format"] != META_FORMAT:
         return EntryState("stale", f"{META}: format {meta['format']}, not {META_FORMAT}")
-    problem = _verify_files(path, meta)
+    problem = _verify_files(path, meta, blocks=blocks)
     if not problem and ident is not None:
         changed = [k for k in ("files", "decoders") if meta["identity"].get(k) != ident[k]]
         what = {"files": "image files changed", "decoders": "decoders changed"}
@@ -289,7 +293,7 @@ def _legacy_meta(path: Path) -> bool:
     return isinstance(value, dict) and "n_images" in value and integrity.CHECKSUM not in value
 
 
-def _verify_files(path: Path, meta: dict[str, Any]) -> str:
+def _verify_files(path: Path, meta: dict[str, Any], *, blocks: bool = True) -> str:
     """'' when every file matches meta.json, else the first problem, naming the file."""
     for name, fs in meta["files"].items():
         try:
@@ -308,7 +312,7 @@ def _verify_files(path: Path, meta: dict[str, Any]) -> str:
     header = integrity.FileSum.from_dict(images["header"])
     if integrity.digest_file(path / IMAGES, 0, images["offset"]) != header.digest:
         return f"{IMAGES}: its header does not match its checksum"
-    bad = _bad_blocks(path / IMAGES, images)
+    bad = _bad_blocks(path / IMAGES, images) if blocks else []
     if bad:
         rows = images["block_rows"]
         first = bad[0] * rows
@@ -578,11 +582,11 @@ def split_sizes(path: str | Path) -> dict[str, int]:
     return rows[rows["ok"]].groupby("split").size().to_dict()
 
 
-def entry_status(path: str | Path) -> EntryState:
+def entry_status(path: str | Path, *, blocks: bool = True) -> EntryState:
     """``status``: an entry verified in full, and checked against the image files its rows
     name and the decoders now installed (stale when they changed since the build)."""
     try:
         paths = list(pd.read_parquet(Path(path) / ROWS, columns=["path"])["path"])
     except Exception:  # noqa: BLE001 - a damaged rows.parquet: named by the verification
         paths = None
-    return inspect_entry(Path(path), None if paths is None else identity(paths))
+    return inspect_entry(Path(path), None if paths is None else identity(paths), blocks=blocks)

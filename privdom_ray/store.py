@@ -526,18 +526,17 @@ class TrialStore:
         if found.record is not None:
             if found.record.void:
                 return "void", "DP model trained before secret randomness; will be retrained"
-            if found.logs:
-                names = "; ".join(f"{_rel(d.path, tdir)}: {d.reason}" for d in found.logs)
-                return "damaged", f"{names} (a training log: the next sweep sets it aside and " + (
-                    "keeps the intact model)"
-                )
+            problems = [f"{_rel(d.path, tdir)}: {d.reason}" for d in found.logs]
             for t in targets:
                 try:
                     self.evaluation(key, t.name, t.fingerprint)
                 except DamagedRecord as exc:
-                    return "damaged", f"{_rel(exc.path, tdir)}: {exc.reason} (evaluated again " + (
-                        "by the next sweep; the model is intact)"
-                    )
+                    problems.append(f"{_rel(exc.path, tdir)}: {exc.reason}")
+            if problems:
+                return "damaged", "; ".join(problems) + (
+                    " (the model is intact: the next sweep sets a damaged training log aside "
+                    "and evaluates a damaged evaluation again)"
+                )
             missing = self.missing_targets(key, targets)
             notes = [f"{n} set aside earlier ({why})" for n, why in found.lost.items()]
             if found.legacy:

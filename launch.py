@@ -110,8 +110,13 @@ def _status(argv: list[str]) -> int:
     plan_path = output / "plan.json"
     if not plan_path.is_file():
         raise FileNotFoundError(f"no plan.json in {args.output}; has a sweep been started there?")
-    plan = results.read_json(plan_path)
-    targets = results.planned_targets(output)
+    try:
+        plan = results.read_json(plan_path)
+        targets = results.planned_targets(output)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LookupError(
+            f"{plan_path} is damaged ({type(exc).__name__}); run the sweep again to rewrite it"
+        ) from None
     holder = lease.current(output)
     live = holder is not None and not holder.stale()
     print(f"driver: {holder.describe()}" if live else "driver: none running")

@@ -231,13 +231,13 @@ class Lease:
     def check(self) -> None:
         """Raise :class:`Fenced` if this driver lost its lease (see :func:`check`); also when
         this process itself could not renew it for longer than the lease (it was paused)."""
+        check(self.output, self.token)  # taken over (naming the new holder), or not renewed
         gap = time.monotonic() - self._renewed
         if gap > self.lease_s:
             raise Fenced(
                 f"{self.output}: this driver was paused or unresponsive for {gap:.0f} s, longer "
                 f"than its {self.lease_s:.0f} s lease; another driver may own the folder now"
             )
-        check(self.output, self.token)
 
     def renew(self) -> None:
         self.check()

@@ -617,12 +617,18 @@ def run(
     return path
 
 
+_LOST = threading.Lock()
+
+
 def _lost(exc: lease.Fenced) -> None:
     """A driver that lost its lease stops at once, writing nothing more (exit 2): not even
-    Tune's bookkeeping or Ray's shutdown may touch the folder the new driver owns."""
-    print(f"error: {exc}. This driver stops here (exit 2); the driver that holds the lease "
-          "carries the sweep on.", file=sys.stderr, flush=True)  # fmt: skip
-    os._exit(2)
+    Tune's bookkeeping or Ray's shutdown may touch the folder the new driver owns. (The
+    renewal thread, SIGCONT and Tune's loop may all notice at once: one says so.)"""
+    if _LOST.acquire(blocking=False):
+        print(f"error: {exc}. This driver stops here (exit 2); the driver that holds the lease "
+              "carries the sweep on.", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(2)
+    time.sleep(60)  # another thread is ending the process
 
 
 @contextmanager

@@ -214,3 +214,32 @@ def test_a_refused_run_leaves_a_finished_output_folder_as_it_was(tmp_path):
     proc = launch("--grid", "grid.yaml", cwd=tmp_path, expect=2)
     assert "seeds[0]: -1" in proc.stderr
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+
+
+def test_every_logical_batch_is_checked_against_the_training_set_it_samples(tmp_path):
+    """Sources (images, or patients with privacy_unit: patient), federation sites and the
+    pretraining domain: each batch must fit, or q = batch / N is not a probability."""
+    from privdom_ray.config import GridError
+    from privdom_ray.grid import check_sample_rates, parse_grid
+
+    doms = [{**SYN, "name": n, "root": str(tmp_path / n)} for n in ("a", "b", "p")]
+    raw = {
+        **BASE, "domains": doms, "sources": ["a"],
+        "federations": [{"name": "ab", "sites": ["a", "b"], "rounds": 1}],
+        "pretrain": {"domain": "p", "logical_batch": 64, "physical_batch": 32},
+        "training": {**BASE["training"], "init": "pretrain"},
+    }  # fmt: skip
+    spec = parse_grid(raw, base=tmp_path)
+    check_sample_rates(spec, {"a": 16, "b": 16, "p": 64})  # every batch fits
+    with pytest.raises(GridError) as err:
+        check_sample_rates(spec, {"a": 16, "b": 15, "p": 63})
+    text = str(err.value)
+    assert "site 'b' of federation 'ab'" in text and "pretraining domain 'p'" in text
+    assert "source 'a'" not in text
+    patients = parse_grid(
+        {**BASE, "training": {**BASE["training"], "privacy_unit": "patient",
+                              "grad_sample_mode": "hooks"}}, base=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(GridError, match="15 training patients"):  # patients, not images
+        check_sample_rates(patients, {"a": 40}, {"a": 15})
+    check_sample_rates(patients, {"a": 40}, {"a": 16})

@@ -35,6 +35,7 @@ not the split: it does not grow with the number of images, nor does the time to 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -176,6 +177,7 @@ class CacheEntry:
     built_seconds: float  # 0 when reused
     verify_seconds: float = 0.0  # checking every block of a reused entry
     rebuilt_because: str = ""  # why an existing entry was replaced ("" when new or reused)
+    test_digest: str = ""  # checksum of the decoded test split: evaluations are bound to it
 
 
 def cache_key(fingerprint: str, prep: Preprocessing) -> str:
@@ -266,7 +268,9 @@ def inspect_entry(
     if not path.is_dir():
         return EntryState("missing", "not built yet")
     try:
-        meta = integrity.unseal(path / META, required=("format",))
+        meta = integrity.unseal(
+            path / META, required=("format", "identity", "files", "images", "test_digest")
+        )
     except integrity.Damage as exc:
         if (path / META).is_file() and _legacy_meta(path / META):
             return EntryState("stale", f"{META}: written before caches had checksums")
@@ -342,6 +346,20 @@ def _bad_blocks(path: Path, images: dict[str, Any]) -> list[int]:
     n, row_bytes = images["shape"][0], images["shape"][1] * images["shape"][2]
     found = _block_digests(path, images["offset"], n, row_bytes, images["block_rows"])
     return [i for i, (a, b) in enumerate(zip(found, images["blocks"], strict=True)) if a != b]
+
+
+def split_digest(images: Path, rows: pd.DataFrame, split: str) -> str:
+    """A checksum of one split as a trial reads it: which rows decoded, and their pixels.
+    Evaluations name their target's test digest, so a rebuild that changes the test images
+    (an image file replaced, a decoder that reads it differently) evaluates again, and one
+    that only repairs damage does not."""
+    keep = np.flatnonzero((rows["split"] == split).to_numpy() & rows["ok"].to_numpy(dtype=bool))
+    h = hashlib.blake2b(keep.astype(np.int64).tobytes(), digest_size=16)
+    pixels = np.load(images, mmap_mode="r")
+    for start in range(0, len(keep), 1024):
+        h.update(np.ascontiguousarray(pixels[keep[start : start + 1024]]).tobytes())
+    del pixels
+    return "b2:" + h.hexdigest()
 
 
 def _images_record(path: Path) -> dict[str, Any]:
@@ -423,8 +441,9 @@ def build(
         if found.ok:
             meta = found.meta
             return CacheEntry(
-                domain, final, meta["n_images"], meta["n_skipped"], 0.0, found.seconds
-            )
+                domain, final, meta["n_images"], meta["n_skipped"], 0.0, found.seconds,
+                test_digest=meta["test_digest"],
+            )  # fmt: skip
         why = "" if found.state == "missing" else f"{found.state}: {found.detail}"
         if why:
             log(f"[cache] {domain}: {final.name} is {why}; building it again")
@@ -482,7 +501,10 @@ def _build_entry(
         log(
             f"[cache] {domain}: skipped {meta['n_skipped']} unreadable image(s); see {final / SKIPPED}"
         )
-    return CacheEntry(domain, final, meta["n_images"], meta["n_skipped"], meta["built_seconds"])
+    return CacheEntry(
+        domain, final, meta["n_images"], meta["n_skipped"], meta["built_seconds"],
+        test_digest=meta["test_digest"],
+    )  # fmt: skip
 
 
 def _finish_entry(
@@ -526,6 +548,7 @@ def _finish_entry(
         "n_skipped": len(skipped),
         "files": files,
         "images": _images_record(tmp / IMAGES),
+        "test_digest": split_digest(tmp / IMAGES, rows, "test"),
         "built_seconds": time.perf_counter() - t0,
     }
     integrity.write_atomic(tmp / META, integrity.seal(meta))

@@ -24,6 +24,9 @@ class TargetRef:
     # what the evaluation's bootstrap resamples: "patient", or "image" where the domain has no
     # patient ids (domains.Adapter.patient_ids)
     unit: str = "patient"
+    # checksum of the test split's decoded images (cache.CacheEntry.test_digest): an
+    # evaluation names it, and is done again when the images change ("": not checked)
+    data: str = ""
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,17 @@ def resampling_unit(spec: SweepSpec, domain: str) -> str:
 
 
 def target_refs(
-    spec: SweepSpec, fingerprints: Mapping[str, str], caches: Mapping[str, str]
+    spec: SweepSpec,
+    fingerprints: Mapping[str, str],
+    caches: Mapping[str, str],
+    data: Mapping[str, str] | None = None,
 ) -> tuple[TargetRef, ...]:
+    """The grid's targets: data version (manifest fingerprint), cache, resampling unit and
+    ``data``, the checksum of each test split's decoded images (evaluations are bound to it)."""
+    data = data or {}
     return tuple(
-        TargetRef(t, fingerprints[t], caches[t], resampling_unit(spec, t)) for t in spec.targets
+        TargetRef(t, fingerprints[t], caches[t], resampling_unit(spec, t), data.get(t, ""))
+        for t in spec.targets
     )
 
 
@@ -64,12 +71,14 @@ def plan_cells(
     run_id: str = "",
     slots: int = 1,
     fence: int = 0,
+    data: Mapping[str, str] | None = None,
     log: Log = print,
 ) -> CellPlan:
     """The cells with work left. ``caches`` maps a domain name (and the pretraining trial's
     name) to its cache folder; ``slots`` is how many per-trial slots the cluster holds;
-    ``fence`` is the driver's lease token, carried by every cell to its writes."""
-    targets = target_refs(spec, fingerprints, caches)
+    ``fence`` is the driver's lease token, carried by every cell to its writes; ``data`` the
+    checksum of each target's decoded test images."""
+    targets = target_refs(spec, fingerprints, caches, data)
     init_path = ""
     pre = next((t for t in trials if kind_of(t).stage == 0), None)
     if pre is not None and spec.training.init == "pretrain":

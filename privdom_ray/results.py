@@ -345,6 +345,7 @@ def transfer_table(
 class _Target:
     name: str
     fingerprint: str
+    data: str = ""  # checksum of the decoded test images (written by plans since checksums)
 
 
 def planned_targets(output: Path) -> list[_Target]:
@@ -352,7 +353,9 @@ def planned_targets(output: Path) -> list[_Target]:
     path = Path(output) / "plan.json"
     if not path.is_file():
         return []
-    return [_Target(t["name"], t["fingerprint"]) for t in read_json(path)["targets"]]
+    return [
+        _Target(t["name"], t["fingerprint"], t.get("data", "")) for t in read_json(path)["targets"]
+    ]
 
 
 def load(output: str | Path) -> pd.DataFrame:

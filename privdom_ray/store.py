@@ -222,6 +222,12 @@ class EvalRecord:
     path: Path
     model: str = ""  # checksum of the model.pt it came from ("" before protocol 4)
     files: dict[str, FileSum] = field(default_factory=dict)
+    data: str = ""  # checksum of the target's decoded test images it read ("": not known)
+
+    def made_from(self, model: str, target: Any) -> bool:
+        """Computed from these model bytes and, when the target says, these test images."""
+        wanted = getattr(target, "data", "")
+        return self.model == model and (not wanted or self.data == wanted)
 
     def metrics(self) -> pd.DataFrame:
         return self._frame(_METRICS)
@@ -465,6 +471,7 @@ class TrialStore:
             path=edir,
             model=str(ev.get("model", "")),
             files=files,
+            data=str(ev.get("data", "")),
         )
 
     def evaluations(self, key: str) -> list[EvalRecord]:
@@ -485,9 +492,10 @@ class TrialStore:
         return out
 
     def current(self, key: str, targets: Iterable[Any]) -> list[EvalRecord]:
-        """The evaluations of ``targets`` (objects with ``name`` and ``fingerprint``) at their
-        current data version and protocol, made from the model now on disk; one per target at
-        most. A damaged one, or one of another model, counts as missing: it is evaluated again."""
+        """The evaluations of ``targets`` (objects with ``name``, ``fingerprint`` and optionally
+        ``data``) at their current data version and protocol, made from the model now on disk
+        (and from the target's current test images); one per target at most. A damaged one, or
+        one of another model or other images, counts as missing: it is evaluated again."""
         try:
             model = self.model_digest(key) if self.is_trained(key) else ""
         except DamagedRecord:
@@ -500,7 +508,7 @@ class TrialStore:
                 ev = self.evaluation(key, t.name, t.fingerprint)
             except DamagedRecord:
                 continue
-            if ev is not None and ev.protocol >= EVAL_PROTOCOL and ev.model == model:
+            if ev is not None and ev.protocol >= EVAL_PROTOCOL and ev.made_from(model, t):
                 out.append(ev)
         return out
 
@@ -720,10 +728,12 @@ class TrialStore:
         predictions: pd.DataFrame,
         info: dict[str, Any],
         model: str,
+        data: str = "",
     ) -> None:
         """Write one evaluation atomically (a temporary folder renamed into place), bound to
-        ``model``, the checksum of the model bytes it was computed from. A current one of the
-        same model written meanwhile by another attempt wins; any other one is replaced."""
+        ``model``, the checksum of the model bytes it was computed from, and ``data``, that of
+        the test images it read. A current one of the same model and images written meanwhile
+        by another attempt wins; any other one is replaced."""
         self.guard()
         edir = self._eval_folder(key, target, fingerprint)
         tmp = edir.with_name(f".{edir.name}.tmp-{os.getpid()}")
@@ -734,12 +744,14 @@ class TrialStore:
             _METRICS: self._write(tmp / _METRICS, _parquet_bytes(metrics)).as_dict(),
         }
         body = {"target": target, "fingerprint": fingerprint, "protocol": EVAL_PROTOCOL, **info}
-        self._write(tmp / _EVAL_JSON, integrity.seal({**body, "model": model, "files": files}))
+        sealed = {**body, "model": model, "data": data, "files": files}
+        self._write(tmp / _EVAL_JSON, integrity.seal(sealed))
         try:
             existing = self.evaluation(key, target, fingerprint) if edir.exists() else None
         except DamagedRecord:
             existing = None  # replaced below (and kept beside, hidden)
-        if existing is not None and existing.protocol >= EVAL_PROTOCOL and existing.model == model:
+        same = existing is not None and existing.model == model and existing.data == data
+        if same and existing.protocol >= EVAL_PROTOCOL:
             shutil.rmtree(tmp, ignore_errors=True)  # an at-least-once duplicate: keep the first
             return
         self.guard()

@@ -231,7 +231,8 @@ def prepare(
     )  # fmt: skip
     plan = planning.plan_cells(
         spec, trials, store, {k: str(e.path) for k, e in caches.items()}, fps,
-        train=train, run_id=run_id, slots=cluster_slots(spec), fence=fence, log=log,
+        train=train, run_id=run_id, slots=cluster_slots(spec), fence=fence,
+        data={k: e.test_digest for k, e in caches.items()}, log=log,
     )  # fmt: skip
     store.guard()
     results.write_json(
@@ -243,7 +244,9 @@ def prepare(
                 {"key": t.key, "name": t.name, "evaluated": kinds.kind_of(t).evaluated}
                 for t in trials
             ],
-            "targets": [{"name": r.name, "fingerprint": r.fingerprint} for r in plan.targets],
+            "targets": [
+                {"name": r.name, "fingerprint": r.fingerprint, "data": r.data} for r in plan.targets
+            ],
             # relative to the output folder when inside it (the folder may be moved)
             "caches": {name: _relative(entry.path, spec.output) for name, entry in caches.items()},
         },
@@ -707,9 +710,10 @@ def _aggregate(
     store = TrialStore(spec.output, fence=fence)
     path = spec.output / results.TRANSFER
     table, df = results.transfer_table(spec.output, keys, spec.name, prep.targets)
-    if (failed or prep.unusable) and (kept := _still_better(spec.output, store, len(df))):
+    still = _still_better(spec.output, store, len(df), prep.targets)
+    if (failed or prep.unusable) and still:
         log(
-            f"[sweep] kept the previous tables ({kept} rows, every one still from a verified model "
+            f"[sweep] kept the previous tables ({still} rows, every one still from a verified model "
             f"and evaluation): this run has failed cells and its table would hold {len(df)} rows"
         )
         return path
@@ -733,10 +737,13 @@ def _aggregate(
     return path
 
 
-def _still_better(output: Path, store: TrialStore, new_rows: int) -> int:
+def _still_better(
+    output: Path, store: TrialStore, new_rows: int, targets: Sequence[TargetRef] = ()
+) -> int:
     """The row count of the existing transfer table if it is larger than ``new_rows`` and
-    every row of it still stands (its trial valid, its evaluation current and made from the
-    model on disk); 0 otherwise (then the new, smaller table is the truth)."""
+    every row of it still stands (its trial valid, its target one of ``targets`` at the same
+    data version, its evaluation current: made from the model on disk and the target's test
+    images); 0 otherwise (then the new, smaller table is the truth)."""
     import io
 
     path = Path(output) / results.TRANSFER
@@ -752,11 +759,10 @@ def _still_better(output: Path, store: TrialStore, new_rows: int) -> int:
         return 0
     if len(old) <= new_rows:
         return 0
+    refs = {(t.name, t.fingerprint): t for t in targets}
     for (key, target, fp), _ in old.groupby(["trial_key", "target", "data_fingerprint"]):
-        if store.valid(key) is None:
-            return 0
-        have = store.current(key, [TargetRef(target, fp, "")])
-        if not have:
+        ref = refs.get((target, fp)) if targets else TargetRef(target, fp, "")
+        if ref is None or store.valid(key) is None or not store.current(key, [ref]):
             return 0
     return len(old)
 

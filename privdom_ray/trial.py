@@ -160,7 +160,7 @@ def evaluate_stored(
     )
     store.write_eval(
         key, target.name, target.fingerprint, metrics=metrics_df, predictions=predictions,
-        info=info, model=weights.digest,
+        info=info, model=weights.digest, data=target.data,
     )  # fmt: skip
 
 

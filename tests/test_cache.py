@@ -189,3 +189,27 @@ def test_an_entry_is_stale_when_its_image_files_or_decoders_change(tmp_path):
     # an entry written before caches had checksums is stale too: built again, never trusted
     (entry / cache.META).write_text(json.dumps({"domain": "a", "n_images": 40, "n_skipped": 0}))
     assert cache.inspect_entry(entry).state == "stale"
+
+
+def test_the_test_digest_follows_the_test_images_only(tmp_path):
+    """Evaluations are bound to it: a rebuild with the same test pixels keeps them, a changed
+    test image (or one that no longer decodes) does not; training rows do not count."""
+    from privdom_ray import cache
+
+    entry, ident = sealed_entry(tmp_path)
+    meta = cache.inspect_entry(entry, ident).meta
+    rows = pd.read_parquet(entry / cache.ROWS)
+    digest = cache.split_digest(entry / cache.IMAGES, rows, "test")
+    assert digest == meta["test_digest"]
+    images = np.load(entry / cache.IMAGES, mmap_mode="r+")
+    train_row = int(np.flatnonzero(rows["split"] == "train")[0])
+    images[train_row] = 255 - images[train_row]
+    images.flush()
+    assert cache.split_digest(entry / cache.IMAGES, rows, "test") == digest
+    test_row = int(np.flatnonzero(rows["split"] == "test")[0])
+    images[test_row] = 255 - images[test_row]
+    images.flush()
+    del images
+    assert cache.split_digest(entry / cache.IMAGES, rows, "test") != digest
+    rows.loc[test_row, "ok"] = False  # now skipped: other rows, another digest
+    assert cache.split_digest(entry / cache.IMAGES, rows, "test") != digest

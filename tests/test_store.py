@@ -121,6 +121,23 @@ def test_an_evaluation_of_another_model_is_never_current(tmp_path):
     assert store.evaluations(key) == []
 
 
+def test_an_evaluation_of_other_test_images_is_never_current(tmp_path):
+    """An evaluation also names the checksum of its target's decoded test images: replaced
+    image files (a rebuilt cache with other pixels) mean it is evaluated again."""
+    key = finished(tmp_path)
+    store = TrialStore(tmp_path)
+    old = store.evaluation(key, "a", "fpa")
+    store.write_eval(
+        key, "a", "fpa", metrics=old.metrics(), predictions=old.predictions(),
+        info={"n_test": old.n_test, "n_boot": old.n_boot}, model=old.model, data="b2:images1",
+    )  # fmt: skip
+    same = planning.TargetRef("a", "fpa", "", data="b2:images1")
+    other = planning.TargetRef("a", "fpa", "", data="b2:images2")
+    assert store.missing_targets(key, [same]) == []
+    assert store.missing_targets(key, [other]) == [other]
+    assert store.missing_targets(key, [Target("a", "fpa")]) == []  # not checked when unknown
+
+
 def test_a_folder_written_before_checksums_is_parsed_then_sealed(tmp_path):
     """Upgrades: a finished trial of an older privdom-ray (``done`` = "done", evaluations of
     protocol 3) is read after a full parse, sealed by the driver, and only re-evaluated."""

@@ -6,9 +6,12 @@
 A tiny 2-site grid (2 sources x epsilon {2, inf} x 1 seed, 2 targets: a 288-row table) is run
 once; every probe starts from a copy of that finished output, injects one fault (truncate,
 zero-fill a block inside, or delete one record; or one of the other faults of issue 23), asks
-``status`` whether it names the damaged file, runs the sweep again and judges its table:
+``status`` whether it names the damaged file, runs the sweep again and judges its table. A
+probe of the cache (or of the image files) runs the grid with one more epsilon (8), so that
+new cells train and evaluate on the cache (288 + 144 rows expected): a damaged cache harms
+only the cells that read it next.
 
-- rows lost: rows of the finished table missing from the new one (288 expected);
+- rows lost: rows of the expected table missing from the new one;
 - rows wrong: rows whose AUC differs from the AUC of the model now on disk, predicted on
   images decoded afresh from the image files (not from the cache, which may be the damaged
   record);
@@ -148,15 +151,16 @@ def negative_seed(case: Path) -> str:
 
 
 def probes() -> list[tuple[str, Callable[[Path], str], str]]:
-    """(name, inject, verb): verb 'run' re-runs the sweep, 'evaluate' runs launch.py evaluate."""
+    """(name, inject, verb): verb 'run' re-runs the sweep, 'run+' with one more epsilon (new
+    cells read the cache), 'evaluate' runs launch.py evaluate."""
     out = [
-        (f"{record}: {how}", record_fault(record, how), "run")
+        (f"{record}: {how}", record_fault(record, how), "run+" if "cache" in record else "run")
         for record in RECORDS
         for how in ("truncate", "zero-fill", "delete")
     ]
     out += [
         ("done deleted (DP trial)", delete_done, "run"),
-        ("3 PNGs replaced by text after the build", replace_pngs, "run"),
+        ("3 PNGs replaced by text after the build", replace_pngs, "run+"),
         ("history zero-filled, then `evaluate`", record_fault("history", "zero-fill"), "evaluate"),
         ("seeds: [-1] on a finished output", negative_seed, "run"),
     ]
@@ -220,18 +224,26 @@ def wrong_rows(case: Path, table: pd.DataFrame) -> int:
     return wrong
 
 
-def judge(case: Path, base: pd.DataFrame) -> tuple[int, int]:
+IDENT = ["source", "epsilon_target", "seed", "target", "label", "subgroup"]
+
+
+def expected_rows(base: pd.DataFrame, more: bool) -> set[tuple]:
+    """The rows a complete table holds: the base's, and with ``more`` those of epsilon 8."""
+    rows = set(map(tuple, base[IDENT].astype(str).to_numpy()))
+    if more:
+        dp = base[base["epsilon_target"] == 2].assign(epsilon_target=8.0)
+        rows |= set(map(tuple, dp[IDENT].astype(str).to_numpy()))
+    return rows
+
+
+def judge(case: Path, expected: set[tuple]) -> tuple[int, int]:
     path = case / "out" / "transfer.parquet"
-    if not path.is_file():
-        return ROWS, 0
     try:
         table = pd.read_parquet(path)
-    except Exception:  # noqa: BLE001
-        return ROWS, 0
-    ident = ["source", "epsilon_target", "seed", "target", "label", "subgroup"]
-    have = set(map(tuple, table[ident].astype(str).to_numpy()))
-    lost = sum(tuple(r) not in have for r in base[ident].astype(str).to_numpy())
-    return lost, wrong_rows(case, table)
+    except Exception:  # noqa: BLE001 - missing or unreadable: every row lost
+        return len(expected), 0
+    have = set(map(tuple, table[IDENT].astype(str).to_numpy()))
+    return len(expected - have), wrong_rows(case, table)
 
 
 def main() -> None:
@@ -265,6 +277,9 @@ def main() -> None:
         named = inject(case)
         status = launch(code, ["status", "out"], case, timeout=300)
         said = "n/a" if not named else ("yes" if named in status.stdout + status.stderr else "no")
+        if verb == "run+":
+            grid = yaml.safe_load((case / "grid.yaml").read_text())
+            (case / "grid.yaml").write_text(yaml.safe_dump({**grid, "epsilons": [2, 8, "inf"]}))
         t0 = time.perf_counter()
         extra = (
             ["evaluate", "out", "--grid", "grid.yaml"]
@@ -273,7 +288,7 @@ def main() -> None:
         )
         proc = launch(code, extra, case)
         seconds = time.perf_counter() - t0
-        lost, wrong = judge(case, base)
+        lost, wrong = judge(case, expected_rows(base, verb == "run+"))
         ok = proc.returncode in (0, 2 if "seeds" in name else 0) and lost == 0 and wrong == 0
         lines.append(
             f"| {name} | {said} | {proc.returncode} | {'yes' if ok else 'NO'} | {lost} | "

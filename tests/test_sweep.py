@@ -313,7 +313,8 @@ def test_patient_level_privacy_end_to_end(tmp_path):
         "domains": GRID["domains"][:1],
         "epsilons": [2],
         "controls": [],
-        "training": {**GRID["training"], "privacy_unit": "patient"},
+        # 29 training patients: a batch of 32 would be refused (q = 32/29 > 1)
+        "training": {**GRID["training"], "privacy_unit": "patient", "logical_batch": 16},
         "audit": {"canaries": 200, "epsilons": [2]},  # canaries are units too: one per patient
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
@@ -324,7 +325,7 @@ def test_patient_level_privacy_end_to_end(tmp_path):
     n_train_patients = n_patients[(n_patients["split"] == "train") & n_patients["ok"]][
         "patient_id"
     ].nunique()
-    assert df["sample_rate"].iloc[0] == pytest.approx(1 / math.ceil(n_train_patients / 32))
+    assert df["sample_rate"].iloc[0] == pytest.approx(1 / math.ceil(n_train_patients / 16))
 
 
 def test_export_writes_exactly_the_shareable_set(tiny_sweep):

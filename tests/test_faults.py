@@ -371,7 +371,7 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
         "name": "a",
         "kind": "synthetic",
         "root": "data/a",
-        "options": {"site": "a", "n_patients": 20},
+        "options": {"site": "a", "n_patients": 40},  # enough training images for a batch of 32
     }
     large = {
         "name": "b",

@@ -250,7 +250,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("work", type=Path, help="scratch folder (created)")
     p.add_argument("--code", type=Path, default=ROOT, help="checkout whose launch.py runs")
-    p.add_argument("--only", default="", help="run only probes whose name contains this")
+    p.add_argument(
+        "--only", default="", help="run only probes whose name contains one of these (a,b,...)"
+    )
     args = p.parse_args()
     code, work = args.code.resolve(), args.work.resolve()
     base_dir = work / "base"
@@ -268,7 +270,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name, inject, verb in probes():
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only.split(",")):
             continue
         case = work / "case"
         shutil.rmtree(case, ignore_errors=True)

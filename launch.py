@@ -88,28 +88,88 @@ def _show(argv: list[str]) -> int:
 
 def _status(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="launch.py status", description="List done, running, failed and pending cells."
+        prog="launch.py status",
+        description="List done, running, interrupted, failed, damaged and pending cells, the "
+        "driver holding the folder, and the state of every cache entry and table; every "
+        "record is verified against its checksum.",
     )
     p.add_argument("output", help="the sweep's output folder (holds plan.json)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="do not hash the caches' image blocks (about a second per GB); their seals, "
+        "sizes and identity are still checked, and every trial record is verified",
+    )
     args = p.parse_args(argv)
     from collections import Counter
 
-    from privdom_ray import results
+    from privdom_ray import lease, results
     from privdom_ray.store import TrialStore
 
-    plan_path = Path(args.output) / "plan.json"
+    output = Path(args.output)
+    plan_path = output / "plan.json"
     if not plan_path.is_file():
         raise FileNotFoundError(f"no plan.json in {args.output}; has a sweep been started there?")
-    plan = results.read_json(plan_path)
-    targets = results.planned_targets(Path(args.output))
-    store = TrialStore(args.output)
+    try:
+        plan = results.read_json(plan_path)
+        targets = results.planned_targets(output)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LookupError(
+            f"{plan_path} is damaged ({type(exc).__name__}); run the sweep again to rewrite it"
+        ) from None
+    holder = lease.current(output)
+    live = holder is not None and not holder.stale()
+    print(f"driver: {holder.describe()}" if live else "driver: none running")
+    store = TrialStore(output)
     counts: Counter[str] = Counter()
     for cell in plan["cells"]:
-        state, detail = store.status(cell["key"], targets if cell.get("evaluated", True) else [])
+        cell_targets = targets if cell.get("evaluated", True) else []
+        state, detail = store.status(cell["key"], cell_targets, holder.run_id if live else "")
         counts[state] += 1
-        print(f"{state:10s} {cell['name']:32s} {cell['key']}  {detail}".rstrip())
+        print(f"{state:11s} {cell['name']:32s} {cell['key']}  {detail}".rstrip())
+    caches = {name: output / path for name, path in plan.get("caches", {}).items()}
+    for line in _cache_lines(caches, blocks=not args.quick) + _table_lines(output):
+        print(line)
     print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     return 0
+
+
+def _cache_lines(caches: dict[str, Path], *, blocks: bool = True) -> list[str]:
+    """One line per cache entry of the last plan: verified (in full unless ``blocks`` is
+    False), and stale when its image files or decoders changed since it was built."""
+    from privdom_ray import cache
+
+    lines = []
+    for name, path in caches.items():
+        found = cache.entry_status(Path(path), blocks=blocks)
+        if found.ok:
+            meta = found.meta
+            what = "every checksum" if blocks else "seal, sizes and identity (not the blocks)"
+            detail = (
+                f"{meta['n_images']} images, {meta['n_skipped']} skipped; {what} "
+                f"verified in {found.seconds:.1f}s"
+            )
+        else:
+            detail = f"{found.detail} (the next run builds it again)"
+        lines.append(f"cache {found.state:9s} {name:26s} {Path(path).name}  {detail}")
+    return lines
+
+
+def _table_lines(output: Path) -> list[str]:
+    """The sealed tables (outputs.json) verified: a damaged one is rewritten by the next run."""
+    from privdom_ray import integrity
+
+    lines = []
+    for name in integrity.SEALED_OUTPUTS:
+        if not (output / name).is_file():
+            continue
+        try:
+            integrity.verified_bytes(output, name)
+            state, detail = "ok", ""
+        except integrity.Damage as exc:
+            state, detail = "damaged", f"{exc.reason} (the next run writes it again)"
+        lines.append(f"table {state:9s} {name}  {detail}".rstrip())
+    return lines
 
 
 def _audit(argv: list[str]) -> int:
@@ -284,8 +344,8 @@ VERBS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from privdom_ray.config import GridError
+    from privdom_ray.lease import Fenced, LockHeld
     from privdom_ray.manifest import ManifestError
-    from privdom_ray.store import LockHeld
 
     try:
         if argv and argv[0] in VERBS:
@@ -298,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         FileExistsError,
         LookupError,
         LockHeld,
+        Fenced,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -74,6 +74,8 @@ def audit_trial(store: TrialStore, record: TrialRecord) -> list[AuditLine]:
             continue
         row = audit_ledger(ledger)
         problem = row.problem or check_against_record(ledger, run)
+        if run.steps_taken == -1 and record.spec.federation is None:
+            problem = "history.json is lost or damaged: the steps taken cannot be checked"
         if ledger["accountant"] == "none":
             problem = "a DP trial's ledger claims no accountant (epsilon = inf)"
         out.append(
@@ -142,7 +144,10 @@ def _ledgers_and_runs(
         privacy_unit=spec.training.privacy_unit,
     )
     if spec.federation is None:
-        history = store.history(record.key)
+        try:
+            history = store.history(record.key)
+        except DamagedRecord:  # a lost training log: the steps taken cannot be checked
+            history = [{"steps": -1}]
         run = RunRecord(
             units=int(info.get("units", info.get("n_train", 0))),
             steps_taken=int(history[-1]["steps"]) if history else 0,

@@ -24,6 +24,9 @@ class TargetRef:
     # what the evaluation's bootstrap resamples: "patient", or "image" where the domain has no
     # patient ids (domains.Adapter.patient_ids)
     unit: str = "patient"
+    # checksum of the test split's decoded images (cache.CacheEntry.test_digest): an
+    # evaluation names it, and is done again when the images change ("": not checked)
+    data: str = ""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Cell:
     site_slots: int = 1  # sites of a federation that train at once (reserved task slots)
     slot_share: float = 1.0  # the part of one per-trial slot (resources.cpu/gpu) a task holds
     channels_last: bool = False  # NHWC activations (resources.memory_format, resolved)
+    fence: int = 0  # the driver's lease token: every write of the cell checks it (store, lease)
 
     def to_config(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -73,6 +77,7 @@ class Cell:
             site_slots=d.get("site_slots", 1),
             slot_share=d.get("slot_share", 1.0),
             channels_last=d.get("channels_last", False),
+            fence=d.get("fence", 0),
         )
 
 

@@ -52,7 +52,7 @@ TOP_KEYS = {
     "controls": f"extra control trials, any of {list(CONTROLS)}",
     "delta": "DP delta (default 1e-5, must be < 1/N_train)",
     "allow_large_delta": "accept delta >= 1/N_train (default false: refused)",
-    "seeds": "list of integers",
+    "seeds": "list of integers from 0 to 2**32 - 1",
     "model": f"one of {sorted(MODEL_NAMES)}",
     "training": "training hyper-parameters",
     "pretrain": "non-private pretraining on a public domain (domain, epochs, lr, ...)",
@@ -64,6 +64,7 @@ TOP_KEYS = {
     "audit": "one-run canary audit twins: {canaries, kind: gradient|input, sources, epsilons}",
 }
 DOMAIN_KEYS = ("name", "kind", "root", "options", "delta")
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and Python's random accept 0 .. 2**32 - 1
 
 
 class _Collector:
@@ -268,10 +269,16 @@ def _parse_seeds(c: _Collector, seeds_raw: Any) -> list[int]:
         c.add("seeds", seeds_raw, "a non-empty list of integers")
         return seeds
     for i, s in enumerate(seeds_raw):
-        if isinstance(s, int) and not isinstance(s, bool) and s not in seeds:
+        if isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED and s not in seeds:
             seeds.append(s)
+        elif isinstance(s, int) and not isinstance(s, bool) and s in seeds:
+            c.add(f"seeds[{i}]", s, "distinct integers (a duplicate)")
         else:
-            c.add(f"seeds[{i}]", s, "distinct integers")
+            c.add(
+                f"seeds[{i}]",
+                s,
+                f"distinct integers from 0 to {MAX_SEED} (numpy and torch refuse negative seeds)",
+            )
     return seeds
 
 
@@ -475,6 +482,14 @@ def _parse_domains(c: _Collector, raw: Any, base: Path) -> list[DomainSpec]:
             c.add(f"{key}.root", root_raw, "the dataset's root folder")
             continue
         root = _resolve(base, root_raw)
+        if root.exists() and not root.is_dir():
+            c.add(
+                f"{key}.root",
+                str(root_raw),
+                f"a folder, not a file (resolved to {root}); point it at the dataset's folder"
+                + (" (generated there on first use)" if adapter.creates_root else ""),
+            )
+            continue
         if not root.is_dir() and not adapter.creates_root:
             c.add(f"{key}.root", str(root_raw), f"an existing folder (resolved to {root})")
             continue
@@ -648,3 +663,44 @@ def _check_pos_weight(
         c.add("training.pos_weight", setting, "a 'pretrain' section (its domain is the public one)")
     if not 0 < t.pos_weight_budget <= 0.5:
         c.add("training.pos_weight_budget", t.pos_weight_budget, "a fraction in (0, 0.5]")
+
+
+def check_sample_rates(
+    spec: SweepSpec, n_train: Mapping[str, int], n_patients: Mapping[str, int] | None = None
+) -> None:
+    """Every logical batch must fit its training set: q = logical_batch / N_train is a
+    probability (DP's Poisson sampling; non-private trials record it too), so a batch larger
+    than the training split is a mistake in the grid, refused with the numbers and the fix.
+
+    ``n_train``: training images per domain (the manifest's; again with the decoded counts
+    once the cache is built); ``n_patients``: training patients (``privacy_unit: patient``
+    samples patients). Raises ``GridError`` listing every source that is too small.
+    """
+    errors = []
+
+    def check(key: str, batch: int, units: int, unit: str, where: str) -> None:
+        if batch > units:
+            q = f"{batch / units:.3g}" if units else "infinite"
+            errors.append(
+                f"{key}: {batch} is more than the {units} training {unit} of {where} (a "
+                f"sample rate q = {q}, but q must be at most 1); set {key} to at most {units}, "
+                f"or give {where} more training data"
+            )
+
+    t = spec.training
+    unit = "patients" if t.privacy_unit == "patient" else "images"
+    counts = n_patients if t.privacy_unit == "patient" and n_patients is not None else n_train
+    for s in spec.sources:
+        if s in counts:
+            check("training.logical_batch", t.logical_batch, counts[s], unit, f"source {s!r}")
+    for fed in spec.federations:
+        for site in fed.sites:
+            if site in n_train:
+                where = f"site {site!r} of federation {fed.name!r}"
+                check("training.logical_batch", t.logical_batch, n_train[site], "images", where)
+    pre = spec.pretrain
+    if pre is not None and pre.domain in n_train:
+        where = f"pretraining domain {pre.domain!r}"
+        check("pretrain.logical_batch", pre.logical_batch, n_train[pre.domain], "images", where)
+    if errors:
+        raise GridError(str(spec.grid_path), errors)

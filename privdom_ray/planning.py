@@ -7,11 +7,15 @@ one place, and are tested without a cluster:
 - a trial trained, readable and valid is never trained again; only targets without a current
   evaluation (new target, changed target data, older evaluation protocol) are evaluated;
 - a damaged trial folder, or a DP trial whose guarantee is void, is set aside and retrained;
-- ``evaluate`` (train=False) never trains.
+- an evaluation counts only when it names the checksum of the model now on disk, so a trial
+  trained again (e.g. after its ``done`` was deleted) never keeps an older model's evaluations;
+- ``evaluate`` (train=False) never trains and never sets a trial aside: a trial it cannot use
+  is named (``CellPlan.unusable``) and the command fails, instead of losing its rows quietly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +33,9 @@ class CellPlan:
     trials: list[TrialSpec]  # every planned trial, pretraining first
     cells: list[Cell]  # only those with work left
     targets: tuple[TargetRef, ...]
+    # evaluate only: trials whose record is damaged or void, "name: why" (never moved)
+    unusable: tuple[str, ...] = ()
+    done: int = 0  # trials trained and evaluated on every target: nothing left to do
 
 
 def resampling_unit(spec: SweepSpec, domain: str) -> str:
@@ -39,10 +46,17 @@ def resampling_unit(spec: SweepSpec, domain: str) -> str:
 
 
 def target_refs(
-    spec: SweepSpec, fingerprints: Mapping[str, str], caches: Mapping[str, str]
+    spec: SweepSpec,
+    fingerprints: Mapping[str, str],
+    caches: Mapping[str, str],
+    data: Mapping[str, str] | None = None,
 ) -> tuple[TargetRef, ...]:
+    """The grid's targets: data version (manifest fingerprint), cache, resampling unit and
+    ``data``, the checksum of each test split's decoded images (evaluations are bound to it)."""
+    data = data or {}
     return tuple(
-        TargetRef(t, fingerprints[t], caches[t], resampling_unit(spec, t)) for t in spec.targets
+        TargetRef(t, fingerprints[t], caches[t], resampling_unit(spec, t), data.get(t, ""))
+        for t in spec.targets
     )
 
 
@@ -56,20 +70,31 @@ def plan_cells(
     train: bool = True,
     run_id: str = "",
     slots: int = 1,
+    fence: int = 0,
+    data: Mapping[str, str] | None = None,
     log: Log = print,
 ) -> CellPlan:
     """The cells with work left. ``caches`` maps a domain name (and the pretraining trial's
-    name) to its cache folder; ``slots`` is how many per-trial slots the cluster holds."""
-    targets = target_refs(spec, fingerprints, caches)
+    name) to its cache folder; ``slots`` is how many per-trial slots the cluster holds;
+    ``fence`` is the driver's lease token, carried by every cell to its writes; ``data`` the
+    checksum of each target's decoded test images."""
+    targets = target_refs(spec, fingerprints, caches, data)
     init_path = ""
     pre = next((t for t in trials if kind_of(t).stage == 0), None)
     if pre is not None and spec.training.init == "pretrain":
         init_path = str(store.model_path(pre.key))
     elif spec.init_path is not None:
         init_path = str(spec.init_path)
-    cells = []
+    cells, unusable, done = [], [], 0
     for t in trials:
         kind = kind_of(t)
+        if not train and (why := store.unusable_reason(t.key)):
+            unusable.append(f"{t.name}: {why}")
+            log(
+                f"[evaluate] {t.name} ({t.key}): {why}; not evaluated (the sweep, launch.py "
+                "--grid, sets it aside and trains it again)"
+            )
+            continue
         record = store.usable(t.key, log)  # sets a damaged or void folder aside
         init = init_path if t.init != "scratch" else ""
         source = {"source": caches.get(t.source, ""), "own": caches.get(t.name, "")}.get(
@@ -78,9 +103,11 @@ def plan_cells(
         if not kind.evaluated:  # pretraining, audit twins: trained, never tested on targets
             if record is None and train:
                 cells.append(_cell(spec, t, caches, source, (), init, run_id, slots))
+            done += record is not None
             continue
         missing = tuple(store.missing_targets(t.key, targets)) if record else targets
         if record is not None and not missing:
+            done += 1
             continue
         if not train and record is None:
             log(
@@ -88,7 +115,8 @@ def plan_cells(
             )
             continue
         cells.append(_cell(spec, t, caches, source, missing, init, run_id, slots))
-    return CellPlan(list(trials), cells, targets)
+    cells = [dataclasses.replace(c, fence=fence) for c in cells]
+    return CellPlan(list(trials), cells, targets, tuple(unusable), done)
 
 
 def _cell(

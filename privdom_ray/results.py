@@ -311,6 +311,16 @@ def aggregate(
     (``targets``: objects with ``name`` and ``fingerprint``; default: the targets of the last
     plan, ``plan.json``). Older evaluations stay on disk, out of the table.
     """
+    table, df = transfer_table(output, keys, sweep, targets)
+    path = Path(output) / TRANSFER
+    write_parquet(path, table)
+    return path, df
+
+
+def transfer_table(
+    output: Path, keys: Iterable[str], sweep: str, targets: Iterable[Any] | None = None
+) -> tuple[pa.Table, pd.DataFrame]:
+    """The transfer table of :func:`aggregate`, built but not written."""
     from privdom_ray.kinds.audit import audited
     from privdom_ray.store import TrialStore
 
@@ -328,16 +338,14 @@ def aggregate(
         if field.name not in df.columns:
             df[field.name] = None
     df = df.loc[:, SCHEMA.names]
-    table = pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False)
-    path = Path(output) / TRANSFER
-    write_parquet(path, table)
-    return path, df
+    return pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), df
 
 
 @dataclasses.dataclass(frozen=True)
 class _Target:
     name: str
     fingerprint: str
+    data: str = ""  # checksum of the decoded test images (written by plans since checksums)
 
 
 def planned_targets(output: Path) -> list[_Target]:
@@ -345,7 +353,9 @@ def planned_targets(output: Path) -> list[_Target]:
     path = Path(output) / "plan.json"
     if not path.is_file():
         return []
-    return [_Target(t["name"], t["fingerprint"]) for t in read_json(path)["targets"]]
+    return [
+        _Target(t["name"], t["fingerprint"], t.get("data", "")) for t in read_json(path)["targets"]
+    ]
 
 
 def load(output: str | Path) -> pd.DataFrame:

@@ -17,39 +17,54 @@ copies out (see README "What may leave"):
 - ``checkpoint.pt`` while training: model, optimizer and the SECRET generator states of the DP
   mechanism; deleted when the trial is done, so nothing left can replay its noise or batches
 - ``running.json`` (heartbeat), ``failed.json`` (last error)
-- ``done``        written last: the trained model is complete
+- ``done``        written last: the commit record, sealed JSON with the size and checksum of
+  every file above (``integrity``); a file that does not match is damaged, whatever it parses as
 - ``eval/<target>-<fingerprint>/`` per target data version: ``predictions.parquet`` (row
   position, scores, labels, sex, age, patient group: no ids, no paths), ``metrics.parquet``,
-  ``eval.json``; each folder is renamed into place complete
+  ``eval.json`` (sealed: the two files' checksums and the checksum of the model they came from);
+  each folder is renamed into place complete
 
-Folders the sweep must not use (damaged records, DP models whose guarantee is void) are moved,
-never deleted, to ``<output>/set_aside/``.
+Damage to the model, ledger, trial record or thresholds voids the trial: the sweep moves the
+folder (never deletes it) to ``<output>/set_aside/`` and trains it again. Damage to a training
+log (history, config, validation scores) sets that file aside and keeps the intact model. A
+damaged evaluation, or one of another model, is evaluated again. Folders of trials written
+before checksums (``done`` = "done") are parsed in full once and then sealed.
+
+Writes are fenced (``lease``): a store made with a driver's lease token refuses every write
+once that driver lost its lease.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from privdom_ray import integrity, lease
 from privdom_ray.config import TrialSpec
+from privdom_ray.integrity import Damage, FileSum
+from privdom_ray.lease import LockHeld
 from privdom_ray.privacy import Ledger
-from privdom_ray.results import atomic_write, read_json, write_json, write_parquet, write_yaml
+from privdom_ray.results import atomic_write, read_json, write_json
+
+__all__ = ["DamagedRecord", "EvalRecord", "LockHeld", "TrialRecord", "TrialStore"]
 
 TRIALS = "trials"
 SET_ASIDE = "set_aside"
 #: Evaluations of an older protocol are redone (the model is never retrained for it):
 #: 1 resampled images (predictions had no patient groups); 2 counted a label's minimum
-#: positives in images, so a label of 3 patients could pass a minimum of 10; 3 counts patients.
-EVAL_PROTOCOL = 3
+#: positives in images, so a label of 3 patients could pass a minimum of 10; 3 counts patients;
+#: 4 names the checksum of the model it came from (older ones cannot prove which model made them).
+EVAL_PROTOCOL = 4
+DONE_FORMAT = 2
 
 _TRIAL_JSON, _LEDGER, _MODEL, _THRESHOLDS = (
     "trial.json",
@@ -65,32 +80,82 @@ _HISTORY, _VAL_PRED, _CONFIG, _DONE = (
 )
 _CHECKPOINT, _RUNNING, _FAILED, _TB = "checkpoint.pt", "running.json", "failed.json", "tensorboard"
 _EVAL, _EVAL_JSON, _METRICS, _PRED = "eval", "eval.json", "metrics.parquet", "predictions.parquet"
+#: a damaged one of these voids the trial (retrained); a damaged log is set aside alone
+CORE = (_TRIAL_JSON, _LEDGER, _MODEL, _THRESHOLDS)
+LOGS = (_HISTORY, _CONFIG, _VAL_PRED)
+_LEGACY_DONE = b"done"
 
 
-class DamagedRecord(Exception):
-    """A file of a trial folder is missing, truncated or unparsable."""
+class DamagedRecord(Damage):
+    """A file of a trial folder is missing, truncated, unparsable or not what was written."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(
-            f"{path}: {reason}. The sweep sets the trial folder aside (under set_aside/) and "
-            "re-runs the trial; nothing else needs fixing"
-        )
+    @classmethod
+    def of(cls, damage: Damage) -> DamagedRecord:
+        return damage if isinstance(damage, DamagedRecord) else cls(damage.path, damage.reason)
 
 
-def _json(path: Path, required: Sequence[str] = ()) -> Any:
-    """Read a JSON record, raising DamagedRecord (naming the file) for any defect."""
+def _json(path: Path, data: bytes, required: Sequence[str] = ()) -> Any:
+    """Parse a JSON record's bytes, raising DamagedRecord (naming the file) for any defect."""
     try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DamagedRecord(path, "missing") from None
-    except (OSError, ValueError) as exc:
-        raise DamagedRecord(path, f"unreadable ({type(exc).__name__}: {exc})") from None
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DamagedRecord(path, f"unparsable ({type(exc).__name__}: {str(exc)[:80]})") from None
     missing = [k for k in required if not isinstance(value, dict) or k not in value]
     if missing:
         raise DamagedRecord(path, f"lacks {missing}")
     return value
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DamagedRecord(path, "missing") from None
+    except OSError as exc:
+        raise DamagedRecord(path, f"unreadable ({exc.strerror or exc})") from None
+
+
+def _json_bytes(obj: Any) -> bytes:
+    def default(o: Any) -> Any:
+        return o.item() if hasattr(o, "item") else str(o)
+
+    return json.dumps(obj, indent=2, default=default).encode()
+
+
+def _yaml_bytes(obj: Any) -> bytes:
+    """Human-readable record (round-tripped through JSON so numpy scalars and inf are plain)."""
+    import yaml
+
+    return yaml.safe_dump(json.loads(_json_bytes(obj)), sort_keys=False).encode()
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    return buf.getvalue()
+
+
+def _parquet_frame(path: Path, data: bytes) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DamagedRecord(path, f"unparsable ({type(exc).__name__}: {str(exc)[:80]})") from None
+
+
+def _torch_state(path: Path, data: bytes) -> dict[str, Any]:
+    """A state_dict from a model file's bytes (``weights_only``: no code runs from it)."""
+    import torch
+
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
+        raise DamagedRecord(path, f"unreadable ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DamagedRecord(path, "not a state_dict of tensors")
+    return state
 
 
 @dataclass(frozen=True)
@@ -102,6 +167,7 @@ class TrialRecord:
     ledger: dict[str, Any]  # the ledger as written (a federation's per-site ledgers: "sites")
     info: dict[str, Any]  # trial.json: the run's summary (best epoch, timings, versions, ...)
     thresholds: tuple[float | None, ...]
+    model_digest: str = ""  # checksum of model.pt: what evaluations are bound to
 
     @property
     def summary_ledger(self) -> Ledger:
@@ -131,6 +197,18 @@ class TrialRecord:
 
 
 @dataclass(frozen=True)
+class Inspection:
+    """What a trial folder holds, verified: the record (None when it is not trained or its
+    model, ledger, trial record or thresholds are damaged), the damage, damaged logs."""
+
+    record: TrialRecord | None = None
+    damage: DamagedRecord | None = None  # voids the trial: it is trained again
+    logs: tuple[DamagedRecord, ...] = ()  # damaged training logs: set aside, model kept
+    lost: dict[str, str] = field(default_factory=dict)  # logs set aside earlier, and why
+    legacy: bool = False  # a ``done`` without checksums (parsed in full instead)
+
+
+@dataclass(frozen=True)
 class EvalRecord:
     """One finished evaluation of a trial's model on one target data version."""
 
@@ -142,53 +220,46 @@ class EvalRecord:
     resampling_unit: str  # "patient" or "image"
     protocol: int
     path: Path
+    model: str = ""  # checksum of the model.pt it came from ("" before protocol 4)
+    files: dict[str, FileSum] = field(default_factory=dict)
+    data: str = ""  # checksum of the target's decoded test images it read ("": not known)
+
+    def made_from(self, model: str, target: Any) -> bool:
+        """Computed from these model bytes and, when the target says, these test images."""
+        wanted = getattr(target, "data", "")
+        return self.model == model and (not wanted or self.data == wanted)
 
     def metrics(self) -> pd.DataFrame:
-        return _parquet(self.path / _METRICS)
+        return self._frame(_METRICS)
 
     def predictions(self) -> pd.DataFrame:
         """Per-image scores (private: they stay in the trial folder)."""
-        return _parquet(self.path / _PRED)
+        return self._frame(_PRED)
+
+    def _frame(self, name: str) -> pd.DataFrame:
+        """Parsed from bytes verified against eval.json (before protocol 4: parsed only)."""
+        path = self.path / name
+        try:
+            data = integrity.read_verified(path, self.files[name]) if self.files else _read(path)
+        except Damage as exc:
+            raise DamagedRecord.of(exc) from None
+        return _parquet_frame(path, data)
 
 
-def _check_complete(path: Path, complete: Callable[[Path], bool], what: str) -> None:
-    if not path.is_file():
-        raise DamagedRecord(path, "missing")
-    if not complete(path):
-        raise DamagedRecord(path, f"{what} (truncated?)")
+@dataclass(frozen=True)
+class Weights:
+    """A trial's released weights and the checksum of the bytes they were loaded from."""
 
-
-def _parquet_complete(path: Path) -> bool:
-    """A parquet file ends with its footer's magic bytes: a cheap check without reading it."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() < 8:
-            return False
-        f.seek(-4, os.SEEK_END)
-        return f.read(4) == b"PAR1"
-
-
-def _zip_complete(path: Path) -> bool:
-    """torch.save writes a zip archive: its end-of-directory record is at the end."""
-    import zipfile
-
-    return zipfile.is_zipfile(path)
-
-
-def _parquet(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path)
-    except FileNotFoundError:
-        raise DamagedRecord(path, "missing") from None
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise DamagedRecord(path, f"unreadable ({type(exc).__name__}: {exc})") from None
+    state: dict[str, Any]
+    digest: str
 
 
 class FileCheckpoint:
     """A trial's checkpoint file, written atomically and loaded with ``weights_only=True``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, guard: Callable[[], None] = lambda: None) -> None:
         self.path = path
+        self.guard = guard  # the store's fence: raises before a write of a fenced driver
 
     def load(self) -> dict[str, Any] | None:
         import torch
@@ -200,21 +271,33 @@ class FileCheckpoint:
     def save(self, state: dict[str, Any]) -> None:
         import torch
 
+        self.guard()
         atomic_write(self.path, lambda p: torch.save(state, p), private=True)  # mode 0600
 
     def remove(self) -> None:
         """Delete the checkpoint and any temporary copy an interrupted save left behind: once
         the trial is done, nothing may be able to replay its noise or batches."""
+        self.guard()
         self.path.unlink(missing_ok=True)
         for leftover in self.path.parent.glob(f".{self.path.name}.*.tmp"):
             leftover.unlink(missing_ok=True)
 
 
 class TrialStore:
-    """The trial folders of one sweep output folder."""
+    """The trial folders of one sweep output folder.
 
-    def __init__(self, output: str | Path) -> None:
+    ``fence``: the lease token of the driver this store writes for (0: unfenced, e.g. tools
+    and tests that run no sweep); every write first checks that the driver still holds it.
+    """
+
+    def __init__(self, output: str | Path, fence: int = 0) -> None:
         self.output = Path(output)
+        self.fence = fence
+
+    def guard(self) -> None:
+        """Raise ``lease.Fenced`` when this store's driver no longer holds the folder's lease."""
+        if self.fence:
+            lease.check(self.output, self.fence)
 
     # ---------------------------------------------------------------------------- layout
 
@@ -233,113 +316,247 @@ class TrialStore:
     def is_trained(self, key: str) -> bool:
         return (self.folder(key) / _DONE).is_file()
 
+    def _commit(self, key: str) -> dict[str, Any] | None:
+        """The sealed ``done`` (None for a folder written before checksums); DamagedRecord."""
+        path = self.folder(key) / _DONE
+        data = _read(path)
+        if data.strip() == _LEGACY_DONE:
+            return None
+        try:
+            return integrity.unseal(path, data, required=("files",))
+        except Damage as exc:
+            raise DamagedRecord.of(exc) from None
+
+    def inspect(self, key: str) -> Inspection:
+        """Verify a trained trial's files against its ``done`` (or, for a folder written
+        before checksums, parse every one in full). Read-only."""
+        tdir = self.folder(key)
+        if not self.is_trained(key):
+            return Inspection()
+        try:
+            commit = self._commit(key)
+        except DamagedRecord as exc:
+            return Inspection(damage=exc)
+        files = None if commit is None else commit["files"]
+        contents: dict[str, bytes] = {}
+        logs = []
+        for name in (*CORE, *LOGS):
+            try:
+                contents[name] = self._verified(tdir / name, files)
+                if files is None:  # no checksum: a full parse instead
+                    _parse_check(tdir / name, contents[name])
+            except DamagedRecord as exc:
+                if name in CORE:
+                    return Inspection(damage=exc, legacy=files is None)
+                if name in (files or {}) or files is None and (tdir / name).exists():
+                    logs.append(exc)  # a log that was written and is damaged now
+        try:
+            record = _record(key, tdir, contents, files)
+        except DamagedRecord as exc:
+            return Inspection(damage=exc, legacy=files is None)
+        lost = dict((commit or {}).get("lost", {}))
+        return Inspection(record, None, tuple(logs), lost, legacy=files is None)
+
+    @staticmethod
+    def _verified(path: Path, files: dict[str, Any] | None) -> bytes:
+        """The file's bytes, checked against its entry in ``done`` (when there is one)."""
+        if files is None:
+            return _read(path)
+        if path.name not in files:
+            raise DamagedRecord(path, "not in the trial's done record")
+        try:
+            return integrity.read_verified(path, FileSum.from_dict(files[path.name]))
+        except Damage as exc:
+            raise DamagedRecord.of(exc) from None
+
     def read(self, key: str) -> TrialRecord:
         """The trained trial ``key``; DamagedRecord names the first bad file."""
-        tdir = self.folder(key)
-        info = _json(tdir / _TRIAL_JSON, ("spec",))
-        ledger = _json(tdir / _LEDGER, ("accountant", "epsilon_spent", "steps"))
-        thresholds = _json(tdir / _THRESHOLDS, ("youden_val",))["youden_val"]
-        if not isinstance(_json(tdir / _HISTORY), list):
-            raise DamagedRecord(tdir / _HISTORY, "not a list of epoch records")
-        _check_complete(tdir / _MODEL, _zip_complete, "not a complete torch file")
-        try:
-            spec = TrialSpec.from_json(info["spec"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DamagedRecord(tdir / _TRIAL_JSON, f"bad spec ({exc})") from None
-        return TrialRecord(key, spec, ledger, info, tuple(thresholds))
+        found = self.inspect(key)
+        if found.damage is not None:
+            raise found.damage
+        if found.record is None:
+            raise DamagedRecord(self.folder(key) / _DONE, "missing (not trained)")
+        return found.record
 
     def history(self, key: str) -> list[dict[str, Any]]:
-        return _json(self.folder(key) / _HISTORY)
+        """The training curves; DamagedRecord when the file is damaged or was set aside."""
+        path = self.folder(key) / _HISTORY
+        commit = self._commit(key) if self.is_trained(key) else None
+        if commit is not None and _HISTORY in commit.get("lost", {}):
+            raise DamagedRecord(path, f"set aside: {commit['lost'][_HISTORY]}")
+        files = commit["files"] if commit is not None and _HISTORY in commit["files"] else None
+        value = _json(path, self._verified(path, files))
+        if not isinstance(value, list):
+            raise DamagedRecord(path, "not a list of epoch records")
+        return value
+
+    def model(self, key: str) -> Weights:
+        """The released weights, loaded from bytes checked against ``done`` (never running
+        code from the file), with their checksum: an evaluation names it."""
+        path = self.folder(key) / _MODEL
+        commit = self._commit(key)
+        data = self._verified(path, None if commit is None else commit["files"])
+        return Weights(_torch_state(path, data), integrity.digest(data))
 
     def model_state(self, key: str) -> dict[str, Any]:
-        """The released weights (a state_dict; loaded without running code from the file)."""
-        import torch
+        return self.model(key).state
 
-        path = self.folder(key) / _MODEL
-        try:
-            return torch.load(path, weights_only=True, map_location="cpu")
-        except FileNotFoundError:
-            raise DamagedRecord(path, "missing") from None
-        except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
-            raise DamagedRecord(path, f"unreadable ({type(exc).__name__})") from None
+    def model_digest(self, key: str) -> str:
+        """The checksum of the model ``done`` records ("" for a folder written before
+        checksums, until the sweep seals it)."""
+        commit = self._commit(key)
+        return "" if commit is None else FileSum.from_dict(commit["files"][_MODEL]).digest
 
     def model_path(self, key: str) -> Path:
         """Where a dependent trial's initial weights are (pretraining): read by ``torch.load``."""
         return self.folder(key) / _MODEL
 
+    def verified_bytes(self, key: str, name: str) -> bytes:
+        """A finished trial's file (``model.pt``, ``ledger.json``, ... or
+        ``eval/<target>-<fingerprint>/<file>``) as bytes checked against the checksum written
+        with it: what ``export`` copies. DamagedRecord when it does not match, or when the
+        trial was written before checksums and the sweep has not sealed it yet."""
+        if name.startswith(f"{_EVAL}/"):
+            _, folder, file = name.split("/")
+            target, _, fingerprint = folder.rpartition("-")
+            ev = self.evaluation(key, target, fingerprint)
+            if ev is None or file not in ev.files:
+                raise DamagedRecord(self.folder(key) / name, "no sealed evaluation holds it")
+            try:
+                return integrity.read_verified(ev.path / file, ev.files[file])
+            except Damage as exc:
+                raise DamagedRecord.of(exc) from None
+        commit = self._commit(key)
+        if commit is None:
+            raise DamagedRecord(self.folder(key) / name, "written before checksums (run the sweep)")
+        return self._verified(self.folder(key) / name, commit["files"])
+
+    def verify_file(self, key: str, name: str) -> str:
+        """The checksum of a verified file of a finished trial (see :meth:`verified_bytes`)."""
+        return integrity.digest(self.verified_bytes(key, name))
+
     def evaluation(self, key: str, target: str, fingerprint: str) -> EvalRecord | None:
-        """The finished evaluation of (target, fingerprint), or None when there is none."""
+        """The finished evaluation of (target, fingerprint), or None when there is none;
+        DamagedRecord when its record or files do not match their checksums."""
         edir = self._eval_folder(key, target, fingerprint)
-        if not (edir / _EVAL_JSON).is_file():
-            return None  # absent or half-written (renamed into place only when complete)
-        ev = _json(edir / _EVAL_JSON, ("target", "fingerprint", "n_test", "n_boot"))
+        path = edir / _EVAL_JSON
+        if not edir.is_dir():
+            return None  # never evaluated (a folder is renamed into place only when complete)
+        data = _read(path)  # a folder without eval.json was damaged after it was complete
+        try:
+            ev = integrity.unseal(path, data, required=("target", "fingerprint", "files", "model"))
+        except Damage as exc:
+            ev = _legacy_eval(path, data)
+            if ev is None:
+                raise DamagedRecord.of(exc) from None
+        files = {n: FileSum.from_dict(s) for n, s in ev.get("files", {}).items()}
         for name in (_METRICS, _PRED):
-            _check_complete(edir / name, _parquet_complete, "not a complete parquet file")
+            if files:
+                try:
+                    integrity.read_verified(edir / name, files[name])
+                except (Damage, KeyError) as exc:
+                    raise DamagedRecord.of(
+                        exc if isinstance(exc, Damage) else Damage(edir / name, "not recorded")
+                    ) from None
+            elif not (edir / name).is_file():
+                raise DamagedRecord(edir / name, "missing")
         return EvalRecord(
             target=str(ev["target"]),
             fingerprint=str(ev["fingerprint"]),
-            n_test=int(ev["n_test"]),
-            n_boot=int(ev["n_boot"]),
+            n_test=int(ev.get("n_test", 0)),
+            n_boot=int(ev.get("n_boot", 0)),
             eval_seconds=float(ev.get("eval_seconds", 0.0)),
             resampling_unit=str(ev.get("resampling_unit", "image")),
             protocol=int(ev.get("protocol", 1)),
             path=edir,
+            model=str(ev.get("model", "")),
+            files=files,
+            data=str(ev.get("data", "")),
         )
 
     def evaluations(self, key: str) -> list[EvalRecord]:
-        """Every finished evaluation of the trial, current or not (``show``)."""
+        """Every finished evaluation of the trial's current model, any data version (``show``)."""
         base = self.folder(key) / _EVAL
         names = (
             sorted(p.name for p in base.iterdir() if not p.name.startswith("."))
             if base.is_dir()
             else []
         )
+        model = self.model_digest(key) if self.is_trained(key) else None
         out = []
         for name in names:
             target, _, fingerprint = name.rpartition("-")
             ev = self.evaluation(key, target, fingerprint)
-            if ev is not None:
+            if ev is not None and (not model or ev.model == model):
                 out.append(ev)
         return out
 
     def current(self, key: str, targets: Iterable[Any]) -> list[EvalRecord]:
-        """The evaluations of ``targets`` (objects with ``name`` and ``fingerprint``) at their
-        current data version and protocol; one per target at most. A damaged one counts as
-        missing: it is evaluated again (and replaced)."""
+        """The evaluations of ``targets`` (objects with ``name``, ``fingerprint`` and optionally
+        ``data``) at their current data version and protocol, made from the model now on disk
+        (and from the target's current test images); one per target at most. A damaged one, or
+        one of another model or other images, counts as missing: it is evaluated again."""
+        try:
+            model = self.model_digest(key) if self.is_trained(key) else ""
+        except DamagedRecord:
+            model = ""
+        if not model:
+            return []  # not trained, damaged, or not sealed yet: nothing can be bound to it
         out = []
         for t in targets:
             try:
                 ev = self.evaluation(key, t.name, t.fingerprint)
             except DamagedRecord:
                 continue
-            if ev is not None and ev.protocol >= EVAL_PROTOCOL:
+            if ev is not None and ev.protocol >= EVAL_PROTOCOL and ev.made_from(model, t):
                 out.append(ev)
         return out
 
     def missing_targets(self, key: str, targets: Sequence[Any]) -> list[Any]:
-        """The targets without a current evaluation (new targets, changed data, old protocol)."""
+        """The targets without a current evaluation (new targets, changed data, old protocol,
+        another model, damage)."""
         have = {(e.target, e.fingerprint) for e in self.current(key, targets)}
         return [t for t in targets if (t.name, t.fingerprint) not in have]
 
     # ---------------------------------------------------------------------------- state
 
-    def status(self, key: str, targets: Sequence[Any]) -> tuple[str, str]:
+    def status(self, key: str, targets: Sequence[Any], driver_run: str = "") -> tuple[str, str]:
         """(state, detail) of one planned cell: done, damaged, void, failed, running,
-        evaluating or pending. Read-only: nothing is moved (the sweep does that)."""
+        interrupted, evaluating or pending. ``driver_run``: the run id of the live driver
+        ("" when none): a heartbeat of another run is a cell that run left unfinished.
+        Read-only: nothing is moved (the sweep does that)."""
         tdir = self.folder(key)
-        if self.is_trained(key):
-            try:
-                record = self.read(key)
-                for t in targets:
-                    self.evaluation(key, t.name, t.fingerprint)  # raises when damaged
-                missing = self.missing_targets(key, targets)
-            except DamagedRecord as exc:
-                where = exc.path.relative_to(tdir) if exc.path.is_relative_to(tdir) else exc.path
-                return "damaged", f"{where}: {exc.reason} (the next sweep redoes it)"
-            if record.void:
+        found = self.inspect(key)
+        if found.damage is not None:
+            return "damaged", f"{_rel(found.damage.path, tdir)}: {found.damage.reason} " + (
+                "(the next sweep sets the trial aside and trains it again)"
+            )
+        if found.record is not None:
+            if found.record.void:
                 return "void", "DP model trained before secret randomness; will be retrained"
-            if not missing:
-                return "done", ""
+            problems = [f"{_rel(d.path, tdir)}: {d.reason}" for d in found.logs]
+            for t in targets:
+                try:
+                    self.evaluation(key, t.name, t.fingerprint)
+                except DamagedRecord as exc:
+                    problems.append(f"{_rel(exc.path, tdir)}: {exc.reason}")
+            if problems:
+                return "damaged", "; ".join(problems) + (
+                    " (the model is intact: the next sweep sets a damaged training log aside "
+                    "and evaluates a damaged evaluation again)"
+                )
+            missing = self.missing_targets(key, targets)
+            notes = [f"{n} set aside earlier ({why})" for n, why in found.lost.items()]
+            if found.legacy:
+                notes.append("written before checksums: parsed in full; the next sweep seals it")
+            if not missing and not found.legacy:
+                return "done", "; ".join(notes)
+        return self._activity(key, targets, found, driver_run)
+
+    def _activity(
+        self, key: str, targets: Sequence[Any], found: Inspection, driver_run: str
+    ) -> tuple[str, str]:
+        tdir = self.folder(key)
         if (tdir / _FAILED).is_file():
             f = _safe_json(tdir / _FAILED)
             tail = "\n".join(str(f.get("error", "")).strip().splitlines()[-3:])
@@ -348,47 +565,115 @@ class TrialStore:
             r = _safe_json(tdir / _RUNNING)
             age = time.time() - float(r.get("updated", 0))
             epoch = f"epoch {r['epoch']}, " if "epoch" in r else ""
-            return (
-                "running",
-                f"{epoch}node {str(r.get('node', '?'))[:12]}, heartbeat {age:.0f}s ago",
+            if driver_run and r.get("run_id") == driver_run:
+                return (
+                    "running",
+                    f"{epoch}node {str(r.get('node', '?'))[:12]}, heartbeat {age:.0f}s ago",
+                )
+            return "interrupted", (
+                f"{epoch}its driver (run {r.get('run_id', '?')}) is gone; last heartbeat "
+                f"{age:.0f}s ago; the next sweep resumes it"
             )
-        if self.is_trained(key):
+        if found.record is not None:
+            if found.legacy:
+                return "done", "written before checksums: parsed in full; the next sweep seals " + (
+                    "it and evaluates its targets again"
+                )
             names = ", ".join(t.name for t in self.missing_targets(key, targets))
             return "evaluating", "trained; targets left: " + names
         return "pending", ""
 
     def valid(self, key: str) -> TrialRecord | None:
-        """The trained trial if it is readable and its guarantee (if any) valid, else None.
+        """The trained trial if it is intact and its guarantee (if any) valid, else None.
         Read-only: tables and reports use it; the sweep uses :meth:`usable`."""
-        if not self.is_trained(key):
+        found = self.inspect(key)
+        if found.record is None or found.record.void:
             return None
-        try:
-            record = self.read(key)
-        except DamagedRecord:
-            return None
-        return None if record.void else record
+        return found.record
 
     def usable(self, key: str, log: Callable[[str], None] = print) -> TrialRecord | None:
-        """The trained trial if the sweep may use it; a damaged or void one is set aside (and
-        None returned, with a line to ``log``) so that the trial is run again. Driver only:
-        it moves folders."""
-        if not self.is_trained(key):
+        """The trained trial if the sweep may use it. Driver only (it writes): a damaged or
+        void trial is set aside (None returned, with a line to ``log``) so that it is trained
+        again; a damaged training log is set aside alone; a folder written before checksums
+        is sealed after its full parse."""
+        found = self.inspect(key)
+        if found.record is None and found.damage is None:
             return None
-        try:
-            record = self.read(key)
-        except DamagedRecord as exc:
-            why = ("damaged", f"{exc.path.name}: {exc.reason}")
-        else:
-            if not record.void:
-                self.checkpoint(key).remove()  # a crash between `done` and its removal
-                return record
+        if found.damage is not None:
+            why = ("damaged", f"{found.damage.path.name}: {found.damage.reason}")
+        elif found.record is not None and found.record.void:
             why = ("void", "a DP model trained before its noise and sampling were secret")
+        else:
+            record = found.record
+            assert record is not None
+            if found.legacy or found.logs:
+                self._repair(key, found, log)
+            self.checkpoint(key).remove()  # a crash between `done` and its removal
+            return record
         dest = self.set_aside(key, *why)
         log(f"[store] trial {key}: {why[1]}; moved to {dest} and run again")
         return None
 
+    def unusable_reason(self, key: str) -> str:
+        """Why a trained trial cannot be used ("" when it can, or is not trained)."""
+        found = self.inspect(key)
+        if found.damage is not None:
+            return f"{_rel(found.damage.path, self.folder(key))}: {found.damage.reason}"
+        if found.record is not None and found.record.void:
+            return "a DP model trained before its noise and sampling were secret (void)"
+        return ""
+
+    def _repair(self, key: str, found: Inspection, log: Callable[[str], None]) -> None:
+        """Set damaged training logs aside (config.yaml is rewritten: it is derived), and
+        record the checksums of a folder written before them."""
+        tdir = self.folder(key)
+        lost = dict(found.lost)
+        for damage in found.logs:
+            name = damage.path.name
+            if damage.path.exists():
+                self.guard()
+                dest = self.output / SET_ASIDE / f"{key}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(damage.path, dest)
+            if name == _CONFIG:
+                record = found.record
+                assert record is not None
+                self._write(tdir / _CONFIG, _yaml_bytes({**record.info, "ledger": record.ledger}))
+                log(f"[store] trial {key}: {name} {damage.reason}; rewritten from the record")
+                continue
+            lost[name] = f"{damage.reason}; moved to {SET_ASIDE}/"
+            log(
+                f"[store] trial {key}: {name} {damage.reason}; set aside (a private training log: "
+                "the model, its ledger and evaluations are intact and kept)"
+            )
+        files = {}
+        for name in (*CORE, *LOGS):
+            path = tdir / name
+            if path.is_file() and name not in lost:
+                files[name] = FileSum.of(path.read_bytes()).as_dict()
+        if found.legacy:
+            log(f"[store] trial {key}: written before checksums; parsed in full and sealed")
+        self._seal(key, files, lost)
+
+    def _seal(self, key: str, files: dict[str, Any], lost: dict[str, str] | None = None) -> None:
+        body = {"format": DONE_FORMAT, "algorithm": integrity.ALGORITHM, "files": files}
+        if lost:
+            body["lost"] = lost
+        self._write(self.folder(key) / _DONE, integrity.seal(body))
+
+    def rewrite(self, key: str, name: str, data: bytes) -> None:
+        """Replace one file of a finished trial and record its new checksum in ``done``: a
+        deliberate change (a repair, or a test playing a faulty writer), never a silent one."""
+        commit = self._commit(key)
+        if commit is None:
+            raise DamagedRecord(self.folder(key) / _DONE, "written before checksums")
+        files = dict(commit["files"])
+        files[name] = self._write(self.folder(key) / name, data).as_dict()
+        self._seal(key, files, commit.get("lost"))
+
     def set_aside(self, key: str, reason: str, detail: str = "") -> Path:
         """Move a trial folder out of the sweep (kept, with a note of why)."""
+        self.guard()
         dest = self.output / SET_ASIDE / f"{key}-{reason}-{time.strftime('%Y%m%d-%H%M%S')}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.folder(key), dest)
@@ -396,6 +681,10 @@ class TrialStore:
         return dest
 
     # ---------------------------------------------------------------------------- writing
+
+    def _write(self, path: Path, data: bytes, *, private: bool = False) -> FileSum:
+        self.guard()
+        return integrity.write_atomic(path, data, private=private)
 
     def write_trained(
         self,
@@ -409,20 +698,24 @@ class TrialStore:
         record: dict[str, Any],
         val_predictions: pd.DataFrame | None = None,
     ) -> None:
-        """A trained model's files, ``done`` last; then the checkpoint (with the secret
-        generator states) is deleted: model.pt holds the result now."""
+        """A trained model's files, then ``done`` with their checksums (the commit); then the
+        checkpoint (with the secret generator states) is deleted: model.pt holds the result."""
         import torch
 
         tdir = self.folder(key)
+        files: dict[str, Any] = {}
         if val_predictions is not None:
-            write_parquet(tdir / _VAL_PRED, val_predictions)
-        atomic_write(tdir / _MODEL, lambda p: torch.save(state_dict, p))
-        write_json(tdir / _LEDGER, ledger)
-        write_json(tdir / _HISTORY, history)
-        write_json(tdir / _THRESHOLDS, {"labels": list(labels), "youden_val": list(thresholds)})
-        write_json(tdir / _TRIAL_JSON, record)
-        write_yaml(tdir / _CONFIG, {**record, "ledger": ledger})
-        atomic_write(tdir / _DONE, lambda p: p.write_text("done\n"))
+            files[_VAL_PRED] = self._write(tdir / _VAL_PRED, _parquet_bytes(val_predictions))
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        files[_MODEL] = self._write(tdir / _MODEL, buf.getvalue())
+        files[_LEDGER] = self._write(tdir / _LEDGER, _json_bytes(ledger))
+        files[_HISTORY] = self._write(tdir / _HISTORY, _json_bytes(history))
+        thresholds_record = {"labels": list(labels), "youden_val": list(thresholds)}
+        files[_THRESHOLDS] = self._write(tdir / _THRESHOLDS, _json_bytes(thresholds_record))
+        files[_TRIAL_JSON] = self._write(tdir / _TRIAL_JSON, _json_bytes(record))
+        files[_CONFIG] = self._write(tdir / _CONFIG, _yaml_bytes({**record, "ledger": ledger}))
+        self._seal(key, {n: s.as_dict() for n, s in files.items()})
         self.checkpoint(key).remove()
 
     def write_eval(
@@ -434,32 +727,40 @@ class TrialStore:
         metrics: pd.DataFrame,
         predictions: pd.DataFrame,
         info: dict[str, Any],
+        model: str,
+        data: str = "",
     ) -> None:
-        """Write one evaluation atomically (a temporary folder renamed into place). A current
-        one written meanwhile by another attempt wins; an older-protocol one is replaced."""
+        """Write one evaluation atomically (a temporary folder renamed into place), bound to
+        ``model``, the checksum of the model bytes it was computed from, and ``data``, that of
+        the test images it read. A current one of the same model and images written meanwhile
+        by another attempt wins; any other one is replaced."""
+        self.guard()
         edir = self._eval_folder(key, target, fingerprint)
         tmp = edir.with_name(f".{edir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_parquet(tmp / _PRED, predictions)
-        write_parquet(tmp / _METRICS, metrics)
-        write_json(
-            tmp / _EVAL_JSON,
-            {"target": target, "fingerprint": fingerprint, "protocol": EVAL_PROTOCOL, **info},
-        )
+        files = {
+            _PRED: self._write(tmp / _PRED, _parquet_bytes(predictions)).as_dict(),
+            _METRICS: self._write(tmp / _METRICS, _parquet_bytes(metrics)).as_dict(),
+        }
+        body = {"target": target, "fingerprint": fingerprint, "protocol": EVAL_PROTOCOL, **info}
+        sealed = {**body, "model": model, "data": data, "files": files}
+        self._write(tmp / _EVAL_JSON, integrity.seal(sealed))
         try:
             existing = self.evaluation(key, target, fingerprint) if edir.exists() else None
         except DamagedRecord:
             existing = None  # replaced below (and kept beside, hidden)
-        if existing is not None and existing.protocol >= EVAL_PROTOCOL:
+        same = existing is not None and existing.model == model and existing.data == data
+        if same and existing.protocol >= EVAL_PROTOCOL:
             shutil.rmtree(tmp, ignore_errors=True)  # an at-least-once duplicate: keep the first
             return
-        if edir.exists():  # an older protocol (or a damaged one): keep it beside, out of use
+        self.guard()
+        if edir.exists():  # older protocol, another model or damaged: kept beside, out of use
             os.replace(edir, edir.with_name(f".{edir.name}.replaced-{time.time_ns()}"))
         os.replace(tmp, edir)
 
     def checkpoint(self, key: str) -> FileCheckpoint:
-        return FileCheckpoint(self.folder(key) / _CHECKPOINT)
+        return FileCheckpoint(self.folder(key) / _CHECKPOINT, self.guard)
 
     def has_checkpoint(self, key: str) -> bool:
         return (self.folder(key) / _CHECKPOINT).is_file()
@@ -469,6 +770,7 @@ class TrialStore:
 
     def heartbeat(self, key: str, run_id: str, node: str, **extra: Any) -> None:
         """``running.json``: a cell at work, with its last epoch (status and progress read it)."""
+        self.guard()
         write_json(
             self.folder(key) / _RUNNING,
             {"run_id": run_id, "node": node, "pid": os.getpid(), "updated": time.time(), **extra},
@@ -482,6 +784,7 @@ class TrialStore:
 
     def record_failure(self, key: str, run_id: str, *, reason: str, error: str) -> None:
         """``failed.json``: why a cell stopped (the error's last lines), for ``status``."""
+        self.guard()
         write_json(
             self.folder(key) / _FAILED,
             {"run_id": run_id, "reason": reason, "error": error[-4000:], "time": time.time()},
@@ -493,6 +796,7 @@ class TrialStore:
 
     def finish_attempt(self, key: str) -> None:
         """A cell's attempt ended well: no heartbeat, no failure left behind."""
+        self.guard()
         (self.folder(key) / _RUNNING).unlink(missing_ok=True)
         (self.folder(key) / _FAILED).unlink(missing_ok=True)
 
@@ -509,6 +813,7 @@ class TrialStore:
         if not salt_path.is_file():
             import secrets
 
+            self.guard()
             atomic_write(salt_path, lambda p: p.write_text(secrets.token_hex(32)), private=True)
         salt = salt_path.read_text().strip().encode()
         return hmac.new(salt, key.encode(), hashlib.sha256).hexdigest()[:12]
@@ -542,99 +847,64 @@ class TrialStore:
         return path.read_text() if path.is_file() else None
 
 
+def _record(
+    key: str, tdir: Path, contents: dict[str, bytes], files: dict[str, Any] | None
+) -> TrialRecord:
+    """The typed record from verified bytes (a folder without checksums: its model parsed)."""
+    info = _json(tdir / _TRIAL_JSON, contents[_TRIAL_JSON], ("spec",))
+    ledger = _json(tdir / _LEDGER, contents[_LEDGER], ("accountant", "epsilon_spent", "steps"))
+    thresholds = _json(tdir / _THRESHOLDS, contents[_THRESHOLDS], ("youden_val",))["youden_val"]
+    if files is None:
+        _torch_state(tdir / _MODEL, contents[_MODEL])  # no checksum: a full structural parse
+    try:
+        spec = TrialSpec.from_json(info["spec"])
+        Ledger.from_dict(ledger)
+        for led in ledger.get("sites", {}).values():
+            Ledger.from_dict(led)
+        thresholds = tuple(None if t is None else float(t) for t in thresholds)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamagedRecord(tdir / _TRIAL_JSON, f"bad spec or ledger ({exc})") from None
+    return TrialRecord(key, spec, ledger, info, thresholds, integrity.digest(contents[_MODEL]))
+
+
+def _parse_check(path: Path, data: bytes) -> None:
+    """A full parse of a record without checksums (or of a training log): DamagedRecord."""
+    if path.name == _VAL_PRED:
+        _parquet_frame(path, data)
+    elif path.name == _CONFIG:
+        import yaml
+
+        try:
+            yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise DamagedRecord(path, f"unparsable ({str(exc)[:80]})") from None
+    elif path.name == _HISTORY:
+        if not isinstance(_json(path, data), list):
+            raise DamagedRecord(path, "not a list of epoch records")
+    elif path.name.endswith(".json"):
+        _json(path, data)
+
+
+def _legacy_eval(path: Path, data: bytes) -> dict[str, Any] | None:
+    """An eval.json written before checksums (protocol < 4: evaluated again), else None."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(value, dict) or integrity.CHECKSUM in value:
+        return None
+    if int(value.get("protocol", 1)) >= EVAL_PROTOCOL or "target" not in value:
+        return None
+    return value
+
+
+def _rel(path: Path, base: Path) -> Path:
+    return path.relative_to(base) if path.is_relative_to(base) else path
+
+
 def _safe_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-# ---------------------------------------------------------------------------- the driver lock
-
-
-class LockHeld(RuntimeError):
-    """Another live driver works on the same output folder."""
-
-
-class DriverLock:
-    """One driver per output folder: two sweeps on one folder would train every cell twice
-    (and, with secret noise, write two different models for one key).
-
-    ``<output>/driver.lock`` names the holder (host, pid, run id, start) and is refreshed by
-    ``beat()``; a lock whose holder is dead (same host, pid gone) or silent for
-    ``stale_after`` seconds is taken over, so a killed driver never blocks the folder forever.
-    """
-
-    def __init__(self, output: Path, run_id: str, *, stale_after: float = 120.0) -> None:
-        self.path = Path(output) / "driver.lock"
-        self.run_id = run_id
-        self.stale_after = stale_after
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id}
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                other = _safe_json(self.path)
-                if other and not self._stale(other):
-                    raise LockHeld(self._message(other)) from None
-                self.path.unlink(missing_ok=True)  # a dead driver's lock: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({**self.holder, "started": time.time(), "updated": time.time()}, f)
-            return
-        raise LockHeld(f"could not take {self.path}; another driver keeps taking it")
-
-    def beat(self) -> None:
-        current = _safe_json(self.path)
-        if current.get("run_id") == self.run_id:
-            write_json(self.path, {**current, "updated": time.time()})
-
-    def release(self) -> None:
-        if _safe_json(self.path).get("run_id") == self.run_id:
-            self.path.unlink(missing_ok=True)
-
-    def _stale(self, other: dict[str, Any]) -> bool:
-        if time.time() - float(other.get("updated", 0)) > self.stale_after:
-            return True
-        if other.get("host") == self.holder["host"]:
-            try:
-                os.kill(int(other.get("pid", -1)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError, OverflowError):
-                return False
-        return False
-
-    def _message(self, other: dict[str, Any]) -> str:
-        started = time.strftime("%H:%M:%S", time.localtime(float(other.get("started", 0))))
-        return (
-            f"another driver is running a sweep in {self.path.parent} (host {other.get('host')}, "
-            f"pid {other.get('pid')}, run {other.get('run_id')}, started {started}); wait for it "
-            f"to finish, or stop it. A killed driver's lock is taken over automatically once its "
-            f"process is gone (same host) or after {self.stale_after:.0f} s without a heartbeat."
-        )
-
-    def __enter__(self) -> DriverLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def keep_beating(lock: DriverLock, every: float = 20.0) -> Callable[[], None]:
-    """Refresh ``lock`` from a daemon thread until the returned function is called."""
-    import threading
-
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.wait(every):
-            lock.beat()
-
-    threading.Thread(target=run, name="driver-lock", daemon=True).start()
-    return stop.set

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from privdom_ray import cache, comparisons, grid, kinds, planning, report, results
+from privdom_ray import cache, comparisons, grid, integrity, kinds, lease, planning, report, results
 from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.config import SweepSpec, TrialSpec
 from privdom_ray.domains import build_manifest
 from privdom_ray.kinds.pretrain import pretraining_trial
 from privdom_ray.manifest import fingerprint
-from privdom_ray.store import DriverLock, TrialStore, keep_beating
+from privdom_ray.store import TrialStore
 from privdom_ray.trainable import privdom_trial, trial_resources
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -51,6 +55,8 @@ class Prepared:
     trials: list[TrialSpec]
     cells: list[Cell]  # only the cells with work left
     targets: tuple[TargetRef, ...] = ()
+    done: int = 0  # planned trials with nothing left to do
+    unusable: tuple[str, ...] = ()  # evaluate: trials it cannot use, "name: why"
 
 
 def _log(msg: str) -> None:
@@ -93,12 +99,26 @@ def check_inputs(spec: SweepSpec, log: Log = _log, *, writable: bool = True) -> 
     decoded size, so a delta accepted here is also below 1/N of the images actually trained on.
     """
     if writable:
-        _check_writable(spec.output)
+        _check_writable(spec.output, "output")
+        _check_writable(spec.cache_dir, "cache_dir")
     manifests, fps = build_manifests(spec, log)
     n_train = {s: int((manifests[s]["split"] == "train").sum()) for s in spec.trained_domains}
     kinds.check_deltas(spec, n_train)
+    grid.check_sample_rates(spec, *_train_units(spec, manifests))
     init_hash = check_weights_file(spec.init_path, spec.model) if spec.init_path else ""
     return Inputs(manifests, fps, n_train, init_hash, public_pos_weight(spec, manifests))
+
+
+def _train_units(
+    spec: SweepSpec, manifests: Mapping[str, pd.DataFrame]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Training images and patients per trained (or pretraining) domain of the manifests."""
+    names = [*spec.trained_domains, *([spec.pretrain.domain] if spec.pretrain else [])]
+    train = {n: manifests[n][manifests[n]["split"] == "train"] for n in names}
+    return (
+        {n: len(df) for n, df in train.items()},
+        {n: int(df["patient_id"].nunique()) for n, df in train.items()},
+    )
 
 
 def public_pos_weight(spec: SweepSpec, manifests: Mapping[str, pd.DataFrame]) -> tuple:
@@ -143,47 +163,78 @@ def check_weights_file(path: Path, model_name: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def build_caches(spec: SweepSpec, inputs: Inputs, log: Log = _log) -> dict[str, cache.CacheEntry]:
-    """Decode every domain the grid trains or tests on once (Ray Data; needs ``ray.init``);
-    the pretraining domain gets its own entry under the pretraining trial's name."""
+def build_caches(
+    spec: SweepSpec, inputs: Inputs, log: Log = _log, guard: Callable[[], None] = lambda: None
+) -> dict[str, cache.CacheEntry]:
+    """Verify (or build, or rebuild) every cache entry the grid reads; needs ``ray.init`` for
+    a build. The pretraining domain gets its own entry under the pretraining trial's name.
+    ``guard``: the driver's fence, checked before every write."""
     manifests, fps = inputs.manifests, inputs.fingerprints
     caches: dict[str, cache.CacheEntry] = {}
     pre = pretraining_trial(spec, fps)
-    if pre is not None:
-        caches[pre.name] = entry = cache.build(
-            pre.source, manifests[pre.source], fps[pre.source], pre.preprocessing,
-            spec.cache_dir, log=log,
-        )  # fmt: skip
-        log(f"[cache] {pre.source} (pretraining): {entry.n_images} images decoded")
-    for d in spec.domains:
-        if d.name not in spec.trained_domains and d.name not in spec.targets:
-            continue
-        caches[d.name] = entry = cache.build(
-            d.name, manifests[d.name], fps[d.name], spec.preprocessing, spec.cache_dir, log=log
+    wanted = [(pre.name, pre.source, pre.preprocessing)] if pre is not None else []
+    wanted += [
+        (d.name, d.name, spec.preprocessing)
+        for d in spec.domains
+        if d.name in spec.trained_domains or d.name in spec.targets
+    ]
+    trained: dict[str, cache.CacheEntry] = {}  # what trials train on, by domain
+    for name, domain, prep in wanted:
+        caches[name] = entry = cache.build(
+            domain, manifests[domain], fps[domain], prep, spec.cache_dir, log=log, guard=guard
         )
-        how = f"built in {entry.built_seconds:.1f}s" if entry.built_seconds else "reused"
-        log(f"[cache] {d.name}: {entry.n_images} images decoded, {entry.n_skipped} skipped ({how})")
+        if entry.built_seconds:
+            how = f"built in {entry.built_seconds:.1f}s"
+        else:
+            how = f"reused, every checksum verified in {entry.verify_seconds:.1f}s"
+        pretraining = pre is not None and name == pre.name
+        if pretraining or domain in spec.trained_domains:
+            trained[domain] = entry
+        label = f"{domain} (pretraining)" if pretraining else domain
+        log(f"[cache] {label}: {entry.n_images} images decoded, {entry.n_skipped} skipped ({how})")
+    _check_decoded_sizes(spec, trained)
     return caches
 
 
+def _check_decoded_sizes(spec: SweepSpec, trained: Mapping[str, cache.CacheEntry]) -> None:
+    """The sample-rate check again with the images that decoded (skipped ones are gone)."""
+    n_train, n_patients = {}, {}
+    for domain, entry in trained.items():
+        rows = pd.read_parquet(entry.path / cache.ROWS, columns=["split", "ok", "patient_id"])
+        train = rows[(rows["split"] == "train") & rows["ok"]]
+        n_train[domain], n_patients[domain] = len(train), int(train["patient_id"].nunique())
+    grid.check_sample_rates(spec, n_train, n_patients)
+
+
 def prepare(
-    spec: SweepSpec, inputs: Inputs, log: Log = _log, *, train: bool = True, run_id: str = ""
+    spec: SweepSpec,
+    inputs: Inputs,
+    log: Log = _log,
+    *,
+    train: bool = True,
+    run_id: str = "",
+    fence: int = 0,
 ) -> Prepared:
     """Caches (Ray Data) and the plan (pure: ``planning.plan_cells``). Requires ``ray.init``.
 
     With ``train=False`` only finished models get cells (evaluation of missing targets).
+    ``fence``: the driver's lease token (0: unfenced), checked before every write.
     """
     fps, n_train = inputs.fingerprints, inputs.n_train
+    store = TrialStore(spec.output, fence=fence)
+    store.guard()
     spec.output.mkdir(parents=True, exist_ok=True)
-    caches = build_caches(spec, inputs, log)
+    caches = build_caches(spec, inputs, log, store.guard)
     trials = kinds.plan_trials(
         spec, fps, n_train,
         init_file_hash=inputs.init_file_hash, public_pos_weight=inputs.public_pos_weight,
     )  # fmt: skip
     plan = planning.plan_cells(
-        spec, trials, TrialStore(spec.output), {k: str(e.path) for k, e in caches.items()}, fps,
-        train=train, run_id=run_id, slots=cluster_slots(spec), log=log,
+        spec, trials, store, {k: str(e.path) for k, e in caches.items()}, fps,
+        train=train, run_id=run_id, slots=cluster_slots(spec), fence=fence,
+        data={k: e.test_digest for k, e in caches.items()}, log=log,
     )  # fmt: skip
+    store.guard()
     results.write_json(
         spec.output / "plan.json",
         {
@@ -193,10 +244,20 @@ def prepare(
                 {"key": t.key, "name": t.name, "evaluated": kinds.kind_of(t).evaluated}
                 for t in trials
             ],
-            "targets": [{"name": r.name, "fingerprint": r.fingerprint} for r in plan.targets],
+            "targets": [
+                {"name": r.name, "fingerprint": r.fingerprint, "data": r.data} for r in plan.targets
+            ],
+            # relative to the output folder when inside it (the folder may be moved)
+            "caches": {name: _relative(entry.path, spec.output) for name, entry in caches.items()},
         },
     )
-    return Prepared(spec, fps, n_train, caches, trials, plan.cells, plan.targets)
+    return Prepared(
+        spec, fps, n_train, caches, trials, plan.cells, plan.targets, plan.done, plan.unusable
+    )
+
+
+def _relative(path: Path, base: Path) -> str:
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
 # ------------------------------------------------------------------------------------- Ray
@@ -337,7 +398,7 @@ def _trial_runtime_env() -> dict[str, Any]:
     return {"env_vars": env}
 
 
-def _progress_callback(names: dict[str, str], log: Log):
+def _progress_callback(names: dict[str, str], log: Log, held: lease.Lease | None = None):
     from ray import tune
 
     class Progress(tune.Callback):
@@ -352,6 +413,14 @@ def _progress_callback(names: dict[str, str], log: Log):
 
         def _key(self, trial) -> str:
             return trial.config["cell"]["spec"]["key"]
+
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            """Before Tune's loop writes anything (its state, results): the lease still ours."""
+            if held is not None:
+                try:
+                    held.check()
+                except lease.Fenced as exc:
+                    _lost(exc)
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:
             self.started.setdefault(self._key(trial), time.perf_counter())
@@ -412,7 +481,12 @@ def _record_timing(
 
 
 def run_cells(
-    prep: Prepared, log: Log = _log, cells: list[Cell] | None = None, *, stage: str = "cells"
+    prep: Prepared,
+    log: Log = _log,
+    cells: list[Cell] | None = None,
+    *,
+    stage: str = "cells",
+    held: lease.Lease | None = None,
 ) -> list[str]:
     """Schedule cells with work left as Tune trials; returns names of failed cells."""
     from ray import tune
@@ -425,7 +499,7 @@ def run_cells(
     log(f"[sweep] running {len(cells)} {stage}")
     trainable = tune.with_resources(privdom_trial, trial_resources)
     names = {c.spec.key: c.spec.name for c in cells}
-    progress = _progress_callback(names, log)
+    progress = _progress_callback(names, log, held)
     t0 = time.perf_counter()
     tuner = tune.Tuner(
         trainable,
@@ -451,6 +525,8 @@ def run_cells(
         ),
     )
     result_grid = tuner.fit()
+    if held is not None:
+        held.check()
     _record_timing(spec, prep, stage, time.perf_counter() - t0, progress.wall, names)
     by_key = {c.spec.key: c for c in cells}
     failed = []
@@ -515,7 +591,8 @@ def run(
     """The whole sweep: validate, connect/start Ray, prepare data, run cells, aggregate, print.
 
     ``train=False`` (``launch.py evaluate``) only evaluates stored models on the grid's targets.
-    One driver per output folder: a second one is refused (``store.LockHeld``) naming the first.
+    One driver per output folder: a second one is refused (``lease.LockHeld``) naming the
+    first; a driver that loses its lease (paused past it) stops with ``lease.Fenced``.
     """
     spec = grid.load_grid(grid_path, output=output)
     inputs = check_inputs(spec, log)
@@ -524,20 +601,63 @@ def run(
         _use_cluster_token(log)  # before Ray is imported: it reads the mode once
     t0 = time.perf_counter()
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    with DriverLock(spec.output, run_id) as lock:
-        stop_beating = keep_beating(lock)
-        try:
-            prep, failed = _run_cells_on_ray(spec, inputs, address, embedded, train, run_id, log)
-            path = _aggregate(spec, prep, log)
-        finally:
-            stop_beating()
+    held = lease.Lease.acquire(spec.output, run_id)
+    if held.took_over is not None:
+        log(
+            f"[sweep] took over the output folder from a silent or gone driver ({held.took_over.describe()})"
+        )
+    with _fenced(held):
+        prep, failed = _run_cells_on_ray(spec, inputs, address, embedded, train, held, log)
+        path = _aggregate(spec, prep, log, held.token, failed)
     log(f"[sweep] wall time {time.perf_counter() - t0:.0f}s")
+    if prep.unusable:
+        raise SweepFailed(
+            [u.split(":")[0] for u in prep.unusable],
+            "could not be evaluated (damaged or void; run the sweep to train them again)",
+        )
     if failed:
         raise SweepFailed(failed)
     return path
 
 
-def _run_cells_on_ray(spec, inputs, address, embedded, train, run_id, log):
+_LOST = threading.Lock()
+
+
+def _lost(exc: lease.Fenced) -> None:
+    """A driver that lost its lease stops at once, writing nothing more (exit 2): not even
+    Tune's bookkeeping or Ray's shutdown may touch the folder the new driver owns. (The
+    renewal thread, SIGCONT and Tune's loop may all notice at once: one says so.)"""
+    if _LOST.acquire(blocking=False):
+        print(f"error: {exc}. This driver stops here (exit 2); the driver that holds the lease "
+              "carries the sweep on.", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(2)
+    time.sleep(60)  # another thread is ending the process
+
+
+@contextmanager
+def _fenced(held: lease.Lease) -> Iterator[None]:
+    """Renew the lease while the block runs; stop the process when it is lost (renewal
+    thread, and at once on SIGCONT: a driver resumed after Ctrl-Z or SIGSTOP checks first)."""
+    stop = held.keep_renewed(_lost)
+    main = threading.current_thread() is threading.main_thread()
+
+    def on_continue(_signum: int, _frame: object) -> None:
+        try:
+            held.check()
+        except lease.Fenced as exc:
+            _lost(exc)
+
+    previous = signal.signal(signal.SIGCONT, on_continue) if main else None
+    try:
+        yield
+    finally:
+        stop()
+        if main:
+            signal.signal(signal.SIGCONT, previous)
+        held.release()
+
+
+def _run_cells_on_ray(spec, inputs, address, embedded, train, held, log):
     import ray
 
     init_ray(spec, address, log)
@@ -545,8 +665,7 @@ def _run_cells_on_ray(spec, inputs, address, embedded, train, run_id, log):
         check_resources(spec)
         if embedded:
             warm_workers(spec)  # in the background; Ray runs a task whose result is dropped
-        prep = prepare(spec, inputs, log, train=train, run_id=run_id)
-        done = len(prep.trials) - len(prep.cells)
+        prep = prepare(spec, inputs, log, train=train, run_id=held.run_id, fence=held.token)
         store = TrialStore(spec.output)
         evaluate_only = sum(store.is_trained(c.spec.key) for c in prep.cells)
         log(
@@ -554,23 +673,25 @@ def _run_cells_on_ray(spec, inputs, address, embedded, train, run_id, log):
             + (f" + {len(spec.federations)} federations" if spec.federations else "")
             + " x "
             f"{len(spec.epsilons)} epsilons x {len(spec.seeds)} seeds), {len(spec.targets)} targets; "
-            f"{done} already done, {len(prep.cells) - evaluate_only} to train, "
+            f"{prep.done} already done, {len(prep.cells) - evaluate_only} to train, "
             f"{evaluate_only} trained with evaluations to (re)do"
+            + (f", {len(prep.unusable)} unusable" if prep.unusable else "")
         )
-        failed = run_stages(prep, log)
+        failed = run_stages(prep, log, held)
     finally:
         ray.shutdown()
     return prep, failed
 
 
-def run_stages(prep: Prepared, log: Log) -> list[str]:
+def run_stages(prep: Prepared, log: Log, held: lease.Lease | None = None) -> list[str]:
     """The cells stage by stage (pretraining before the trials that start from it), each
     stage longest first; a failed stage stops the later ones (they depend on it)."""
     stages = sorted({kinds.kind_of(c.spec).stage for c in prep.cells})
     for stage in stages:
         cells = [c for c in prep.cells if kinds.kind_of(c.spec).stage == stage]
         name = "pretraining" if stage == 0 else "cells"
-        failed = run_cells(prep, log, longest_first(cells, prep.n_train), stage=name)
+        ordered = longest_first(cells, prep.n_train)
+        failed = run_cells(prep, log, ordered, stage=name, held=held)
         if failed:
             if stage != stages[-1]:
                 log(f"[sweep] {name} failed: the cells that depend on it are not started")
@@ -578,13 +699,33 @@ def run_stages(prep: Prepared, log: Log) -> list[str]:
     return []
 
 
-def _aggregate(spec: SweepSpec, prep: Prepared, log: Log) -> Path:
-    """The tables and the report from the finished trials (current evaluations only)."""
+def _aggregate(
+    spec: SweepSpec, prep: Prepared, log: Log, fence: int = 0, failed: Sequence[str] = ()
+) -> Path:
+    """The tables and the report from the finished trials (current evaluations only), each
+    write fenced; then their checksums (``outputs.json``). A run with failed or unusable
+    cells never replaces tables that are larger and still stand on verified models and
+    evaluations: it keeps them and says so."""
     keys = [t.key for t in prep.trials]
-    path, df = results.aggregate(spec.output, keys, spec.name, prep.targets)
+    store = TrialStore(spec.output, fence=fence)
+    path = spec.output / results.TRANSFER
+    table, df = results.transfer_table(spec.output, keys, spec.name, prep.targets)
+    still = _still_better(spec.output, store, len(df), prep.targets)
+    if (failed or prep.unusable) and still:
+        log(
+            f"[sweep] kept the previous tables ({still} rows, every one still from a verified model "
+            f"and evaluation): this run has failed cells and its table would hold {len(df)} rows"
+        )
+        return path
     tables = comparisons.compute_all(spec.output, keys, spec.evaluation, targets=prep.targets)
+    store.guard()
+    results.write_parquet(path, table)
+    store.guard()
     comparisons.write_all(spec.output, tables)
+    store.guard()
     report.write_report(spec.output)
+    store.guard()
+    integrity.seal_files(spec.output, list(integrity.SEALED_OUTPUTS))
     log("")
     log(report.transfer_matrices_text(df, tables.comparisons))
     evaluated = [t for t in prep.trials if kinds.kind_of(t).evaluated]  # others have no rows
@@ -596,22 +737,68 @@ def _aggregate(spec: SweepSpec, prep: Prepared, log: Log) -> Path:
     return path
 
 
+def _still_better(
+    output: Path, store: TrialStore, new_rows: int, targets: Sequence[TargetRef] = ()
+) -> int:
+    """The row count of the existing transfer table if it is larger than ``new_rows`` and
+    every row of it still stands (its trial valid, its target one of ``targets`` at the same
+    data version, its evaluation current: made from the model on disk and the target's test
+    images); 0 otherwise (then the new, smaller table is the truth)."""
+    import io
+
+    path = Path(output) / results.TRANSFER
+    if not path.is_file():
+        return 0
+    try:
+        try:
+            data = integrity.verified_bytes(output, results.TRANSFER)
+        except integrity.Damage:
+            data = path.read_bytes() if not (Path(output) / integrity.OUTPUTS).exists() else b""
+        old = pd.read_parquet(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - an unreadable old table is not worth keeping
+        return 0
+    if len(old) <= new_rows:
+        return 0
+    refs = {(t.name, t.fingerprint): t for t in targets}
+    for (key, target, fp), _ in old.groupby(["trial_key", "target", "data_fingerprint"]):
+        ref = refs.get((target, fp)) if targets else TargetRef(target, fp, "")
+        if ref is None or store.valid(key) is None or not store.current(key, [ref]):
+            return 0
+    return len(old)
+
+
 class SweepFailed(RuntimeError):
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], why: str = "") -> None:
         super().__init__(
-            f"{len(names)} cell(s) failed: {', '.join(names)}; re-run the same command to retry them"
+            f"{len(names)} cell(s) {why or 'failed'}: {', '.join(names)}"
+            + ("" if why else "; re-run the same command to retry them")
         )
         self.names = names
 
 
-def _check_writable(path: Path) -> None:
-    """The output folder, or the nearest existing folder above it, must be writable (nothing is
-    created here: a sweep that fails its checks leaves no trace)."""
+def _check_writable(path: Path, key: str) -> None:
+    """The folder ``key`` names, or the nearest existing folder above it, must be writable
+    (tried with a temporary file, removed at once: permissions alone do not tell, e.g. for
+    root or a read-only mount). A sweep that fails its checks leaves no trace."""
+    import tempfile
+
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not a folder" if not existing.is_dir() else "is not writable"
+    why = "is not a folder" if not existing.is_dir() else ""
+    if not why:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".privdom-write-check-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            why = f"is not writable ({exc.strerror or exc})"
+    if why:
+        fix = {
+            "output": "choose another output folder (--out DIR)",
+            "cache_dir": "make it writable or set cache_dir to a writable folder: every run "
+            "verifies its cache there and rebuilds damaged entries",
+        }[key]
         raise grid.GridError(
-            "output", [f"output: {str(path)!r} cannot be created: {str(existing)!r} {what}"]
+            key, [f"{key}: {str(path)!r} cannot be used: {str(existing)!r} {why}; {fix}"]
         )

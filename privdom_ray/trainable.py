@@ -91,7 +91,7 @@ class RayExecutor:
     def _timed_out(self) -> TrialTimedOut:
         cell = self.cell
         message = f"{cell.spec.name}: timeout after {self.timeout_s:g}s (ray.trial_timeout_s)"
-        TrialStore(cell.output).record_failure(
+        TrialStore(cell.output, fence=cell.fence).record_failure(
             cell.spec.key, cell.run_id, reason="timeout", error=message
         )
         print(f"[trial] {message}; stopping it", flush=True)
@@ -153,7 +153,7 @@ def privdom_trial(config: dict[str, Any]) -> None:
         _run_task = _remote_task()
     _quiet_known_warnings()
     cell = Cell.from_config(config["cell"])
-    store = TrialStore(cell.output)
+    store = TrialStore(cell.output, fence=cell.fence)
     node = ray.get_runtime_context().get_node_id()
 
     def report(record: dict[str, Any]) -> None:

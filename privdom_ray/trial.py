@@ -95,8 +95,9 @@ def run_cell(
     serially).
     """
     torch.set_num_threads(max(1, cell.threads))
-    store = TrialStore(cell.output)
+    store = TrialStore(cell.output, fence=cell.fence)
     key = cell.spec.key
+    store.guard()  # a cell of a driver that lost its lease writes nothing, not even a folder
     store.folder(key).mkdir(parents=True, exist_ok=True)
     earlier = store.failure(key)
     if earlier and earlier.get("run_id") == cell.run_id and earlier.get("reason") == "timeout":
@@ -123,7 +124,7 @@ def _run_cell(
         kind_of(spec).train()(cell, store, report, node, executor)
     record = store.read(spec.key)
     missing = store.missing_targets(spec.key, cell.targets)
-    common = dict(output=cell.output, key=spec.key, model_name=spec.model)
+    common = dict(output=cell.output, key=spec.key, model_name=spec.model, fence=cell.fence)
     common.update(evaluation=cell.evaluation, device=cell.device, threads=cell.threads)
     executor.map(evaluate_stored, [(f"eval/{t.name}", dict(common, target=t)) for t in missing])
     return {
@@ -144,19 +145,23 @@ def evaluate_stored(
     evaluation: EvaluationConfig,
     device: str = "cpu",
     threads: int = 1,
+    fence: int = 0,
 ) -> None:
-    """Evaluate a trial's stored model on one target (a unit of work an executor can ship)."""
+    """Evaluate a trial's stored model on one target (a unit of work an executor can ship).
+    The evaluation names the checksum of the model bytes it was computed from."""
     torch.set_num_threads(max(1, threads))
-    store = TrialStore(output)
+    store = TrialStore(output, fence=fence)
     record = store.read(key)
     thresholds = np.array([math.nan if t is None else t for t in record.thresholds], dtype=float)
-    model = load_model(model_name, store.model_state(key), num_outputs=len(LABELS))
+    weights = store.model(key)  # verified against the checksum written with it
+    model = load_model(model_name, weights.state, num_outputs=len(LABELS))
     metrics_df, predictions, info = evaluate_target(
         model, target, thresholds, evaluation, device=device
     )
     store.write_eval(
-        key, target.name, target.fingerprint, metrics=metrics_df, predictions=predictions, info=info
-    )
+        key, target.name, target.fingerprint, metrics=metrics_df, predictions=predictions,
+        info=info, model=weights.digest, data=target.data,
+    )  # fmt: skip
 
 
 def _epoch_callback(cell: Cell, store: TrialStore, report: Report | None, node: str, writer: Any):

@@ -169,6 +169,7 @@ def write_trial(
             spec.key, target, fp, metrics=pd.DataFrame([r.as_dict() for r in rows]),
             predictions=pred, info={"n_test": len(scores), "n_boot": N_BOOT,
                                     "resampling_unit": unit, "eval_seconds": 0.1},
+            model=store.model_digest(spec.key),
         )  # fmt: skip
         if target in incomplete:  # a crash before the evaluation was complete
             (store.evaluation(spec.key, target, fp).path / "eval.json").unlink()

@@ -72,6 +72,42 @@ def output_under_a_file(tmp: Path) -> dict:
     return {**BASE, "output": "afile/out"}
 
 
+def csv_row_with_extra_fields(tmp: Path) -> dict:
+    root = write_csv_site(tmp / "site")
+    lines = (root / "labels.csv").read_text().splitlines()
+    lines[3] += ",surplus"  # line 4 of the file
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return {**BASE, "domains": [{"name": "uka", "kind": "csv", "root": str(root)}]}
+
+
+def synthetic_labels_with_extra_fields(tmp: Path) -> dict:
+    from privdom_ray.domains import build_manifest, make_options
+
+    build_manifest("synthetic", tmp / "data" / "a", make_options("synthetic", SYN["options"]))
+    labels = tmp / "data" / "a" / "labels.csv"
+    lines = labels.read_text().splitlines()
+    lines[6] += ",1,2"  # line 7: a comma inside a value, unquoted
+    labels.write_text("\n".join(lines) + "\n")
+    return BASE
+
+
+def synthetic_root_is_a_file(tmp: Path) -> dict:
+    (tmp / "data").mkdir()
+    (tmp / "data" / "a").write_text("not a folder")
+    return BASE
+
+
+def read_only_cache_dir(tmp: Path) -> dict:
+    """A cache folder nobody may write: mode 0555, or (root ignores modes) a folder on a
+    read-only file system."""
+    import os
+
+    if os.geteuid() == 0:
+        return {**BASE, "cache_dir": "/sys/privdom-ray-cache"}
+    (tmp / "ro").mkdir(mode=0o555)
+    return {**BASE, "cache_dir": str(tmp / "ro")}
+
+
 CATALOGUE: list[tuple[str, Callable[[Path], dict | str | None], str]] = [
     ("grid file missing", lambda tmp: None, "does not exist"),
     ("not YAML", lambda tmp: "domains: [unclosed", "not valid YAML"),
@@ -97,6 +133,25 @@ CATALOGUE: list[tuple[str, Callable[[Path], dict | str | None], str]] = [
     ("unknown accountant", training(accountant="gdp"), "training.accountant: 'gdp'"),
     ("unknown model", with_(model="vgg16"), "model: 'vgg16'"),
     ("seed not an integer", with_(seeds=[0.5]), "seeds[0]: 0.5"),
+    ("negative seed", with_(seeds=[0, -1]), "seeds[1]: -1"),
+    (
+        "logical batch larger than the training set",
+        training(logical_batch=1000),
+        "training.logical_batch: 1000 is more than the",
+    ),
+    (
+        "logical batch larger than the training set, non-DP only",
+        with_(epsilons=["inf"], training={**BASE["training"], "logical_batch": 500}),
+        "but q must be at most 1",
+    ),
+    ("a labels.csv row with extra fields", csv_row_with_extra_fields, "line 4 has 11 fields"),
+    (
+        "a synthetic labels.csv row with extra fields",
+        synthetic_labels_with_extra_fields,
+        "labels.csv: line 7 has",
+    ),
+    ("synthetic root that is a file", synthetic_root_is_a_file, "a folder, not a file"),
+    ("read-only cache_dir", read_only_cache_dir, "is not writable"),
     ("source not a domain", with_(sources=["zz"]), "sources: ['zz']"),
     pytest.param(
         "more CPUs per trial than any node",
@@ -141,5 +196,50 @@ def test_bad_input_is_refused_clearly(tmp_path, case, make, needle):
 
 def test_catalogue_is_large_and_distinct():
     cases = [c.values if hasattr(c, "values") else c for c in CATALOGUE]
-    assert len(cases) >= 20
+    assert len(cases) >= 30
     assert len({c[0] for c in cases}) == len({c[2] for c in cases}) == len(cases)
+
+
+def test_a_refused_run_leaves_a_finished_output_folder_as_it_was(tmp_path):
+    """seeds: [-1] on a finished output once failed every cell after Ray started and
+    replaced its table by an empty one: now it is refused before anything is written."""
+    from conftest import build_output
+
+    from privdom_ray import results
+
+    keys = build_output(tmp_path / "out", domains=("a",), epsilons=(1.0,))
+    results.aggregate(tmp_path / "out", keys, "bad")
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({**BASE, "seeds": [-1]}))
+    proc = launch("--grid", "grid.yaml", cwd=tmp_path, expect=2)
+    assert "seeds[0]: -1" in proc.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+
+
+def test_every_logical_batch_is_checked_against_the_training_set_it_samples(tmp_path):
+    """Sources (images, or patients with privacy_unit: patient), federation sites and the
+    pretraining domain: each batch must fit, or q = batch / N is not a probability."""
+    from privdom_ray.config import GridError
+    from privdom_ray.grid import check_sample_rates, parse_grid
+
+    doms = [{**SYN, "name": n, "root": str(tmp_path / n)} for n in ("a", "b", "p")]
+    raw = {
+        **BASE, "domains": doms, "sources": ["a"],
+        "federations": [{"name": "ab", "sites": ["a", "b"], "rounds": 1}],
+        "pretrain": {"domain": "p", "logical_batch": 64, "physical_batch": 32},
+        "training": {**BASE["training"], "init": "pretrain"},
+    }  # fmt: skip
+    spec = parse_grid(raw, base=tmp_path)
+    check_sample_rates(spec, {"a": 16, "b": 16, "p": 64})  # every batch fits
+    with pytest.raises(GridError) as err:
+        check_sample_rates(spec, {"a": 16, "b": 15, "p": 63})
+    text = str(err.value)
+    assert "site 'b' of federation 'ab'" in text and "pretraining domain 'p'" in text
+    assert "source 'a'" not in text
+    patients = parse_grid(
+        {**BASE, "training": {**BASE["training"], "privacy_unit": "patient",
+                              "grad_sample_mode": "hooks"}}, base=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(GridError, match="15 training patients"):  # patients, not images
+        check_sample_rates(patients, {"a": 40}, {"a": 15})
+    check_sample_rates(patients, {"a": 40}, {"a": 16})

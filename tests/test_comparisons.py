@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import AGE_BINS, EV, N_BOOT, build_output, make_testset, scores_for, write_trial
 
-from privdom_ray import comparisons, inference, metrics, results
+from privdom_ray import comparisons, inference, integrity, metrics, results
 from privdom_ray.comparisons import ComparisonWarning
 from privdom_ray.config import format_epsilon
 from privdom_ray.manifest import LABELS
@@ -364,8 +364,8 @@ def test_old_evaluations_without_patient_groups_resample_images(tmp_path):
 def test_domains_without_patient_ids_resample_images(tmp_path):
     """VinDr-like: every image is its own group and eval.json says resampling_unit = image."""
     keys = build_output(tmp_path, domains=("a", "b"), n=150)
-    for path in tmp_path.glob("trials/*/eval/*/eval.json"):
-        results.write_json(path, {**results.read_json(path), "resampling_unit": "image"})
+    for path in tmp_path.glob("trials/*/eval/*/eval.json"):  # sealed again: a deliberate edit
+        path.write_bytes(integrity.seal({**integrity.unseal(path), "resampling_unit": "image"}))
     df = compute(tmp_path, keys)
     assert set(df["resampling_unit"]) == {"image"}
     row = one(df, comparison="paired_delta", quantity="delta_auc", source="b", target="a",

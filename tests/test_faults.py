@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import launch
 
 from privdom_ray.cache import load_split
 from privdom_ray.config import TrialSpec
@@ -218,6 +219,11 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
         kill_session(driver)  # the embedded cluster's processes are in the driver's session
     done_before = finished()
     trained_before = {p.parent.name for p in trials.glob("*/done")}  # some maybe not evaluated
+    left = launch("status", "out", cwd=tmp_path).stdout  # the killed driver's cells
+    states = [line.split()[0] for line in left.splitlines()[1:] if line.split()]
+    assert "running" not in states and "driver: none running" in left, left
+    if list(trials.glob("*/running.json")):
+        assert "interrupted" in states, left
     mtimes = {k: (trials / k / "model.pt").stat().st_mtime_ns for k in trained_before}
     assert 1 <= len(done_before) < 4
 
@@ -365,7 +371,7 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
         "name": "a",
         "kind": "synthetic",
         "root": "data/a",
-        "options": {"site": "a", "n_patients": 20},
+        "options": {"site": "a", "n_patients": 40},  # enough training images for a batch of 32
     }
     large = {
         "name": "b",

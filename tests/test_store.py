@@ -9,16 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 from conftest import make_testset, scores_for, write_trial
 
-from privdom_ray import planning, results
+from privdom_ray import lease, planning, results
 from privdom_ray.grid import parse_grid
 from privdom_ray.kinds import plan_trials
-from privdom_ray.store import DriverLock, LockHeld, TrialStore
+from privdom_ray.lease import Fenced, Lease, LockHeld
+from privdom_ray.manifest import LABELS
+from privdom_ray.store import DamagedRecord, TrialStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,38 +43,134 @@ RECORDS = [
     "ledger.json",
     "thresholds.json",
     "history.json",
+    "config.yaml",
     "model.pt",
+    "done",
     "eval/a-fpa/eval.json",
     "eval/a-fpa/metrics.parquet",
     "eval/a-fpa/predictions.parquet",
 ]
+LOGS = ("history.json", "config.yaml")
+
+
+def damage(path: Path, how: str) -> None:
+    """Truncate, zero-fill a block inside (size and parse may survive), or delete ``path``."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: max(1, len(data) // 2)])
+    elif how == "zero-filled":
+        block = min(4096, max(1, len(data) // 3))
+        start = len(data) // 2 - block // 2
+        path.write_bytes(data[:start] + b"\0" * block + data[start + block :])
+    else:
+        path.unlink()
 
 
 @pytest.mark.parametrize("record", RECORDS)
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
-def test_a_damaged_record_is_named_and_its_trial_redone(tmp_path, record, damage):
+@pytest.mark.parametrize("how", ["truncated", "zero-filled", "missing"])
+def test_a_damaged_record_is_named_and_redone_or_set_aside(tmp_path, record, how):
     key = finished(tmp_path)
     store = TrialStore(tmp_path)
-    path = store.folder(key) / record
-    if damage == "truncated":
-        path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
-    else:
-        path.unlink()
+    damage(store.folder(key) / record, how)
+    name = record.split("/")[-1]
     state, detail = store.status(key, [Target("a", "fpa")])
-    if record.endswith("eval.json") and damage == "missing":
-        assert state == "evaluating"  # eval.json is written last: a half-written evaluation
-    else:
-        assert state == "damaged" and record.split("/")[-1] in detail
+    if record == "done" and how == "missing":  # no commit record: a trial not trained yet
+        assert state == "pending" and store.valid(key) is None
+        return
+    assert state == "damaged" and name in detail, (state, detail)
     if record.startswith("eval/"):  # the model is fine: only the evaluation is redone
         assert store.valid(key) is not None
         assert store.missing_targets(key, [Target("a", "fpa")]) == [Target("a", "fpa")]
         return
+    lines: list[str] = []
+    if record in LOGS:  # a training log: set aside alone, the model and evaluations kept
+        assert store.valid(key) is not None
+        assert store.usable(key, lines.append) is not None and name in lines[0]
+        assert store.status(key, [Target("a", "fpa")])[0] == "done"
+        assert store.missing_targets(key, [Target("a", "fpa")]) == []
+        if record == "config.yaml":  # derived from the record: written again
+            assert "ledger" in store.config_text(key)
+        else:
+            assert how == "missing" or list((tmp_path / "set_aside").glob(f"{key}-{name}-*"))
+            with pytest.raises(DamagedRecord, match="set aside"):
+                store.history(key)
+        return
     assert store.valid(key) is None  # never used by tables or reports
-    lines = []
     assert store.usable(key, lines.append) is None  # the driver sets it aside, to retrain
-    assert not store.folder(key).exists() and record.split("/")[-1] in lines[0]
+    assert not store.folder(key).exists() and name in lines[0]
     (aside,) = (tmp_path / "set_aside").iterdir()
     assert aside.name.startswith(f"{key}-damaged-") and (aside / "SET_ASIDE.txt").is_file()
+
+
+def test_an_evaluation_of_another_model_is_never_current(tmp_path):
+    """A trial trained again (its ``done`` deleted, new noise) never keeps the evaluations of
+    the model it replaced: each names the checksum of the model it came from."""
+    key = finished(tmp_path)
+    store = TrialStore(tmp_path)
+    target = [Target("a", "fpa")]
+    assert store.missing_targets(key, target) == []
+    old = store.evaluation(key, "a", "fpa")
+    assert old is not None and old.model == store.model_digest(key)
+    record = store.read(key)
+    store.write_trained(
+        key, state_dict={"w": torch.ones(1)}, ledger=record.ledger, history=[],
+        thresholds=list(record.thresholds), labels=LABELS, record=record.info,
+    )  # fmt: skip
+    assert store.model_digest(key) != old.model
+    assert store.missing_targets(key, target) == target  # evaluated again, never kept
+    assert store.evaluations(key) == []
+
+
+def test_an_evaluation_of_other_test_images_is_never_current(tmp_path):
+    """An evaluation also names the checksum of its target's decoded test images: replaced
+    image files (a rebuilt cache with other pixels) mean it is evaluated again."""
+    key = finished(tmp_path)
+    store = TrialStore(tmp_path)
+    old = store.evaluation(key, "a", "fpa")
+    store.write_eval(
+        key, "a", "fpa", metrics=old.metrics(), predictions=old.predictions(),
+        info={"n_test": old.n_test, "n_boot": old.n_boot}, model=old.model, data="b2:images1",
+    )  # fmt: skip
+    same = planning.TargetRef("a", "fpa", "", data="b2:images1")
+    other = planning.TargetRef("a", "fpa", "", data="b2:images2")
+    assert store.missing_targets(key, [same]) == []
+    assert store.missing_targets(key, [other]) == [other]
+    assert store.missing_targets(key, [Target("a", "fpa")]) == []  # not checked when unknown
+
+
+def test_a_folder_written_before_checksums_is_parsed_then_sealed(tmp_path):
+    """Upgrades: a finished trial of an older privdom-ray (``done`` = "done", evaluations of
+    protocol 3) is read after a full parse, sealed by the driver, and only re-evaluated."""
+    key = finished(tmp_path)
+    store = TrialStore(tmp_path)
+    tdir = store.folder(key)
+    write_legacy(tdir)
+    target = [Target("a", "fpa")]
+    assert store.inspect(key).legacy and store.valid(key) is not None
+    assert "before checksums" in store.status(key, target)[1]
+    assert store.missing_targets(key, target) == target  # no model checksum to bind to yet
+    lines: list[str] = []
+    assert store.usable(key, lines.append) is not None and "sealed" in lines[0]
+    assert not store.inspect(key).legacy
+    model = store.model(key)
+    assert model.digest == store.model_digest(key) and set(model.state) == {"w"}
+    assert store.missing_targets(key, target) == target  # protocol 3: evaluated again
+    # a damaged legacy record is caught by the full parse
+    key2 = finished(tmp_path, seed=1)
+    write_legacy(store.folder(key2))
+    damage(store.folder(key2) / "model.pt", "truncated")
+    assert store.status(key2, target)[0] == "damaged" and store.valid(key2) is None
+
+
+def write_legacy(tdir: Path) -> None:
+    """Turn a trial folder into what privdom-ray wrote before checksums (commit 10482de)."""
+    (tdir / "done").write_text("done\n")
+    for ev in (tdir / "eval").glob("*/eval.json"):
+        body = json.loads(ev.read_text())
+        for k in ("checksum", "files", "model"):
+            body.pop(k)
+        body["protocol"] = 3
+        ev.write_text(json.dumps(body))
 
 
 def grid(tmp_path: Path, **changes) -> dict:
@@ -103,7 +204,7 @@ def mark_done(tmp_path: Path, trial, targets: dict[str, str]) -> None:
     store.folder(key).rename(store.folder(trial.key))
     info = json.loads((store.folder(trial.key) / "trial.json").read_text())
     info["spec"] = trial.to_json()
-    results.write_json(store.folder(trial.key) / "trial.json", info)
+    store.rewrite(trial.key, "trial.json", json.dumps(info).encode())  # sealed again
 
 
 def test_planning_skips_done_work_and_runs_only_what_is_new(tmp_path):
@@ -160,23 +261,159 @@ def test_an_evaluation_of_an_older_protocol_is_redone(tmp_path):
     store = TrialStore(tmp_path)
     ev_json = store.folder(key) / "eval" / "a-fpa" / "eval.json"
     old = json.loads(ev_json.read_text())
-    old.pop("protocol")  # written before predictions carried patient groups
+    for k in ("protocol", "checksum", "files", "model"):  # before patient groups, checksums
+        old.pop(k)
     ev_json.write_text(json.dumps(old))
+    ev = store.evaluation(key, "a", "fpa")
+    assert ev is not None and ev.protocol == 1 and not ev.model  # read, not damaged
     assert store.missing_targets(key, [Target("a", "fpa")]) == [Target("a", "fpa")]
 
 
 def test_one_driver_per_output_folder(tmp_path):
-    with DriverLock(tmp_path, "run-1"), pytest.raises(LockHeld, match="another driver .* run-1"):
-        DriverLock(tmp_path, "run-2").acquire()
-    DriverLock(tmp_path, "run-3").acquire()  # released: free again
-    # a dead driver's lock (its process is gone) is taken over
-    lock = tmp_path / "driver.lock"
-    lock.write_text(json.dumps({"host": DriverLock(tmp_path, "x").holder["host"], "pid": 2**22 + 7,
-                                "run_id": "dead", "updated": time.time()}))  # fmt: skip
-    DriverLock(tmp_path, "run-4").acquire()
-    assert json.loads(lock.read_text())["run_id"] == "run-4"
-    # a silent one (another host, no heartbeat for longer than the limit) too
-    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "run_id": "gone",
-                                "updated": time.time() - 600}))  # fmt: skip
-    DriverLock(tmp_path, "run-5").acquire()
-    assert json.loads(lock.read_text())["run_id"] == "run-5"
+    held = Lease.acquire(tmp_path, "run-1")
+    with pytest.raises(LockHeld, match="another driver .* run-1"):
+        Lease.acquire(tmp_path, "run-2")
+    held.release()
+    Lease.acquire(tmp_path, "run-3").release()  # released: free again
+    # a dead driver's lease (its process is gone) is taken over at once
+    gone = Lease.acquire(tmp_path, "dead")
+    body = json.loads(gone.path.read_text())
+    gone.path.write_text(json.dumps({**body, "pid": 2**22 + 7}))
+    took = Lease.acquire(tmp_path, "run-4")
+    assert took.took_over is not None and took.took_over.run_id == "dead"
+    with pytest.raises(Fenced, match="taken over"):
+        gone.check()  # the old holder may write nothing more
+    # a silent one (another host, not renewed for longer than its lease) too
+    body = json.loads(took.path.read_text())
+    took.path.write_text(json.dumps({**body, "host": "elsewhere"}))
+    os.utime(took.path, (time.time() - 600, time.time() - 600))
+    with pytest.raises(Fenced, match="not renewed"):
+        took.check()  # its writers stopped before anyone could take over
+    assert Lease.acquire(tmp_path, "run-5").run_id == "run-5"
+    assert lease.current(tmp_path).run_id == "run-5"
+
+
+def test_a_fenced_store_writes_nothing_once_its_driver_lost_the_lease(tmp_path):
+    key = finished(tmp_path)
+    held = Lease.acquire(tmp_path, "run-1", lease_s=60)
+    store = TrialStore(tmp_path, fence=held.token)
+    store.heartbeat(key, "run-1", "node")  # ours: allowed
+    os.utime(held.path, (0, 0))  # released (a second driver may take over at once)
+    Lease.acquire(tmp_path, "run-2")
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    for write in (
+        lambda: store.heartbeat(key, "run-1", "node"),
+        lambda: store.record_failure(key, "run-1", reason="x", error="y"),
+        lambda: store.checkpoint(key).save({"w": torch.zeros(1)}),
+        lambda: store.set_aside(key, "damaged"),
+        lambda: store.write_eval(key, "b", "fpb", metrics=pd.DataFrame({"x": [1]}),
+                                 predictions=pd.DataFrame({"x": [1]}), info={}, model="m"),
+    ):  # fmt: skip
+        with pytest.raises(Fenced):
+            write()
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def _race(args: tuple[str, int, float]) -> bool:
+    """One contender of a round: wait for the start time, try to take the lease."""
+    output, i, start = args
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        Lease.acquire(Path(output), f"c{i}", lease_s=30)
+    except LockHeld:
+        return False
+    return True
+
+
+def test_many_processes_racing_for_a_stale_lease_have_one_winner_every_round(tmp_path):
+    """The takeover that was read-then-delete-then-create let 2 processes win in 30 of 200
+    rounds; an atomic link of the next token lets exactly one win, every round."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(8) as pool:
+        for round_ in range(40):
+            out = tmp_path / f"r{round_}"
+            if round_ % 2:  # a dead driver's lease to take over, not a free folder
+                Lease.acquire(out, "dead", lease_s=30)
+                holder = lease.current(out)
+                os.utime(holder.path, (time.time() - 100, time.time() - 100))
+            start = time.time() + 0.2
+            won = pool.map(_race, [(str(out), i, start) for i in range(8)])
+            assert sum(won) == 1, (round_, won)
+
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy_output"
+
+
+def test_an_output_folder_of_the_code_before_checksums_is_used_without_retraining(tmp_path):
+    """Upgrades: trials written by commit 10482de (``done`` = "done", evaluations of protocol
+    3, no checksums anywhere) are read after a full parse, sealed by the driver, never
+    trained again, and only evaluated again (nothing proves which model an old evaluation
+    came from: today's main can keep evaluations of a model it replaced)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(LEGACY, out)
+    store = TrialStore(out)
+    target = [Target("a", "fpa")]
+    keys = store.trial_keys()
+    assert len(keys) == 2
+    models = {k: (store.folder(k) / "model.pt").read_bytes() for k in keys}
+    for key in keys:
+        found = store.inspect(key)
+        assert found.legacy and found.damage is None and store.valid(key) is not None
+        assert store.status(key, target)[0] == "done"
+        assert store.missing_targets(key, target) == target
+        lines: list[str] = []
+        record = store.usable(key, lines.append)  # the driver: parsed in full, then sealed
+        assert record is not None and "sealed" in lines[-1]
+        assert not store.inspect(key).legacy
+        assert store.model(key).digest == store.model_digest(key) == record.model_digest
+        assert store.missing_targets(key, target) == target  # evaluated again, not trained
+        assert (store.folder(key) / "model.pt").read_bytes() == models[key]
+        assert store.verify_file(key, "ledger.json").startswith("b2:")
+    # an old evaluation is replaced by one bound to the model; the table reads it
+    key = keys[0]
+    old = store.evaluation(key, "a", "fpa")
+    assert old is not None and old.protocol == 3 and not old.model
+    store.write_eval(
+        key, "a", "fpa", metrics=old.metrics(), predictions=old.predictions(),
+        info={"n_test": old.n_test, "n_boot": old.n_boot}, model=store.model_digest(key),
+    )  # fmt: skip
+    assert store.missing_targets(key, target) == []
+    _, df = results.aggregate(out, keys, "legacy", target)
+    assert set(df["trial_key"]) == {key}
+
+
+def test_a_failed_run_keeps_a_larger_table_only_while_every_row_still_stands(tmp_path):
+    """Aggregation safety: a run with failed cells never replaces a table by a smaller one,
+    unless a row of the old one no longer stands on the model on disk (then the smaller,
+    true table replaces it)."""
+    from conftest import build_output
+
+    from privdom_ray.sweep import _still_better
+
+    keys = build_output(tmp_path, domains=("a", "b"))
+    _, df = results.aggregate(tmp_path, keys, "s")
+    store = TrialStore(tmp_path)
+    assert _still_better(tmp_path, store, len(df) - 36) == len(df)  # all rows still stand
+    assert _still_better(tmp_path, store, len(df)) == 0  # not larger: the new table goes
+    record = store.read(keys[0])  # a model replaced since the table was written
+    store.rewrite(keys[0], "model.pt", (store.folder(keys[0]) / "model.pt").read_bytes() + b"x")
+    assert store.read(keys[0]).model_digest != record.model_digest
+    assert _still_better(tmp_path, store, len(df) - 36) == 0
+
+
+def test_a_cell_of_a_driver_that_is_gone_is_interrupted_not_running(tmp_path):
+    key = finished(tmp_path)
+    store = TrialStore(tmp_path)
+    (store.folder(key) / "done").unlink()  # at work again (e.g. retrained)
+    store.heartbeat(key, "run-1", "node-1", epoch=2)
+    state, detail = store.status(key, [Target("a", "fpa")], driver_run="run-1")
+    assert state == "running" and "epoch 2" in detail
+    state, detail = store.status(key, [Target("a", "fpa")], driver_run="")  # no live driver
+    assert state == "interrupted" and "run-1" in detail
+    state, _ = store.status(key, [Target("a", "fpa")], driver_run="run-2")  # another run's
+    assert state == "interrupted"

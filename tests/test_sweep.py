@@ -10,6 +10,7 @@ import yaml
 from conftest import launch, synthetic_domain
 
 from privdom_ray.manifest import LABELS
+from privdom_ray.store import TrialStore
 
 pytestmark = pytest.mark.ray
 
@@ -253,16 +254,18 @@ def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
         if json.loads(p.read_text())["accountant"] != "none"
     )
     original = ledger_path.read_text()
+    store = TrialStore(work / "out")  # a faulty writer: the ledger is rewritten and sealed
+    key = ledger_path.parent.name
     try:
         ledger = json.loads(original)
         ledger["noise_multiplier"] *= 0.5  # claims more noise than the epsilon it reports
         for m in ledger["mechanisms"]:
             if m["name"] == "dp_sgd":
                 m["noise_multiplier"] *= 0.5
-        ledger_path.write_text(json.dumps(ledger))
+        store.rewrite(key, "ledger.json", json.dumps(ledger).encode())
         bad = launch("audit", "out", cwd=work, expect=1)
     finally:
-        ledger_path.write_text(original)
+        store.rewrite(key, "ledger.json", original.encode())
     assert "below the recomputed" in bad.stdout and "1 problem(s)" in bad.stdout
 
 
@@ -295,11 +298,12 @@ def test_audit_checks_each_ledger_against_its_trial_spec(tiny_sweep, tamper, pro
         if json.loads((p / "trial.json").read_text())["name"] == "b_eps1_seed0"
     )
     original = path.read_text()
+    store, key = TrialStore(work / "out"), path.parent.name  # a faulty writer: sealed
     try:
-        path.write_text(json.dumps(tamper(json.loads(original))))
+        store.rewrite(key, "ledger.json", json.dumps(tamper(json.loads(original))).encode())
         proc = launch("audit", "out", cwd=work, expect=1)
     finally:
-        path.write_text(original)
+        store.rewrite(key, "ledger.json", original.encode())
     assert problem in proc.stdout
 
 
@@ -309,7 +313,8 @@ def test_patient_level_privacy_end_to_end(tmp_path):
         "domains": GRID["domains"][:1],
         "epsilons": [2],
         "controls": [],
-        "training": {**GRID["training"], "privacy_unit": "patient"},
+        # 29 training patients: a batch of 32 would be refused (q = 32/29 > 1)
+        "training": {**GRID["training"], "privacy_unit": "patient", "logical_batch": 16},
         "audit": {"canaries": 200, "epsilons": [2]},  # canaries are units too: one per patient
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
@@ -320,7 +325,7 @@ def test_patient_level_privacy_end_to_end(tmp_path):
     n_train_patients = n_patients[(n_patients["split"] == "train") & n_patients["ok"]][
         "patient_id"
     ].nunique()
-    assert df["sample_rate"].iloc[0] == pytest.approx(1 / math.ceil(n_train_patients / 32))
+    assert df["sample_rate"].iloc[0] == pytest.approx(1 / math.ceil(n_train_patients / 16))
 
 
 def test_export_writes_exactly_the_shareable_set(tiny_sweep):
@@ -386,7 +391,7 @@ def test_a_void_dp_model_is_flagged_and_retrained(tiny_sweep):
         for k, v in ledger.items()
         if k not in ("mechanisms", "mechanism_version", "randomness")
     }
-    (dp / "ledger.json").write_text(json.dumps(old))
+    TrialStore(work / "out").rewrite(dp.name, "ledger.json", json.dumps(old).encode())
     assert "void" in launch("status", "out", cwd=work).stdout
     audit = launch("audit", "out", cwd=work, expect=1)
     assert "void" in audit.stdout

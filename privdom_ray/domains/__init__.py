@@ -85,6 +85,12 @@ def build_manifest(
         raise ManifestError(f"unknown domain kind {kind!r}; known kinds: {', '.join(kinds())}")
     adapter = REGISTRY[kind]
     root = Path(root).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ManifestError(
+            f"domain {name or kind!r}: root {str(root)!r} is a file, not a folder; point the "
+            "domain's root at the dataset's folder"
+            + (" (a missing one is generated there)" if adapter.creates_root else "")
+        )
     if not root.is_dir() and not adapter.creates_root:
         raise ManifestError(f"domain {name or kind!r}: root folder {str(root)!r} does not exist")
     opts = options if options is not None else adapter.options()

@@ -104,13 +104,15 @@ def read_csv(
     required: Sequence[str],
     optional: Sequence[str] = (),
     fix: str = "",
+    strict_fields: bool = False,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """Read only the needed columns of a (possibly gzipped) CSV, checking the header first.
 
     Unknown columns, including ``Unnamed: *`` ones (a leading index column, a trailing comma),
     are never converted. A missing column raises ``ManifestError`` naming the file, the missing
-    columns and the expected header.
+    columns and the expected header. ``strict_fields``: a row with more fields than the header
+    (a comma inside a value shifts every later column) is an error, not silently cut.
     """
     try:
         header = pd.read_csv(path, nrows=0, index_col=False, **_header_kwargs(kwargs)).columns
@@ -127,6 +129,8 @@ def read_csv(
             f"{expected} (found: {','.join(c for c in header if not c.startswith('Unnamed'))})"
             + (f". Fix: {fix}" if fix else "")
         )
+    if strict_fields:
+        check_field_counts(path, len(header), fix, **_header_kwargs(kwargs))
     wanted = set(required) | set(optional)
     keep = {c for c in header if c in wanted}
     try:
@@ -142,6 +146,31 @@ def read_csv(
         ) from exc
     df.columns = [str(c).strip() for c in df.columns]
     return df
+
+
+def check_field_counts(path: Path, n_fields: int, fix: str = "", **kwargs: Any) -> None:
+    """Refuse a CSV with a row of more (non-empty) fields than its header of ``n_fields``,
+    naming the line: pandas would either fail without naming the file or cut the row.
+    Trailing empty fields (a trailing comma) are accepted. One streaming pass (csv module)."""
+    import csv
+    import gzip
+
+    gz = str(path).endswith(".gz") or kwargs.get("compression") == "gzip"
+    opener = gzip.open if gz else open
+    encoding = kwargs.get("encoding") or "utf-8"
+    try:
+        with opener(path, "rt", newline="", encoding=encoding) as f:
+            reader = csv.reader(f, delimiter=kwargs.get("sep") or ",")
+            next(reader, None)
+            for row in reader:
+                if len(row) > n_fields and any(v.strip() for v in row[n_fields:]):
+                    raise ManifestError(
+                        f"{path}: line {reader.line_num} has {len(row)} fields, more than the "
+                        f"header's {n_fields} (a comma inside a value? quote it, or remove the "
+                        "extra fields)" + (f". Fix: {fix}" if fix else "")
+                    )
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(f"{path}: cannot read it as {encoding} CSV ({exc})") from None
 
 
 def _header_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

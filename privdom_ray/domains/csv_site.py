@@ -18,7 +18,7 @@ Layout: ``root/labels.csv`` (option ``file``: another name, relative to ``root``
   mean ``val``). Without the column, patients are split 70/10/20 by salted hash; with only
   train and test, a patient-wise 10 % of train is carved as val.
 
-Extra columns are ignored.
+Extra columns are ignored; a row with more fields than the header is an error (naming its line).
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def _read_rows(source: Path) -> pd.DataFrame:
             **{label: "string" for label in LABELS},
         },
         fix=f"use the header {','.join(REQUIRED)}[,split]",
+        strict_fields=True,
     )
     if raw.empty:
         raise ManifestError(f"{source}: no rows")

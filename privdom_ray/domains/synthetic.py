@@ -64,6 +64,7 @@ import pandas as pd
 from PIL import Image
 
 from privdom_ray.domains import register
+from privdom_ray.domains._common import check_field_counts
 from privdom_ray.manifest import LABELS, ManifestError, patient_split
 
 GENERATOR_VERSION = 1
@@ -321,12 +322,21 @@ def build(root: Path, options: SyntheticOptions) -> pd.DataFrame:
 
 def read_manifest(root: Path, options: SyntheticOptions) -> pd.DataFrame:
     """``root/labels.csv`` -> manifest rows with absolute paths and a patient-wise split."""
-    table = pd.read_csv(
-        root / LABELS_FILE,
-        dtype={"file": str, "patient_id": str, "sex": str},
-        keep_default_na=False,
-        na_values={"age": [""], **{label: [""] for label in LABELS}},
-    )
+    path = root / LABELS_FILE
+    fix = f"restore {LABELS_FILE}, or delete the folder to generate the domain again"
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+        check_field_counts(path, len(header), fix)
+        table = pd.read_csv(
+            path,
+            dtype={"file": str, "patient_id": str, "sex": str},
+            keep_default_na=False,
+            na_values={"age": [""], **{label: [""] for label in LABELS}},
+        )
+    except ManifestError:
+        raise
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise ManifestError(f"{path}: cannot read it ({exc}). Fix: {fix}") from None
     missing = [c for c in CSV_COLUMNS if c not in table.columns]
     if missing:
         raise ManifestError(

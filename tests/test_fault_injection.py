@@ -1,0 +1,312 @@
+"""Fault injection: every stored record damaged three ways, a paused driver, a deleted ``done``.
+
+One tiny sweep (3 synthetic sites, each a source at epsilon 2 and inf: 6 trials, 3 targets, 3
+cache entries) is trained once for the module; three rounds then damage it and run it again.
+For every record kind (model, ledger, trial record, history, thresholds, each evaluation file,
+and the cache's images, rows and meta) each round truncates, zero-fills a block inside, or
+deletes it (in different trials or entries, so the faults of a round are independent), and
+checks: ``status`` names every damaged file; the next run exits 0 with a complete table whose
+stored scores match the models on disk, predicted afresh on images decoded from the image
+files (not the cache, which may be the damaged record). The last round also deletes a DP
+trial's ``done`` (trained again, with new noise: none of its old evaluations may survive),
+and runs under a driver that is paused (SIGSTOP) past its lease: a second driver takes over
+and finishes, and the paused one, resumed, exits 2 having written nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import launch
+from test_faults import kill_session, start, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+# each test re-runs the sweep (the first also trains the module's): on 2 busy cores a sweep
+# took up to 7 minutes, beyond the suite's 600 s default
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
+LEASE_S = 20  # the paused driver's lease: its writers stop after 15 s, a takeover after 20 s
+
+GRID = {
+    "name": "inject",
+    "output": "out",
+    "domains": [
+        {
+            "name": n,
+            "kind": "synthetic",
+            "root": f"data/{n}",
+            "options": {"site": n, "n_patients": 40},
+        }
+        for n in "abc"
+    ],
+    "epsilons": [2, "inf"],
+    "seeds": [0],
+    "training": {"epochs": 1, "logical_batch": 16, "physical_batch": 16},
+    "preprocessing": {"image_size": 16},
+    "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},
+    "ray": {"num_cpus": 2, "max_failures": 2},
+}
+HOW = ("truncate", "zero-fill", "delete")
+
+
+def damage(path: Path, how: str) -> None:
+    """Truncate to half, zero a block inside (4 KiB, or a third of a small file), or delete."""
+    if how == "delete":
+        path.unlink()
+        return
+    size = path.stat().st_size
+    if how == "truncate":
+        os.truncate(path, size // 2)
+        return
+    block = min(4096, max(1, size // 3))
+    with open(path, "r+b") as f:
+        f.seek(size // 2 - block // 2)
+        f.write(b"\0" * block)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    work = tmp_path_factory.mktemp("inject")
+    (work / "grid.yaml").write_text(yaml.safe_dump(GRID))
+    launch("--grid", "grid.yaml", cwd=work, timeout=900)
+    table = pd.read_parquet(work / "out" / "transfer.parquet")
+    assert table["trial_key"].nunique() == 6
+    return work, len(table), reference_images(work)
+
+
+def trials(work: Path) -> list[Path]:
+    """The 6 trial folders in a fixed order: a_eps2, a_epsinf, b_eps2, ..."""
+    named = {
+        json.loads((p / "trial.json").read_text())["name"]: p
+        for p in (work / "out" / "trials").iterdir()
+        if (p / "trial.json").is_file()
+    }
+    return [named[n] for n in sorted(named)]
+
+
+def entry(work: Path, domain: str) -> Path:
+    return next(p for p in (work / "out" / "cache").glob(f"{domain}-*") if "." not in p.name)
+
+
+def evaluation(trial: Path, target: str) -> Path:
+    return next(p for p in (trial / "eval").glob(f"{target}-*") if not p.name.startswith("."))
+
+
+def reference_images(work: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each target's test split decoded afresh from its image files: (images, labels)."""
+    from privdom_ray.domains import build_manifest
+    from privdom_ray.grid import load_grid
+    from privdom_ray.imaging import load
+    from privdom_ray.manifest import LABELS
+
+    spec = load_grid(work / "grid.yaml")
+    out = {}
+    for d in spec.domains:
+        test = build_manifest(d.kind, d.root, d.options, name=d.name).query("split == 'test'")
+        images = np.stack([load(p, spec.preprocessing) for p in test["path"]])
+        out[d.name] = (images, test[list(LABELS)].to_numpy(dtype=float))
+    return out
+
+
+def check_table(work: Path, rows: int, refs) -> pd.DataFrame:
+    """A complete table whose AUCs are those of the models now on disk (predicted afresh)."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from privdom_ray.manifest import LABELS
+    from privdom_ray.train import load_model, predict
+
+    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    assert len(df) == rows and df["trial_key"].nunique() == 6
+    assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
+    compared = 0
+    for (key, target), group in df.groupby(["trial_key", "target"]):
+        state = torch.load(work / "out" / "trials" / key / "model.pt", weights_only=True)
+        model = load_model(group["model"].iloc[0], state, num_outputs=len(LABELS))
+        images, labels = refs[target]
+        scores = predict(model, images)
+        stored = group[group["subgroup"] == "all"].set_index("label")["auc"]
+        for j, label in enumerate(LABELS):
+            y, keep = labels[:, j], ~np.isnan(labels[:, j])
+            if pd.isna(stored.get(label)) or len(set(y[keep])) < 2:
+                continue
+            fresh = roc_auc_score(y[keep], scores[keep, j])
+            assert abs(fresh - stored[label]) < 1e-4, (key, target, label, fresh, stored[label])
+            compared += 1
+    assert compared >= 6 * 3  # every evaluation had labels to compare
+    return df
+
+
+def status_names(work: Path, names: list[str]) -> str:
+    out = launch("status", "out", cwd=work, timeout=300).stdout
+    for name in names:
+        assert name in out, (name, out)
+    return out
+
+
+def inject(work: Path, trial_faults, eval_faults=(), cache_faults=()) -> list[str]:
+    """Damage records; returns the file names ``status`` must name."""
+    names = []
+    folders = trials(work)
+    for i, record, how in trial_faults:
+        damage(folders[i] / record, how)
+        names.append(record)
+    for i, target, record, how in eval_faults:
+        damage(evaluation(folders[i], target) / record, how)
+        names.append(record)
+    for domain, record, how in cache_faults:
+        damage(entry(work, domain) / record, how)
+        names.append(record)
+    return names
+
+
+CORE_ROUNDS = [
+    (["model.pt"] * 3 + ["ledger.json"] * 3, "images.npy"),
+    (["trial.json"] * 3 + ["thresholds.json"] * 3, "rows.parquet"),
+]
+
+
+@pytest.mark.parametrize("round_", [0, 1], ids=["model-ledger-images", "record-thresholds-rows"])
+def test_damaged_trial_records_and_cache_are_named_and_redone(sweep, round_):
+    work, rows, refs = sweep
+    records, cache_record = CORE_ROUNDS[round_]
+    before = {p.name: (p / "model.pt").stat().st_mtime_ns for p in trials(work)}
+    names = inject(
+        work,
+        [(i, record, HOW[i % 3]) for i, record in enumerate(records)],
+        cache_faults=[(d, cache_record, HOW[k]) for k, d in enumerate("abc")],
+    )
+    status = status_names(work, names)
+    assert "6 damaged" in status and status.count("cache damaged") == 3, status
+    leftover = entry(work, "a").with_name(entry(work, "a").name + ".tmp-424242")
+    (leftover / "images.npy").parent.mkdir()  # what a build killed midway leaves
+    (leftover / "images.npy").write_bytes(b"\0" * 100)
+    proc = launch("--grid", "grid.yaml", cwd=work, timeout=900)
+    assert "6 to train" in proc.stdout and proc.stdout.count("building it again") == 3
+    assert not leftover.exists() and f"removed {leftover.name}" in proc.stdout
+    check_table(work, rows, refs)
+    after = {p.name: (p / "model.pt").stat().st_mtime_ns for p in trials(work)}
+    assert all(after[k] != before[k] for k in before)  # every damaged trial trained again
+    assert len(list((work / "out" / "set_aside").glob("*-damaged-*"))) == 6 * (round_ + 1)
+    assert "6 done" in launch("status", "out", cwd=work).stdout
+
+
+def test_logs_evaluations_meta_and_done_under_a_driver_paused_past_its_lease(sweep):
+    work, rows, refs = sweep
+    folders = trials(work)
+    models = {p.name: (p / "model.pt").read_bytes() for p in folders}
+    names = inject(
+        work,
+        [(1, "history.json", "truncate"), (2, "history.json", "zero-fill"),
+         (3, "history.json", "delete")],
+        [(1 + k // 3, "abc"[k % 3], rec, HOW[k % 3])
+         for k, rec in enumerate(["eval.json"] * 3 + ["metrics.parquet"] * 3
+                                 + ["predictions.parquet"] * 3)],
+        [(d, "meta.json", HOW[k]) for k, d in enumerate("abc")],
+    )  # fmt: skip
+    status_names(work, names)
+    (folders[0] / "done").unlink()  # a_eps2: trained again with new noise
+    old_evals = {p.name for p in (folders[0] / "eval").iterdir()}
+    paused_and_taken_over(work)
+    df = check_table(work, rows, refs)
+    assert (folders[0] / "model.pt").read_bytes() != models[folders[0].name]  # new noise
+    assert (
+        {p.name for p in folders[1:]}
+        == {  # the others kept their models: logs set aside
+            p.name for p in folders[1:] if (p / "model.pt").read_bytes() == models[p.name]
+        }
+    )
+    current = {p.name for p in (folders[0] / "eval").iterdir() if not p.name.startswith(".")}
+    assert current == old_evals  # the same targets, evaluated again from the new model
+    assert set(df["trial_key"]) == {p.name for p in folders}
+    status = launch("status", "out", cwd=work).stdout
+    assert "6 done" in status and status.count("history.json set aside earlier") == 3
+    assert status.count("cache ok") == 3 and "driver: none running" in status
+
+
+def paused_and_taken_over(work: Path) -> None:
+    """Driver 1 starts the re-run and is paused (SIGSTOP, its Ray workers keep running) past
+    its lease once a cell is at work; driver 2 takes over and finishes (exit 0); driver 1,
+    resumed, exits 2 and the output folder is byte for byte as driver 2 left it."""
+    env = {"PRIVDOM_DRIVER_LEASE_S": str(LEASE_S)}
+    args = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
+    first = start(args, work, work / "driver1.log", env=env)
+    second = None
+    try:
+        wait_for(lambda: list((work / "out" / "trials").glob("*/running.json")), 600,
+                 "a cell at work", first)  # fmt: skip
+        first.send_signal(signal.SIGSTOP)
+        time.sleep(LEASE_S + 5)  # past the lease: its trials stopped writing 5 s before that
+        second = subprocess.run(
+            args, cwd=work, capture_output=True, text=True, timeout=900,
+            env={**os.environ, **env}, start_new_session=True,
+        )  # fmt: skip
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        assert "took over the output folder" in second.stdout
+        snapshot = files(work / "out")
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=120) == 2, (work / "driver1.log").read_text()[-3000:]
+        log = (work / "driver1.log").read_text()
+        assert "stops here (exit 2)" in log and "lease" in log
+        time.sleep(5)  # its orphaned workers, if any were left, would write now
+        assert files(work / "out") == snapshot  # the resumed driver wrote nothing
+    finally:
+        kill_session(first)
+
+
+def files(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def as_written_before_checksums(out: Path) -> None:
+    """Rewrite a finished output folder into what privdom-ray wrote before checksums
+    (commit 10482de, see tests/fixtures/legacy_output): ``done`` = "done", evaluations of
+    protocol 3 without checksums or model, cache ``meta.json`` without seal or identity."""
+    import shutil
+
+    from privdom_ray import integrity
+
+    for done in out.glob("trials/*/done"):
+        done.write_text("done\n")
+    for path in out.glob("trials/*/eval/[!.]*/eval.json"):
+        body = integrity.unseal(path)
+        for k in ("files", "model"):
+            body.pop(k)
+        path.write_text(json.dumps({**body, "protocol": 3}, indent=2))
+    for path in out.glob("cache/*/meta.json"):
+        meta = integrity.unseal(path)
+        keep = ("domain", "fingerprint", "preprocessing", "n_images", "n_skipped", "built_seconds")
+        path.write_text(json.dumps({k: meta[k] for k in keep}, indent=2))
+    (out / "outputs.json").unlink()
+    shutil.rmtree(out / ".driver-lease")
+
+
+def test_a_finished_folder_of_the_code_before_checksums_is_upgraded_without_training(sweep):
+    work, rows, refs = sweep
+    out = work / "out"
+    as_written_before_checksums(out)
+    models = {p.name: (p / "model.pt").read_bytes() for p in trials(work)}
+    mtimes = {p.name: (p / "model.pt").stat().st_mtime_ns for p in trials(work)}
+    proc = launch("--grid", "grid.yaml", cwd=work, timeout=900)
+    assert "0 already done, 0 to train, 6 trained with evaluations to (re)do" in proc.stdout
+    assert proc.stdout.count("written before checksums; parsed in full and sealed") == 6
+    assert proc.stdout.count("written before caches had checksums; building it again") == 3
+    check_table(work, rows, refs)
+    assert {p.name: (p / "model.pt").read_bytes() for p in trials(work)} == models
+    assert {p.name: (p / "model.pt").stat().st_mtime_ns for p in trials(work)} == mtimes
+    status = launch("status", "out", cwd=work).stdout
+    assert "6 done" in status and status.count("cache ok") == 3, status

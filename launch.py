@@ -126,15 +126,18 @@ def _audit(argv: list[str]) -> int:
     if not rows:
         raise FileNotFoundError(f"no trials in {args.output}")
     print(
-        "trial          site        accountant  target    reported  recomputed  (rdp)     verdict"
+        "trial          site        accountant  target    reported  recomputed  (pld)     verdict"
     )
-    print("  (audit twins, site 'canaries': spent epsilon, epsilon_lower, f-DP epsilon_lower)")
+    print(
+        "  (recomputed: from the trial's spec, by the ledger's accountant; pld: the independent "
+        "PLD accountant; audit twins, site 'canaries': spent epsilon, epsilon_lower, f-DP "
+        "epsilon_lower; site 'history': the training history against the ledger)"
+    )
     for r in rows:
         print(r.line())
     bad = sum(not r.ok for r in rows)
-    print(
-        f"{sum(r.checked for r in rows)} DP ledger(s) and canary audit(s) checked, {bad} problem(s)"
-    )
+    print(f"{sum(r.checked for r in rows)} check(s) of DP ledgers, histories and canary audits, "
+          f"{bad} problem(s)")  # fmt: skip
     return 1 if bad else 0
 
 

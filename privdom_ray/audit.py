@@ -17,7 +17,9 @@ calibrated once per audit (sites of equal size and audit twins share their cell'
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
+import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -90,20 +92,73 @@ def audit_trial(store: TrialStore, record: TrialRecord) -> list[AuditLine]:
     federation, and the federation's summary), each rebuilt from the spec and compared; for
     an audit twin also its empirical lower bound against the epsilon it spent."""
     out = [] if record.spec.audit is None else [_canary_line(record)]
-    if not record.spec.is_private:
-        return out  # non-private: no guarantee claimed, nothing to audit
+    if not record.spec.is_private:  # no guarantee, and its ledgers must not claim one
+        claims = [led for led in [record.ledger, *record.ledger.get("sites", {}).values()]
+                  if str(led.get("accountant")) != "none"
+                  or math.isfinite(_float(led.get("epsilon_spent", math.inf)))]  # fmt: skip
+        if claims:
+            out.append(AuditLine(record.key[:12], problem=(
+                "a trial trained without DP (its spec's epsilon is inf) has a ledger claiming "
+                f"accountant {claims[0].get('accountant')!r}, epsilon_spent "
+                f"{claims[0].get('epsilon_spent')!r}")))  # fmt: skip
+        return out
     try:
         history = store.history(record.key)
     except DamagedRecord as exc:
         return [*out, AuditLine(record.key[:12], problem=f"damaged: {exc.path.name}: {exc.reason}")]
     tol, note = _tolerance(record.info)
+    counts = _cache_counts(store.output)
     for site, found, run in expected_runs(record):
         if found is None:
             out.append(AuditLine(record.key[:12], site, problem="no ledger for this site"))
             continue
-        out.append(_ledger_line(record, site, found, run, tol, note))
+        line = _ledger_line(record, site, found, run, tol, note)
+        recount = _recount_problem(record, site, run, counts)
+        if recount:
+            line = dataclasses.replace(line, problem="; ".join(p for p in (line.problem, recount) if p))
+        out.append(line)
     out += _history_lines(record, history)
     return out
+
+
+def _cache_counts(output: Path) -> dict[str, dict[str, int]]:
+    """{data fingerprint: {"image": training images, "patient": training patients}} of the
+    cache entries under ``<output>/cache`` (the default cache_dir), read from their rows:
+    the training-set size the audit recomputes q from, without trusting the trial record.
+    Entries elsewhere (a grid's own cache_dir) or gone are simply not recounted."""
+    import pandas as pd
+
+    out: dict[str, dict[str, int]] = {}
+    for meta in sorted(Path(output, "cache").glob("*/meta.json")):
+        try:
+            fingerprint = json.loads(meta.read_text())["fingerprint"]
+            rows = pd.read_parquet(meta.parent / "rows.parquet", columns=["split", "ok", "patient_id"])
+        except (OSError, ValueError, KeyError):
+            continue  # an unreadable entry: the cache's own checks deal with it
+        train = rows[(rows["split"] == "train") & rows["ok"].astype(bool)]
+        out[str(fingerprint)] = {
+            "image": len(train), "patient": int(train["patient_id"].astype(str).nunique()),
+        }  # fmt: skip
+    return out
+
+
+def _recount_problem(
+    record: TrialRecord, site: str, run: ExpectedRun, counts: Mapping[str, Mapping[str, int]]
+) -> str:
+    """The recorded training-set size against a recount of the site's cache entry."""
+    spec = record.spec
+    if spec.federation is None:
+        fingerprint = spec.data_fingerprint
+    else:
+        named = [s for s in spec.federation.sites if s.name == site]
+        if not named:
+            return ""  # the summary: its site's line recounts
+        fingerprint = named[0].data_fingerprint
+    recount = counts.get(fingerprint, {}).get(run.privacy_unit)
+    if recount is None or recount == run.units:
+        return ""
+    return (f"units: the trial record says {run.units} training {run.privacy_unit}s, its cache "
+            f"entry counts {recount}")  # fmt: skip
 
 
 def _ledger_line(

@@ -69,7 +69,7 @@ def releases(record: TrialRecord, *, twin: bool = False) -> list[Release]:
     """The DP releases one trained trial made, one per training site (a federation: each
     active member's own ledger). Empty for a trial without DP."""
     ledger = record.ledger
-    if ledger.get("accountant", "none") == "none":
+    if not record.spec.is_private:  # the spec decides, not what a ledger claims
         return []
     per_site = ledger.get("sites") or {record.spec.source: ledger}
     out = []
@@ -144,7 +144,7 @@ def statement(
 def _non_dp_counts(records: Sequence[TrialRecord], twins: Sequence[TrialRecord]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for rec in [*records, *twins]:
-        if rec.ledger.get("accountant", "none") == "none":
+        if not rec.spec.is_private:
             for site in rec.training_sites:
                 counts[site] = counts.get(site, 0) + 1
     return counts

@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -262,9 +263,11 @@ def pytest_collection_modifyitems(config, items) -> None:
 # --------------------------------------------------- a real finished sweep, trained without Ray
 
 
-def write_cache(folder: Path, n_train: int = 96, size: int = 16, seed: int = 0) -> Path:
-    """A cache entry as cache.build writes it (learnable toy images, patients of 1-3 images):
-    train, val and test splits."""
+def write_cache(
+    folder: Path, n_train: int = 96, size: int = 16, seed: int = 0, fingerprint: str = ""
+) -> Path:
+    """A cache entry as cache.build writes it (learnable toy images, two images per patient):
+    train, val and test splits, and meta.json (domain = the folder's name)."""
     sizes = {"train": n_train, "val": 40, "test": 60}
     parts = [toy_split(n, size, seed=seed + i) for i, n in enumerate(sizes.values())]
     folder.mkdir(parents=True)
@@ -284,6 +287,8 @@ def write_cache(folder: Path, n_train: int = 96, size: int = 16, seed: int = 0) 
         }
     )
     rows.to_parquet(folder / "rows.parquet", index=False)
+    meta = {"domain": folder.name, "fingerprint": fingerprint, "n_images": n, "n_skipped": 0}
+    (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 
 
@@ -301,7 +306,10 @@ def build_real_output(work: Path, *, accountant: str = "rdp") -> tuple[Path, dic
     from privdom_ray.trial import Executor, run_cell
 
     output = work / "out"
-    caches = {s: write_cache(work / "cache" / s, seed=10 * i) for i, s in enumerate("ab")}
+    caches = {
+        s: write_cache(output / "cache" / s, seed=10 * i, fingerprint=f"fp-{s}")
+        for i, s in enumerate("ab")
+    }
     targets = tuple(TargetRef(s, f"fp-{s}", str(p), "patient") for s, p in caches.items())
     training = TrainingConfig(epochs=2, logical_batch=32, physical_batch=32, accountant=accountant)
 

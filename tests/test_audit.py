@@ -127,6 +127,18 @@ def test_the_attacks_that_passed_before_are_caught_from_the_command_line(real_ou
         assert field in proc.stdout, (field, proc.stdout[-2000:])
         assert "refusing" in launch("export", "out", "--to", "shared", cwd=work, expect=1).stderr
     path.write_text(json.dumps(original))
+    # a model trained without DP whose ledger claims a guarantee
+    nondp = path.parent.parent / names["a_epsinf_seed0"] / "ledger.json"
+    plain = nondp.read_text()
+    nondp.write_text(json.dumps({**original, "initialization": "scratch"}))
+    assert "trained without DP" in launch("audit", "out", cwd=work, expect=1).stdout
+    nondp.write_text(plain)
+    # the recorded training-set size against a recount of the cache entry's rows
+    trial = path.with_name("trial.json")
+    info = json.loads(trial.read_text())
+    trial.write_text(json.dumps({**info, "units": info["units"] + 40}))
+    assert "units: the trial record says" in launch("audit", "out", cwd=work, expect=1).stdout
+    trial.write_text(json.dumps(info))
     history = path.with_name("history.json")
     records = json.loads(history.read_text())
     records[-1]["epsilon"] *= 0.5

@@ -338,12 +338,12 @@ def test_export_writes_exactly_the_shareable_set(tiny_sweep):
     }  # fmt: skip
     assert tables <= set(files), files
     models = [f for f in files if f.startswith("models/")]
-    # the released models: the DP trials only (controls and non-private weights stay home)
+    # the released models: the DP trials with rows in the table only (controls and
+    # non-private weights stay home; the epsilon-8 models of the rerun test above are on disk,
+    # but the last aggregation, `evaluate` with grid3, has no rows of them)
     assert sorted({f.split("/")[1].split("-")[0] for f in models}) == [
         "a_eps1_seed0",
-        "a_eps8_seed0",  # added by the rerun test above
         "b_eps1_seed0",
-        "b_eps8_seed0",
     ]
     assert {f.split("/")[-1] for f in models} == {"model.pt", "ledger.json", "card.json"}
     leftover = [f for f in files if f not in tables and not f.startswith(("models/", "figures/"))]

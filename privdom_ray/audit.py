@@ -115,7 +115,9 @@ def audit_trial(store: TrialStore, record: TrialRecord) -> list[AuditLine]:
         line = _ledger_line(record, site, found, run, tol, note)
         recount = _recount_problem(record, site, run, counts)
         if recount:
-            line = dataclasses.replace(line, problem="; ".join(p for p in (line.problem, recount) if p))
+            line = dataclasses.replace(
+                line, problem="; ".join(p for p in (line.problem, recount) if p)
+            )
         out.append(line)
     out += _history_lines(record, history)
     return out
@@ -132,7 +134,9 @@ def _cache_counts(output: Path) -> dict[str, dict[str, int]]:
     for meta in sorted(Path(output, "cache").glob("*/meta.json")):
         try:
             fingerprint = json.loads(meta.read_text())["fingerprint"]
-            rows = pd.read_parquet(meta.parent / "rows.parquet", columns=["split", "ok", "patient_id"])
+            rows = pd.read_parquet(
+                meta.parent / "rows.parquet", columns=["split", "ok", "patient_id"]
+            )
         except (OSError, ValueError, KeyError):
             continue  # an unreadable entry: the cache's own checks deal with it
         train = rows[(rows["split"] == "train") & rows["ok"].astype(bool)]
@@ -254,7 +258,9 @@ def _history_lines(record: TrialRecord, history: list[dict[str, Any]]) -> list[A
         ledgers = {"": record.ledger}
         want_steps = _int(record.ledger.get("steps"))
         if _int(last.get("steps")) != want_steps:
-            problems.append(f"the history counts {last.get('steps')} steps, the ledger {want_steps}")
+            problems.append(
+                f"the history counts {last.get('steps')} steps, the ledger {want_steps}"
+            )
     else:
         ledgers = {k: v for k, v in record.ledger.get("sites", {}).items()}
         sites = {s["name"]: s for s in record.info.get("sites", [])}

@@ -563,7 +563,9 @@ def _mechanism_differences(have: Any, want: tuple[Mechanism, ...], rel_tol: floa
         for key in ("noise_multiplier", "sample_rate", "steps"):
             tol = rel_tol if key == "noise_multiplier" else 1e-12
             if not _same(m.get(key), getattr(w, key), tol):
-                out.append(f"mechanisms[{w.name}].{key} {m.get(key)!r} (recomputed {getattr(w, key)!r})")
+                out.append(
+                    f"mechanisms[{w.name}].{key} {m.get(key)!r} (recomputed {getattr(w, key)!r})"
+                )
         extra = set(m) - {"name", "noise_multiplier", "sample_rate", "steps"}
         out += [f"mechanisms[{w.name}] unknown field {k!r}" for k in sorted(extra)]
     return out

@@ -119,7 +119,7 @@ def test_the_attacks_that_passed_before_are_caught_from_the_command_line(real_ou
             with_mechanism("label_counts", noise_multiplier=100 * counts["noise_multiplier"])
         ),
     }
-    assert attacks["noise_multiplier"]["epsilon_spent"] < 0.5 * original["epsilon_spent"]
+    assert attacks["noise_multiplier"]["epsilon_spent"] < 0.6 * original["epsilon_spent"]
     assert launch("audit", "out", cwd=work).returncode == 0
     for field, ledger in attacks.items():
         path.write_text(json.dumps(ledger))

@@ -97,8 +97,11 @@ def test_every_column_of_every_exported_file_has_its_privacy_class(exports):
     # the home-only classes never leave, whatever the flags
     home = pq.read_schema(exports[0] / "transfer.parquet").names
     for gone in ("mia_auc", "mia_tpr_at_1fpr", "train_seconds", "data_fingerprint"):
-        assert gone in home and not any(gone in classes_of(f / "transfer.parquet").get(c, "")
-                                        for f in dest.values() for c in PRIVACY_CLASSES)
+        assert gone in home and not any(
+            gone in classes_of(f / "transfer.parquet").get(c, "")
+            for f in dest.values()
+            for c in PRIVACY_CLASSES
+        )
 
 
 def pld(mechanisms: list[dict], delta: float) -> float:

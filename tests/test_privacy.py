@@ -265,3 +265,25 @@ def test_no_clipped_gradient_exceeds_the_clipping_bound(mode, one_torch_thread):
     assert max(norms) <= clip, (mode, max(norms) / clip)
     # every example was clipped, to the margin's bound and no further
     assert min(norms) >= (1 - 2 * dpstep.CLIP_MARGIN) * clip
+
+
+def test_every_column_of_every_table_has_a_privacy_class():
+    """A column added to a table without a class stops `export` (it would not know whether
+    the column may leave): every column the tables have today is classified."""
+    import pyarrow as pa
+
+    from privdom_ray import comparisons, results
+
+    tables = {
+        results.TRANSFER: results.SCHEMA,
+        "comparisons.parquet": comparisons.SCHEMA,
+        "reliability.parquet": comparisons.RELIABILITY_SCHEMA,
+    }
+    for name, schema in tables.items():
+        missing = [c for c in schema.names if results.privacy_class(c, name) is None]
+        assert missing == [], (name, missing)
+        classes = {results.privacy_class(c, name) for c in schema.names}
+        assert classes <= set(results.PRIVACY_CLASSES), name
+    assert results.privacy_class("train_seconds") == "timing"  # depends on the training set
+    with pytest.raises(KeyError, match="'new_column'"):
+        results.with_privacy_metadata(pa.table({"new_column": [1]}), "comparisons.parquet")

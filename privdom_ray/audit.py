@@ -74,6 +74,7 @@ def audit_output(output: Path) -> list[AuditLine]:
     """Audit lines for every DP ledger under ``output`` (non-private trials are skipped; a
     damaged trial folder is a problem of its own)."""
     store = TrialStore(output)
+    counts = _cache_counts(store.output)
     lines: list[AuditLine] = []
     for key in store.trial_keys():
         if not store.is_trained(key):
@@ -83,14 +84,17 @@ def audit_output(output: Path) -> list[AuditLine]:
         except DamagedRecord as exc:
             lines.append(AuditLine(key[:12], problem=f"damaged: {exc.path.name}: {exc.reason}"))
             continue
-        lines.extend(audit_trial(store, record))
+        lines.extend(audit_trial(store, record, counts))
     return lines
 
 
-def audit_trial(store: TrialStore, record: TrialRecord) -> list[AuditLine]:
+def audit_trial(
+    store: TrialStore, record: TrialRecord, counts: Mapping[str, Mapping[str, int]] | None = None
+) -> list[AuditLine]:
     """Every ledger the trial's spec says it must have (a DP trial's, or each site's of a
     federation, and the federation's summary), each rebuilt from the spec and compared; for
-    an audit twin also its empirical lower bound against the epsilon it spent."""
+    an audit twin also its empirical lower bound against the epsilon it spent. ``counts``:
+    the cache's training-set sizes (:func:`_cache_counts`; read here when not given)."""
     out = [] if record.spec.audit is None else [_canary_line(record)]
     if not record.spec.is_private:  # no guarantee, and its ledgers must not claim one
         claims = [led for led in [record.ledger, *record.ledger.get("sites", {}).values()]
@@ -107,7 +111,7 @@ def audit_trial(store: TrialStore, record: TrialRecord) -> list[AuditLine]:
     except DamagedRecord as exc:
         return [*out, AuditLine(record.key[:12], problem=f"damaged: {exc.path.name}: {exc.reason}")]
     tol, note = _tolerance(record.info)
-    counts = _cache_counts(store.output)
+    counts = _cache_counts(store.output) if counts is None else counts
     for site, found, run in expected_runs(record):
         if found is None:
             out.append(AuditLine(record.key[:12], site, problem="no ledger for this site"))
@@ -171,11 +175,16 @@ def _ledger_line(
 ) -> AuditLine:  # fmt: skip
     """One ledger against its recomputation: every differing field named."""
     key = record.key[:12]
-    if int(found.get("mechanism_version", 0) or 0) < MECHANISM_VERSION:
+    if (_int(found.get("mechanism_version")) or 0) < MECHANISM_VERSION:
         return AuditLine(key, site, str(found.get("accountant", "")), problem=(
-            "void: trained before noise and Poisson sampling were secret (they followed the "
+            f"void (mechanism_version {found.get('mechanism_version', 0)} < "
+            f"{MECHANISM_VERSION}): trained before noise and Poisson sampling were secret (they followed the "
             "published seed), so this model has no valid guarantee; re-run the sweep to retrain it"
         ))  # fmt: skip
+    if run.active and run.units <= 0:
+        return AuditLine(key, site, str(found.get("accountant", "")), problem=(
+            "the trial record names no training-set size (units / n_train): nothing to "
+            "recompute sigma from"))  # fmt: skip
     expected = expected_ledger(run)
     problems = ledger_differences(found, expected, rel_tol=tol)
     if run.active:

@@ -200,18 +200,17 @@ def _row_guarantees(
     for key, rec in records.items():
         twin = twins.get(key) if with_audit else None
         eps = guarantee.release_epsilon(rec, twin)
-        total = max((per_site[s].epsilon for s in rec.training_sites if s in per_site),
-                    default=math.inf)  # fmt: skip
         if not math.isfinite(eps):
-            text = guarantee.NO_GUARANTEE
-            total = math.inf
-        else:
-            delta = max(float(v["delta"]) for v in rec.ledger.get("sites", {rec.spec.source:
-                        rec.ledger}).values() if v.get("accountant") != "none")  # fmt: skip
-            unit = rec.ledger.get("privacy_unit", "image")
-            text = (f"({eps:.4g}, {delta:g})-DP for each training {unit} of "
-                    f"{', '.join(rec.training_sites)}: this model's releases"
-                    + (" and its audit twin's" if twin is not None else "") + " (PLD)")  # fmt: skip
+            out[key] = {"guarantee": guarantee.NO_GUARANTEE, "epsilon_release": math.inf,
+                        "epsilon_training_set": math.inf}  # fmt: skip
+            continue
+        own = guarantee.releases(rec)
+        text = (
+            f"({eps:.4g}, {max(r.delta for r in own):g})-DP for each training "
+            f"{own[0].privacy_unit} of {', '.join(rec.training_sites)}: this model's releases"
+            + (" and its audit twin's" if twin is not None else "") + " (PLD)"
+        )  # fmt: skip
+        total = max(per_site[r.site].epsilon for r in own)
         out[key] = {"guarantee": text, "epsilon_release": eps, "epsilon_training_set": total}
     return out
 

@@ -235,12 +235,14 @@ def tune_record(record: dict[str, Any], *, private: bool) -> dict[str, Any]:
 
 
 def private_ray_temp_dir(output: str | os.PathLike[str]) -> str:
-    """A fresh owner-only (0700) folder for an embedded cluster's session files (logs,
-    result.json copies, object spill), linked from ``<output>/ray_session``.
+    """Where an embedded cluster keeps its session files (logs, result.json copies, object
+    spill): ``ray/`` inside a fresh owner-only (0700) folder, linked from
+    ``<output>/ray_session``.
 
-    Ray's default, /tmp/ray, is shared and its files are world-readable (0644). The folder
-    itself is short-pathed under the system temp dir (Ray's socket paths must stay under 107
-    bytes), and ``<output>/ray_results`` (Tune's storage) is made owner-only too.
+    Ray's default, /tmp/ray, is shared and its files are world-readable (0644), and Ray makes
+    the temp dir it is given 0777 for other users' drivers: the owner-only folder above it is
+    what keeps others out. It lies under the system temp dir, because Ray's socket paths must
+    stay under 107 bytes. ``<output>/ray_results`` (Tune's storage) is made owner-only too.
     """
     import tempfile
 
@@ -249,12 +251,12 @@ def private_ray_temp_dir(output: str | os.PathLike[str]) -> str:
     results = out / "ray_results"
     results.mkdir(exist_ok=True)
     results.chmod(0o700)
-    temp = tempfile.mkdtemp(prefix="privdom-ray-")  # mode 0700
+    private = tempfile.mkdtemp(prefix="privdom-ray-")  # mode 0700
     link = out / "ray_session"
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to(temp, target_is_directory=True)
-    return temp
+    link.symlink_to(private, target_is_directory=True)
+    return str(Path(private) / "ray")
 
 
 def _quiet_known_warnings() -> None:

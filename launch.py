@@ -5,12 +5,13 @@
     python launch.py report <output>
     python launch.py status <output>
     python launch.py audit <output>      (recompute every DP epsilon; check ledgers vs records)
-    python launch.py export <output> --to DIR   (the shareable outputs, nothing else)
+    python launch.py export <output> --to DIR [--with-audit]   (the shareable outputs only)
     python launch.py plan <grid.yaml> [--images-per-s R [R_DP]] [--slots N]   (cost, no run)
     python launch.py show <output> <trial key | source/epsilon/seed>
     python launch.py manifest <kind> <root> --out manifest.parquet [--option key=value ...]
 
-Exit codes: 0 success, 1 a cell failed (re-run to retry), 2 bad input (grid, data, paths).
+Exit codes: 0 success, 1 a cell failed (re-run to retry), `audit` found a problem or `export`
+refused (a failed audit, a damaged file), 2 bad input (grid, data, paths).
 """
 
 from __future__ import annotations
@@ -186,15 +187,18 @@ def _audit(argv: list[str]) -> int:
     if not rows:
         raise FileNotFoundError(f"no trials in {args.output}")
     print(
-        "trial          site        accountant  target    reported  recomputed  (rdp)     verdict"
+        "trial          site        accountant  target    reported  recomputed  (pld)     verdict"
     )
-    print("  (audit twins, site 'canaries': spent epsilon, epsilon_lower, f-DP epsilon_lower)")
+    print(
+        "  (recomputed: from the trial's spec, by the ledger's accountant; pld: the independent "
+        "PLD accountant; audit twins, site 'canaries': spent epsilon, epsilon_lower, f-DP "
+        "epsilon_lower; site 'history': the training history against the ledger)"
+    )
     for r in rows:
         print(r.line())
     bad = sum(not r.ok for r in rows)
-    print(
-        f"{sum(r.checked for r in rows)} DP ledger(s) and canary audit(s) checked, {bad} problem(s)"
-    )
+    print(f"{sum(r.checked for r in rows)} check(s) of DP ledgers, histories and canary audits, "
+          f"{bad} problem(s)")  # fmt: skip
     return 1 if bad else 0
 
 
@@ -248,8 +252,10 @@ def _has_cuda() -> bool:
 def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="launch.py export",
-        description="Copy the shareable outputs of a sweep (tables, report, figures, released "
-        "DP models with their ledgers) to a folder, and nothing else.",
+        description="Copy the shareable outputs of a sweep (tables with each column's privacy "
+        "class, a report drawn from them, released DP models with ledgers and cards) to a "
+        "folder, and nothing else. Refuses a folder that fails `audit` or holds a damaged "
+        "file (exit 1) and a destination inside the output folder (exit 2).",
     )
     p.add_argument("output", help="the sweep's output folder")
     p.add_argument("--to", required=True, help="destination folder (created; must be empty)")
@@ -259,10 +265,27 @@ def _export(argv: list[str]) -> int:
         help="also copy the weights of non-private (epsilon = inf) models, which carry no "
         "privacy guarantee",
     )
+    p.add_argument(
+        "--with-audit",
+        action="store_true",
+        help="also export the audit twins' columns (audit_*); each training set's stated "
+        "epsilon then composes its models with their twins (a second DP training on the same "
+        "images). Default: they stay home (the data owner's check)",
+    )
     args = p.parse_args(argv)
-    from privdom_ray.export import export
+    from privdom_ray.export import BadDestination, ExportRefused, export
 
-    written = export(Path(args.output), Path(args.to), non_private=args.with_non_private_models)
+    try:
+        written = export(
+            Path(args.output), Path(args.to), non_private=args.with_non_private_models,
+            with_audit=args.with_audit,
+        )  # fmt: skip
+    except ExportRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BadDestination as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for path in written:
         print(path)
     print(f"exported {len(written)} file(s) to {args.to}; see {Path(args.to) / 'PRIVACY.md'}")

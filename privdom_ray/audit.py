@@ -1,21 +1,47 @@
-"""``launch.py audit``: every DP ledger of a sweep, recomputed and checked against the record.
+"""``launch.py audit``: every DP ledger of a sweep recomputed from its trial's spec, never trusted.
 
-Recomputing epsilon from a ledger catches a wrong epsilon for the ledger's numbers; it cannot
-catch wrong numbers. So each ledger is also checked against what the trial's own record says
-it did: the sample rate must be the sampler's 1/ceil(N/B) for the recorded training set, the
-steps epochs x int(1/q) and equal to the steps its accountant saw, and a label-count release
-must be in the ledger exactly when the loss weights came from the private counts. A ledger
-written before noise and sampling were secret is void and flagged.
+A ledger is a claim. Recomputing epsilon from the ledger's own numbers only catches a wrong
+epsilon for those numbers (editing sigma AND epsilon_spent passed). So for every DP ledger
+(single-site trials, each site of a federation and its summary, audit twins) the audit
+rebuilds the ledger the trainer would have written, from the trial's spec and the recorded
+training-set size alone (:func:`privacy.expected_ledger`: the same calibration of sigma on the
+exact step count, the count release's sigma from its budget share, the same accountant), and
+names every field that differs. It then recomputes epsilon from the ledger's mechanisms with
+the recorded accountant AND Google's independent PLD accountant, and compares the ledger
+with the training history (the steps the run's accountant saw, the epsilon it reported per
+epoch or round). A ledger written before noise and sampling were secret is void.
+
+Calibrating sigma with PRV costs seconds, so each distinct (epsilon, delta, q, steps) is
+calibrated once per audit (sites of equal size and audit twins share their cell's).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
+import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from privdom_ray.privacy import RunRecord, audit_ledger, check_against_record
+from privdom_ray.privacy import (
+    MECHANISM_VERSION,
+    ExpectedRun,
+    check_epsilon,
+    expected_ledger,
+    ledger_differences,
+    pld_epsilon,
+)
 from privdom_ray.store import DamagedRecord, TrialRecord, TrialStore
+
+#: Recomputed sigma and epsilon must match a ledger written with the installed Opacus to
+#: this relative tolerance; with another Opacus version (an upgrade) to the calibration's own
+#: tolerance, so that finished sweeps stay auditable.
+SAME_VERSION_TOL = 1e-9
+OTHER_VERSION_TOL = 0.01
+N_LABELS = 5  # manifest.LABELS (not imported: it pulls in pandas for one number)
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,7 @@ def audit_output(output: Path) -> list[AuditLine]:
     """Audit lines for every DP ledger under ``output`` (non-private trials are skipped; a
     damaged trial folder is a problem of its own)."""
     store = TrialStore(output)
+    counts = _cache_counts(store.output)
     lines: list[AuditLine] = []
     for key in store.trial_keys():
         if not store.is_trained(key):
@@ -57,55 +84,219 @@ def audit_output(output: Path) -> list[AuditLine]:
         except DamagedRecord as exc:
             lines.append(AuditLine(key[:12], problem=f"damaged: {exc.path.name}: {exc.reason}"))
             continue
-        lines.extend(audit_trial(store, record))
+        lines.extend(audit_trial(store, record, counts))
     return lines
 
 
-def audit_trial(store: TrialStore, record: TrialRecord) -> list[AuditLine]:
-    """Every ledger the trial's spec says it must have (a DP trial's, or each trained site's
-    of a federation, and the federation's summary), checked against the spec and the record;
-    for an audit twin also its empirical lower bound against the epsilon it spent."""
+def audit_trial(
+    store: TrialStore, record: TrialRecord, counts: Mapping[str, Mapping[str, int]] | None = None
+) -> list[AuditLine]:
+    """Every ledger the trial's spec says it must have (a DP trial's, or each site's of a
+    federation, and the federation's summary), each rebuilt from the spec and compared; for
+    an audit twin also its empirical lower bound against the epsilon it spent. ``counts``:
+    the cache's training-set sizes (:func:`_cache_counts`; read here when not given)."""
     out = [] if record.spec.audit is None else [_canary_line(record)]
-    if not record.spec.is_private:
-        return out  # non-private: no guarantee claimed, nothing to audit
-    for site, ledger, run in _ledgers_and_runs(store, record):
-        if ledger is None:
+    if not record.spec.is_private:  # no guarantee, and its ledgers must not claim one
+        claims = [led for led in [record.ledger, *record.ledger.get("sites", {}).values()]
+                  if str(led.get("accountant")) != "none"
+                  or math.isfinite(_float(led.get("epsilon_spent", math.inf)))]  # fmt: skip
+        if claims:
+            out.append(AuditLine(record.key[:12], problem=(
+                "a trial trained without DP (its spec's epsilon is inf) has a ledger claiming "
+                f"accountant {claims[0].get('accountant')!r}, epsilon_spent "
+                f"{claims[0].get('epsilon_spent')!r}")))  # fmt: skip
+        return out
+    try:
+        history = store.history(record.key)
+    except DamagedRecord as exc:
+        return [*out, AuditLine(record.key[:12], problem=f"damaged: {exc.path.name}: {exc.reason}")]
+    tol, note = _tolerance(record.info)
+    counts = _cache_counts(store.output) if counts is None else counts
+    for site, found, run in expected_runs(record):
+        if found is None:
             out.append(AuditLine(record.key[:12], site, problem="no ledger for this site"))
             continue
-        row = audit_ledger(ledger)
-        problem = row.problem or check_against_record(ledger, run)
-        if run.steps_taken == -1 and record.spec.federation is None:
-            problem = "history.json is lost or damaged: the steps taken cannot be checked"
-        if ledger["accountant"] == "none":
-            problem = "a DP trial's ledger claims no accountant (epsilon = inf)"
-        out.append(
-            AuditLine(
-                record.key[:12],
-                site,
-                row.accountant,
-                row.target,
-                row.reported,
-                row.recomputed,
-                row.recomputed_rdp,
-                problem,
-            )  # fmt: skip
-        )
-    if record.spec.federation is not None:
-        out.append(_summary_line(record))
+        line = _ledger_line(record, site, found, run, tol, note)
+        recount = _recount_problem(record, site, run, counts)
+        if recount:
+            line = dataclasses.replace(
+                line, problem="; ".join(p for p in (line.problem, recount) if p)
+            )
+        out.append(line)
+    out += _history_lines(record, history)
     return out
 
 
-def _summary_line(record: TrialRecord) -> AuditLine:
-    """A federation's summary ledger (the table's) must be its largest-epsilon site's."""
-    sites = [v for v in record.ledger.get("sites", {}).values() if int(v.get("steps", 0)) > 0]
-    summary = {k: v for k, v in record.ledger.items() if k not in ("sites", "scope", "site")}
-    worst = max(sites, key=lambda v: float(v["epsilon_spent"]), default=None)
-    same = worst is not None and all(
-        worst.get(k) == v for k, v in summary.items() if k not in ("scope", "site")
+def _cache_counts(output: Path) -> dict[str, dict[str, int]]:
+    """{data fingerprint: {"image": training images, "patient": training patients}} of the
+    cache entries under ``<output>/cache`` (the default cache_dir), read from their rows:
+    the training-set size the audit recomputes q from, without trusting the trial record.
+    Entries elsewhere (a grid's own cache_dir) or gone are simply not recounted."""
+    import pandas as pd
+
+    out: dict[str, dict[str, int]] = {}
+    for meta in sorted(Path(output, "cache").glob("*/meta.json")):
+        try:
+            fingerprint = json.loads(meta.read_text())["fingerprint"]
+            rows = pd.read_parquet(
+                meta.parent / "rows.parquet", columns=["split", "ok", "patient_id"]
+            )
+        except (OSError, ValueError, KeyError):
+            continue  # an unreadable entry: the cache's own checks deal with it
+        train = rows[(rows["split"] == "train") & rows["ok"].astype(bool)]
+        out[str(fingerprint)] = {
+            "image": len(train), "patient": int(train["patient_id"].astype(str).nunique()),
+        }  # fmt: skip
+    return out
+
+
+def _recount_problem(
+    record: TrialRecord, site: str, run: ExpectedRun, counts: Mapping[str, Mapping[str, int]]
+) -> str:
+    """The recorded training-set size against a recount of the site's cache entry."""
+    spec = record.spec
+    if spec.federation is None:
+        fingerprint = spec.data_fingerprint
+    else:
+        named = [s for s in spec.federation.sites if s.name == site]
+        if not named:
+            return ""  # the summary: its site's line recounts
+        fingerprint = named[0].data_fingerprint
+    recount = counts.get(fingerprint, {}).get(run.privacy_unit)
+    if recount is None or recount == run.units:
+        return ""
+    return (f"units: the trial record says {run.units} training {run.privacy_unit}s, its cache "
+            f"entry counts {recount}")  # fmt: skip
+
+
+def _ledger_line(
+    record: TrialRecord, site: str, found: Mapping[str, Any], run: ExpectedRun, tol: float,
+    note: str,
+) -> AuditLine:  # fmt: skip
+    """One ledger against its recomputation: every differing field named."""
+    key = record.key[:12]
+    if (_int(found.get("mechanism_version")) or 0) < MECHANISM_VERSION:
+        return AuditLine(key, site, str(found.get("accountant", "")), problem=(
+            f"void (mechanism_version {found.get('mechanism_version', 0)} < "
+            f"{MECHANISM_VERSION}): trained before noise and Poisson sampling were secret (they followed the "
+            "published seed), so this model has no valid guarantee; re-run the sweep to retrain it"
+        ))  # fmt: skip
+    if run.active and run.units <= 0:
+        return AuditLine(key, site, str(found.get("accountant", "")), problem=(
+            "the trial record names no training-set size (units / n_train): nothing to "
+            "recompute sigma from"))  # fmt: skip
+    expected = expected_ledger(run)
+    problems = ledger_differences(found, expected, rel_tol=tol)
+    if run.active:
+        problems += check_epsilon(found)
+    if str(found.get("accountant")) == "none":
+        problems.insert(0, "a DP trial's ledger claims no accountant (epsilon = inf)")
+    return AuditLine(
+        key, site, str(found.get("accountant", "")), run.epsilon_target,
+        _float(found.get("epsilon_spent")), expected.epsilon_spent,
+        pld_epsilon(expected.mechanisms, run.delta),
+        "; ".join(problems) + (f" {note}" if problems and note else ""),
+    )  # fmt: skip
+
+
+def expected_runs(
+    record: TrialRecord,
+) -> Iterator[tuple[str, Mapping[str, Any] | None, ExpectedRun]]:
+    """(site, stored ledger or None when missing, what the spec and record say it must be):
+    one for a single-site trial (site ""), one per federation site plus the federation's
+    summary (site "(summary)"), which must be its largest-epsilon site's ledger."""
+    spec, info = record.spec, record.info
+    weights = spec.loss_weight_source
+    common = dict(
+        epsilon_target=spec.epsilon,
+        logical_batch=spec.training.logical_batch,
+        epochs=spec.training.epochs,
+        max_grad_norm=spec.training.max_grad_norm,
+        accountant=spec.training.accountant,
+        count_fraction=spec.training.pos_weight_budget if weights == "dp_counts" else 0.0,
+        loss_weights=weights,
+        pos_weight=_expected_pos_weight(record),
+        n_labels=N_LABELS,
+        initialization=spec.init,
     )
-    problem = "" if same else "the summary ledger is not the largest-epsilon site's ledger"
-    return AuditLine(record.key[:12], "(summary)", str(record.ledger.get("accountant")),
-                     problem=problem)  # fmt: skip
+    if spec.federation is None:
+        units = int(info.get("units", info.get("n_train", 0)))
+        run = ExpectedRun(
+            delta=spec.delta, units=units, privacy_unit=spec.training.privacy_unit, **common
+        )
+        yield "", record.ledger, run
+        return
+    recorded = {s["name"]: s for s in info.get("sites", [])}
+    ledgers = record.ledger.get("sites", {})
+    runs = []
+    for site in spec.federation.sites:
+        run = ExpectedRun(
+            delta=site.delta, units=int(recorded.get(site.name, {}).get("n_train", 0)),
+            scope="site", site=site.name, active=site.weight > 0, federated=True, **common,
+        )  # fmt: skip
+        runs.append(run)
+        yield site.name, ledgers.get(site.name), run
+    active = [r for r in runs if r.active]
+    if active:  # the summary: the site ledger with the largest epsilon, as the table shows it
+        worst = max(active, key=lambda r: expected_ledger(r).epsilon_spent)
+        summary = {k: v for k, v in record.ledger.items() if k != "sites"}
+        yield "(summary)", summary, worst
+
+
+def _expected_pos_weight(record: TrialRecord) -> tuple[float, ...] | None:
+    """The loss weights a trial used when they are not a release: public, none or fixed."""
+    source = record.spec.loss_weight_source
+    if source == "public":
+        return tuple(float(v) for v in record.spec.public_pos_weight)
+    if source == "none":
+        return (1.0,) * N_LABELS
+    if source == "fixed":
+        return tuple(float(v) for v in record.spec.training.pos_weight)
+    return None  # dp_counts: noised values, only their number and range are checkable
+
+
+def _history_lines(record: TrialRecord, history: list[dict[str, Any]]) -> list[AuditLine]:
+    """The training history against the ledger: the steps the run's accountant counted and the
+    epsilon it reported after the last epoch (round) must be the ledger's."""
+    key = record.key[:12]
+    if not history:
+        return [AuditLine(key, "history", problem="history.json holds no epoch")]
+    last = history[-1]
+    problems = []
+    if record.spec.federation is None:
+        ledgers = {"": record.ledger}
+        want_steps = _int(record.ledger.get("steps"))
+        if _int(last.get("steps")) != want_steps:
+            problems.append(
+                f"the history counts {last.get('steps')} steps, the ledger {want_steps}"
+            )
+    else:
+        ledgers = {k: v for k, v in record.ledger.get("sites", {}).items()}
+        sites = {s["name"]: s for s in record.info.get("sites", [])}
+        for name, led in ledgers.items():
+            if _int(sites.get(name, {}).get("steps")) != _int(led.get("steps")):
+                problems.append(f"site {name}: the run record counts "
+                                f"{sites.get(name, {}).get('steps')} steps, its ledger "
+                                f"{led.get('steps')}")  # fmt: skip
+    spent = max((_float(v.get("epsilon_spent")) for v in ledgers.values()), default=math.nan)
+    seen = _float(last.get("epsilon"))
+    if not math.isclose(seen, spent, rel_tol=1e-6):
+        problems.append(f"the history's last epsilon {seen:.6g} is not the ledger's "
+                        f"epsilon_spent {spent:.6g}")  # fmt: skip
+    return [AuditLine(key, "history", problem="; ".join(problems))]
+
+
+def _tolerance(info: Mapping[str, Any]) -> tuple[float, str]:
+    """Exact recomputation when the trial was trained with the installed Opacus; the
+    calibration's tolerance otherwise (an upgrade may move its last digits)."""
+    trained = str(info.get("versions", {}).get("opacus", ""))
+    try:
+        installed = importlib.metadata.version("opacus")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        installed = ""
+    if trained and trained == installed:
+        return SAME_VERSION_TOL, ""
+    return OTHER_VERSION_TOL, f"(trained with opacus {trained or '?'}, audited with {installed})"
 
 
 def _canary_line(record: TrialRecord) -> AuditLine:
@@ -130,43 +321,15 @@ def _canary_line(record: TrialRecord) -> AuditLine:
     )  # fmt: skip
 
 
-def _ledgers_and_runs(
-    store: TrialStore, record: TrialRecord
-) -> list[tuple[str, dict | None, RunRecord]]:
-    """(site, ledger or None when missing, what the spec and record say the run did)."""
-    spec, info = record.spec, record.info
-    common = dict(
-        logical_batch=spec.training.logical_batch,
-        epochs=spec.training.epochs,  # a federation's: rounds x local epochs
-        loss_weights=spec.loss_weight_source,
-        epsilon_target=spec.epsilon,
-        max_grad_norm=spec.training.max_grad_norm,
-        privacy_unit=spec.training.privacy_unit,
-    )
-    if spec.federation is None:
-        try:
-            history = store.history(record.key)
-        except DamagedRecord:  # a lost training log: the steps taken cannot be checked
-            history = [{"steps": -1}]
-        run = RunRecord(
-            units=int(info.get("units", info.get("n_train", 0))),
-            steps_taken=int(history[-1]["steps"]) if history else 0,
-            delta=spec.delta,
-            **common,
-        )
-        return [("", record.ledger, run)]
-    recorded = {s["name"]: s for s in info.get("sites", [])}
-    ledgers = record.ledger.get("sites", {})
-    out = []
-    for site in spec.federation.sites:
-        if site.weight <= 0:
-            continue  # a weight-0 site never trained and released nothing
-        rec = recorded.get(site.name, {})
-        run = RunRecord(
-            units=int(rec.get("n_train", 0)),
-            steps_taken=int(rec.get("steps", -1)),
-            delta=site.delta,
-            **common,
-        )
-        out.append((site.name, ledgers.get(site.name), run))
-    return out
+def _float(value: Any) -> float:
+    try:
+        return math.inf if value in ("inf", "Infinity") else float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

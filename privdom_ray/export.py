@@ -1,11 +1,20 @@
-"""``launch.py export``: the shareable outputs of a sweep, and nothing else.
+"""``launch.py export``: the shareable outputs of a sweep, each value marked, and nothing else.
 
-The privacy boundary (README "What may leave"): the tables, the report and its figures, and
-the released weights of DP models with their ledgers may leave the data owner; every value in
-them is covered by the trial's epsilon, computed only from test images, or marked as outside
-the guarantee (``results.PRIVACY_CLASSES``, stored per column in the parquet schema).
-Everything else stays: trial folders (checkpoints with the secret generator states, training
-curves, logs, per-image predictions, validation scores), caches, Ray's files and plans.
+The privacy boundary (README "What may leave"): the tables, a report drawn from them, and
+the released weights of DP models with their ledgers and cards may leave the data owner.
+Every column of every exported parquet file carries its privacy class in its field metadata
+(``results.PRIVACY_CLASSES``); columns of the home-only classes (training statistics, timing,
+data identifiers) and, unless ``--with-audit``, the audit twins' columns stay home. Every row
+says what covers it (column ``guarantee``: the model's epsilon, or "no guarantee: trained
+without DP"), and ``guarantees.parquet``, the report, PRIVACY.md and every model card state
+for each training set the epsilon of everything the export holds that was computed from its
+training images, composed by the PLD accountant (``guarantee.py``).
+
+Export certifies before it copies: the folder must pass ``audit`` (every ledger recomputed
+from its spec), every file is verified as it is read (parquet read in full, weights loaded
+with ``torch.load(weights_only=True)``; :func:`verify_file` is where the trial store's content
+checksums plug in), only the models whose rows it exports are copied, and the result is
+written into a temporary folder renamed into place: an interrupted export leaves nothing.
 """
 
 from __future__ import annotations
@@ -14,20 +23,35 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from privdom_ray import guarantee, results
 from privdom_ray.kinds import kind_of
-from privdom_ray.results import COLUMN_PRIVACY, PRIVACY_CLASSES, TRANSFER, privacy_class
+from privdom_ray.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
 
-#: Aggregate tables a sweep writes next to its trial folders: all shareable.
-SHAREABLE_TABLES = (TRANSFER, "comparisons.parquet", "reliability.parquet")
-REPORT_FILES = ("report.md",)
+COMPARISONS, RELIABILITY = "comparisons.parquet", "reliability.parquet"
+#: Aggregate tables a sweep writes next to its trial folders, exported when present.
+SHAREABLE_TABLES = (TRANSFER, COMPARISONS, RELIABILITY)
 FIGURES = "figures"
 MODELS = "models"
+PRIVACY_NOTE = "PRIVACY.md"
+#: In the exported transfer table ``trial_key`` holds keyed release ids (same column name, so
+#: readers and the report keep working), never the keys that hash the data.
+RELEASE_ID = {"trial_key": "release_id"}
+
+
+class ExportRefused(RuntimeError):
+    """The folder cannot be exported as it is (a failed audit, a damaged file): exit 1."""
+
+
+class BadDestination(ValueError):
+    """The destination is not a place to export to (inside the output folder): exit 2."""
 
 
 def released(record: TrialRecord, *, non_private: bool) -> bool:
@@ -39,27 +63,92 @@ def released(record: TrialRecord, *, non_private: bool) -> bool:
     return record.is_private or non_private
 
 
-def export(output: Path, dest: Path, *, non_private: bool = False) -> list[Path]:
-    """Copy the shareable set of ``output`` to ``dest`` (which must not exist or be empty).
-    Written into a temporary folder first and renamed: an interrupted export leaves nothing."""
+# ------------------------------------------------------------------------------ verification
+
+
+def verify_file(path: Path, kind: str) -> Any:
+    """Read ``path`` in full and return its content, or raise ExportRefused naming it.
+
+    ``kind``: "parquet" (a pyarrow Table), "torch" (a state_dict, loaded without running
+    code from the file) or "json". THE hook for the trial store's content checksums (branch
+    i23): verify the recorded checksum of ``path`` here, before it is parsed.
+    """
+    try:
+        if kind == "parquet":
+            return pq.read_table(path)
+        if kind == "torch":
+            import torch
+
+            return torch.load(path, weights_only=True, map_location="cpu")
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ExportRefused(f"{path}: missing; refusing to export (re-run the sweep)") from None
+    except Exception as exc:  # noqa: BLE001 - every reader raises its own types for bad bytes
+        raise ExportRefused(
+            f"{path}: damaged ({type(exc).__name__}: {str(exc)[:200]}); refusing to export. "
+            "Re-run the sweep (or the aggregation) to rebuild it"
+        ) from None
+
+
+def _check_destination(output: Path, dest: Path) -> None:
+    out, to = output.resolve(), dest.resolve()
+    if to == out or to.is_relative_to(out):
+        raise BadDestination(
+            f"--to {dest}: inside the output folder {output}; export to a folder outside it "
+            "(the output folder is private: what is exported must be separable from it)"
+        )
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest} is not an empty folder; export into a new folder")
+
+
+def _check_audit(output: Path) -> None:
+    from privdom_ray.audit import audit_output
+
+    bad = [line for line in audit_output(output) if not line.ok]
+    if bad:
+        lines = "\n".join(f"  {line.key} {line.site or '-'}: {line.problem}" for line in bad[:10])
+        raise ExportRefused(
+            f"refusing to export {output}: `launch.py audit` finds {len(bad)} problem(s):\n"
+            f"{lines}\nRun `launch.py audit {output}` for the full list."
+        )
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def export(
+    output: Path, dest: Path, *, non_private: bool = False, with_audit: bool = False
+) -> list[Path]:
+    """Copy the shareable set of ``output`` to ``dest`` (which must not exist or be empty, and
+    must not lie inside ``output``). Refuses a folder that fails ``audit`` or holds a damaged
+    file. ``with_audit``: include the audit twins' columns, and state the epsilon that then
+    applies (model and twin composed). Returns the files written."""
     output, dest = Path(output), Path(dest)
     if not (output / TRANSFER).is_file():
         raise FileNotFoundError(f"no {TRANSFER} in {output}; run the sweep first")
-    if dest.exists() and any(dest.iterdir()):
-        raise FileExistsError(f"{dest} is not empty; export into a new folder")
+    _check_destination(output, dest)
+    _check_audit(output)
+    store = TrialStore(output)
+    transfer = verify_file(output / TRANSFER, "parquet")
+    records = _records_of(store, transfer)
+    twins = _twins(store, records)  # both totals are stated; the rows use them with_audit
+    sites = guarantee.site_guarantees(records.values(), twins.values(), audit_included=with_audit)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        store = TrialStore(output)
-        _export_transfer(store, output / TRANSFER, tmp / TRANSFER)
-        for name in (*SHAREABLE_TABLES[1:], *REPORT_FILES):
+        rows = _row_guarantees(records, twins, sites, with_audit)
+        _write(tmp / TRANSFER, _export_transfer(store, transfer, rows, with_audit))
+        for name in (COMPARISONS, RELIABILITY):
             if (output / name).is_file():
-                shutil.copy2(output / name, tmp / name)
-        if (output / FIGURES).is_dir():
-            shutil.copytree(output / FIGURES, tmp / FIGURES)
-        models, held = _copy_models(store, tmp / MODELS, non_private=non_private)
-        (tmp / "PRIVACY.md").write_text(_privacy_note(models, held, non_private))
+                table = _with_guarantee(verify_file(output / name, "parquet"), records, rows)
+                _write(tmp / name, table)
+        _write(tmp / GUARANTEES, pa.Table.from_pylist(guarantee.as_rows(sites)))
+        models, withheld = _copy_models(store, records, tmp / MODELS, sites, rows, non_private)
+        from privdom_ray import report
+
+        report.write_report(tmp)  # drawn from the exported tables only
+        (tmp / PRIVACY_NOTE).write_text(_privacy_note(tmp, sites, models, withheld, with_audit))
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
@@ -69,44 +158,140 @@ def export(output: Path, dest: Path, *, non_private: bool = False) -> list[Path]
     return sorted(p for p in dest.rglob("*") if p.is_file())
 
 
-def _export_transfer(store: TrialStore, src: Path, dest: Path) -> None:
-    """The transfer table without identifiers computed from the data: trial keys become
-    release ids, the data fingerprint column is left out."""
-    import pyarrow.parquet as pq
+def _records_of(store: TrialStore, transfer: pa.Table) -> dict[str, TrialRecord]:
+    """The trial of every row of the table, verified: a row whose model is not a valid record
+    on disk (damaged, void, gone) stops the export."""
+    out = {}
+    for key in dict.fromkeys(transfer.column("trial_key").to_pylist()):
+        record = store.valid(key) if key else None
+        if record is None:
+            raise ExportRefused(
+                f"{TRANSFER} has rows of trial {key!r}, whose record is missing, damaged or "
+                "void; refusing to export rows whose model is not the one on disk. Re-run "
+                "the sweep to redo it"
+            )
+        out[key] = record
+    return out
 
-    table = pq.read_table(src)
-    ids = [store.release_id(k) if k else None for k in table.column("trial_key").to_pylist()]
-    index = table.schema.get_field_index("trial_key")
-    field = table.schema.field(index).with_metadata({"privacy": "public (keyed release id)"})
-    table = table.set_column(index, field, pa.array(ids, pa.string()))
-    if "data_fingerprint" in table.column_names:
-        table = table.drop_columns(["data_fingerprint"])
-    pq.write_table(table, dest)
+
+def _twins(store: TrialStore, records: Mapping[str, TrialRecord]) -> dict[str, TrialRecord]:
+    """The audit twin of each exported cell that has one (by the cell's key)."""
+    from privdom_ray.kinds.audit import audited
+
+    out = {}
+    for key in store.trial_keys():
+        twin = store.valid(key)
+        if twin is not None and twin.spec.audit is not None:
+            cell = audited(twin.spec).key
+            if cell in records:
+                out[cell] = twin
+    return out
+
+
+def _row_guarantees(
+    records: Mapping[str, TrialRecord],
+    twins: Mapping[str, TrialRecord],
+    sites: Sequence[guarantee.SiteGuarantee],
+    with_audit: bool,
+) -> dict[str, dict[str, Any]]:
+    """Per trial: the row columns ``guarantee``, ``epsilon_release``, ``epsilon_training_set``."""
+    per_site = guarantee.by_site(sites)
+    out = {}
+    for key, rec in records.items():
+        twin = twins.get(key) if with_audit else None
+        eps = guarantee.release_epsilon(rec, twin)
+        if not math.isfinite(eps):
+            out[key] = {"guarantee": guarantee.NO_GUARANTEE, "epsilon_release": math.inf,
+                        "epsilon_training_set": math.inf}  # fmt: skip
+            continue
+        own = guarantee.releases(rec)
+        text = (
+            f"({eps:.4g}, {max(r.delta for r in own):g})-DP for each training "
+            f"{own[0].privacy_unit} of {', '.join(rec.training_sites)}: this model's releases"
+            + (" and its audit twin's" if twin is not None else "") + " (PLD)"
+        )  # fmt: skip
+        total = max(per_site[r.site].epsilon for r in own)
+        out[key] = {"guarantee": text, "epsilon_release": eps, "epsilon_training_set": total}
+    return out
+
+
+def _export_transfer(
+    store: TrialStore, table: pa.Table, rows: Mapping[str, dict[str, Any]], with_audit: bool
+) -> pa.Table:
+    """The transfer table as it may leave: home-only columns dropped (training statistics,
+    timing, data identifiers; the audit columns unless ``with_audit``), trial keys replaced
+    by release ids, each row's guarantee added."""
+    keys = table.column("trial_key").to_pylist()
+    for name, dtype in results.GUARANTEE_COLUMNS.items():
+        table = table.append_column(name, pa.array([rows[k][name] for k in keys], dtype))
+    drop = [
+        c for c in table.column_names
+        if c != "trial_key" and (privacy_class(c) in results.HOME_ONLY
+                                 or (privacy_class(c) == "audit" and not with_audit))
+    ]  # fmt: skip
+    table = table.drop_columns(drop)
+    index = table.schema.get_field_index("trial_key")  # the same name: readers keep working
+    ids = pa.array([store.release_id(k) for k in keys], pa.string())
+    table = table.set_column(index, pa.field("trial_key", pa.string()), ids)
+    return results.with_privacy_metadata(table, TRANSFER, RELEASE_ID)
+
+
+def _with_guarantee(
+    table: pa.Table, records: Mapping[str, TrialRecord], rows: Mapping[str, dict[str, Any]]
+) -> pa.Table:
+    """comparisons/reliability rows with a ``guarantee`` column: the DP model's statement on
+    rows of a DP model (the non-DP side's columns are class "nondp"), else no guarantee."""
+    dp = {}
+    for key, rec in records.items():
+        if rec.spec.variant == "standard" and rec.is_private:
+            dp[(rec.spec.source, float(rec.spec.epsilon), rec.spec.seed)] = rows[key]["guarantee"]
+    names = table.column_names
+    source = table.column("source").to_pylist() if "source" in names else [None] * len(table)
+    seed = table.column("seed").to_pylist() if "seed" in names else [None] * len(table)
+    text = []
+    for s, e, sd in zip(source, table.column("epsilon").to_pylist(), seed, strict=True):
+        if e is None or not math.isfinite(e):
+            text.append(guarantee.NO_GUARANTEE)
+        else:
+            text.append(dp.get((s, float(e), sd), "DP models of every source at this epsilon; "
+                               "see guarantees.parquet"))  # fmt: skip
+    return table.append_column("guarantee", pa.array(text, pa.string()))
+
+
+def _write(path: Path, table: pa.Table) -> None:
+    overrides = RELEASE_ID if path.name == TRANSFER else None
+    results.write_parquet(path, results.with_privacy_metadata(table, path.name, overrides))
+
+
+# ------------------------------------------------------------------------------ models
 
 
 def _copy_models(
-    store: TrialStore, folder: Path, *, non_private: bool
+    store: TrialStore,
+    records: Mapping[str, TrialRecord],
+    folder: Path,
+    sites: Sequence[guarantee.SiteGuarantee],
+    rows: Mapping[str, dict[str, Any]],
+    non_private: bool,
 ) -> tuple[list[str], list[str]]:
-    """Copy the released models; a DP model whose audit finds a problem is held back."""
-    from privdom_ray.audit import audit_trial
-
-    names, held = [], []
-    for key in store.trial_keys():
-        record = store.valid(key)
-        if record is None or not released(record, non_private=non_private):
-            continue
-        problems = [line.problem for line in audit_trial(store, record) if not line.ok]
-        if problems:
-            held.append(f"{record.spec.name}: {problems[0]}")
+    """Copy the released models among the exported rows' trials, each verified after the
+    copy (a state_dict that loads with ``weights_only=True``); returns (copied, left home)."""
+    names, withheld = [], []
+    for key, record in records.items():
+        if not released(record, non_private=non_private):
+            if kind_of(record.spec).released and not record.is_private:
+                withheld.append(record.spec.name)
             continue
         target = folder / f"{record.spec.name}-{store.release_id(key)}"
         target.mkdir(parents=True)
-        shutil.copy2(store.model_path(key), target / "model.pt")
+        verify_file(store.model_path(key), "torch")
+        shutil.copyfile(store.model_path(key), target / "model.pt")
+        verify_file(target / "model.pt", "torch")
         (target / "ledger.json").write_text(json.dumps(record.ledger, indent=2, default=str))
-        card = _card(record, store.release_id(key))
+        card = _card(record, store.release_id(key), sites, rows[key])
         (target / "card.json").write_text(json.dumps(card, indent=2, default=str))
         names.append(target.name)
-    return names, held
+    return names, withheld
 
 
 def _public_spec(record: TrialRecord) -> dict[str, Any]:
@@ -119,25 +304,35 @@ def _public_spec(record: TrialRecord) -> dict[str, Any]:
     return spec
 
 
-def _card(record: TrialRecord, release_id: str) -> dict[str, Any]:
+def _card(
+    record: TrialRecord,
+    release_id: str,
+    sites: Sequence[guarantee.SiteGuarantee],
+    row: Mapping[str, Any],
+) -> dict[str, Any]:
     """What a collaborator needs to use the weights: the spec, the thresholds (marked), and
-    what the epsilon covers."""
-    eps = record.ledger["epsilon_spent"]
+    what covers them: this model's epsilon and, per training set, the export's total."""
+    per_site = guarantee.by_site(sites)
     return {
         "release_id": release_id,
         "name": record.spec.name,
         "spec": _public_spec(record),
         "training_sites": list(record.training_sites),
-        "epsilon_spent": eps,
+        "epsilon_spent": record.ledger["epsilon_spent"],
         "delta": record.ledger["delta"],
         "accountant": record.ledger["accountant"],
-        "guarantee": (
-            f"({eps}, {record.ledger['delta']})-DP for each training "
-            f"{record.ledger.get('privacy_unit', 'image')} of {', '.join(record.training_sites)}: "
-            "covers these weights and everything computed from them"
-            if isinstance(eps, int | float) and math.isfinite(eps)
-            else "none: trained without differential privacy"
-        ),
+        "guarantee": row["guarantee"],
+        "epsilon_release": row["epsilon_release"],
+        "training_sets": {
+            s: {
+                "epsilon": per_site[s].epsilon,
+                "delta": per_site[s].delta,
+                "accountant": per_site[s].accountant,
+                "statement": per_site[s].statement,
+            }
+            for s in record.training_sites
+            if s in per_site
+        },
         "youden_thresholds": {
             "values": list(record.thresholds),
             "privacy": PRIVACY_CLASSES["validation"],
@@ -146,49 +341,65 @@ def _card(record: TrialRecord, release_id: str) -> dict[str, Any]:
     }
 
 
-def _privacy_note(models: list[str], held: list[str], non_private: bool) -> str:
+# ------------------------------------------------------------------------------ PRIVACY.md
+
+
+def _privacy_note(
+    folder: Path,
+    sites: Sequence[guarantee.SiteGuarantee],
+    models: list[str],
+    withheld: list[str],
+    with_audit: bool,
+) -> str:
+    """What the export holds, file by file and column by column, and what covers it."""
     lines = [
-        "# What is in this export, and what each value's privacy is",
+        "# What is in this export, and what covers each value",
         "",
-        "Exported with `launch.py export`: only the shareable outputs of the sweep.",
+        "Exported with `launch.py export`" + (" --with-audit" if with_audit else "") + ": only "
+        "the shareable outputs of the sweep, after `launch.py audit` recomputed every ledger.",
         "",
-        "- `transfer.parquet`: aggregate transfer performance. Each column's class is in the "
-        "parquet schema (field metadata `privacy`):",
-    ]
-    for cls, meaning in PRIVACY_CLASSES.items():
-        cols = sorted(c for c, k in COLUMN_PRIVACY.items() if k == cls)
-        listed = ", ".join(cols) if cols else "every metric column"
-        if cls == "test":
-            listed = "label, subgroup, n, n_pos and every metric column (auc, accuracy, ...)"
-        lines.append(f"  - **{cls}** ({meaning}): {listed}")
+        "## One guarantee per training set",
+        "",
+        "Everything here that was computed from a site's training images, composed by the PLD "
+        "accountant (Google's dp-accounting)"
+        + (", the audit twins' canary results included:" if with_audit
+           else "; the audit twins' columns stayed home (`--with-audit` adds them):"),
+        "",
+    ]  # fmt: skip
+    lines += [f"- **{g.training_site}**: {g.statement}" for g in sites] or ["- (no DP training)"]
+    lines += ["", "## Files and the privacy class of every column", ""]
+    for path in sorted(folder.glob("*.parquet")):
+        lines.append(f"- `{path.name}`:")
+        by_class: dict[str, list[str]] = {}
+        for f in pq.read_schema(path):
+            by_class.setdefault((f.metadata or {}).get(b"privacy", b"?").decode(), []).append(
+                f.name
+            )
+        for cls, cols in by_class.items():
+            lines.append(f"  - **{cls}** ({PRIVACY_CLASSES.get(cls, '?')}): {', '.join(cols)}")
     lines += [
-        "- `comparisons.parquet`, `reliability.parquet` (when present): statistics of the test "
-        "predictions (class **test**), with the ledger's epsilon (class **ledger**).",
-        "- `report.md`, `figures/`: drawn from the tables above only.",
+        "- `report.md`, `figures/`: drawn from these tables only.",
         f"- `models/`: {len(models)} released model(s), each with `model.pt` (weights), "
-        "`ledger.json` (recompute epsilon from it) and `card.json` (spec, thresholds: class "
-        "**validation**). "
-        + (
-            "Non-private models are included on request: they carry NO guarantee."
-            if non_private
-            else "Only DP models with a valid guarantee; non-private weights were left out."
-        ),
-        *(
-            ["", "Held back (their ledger failed `launch.py audit`):"] + [f"- {h}" for h in held]
-            if held
-            else []
-        ),  # fmt: skip
+        "`ledger.json` (recompute epsilon from it) and `card.json` (spec, thresholds of class "
+        "**validation**, this model's epsilon and each training set's total).",
+    ]
+    if withheld:
+        lines.append(
+            f"- Left home: the weights of {len(withheld)} model(s) trained without DP "
+            f"({', '.join(withheld)}); `--with-non-private-models` adds them, with no guarantee."
+        )
+    lines += [
         "",
-        "Trial keys and data fingerprints hash the data's manifest (training rows included), "
-        "so they stay home: `trial_key` here is a keyed release id, and the fingerprint column "
-        "is left out.",
+        "Rows of models trained without DP are marked `no guarantee: trained without DP` "
+        "(column `guarantee`); their values carry no privacy guarantee. Trial keys and data "
+        "fingerprints hash the data's manifest, so they stay home (`release_id` is a keyed hash).",
         "",
-        "Not exported (private, they stay with the data owner): trial folders with checkpoints "
-        "(secret noise and sampling states), training curves and logs, per-image predictions, "
-        "validation scores, caches and Ray's files.",
+        "Not exported (private, they stay with the data owner): trial folders with checkpoints, "
+        "training curves and logs, per-image predictions, validation scores, membership-attack "
+        "results, training times, caches and Ray's files.",
         "",
     ]
     return "\n".join(lines)
 
 
-__all__ = ["export", "privacy_class", "released"]
+__all__ = ["BadDestination", "ExportRefused", "export", "privacy_class", "released", "verify_file"]

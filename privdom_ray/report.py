@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privdom_ray import comparisons, inference, results
+from privdom_ray import comparisons, guarantee, inference, results
 from privdom_ray.config import format_epsilon
 
 MISSING = "—"
@@ -75,8 +75,12 @@ class ReportView:
         reliability: pd.DataFrame | None = None,
         *,
         standard_only: bool = True,
+        guarantees: pd.DataFrame | None = None,
     ) -> None:
         self.full = transfer
+        # one row per training set: what the tables' values cost it (an export's
+        # guarantees.parquet; None in the data owner's folder)
+        self.guarantees = guarantees
         self.df = transfer
         if standard_only and not transfer.empty:
             self.df = split_controls(transfer)[0]
@@ -104,9 +108,11 @@ class ReportView:
     @classmethod
     def load(cls, output: str | Path) -> ReportView:
         """The view of a sweep's output folder (transfer.parquet is required)."""
+        path = Path(output) / results.GUARANTEES
         return cls(
-            results.load(output), comparisons.load(output), comparisons.load_reliability(output)
-        )
+            results.load(output), comparisons.load(output), comparisons.load_reliability(output),
+            guarantees=pd.read_parquet(path) if path.is_file() else None,
+        )  # fmt: skip
 
     @property
     def finite_eps(self) -> list[float]:
@@ -820,10 +826,11 @@ def _console_verdicts(view: ReportView) -> str:
 
 
 def _section_privacy(view: ReportView) -> str:
-    """What the reported epsilon covers, and which values of these tables it does not."""
+    """What the reported epsilon covers: one statement per training set for everything in
+    these tables (an export's), and which values no epsilon covers."""
     trials = view.full.drop_duplicates("trial_key")
     dp = trials[trials["accountant"].fillna("none") != "none"]
-    lines = []
+    lines = _training_set_lines(view)
     if dp.empty:
         lines.append("No DP trials: nothing here carries a privacy guarantee.\n")
     for eps in epsilons(dp):
@@ -834,11 +841,14 @@ def _section_privacy(view: ReportView) -> str:
             f"- **ε = {format_epsilon(eps)}** ({_privacy_note(sel, eps)}): each training "
             f"{units} of the source (each site's own, for a federation) is protected in the "
             f"released weights and everything computed from them; loss weights: {weights}"
-            + (
-                " (the label counts' Gaussian release is part of ε)"
-                if "dp_counts" in weights
-                else ""
-            )
+            + (" (the label counts' Gaussian release is part of ε)" if "dp_counts" in weights
+               else "")
+        )  # fmt: skip
+    if (trials["accountant"].fillna("none") == "none").any():
+        lines.append(
+            f"- **ε = inf** and the controls: **{guarantee.NO_GUARANTEE}**. Every value of "
+            "these rows (AUCs, thresholds, calibration bins, the non-DP side of each "
+            "comparison) comes from a model without a privacy guarantee."
         )
     lines += [
         "",
@@ -851,15 +861,48 @@ def _section_privacy(view: ReportView) -> str:
         "each column, field metadata `privacy`):",
     ]
     for cls, meaning in results.PRIVACY_CLASSES.items():
-        if cls in ("validation", "training", "audit", "identifier"):
-            cols = sorted(c for c, k in results.COLUMN_PRIVACY.items() if k == cls)
-            lines.append(f"- {', '.join(f'`{c}`' for c in cols)}: {meaning}")
+        if cls == "identifier" and view.guarantees is not None:
+            continue  # an export: keys were replaced by release ids
+        if cls in ("nondp", "validation", "training", "timing", "audit", "identifier"):
+            cols = [c for c in view.full.columns if results.privacy_class(c) == cls]
+            if cls == "nondp":
+                cols = [c for c, k in results.COMPARISONS_PRIVACY.items() if k == cls][:4] + ["…"]
+            if cols:
+                lines.append(f"- {', '.join(f'`{c}`' for c in cols)}: {meaning}")
     lines.append(
         "\nEvery other value is computed only from test images (never trained on), from the "
         "ledger, or is configuration. Per-image predictions, training curves, logs and "
         "checkpoints stay with the data owner; `launch.py export` copies only the shareable set."
     )
     return "\n".join(lines) + "\n"
+
+
+def _training_set_lines(view: ReportView) -> list[str]:
+    """Per training set: the composed epsilon of everything in these tables computed from its
+    images (an export's guarantees.parquet), or where to find it."""
+    g = view.guarantees
+    if g is None or g.empty:
+        return [
+            "Several DP trainings of one training set (other epsilons and seeds, federations, "
+            "audit twins) compose. `launch.py export` states, per training set, the ε of "
+            "everything it exports composed by the PLD accountant (in its report, PRIVACY.md, "
+            "guarantees.parquet and each model card); by default the audit columns stay home.",
+            "",
+        ]
+    audit = bool(g["audit_included"].any())
+    out = [
+        "**One guarantee per training set**: everything in these tables computed from the "
+        "site's training images, composed by the PLD accountant"
+        + (", the audit twins' canary results included:" if audit else
+           " (the audit twins' columns are not in these tables):"),
+        "",
+    ]  # fmt: skip
+    for r in g.to_dict("records"):
+        extra = ""
+        if not audit and r.get("audit_twins"):
+            extra = f" (with the audit twins: ε = {r['epsilon_with_audit']:.4g})"
+        out.append(f"- **{r['training_site']}**: {r['statement']}{extra}")
+    return [*out, ""]
 
 
 def _audit_rows(view: ReportView) -> pd.DataFrame:

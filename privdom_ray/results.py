@@ -39,24 +39,37 @@ def _metric_fields() -> list[tuple[str, pa.DataType]]:
     return out
 
 
-# Where each value of the transfer table comes from, i.e. what may be shared (the README's
-# "What may leave" and the report's "What this epsilon covers" say the same). Every column is
-# one of these; the class is stored in the parquet schema's field metadata ("privacy").
+# Where each value of a table comes from, i.e. what may be shared (the README's "What may
+# leave" and the report's "What this epsilon covers" say the same). Every column of every table
+# has one of these classes, stored in the parquet schema's field metadata ("privacy"); `export`
+# writes every shareable column of every file with its class and keeps the rest home.
 PRIVACY_CLASSES = {
-    "public": "configuration, identity, versions or timing: not computed from any image",
+    "public": "configuration, identity, versions or timing of evaluation: not computed from any "
+    "training or validation image",
     "ledger": "the privacy accounting: from the grid and the training-set size, which (as in "
     "Opacus and the paper) is treated as public",
-    "test": "computed only from the target's test images (never trained on)",
+    "test": "computed only from the target's test images through the row's model: covered by "
+    "that model's epsilon (column `guarantee`); a row of a model trained without DP carries "
+    "no guarantee",
+    "nondp": "a value of, or a comparison with, the model trained WITHOUT DP: computed from "
+    "test images through a model that carries no guarantee (no guarantee: trained without DP)",
     "validation": "computed from the SOURCE's validation images without noise: outside the "
     "guarantee, which covers training images only",
-    "training": "computed from training images without noise: filled for non-private trials "
-    "only (null for DP trials, whose values stay in the private trial record)",
-    "audit": "the one-run canary audit of the cell's audit twin: a second run on the same "
-    "training data (its model is never released), covered by the twin's own epsilon",
+    "training": "computed from training images without noise (the membership attack): "
+    "non-private trials only (null for DP trials); stays home (`export` leaves it out)",
+    "timing": "wall-clock training time: depends on the training set (its size and the secret "
+    "Poisson batch sizes), outside the guarantee; stays home (`export` leaves it out)",
+    "audit": "the one-run canary audit of the cell's audit twin: a second DP training on the "
+    "same training images (its model is never released); stays home unless `export "
+    "--with-audit`, whose stated epsilon then composes model and twin",
     "identifier": "a hash computed from the data's manifest (training rows included): exact, "
     "un-noised, so it stays home; `export` drops the fingerprint and replaces the trial key "
     "by a keyed release id",
+    "release_id": "a keyed hash (HMAC, secret kept home) of the trial key: identifies a "
+    "release, reveals nothing about the data",
 }
+#: Classes whose columns never leave the data owner (``export`` drops them).
+HOME_ONLY = ("training", "timing", "identifier")
 _PUBLIC = [
     "sweep",
     "source",
@@ -72,7 +85,6 @@ _PUBLIC = [
     "epochs",
     "logical_batch",
     "lr",
-    "train_seconds",
     "eval_seconds",
     "node",
     "versions",
@@ -101,25 +113,151 @@ AUDIT_COLUMNS = [
     "audit_kind",
     "audit_twin_epsilon",
 ]
+#: Columns ``export`` adds to the transfer table: what each row's values are covered by.
+GUARANTEE_COLUMNS = {
+    # "(eps, delta)-DP for each training image of a: this model's releases (PLD)" or
+    # "no guarantee: trained without DP"
+    "guarantee": pa.string(),
+    # PLD epsilon of the row's model's own releases (and its audit twin's with --with-audit)
+    "epsilon_release": pa.float64(),
+    # PLD epsilon of everything the export holds from the row's training set(s) (a
+    # federation: its worst site); see guarantees.parquet
+    "epsilon_training_set": pa.float64(),
+}
 COLUMN_PRIVACY: dict[str, str] = {
     **dict.fromkeys(_PUBLIC, "public"),
     **dict.fromkeys(_LEDGER, "ledger"),
+    **dict.fromkeys(GUARANTEE_COLUMNS, "ledger"),
     "trial_key": "identifier",
     "data_fingerprint": "identifier",
     "threshold": "validation",
     "best_epoch": "validation",
     "mia_auc": "training",
     "mia_tpr_at_1fpr": "training",
+    "train_seconds": "timing",
     **dict.fromkeys(AUDIT_COLUMNS, "audit"),
 }  # every other column (metrics.MetricRow's) is "test"
 
+_CMP_PUBLIC = [
+    "comparison",
+    "quantity",
+    "endpoint",
+    "is_summary",
+    "test",
+    "model",
+    "source",
+    "target",
+    "on_domain",
+    "seed",
+    "n_seeds",
+    "label",
+    "subgroup",
+    "resampling_unit",
+    "worse_if",
+    "margin",
+    "n_boot",
+    "ci",
+    "n_off",
+]
+_CMP_NONDP = [
+    "value_nondp",
+    "value_nondp_lo",
+    "value_nondp_hi",
+    "sd_nondp",
+    "auc_on",
+    "auc_off_mean",
+    "auc_off_lo",
+    "auc_off_hi",
+    "delta",
+    "delta_lo",
+    "delta_hi",
+    "p_value",
+    "q_value",
+    "tost_lo",
+    "tost_hi",
+    "p_tost",
+    "p_tost_holm",
+    "p_noninf",
+    "p_value_holm",
+    "p_noninf_holm",
+    "verdict",
+    "t_stat",
+    "p_t",
+    "delta_sd",
+    "null_reason",
+]
+#: comparisons.parquet: every comparison sets a DP model against the non-DP one, so what
+#: involves the non-DP side (its values, the differences, their p's and verdicts) is "nondp".
+COMPARISONS_PRIVACY: dict[str, str] = {
+    **dict.fromkeys(_CMP_PUBLIC, "public"),
+    **dict.fromkeys(("epsilon", "epsilon_spent", "accountant", "guarantee"), "ledger"),
+    **dict.fromkeys(
+        (
+            "n",
+            "n_pos",
+            "n_patients",
+            "n_labels",
+            "n_valid_boot",
+            "value_dp",
+            "value_dp_lo",
+            "value_dp_hi",
+            "sd_dp",
+        ),
+        "test",
+    ),  # fmt: skip
+    **dict.fromkeys(_CMP_NONDP, "nondp"),
+}
+#: reliability.parquet: one model's calibration bins on one target's test images.
+RELIABILITY_PRIVACY: dict[str, str] = {
+    **dict.fromkeys(
+        ("model", "source", "target", "on_domain", "seed", "label", "bin", "bin_lo", "bin_hi"),
+        "public",
+    ),
+    **dict.fromkeys(("epsilon", "guarantee"), "ledger"),
+    **dict.fromkeys(("n", "mean_score", "observed"), "test"),
+}
+#: guarantees.parquet (written by ``export``): one row per training set, all accounting.
+GUARANTEES_PRIVACY: dict[str, str] = {"training_site": "public"}
+GUARANTEES = "guarantees.parquet"
+TABLE_PRIVACY: dict[str, dict[str, str]] = {
+    TRANSFER: COLUMN_PRIVACY,
+    "comparisons.parquet": COMPARISONS_PRIVACY,
+    "reliability.parquet": RELIABILITY_PRIVACY,
+    GUARANTEES: GUARANTEES_PRIVACY,
+}
+_METRIC_NAMES = {f.name for f in dataclasses.fields(MetricRow)}
 
-def privacy_class(column: str) -> str:
-    return COLUMN_PRIVACY.get(column, "test")
+
+def privacy_class(column: str, table: str = TRANSFER) -> str | None:
+    """The privacy class of a column of one of the sweep's tables; None for a column no
+    class was assigned to (``export`` keeps it home and says so)."""
+    classes = TABLE_PRIVACY.get(table, {})
+    if column in classes:
+        return classes[column]
+    if table == TRANSFER and column in _METRIC_NAMES:
+        return "test"
+    if table == GUARANTEES:
+        return "ledger"  # the per-site accounting: every other column
+    return None
 
 
 def _with_privacy(fields: list[tuple[str, pa.DataType]]) -> pa.Schema:
     return pa.schema([pa.field(n, t, metadata={"privacy": privacy_class(n)}) for n, t in fields])
+
+
+def with_privacy_metadata(
+    table: pa.Table, name: str, overrides: dict[str, str] | None = None
+) -> pa.Table:
+    """``table`` (one of the sweep's tables, ``name``) with each column's privacy class in its
+    field metadata (``overrides``: column -> class where the export changed what a column
+    holds); raises KeyError naming a column without a class."""
+    fields = []
+    for f in table.schema:
+        cls = (overrides or {}).get(f.name) or privacy_class(f.name, name)
+        if cls is None:
+            raise KeyError(f"{name}: column {f.name!r} has no privacy class (results.py)")
+        fields.append(f.with_metadata({**(f.metadata or {}), b"privacy": cls.encode()}))
+    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
 
 
 # Columns of the transfer table, in order. Metric columns come from metrics.MetricRow.

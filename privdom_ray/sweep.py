@@ -30,7 +30,7 @@ from privdom_ray.domains import build_manifest
 from privdom_ray.kinds.pretrain import pretraining_trial
 from privdom_ray.manifest import fingerprint
 from privdom_ray.store import TrialStore
-from privdom_ray.trainable import privdom_trial, trial_resources
+from privdom_ray.trainable import private_ray_temp_dir, privdom_trial, trial_resources
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Under `uv run`, Ray would start every worker through `uv run` again (a re-sync per worker);
@@ -282,6 +282,8 @@ def init_ray(spec: SweepSpec, address: str | None, log: Log = _log) -> None:
             include_dashboard=True,
             dashboard_host=spec.ray.dashboard_host,
             log_to_driver=True,
+            # owner-only session files, linked from <output>/ray_session (trainable.py)
+            _temp_dir=private_ray_temp_dir(spec.output),
             # Ray ends idle workers beyond one per CPU; a federation's sites share CPUs
             # (3 sites on 2 CPUs), and each ended worker costs the next round a torch import
             _system_config={"num_workers_soft_limit": 3 * cpus},
@@ -429,9 +431,9 @@ def _progress_callback(names: dict[str, str], log: Log, held: lease.Lease | None
             if result.get("phase") == "train":
                 eps = result.get("epsilon", -1.0)
                 unit = "round" if result.get("round") else "epoch"  # federations: rounds
-                loss = result["train_loss"]
-                # DP federation sites send no training loss (an un-noised training statistic)
-                loss_text = f"loss {loss:.3f}" if math.isfinite(loss) else "loss stays at the sites"
+                # DP trials send no training loss (an un-noised training statistic)
+                loss = result.get("train_loss", math.nan)
+                loss_text = f"loss {loss:.3f}" if math.isfinite(loss) else "loss stays private"
                 log(
                     f"[trial] {names[self._key(trial)]} {unit} {result['epoch']}: {loss_text}, "
                     f"val macro AUC {result['val_macro_auc']:.3f}"

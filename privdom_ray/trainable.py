@@ -9,8 +9,10 @@ The work itself runs in named Ray tasks inside the bundles Tune reserved for the
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from privdom_ray.cell import Cell, TrialTimedOut
@@ -156,8 +158,10 @@ def privdom_trial(config: dict[str, Any]) -> None:
     store = TrialStore(cell.output, fence=cell.fence)
     node = ray.get_runtime_context().get_node_id()
 
+    private = cell.spec.is_private
+
     def report(record: dict[str, Any]) -> None:
-        tune.report({k: _finite(v) for k, v in record.items()})
+        tune.report(tune_record(record, private=private))
 
     try:
         if kind_of(cell.spec).coordinator:
@@ -176,9 +180,7 @@ def privdom_trial(config: dict[str, Any]) -> None:
     except ray.exceptions.RayError as exc:  # e.g. the task's worker died; Tune retries the trial
         store.record_failure(cell.spec.key, cell.run_id, reason=type(exc).__name__, error=str(exc))
         raise
-    tune.report(
-        {"phase": "done", **{k: _finite(v) for k, v in summary.items() if k != "evaluated"}}
-    )
+    tune.report(tune_record({**summary, "phase": "done"}, private=private))
 
 
 class _HeartbeatFollower:
@@ -211,6 +213,50 @@ class _HeartbeatFollower:
         if record["epoch"] > self.epoch:
             self.epoch = record["epoch"]
             self.report({"phase": "train", **{k: record[k] for k in self.KEEP if k in record}})
+
+
+#: What a trial reports to Tune, which writes it to result.json files (under
+#: ``<output>/ray_results`` and Ray's session folder, see :func:`private_ray_temp_dir`).
+#: Progress (epoch, round, steps, time), the DP epsilon, and the validation macro AUC: it is
+#: computed from the source's validation images through the (DP) model, the same class of
+#: value as the thresholds and the selected epoch that leave marked "validation"; it is also
+#: what Tune would select on. Non-private trials add their training loss and training time.
+TUNE_KEYS = ("phase", "epoch", "round", "steps", "epsilon", "seconds", "val_macro_auc",
+             "trained_now", "epsilon_spent")  # fmt: skip
+#: Computed from training images (or, for time, the secret batch sizes) without noise: never
+#: sent to Tune by a DP trial; they stay in the private trial record.
+NON_DP_ONLY = ("train_loss", "train_seconds")
+
+
+def tune_record(record: dict[str, Any], *, private: bool) -> dict[str, Any]:
+    """The part of a progress or summary record Tune may see (finite numbers)."""
+    keep = TUNE_KEYS if private else (*TUNE_KEYS, *NON_DP_ONLY)
+    return {k: _finite(v) for k, v in record.items() if k in keep}
+
+
+def private_ray_temp_dir(output: str | os.PathLike[str]) -> str:
+    """Where an embedded cluster keeps its session files (logs, result.json copies, object
+    spill): ``ray/`` inside a fresh owner-only (0700) folder, linked from
+    ``<output>/ray_session``.
+
+    Ray's default, /tmp/ray, is shared and its files are world-readable (0644), and Ray makes
+    the temp dir it is given 0777 for other users' drivers: the owner-only folder above it is
+    what keeps others out. It lies under the system temp dir, because Ray's socket paths must
+    stay under 107 bytes. ``<output>/ray_results`` (Tune's storage) is made owner-only too.
+    """
+    import tempfile
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "ray_results"
+    results.mkdir(exist_ok=True)
+    results.chmod(0o700)
+    private = tempfile.mkdtemp(prefix="privdom-ray-")  # mode 0700
+    link = out / "ray_session"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(private, target_is_directory=True)
+    return str(Path(private) / "ray")
 
 
 def _quiet_known_warnings() -> None:

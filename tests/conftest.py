@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -258,3 +259,97 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("ray") is not None:
             item.add_marker(pytest.mark.slow)
+
+
+# --------------------------------------------------- a real finished sweep, trained without Ray
+
+
+def write_cache(
+    folder: Path, n_train: int = 96, size: int = 16, seed: int = 0, fingerprint: str = ""
+) -> Path:
+    """A cache entry as cache.build writes it (learnable toy images, two images per patient):
+    train, val and test splits, and meta.json (domain = the folder's name)."""
+    sizes = {"train": n_train, "val": 40, "test": 60}
+    parts = [toy_split(n, size, seed=seed + i) for i, n in enumerate(sizes.values())]
+    folder.mkdir(parents=True)
+    images = np.concatenate([p.images for p in parts])
+    labels = np.concatenate([p.labels for p in parts])
+    np.save(folder / "images.npy", images)
+    n = len(images)
+    rows = pd.DataFrame(
+        {
+            "path": [f"{i}.png" for i in range(n)],
+            "patient_id": [f"{folder.name}-p{i // 2}" for i in range(n)],
+            "split": np.repeat(list(sizes), list(sizes.values())),
+            "sex": np.array(["F", "M"] * (n // 2 + 1))[:n],
+            "age": np.random.default_rng(seed).uniform(20, 90, n),
+            **{label: labels[:, j] for j, label in enumerate(LABELS)},
+            "ok": True,
+        }
+    )
+    rows.to_parquet(folder / "rows.parquet", index=False)
+    meta = {"domain": folder.name, "fingerprint": fingerprint, "n_images": n, "n_skipped": 0}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def build_real_output(work: Path, *, accountant: str = "rdp") -> tuple[Path, dict[str, str]]:
+    """A finished sweep output trained for real (real Opacus, real files), without Ray: site
+    ``a`` at epsilon 2 and inf, the epsilon-2 cell's audit twin (gradient canaries), and a
+    federation ``fed_ab`` of sites a and b at epsilon 2; every model evaluated on a and b;
+    transfer, comparisons and reliability tables and the report written. Returns (output,
+    {trial name: key}). About a minute on 2 cores (``rdp`` calibrates in a second, PRV in ~10 s).
+    """
+    from privdom_ray import comparisons, report
+    from privdom_ray.cell import Cell, TargetRef
+    from privdom_ray.config import AuditSpec, Federation, Site, TrainingConfig, TrialSpec
+    from privdom_ray.imaging import Preprocessing
+    from privdom_ray.trial import Executor, run_cell
+
+    output = work / "out"
+    caches = {
+        s: write_cache(output / "cache" / s, seed=10 * i, fingerprint=f"fp-{s}")
+        for i, s in enumerate("ab")
+    }
+    targets = tuple(TargetRef(s, f"fp-{s}", str(p), "patient") for s, p in caches.items())
+    training = TrainingConfig(epochs=2, logical_batch=32, physical_batch=32, accountant=accountant)
+
+    def spec(epsilon: float, **kw) -> TrialSpec:
+        return TrialSpec(
+            source=kw.pop("source", "a"), data_fingerprint=kw.pop("fingerprint", "fp-a"),
+            epsilon=epsilon, delta=1e-5 if math.isfinite(epsilon) else 0.0, seed=0,
+            model="resnet9", training=kw.pop("training", training),
+            preprocessing=Preprocessing(image_size=16), **kw,
+        ).with_key()  # fmt: skip
+
+    fed = Federation(
+        sites=tuple(Site(s, f"fp-{s}", 1.0, 1e-5) for s in "ab"), rounds=2, local_epochs=1
+    )
+    specs = [
+        spec(2.0),
+        spec(math.inf),
+        spec(2.0, variant="audit", audit=AuditSpec(canaries=200, kind="gradient", auditor_seed=0)),
+        spec(2.0, source="fed_ab", fingerprint="fp-ab", federation=fed),
+    ]
+    for s in specs:
+        cell = Cell(
+            spec=s, output=str(output), source_cache=str(caches["a"]),
+            targets=() if s.audit else targets, evaluation=EV, sites=targets,
+            site_slots=2 if s.federation else 1,
+        )  # fmt: skip
+        run_cell(cell, executor=Executor())
+    keys = [s.key for s in specs]
+    results.write_json(
+        output / "plan.json",
+        {"targets": [{"name": t.name, "fingerprint": t.fingerprint} for t in targets]},
+    )
+    results.aggregate(output, keys, "real", targets)
+    comparisons.write_all(output, comparisons.compute_all(output, keys, EV, targets=targets))
+    report.write_report(output)
+    return output, {s.name: s.key for s in specs}
+
+
+@pytest.fixture(scope="session")
+def real_output(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """:func:`build_real_output` once per test session (read-only: copy it to change it)."""
+    return build_real_output(tmp_path_factory.mktemp("real"))

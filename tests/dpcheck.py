@@ -14,7 +14,14 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privdom_ray.dpstep import MaskedBCELoss, _quiet, memory_format, privatize, synthetic_batch
+from privdom_ray.dpstep import (
+    CLIP_MARGIN,
+    MaskedBCELoss,
+    _quiet,
+    memory_format,
+    privatize,
+    synthetic_batch,
+)
 from privdom_ray.models import build_model
 
 
@@ -57,7 +64,8 @@ def reference_clipped_gradient(
     module: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, max_grad_norm: float
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-example loop (batch of one at a time, plain autograd): ``(mean_i c_i grad_i,
-    per-sample norms)`` with Opacus's ``c_i = min(1, C / (norm_i + 1e-6))``."""
+    per-sample norms)`` with Opacus's ``c_i = min(1, C / (norm_i + 1e-6))``, the bound lowered
+    by ``dpstep.CLIP_MARGIN`` as every mode clips."""
     params = [p for p in module.parameters() if p.requires_grad]
     old = getattr(criterion, "reduction", "mean")
     criterion.reduction = "mean"
@@ -69,7 +77,7 @@ def reference_clipped_gradient(
     finally:
         criterion.reduction = old
     norms = torch.stack([torch.sqrt(sum((g.double() ** 2).sum() for g in gs)) for gs in grads])
-    coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    coef = (max_grad_norm * (1 - CLIP_MARGIN) / (norms + 1e-6)).clamp(max=1.0)
     summed = [
         sum(float(coef[i]) * grads[i][k].double() for i in range(len(x))) / len(x)
         for k in range(len(params))
@@ -106,3 +114,24 @@ def clipping_error(
     )
     scale = max(float(r.abs().max()) for r in ref)
     return max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True)) / scale
+
+
+def clipped_norms(
+    model_name: str, mode: str, *, image_size: int = 32, examples: int = 6, seed: int = 1
+) -> tuple[list[float], float]:
+    """``(clipped gradient norms, C)`` of ``examples`` single-example DP steps (noise 0, batch
+    of one: the step's gradient IS that example's clipped gradient), norms in float64, with C
+    a thousandth of the smallest unclipped norm so that every example is clipped."""
+    x, y = synthetic_batch(examples, image_size, "cpu", seed=seed)
+    torch.manual_seed(seed)
+    base = build_model(model_name, num_outputs=y.shape[1]).train()
+    criterion = MaskedBCELoss(torch.linspace(0.5, 3.0, y.shape[1]))
+    _, raw = reference_clipped_gradient(copy.deepcopy(base), x, y, criterion, 1.0)
+    clip = 1e-3 * float(raw.min())
+    norms = []
+    for i in range(examples):
+        grads = dp_gradient(
+            copy.deepcopy(base), mode, x[i : i + 1], y[i : i + 1], criterion, max_grad_norm=clip
+        )
+        norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))))
+    return norms, clip

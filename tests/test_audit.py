@@ -1,0 +1,146 @@
+"""``launch.py audit`` recomputes every DP ledger from its trial's spec and names each field
+that was tampered with. Real finished trials (real Opacus, real files: conftest's
+``real_output``), a single-site cell, its audit twin and both sites of a federation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+from conftest import launch
+
+from privdom_ray import privacy
+from privdom_ray.audit import audit_trial
+from privdom_ray.store import TrialStore
+
+pytestmark = pytest.mark.slow  # the session's real output takes about a minute to train
+
+LEDGER_FIELDS = [f.name for f in dataclasses.fields(privacy.Ledger)]
+
+
+def tampered(value):
+    """A different value of the same kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1 if value else 7
+    if isinstance(value, float):
+        return value * 1.5 if value else 0.25
+    if isinstance(value, str):
+        return value + "x" if value else "site_z"
+    if isinstance(value, list):  # the released (noised) loss weights: an impossible release
+        return [-1.0] * len(value)
+    raise TypeError(value)
+
+
+def problems(store: TrialStore, key: str, ledger: dict, site: str) -> str:
+    """The audit's problems for the trial ``key`` with ``ledger`` in place of its ledger (or
+    of the federation site ``site``'s)."""
+    record = store.read(key)
+    if site:
+        ledger = {**record.ledger, "sites": {**record.ledger["sites"], site: ledger}}
+    lines = audit_trial(store, dataclasses.replace(record, ledger=ledger))
+    return " | ".join(f"{line.site}: {line.problem}" for line in lines if not line.ok)
+
+
+def cases(store: TrialStore, names: dict[str, str]):
+    """(label, key, site, the stored ledger) of every DP ledger of the real output."""
+    for name in ("a_eps2_seed0", "a_eps2_seed0_audit", "fed_ab_eps2_seed0"):
+        ledger = store.read(names[name]).ledger
+        sites = list(ledger.get("sites", {})) or [""]
+        for site in sites:
+            yield f"{name}/{site}", names[name], site, (ledger["sites"][site] if site else ledger)
+
+
+def test_the_untouched_output_passes_the_audit(real_output):
+    output, names = real_output
+    store = TrialStore(output)
+    for key in names.values():
+        assert [line.problem for line in audit_trial(store, store.read(key)) if not line.ok] == []
+
+
+def test_tampering_with_any_ledger_field_is_caught_and_named(real_output):
+    output, names = real_output
+    store = TrialStore(output)
+    seen = 0
+    for label, key, site, ledger in cases(store, names):
+        for field in LEDGER_FIELDS:
+            bad = {**ledger, field: tampered(ledger[field])} if field != "mechanisms" else None
+            if bad is None:
+                continue
+            found = problems(store, key, bad, site)
+            assert field in found, (label, field, found)
+            seen += 1
+        for i, mech in enumerate(ledger["mechanisms"]):
+            for param in ("noise_multiplier", "sample_rate", "steps"):
+                mechs = [dict(m) for m in ledger["mechanisms"]]
+                mechs[i][param] = tampered(mech[param])
+                found = problems(store, key, {**ledger, "mechanisms": mechs}, site)
+                assert f"mechanisms[{mech['name']}].{param}" in found, (label, param, found)
+                seen += 1
+            dropped = [m for j, m in enumerate(ledger["mechanisms"]) if j != i]
+            assert "mechanisms" in problems(store, key, {**ledger, "mechanisms": dropped}, site)
+        missing = {k: v for k, v in ledger.items() if k != "noise_multiplier"}
+        assert "noise_multiplier missing" in problems(store, key, missing, site)
+    names_seen = {label.split("/")[0] for label, *_ in cases(store, names)}
+    assert names_seen == {"a_eps2_seed0", "a_eps2_seed0_audit", "fed_ab_eps2_seed0"}
+    assert seen == 4 * (len(LEDGER_FIELDS) - 1 + 2 * 3)  # 4 ledgers, 2 mechanisms each
+
+
+def test_the_attacks_that_passed_before_are_caught_from_the_command_line(real_output, tmp_path):
+    """The issue's attacks, on a copy of the output folder: sigma raised to 4 with
+    epsilon_spent recomputed to match (the model card would have said 0.84 for weights trained
+    at 1.99), the count release's steps set to 0, its sigma x100; and the history's epsilon."""
+    output, names = real_output
+    work = tmp_path / "w"
+    shutil.copytree(output, work / "out")
+    path = work / "out" / "trials" / names["a_eps2_seed0"] / "ledger.json"
+    original = json.loads(path.read_text())
+
+    def consistent(ledger: dict) -> dict:  # the epsilon its own mechanisms give
+        mechs = privacy.ledger_mechanisms(ledger)
+        eps, _ = privacy.epsilon_of(ledger["accountant"], mechs, ledger["delta"])
+        rdp, _ = privacy.epsilon_of("rdp", mechs, ledger["delta"])
+        return {**ledger, "epsilon_spent": eps, "epsilon_rdp": rdp}
+
+    def with_mechanism(name: str, **changes) -> dict:
+        mechs = [{**m, **changes} if m["name"] == name else m for m in original["mechanisms"]]
+        return {**original, "mechanisms": mechs, **(
+            {"noise_multiplier": changes["noise_multiplier"]}
+            if name == "dp_sgd" and "noise_multiplier" in changes else {})}  # fmt: skip
+
+    counts = next(m for m in original["mechanisms"] if m["name"] == "label_counts")
+    attacks = {
+        "noise_multiplier": consistent(with_mechanism("dp_sgd", noise_multiplier=4.0)),
+        "mechanisms[label_counts].steps": consistent(with_mechanism("label_counts", steps=0)),
+        "mechanisms[label_counts].noise_multiplier": consistent(
+            with_mechanism("label_counts", noise_multiplier=100 * counts["noise_multiplier"])
+        ),
+    }
+    assert attacks["noise_multiplier"]["epsilon_spent"] < 0.6 * original["epsilon_spent"]
+    assert launch("audit", "out", cwd=work).returncode == 0
+    for field, ledger in attacks.items():
+        path.write_text(json.dumps(ledger))
+        proc = launch("audit", "out", cwd=work, expect=1)
+        assert field in proc.stdout, (field, proc.stdout[-2000:])
+        assert "refusing" in launch("export", "out", "--to", "shared", cwd=work, expect=1).stderr
+    path.write_text(json.dumps(original))
+    # a model trained without DP whose ledger claims a guarantee
+    nondp = path.parent.parent / names["a_epsinf_seed0"] / "ledger.json"
+    plain = nondp.read_text()
+    nondp.write_text(json.dumps({**original, "initialization": "scratch"}))
+    assert "trained without DP" in launch("audit", "out", cwd=work, expect=1).stdout
+    nondp.write_text(plain)
+    # the recorded training-set size against a recount of the cache entry's rows
+    trial = path.with_name("trial.json")
+    info = json.loads(trial.read_text())
+    trial.write_text(json.dumps({**info, "units": info["units"] + 40}))
+    assert "units: the trial record says" in launch("audit", "out", cwd=work, expect=1).stdout
+    trial.write_text(json.dumps(info))
+    history = path.with_name("history.json")
+    records = json.loads(history.read_text())
+    records[-1]["epsilon"] *= 0.5
+    history.write_text(json.dumps(records))
+    assert "history's last epsilon" in launch("audit", "out", cwd=work, expect=1).stdout

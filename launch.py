@@ -128,7 +128,7 @@ def _audit(argv: list[str]) -> int:
     print(
         "trial          site        accountant  target    reported  recomputed  (rdp)     verdict"
     )
-    print("  (audit twins, site 'canaries': spent epsilon, epsilon_lower, f-DP epsilon_lower)")
+    print("  (audit twins, site 'canaries': epsilon spent, epsilon_lower, most m canaries show)")
     for r in rows:
         print(r.line())
     bad = sum(not r.ok for r in rows)

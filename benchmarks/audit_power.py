@@ -5,8 +5,9 @@ model, image size, epochs, batches, C, accountant and delta, on the demo's site_
 canaries ``audit: {canaries: auto}`` gives it), through the twin's own training core
 (``trial.train_audit_twin``, no Ray, one process per worker), and reads the audit it writes:
 ``epsilon_lower`` (the largest bound of the plain and the replay attack, 95%) against the
-epsilon the twin's ledger says it spent. A run is "caught" when the bound exceeds it, which is
-when ``launch.py audit`` exits 1.
+epsilon the twin's ledger says it spent ("caught by the ε bound" when it exceeds it), and its
+noise check (``audit_bound.NoiseCheck``: less noise than stated, or noise that follows the
+public seed, each at level 1e-6). Either makes ``launch.py audit`` exit 1.
 
 Builds (broken ones injected through the Python API only, ``canaries.Fault``; no grid can):
 
@@ -118,7 +119,7 @@ def run_one(job: dict) -> dict:
         train_audit_twin(cell, store, None, "bench", Executor(), fault=fault)
         record = store.read(spec.key)
     audit, ledger = record.info["audit"], record.ledger
-    power = audit.get("power") or {}
+    power, noise = audit.get("power") or {}, audit.get("noise") or {}
     return {
         "build": job["build"],
         "epsilon": spec.epsilon,
@@ -135,6 +136,11 @@ def run_one(job: dict) -> dict:
         "epsilon_max": audit["epsilon_max"],
         "power_noise_scale": power.get("noise_scale"),
         "power_false_alarms": power.get("exceeds"),
+        "noise_ratio": noise.get("ratio"),
+        "noise_too_little": noise.get("too_little"),
+        "noise_follows_seed": noise.get("follows_seed"),
+        "replay_z": noise.get("replay_z"),
+        "noise_detects_scale": noise.get("detects_scale"),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -146,13 +152,18 @@ def _median(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
 
 
+def _flagged(r: dict) -> bool:
+    return bool(r.get("noise_too_little") or r.get("noise_follows_seed"))
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table: one line per build, the real twins' outcomes side by side."""
     out = [
-        "| build | ε target | ε spent | m | runs | caught (ε_lower > ε spent) | ε_lower median "
-        "[min, max] | plain attack | replay attack | attainable max | simulated power "
-        "(noise × caught in 80%) | s per twin |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| build | ε target | ε spent | m | runs | caught by the ε bound (ε_lower > ε spent) | "
+        "ε_lower median [min, max] | plain attack | replay attack | attainable max | "
+        "simulated power (noise × caught in 80%) | caught by the noise check | measured noise "
+        "/ stated | replay z | s per twin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {(b.name, b.epsilon): i for i, b in enumerate(builds(1, 1, 1))}
     groups: dict[tuple[str, float], list[dict]] = {}
@@ -160,6 +171,8 @@ def table(rows: list[dict]) -> str:
         groups.setdefault((r["build"], r["epsilon"]), []).append(r)
     for (name, eps), g in sorted(groups.items(), key=lambda kv: order.get(kv[0], 99)):
         caught = sum(r["epsilon_lower"] > r["epsilon_spent"] for r in g)
+        checked = [r for r in g if r.get("noise_ratio") is not None]  # logs of older code lack it
+        flagged = sum(_flagged(r) for r in checked)
         power = {r["power_noise_scale"] for r in g}
         out.append(
             f"| {name} | {eps:g} | {g[0]['epsilon_spent']:.3f} | {g[0]['m']} | {len(g)} | "
@@ -168,6 +181,8 @@ def table(rows: list[dict]) -> str:
             f"{_median([r['standard'] for r in g])} | {_median([r['replay'] for r in g])} | "
             f"{g[0]['epsilon_max']:.2f} | "
             f"{', '.join('none' if p is None else f'{p:.2f}' for p in sorted(power, key=str))} | "
+            f"{flagged} of {len(checked)} | {_median([r.get('noise_ratio') for r in g])} | "
+            f"{_median([r.get('replay_z') for r in g])} | "
             f"{statistics.median(r['seconds'] for r in g):.0f} |"
         )
     return "\n".join(out)
@@ -229,7 +244,8 @@ def main() -> None:
             f"\nε = {eps:g}: m = {r['m']}, q = {r['sample_rate']:.4g}, steps = {r['steps']}, "
             f"sigma = {r['noise_multiplier']:.4g}: the simulation catches noise x"
             f"{'none' if scale is None else f'{scale:.2f}'} in 80% of runs "
-            f"(false alarms at the full noise: {r['power_false_alarms']:.0%})"
+            f"(false alarms at the full noise: {r['power_false_alarms']:.0%}); the noise check "
+            f"flags noise x{r['noise_detects_scale']:.4f} and below in 80% of runs"
         )
 
 

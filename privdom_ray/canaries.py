@@ -108,6 +108,8 @@ class _Slot:
     scores: torch.Tensor  # float64 running sums of the released gradient, on its device
     llr: torch.Tensor  # float64 running log likelihood ratios (DP optimizers)
     replay: torch.Tensor  # the same after subtracting the replayed noise (known_noise)
+    square: torch.Tensor  # running sums of the squared noised coordinate (noise check)
+    cross: torch.Tensor  # ... of its product with the replayed noise (both in sigma C units)
     known: torch.Tensor | None = None  # this step's replayed noise at the coordinates
 
 
@@ -123,7 +125,7 @@ def _slots(
         canary = np.flatnonzero(owner == k)
         coords = np.unravel_index(flat[canary] - starts[k], tuple(p.shape))
         index = tuple(torch.as_tensor(c, dtype=torch.long, device=p.device) for c in coords)
-        zeros = [torch.zeros(len(canary), dtype=torch.float64, device=p.device) for _ in "slr"]
+        zeros = [torch.zeros(len(canary), dtype=torch.float64, device=p.device) for _ in "slrqx"]
         canary_index = torch.as_tensor(canary, dtype=torch.long, device=draw_device)
         slots.append(_Slot(p, canary, canary_index, index, *zeros))
     return slots
@@ -303,10 +305,13 @@ class GradientCanaries:
         shift = self.norm / std
         with torch.no_grad():
             for slot in self._slots:
-                raw = slot.param.grad[slot.index].to(torch.float64)
-                slot.llr += _step_llr(raw / std, self.sample_rate, shift)
+                z = slot.param.grad[slot.index].to(torch.float64) / std
+                slot.llr += _step_llr(z, self.sample_rate, shift)
+                slot.square += z * z
                 if slot.known is not None:
-                    slot.replay += _step_llr((raw - slot.known) / std, self.sample_rate, shift)
+                    known = slot.known / std
+                    slot.replay += _step_llr(z - known, self.sample_rate, shift)
+                    slot.cross += z * known
 
     def _score(self) -> None:
         """Add the released gradient's coordinate j_i to canary i's score, for every canary."""
@@ -327,6 +332,8 @@ class GradientCanaries:
             "scores": self.scores().tolist(),
             "llr": self._gather("llr").tolist(),
             "replay": self._gather("replay").tolist(),
+            "square": self._gather("square").tolist(),
+            "cross": self._gather("cross").tolist(),
             "known_noise": None if known is None else known.get_state().tolist(),
             "steps": self.steps,
             "insertions": self.insertions,
@@ -341,7 +348,7 @@ class GradientCanaries:
         self._include = torch.as_tensor(self.included, device=self.generator.device)
         zeros = [0.0] * len(self.included)  # a checkpoint from before the likelihood ratios:
         # they cover the steps after the resume only (still a valid audit, a weaker one)
-        for name in ("scores", "llr", "replay"):
+        for name in ("scores", "llr", "replay", "square", "cross"):
             values = np.asarray(state.get(name, zeros), dtype=np.float64)
             for slot in self._slots:
                 getattr(slot, name).copy_(torch.as_tensor(values[slot.canary]))
@@ -363,6 +370,19 @@ class GradientCanaries:
         """Per canary: the sum over steps of the log likelihood ratio of its noised coordinate
         (DP optimizers; zeros for a plain one)."""
         return self._gather("llr")
+
+    def noise_check(self, alpha: float = audit_bound.NOISE_ALPHA) -> audit_bound.NoiseCheck:
+        """The noise the run really added, measured at the excluded canaries' coordinates
+        (no canary ever touches them): its size against the optimizer's sigma C, and its
+        correlation with the replayed noise (``audit_bound.NoiseCheck``)."""
+        out = ~self.included
+        known = self.known_noise is not None
+        return audit_bound.noise_check(
+            self._gather("square")[out],
+            self._gather("cross")[out] if known else None,
+            steps=self.steps,
+            alpha=alpha,
+        )
 
     def replay_scores(self) -> np.ndarray:
         """:meth:`llr_scores` after subtracting the replayed noise (zeros without
@@ -633,14 +653,17 @@ class CanaryInstrument:
     ) -> RunAudit:
         """Every attack's scores against the secret coins (gradient canaries of a DP run: the
         plain and the replayed likelihood ratios; of a plain run: the released sums; input
-        canaries: minus the final model's loss on each), Bonferroni over the attacks, and for
-        DP gradient twins the power (``audit_bound.audit_power``, ``power_runs`` simulated
-        runs; 0 = none) against ``epsilon_spent``."""
+        canaries: minus the final model's loss on each), Bonferroni over the attacks; for DP
+        gradient twins also the noise check and the power (``audit_bound.audit_power``,
+        ``power_runs`` simulated runs; 0 = none) against ``epsilon_spent``."""
         assert self.coins is not None
         scores, score = self._scores(model, device)
         audit = audit_bound.run_audit(scores, self.coins, delta=delta, kind=self.kind, score=score)
         g = self.gradient
-        if score != "llr" or g is None or power_runs < 1 or not math.isfinite(epsilon_spent):
+        if score != "llr" or g is None:
+            return audit
+        audit = dataclasses.replace(audit, noise=g.noise_check())
+        if power_runs < 1 or not math.isfinite(epsilon_spent):
             return audit
         opt = g.optimizer
         setting = PowerSetting(

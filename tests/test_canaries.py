@@ -355,6 +355,12 @@ def test_audit_catches_broken_noise(mode):
         caught = {n for n, a in result.attacks.items() if a.epsilon_lower > epsilon}
         assert caught == ({caught_by} if caught_by else set()), (fault, public, result)
         assert (result.epsilon_lower > epsilon) is (caught_by is not None)
+        # the noise check measures the noise itself: its size and whether it is the seed's
+        noise = can.noise_check()
+        assert noise.units == (~can.included).sum() * steps
+        assert noise.too_little is (fault is not None) and noise.follows_seed is public
+        assert noise.ratio == pytest.approx(0.1 if fault else 1.0, rel=0.05)
+        assert noise.detects_scale() > 0.9
 
 
 # ------------------------------------------------------------------------------ input canaries

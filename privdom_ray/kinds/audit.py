@@ -79,8 +79,8 @@ register(
 @dataclass(frozen=True)
 class TwinCheck:
     """A twin's audit recomputed from its counts, against the epsilon its ledger's mechanisms
-    give (recomputed too): ``problem`` is non-empty when the bound exceeds it (a broken
-    implementation) or the stored bound is not what its counts give."""
+    give (recomputed too): ``problem`` is non-empty when the bound exceeds it or a noise test
+    fails (a broken implementation), or the stored bound is not what its counts give."""
 
     kind: str
     spent: float
@@ -105,13 +105,13 @@ def check_twin(result: Mapping[str, Any] | None, ledger: Mapping[str, Any], name
         spent, _ = epsilon_of(
             ledger["accountant"], ledger_mechanisms(ledger), float(ledger["delta"])
         )
-    problem = ""
-    if abs(lower - float(result["epsilon_lower"])) > 2e-3:
+    problem = _noise_problem(result.get("noise"), name)
+    if not problem and abs(lower - float(result["epsilon_lower"])) > 2e-3:
         problem = (
             f"canary audit: the stored epsilon_lower {float(result['epsilon_lower']):.4g} is not "
             f"what its counts give ({lower:.4g}); the record was changed ({name})"
         )
-    elif lower > spent:
+    elif not problem and lower > spent:
         problem = (
             f"canary audit ({result['kind']}, m={result['m']}, "
             f"{result.get('attack', 'standard')} attack): epsilon_lower {lower:.3g} > epsilon "
@@ -119,6 +119,29 @@ def check_twin(result: Mapping[str, Any] | None, ledger: Mapping[str, Any], name
             f"broken ({name})"
         )
     return TwinCheck(str(result["kind"]), spent, lower, top, problem, private)
+
+
+def _noise_problem(noise: Mapping[str, Any] | None, name: str) -> str:
+    """The twin's noise tests, decided again from its sums (``audit_bound.NoiseCheck``)."""
+    from privdom_ray.audit_bound import NoiseCheck
+
+    if not noise:
+        return ""
+    check = NoiseCheck(int(noise["units"]), float(noise["sum_squares"]),
+                       noise["replay_z"], float(noise["alpha"]))  # fmt: skip
+    if check.too_little:
+        return (
+            f"noise check: the twin added {check.ratio:.3g} times the noise its ledger states "
+            f"(sum of squares {check.sum_squares:.6g} over {check.units} noised coordinates, "
+            f"below {check.floor:.6g} at level {check.alpha:g}): the DP implementation is "
+            f"broken ({name})"
+        )
+    if check.follows_seed:
+        return (
+            f"noise check: the twin's noise follows the public seed (replay z = "
+            f"{check.replay_z:.3g}): the DP implementation is broken ({name})"
+        )
+    return ""
 
 
 def columns(result: Mapping[str, Any], ledger: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,16 +160,18 @@ def columns(result: Mapping[str, Any], ledger: Mapping[str, Any]) -> dict[str, A
         "audit_twin_epsilon": math.inf if spent in ("inf", "Infinity") else float(spent),
         "audit_epsilon_lower_replay": None,
         "audit_power_noise_scale": None,
+        "audit_noise_ratio": None,
     }
     if result.get("version", 1) == 1:
         m, delta = int(result["m"]), float(result.get("delta", 0.0))
         top = max_lower(m, delta, grid=guess_grid(m, top=()), binomial=True)
         return {**out, "audit_epsilon_max": top}
     replay = result["attacks"].get("replay")
-    power = result.get("power") or {}
+    power, noise = result.get("power") or {}, result.get("noise") or {}
     return {
         **out,
         "audit_epsilon_max": float(result["epsilon_max"]),
         "audit_epsilon_lower_replay": None if replay is None else float(replay["epsilon_lower"]),
         "audit_power_noise_scale": power.get("noise_scale"),
+        "audit_noise_ratio": noise.get("ratio"),
     }

@@ -52,14 +52,19 @@ are tested at beta / attacks each, so the largest of their bounds still holds at
 What one run can show (:func:`max_lower`): even with every guess right, m canaries prove at
 most about ln(m / ln(tests |grid| / beta)) (m = 1000: 5.1, 2^17: 10.0 with 11 rules and two
 attacks), so a claim above that cannot be refuted, however broken the run.
-:func:`canaries_for` picks m from the claimed epsilon: at least 2^17 (the smallest m at which
-the demo's twins catch half the calibrated noise at epsilon 1, benchmarks/audit_power.py), and
-doubled until the attainable bound exceeds epsilon + 1.
+:func:`canaries_for` picks m from the claimed epsilon: at least 2^17 (at the demo's epsilon 1
+the simulated power levels off there: 2^16 to 2^19 canaries all catch about half the
+calibrated noise), doubled until the attainable bound exceeds epsilon + 1.
 
 Power (:func:`audit_power`): the smallest noise scaling an audit detects, from a simulation of
 the gradient canaries' scores (Poisson-sampled Dirac canaries of norm C under Gaussian noise,
 :func:`step_llr`) with the twin's own (m, q, steps, sigma), without the real gradients (which
 only add variance: the simulation is optimistic where they are large).
+
+The noise check (:class:`NoiseCheck`): two exact tests on the noised coordinates a white-box
+auditor sees, at level ``NOISE_ALPHA`` each: less noise than stated, and noise that follows
+the public seed. They catch what the bound cannot see at a large epsilon, but they test the
+noise, not epsilon.
 
 numpy and scipy only, so the statistics are tested on their own (randomised response).
 """

@@ -31,6 +31,12 @@ than the plain ones (less: the subtraction doubles the noise); a build whose noi
 seed is left with its canaries bare, and the audit catches it as it catches a build without
 noise. ``replay_scores()`` holds them.
 
+The noise check (:meth:`GradientCanaries.noise_check`): the coordinates of the excluded
+canaries are never touched by a canary, so what the auditor sees there each step is a clipped
+sum plus the noise; the sums of its squares and of its products with the replayed noise test
+whether the run added the noise its ledger states and whether that noise is the public
+seed's (``audit_bound.NoiseCheck``). A test of the noise, not a bound on epsilon.
+
 Where the clipped sum lives (Opacus 1.6): ``DPOptimizer.pre_step`` (hooks, functorch, ew) and
 ``DPOptimizerFastGradientClipping.pre_step`` (ghost, and ``dpstep``'s bk) both leave the clipped
 sum of the logical batch in ``p.summed_grad`` and call ``add_noise()`` (which sets

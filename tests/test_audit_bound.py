@@ -323,3 +323,50 @@ def test_power_simulation_agrees_with_a_per_step_simulation():
     below = np.mean([caught(0.8 * s80) for _ in range(20)])
     above = np.mean([caught(min(1.0, 1.25 * s80)) for _ in range(20)])
     assert below >= 0.8 and above <= 0.5
+
+
+# ------------------------------------------------------------------------------ noise check
+
+
+def test_noise_check_holds_its_level_whatever_the_gradients():
+    """Stated noise, gradients that react to the past noise (the worst case the martingale
+    bound covers): "too little" at most alpha of the time; the replay z of an independent
+    replay is standard normal."""
+    rng = np.random.default_rng(4)
+    alpha, coords, steps = 0.05, 200, 40
+    flags, zs = [], []
+    for _ in range(400):
+        noise = rng.standard_normal((steps, coords))
+        grads = np.zeros((steps, coords))
+        grads[1:] = -0.8 * noise[:-1]  # pulls the next released value back: sum z^2 down
+        z = grads + noise
+        replay = rng.standard_normal((steps, coords))
+        check = ab.noise_check((z**2).sum(0), (z * replay).sum(0), steps=steps, alpha=alpha)
+        flags.append(check.too_little or check.follows_seed)
+        zs.append(check.replay_z)
+    assert np.mean(flags) <= alpha + 0.02
+    assert abs(np.mean(zs)) < 0.15 and 0.85 < np.std(zs) < 1.15
+
+
+def test_noise_check_catches_too_little_noise_and_the_seeds_noise():
+    rng = np.random.default_rng(5)
+    coords, steps = 2000, 48
+    noise = rng.standard_normal((steps, coords))
+    half = ab.noise_check(((0.5 * noise) ** 2).sum(0), None, steps=steps)
+    assert half.too_little and half.ratio == pytest.approx(0.5, rel=0.01)
+    assert half.replay_z is None and not half.follows_seed
+    seeds = ab.noise_check((noise**2).sum(0), (noise * noise).sum(0), steps=steps)
+    assert seeds.follows_seed and not seeds.too_little and seeds.replay_z > 100
+    # detects_scale: a build at that noise factor is flagged about 80% of the time
+    check = ab.noise_check(np.full(coords, float(steps)), None, steps=steps)
+    s = check.detects_scale()
+    assert 0.95 < s < 1.0
+    flagged = [
+        ab.noise_check(
+            ((s * rng.standard_normal((steps, coords))) ** 2).sum(0), None, steps=steps
+        ).too_little  # fmt: skip
+        for _ in range(200)
+    ]
+    assert 0.7 < np.mean(flagged) < 0.9
+    record = seeds.as_dict()
+    assert record["follows_seed"] and record["units"] == coords * steps

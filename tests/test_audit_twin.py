@@ -285,3 +285,33 @@ def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tm
     assert "cannot tell: m = 1000 caps the bound at 5.10 ≤ ε spent" in eight
     assert "consistent" not in md and "no evidence of a broken build |" in one
     assert "noise ×≤0.52, and noise replayed from the public seed" in one
+
+
+def test_launch_audit_recomputes_a_twins_bound_and_noise_tests(tmp_path):
+    """``launch.py audit`` never trusts a twin's stored numbers: a bound that is not what its
+    counts give, or a noise test that fails, is a problem; a consistent record passes."""
+    from conftest import make_testset, scores_for, write_trial
+
+    from privdom_ray.audit_bound import epsilon_lower_fdp
+    from privdom_ray.kinds.audit import check_twin
+    from privdom_ray.privacy import epsilon_of, ledger_mechanisms
+
+    test = make_testset(30, seed=1)
+    key = write_trial(tmp_path, source="a", epsilon=1.0, seed=0,
+                      evals={"a": ("fpa", test, scores_for(test, 1.0, 0))})  # fmt: skip
+    ledger = TrialStore(tmp_path).read(key).ledger
+    m = 1000
+    lower = epsilon_lower_fdp(m, 10, 10, delta=1e-5, beta=0.025 / 11)
+    good = _v2_result(m, lower, 5.1, 0.5)
+    good["attacks"]["replay"]["epsilon_lower"] = 0.0
+    good["noise"] = {"units": 24_000, "sum_squares": 24_100.0, "replay_z": 0.3, "alpha": 1e-6}
+    ok = check_twin(good, ledger, "a_eps1_seed0_audit")
+    assert ok.problem == "" and ok.lower == pytest.approx(lower) and ok.checked
+    recomputed, _ = epsilon_of(ledger["accountant"], ledger_mechanisms(ledger), ledger["delta"])
+    assert ok.spent == recomputed  # the ledger's mechanisms, not its stored epsilon
+    assert "not what its counts give" in check_twin({**good, "epsilon_lower": 0.01}, ledger,
+                                                   "x").problem  # fmt: skip
+    quiet = {**good, "noise": {**good["noise"], "sum_squares": 0.25 * 24_000}}
+    assert "added 0.5 times the noise" in check_twin(quiet, ledger, "x").problem
+    seeded = {**good, "noise": {**good["noise"], "replay_z": 150.0}}
+    assert "follows the public seed" in check_twin(seeded, ledger, "x").problem

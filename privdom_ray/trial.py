@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,9 @@ from privdom_ray.kinds import kind_of
 from privdom_ray.manifest import LABELS
 from privdom_ray.store import TrialStore
 from privdom_ray.train import load_model, memory_budget_mb, predict, run_trial
+
+if TYPE_CHECKING:
+    from privdom_ray.canaries import Fault
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -213,7 +216,7 @@ def train_audit_twin(
     node: str,
     _executor: Executor,
     *,
-    fault: Any = None,
+    fault: Fault | None = None,
 ) -> None:
     """Train an audit twin: the audited cell's training with canaries (kinds/audit.py), then
     the one-run audit with every attack (the plain scores, and the replay of the noise the

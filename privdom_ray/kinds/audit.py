@@ -105,19 +105,20 @@ def check_twin(result: Mapping[str, Any] | None, ledger: Mapping[str, Any], name
         spent, _ = epsilon_of(
             ledger["accountant"], ledger_mechanisms(ledger), float(ledger["delta"])
         )
-    problem = _noise_problem(result.get("noise"), name)
-    if not problem and abs(lower - float(result["epsilon_lower"])) > 2e-3:
-        problem = (
+    problems = [_noise_problem(result.get("noise"), name)]
+    if abs(lower - float(result["epsilon_lower"])) > 2e-3:
+        problems.append(
             f"canary audit: the stored epsilon_lower {float(result['epsilon_lower']):.4g} is not "
             f"what its counts give ({lower:.4g}); the record was changed ({name})"
         )
-    elif not problem and lower > spent:
-        problem = (
+    if lower > spent:
+        problems.append(
             f"canary audit ({result['kind']}, m={result['m']}, "
             f"{result.get('attack', 'standard')} attack): epsilon_lower {lower:.3g} > epsilon "
             f"spent {spent:.3g} at 95% confidence: the DP implementation or its accounting is "
             f"broken ({name})"
         )
+    problem = "; ".join(p for p in problems if p)
     return TwinCheck(str(result["kind"]), spent, lower, top, problem, private)
 
 

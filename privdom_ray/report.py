@@ -923,6 +923,9 @@ def _audit_verdict(r: Mapping[str, Any], top: float) -> str:
         return "no DP: shows what leaks"
     if lower > spent:
         return "**BROKEN: above ε spent**"
+    noise = r.get("audit_noise_check")
+    if not _missing(noise) and noise != "ok":
+        return f"**BROKEN: {noise}**"
     if top <= spent:
         return f"cannot tell: m = {int(r['audit_canaries'])} caps the bound at {top:.2f} ≤ ε spent"
     scale = r.get("audit_power_noise_scale")
@@ -944,10 +947,12 @@ def _section_audit(view: ReportView) -> str:
             f"{r['source']}, ε = {format_epsilon(r['epsilon_target'])}, seed {r['seed']}",
             _num(r["audit_twin_epsilon"], 2), f"{r['audit_kind']}, m = {int(r['audit_canaries'])}",
             _num(r["audit_epsilon_lower"], 2), _num(r.get("audit_epsilon_lower_replay"), 2),
-            _num(top, 2), _audit_power(r), _audit_verdict(r, top),
+            _num(top, 2), _audit_power(r), _num(r.get("audit_noise_ratio"), 3),
+            _audit_verdict(r, top),
         ])  # fmt: skip
     head = ["cell", "ε spent", "canaries", "ε lower (95%)", "replay attack", "most m canaries "
-            "can show", "catches (80% of simulated runs)", "verdict"]  # fmt: skip
+            "can show", "catches (80% of simulated runs)", "noise measured / stated",
+            "verdict"]  # fmt: skip
     return "\n".join([
         "Each audited cell has a twin trained the same way with m canaries, each included by a "
         "secret coin; the auditor guesses the coins from the twin's output, and the correct "
@@ -968,7 +973,10 @@ def _section_audit(view: ReportView) -> str:
         "caught in 80% of runs, simulated with the twin's own m, q, steps and sigma (without "
         "the real gradients, which only add variance); a build whose noise follows the public "
         "seed is caught whenever a build without noise would be. 'No evidence of a broken "
-        "build' is all a passed audit says.",
+        "build' is all a passed audit says. The twin also measures the noise it added, at the "
+        "coordinates of the excluded canaries: less than its ledger states, or noise that "
+        "follows the public seed, is a broken build whatever the bound (two exact tests at "
+        "level 1e-6; they test the noise, not ε).",
         "",
         _table(head, table),
     ]) + "\n"  # fmt: skip

@@ -98,6 +98,7 @@ AUDIT_COLUMNS = [
     "audit_epsilon_max",
     "audit_power_noise_scale",
     "audit_noise_ratio",
+    "audit_noise_check",
     "audit_canaries",
     "audit_guesses",
     "audit_correct",
@@ -163,13 +164,14 @@ SCHEMA = _with_privacy(
         # the cell's audit twin (grid option audit:): a 95% lower bound on epsilon from m
         # canaries (the largest over its attacks), the replay attack's, the most m canaries
         # can show, the largest noise factor it catches in 80% of simulated runs, the noise it
-        # measured over the stated one, and what gave it (null without a twin;
-        # kinds/audit.py: columns)
+        # measured over the stated one and its tests' verdict, and what gave it (null without
+        # a twin; kinds/audit.py: columns)
         ("audit_epsilon_lower", pa.float64()),
         ("audit_epsilon_lower_replay", pa.float64()),
         ("audit_epsilon_max", pa.float64()),
         ("audit_power_noise_scale", pa.float64()),
         ("audit_noise_ratio", pa.float64()),
+        ("audit_noise_check", pa.string()),
         ("audit_canaries", pa.int64()),
         ("audit_guesses", pa.int64()),
         ("audit_correct", pa.int64()),

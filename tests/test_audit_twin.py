@@ -194,8 +194,8 @@ def test_twins_are_planned_keyed_and_attached_to_the_audited_rows(tmp_path):
     spent = f"{record.ledger['epsilon_spent']:.2f}"
     top = f"{df['audit_epsilon_max'].iloc[0]:.2f}"
     assert rows == [f"| a, ε = 1, seed 0 | {spent} | gradient, m = 100 | 0.30 | — | {top} | "
-                    "not estimated (twin from before the power estimate; re-run it) | no evidence "
-                    "of a broken build, at unknown power |"]  # fmt: skip
+                    "not estimated (twin from before the power estimate; re-run it) | — | no "
+                    "evidence of a broken build, at unknown power |"]  # fmt: skip
     assert "consistent" not in md
     assert (tmp_path / "agg" / "figures" / "audit_epsilon.png").is_file()
 
@@ -272,8 +272,14 @@ def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tm
     test = make_testset(60, seed=1)
     out = tmp_path / "agg"
     keys = []
-    for eps, m, top, scale in ((8.0, 1000, 5.1, None), (1.0, 2**17, 10.0, 0.52)):
-        key = write_trial(out, source="a", epsilon=eps, seed=0,
+    fine = {"units": 10_000, "sum_squares": 10_050.0, "replay_z": 0.4, "alpha": 1e-6}
+    quiet = {**fine, "sum_squares": 2_500.0}  # half the noise: broken whatever the bound
+    for eps, seed, m, top, scale, noise in (
+        (8.0, 0, 1000, 5.1, None, None),
+        (1.0, 0, 2**17, 10.0, 0.52, fine),
+        (1.0, 1, 2**17, 10.0, 0.52, quiet),
+    ):
+        key = write_trial(out, source="a", epsilon=eps, seed=seed,
                           evals={"a": ("fpa", test, scores_for(test, 1.0, 0))})  # fmt: skip
         record = TrialStore(out).read(key)
         twin = dataclasses.replace(
@@ -283,11 +289,12 @@ def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tm
             twin.key, state_dict={"w": torch.zeros(1)}, ledger=record.ledger, history=[],
             thresholds=list(record.thresholds), labels=LABELS,
             record={"spec": twin.to_json(), "best_epoch": 1, "train_seconds": 1.0,
-                    "val_macro_auc": 0.5, "audit": _v2_result(m, 0.4, top, scale)},
+                    "val_macro_auc": 0.5,
+                    "audit": {**_v2_result(m, 0.4, top, scale), "noise": noise}},
         )  # fmt: skip
         keys += [key, twin.key]
     _, df = results.aggregate(out, keys, "t", [_T("a", "fpa")])
-    audited = df.drop_duplicates("trial_key").set_index("epsilon_target")
+    audited = df[df["seed"] == 0].drop_duplicates("trial_key").set_index("epsilon_target")
     assert audited.loc[8.0, "audit_epsilon_max"] == 5.1
     assert pd.isna(audited.loc[8.0, "audit_power_noise_scale"])
     assert audited.loc[1.0, "audit_power_noise_scale"] == 0.52
@@ -298,6 +305,9 @@ def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tm
     assert "cannot tell: m = 1000 caps the bound at 5.10 ≤ ε spent" in eight
     assert "consistent" not in md and "no evidence of a broken build |" in one
     assert "noise ×≤0.52, and noise replayed from the public seed" in one
+    assert "| 1.002 |" in one and audited.loc[1.0, "audit_noise_check"] == "ok"
+    broken = next(line for line in md.splitlines() if line.startswith("| a, ε = 1, seed 1"))
+    assert "| 0.500 | **BROKEN: too little noise** |" in broken
 
 
 def test_launch_audit_recomputes_a_twins_bound_and_noise_tests(tmp_path):

@@ -333,6 +333,7 @@ def test_scores_separate_without_noise_and_not_with_huge_noise():
     assert sum(low > 0 for low in lows) <= 1 and max(lows) < 0.3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_audit_catches_broken_noise(mode):
     """sigma calibrated for epsilon = 2 over the run. A correct build is caught by neither

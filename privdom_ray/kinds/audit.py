@@ -162,6 +162,7 @@ def columns(result: Mapping[str, Any], ledger: Mapping[str, Any]) -> dict[str, A
         "audit_epsilon_lower_replay": None,
         "audit_power_noise_scale": None,
         "audit_noise_ratio": None,
+        "audit_noise_check": None,
     }
     if result.get("version", 1) == 1:
         m, delta = int(result["m"]), float(result.get("delta", 0.0))
@@ -175,4 +176,16 @@ def columns(result: Mapping[str, Any], ledger: Mapping[str, Any]) -> dict[str, A
         "audit_epsilon_lower_replay": None if replay is None else float(replay["epsilon_lower"]),
         "audit_power_noise_scale": power.get("noise_scale"),
         "audit_noise_ratio": noise.get("ratio"),
+        "audit_noise_check": _noise_verdict(noise) if noise else None,
     }
+
+
+def _noise_verdict(noise: Mapping[str, Any]) -> str:
+    """The noise tests in words (recomputed from their sums, like ``launch.py audit``)."""
+    from privdom_ray.audit_bound import NoiseCheck
+
+    check = NoiseCheck(int(noise["units"]), float(noise["sum_squares"]),
+                       noise["replay_z"], float(noise["alpha"]))  # fmt: skip
+    if check.too_little:
+        return "too little noise"
+    return "noise follows the public seed" if check.follows_seed else "ok"

@@ -191,8 +191,8 @@ def _audit(argv: list[str]) -> int:
     )
     print(
         "  (recomputed: from the trial's spec, by the ledger's accountant; pld: the independent "
-        "PLD accountant; audit twins, site 'canaries': spent epsilon, epsilon_lower, f-DP "
-        "epsilon_lower; site 'history': the training history against the ledger)"
+        "PLD accountant; audit twins, site 'canaries': spent epsilon, epsilon_lower, the most "
+        "its m canaries can show; site 'history': the training history against the ledger)"
     )
     for r in rows:
         print(r.line())

@@ -300,24 +300,15 @@ def _tolerance(info: Mapping[str, Any]) -> tuple[float, str]:
 
 
 def _canary_line(record: TrialRecord) -> AuditLine:
-    """An audit twin's one-run bound: above the epsilon its mechanism spent (at 95%
-    confidence) means the DP implementation or its accounting is broken."""
-    result = record.info.get("audit")
-    spent = float(record.ledger["epsilon_spent"])
-    if result is None:
-        return AuditLine(record.key[:12], "canaries", problem="audit twin without a result")
-    lower = float(result["epsilon_lower"])
-    problem = ""
-    if math.isfinite(spent) and lower > spent:
-        problem = (
-            f"canary audit ({result['kind']}, m={result['m']}): epsilon_lower {lower:.3g} > "
-            f"epsilon_spent {spent:.3g} at 95% confidence: the DP implementation or its "
-            f"accounting is broken ({record.spec.name})"
-        )
+    """An audit twin's one-run bound, recomputed from its counts (kinds/audit.py): above the
+    epsilon its mechanism spent (at 95% confidence) means the DP implementation or its
+    accounting is broken."""
+    from privdom_ray.kinds.audit import check_twin
+
+    c = check_twin(record.info.get("audit"), record.ledger, record.spec.name)
     return AuditLine(
-        record.key[:12], "canaries", result["kind"], float(record.ledger["epsilon_target"]),
-        spent, lower, float(result.get("epsilon_lower_fdp") or math.nan), problem,
-        checked=math.isfinite(spent),
+        record.key[:12], "canaries", c.kind, float(record.ledger["epsilon_target"]), c.spent,
+        c.lower, c.epsilon_max, c.problem, checked=c.checked,
     )  # fmt: skip
 
 

@@ -15,11 +15,27 @@ loss), and a Dirac direction makes injecting and scoring O(m) per step (one inde
 no m x d projection). At every optimizer step each included canary is Poisson-sampled with the
 trial's rate q (from the *secret* generator) and, when sampled, ``C e_j`` is added to the
 clipped gradient sum *before* the noise, exactly where a real example's clipped gradient is: it
-is then noised and divided by the expected batch size like one. Canary i's score is the sum
-over steps of the released gradient's coordinate j_i (the inner product of each privatised
-update with its direction): a function of the DP mechanism's output only, so the one-run
-theorem applies. Real gradients also touch coordinate j_i; they shift in and out canaries
-alike and only add variance ("interference").
+is then noised and divided by the expected batch size like one. Canary i's scores are functions of the DP mechanism's output only, so the one-run theorem
+applies to each: ``scores()``, the sum over steps of the released gradient's coordinate j_i;
+for DP optimizers also ``llr_scores()``, the sum over steps of the log likelihood ratio "in" vs
+"out" of the noised coordinate (``audit_bound.step_llr`` with the ledger's sigma: the optimal
+score when the noise is what the ledger says, and far stronger than the sum when sigma is
+small), which the twins' audit uses. Real gradients also touch coordinate j_i; they shift in
+and out canaries alike and only add variance ("interference").
+
+The replay attack (``known_noise``): a twin also scores every canary after subtracting the
+noise that a build drawing its noise from the public seed would have added (the auditor
+regenerates it: Opacus's draws, same order, from the generator that seed gives). A correct
+build's noise is independent of that replay, so the replayed scores carry no more information
+than the plain ones (less: the subtraction doubles the noise); a build whose noise follows the
+seed is left with its canaries bare, and the audit catches it as it catches a build without
+noise. ``replay_scores()`` holds them.
+
+The noise check (:meth:`GradientCanaries.noise_check`): the coordinates of the excluded
+canaries are never touched by a canary, so what the auditor sees there each step is a clipped
+sum plus the noise; the sums of its squares and of its products with the replayed noise test
+whether the run added the noise its ledger states and whether that noise is the public
+seed's (``audit_bound.NoiseCheck``). A test of the noise, not a bound on epsilon.
 
 Where the clipped sum lives (Opacus 1.6): ``DPOptimizer.pre_step`` (hooks, functorch, ew) and
 ``DPOptimizerFastGradientClipping.pre_step`` (ghost, and ``dpstep``'s bk) both leave the clipped
@@ -40,10 +56,15 @@ a contradictory label vector, appended to the training split when their coin say
 Secrets: coins and per-step sampling come only from the caller's ``torch.Generator`` (seeded
 from OS entropy by the training core; fixed in tests); directions and input patterns come from
 the public ``auditor_seed``. :func:`audit_canaries` turns scores and coins into the bound.
+
+Broken builds (:class:`Fault`) exist for tests and benchmarks only and are reachable only
+through the Python API (a noise scale, a public noise generator), never from a grid.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +77,7 @@ from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 
 from privdom_ray import audit_bound
+from privdom_ray.audit_bound import AuditPower, PowerSetting, RunAudit
 from privdom_ray.cache import SplitData, append
 from privdom_ray.manifest import LABELS
 
@@ -89,7 +111,11 @@ class _Slot:
     canary: np.ndarray  # canary numbers (positions in the coin vector)
     canary_index: torch.Tensor  # the same as a long tensor (for the per-step gather)
     index: tuple[torch.Tensor, ...]  # logical multi-index per canary (any memory layout)
-    scores: torch.Tensor  # float64 running scores, on the parameter's device
+    scores: torch.Tensor  # float64 running sums of the released gradient, on its device
+    llr: torch.Tensor  # float64 running log likelihood ratios (DP optimizers)
+    replay: torch.Tensor  # the same after subtracting the replayed noise (known_noise)
+    square: torch.Tensor  # running sums of the squared noised coordinate (noise check)
+    cross: torch.Tensor  # ... of its product with the replayed noise (both in sigma C units)
     known: torch.Tensor | None = None  # this step's replayed noise at the coordinates
 
 
@@ -105,9 +131,9 @@ def _slots(
         canary = np.flatnonzero(owner == k)
         coords = np.unravel_index(flat[canary] - starts[k], tuple(p.shape))
         index = tuple(torch.as_tensor(c, dtype=torch.long, device=p.device) for c in coords)
-        scores = torch.zeros(len(canary), dtype=torch.float64, device=p.device)
+        zeros = [torch.zeros(len(canary), dtype=torch.float64, device=p.device) for _ in "slrqx"]
         canary_index = torch.as_tensor(canary, dtype=torch.long, device=draw_device)
-        slots.append(_Slot(p, canary, canary_index, index, scores))
+        slots.append(_Slot(p, canary, canary_index, index, *zeros))
     return slots
 
 
@@ -172,9 +198,10 @@ class GradientCanaries:
         (default: the DP optimizer's; required for a plain optimizer). ``expected_batch_size``:
         the divisor of a plain optimizer's averaged gradient (DP optimizers divide themselves).
         ``params``: the trainable parameters in a fixed order (default: the optimizer's).
-        ``known_noise``: only to audit a *broken* build whose noise generator was seeded from
-        a seed the auditor knows: a generator in the same state as the optimizer's, from which
-        the noise is replayed (Opacus's draws, same order) and subtracted from the scores.
+        ``known_noise``: the replay attack: the generator a build that drew its noise from a
+        seed the auditor knows would use, from which that noise is replayed (Opacus's draws,
+        same order) and subtracted before :meth:`replay_scores` (a correct build's noise is
+        independent of it: the replay then only adds noise).
         """
         if hasattr(optimizer, _ATTACHED):
             raise RuntimeError("canaries are already attached to this optimizer")
@@ -217,6 +244,7 @@ class GradientCanaries:
                 if self.known_noise is not None:
                     self._replay_noise()
                 add_noise()
+                self._score_noised()
                 self._pending = True
 
             def scaled() -> None:
@@ -271,30 +299,48 @@ class GradientCanaries:
             if id(p) in slots:
                 slots[id(p)].known = noise.view_as(p)[slots[id(p)].index].to(torch.float64)
 
-    def _score(self) -> None:
-        """Add the released gradient's coordinate j_i to canary i's score, for every canary
-        (minus the replayed noise, divided like the gradient, when the noise is known)."""
-        self.steps += 1
-        divisor = 1.0
-        if self.known_noise is not None and self.optimizer.loss_reduction == "mean":
-            opt = self.optimizer
-            divisor = opt.expected_batch_size * opt.accumulated_iterations
+    def _score_noised(self) -> None:
+        """Add each canary's step log likelihood ratio: its coordinate of ``p.grad`` right after
+        ``add_noise`` (the clipped sum plus noise, not yet divided), in units of the noise's
+        standard deviation as the optimizer states it (sigma C). The replay attack scores the
+        same coordinate minus the replayed noise."""
+        opt = self.optimizer
+        std = float(opt.noise_multiplier) * float(opt.max_grad_norm)
+        if std <= 0:
+            return  # no noise claimed: a likelihood ratio is undefined, the sums remain
+        shift = self.norm / std
         with torch.no_grad():
             for slot in self._slots:
-                released = slot.param.grad[slot.index].to(torch.float64)
+                z = slot.param.grad[slot.index].to(torch.float64) / std
+                slot.llr += _step_llr(z, self.sample_rate, shift)
+                slot.square += z * z
                 if slot.known is not None:
-                    released = released - slot.known / divisor
-                slot.scores += released
+                    known = slot.known / std
+                    slot.replay += _step_llr(z - known, self.sample_rate, shift)
+                    slot.cross += z * known
+
+    def _score(self) -> None:
+        """Add the released gradient's coordinate j_i to canary i's score, for every canary."""
+        self.steps += 1
+        with torch.no_grad():
+            for slot in self._slots:
+                slot.scores += slot.param.grad[slot.index].to(torch.float64)
 
     # ---------------------------------------------------------------- results
 
     def state_dict(self) -> dict[str, object]:
         """What a private checkpoint must keep to resume the audit (the coins are secret):
         plain lists and numbers, loadable with ``torch.load(weights_only=True)``."""
+        known = self.known_noise
         return {
             "coordinates": self.coordinates.tolist(),
             "included": self.included.tolist(),
             "scores": self.scores().tolist(),
+            "llr": self._gather("llr").tolist(),
+            "replay": self._gather("replay").tolist(),
+            "square": self._gather("square").tolist(),
+            "cross": self._gather("cross").tolist(),
+            "known_noise": None if known is None else known.get_state().tolist(),
             "steps": self.steps,
             "insertions": self.insertions,
         }
@@ -306,17 +352,87 @@ class GradientCanaries:
             raise ValueError("canary coordinates differ: another auditor seed or model")
         self.included = np.asarray(state["included"], dtype=bool)
         self._include = torch.as_tensor(self.included, device=self.generator.device)
-        scores = np.asarray(state["scores"], dtype=np.float64)
-        for slot in self._slots:
-            slot.scores.copy_(torch.as_tensor(scores[slot.canary]))
+        zeros = [0.0] * len(self.included)  # a checkpoint from before the likelihood ratios:
+        # they cover the steps after the resume only (still a valid audit, a weaker one)
+        for name in ("scores", "llr", "replay", "square", "cross"):
+            values = np.asarray(state.get(name, zeros), dtype=np.float64)
+            for slot in self._slots:
+                getattr(slot, name).copy_(torch.as_tensor(values[slot.canary]))
+        if self.known_noise is not None and state.get("known_noise") is not None:
+            self.known_noise.set_state(torch.tensor(state["known_noise"], dtype=torch.uint8))
         self.steps, self.insertions = int(state["steps"]), int(state["insertions"])
+
+    def _gather(self, name: str) -> np.ndarray:
+        out = np.zeros(len(self.included), dtype=np.float64)
+        for slot in self._slots:
+            out[slot.canary] = getattr(slot, name).cpu().numpy()
+        return out
 
     def scores(self) -> np.ndarray:
         """Per canary: the sum over steps of the released gradient at its coordinate."""
-        out = np.zeros(len(self.included), dtype=np.float64)
-        for slot in self._slots:
-            out[slot.canary] = slot.scores.cpu().numpy()
-        return out
+        return self._gather("scores")
+
+    def llr_scores(self) -> np.ndarray:
+        """Per canary: the sum over steps of the log likelihood ratio of its noised coordinate
+        (DP optimizers; zeros for a plain one)."""
+        return self._gather("llr")
+
+    def noise_check(self, alpha: float = audit_bound.NOISE_ALPHA) -> audit_bound.NoiseCheck:
+        """The noise the run really added, measured at the excluded canaries' coordinates
+        (no canary ever touches them): its size against the optimizer's sigma C, and its
+        correlation with the replayed noise (``audit_bound.NoiseCheck``)."""
+        out = ~self.included
+        known = self.known_noise is not None
+        return audit_bound.noise_check(
+            self._gather("square")[out],
+            self._gather("cross")[out] if known else None,
+            steps=self.steps,
+            alpha=alpha,
+        )
+
+    def replay_scores(self) -> np.ndarray:
+        """:meth:`llr_scores` after subtracting the replayed noise (zeros without
+        ``known_noise``)."""
+        return self._gather("replay")
+
+
+def _step_llr(z: torch.Tensor, sample_rate: float, shift: float) -> torch.Tensor:
+    """``audit_bound.step_llr`` on a torch tensor (same formula; tests check they agree)."""
+    stay = math.log1p(-sample_rate) if sample_rate < 1 else -math.inf
+    return torch.logaddexp(
+        torch.full_like(z, stay), math.log(sample_rate) + shift * z - 0.5 * shift**2
+    )
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A deliberately broken DP build, for tests and benchmarks only: reachable through the
+    Python API (``trial.train_audit_twin(fault=...)``), never from a grid.
+
+    ``noise_scale``: the noise actually added is this times the calibrated noise, while the
+    optimizer, its accountant and the ledger keep the calibrated sigma (0 = no noise at all).
+    ``public_noise``: the noise is drawn from the generator the public seed gives (the bug
+    class this project once shipped), while the ledger still claims secret randomness.
+    """
+
+    noise_scale: float = 1.0
+    public_noise: bool = False
+
+    def apply(self, optimizer: DPOptimizer) -> None:
+        """Make ``optimizer`` add ``noise_scale`` times its noise (before canaries attach, so
+        they inject before and score after the faulty noise, as in a real broken build)."""
+        if self.noise_scale == 1.0:
+            return
+        add_noise, sigma = optimizer.add_noise, optimizer.noise_multiplier
+
+        def scaled() -> None:
+            optimizer.noise_multiplier = self.noise_scale * sigma
+            try:
+                add_noise()
+            finally:
+                optimizer.noise_multiplier = sigma
+
+        optimizer.add_noise = scaled
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,13 +563,15 @@ def audit_canaries(
     kind: str,
     delta: float,
     beta: float = audit_bound.DEFAULT_BETA,
-    fdp: bool = True,
+    diagnostics: bool = True,
 ) -> audit_bound.AuditResult:
-    """The one-run audit of a twin: higher score = guess "in" (gradient scores as they are;
+    """The one-run audit of one attack: higher score = guess "in" (gradient scores as they are;
     for input canaries pass ``-losses``). See ``audit_bound.audit`` for the bound and grid."""
     if kind not in KINDS:
         raise ValueError(f"unknown canary kind {kind!r}; known: {', '.join(KINDS)}")
-    return audit_bound.audit(scores, included, delta=delta, beta=beta, kind=kind, fdp=fdp)
+    return audit_bound.audit(
+        scores, included, delta=delta, beta=beta, kind=kind, diagnostics=diagnostics
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,6 +589,9 @@ class CanaryInstrument:
     canaries): the Poisson rate and, for input canaries, the expected batch size that the DP
     optimizer divides by stay what they would be without them, so nothing the released run
     computes depends on how many coins came up.
+
+    ``replay_noise``: the generator the public seed gives a build's noise (the replay attack,
+    DP gradient twins). ``fault``: a deliberately broken build (tests and benchmarks only).
     """
 
     def __init__(
@@ -482,11 +603,14 @@ class CanaryInstrument:
         units: int,
         logical_batch: int,
         max_grad_norm: float,
+        replay_noise: torch.Generator | None = None,
+        fault: Fault | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown canary kind {kind!r}; known: {', '.join(KINDS)}")
         self.count, self.kind, self.auditor_seed = count, kind, auditor_seed
         self.units, self.logical_batch, self.max_grad_norm = units, logical_batch, max_grad_norm
+        self.replay_noise, self.fault = replay_noise, fault
         self.coins: np.ndarray | None = None
         self.generator: torch.Generator | None = None
         self.gradient: GradientCanaries | None = None
@@ -507,6 +631,8 @@ class CanaryInstrument:
     def attach(self, optimizer: torch.optim.Optimizer, sample_rate: float) -> None:
         assert self.coins is not None and self.generator is not None, "prepare() first"
         private = isinstance(optimizer, DPOptimizer)
+        if self.fault is not None and private:
+            self.fault.apply(optimizer)
         if self.kind == "input":
             if private:  # divide by the cell's expected batch, not one that counts the coins
                 optimizer.expected_batch_size = int(self.units * sample_rate)
@@ -516,24 +642,55 @@ class CanaryInstrument:
         )  # fmt: skip
         self.gradient = GradientCanaries.attach(
             optimizer, count=self.count, sample_rate=sample_rate, generator=self.generator,
-            auditor_seed=self.auditor_seed, included=self.coins, **extra,
+            auditor_seed=self.auditor_seed, included=self.coins,
+            known_noise=self.replay_noise if private else None, **extra,
         )  # fmt: skip
         if self._saved is not None:
             self.gradient.load_state_dict(self._saved)
 
     def result(
-        self, model: nn.Module, *, delta: float, device: str = "cpu"
-    ) -> audit_bound.AuditResult:
-        """The audit: scores against the secret coins (gradient: released updates; input: minus
-        the final model's loss on each canary)."""
+        self,
+        model: nn.Module,
+        *,
+        delta: float,
+        epsilon_spent: float = math.inf,
+        device: str = "cpu",
+        power_runs: int = 24,
+    ) -> RunAudit:
+        """Every attack's scores against the secret coins (gradient canaries of a DP run: the
+        plain and the replayed likelihood ratios; of a plain run: the released sums; input
+        canaries: minus the final model's loss on each), Bonferroni over the attacks; for DP
+        gradient twins also the noise check and the power (``audit_bound.audit_power``,
+        ``power_runs`` simulated runs; 0 = none) against ``epsilon_spent``."""
         assert self.coins is not None
-        if self.kind == "gradient":
-            assert self.gradient is not None
-            scores = self.gradient.scores()
-        else:
+        scores, score = self._scores(model, device)
+        audit = audit_bound.run_audit(scores, self.coins, delta=delta, kind=self.kind, score=score)
+        g = self.gradient
+        if score != "llr" or g is None:
+            return audit
+        audit = dataclasses.replace(audit, noise=g.noise_check())
+        if power_runs < 1 or not math.isfinite(epsilon_spent):
+            return audit
+        opt = g.optimizer
+        setting = PowerSetting(
+            m=self.count, sample_rate=g.sample_rate, steps=g.steps,
+            noise_multiplier=float(opt.noise_multiplier), epsilon=float(epsilon_spent),
+            delta=delta, beta=audit.beta, tests=len(scores),
+        )  # fmt: skip
+        return dataclasses.replace(audit, power=_power(setting, power_runs))
+
+    def _scores(self, model: nn.Module, device: str) -> tuple[dict[str, np.ndarray], str]:
+        if self.kind == "input":
             assert self.inputs is not None
-            scores = -input_canary_losses(model, self.inputs, device=device)
-        return audit_canaries(scores, self.coins, kind=self.kind, delta=delta)
+            return {"standard": -input_canary_losses(model, self.inputs, device=device)}, "loss"
+        g = self.gradient
+        assert g is not None
+        if not g.private or float(g.optimizer.noise_multiplier) <= 0:
+            return {"standard": g.scores()}, "sum"
+        scores = {"standard": g.llr_scores()}
+        if g.known_noise is not None:
+            scores["replay"] = g.replay_scores()
+        return scores, "llr"
 
     def state_dict(self) -> dict[str, object]:
         return {
@@ -544,3 +701,10 @@ class CanaryInstrument:
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.coins = np.asarray(state["coins"], dtype=bool)
         self._saved = state["gradient"]  # type: ignore[assignment]
+
+
+@functools.lru_cache(maxsize=8)
+def _power(setting: PowerSetting, runs: int) -> AuditPower:
+    """Twins of one sweep often share their shapes (sites of similar size): simulate once per
+    worker process."""
+    return audit_bound.audit_power(setting, runs=runs)

@@ -140,7 +140,9 @@ AUDIT_KINDS = ("gradient", "input")
 class AuditConfig:
     """``audit:`` in the grid: which cells get an audit twin, and its canaries."""
 
-    canaries: int = 1000  # m; with m = 1000 a non-DP twin proves ~4.4, the most is ~ln(m)
+    # m, or "auto": gradient canaries sized so that the audit can exceed the cell's epsilon
+    # (audit_bound.canaries_for: 2^17 and up); input canaries 1000
+    canaries: int | str = "auto"
     kind: str = "gradient"  # white-box gradient canaries, or black-box input canaries
     sources: tuple[str, ...] = ()  # the audited sources (empty: every source)
     epsilons: tuple[float, ...] = ()  # the audited epsilons (empty: every epsilon)

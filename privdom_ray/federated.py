@@ -1,9 +1,9 @@
 """FedAvg over sites that each train with their own DP-SGD guarantee.
 
 Pure: no Ray, no file layout. The coordinator (:func:`run_federation`) sees model weights,
-step counts, AUC numbers and score histograms, never images, labels or per-image scores; how
-and where a site's work runs is injected (``update``/``validate``), so the same code runs
-serially in a test and as Ray tasks in a sweep.
+step counts, AUC numbers and k-anonymous score histograms, never images, labels or per-image
+scores; how and where a site's work runs is injected (``update``/``validate``), so the same
+code runs serially in a test and as Ray tasks in a sweep.
 
 Privacy is per site: site s is Poisson-sampled at q_s = 1/ceil(N_s/B) and its noise
 multiplier sigma_s is calibrated once, before round 1, for all the steps it will take over all
@@ -13,17 +13,33 @@ resumed run must find the checkpoint's (sigma_s, q_s) again, or it stops.
 
 Every random stream of a site's round is seeded from (site key, site name, round, stream). For
 DP trials each site's key is drawn from OS entropy when the trial starts and kept only in the
-trial's private checkpoint (deleted when the trial is done): nobody can replay a site's noise
-or batches from public information, while a resumed run is bit-identical to an uninterrupted
-one (a round re-run after a crash releases exactly what the lost attempt released). In this
-simulation the coordinator holds the site keys in its private checkpoint; a deployment would
-keep each key at its site. Non-private trials key their streams by the public trial seed.
+trial's private checkpoint (deleted when the trial is done): nobody outside the coordinator can
+replay a site's noise or batches, while a resumed run is bit-identical to an uninterrupted one
+(a round re-run after a crash releases exactly what the lost attempt released).
 
-What a site sends to the coordinator: its noised model weights and step counts (DP: covered
-by its epsilon), its released loss weights (DP: the noised label counts, covered), its
-validation macro AUC and validation-score histograms (computed from the site's validation
-images, which DP-SGD does not protect: outside the guarantee, and marked so in the README),
-and timings. For DP trials it sends no training loss and no membership-inference statistic.
+Trust model: a TRUSTED coordinator. Here the coordinator (the trial's own process, run by the
+data owner's sweep) draws every site's key and holds all of them in its checkpoint, so each
+site's (epsilon, delta) guarantee protects that site's training images against everyone who
+sees the released model, tables and report, but NOT against the coordinator: with the keys it
+can regenerate a site's noise and Poisson samples, subtract the noise from the site's update
+and read its clipped gradient sum and which images each step used, i.e. against it the sites'
+updates are not private at all. An untrusted coordinator could, besides, hand out keys it
+chose (replayable noise), send sites crafted global models whose updates leak their inputs,
+ask for more rounds or another sigma than the plan, or skip the noise; and it sees every
+site's validation summary. A deployment that does not trust its coordinator must draw each
+key at its site and never send it, have every site check the (sigma, q, steps) it is asked to
+run against its own budget, and aggregate with secure aggregation.
+
+What a site sends to the coordinator, each round: its noised model weights and step counts
+(DP: covered by its epsilon), its released loss weights (DP: the noised label counts, covered),
+timings, and a validation summary of the new global model on its validation images (which
+DP-SGD does not protect: outside the guarantee): the site's macro AUC (one number) and, per
+label, histograms of the positive and of the negative images' scores that are k-anonymous
+(:func:`k_anonymous`: adjacent cells of a public 50-cell grid on [0, 1] merged until every
+released bin holds at least ``MIN_BIN_IMAGES`` = 10 images, a label-class with fewer images
+sent as nothing). No per-image score leaves a site, and no released count describes fewer
+than 10 images; the pooled Youden thresholds resolve 0.02. For DP trials it
+sends no training loss and no membership-inference statistic.
 """
 
 from __future__ import annotations
@@ -60,6 +76,15 @@ from privdom_ray.train import (
 )
 
 HIST_BINS = 1000  # validation-score histogram bins on [0, 1]: the pooled threshold's resolution
+# k of the k-anonymous validation summaries: no released bin describes fewer images. 10 is the
+# evaluation's own floor (a label needs min_positives = min_negatives = 10 before any metric is
+# reported) and sits within the 5-11 of common small-cell suppression rules; a smaller k shows
+# scores more finely, a larger one blurs the pooled threshold on small validation splits.
+MIN_BIN_IMAGES = 10
+# the public grid the k-anonymous bins are merged on (edges at multiples of 1/50): what the
+# pooled threshold can resolve in a federation, and how finely a merged bin's edge can place
+# the group of scores below it
+SUMMARY_CELLS = 50
 
 
 # ------------------------------------------------------------------------------- planning
@@ -317,14 +342,17 @@ def _check_accounting(plan: SitePlan, history: list, loader_rate: float) -> None
 
 @dataclass(frozen=True)
 class SiteValidation:
-    """A site's verdict on a global model: its macro AUC and per-label score histograms
-    (aggregates only: no per-image scores or labels leave the site)."""
+    """What a site sends about a global model: its validation macro AUC, its number of
+    validation images, and per label the k-anonymous histograms of the positive and of the
+    negative images' scores (:func:`k_anonymous`: each merged bin's count spread evenly over
+    the HIST_BINS bins it covers, so the coordinator sums sites bin by bin). Computed from the
+    site's validation images without noise (outside the DP guarantee); no per-image score."""
 
     name: str
     macro_auc: float
     n: int
-    hist_pos: np.ndarray  # (L, HIST_BINS) int64: scores of images whose label is positive
-    hist_neg: np.ndarray  # (L, HIST_BINS) int64: ... negative; masked labels are left out
+    hist_pos: np.ndarray  # (L, HIST_BINS) float64: positive images, k-anonymous
+    hist_neg: np.ndarray  # (L, HIST_BINS) float64: negative images; masked labels left out
     timing: TaskTiming = field(default_factory=TaskTiming)
 
 
@@ -356,6 +384,45 @@ def _edges(bins: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, bins + 1)
 
 
+def k_anonymous(
+    hist: np.ndarray, k: int = MIN_BIN_IMAGES, cells: int = SUMMARY_CELLS
+) -> np.ndarray:
+    """Each row of ``hist`` (counts per fine bin) as a site may send it: the fine bins summed
+    into ``cells`` equal public cells, adjacent cells merged from the lowest score up until
+    every merged bin holds at least ``k`` images (a short remainder joins the bin below), and
+    each merged count spread evenly over the fine bins it covers. A row with fewer than ``k``
+    images in all becomes zeros (not sent). Otherwise row totals are kept, and a threshold at
+    the edge of a merged bin counts exactly the images above it. The merged bins' edges lie on
+    the public cell grid, so an edge locates a group of at least k scores to within one cell,
+    not one image's score."""
+    hist = np.asarray(hist)
+    bins = hist.shape[-1]
+    if k < 1 or bins % cells:
+        raise ValueError(f"need k >= 1 and cells dividing {bins}, got k={k}, cells={cells}")
+    width = bins // cells
+    rows = hist.reshape(-1, bins)
+    out = np.zeros(rows.shape, dtype=np.float64)
+    for j, row in enumerate(rows):
+        if row.sum() < k:
+            continue
+        coarse = row.reshape(cells, width).sum(axis=1)
+        cuts = _merge_points(np.cumsum(coarse), k)
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            out[j, lo * width : hi * width] = coarse[lo:hi].sum() / ((hi - lo) * width)
+    return out.reshape(hist.shape)
+
+
+def _merge_points(cumulative: np.ndarray, k: int) -> list[int]:
+    """Cell indices where merged bins start (and the end), each merged bin >= k images."""
+    cuts, last = [0], 0
+    for i, c in enumerate(cumulative):
+        if c - last >= k:
+            cuts.append(i + 1)
+            last = c
+    cuts[-1] = len(cumulative)  # a remainder below k joins the last full bin
+    return cuts
+
+
 def validate_site(
     spec: TrialSpec,
     name: str,
@@ -364,7 +431,8 @@ def validate_site(
     *,
     device: str = "cpu",
 ) -> SiteValidation:
-    """Score the global model on this site's validation split; return only aggregates."""
+    """Score the global model on this site's validation split; return only what the site
+    sends (:class:`SiteValidation`): its macro AUC and k-anonymous score histograms."""
     started, t0, c0 = _clock()
     model = load_model(spec.model, dict(global_state), num_outputs=val.labels.shape[1])
     scores = predict(model.to(device), val.images, device=device)
@@ -373,8 +441,8 @@ def validate_site(
         name,
         macro_auc(scores, val.labels),
         len(val),
-        hist_pos,
-        hist_neg,
+        k_anonymous(hist_pos),
+        k_anonymous(hist_neg),
         timing=TaskTiming.since(started, t0, c0),
     )
 
@@ -441,6 +509,14 @@ def fedavg(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> 
             acc += s[key].detach().to(torch.float64) * (w / total)
         out[key] = acc.to(first.dtype)
     return out
+
+
+def on_public_cells(hist: np.ndarray, cells: int = SUMMARY_CELLS) -> np.ndarray:
+    """Pooled k-anonymous histograms summed per public cell: the pooled Youden threshold is
+    then chosen among the cells' edges only, where every site's counts are exact (inside a
+    merged bin they are spread, and a cut there would only reflect the spreading)."""
+    hist = np.asarray(hist)
+    return hist.reshape(*hist.shape[:-1], cells, hist.shape[-1] // cells).sum(axis=-1)
 
 
 def youden_from_histograms(hist_pos: np.ndarray, hist_neg: np.ndarray) -> np.ndarray:
@@ -610,7 +686,7 @@ def run_federation(
         ledger=max(ledgers.values(), key=lambda led: led.epsilon_spent),
         history=st.history,
         best_round=st.best_round,
-        thresholds=youden_from_histograms(*st.best_hist),
+        thresholds=youden_from_histograms(*(on_public_cells(h) for h in st.best_hist)),
         val_macro_auc=float(st.best_auc),
         train_seconds=time.perf_counter() - t0,
         resumed_from_round=first_round - 1,

@@ -407,8 +407,8 @@ def _parse_audit(
     if not raw.get("audit"):
         return None
     audit = c.section(raw, "audit", AuditConfig)
-    if audit.canaries < 20:
-        c.add("audit.canaries", audit.canaries, "an integer >= 20 (1000 is a good default)")
+    if audit.canaries != "auto" and (not isinstance(audit.canaries, int) or audit.canaries < 20):
+        c.add("audit.canaries", audit.canaries, "'auto' (recommended) or an integer >= 20")
     if audit.kind not in AUDIT_KINDS:
         c.add("audit.kind", audit.kind, f"one of {list(AUDIT_KINDS)}")
     if audit.kind == "input" and training.privacy_unit == "patient":

@@ -106,7 +106,11 @@ LEDGER_COLUMNS = (
 _LEDGER = [*LEDGER_COLUMNS, "privacy_scope", "loss_weights"]
 AUDIT_COLUMNS = [
     "audit_epsilon_lower",
-    "audit_epsilon_lower_fdp",
+    "audit_epsilon_lower_replay",
+    "audit_epsilon_max",
+    "audit_power_noise_scale",
+    "audit_noise_ratio",
+    "audit_noise_check",
     "audit_canaries",
     "audit_guesses",
     "audit_correct",
@@ -296,9 +300,16 @@ SCHEMA = _with_privacy(
         ("mia_auc", pa.float64()),
         ("mia_tpr_at_1fpr", pa.float64()),
         # the cell's audit twin (grid option audit:): a 95% lower bound on epsilon from m
-        # canaries, and what gave it (null without a twin)
+        # canaries (the largest over its attacks), the replay attack's, the most m canaries
+        # can show, the largest noise factor it catches in 80% of simulated runs, the noise it
+        # measured over the stated one and its tests' verdict, and what gave it (null without
+        # a twin; kinds/audit.py: columns)
         ("audit_epsilon_lower", pa.float64()),
-        ("audit_epsilon_lower_fdp", pa.float64()),
+        ("audit_epsilon_lower_replay", pa.float64()),
+        ("audit_epsilon_max", pa.float64()),
+        ("audit_power_noise_scale", pa.float64()),
+        ("audit_noise_ratio", pa.float64()),
+        ("audit_noise_check", pa.string()),
         ("audit_canaries", pa.int64()),
         ("audit_guesses", pa.int64()),
         ("audit_correct", pa.int64()),
@@ -422,16 +433,9 @@ def audit_columns(twin: Any) -> dict[str, Any]:
     """The audit columns of a cell from its twin's record (nulls without one)."""
     if twin is None or "audit" not in twin.info:
         return dict.fromkeys(AUDIT_COLUMNS)
-    a = twin.info["audit"]
-    return {
-        "audit_epsilon_lower": a["epsilon_lower"],
-        "audit_epsilon_lower_fdp": a.get("epsilon_lower_fdp"),
-        "audit_canaries": a["m"],
-        "audit_guesses": a["guesses"],
-        "audit_correct": a["correct"],
-        "audit_kind": a["kind"],
-        "audit_twin_epsilon": _number(twin.ledger["epsilon_spent"]),
-    }
+    from privdom_ray.kinds.audit import columns
+
+    return columns(twin.info["audit"], twin.ledger)
 
 
 def _number(value: Any) -> Any:

@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,9 @@ from privdom_ray.kinds import kind_of
 from privdom_ray.manifest import LABELS
 from privdom_ray.store import TrialStore
 from privdom_ray.train import load_model, memory_budget_mb, predict, run_trial
+
+if TYPE_CHECKING:
+    from privdom_ray.canaries import Fault
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -218,36 +221,64 @@ def train_audit_twin(
     node: str,
     _executor: Executor,
     *,
-    make_instrument: Callable[..., Any] | None = None,
+    fault: Fault | None = None,
 ) -> None:
     """Train an audit twin: the audited cell's training with canaries (kinds/audit.py), then
-    the one-run audit. The twin keeps only the audit's result; its coins, draws and scores
-    were private to its checkpoint, and its model is never released. ``make_instrument``
-    (tests: a deliberately broken build) replaces ``canaries.CanaryInstrument``."""
+    the one-run audit with every attack (the plain scores, and the replay of the noise the
+    public seed would give) and its power. The twin keeps only the audit's result; its coins,
+    draws and scores were private to its checkpoint, and its model is never released.
+
+    ``fault`` (a ``canaries.Fault``; tests and benchmarks only, no grid reaches it) trains a
+    deliberately broken build: scaled noise, or noise drawn from the public seed."""
     from privdom_ray.canaries import CanaryInstrument
     from privdom_ray.config import DEFAULT_DELTA
+    from privdom_ray.train import Randomness
 
     spec = cell.spec
     assert spec.audit is not None
     train = load_split(cell.source_cache, "train")
-    instrument = (make_instrument or CanaryInstrument)(
+    randomness = None
+    if fault is not None and fault.public_noise:  # the ledger still says "secret"
+        randomness = Randomness.for_trial(spec.seed, cell.device, secret=spec.is_private)
+        randomness.noise = _public_noise(spec.seed, cell.device)
+    instrument = CanaryInstrument(
         count=spec.audit.canaries,
         kind=spec.audit.kind,
         auditor_seed=spec.audit.auditor_seed,
         units=len(train),
         logical_batch=spec.training.logical_batch,
         max_grad_norm=spec.training.max_grad_norm,
+        replay_noise=_public_noise(spec.seed, cell.device),
+        fault=fault,
     )
-    result, train, val, model = _train_on_source(cell, store, report, node, instrument, train)
+    result, train, val, model = _train_on_source(
+        cell, store, report, node, instrument, train, randomness=randomness
+    )
     # a non-private twin is audited at the grid's default delta, to compare with DP cells
-    audit = instrument.result(model, delta=spec.delta or DEFAULT_DELTA, device=cell.device)
+    audit = instrument.result(
+        model,
+        delta=spec.delta or DEFAULT_DELTA,
+        epsilon_spent=result.ledger.epsilon_spent,
+        device=cell.device,
+    )
     _write_single_site(
-        cell, store, node, result, val, {"audit": dataclasses.asdict(audit), "n_train": len(train)}
+        cell, store, node, result, val, {"audit": audit.as_dict(), "n_train": len(train)}
     )
 
 
-def _train_on_source(cell: Cell, store: TrialStore, report, node: str, instrument=None, train=None):
-    """run_trial on the cell's source cache: (result, train split, val split, final model)."""
+def _public_noise(seed: int, device: str) -> torch.Generator:
+    """The noise generator a build that drew its noise from the public seed would have (what
+    ``Randomness.for_trial`` gives a non-secret run): the replay attack regenerates it."""
+    from privdom_ray.train import Randomness
+
+    return Randomness.for_trial(seed, device, secret=False).noise
+
+
+def _train_on_source(
+    cell: Cell, store: TrialStore, report, node: str, instrument=None, train=None, randomness=None
+):
+    """run_trial on the cell's source cache: (result, train split, val split, final model).
+    ``randomness``: injected generators (a deliberately broken audit twin only)."""
     spec = cell.spec
     train = train if train is not None else load_split(cell.source_cache, "train")
     val = load_split(cell.source_cache, "val")
@@ -270,6 +301,7 @@ def _train_on_source(cell: Cell, store: TrialStore, report, node: str, instrumen
             memory_budget_mb=memory_budget_mb(cell.memory_budget_mb, cell.device, cell.gpu),
             channels_last=cell.channels_last,
             instrument=instrument,
+            randomness=randomness,
         )
     finally:
         writer.close()

@@ -12,7 +12,7 @@ import pytest
 from conftest import launch, synthetic_domain, toy_split
 
 from privdom_ray import kinds, results
-from privdom_ray.canaries import CanaryInstrument
+from privdom_ray.canaries import Fault
 from privdom_ray.cell import Cell
 from privdom_ray.config import AuditSpec, EvaluationConfig, TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
@@ -74,44 +74,56 @@ def train_twin(tmp_path, epsilon: float, **kw):
     return store.read(spec.key)
 
 
-class BrokenNoise(CanaryInstrument):
-    """A deliberately broken build: the noise generation adds a tenth of the noise while the
-    optimizer (and so the accountant and the ledger) still believe in the full sigma."""
-
-    def attach(self, optimizer, sample_rate):
-        super().attach(optimizer, sample_rate)
-        add_noise, sigma = optimizer.add_noise, optimizer.noise_multiplier
-
-        def broken() -> None:
-            optimizer.noise_multiplier = 0.1 * sigma
-            try:
-                add_noise()
-            finally:
-                optimizer.noise_multiplier = sigma
-
-        optimizer.add_noise = broken
-
-
 @pytest.mark.slow
-def test_audit_twins_bound_epsilon_from_below_and_catch_a_broken_build(tmp_path):
+def test_audit_twins_bound_epsilon_from_below(tmp_path):
     dp = train_twin(tmp_path, 1.0)
     nondp = train_twin(tmp_path, math.inf)
     a_dp, a_nondp = dp.info["audit"], nondp.info["audit"]
     assert a_dp["m"] == a_nondp["m"] == CANARIES and a_dp["kind"] == "gradient"
+    assert a_dp["version"] == 2 and set(a_dp["attacks"]) == {"standard", "replay"}
+    assert a_dp["score"] == "llr" and a_dp["attacks"]["replay"]["beta"] == 0.025
+    assert set(a_nondp["attacks"]) == {"standard"} and a_nondp["score"] == "sum"
     spent = dp.ledger["epsilon_spent"]
     assert 0 < spent <= 1.0
     assert a_dp["epsilon_lower"] <= spent  # a correct implementation stays below its epsilon
     assert a_nondp["epsilon_lower"] > 2.0  # without noise the canaries are plain to see
+    power = a_dp["power"]  # simulated with the twin's own m, q, steps, sigma
+    assert power["setting"]["m"] == CANARIES and power["setting"]["steps"] == dp.ledger["steps"]
+    assert power["setting"]["noise_multiplier"] == dp.ledger["noise_multiplier"]
+    assert a_nondp["power"] is None and a_nondp["noise"] is None
+    noise = a_dp["noise"]  # the noise really added is what the ledger states, and secret
+    assert not noise["too_little"] and not noise["follows_seed"]
+    assert noise["ratio"] == pytest.approx(1.0, abs=0.1)
     assert launch("audit", "out", cwd=tmp_path).returncode == 0
     # nothing of the coins, draws or scores is left in the finished twin
     assert not store_has(tmp_path, dp.key, "checkpoint.pt")
-    assert not [v for v in dp.info["audit"].values() if isinstance(v, list)]  # no coins, scores
+    assert not [v for v in a_dp.values() if isinstance(v, list)]  # no coins, no scores
 
-    broken = train_twin(tmp_path / "broken", 1.0, make_instrument=BrokenNoise)
-    assert broken.ledger["epsilon_spent"] == spent  # the ledger claims the full noise...
-    assert broken.info["audit"]["epsilon_lower"] > spent  # ... the canaries prove otherwise
-    proc = launch("audit", "out", cwd=tmp_path / "broken", expect=1)
-    assert "canary audit" in proc.stdout and "broken" in proc.stdout
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault, attack",
+    [(Fault(noise_scale=0.1), "standard"), (Fault(public_noise=True), "replay")],
+    ids=["noise_x0.1", "public_seed_noise"],
+)
+def test_audit_twins_catch_broken_builds(tmp_path, fault, attack):
+    """Broken builds (Python API only): the ledger claims the calibrated noise, the canaries
+    prove otherwise; too little noise is caught by the plain attack, noise that follows the
+    public seed by the replay, and the noise check sees both."""
+    from privdom_ray.train import noise_plan
+
+    broken = train_twin(tmp_path, 1.0, fault=fault)
+    spent = broken.ledger["epsilon_spent"]
+    calibrated = noise_plan(twin_spec(1.0), 96)  # what a correct build of this cell states
+    assert 0 < spent <= 1.0 and broken.ledger["noise_multiplier"] == calibrated.noise_multiplier
+    audit = broken.info["audit"]
+    assert audit["epsilon_lower"] > spent and audit["attack"] == attack, audit
+    noise = audit["noise"]  # the noise check sees it too
+    assert noise["too_little"] is (fault.noise_scale < 1)
+    assert noise["follows_seed"] is fault.public_noise
+    proc = launch("audit", "out", cwd=tmp_path, expect=1)
+    assert f"{attack} attack): epsilon_lower" in proc.stdout and "broken" in proc.stdout
+    assert "noise check: " in proc.stdout
 
 
 def store_has(tmp_path, key: str, name: str) -> bool:
@@ -174,13 +186,17 @@ def test_twins_are_planned_keyed_and_attached_to_the_audited_rows(tmp_path):
     assert (df["audit_epsilon_lower"] == 0.3).all() and (df["audit_canaries"] == 100).all()
 
     # the report shows the audited cell once, with its numbers and verdict, and draws the figure
+    # (a twin of an older version: its power was never estimated, and the report says so)
     from privdom_ray import report
 
     md = report.write_report(tmp_path / "agg")
     rows = [line for line in md.splitlines() if line.startswith("| a, ε = 1, seed 0")]
     spent = f"{record.ledger['epsilon_spent']:.2f}"
-    assert rows == [f"| a, ε = 1, seed 0 | {spent} | gradient, m = 100 | 26/40 | 0.30 | 0.40 "
-                    "| consistent |"]  # fmt: skip
+    top = f"{df['audit_epsilon_max'].iloc[0]:.2f}"
+    assert rows == [f"| a, ε = 1, seed 0 | {spent} | gradient, m = 100 | 0.30 | — | {top} | "
+                    "not estimated (twin from before the power estimate; re-run it) | — | no "
+                    "evidence of a broken build, at unknown power |"]  # fmt: skip
+    assert "consistent" not in md
     assert (tmp_path / "agg" / "figures" / "audit_epsilon.png").is_file()
 
 
@@ -207,3 +223,118 @@ def test_the_audit_section_of_a_grid_is_validated(tmp_path):
     text = str(err.value)
     for needle in ("audit.canaries: 5", "audit.kind: 'loss'", "audit.sources", "audit.epsilons"):
         assert needle in text
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({**base, "audit": {"canaries": "many"}}))
+    with pytest.raises(GridError, match="audit.canaries: 'many' is not allowed; expected 'auto'"):
+        load_grid(tmp_path / "g.yaml")
+
+
+def test_auto_canaries_are_chosen_per_cell_and_explicit_ones_kept(tmp_path):
+    import yaml
+
+    from privdom_ray.audit_bound import MIN_CANARIES, canaries_for
+    from privdom_ray.grid import load_grid
+
+    base = {"output": "out", "domains": [synthetic_domain("a", "a", n_patients=20)],
+            "epsilons": [1, 12, "inf"]}  # fmt: skip
+    for audit, want in (
+        ({}, {1.0: MIN_CANARIES, 12.0: canaries_for(12.0, 1e-5), math.inf: MIN_CANARIES}),
+        ({"canaries": 777}, dict.fromkeys((1.0, 12.0, math.inf), 777)),
+        ({"kind": "input"}, dict.fromkeys((1.0, 12.0, math.inf), 1000)),
+    ):
+        (tmp_path / "g.yaml").write_text(yaml.safe_dump({**base, "delta": 1e-5, "audit": {
+            "canaries": "auto", **audit}}))  # fmt: skip
+        spec = load_grid(tmp_path / "g.yaml")
+        twins = [t for t in kinds.plan_trials(spec, {"a": "fp"}, {"a": 50}) if t.audit]
+        assert {t.epsilon: t.audit.canaries for t in twins} == want
+    assert canaries_for(12.0, 1e-5) > MIN_CANARIES  # a larger epsilon needs more canaries
+
+
+def _v2_result(m: int, lower: float, top: float, scale: float | None) -> dict:
+    """A version-2 twin result as train_audit_twin writes it (numbers chosen by the test)."""
+    attack = {"kind": "gradient", "m": m, "included": m // 2, "epsilon_lower": lower,
+              "k_plus": 10, "k_minus": 0, "guesses": 10, "correct": 10, "beta": 0.025,
+              "delta": 1e-5, "grid_size": 11}  # fmt: skip
+    return {"version": 2, "kind": "gradient", "m": m, "epsilon_lower": lower,
+            "attack": "standard", "guesses": 10, "correct": 10, "delta": 1e-5, "beta": 0.05,
+            "epsilon_max": top, "score": "llr",
+            "attacks": {"standard": attack, "replay": {**attack, "epsilon_lower": 0.1}},
+            "power": None if scale is None else {"noise_scale": scale}}  # fmt: skip
+
+
+def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tmp_path):
+    """An epsilon-8 cell whose twin's canaries cannot show 8 gets "cannot tell" with the
+    attainable maximum; a powered one states what it would catch."""
+    import torch
+    from conftest import make_testset, scores_for, write_trial
+
+    from privdom_ray import report
+
+    test = make_testset(60, seed=1)
+    out = tmp_path / "agg"
+    keys = []
+    fine = {"units": 10_000, "sum_squares": 10_050.0, "replay_z": 0.4, "alpha": 1e-6}
+    quiet = {**fine, "sum_squares": 2_500.0}  # half the noise: broken whatever the bound
+    for eps, seed, m, top, scale, noise in (
+        (8.0, 0, 1000, 5.1, None, None),
+        (1.0, 0, 2**17, 10.0, 0.52, fine),
+        (1.0, 1, 2**17, 10.0, 0.52, quiet),
+    ):
+        key = write_trial(out, source="a", epsilon=eps, seed=seed,
+                          evals={"a": ("fpa", test, scores_for(test, 1.0, 0))})  # fmt: skip
+        record = TrialStore(out).read(key)
+        twin = dataclasses.replace(
+            record.spec, variant="audit", audit=AuditSpec(m, "gradient", 0)
+        ).with_key()
+        TrialStore(out).write_trained(
+            twin.key, state_dict={"w": torch.zeros(1)}, ledger=record.ledger, history=[],
+            thresholds=list(record.thresholds), labels=LABELS,
+            record={"spec": twin.to_json(), "best_epoch": 1, "train_seconds": 1.0,
+                    "val_macro_auc": 0.5,
+                    "audit": {**_v2_result(m, 0.4, top, scale), "noise": noise}},
+        )  # fmt: skip
+        keys += [key, twin.key]
+    _, df = results.aggregate(out, keys, "t", [_T("a", "fpa")])
+    audited = df[df["seed"] == 0].drop_duplicates("trial_key").set_index("epsilon_target")
+    assert audited.loc[8.0, "audit_epsilon_max"] == 5.1
+    assert pd.isna(audited.loc[8.0, "audit_power_noise_scale"])
+    assert audited.loc[1.0, "audit_power_noise_scale"] == 0.52
+    assert audited.loc[1.0, "audit_epsilon_lower_replay"] == 0.1
+    md = report.write_report(out)
+    eight = next(line for line in md.splitlines() if line.startswith("| a, ε = 8, seed 0"))
+    one = next(line for line in md.splitlines() if line.startswith("| a, ε = 1, seed 0"))
+    assert "cannot tell: m = 1000 caps the bound at 5.10 ≤ ε spent" in eight
+    assert "consistent" not in md and "no evidence of a broken build |" in one
+    assert "noise ×≤0.52, and noise replayed from the public seed" in one
+    assert "| 1.002 |" in one and audited.loc[1.0, "audit_noise_check"] == "ok"
+    broken = next(line for line in md.splitlines() if line.startswith("| a, ε = 1, seed 1"))
+    assert "| 0.500 | **BROKEN: too little noise** |" in broken
+
+
+def test_launch_audit_recomputes_a_twins_bound_and_noise_tests(tmp_path):
+    """``launch.py audit`` never trusts a twin's stored numbers: a bound that is not what its
+    counts give, or a noise test that fails, is a problem; a consistent record passes."""
+    from conftest import make_testset, scores_for, write_trial
+
+    from privdom_ray.audit_bound import epsilon_lower_fdp
+    from privdom_ray.kinds.audit import check_twin
+    from privdom_ray.privacy import epsilon_of, ledger_mechanisms
+
+    test = make_testset(30, seed=1)
+    key = write_trial(tmp_path, source="a", epsilon=1.0, seed=0,
+                      evals={"a": ("fpa", test, scores_for(test, 1.0, 0))})  # fmt: skip
+    ledger = TrialStore(tmp_path).read(key).ledger
+    m = 1000
+    lower = epsilon_lower_fdp(m, 10, 10, delta=1e-5, beta=0.025 / 11)
+    good = _v2_result(m, lower, 5.1, 0.5)
+    good["attacks"]["replay"]["epsilon_lower"] = 0.0
+    good["noise"] = {"units": 24_000, "sum_squares": 24_100.0, "replay_z": 0.3, "alpha": 1e-6}
+    ok = check_twin(good, ledger, "a_eps1_seed0_audit")
+    assert ok.problem == "" and ok.lower == pytest.approx(lower) and ok.checked
+    recomputed, _ = epsilon_of(ledger["accountant"], ledger_mechanisms(ledger), ledger["delta"])
+    assert ok.spent == recomputed  # the ledger's mechanisms, not its stored epsilon
+    assert "not what its counts give" in check_twin({**good, "epsilon_lower": 0.01}, ledger,
+                                                   "x").problem  # fmt: skip
+    quiet = {**good, "noise": {**good["noise"], "sum_squares": 0.25 * 24_000}}
+    assert "added 0.5 times the noise" in check_twin(quiet, ledger, "x").problem
+    seeded = {**good, "noise": {**good["noise"], "replay_z": 150.0}}
+    assert "follows the public seed" in check_twin(seeded, ledger, "x").problem

@@ -14,10 +14,12 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privdom_ray import dpstep
+from privdom_ray import audit_bound, dpstep
 from privdom_ray.cache import SplitData
 from privdom_ray.canaries import (
+    Fault,
     GradientCanaries,
+    _step_llr,
     audit_canaries,
     dirac_coordinates,
     draw_coins,
@@ -49,11 +51,22 @@ def _batch(n: int = 6, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     ).float()
 
 
-def _dp_steps(mode: str, canaries: bool, included: np.ndarray | None = None, nhwc: bool = False):
-    """Two noiseless DP steps: one logical batch in two physical batches (a skipped step, as
-    BatchMemoryManager does), then an empty Poisson batch. Returns each step's released
+def _dp_steps(
+    mode: str,
+    canaries: bool,
+    included: np.ndarray | None = None,
+    nhwc: bool = False,
+    *,
+    sigma: float = 0.0,
+    noise_seed: int = 11,
+    replay_seed: int | None = None,
+    fault: Fault | None = None,
+):
+    """Two DP steps (noiseless by default): one logical batch in two physical batches (a skipped
+    step, as BatchMemoryManager does), then an empty Poisson batch. Returns each step's released
     gradient (flat, logical order), the canaries and the optimizer. ``nhwc``: channels_last
-    weights and batches (the training core's option)."""
+    weights and batches (the training core's option); ``replay_seed``: the replay attack's
+    generator; ``fault``: a broken build."""
     x, y = _batch()
     module = _conv_model()
     if nhwc:
@@ -63,13 +76,17 @@ def _dp_steps(mode: str, canaries: bool, included: np.ndarray | None = None, nhw
     model, opt, crit, _ = dpstep.privatize(
         PrivacyEngine(accountant="rdp"), mode=mode, module=module,
         optimizer=torch.optim.SGD(params, lr=0.0), data_loader=DataLoader(TensorDataset(x, y), batch_size=6),
-        criterion=dpstep.MaskedBCELoss(), noise_multiplier=0.0, max_grad_norm=CLIP,
+        criterion=dpstep.MaskedBCELoss(), noise_multiplier=sigma, max_grad_norm=CLIP,
+        noise_generator=torch.Generator().manual_seed(noise_seed),
     )  # fmt: skip
+    if fault is not None:
+        fault.apply(opt)
     can = None
     if canaries:
+        known = None if replay_seed is None else torch.Generator().manual_seed(replay_seed)
         can = GradientCanaries.attach(
             opt, count=60, sample_rate=1.0, generator=torch.Generator().manual_seed(3),
-            auditor_seed=7, included=included,
+            auditor_seed=7, included=included, known_noise=known,
         )  # fmt: skip
     released = []
     opt.zero_grad(set_to_none=True)
@@ -107,6 +124,56 @@ def test_gradient_canary_is_added_to_the_clipped_sum_exactly_once_per_step(mode,
     assert float(plain[1].abs().max()) == 0.0  # the empty step: canaries only
     released = (got[0] + got[1]).numpy()[can.coordinates]
     np.testing.assert_allclose(can.scores(), released, rtol=1e-6, atol=1e-9)
+
+
+def test_likelihood_ratios_read_the_noised_sum_and_the_replay_removes_that_noise():
+    """llr_scores: step_llr of each step's clipped sum + noise (before the division by the
+    expected batch), in units of sigma C. The replay from the noise's own seed leaves the
+    noiseless steps' ratios exactly; a replay from another seed does not."""
+    included = np.arange(60) % 3 != 0
+    sigma = 1.3
+    clean, _, opt = _dp_steps("hooks", canaries=True, included=included)
+    noisy, can, _ = _dp_steps(
+        "hooks", canaries=True, included=included, sigma=sigma, noise_seed=5, replay_seed=5
+    )
+    batch, std = opt.expected_batch_size, sigma * CLIP
+
+    def llr(steps):
+        return sum(
+            audit_bound.step_llr(g.double().numpy()[can.coordinates] * batch / std, 1.0, 1 / sigma)
+            for g in steps
+        )
+
+    assert can.steps == 2
+    np.testing.assert_allclose(can.llr_scores(), llr(noisy), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(can.replay_scores(), llr(clean), rtol=1e-5, atol=1e-5)
+    assert np.abs(can.llr_scores() - llr(clean)).max() > 0.1  # the noise is there...
+    _, other, _ = _dp_steps(
+        "hooks", canaries=True, included=included, sigma=sigma, noise_seed=5, replay_seed=6
+    )
+    assert np.abs(other.replay_scores() - llr(clean)).max() > 0.1  # ...and only its seed undoes it
+
+
+def test_torch_and_numpy_likelihood_ratios_agree():
+    z = np.linspace(-8.0, 8.0, 161)
+    for q, shift in ((0.125, 0.28), (1.0, 1.1), (0.01, 3.0)):
+        got = _step_llr(torch.from_numpy(z), q, shift).numpy()
+        np.testing.assert_allclose(got, audit_bound.step_llr(z, q, shift), rtol=1e-12)
+
+
+def test_a_fault_scales_the_noise_added_while_the_optimizer_keeps_its_sigma():
+    """The broken builds of tests and benchmarks: noise x0.5 or none, sigma unchanged."""
+    plain, _, _ = _dp_steps("hooks", canaries=False)
+    full, _, _ = _dp_steps("hooks", canaries=False, sigma=2.0, noise_seed=5)
+    half, _, opt = _dp_steps(
+        "hooks", canaries=False, sigma=2.0, noise_seed=5, fault=Fault(noise_scale=0.5)
+    )
+    none, _, _ = _dp_steps("hooks", canaries=False, sigma=2.0, fault=Fault(noise_scale=0.0))
+    for p_, f_, h_, n_ in zip(plain, full, half, none, strict=True):
+        np.testing.assert_allclose((h_ - p_).numpy(), 0.5 * (f_ - p_).numpy(), atol=1e-6)
+        np.testing.assert_allclose(n_.numpy(), p_.numpy(), atol=1e-7)
+        assert float((f_ - p_).abs().max()) > 0.1
+    assert opt.noise_multiplier == 2.0  # what the accountant and the ledger see
 
 
 def test_plain_optimizer_gets_the_canary_in_its_averaged_gradient():
@@ -183,11 +250,17 @@ def test_state_dict_resumes_an_interrupted_audit():
     first.detach()
     resumed = GradientCanaries.attach(
         opt, count=100, sample_rate=0.5, generator=first.generator, auditor_seed=0,
-        included=np.zeros(100, bool),
+        included=np.zeros(100, bool), known_noise=torch.Generator().manual_seed(1),
     )  # fmt: skip
+    # plain lists and numbers: a private checkpoint loads with weights_only=True
+    assert all(isinstance(v, list | int | type(None)) for v in state.values())
     resumed.load_state_dict(state)
     assert np.array_equal(resumed.included, full.included)
-    np.testing.assert_array_equal(resumed.scores(), first.scores())
+    for scores in ("scores", "llr_scores", "replay_scores"):
+        np.testing.assert_array_equal(getattr(resumed, scores)(), getattr(first, scores)())
+        assert np.abs(getattr(first, scores)()).max() > 0
+    # the replay generator continues where the interrupted run's was
+    assert torch.equal(resumed.known_noise.get_state(), first.known_noise.get_state())
     with pytest.raises(ValueError, match="coordinates differ"):
         bad = dict(state, coordinates=list(np.asarray(state["coordinates"]) + 1))
         resumed.load_state_dict(bad)
@@ -197,10 +270,18 @@ def test_state_dict_resumes_an_interrupted_audit():
 
 
 def _train_with_canaries(
-    sigma: float, *, m: int, steps: int, mode: str = "hooks", seed: int = 0, replay: bool = False
+    sigma: float,
+    *,
+    m: int,
+    steps: int,
+    mode: str = "hooks",
+    seed: int = 0,
+    public_noise: bool = False,
+    fault: Fault | None = None,
 ) -> GradientCanaries:
-    """DP-SGD on a small MLP and 64 random examples, Poisson rate 1/2, m canaries. ``replay``:
-    the noise seed is known to the auditor (a broken build), which replays the noise."""
+    """DP-SGD on a small MLP and 64 random examples, Poisson rate 1/2, m canaries. The auditor
+    replays the noise of generator 999 (the "public seed"); a correct build draws its noise
+    from another (secret) generator, a ``public_noise`` build from that one."""
     gen = torch.Generator().manual_seed(100 + seed)
     x = torch.randn(64, 128, generator=gen)
     y = (torch.rand(64, 5, generator=gen) < 0.3).float()
@@ -211,12 +292,13 @@ def _train_with_canaries(
         optimizer=torch.optim.SGD(head.parameters(), lr=0.05),
         data_loader=DataLoader(TensorDataset(x, y), batch_size=32, generator=gen),
         criterion=dpstep.MaskedBCELoss(), noise_multiplier=sigma, max_grad_norm=1.0,
-        noise_generator=torch.Generator().manual_seed(200 + seed),
+        noise_generator=torch.Generator().manual_seed(999 if public_noise else 200 + seed),
     )  # fmt: skip
-    known = torch.Generator().manual_seed(200 + seed) if replay else None
+    if fault is not None:
+        fault.apply(opt)
     can = GradientCanaries.attach(
         opt, count=m, sample_rate=loader.sample_rate, generator=gen, auditor_seed=seed,
-        known_noise=known,
+        known_noise=torch.Generator().manual_seed(999),
     )  # fmt: skip
     while can.steps < steps:
         for xb, yb in loader:
@@ -251,22 +333,35 @@ def test_scores_separate_without_noise_and_not_with_huge_noise():
     assert sum(low > 0 for low in lows) <= 1 and max(lows) < 0.3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_audit_catches_broken_noise(mode):
-    """sigma calibrated for epsilon = 2 over the run; broken builds add a tenth of it, or draw
-    it from a seed the auditor knows (the auditor replays and subtracts it)."""
+    """sigma calibrated for epsilon = 2 over the run. A correct build is caught by neither
+    attack; a build adding a tenth of the noise by the plain likelihood ratios; a build whose
+    noise follows the public seed only by the replay (its noise has the right size)."""
     steps, epsilon, delta = 40, 2.0, 1e-5
     sigma = get_noise_multiplier(
         target_epsilon=epsilon, target_delta=delta, sample_rate=0.5, steps=steps, accountant="rdp"
     )
-    for noise, replay, caught in (
-        (sigma, False, False),
-        (0.1 * sigma, False, True),
-        (sigma, True, True),
+    for fault, public, caught_by in (
+        (None, False, None),
+        (Fault(noise_scale=0.1), False, "standard"),
+        (None, True, "replay"),
     ):
-        can = _train_with_canaries(noise, m=2000, steps=steps, mode=mode, replay=replay)
-        result = audit_canaries(can.scores(), can.included, kind="gradient", delta=delta, fdp=False)
-        assert (result.epsilon_lower > epsilon) is caught, (noise, replay, result)
+        can = _train_with_canaries(
+            sigma, m=2000, steps=steps, mode=mode, public_noise=public, fault=fault
+        )
+        scores = {"standard": can.llr_scores(), "replay": can.replay_scores()}
+        result = audit_bound.run_audit(scores, can.included, delta=delta, diagnostics=False)
+        caught = {n for n, a in result.attacks.items() if a.epsilon_lower > epsilon}
+        assert caught == ({caught_by} if caught_by else set()), (fault, public, result)
+        assert (result.epsilon_lower > epsilon) is (caught_by is not None)
+        # the noise check measures the noise itself: its size and whether it is the seed's
+        noise = can.noise_check()
+        assert noise.units == (~can.included).sum() * steps
+        assert noise.too_little is (fault is not None) and noise.follows_seed is public
+        assert noise.ratio == pytest.approx(0.1 if fault else 1.0, rel=0.05)
+        assert noise.detects_scale() > 0.9
 
 
 # ------------------------------------------------------------------------------ input canaries

@@ -15,7 +15,6 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
 from privdom_ray import federated as fl
-from privdom_ray.cache import SplitData
 from privdom_ray.config import Federation, Site, TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.manifest import LABELS
@@ -339,20 +338,72 @@ def test_pooled_youden_matches_the_per_image_threshold_within_one_bin():
     assert math.isnan(pooled[1]) and math.isnan(youden_threshold(scores[:, 1], labels[:, 1]))
 
 
-def test_site_histograms_pool_to_the_histogram_of_the_pooled_data():
+def _released_bins(exact_row: np.ndarray) -> list[tuple[int, int]]:
+    """The merged bins of one k-anonymous row, in fine-bin units: runs of public cells, each
+    closed once it holds k images (what is left above the last joins it)."""
+    width = fl.HIST_BINS // fl.SUMMARY_CELLS
+    cells = exact_row.reshape(fl.SUMMARY_CELLS, width).sum(axis=1)
+    cuts, start, count = [], 0, 0
+    for i, c in enumerate(cells):
+        count += c
+        if count >= fl.MIN_BIN_IMAGES:
+            cuts.append((start * width, (i + 1) * width))
+            start, count = i + 1, 0
+    if cuts:  # a remainder (or empty cells) above the last full bin joins it
+        cuts[-1] = (cuts[-1][0], fl.HIST_BINS)
+    return cuts
+
+
+def test_k_anonymous_histograms_release_no_bin_below_k():
+    """Every bin a site releases holds >= k images, spread evenly over public cells; totals
+    are kept; a threshold at a released edge counts exactly the images above it; a label-class
+    with fewer than k images is not sent."""
+    rng = np.random.default_rng(0)
+    exact = np.zeros((4, fl.HIST_BINS), dtype=np.int64)
+    np.add.at(exact[0], rng.integers(0, fl.HIST_BINS, 63), 1)  # 63 scores, mostly alone in a bin
+    exact[1, 500] = fl.MIN_BIN_IMAGES - 1  # too few: not sent
+    exact[2, [3, 998]] = [fl.MIN_BIN_IMAGES, 1]  # the top image joins the bin below
+    np.add.at(exact[3], np.clip(rng.normal(700, 80, 400).astype(int), 0, 999), 1)
+    released = fl.k_anonymous(exact)
+    assert released.shape == exact.shape and released.dtype == np.float64
+    assert not released[1].any()
+    for j in (0, 2, 3):
+        assert released[j].sum() == pytest.approx(exact[j].sum())
+        bins = _released_bins(exact[j])
+        assert bins[0][0] == 0 and bins[-1][1] == fl.HIST_BINS
+        for lo, hi in bins:
+            assert exact[j, lo:hi].sum() >= fl.MIN_BIN_IMAGES
+            assert np.allclose(released[j, lo:hi], released[j, lo])  # one count, spread
+            above = exact[j, lo:].sum()
+            assert released[j, lo:].sum() == pytest.approx(above)  # exact at released edges
+    assert len(_released_bins(exact[2])) == 1  # 11 images: one bin
+
+
+def test_a_sites_validation_summary_hides_single_images():
+    """The issue's case: per-image scores of a small validation split (13 images) used to be
+    alone in their histogram bins; what a site sends now describes at least k images per bin."""
     state = build_model("resnet9").state_dict()
-    spec = fed_spec(math.inf, {"a": 1.0, "b": 1.0})
-    both = SplitData(
-        np.concatenate([VAL["a"].images, VAL["b"].images]),
-        np.concatenate([VAL["a"].labels, VAL["b"].labels]),
-        np.concatenate([VAL["a"].sex, VAL["b"].sex]),
-        np.concatenate([VAL["a"].age, VAL["b"].age]),
-    )
-    sites = [fl.validate_site(spec, name, state, VAL[name]) for name in ("a", "b")]
-    pooled = fl.validate_site(spec, "ab", state, both)
-    np.testing.assert_array_equal(sites[0].hist_pos + sites[1].hist_pos, pooled.hist_pos)
-    np.testing.assert_array_equal(sites[0].hist_neg + sites[1].hist_neg, pooled.hist_neg)
-    known = ~np.isnan(both.labels)
-    assert pooled.hist_pos.sum() + pooled.hist_neg.sum() == known.sum()  # masked labels left out
-    assert pooled.hist_pos.dtype == np.int64 and pooled.n == 64
-    np.testing.assert_array_equal(pooled_youden(sites), pooled_youden([pooled]))
+    spec = fed_spec(math.inf, {"a": 1.0})
+    small = toy_split(13, seed=5)
+    summary = fl.validate_site(spec, "a", state, small)
+    model = load_model("resnet9", state, len(LABELS))
+    exact_pos, exact_neg = fl.score_histograms(predict(model, small.images), small.labels)
+    assert ((exact_pos + exact_neg) == 1).sum() >= 13  # in full detail, images stand alone
+    for released, exact in ((summary.hist_pos, exact_pos), (summary.hist_neg, exact_neg)):
+        for j in range(len(LABELS)):
+            if exact[j].sum() < fl.MIN_BIN_IMAGES:
+                assert not released[j].any()
+            else:
+                for lo, hi in _released_bins(exact[j]):
+                    assert released[j, lo:hi].sum() >= fl.MIN_BIN_IMAGES - 1e-9
+    assert summary.n == 13
+
+
+def test_pooled_thresholds_from_k_anonymous_summaries_lie_on_the_public_grid(dp_run):
+    """The coordinator pools what the sites sent: its Youden thresholds are edges of the
+    public 50-cell grid (or +inf / NaN), never a single image's score."""
+    result, _ = dp_run
+    finite = result.thresholds[np.isfinite(result.thresholds)]
+    assert len(finite)
+    cells = finite * fl.SUMMARY_CELLS
+    np.testing.assert_allclose(cells, np.round(cells), atol=1e-9)

@@ -192,7 +192,7 @@ def _plan(argv: list[str]) -> int:
         uv = costs.unit_variance_from(Path(args.variance_from))
     units = {t: int(inputs.manifests[t].loc[inputs.manifests[t]["split"] == "test",
                                               "patient_id"].nunique()) for t in spec.targets}  # fmt: skip
-    print(costs.render_sample_size(spec, units, uv, args.power))
+    print(costs.render_sample_size(spec.evaluation, units, uv, args.power))
     return 0
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import stats
 
 from privdom_ray import kinds
-from privdom_ray.config import SweepSpec, TrialSpec
+from privdom_ray.config import EvaluationConfig, SweepSpec, TrialSpec
 from privdom_ray.store import TrialStore
 
 EVAL_SPEEDUP = 3.0  # inference images/s relative to training (no backward pass): an estimate
@@ -270,10 +270,9 @@ def power_at(n_units: int, margin: float, variance: float, alpha: float) -> floa
 
 
 def render_sample_size(
-    spec: SweepSpec, test_units: dict[str, int], uv: UnitVariance | None, power: float
+    ev: EvaluationConfig, test_units: dict[str, int], uv: UnitVariance | None, power: float
 ) -> str:
-    """The ``plan`` lines on what the test sets can show (the primary endpoint's size)."""
-    ev = spec.evaluation
+    """The ``plan`` line on what the test sets can show (the primary endpoint's size)."""
     alpha, margin = round(1.0 - ev.ci, 10), ev.equivalence_margin
     head = (f"test sets: the primary endpoint (equivalence of drop(DP) - drop(non-DP) within "
             f"±{margin:g}, alpha {alpha:g}) at power {power:g} if DP changes the drop by 0")  # fmt: skip

@@ -41,6 +41,7 @@ and 25,000 images per replicate for the bootstrap); the seed table uses prevalen
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from multiprocessing import Pool
@@ -257,6 +258,7 @@ def main() -> None:
     ap.add_argument("--seed-reps", type=int, default=500)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--save", help="also write the raw counts to this JSON file")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.old_reps, args.seed_reps, args.boot = 100, 100, 100, 200
@@ -267,7 +269,11 @@ def main() -> None:
     with Pool(args.workers) as pool:
         for key, acc, n in pool.imap_unordered(_task, _tasks(args)):
             tot, m = totals.get(key, ({}, 0))
-            totals[key] = ({k: tot.get(k, 0.0) + v for k, v in acc.items()}, m + n)
+            merged = {k: tot.get(k, 0.0) + acc.get(k, 0.0) for k in {*tot, *acc}}
+            totals[key] = (merged, m + n)
+    if args.save:
+        with open(args.save, "w") as f:  # the raw counts, in case a table is wanted again
+            json.dump([[list(map(str, k)), acc, n] for k, (acc, n) in totals.items()], f)
     _print_tables(totals, args)
     print(f"\n({time.time() - t0:.0f} s, {args.workers} worker(s))")
 

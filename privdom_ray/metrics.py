@@ -1,4 +1,4 @@
-"""Evaluation metrics: AUC, Youden thresholds, calibration, patient-clustered bootstrap CIs.
+"""Evaluation metrics: AUC, Youden thresholds, calibration, patient-level jackknife CIs.
 
 Conventions used throughout:
 
@@ -7,26 +7,27 @@ Conventions used throughout:
 * ``scores`` are float arrays ``(n, L)``: sigmoid probabilities (AUC is rank based, so logits
   work for it too; calibration needs probabilities and is null otherwise).
 * A thresholded prediction is positive when ``score >= threshold``.
-* ``clusters`` (optional, ``(n,)`` integers) is each image's patient: every bootstrap draws
-  PATIENTS with replacement and takes all their images, because images of one patient are
-  not independent (an image-level bootstrap gives too-narrow CIs and too-small p-values).
-  ``None`` means every image is its own patient (``resampling_unit = "image"``).
+* ``clusters`` (optional, ``(n,)`` integers) is each image's patient: the jackknife leaves
+  out (and the bootstrap draws) PATIENTS with all their images, because images of one
+  patient are not independent (treating images as units gives too-narrow CIs and too-small
+  p-values). ``None`` means every image is its own patient (``resampling_unit = "image"``).
 * Anything undefined (too few positives or negatives, empty subgroup) is ``None`` in the row
   objects so that it becomes a null in parquet, never a fake 0.5, and the row says why.
 
-The bootstrap is vectorised: for a chunk of resamples, the drawn patients give a patient count
-matrix with one ``np.bincount``, gathered through the cluster index into the image count matrix
-``C[b, i]`` = how often image ``i`` was drawn in resample ``b``. Every AUC is then an exact
-integer rank statistic computed with a cumulative sum of the negatives' counts in score order
-(ties handled by ``searchsorted`` left/right, the Mann-Whitney mid-rank credit of 1/2), and
-every linear statistic (confusion counts, Brier and calibration-bin sums) is one matrix product
-of the PATIENT counts with per-patient sums. No Python loop runs over resamples.
+CIs (evaluation protocol 4) are leave-one-patient-out jackknife t intervals: every AUC is
+recomputed without each patient exactly in O(n log n) (:func:`jackknife_auc`: the
+Mann-Whitney sum loses the patient's row and column sums and regains its within-patient
+pairs), rates and Brier scores are ratios of per-patient sums (:func:`jackknife_ratio`), and a
+macro is the mean of its labels' leave-one-out values; :mod:`privdom_ray.inference` turns them
+into a t interval on the logit scale with Satterthwaite degrees of freedom over the rarer
+class's effective patients. A "macro" value is the mean over a FIXED label set: the labels
+with at least ``min_positives`` positive and ``min_negatives`` negative patients (for a
+subgroup: valid in every subgroup of its family, :func:`shared_label_sets`).
 
-CIs and p-values follow one order-statistic rule (:mod:`privdom_ray.inference`), so they never
-disagree. A "macro" value is the mean over a FIXED label set: the labels with at least
-``min_positives`` positives and ``min_negatives`` negatives at the point estimate; a resample
-in which one of them lacks a class is invalid (counted in ``n_valid_boot``, not averaged over
-fewer labels).
+The vectorised patient bootstrap below (:func:`bootstrap_stats`: a patient count matrix per
+chunk of resamples, AUCs as exact integer rank statistics, linear statistics as one matrix
+product) is the method before protocol 4, kept for the simulations that compare the two
+(``benchmarks/sim_intervals.py``) and ``benchmarks/bench_bootstrap.py``.
 """
 
 from __future__ import annotations

@@ -303,7 +303,8 @@ def _seeds_note(view: ReportView) -> str:
         f"the between-seed variance to the test-{view.unit} noise the seeds share, with "
         f"conservative degrees of freedom (few seeds give wide intervals: {k} seeds cannot "
         "pin down training variability). The paired t test across seeds (the paper's test) is "
-        "in the p_t column of comparisons.parquet."
+        "in the p_t column of comparisons.parquet, conditional on the test set (it treats the "
+        "test patients as fixed, so it is no inference about new patients)."
     )
 
 

@@ -498,17 +498,20 @@ class Jackknife:
     df: np.ndarray
 
 
-def _icc(values: np.ndarray, groups: np.ndarray) -> float:
-    """One-way ANOVA intra-class correlation of ``values`` within ``groups``, in [0, 1]; 1
-    when it cannot be estimated (no group with two values: the conservative side)."""
-    _, inv, cnt = np.unique(groups, return_inverse=True, return_counts=True)
-    n_groups, n = cnt.size, values.size
-    if n_groups < 2 or n <= n_groups:
+def _icc(values: np.ndarray, groups: np.ndarray, n_groups: int) -> float:
+    """One-way ANOVA intra-class correlation of ``values`` within ``groups`` (dense indices
+    below ``n_groups``), in [0, 1]; 1 when it cannot be estimated (no group with two values:
+    the conservative side)."""
+    cnt = np.bincount(groups, minlength=n_groups)
+    have = cnt > 0
+    k, n = int(have.sum()), values.size
+    if k < 2 or n <= k:
         return 1.0
-    means = np.bincount(inv, weights=values) / cnt
-    msb = float((cnt * (means - values.mean()) ** 2).sum()) / (n_groups - 1)
-    msw = float(((values - means[inv]) ** 2).sum()) / (n - n_groups)
-    n0 = (n - float((cnt.astype(np.float64) ** 2).sum()) / n) / (n_groups - 1)
+    sums = np.bincount(groups, weights=values, minlength=n_groups)
+    means = np.divide(sums, cnt, out=np.zeros(n_groups), where=have)
+    msb = float((cnt * (means - values.mean()) ** 2).sum()) / (k - 1)
+    msw = float(((values - means[groups]) ** 2).sum()) / (n - k)
+    n0 = (n - float((cnt.astype(np.float64) ** 2).sum()) / n) / (k - 1)
     denom = msb + (n0 - 1.0) * msw
     return 1.0 if denom <= 0 else float(np.clip((msb - msw) / denom, 0.0, 1.0))
 
@@ -550,33 +553,47 @@ def _jack_auc_1d(s: np.ndarray, y: np.ndarray, codes: np.ndarray, p: int):
     known = ~np.isnan(y)
     s, y, c = s[known], y[known], codes[known]
     pos = y == 1.0
-    sp, sn, cp, cn = s[pos], s[~pos], c[pos], c[~pos]
-    m_all, n_all = sp.size, sn.size
+    cp, cn = c[pos], c[~pos]
+    m_all, n_all = cp.size, cn.size
     loo = np.full(p, np.nan)
     if m_all == 0 or n_all == 0:
         return math.nan, loo, 0.0
-    sn_sorted, sp_sorted = np.sort(sn), np.sort(sp)
-    r2 = np.searchsorted(sn_sorted, sp, "left") + np.searchsorted(sn_sorted, sp, "right")
-    c2 = 2 * m_all - np.searchsorted(sp_sorted, sn, "left") - np.searchsorted(sp_sorted, sn, "right")
-    u2 = int(r2.sum(dtype=np.int64))
+    # one sort: per distinct score, the negatives below / positives above and the ties
     rank = np.unique(s, return_inverse=True)[1].astype(np.int64).reshape(-1)
-    n_rank = int(rank.max()) + 1
-    key_n = np.sort(cn.astype(np.int64) * n_rank + rank[~pos])
-    key_p = cp.astype(np.int64) * n_rank + rank[pos]
-    start = np.searchsorted(key_n, cp.astype(np.int64) * n_rank, "left")
-    w2 = np.searchsorted(key_n, key_p, "left") + np.searchsorted(key_n, key_p, "right") - 2 * start
+    rp, rn = rank[pos], rank[~pos]
+    n_cnt = np.bincount(rn, minlength=rank.size)
+    p_cnt = np.bincount(rp, minlength=rank.size)
+    r2 = 2 * (np.cumsum(n_cnt) - n_cnt)[rp] + n_cnt[rp]  # 2 x (negatives below + ties / 2)
+    c2 = 2 * (m_all - np.cumsum(p_cnt))[rn] + p_cnt[rn]  # 2 x (positives above + ties / 2)
+    u2 = int(r2.sum(dtype=np.int64))
     row = np.bincount(cp, weights=r2, minlength=p)
     col = np.bincount(cn, weights=c2, minlength=p)
-    within = np.bincount(cp, weights=w2, minlength=p)
     m_i, n_i = np.bincount(cp, minlength=p), np.bincount(cn, minlength=p)
+    within = _within_pairs(rank, pos, c, (m_i > 0) & (n_i > 0), p)
     den = 2.0 * (m_all - m_i) * (n_all - n_i)
     np.divide(u2 - row - col + within, den, out=loo, where=den > 0)
     theta = u2 / (2.0 * m_all * n_all)
-    eff_pos = _effective_units(m_i[m_i > 0].astype(np.float64), _icc(r2 / (2.0 * n_all), cp))
-    eff_neg = _effective_units(n_i[n_i > 0].astype(np.float64), _icc(c2 / (2.0 * m_all), cn))
+    eff_pos = _effective_units(m_i[m_i > 0].astype(np.float64), _icc(r2 / (2.0 * n_all), cp, p))
+    eff_neg = _effective_units(n_i[n_i > 0].astype(np.float64), _icc(c2 / (2.0 * m_all), cn, p))
     part_pos = (row / (2.0 * n_all) - m_i * theta) / m_all
     part_neg = (col / (2.0 * m_all) - n_i * theta) / n_all
     return theta, loo, min(_auc_df(part_pos, part_neg, eff_pos, eff_neg), p - 1.0)
+
+
+def _within_pairs(rank: np.ndarray, pos: np.ndarray, c: np.ndarray, both: np.ndarray, p: int):
+    """Twice the Mann-Whitney sum of each patient's own (positive, negative) pairs, (p,),
+    from the scores' dense ranks: only patients with both classes have any, so only their
+    rows are sorted."""
+    rows = both[c]
+    if not rows.any():
+        return np.zeros(p)
+    n_rank = int(rank.max()) + 1
+    rank, pos, c = rank[rows], pos[rows], c[rows].astype(np.int64)
+    key_n = np.sort(c[~pos] * n_rank + rank[~pos])
+    key_p = c[pos] * n_rank + rank[pos]
+    start = np.searchsorted(key_n, c[pos] * n_rank, "left")
+    w2 = np.searchsorted(key_n, key_p, "left") + np.searchsorted(key_n, key_p, "right") - 2 * start
+    return np.bincount(c[pos], weights=w2, minlength=p)
 
 
 def jackknife_auc(

@@ -54,7 +54,7 @@ def main() -> None:
                                       None if math.isinf(e) else e, "prv", (s,))
         for s in SITES for e in EPSILONS for k in range(args.seeds)
     }  # fmt: skip
-    print(f"| test site | images | models | rows | seconds |\n|---|---|---|---|---|")
+    print("| test site | images | models | rows | seconds |\n|---|---|---|---|---|")
     total, rows = 0.0, 0
     for i, name in enumerate(args.sites):
         ts = test_set(name, SITES[name], models, seed=i)

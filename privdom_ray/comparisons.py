@@ -431,7 +431,7 @@ class Est:
     df: float
 
     def __sub__(self, other: Est) -> Est:
-        return Est(self.point - other.point, self.loo - other.loo, min(self.df, other.df))
+        return Est(self.point - other.point, self.loo - other.loo, _min_df(self.df, other.df))
 
     def infer(
         self, ci: float, margin: float | None = None, worse_if: str | None = None,
@@ -468,7 +468,12 @@ class Pooled:
 
 def _mean(ests: Sequence[Est]) -> Est:
     return Est(float(np.mean([e.point for e in ests])), np.mean([e.loo for e in ests], axis=0),
-               min(e.df for e in ests))  # fmt: skip
+               _min_df(*(e.df for e in ests)))  # fmt: skip
+
+
+def _min_df(*dfs: float) -> float:
+    """The smallest df; NaN (no interval) when any part has none."""
+    return float(np.min(dfs))
 
 
 @dataclass
@@ -866,7 +871,7 @@ def _pool(ests: list[Est | None]) -> Pooled | None:
     if not ests or any(e is None or math.isnan(e.point) for e in ests):
         return None
     return Pooled(np.array([e.point for e in ests]), np.stack([e.loo for e in ests]),
-                  min(e.df for e in ests))  # fmt: skip
+                  _min_df(*(e.df for e in ests)))  # fmt: skip
 
 
 def _across_row(items: list[_Item], ev: EvaluationConfig) -> dict[str, Any]:

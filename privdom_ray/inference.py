@@ -513,6 +513,8 @@ def seed_variance(
         d_test = float(df_test)
         df = d_test if upper <= 0.0 else (c + upper) ** 2 / (c * c / d_test + upper**2 / (k - 1))
         df = max(min(k - 1.0, d_test), min(max(k - 1.0, d_test), df))
+        if not d_test >= 1.0:
+            df = math.nan  # the test noise has no interval of its own: neither has the mean
     else:
         df = float(n - 1) if upper <= 0.0 else (k - 1) * ((c + upper) / upper) ** 2
         df = max(float(k - 1), min(float(n - 1), df))

@@ -1055,7 +1055,9 @@ def _interval_fields(
     return kw, no_ci
 
 
-def _notes(kw: dict, v: _Values, no_ci: list[str], thr_missing: bool, called: str | None):
+def _notes(
+    kw: dict, v: _Values, no_ci: list[str], thr_missing: bool, called: str | None, df: float
+):
     """Why values (or CIs) that could exist are null."""
     out = []
     if kw["auc"] is None:
@@ -1067,7 +1069,9 @@ def _notes(kw: dict, v: _Values, no_ci: list[str], thr_missing: bool, called: st
                    "so sensitivity and specificity are 1 and 0 by construction (no CIs)")  # fmt: skip
     if not v.probabilities:
         out.append("scores are not probabilities in [0, 1]: no calibration")
-    if no_ci:
+    if no_ci and not df >= 1:
+        out.append("no CIs: too few (effective) patients of the rarer class for an interval")
+    elif no_ci:
         out.append(f"no CI for {', '.join(no_ci)}: the estimate is 0 or 1, or no single "
                    "patient moves it (nothing for an interval to rest on)")  # fmt: skip
     return out
@@ -1099,7 +1103,7 @@ def _subset_rows(
         vals = {k: (v.point[k][j], v.loo[k][j] if k in v.loo else None) for k in _METRICS}
         kw, no_ci = _interval_fields(vals, v.df[j], st)
         notes = [sup.reasons[j]] if sup.reasons[j] else []
-        notes += _notes(kw, v, no_ci, bool(np.isnan(thr[j])), v.called[j])
+        notes += _notes(kw, v, no_ci, bool(np.isnan(thr[j])), v.called[j], v.df[j])
         known = ~np.isnan(y[:, j])
         if st.oracle:
             kw["oracle_threshold"] = opt(v.oracle["threshold"][j])
@@ -1156,7 +1160,7 @@ def _macro_row(
     elif not any_ok:
         notes.append(f"no label is valid in every {subgroup_family(subgroup)} subgroup: "
                      "no macro to compare side by side")  # fmt: skip
-    notes += _notes(kw, v, no_ci, False, None)
+    notes += _notes(kw, v, no_ci, False, None, df)
     if kw["auc"] is not None and kw["accuracy"] is None:
         notes.append("a label of the set has no source threshold: thresholded metrics null")
     if st.oracle:

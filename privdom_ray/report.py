@@ -725,13 +725,15 @@ def subgroup_families(view: ReportView) -> dict[str, list[str]]:
     return fams
 
 
-def _n_labels(view: ReportView, t: str, g: str) -> str:
-    """The macro's label count of subgroup g on target t (the same for every model)."""
-    c = view.df[(view.df["target"] == t) & (view.df["subgroup"] == g)
+def _n_labels(view: ReportView, t: str, g: str | list[str]) -> str:
+    """The macro's label count of subgroup(s) g on target t (the same for every model; a
+    family's subgroups share one set, an empty subgroup has none)."""
+    names = [g] if isinstance(g, str) else g
+    c = view.df[(view.df["target"] == t) & view.df["subgroup"].isin(names)
                 & (view.df["label"] == "macro")]  # fmt: skip
     if c.empty or "n_labels" not in c.columns or c["n_labels"].isna().all():
         return MISSING
-    return str(int(c["n_labels"].iloc[0]))
+    return str(int(c["n_labels"].max()))
 
 
 def _subgroup_tables(view: ReportView, eps: float) -> str:
@@ -741,7 +743,7 @@ def _subgroup_tables(view: ReportView, eps: float) -> str:
     for fam, names in subgroup_families(view).items():
         rows = []
         for s, t in _pairs(view):
-            row = [_pair_name(s, t), _n_labels(view, t, names[0])]
+            row = [_pair_name(s, t), _n_labels(view, t, names)]
             for g in names:
                 dp = view.cell(eps, s, t, subgroup=g).get("auc")
                 nd = view.cell(math.inf, s, t, subgroup=g).get("auc")
@@ -911,11 +913,15 @@ def _console_verdicts(view: ReportView) -> str:
         return ""
     lines = []
     for eps in view.finite_eps:
+        per_site = []
         for t in view.targets:
             r = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
             if r is not None and not _missing(r.get("delta")):
-                lines.append(f"- epsilon = {format_epsilon(eps)}, test site {t}: Δdrop "
-                             f"{_value(r, 'delta', 3, True)}: {_verdict(r)}")  # fmt: skip
+                per_site.append(f"- epsilon = {format_epsilon(eps)}, test site {t}: Δdrop "
+                                f"{_value(r, 'delta', 3, True)}: {_verdict(r)}")  # fmt: skip
+        if per_site:
+            every = _every_site(view, eps).strip()
+            lines += [*per_site, f"- epsilon = {format_epsilon(eps)}: {every}"]
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -1036,7 +1042,8 @@ CONSOLE: list[Section] = [
         "Transfer matrices (macro AUC, rows = trained on, columns = tested on)",
         _console_matrices,
     ),  # fmt: skip
-    Section("verdicts", "Primary endpoint (see report.md)", _console_verdicts),
+    Section("verdicts", "Primary endpoint: drop(DP) - drop(non-DP) per test site (see report.md)",
+            _console_verdicts),
     Section("other", "", _section_other),
 ]
 

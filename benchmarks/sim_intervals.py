@@ -26,10 +26,11 @@ p = 0.95 with 1000 reps):
    the macro AUC (five labels), pct vs jk;
 2. rejection rate of the paired test of "AUC(model 1) = AUC(model 2)" at 5% (true: equal),
    label 0 and macro;
-3. ``pool_seeds`` at k = 3 and 5 seeds where the test noise the seeds share dominates (each
+3. pooling k = 3 and 5 seeds where the test noise the seeds share dominates (each
    seed's model is its own draw, correlated 0.9 with the others on the same patients; seed
    SD of the true AUC ~0.005): coverage of the mean over seeds' true AUC, the bootstrap
-   version (B resamples) vs the jackknife version.
+   version (``pool_seeds`` on B resamples, AUC scale) vs ``pool_seeds_level`` (jackknife values,
+   logit scale).
 
     OMP_NUM_THREADS=1 uv run python benchmarks/sim_intervals.py --quick   # about a minute
     OMP_NUM_THREADS=1 uv run python benchmarks/sim_intervals.py           # ~1.5 CPU-hours
@@ -161,7 +162,7 @@ def seed_replicate(rng, k: int, n_pos: int, n_boot: int, seed_sd: float) -> dict
     jks = [M.jackknife_auc(s[i][:, :1], y[:, :1], codes, n_units=p) for i in range(k)]
     points = np.array([j.point[0] for j in jks])
     loos = np.stack([j.loo[0] for j in jks])
-    new = I.pool_seeds(points, loos, ci=CI, jackknife=True, df_test=min(j.df[0] for j in jks))
+    new = I.pool_seeds_level(points, loos, ci=CI, df_test=min(j.df[0] for j in jks))
     rs = M.make_resampler(len(codes), n_boot, int(rng.integers(2**31)), codes)
     boots = np.stack([M.bootstrap_stats(s[i][:, :1], y[:, :1], rs).auc[:, 0] for i in range(k)])
     old = I.pool_seeds(points, boots, ci=CI)
@@ -238,7 +239,7 @@ def _print_tables(totals: dict, args) -> None:
     if seeds:
         print(f"\n# pool_seeds where shared test noise dominates: 95% CI coverage of the mean "
               f"over seeds ({args.seed_reps} reps; prevalence 10%, ICC 0.9, skewed)\n")  # fmt: skip
-        print("| seeds k | n_pos | bootstrap pool_seeds (before) | jackknife pool_seeds |")
+        print("| seeds k | n_pos | bootstrap pool_seeds (before) | jackknife pool_seeds_level |")
         print("|---|---|---|---|")
         for (k, n_pos), acc, n in seeds:
             print(f"| {k} | {n_pos} | {acc['boot'] / n:.3f} | **{acc['jk'] / n:.3f}** |")

@@ -461,7 +461,8 @@ class Pooled:
         self, ci: float, margin: float | None = None, worse_if: str | None = None,
         level: bool = False,
     ) -> inference.Inference:
-        del level  # a mean over seeds: the t interval of pool_seeds on the value's own scale
+        if level:  # an AUC or Brier score: on the logit scale, as a single one
+            return inference.pool_seeds_level(self.points, self.loos, ci=ci, df_test=self.df)
         return inference.pool_seeds(self.points, self.loos, ci=ci, margin=margin,
                                     worse_if=worse_if, jackknife=True, df_test=self.df)  # fmt: skip
 

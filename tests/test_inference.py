@@ -459,3 +459,17 @@ def test_intervals_cover_at_the_minimum_support_where_the_percentile_bootstrap_d
     print("coverage at nominal 95%:", cover, "rejections at nominal 5%:", size)
     assert cover["jk"] >= 0.93 and size["jk"] <= 0.07, (cover, size)
     assert cover["pct"] < 0.925, (cover, size)  # the old method fails this tolerance
+
+
+def test_pool_seeds_level_pools_aucs_on_the_logit_scale():
+    rng = np.random.default_rng(33)
+    points = np.array([0.80, 0.82, 0.79, 0.81])
+    loos = points[:, None] + 0.01 * rng.normal(size=(4, 200))
+    r = I.pool_seeds_level(points, loos, ci=0.95, df_test=30.0)
+    g = I.pool_seeds(np.log(points / (1 - points)), np.log(loos / (1 - loos)), ci=0.95,
+                     jackknife=True, df_test=30.0)  # fmt: skip
+    assert r.estimate == pytest.approx(points.mean()) and r.p_value is None
+    assert (r.lo, r.hi) == pytest.approx((1 / (1 + math.exp(-g.lo)), 1 / (1 + math.exp(-g.hi))))
+    assert r.lo < points.mean() < r.hi < 1
+    at_one = I.pool_seeds_level(np.array([1.0, 0.9]), np.full((2, 5), 0.95), ci=0.95, df_test=9.0)
+    assert at_one.lo is None and at_one.estimate == pytest.approx(0.95)

@@ -6,7 +6,8 @@
     python launch.py status <output>
     python launch.py audit <output>      (recompute every DP epsilon; check ledgers vs records)
     python launch.py export <output> --to DIR [--with-audit]   (the shareable outputs only)
-    python launch.py plan <grid.yaml> [--images-per-s R [R_DP]] [--slots N]   (cost, no run)
+    python launch.py plan <grid.yaml> [--images-per-s R [R_DP]] [--slots N]
+                          [--variance-from OUTPUT | --variance V] [--power P]   (cost, no run)
     python launch.py show <output> <trial key | source/epsilon/seed>
     python launch.py manifest <kind> <root> --out manifest.parquet [--option key=value ...]
 
@@ -220,7 +221,15 @@ def _plan(argv: list[str]) -> int:
         "default: measured here with a few steps of the grid's model (and its step memory)",
     )
     p.add_argument("--slots", type=int, default=1, help="trial slots the cluster will hold")
+    p.add_argument("--variance-from", metavar="OUTPUT", help="a finished sweep's output folder "
+                   "whose primary rows give the per-patient variance (default: the demo's)")
+    p.add_argument("--variance", type=float, help="per-patient variance of the primary endpoint")
+    p.add_argument("--power", type=float, default=0.8, help="power of the equivalence test")
     args = p.parse_args(argv)
+    if not 0 < args.power < 1:
+        p.error(f"--power {args.power}: a probability between 0 and 1, e.g. 0.8")
+    if args.variance is not None and not args.variance > 0:
+        p.error(f"--variance {args.variance}: a positive per-patient variance")
     from privdom_ray import costs, grid, sweep
 
     spec = grid.load_grid(args.grid, output=args.out)
@@ -240,6 +249,14 @@ def _plan(argv: list[str]) -> int:
     cost.step_device = device
     cost.rate = rate or measured
     print(costs.render(cost, spec))
+    uv = costs.UnitVariance(costs.DEMO_UNIT_VARIANCE, "the demo sweep's (README)")
+    if args.variance is not None:
+        uv = costs.UnitVariance(args.variance, "given")
+    elif args.variance_from:
+        uv = costs.unit_variance_from(Path(args.variance_from))
+    units = {t: int(inputs.manifests[t].loc[inputs.manifests[t]["split"] == "test",
+                                              "patient_id"].nunique()) for t in spec.targets}  # fmt: skip
+    print(costs.render_sample_size(spec.evaluation, units, uv, args.power))
     return 0
 
 

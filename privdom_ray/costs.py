@@ -5,7 +5,10 @@ size. For the grid: trainings and evaluations by trial kind (and how many an exi
 folder already holds), the memory of one trial's step, and the compute: images processed
 (epochs x training images per trial, summed over a federation's sites) at a training rate
 that is measured here on this machine's device (a few steps of the grid's model) or given by
-the user for the device the sweep will run on.
+the user for the device the sweep will run on. And what the test sets can show: the test
+patients per site that the primary endpoint (equivalence of the AUC drops within the grid's
+margin) needs at a stated power, from the per-patient variance of a finished sweep (the
+demo's, or the user's own) or a given number.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from scipy import stats
+
 from privdom_ray import kinds
-from privdom_ray.config import SweepSpec, TrialSpec
+from privdom_ray.config import EvaluationConfig, SweepSpec, TrialSpec
 from privdom_ray.store import TrialStore
 
 EVAL_SPEEDUP = 3.0  # inference images/s relative to training (no backward pass): an estimate
@@ -198,3 +205,84 @@ def _bytes(n: float) -> str:
             return f"{n:,.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------ sample size
+
+#: Per-patient variance of the primary endpoint (drop(DP) - drop(non-DP), macro AUC): the
+#: median over the demo sweep's primary rows of se^2 x test patients (see README "plan").
+#: Real sites differ (labels, prevalence, images per patient): pass your own with
+#: ``--variance-from`` a finished sweep of yours, or ``--variance``.
+DEMO_UNIT_VARIANCE = math.nan
+
+
+@dataclass(frozen=True)
+class UnitVariance:
+    """The variance of the primary endpoint for ONE test patient (se^2 x patients): a
+    test set of n patients estimates it with standard error sqrt(value / n)."""
+
+    value: float
+    source: str
+
+
+def unit_variance_from(output: Path) -> UnitVariance:
+    """The median per-patient variance of a finished sweep's primary rows: each row's
+    standard error (its 90% CI's half-width over the t quantile of its df) squared, times
+    its test patients. Raises FileNotFoundError / LookupError naming the fix."""
+    path = Path(output) / "comparisons.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point --variance-from at a finished sweep's "
+                                "output folder, or give --variance")  # fmt: skip
+    df = pd.read_parquet(path)
+    if "df" not in df.columns or "endpoint" not in df.columns:
+        raise LookupError(f"{path} was written before the jackknife intervals: re-run that "
+                         "sweep's command (no retraining) or give --variance")  # fmt: skip
+    rows = df[(df["endpoint"] == "primary") & df["tost_half_width"].notna()]
+    if rows.empty:
+        raise LookupError(f"{path} has no primary row with an interval: give --variance")
+    alpha = 1.0 - float(rows["ci"].iloc[0])
+    se = rows["tost_half_width"] / stats.t.ppf(1.0 - alpha, rows["df"].astype(float))
+    var = (se**2 * rows["n_patients"].astype(float)).median()
+    return UnitVariance(float(var), f"{path}, median of {len(rows)} primary row(s)")
+
+
+def _z(alpha: float, power: float) -> float:
+    """z(1 - alpha) + z(1 - beta / 2): TOST at level alpha whose two one-sided tests must
+    both pass, with power 1 - beta when the true difference is 0."""
+    return float(stats.norm.ppf(1.0 - alpha) + stats.norm.ppf(1.0 - (1.0 - power) / 2.0))
+
+
+def units_needed(margin: float, variance: float, alpha: float, power: float) -> int:
+    """Test patients per site for the TOST to confirm equivalence within ``margin`` with
+    probability ``power`` when DP changes the drop by exactly 0 (normal approximation:
+    n = V (z(1 - alpha) + z(1 - beta/2))^2 / margin^2)."""
+    if not (margin > 0 and variance > 0 and 0 < alpha < 0.5 and 0 < power < 1):
+        raise ValueError("need margin > 0, variance > 0, 0 < alpha < 0.5 and 0 < power < 1")
+    return math.ceil(variance * _z(alpha, power) ** 2 / margin**2)
+
+
+def power_at(n_units: int, margin: float, variance: float, alpha: float) -> float:
+    """The TOST's power with ``n_units`` test patients when the true difference is 0."""
+    if n_units <= 0:
+        return 0.0
+    se = math.sqrt(variance / n_units)
+    return max(0.0, 2.0 * float(stats.norm.cdf(margin / se - stats.norm.ppf(1 - alpha))) - 1.0)
+
+
+def render_sample_size(
+    ev: EvaluationConfig, test_units: dict[str, int], uv: UnitVariance | None, power: float
+) -> str:
+    """The ``plan`` line on what the test sets can show (the primary endpoint's size)."""
+    alpha, margin = round(1.0 - ev.ci, 10), ev.equivalence_margin
+    head = (f"test sets: the primary endpoint (equivalence of drop(DP) - drop(non-DP) within "
+            f"±{margin:g}, alpha {alpha:g}) at power {power:g} if DP changes the drop by 0")  # fmt: skip
+    if uv is None or not math.isfinite(uv.value):
+        return (f"{head}: no per-patient variance known; pass --variance-from <a finished "
+                "sweep's output> (e.g. the demo's) or --variance V")  # fmt: skip
+    need = units_needed(margin, uv.value, alpha, power)
+    planned = ", ".join(
+        f"{t} {n:,} (power {power_at(n, margin, uv.value, alpha):.2f})"
+        for t, n in sorted(test_units.items())
+    )
+    return (f"{head}: needs {need:,} test patients per site (per-patient variance "
+            f"{uv.value:.4g}, {uv.source}); planned test patients: {planned or 'none'}")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Evaluation metrics: AUC, Youden thresholds, calibration, patient-clustered bootstrap CIs.
+"""Evaluation metrics: AUC, Youden thresholds, calibration, patient-level jackknife CIs.
 
 Conventions used throughout:
 
@@ -7,26 +7,27 @@ Conventions used throughout:
 * ``scores`` are float arrays ``(n, L)``: sigmoid probabilities (AUC is rank based, so logits
   work for it too; calibration needs probabilities and is null otherwise).
 * A thresholded prediction is positive when ``score >= threshold``.
-* ``clusters`` (optional, ``(n,)`` integers) is each image's patient: every bootstrap draws
-  PATIENTS with replacement and takes all their images, because images of one patient are
-  not independent (an image-level bootstrap gives too-narrow CIs and too-small p-values).
-  ``None`` means every image is its own patient (``resampling_unit = "image"``).
+* ``clusters`` (optional, ``(n,)`` integers) is each image's patient: the jackknife leaves
+  out (and the bootstrap draws) PATIENTS with all their images, because images of one
+  patient are not independent (treating images as units gives too-narrow CIs and too-small
+  p-values). ``None`` means every image is its own patient (``resampling_unit = "image"``).
 * Anything undefined (too few positives or negatives, empty subgroup) is ``None`` in the row
   objects so that it becomes a null in parquet, never a fake 0.5, and the row says why.
 
-The bootstrap is vectorised: for a chunk of resamples, the drawn patients give a patient count
-matrix with one ``np.bincount``, gathered through the cluster index into the image count matrix
-``C[b, i]`` = how often image ``i`` was drawn in resample ``b``. Every AUC is then an exact
-integer rank statistic computed with a cumulative sum of the negatives' counts in score order
-(ties handled by ``searchsorted`` left/right, the Mann-Whitney mid-rank credit of 1/2), and
-every linear statistic (confusion counts, Brier and calibration-bin sums) is one matrix product
-of the PATIENT counts with per-patient sums. No Python loop runs over resamples.
+CIs (evaluation protocol 4) are leave-one-patient-out jackknife t intervals: every AUC is
+recomputed without each patient exactly in O(n log n) (:func:`jackknife_auc`: the
+Mann-Whitney sum loses the patient's row and column sums and regains its within-patient
+pairs), rates and Brier scores are ratios of per-patient sums (:func:`jackknife_ratio`), and a
+macro is the mean of its labels' leave-one-out values; :mod:`privdom_ray.inference` turns them
+into a t interval on the logit scale with Satterthwaite degrees of freedom over the rarer
+class's effective patients. A "macro" value is the mean over a FIXED label set: the labels
+with at least ``min_positives`` positive and ``min_negatives`` negative patients (for a
+subgroup: valid in every subgroup of its family, :func:`shared_label_sets`).
 
-CIs and p-values follow one order-statistic rule (:mod:`privdom_ray.inference`), so they never
-disagree. A "macro" value is the mean over a FIXED label set: the labels with at least
-``min_positives`` positives and ``min_negatives`` negatives at the point estimate; a resample
-in which one of them lacks a class is invalid (counted in ``n_valid_boot``, not averaged over
-fewer labels).
+The vectorised patient bootstrap below (:func:`bootstrap_stats`: a patient count matrix per
+chunk of resamples, AUCs as exact integer rank statistics, linear statistics as one matrix
+product) is the method before protocol 4, kept for the simulations that compare the two
+(``benchmarks/sim_intervals.py``) and ``benchmarks/bench_bootstrap.py``.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ import numpy as np
 from scipy import sparse
 
 from privdom_ray.inference import (
+    RELIABLE_UNITS,
+    infer_t,
+    jackknife_variance,
+    level_interval,
     opt,
-    order_ci,
-    p_two_sided,
     t_two_sided_p,
 )
 
@@ -476,6 +479,167 @@ def bootstrap_auc(
     return out[:, 0] if one_d else out
 
 
+# --------------------------------------------------------------------------- jackknife
+
+
+@dataclass(frozen=True)
+class Jackknife:
+    """Leave-one-unit-out values of per-label statistics on one set of units (patients).
+
+    ``point`` (L,); ``loo`` (L, P): the statistic recomputed without unit i (NaN where it is
+    undefined); ``df`` (L,): degrees of freedom of the label's t interval (:func:`_auc_df`).
+    Any linear combination of statistics on the SAME units (a macro, a paired difference, a
+    drop) is inferred from the same combination of their ``loo`` rows
+    (:func:`inference.jackknife_variance`): the pairing is kept exactly.
+    """
+
+    point: np.ndarray
+    loo: np.ndarray
+    df: np.ndarray
+
+
+def _icc(values: np.ndarray, groups: np.ndarray, n_groups: int) -> float:
+    """One-way ANOVA intra-class correlation of ``values`` within ``groups`` (dense indices
+    below ``n_groups``), in [0, 1]; 1 when it cannot be estimated (no group with two values:
+    the conservative side)."""
+    cnt = np.bincount(groups, minlength=n_groups)
+    have = cnt > 0
+    k, n = int(have.sum()), values.size
+    if k < 2 or n <= k:
+        return 1.0
+    sums = np.bincount(groups, weights=values, minlength=n_groups)
+    means = np.divide(sums, cnt, out=np.zeros(n_groups), where=have)
+    msb = float((cnt * (means - values.mean()) ** 2).sum()) / (k - 1)
+    msw = float(((values - means[groups]) ** 2).sum()) / (n - k)
+    n0 = (n - float((cnt.astype(np.float64) ** 2).sum()) / n) / (k - 1)
+    denom = msb + (n0 - 1.0) * msw
+    return 1.0 if denom <= 0 else float(np.clip((msb - msw) / denom, 0.0, 1.0))
+
+
+def _effective_units(sizes: np.ndarray, rho: float) -> float:
+    """Effective number of units whose contributions have variance proportional to
+    ``m (1 + (m - 1) rho)`` (m images each, within-unit correlation rho): the Satterthwaite
+    df of a sum of their squared contributions (Imbens & Kolesar 2016 with a random-effects
+    working model). Equals the count for equal sizes; far fewer when one patient has many
+    correlated images."""
+    w = sizes * (1.0 + (sizes - 1.0) * rho)
+    if w.size < 2:
+        return float(w.size)
+    return max(2.0, float(w.sum() ** 2 / (w * w).sum()))  # >= 1 df from two or more units
+
+
+def _auc_df(part_pos: np.ndarray, part_neg: np.ndarray, eff_pos: float, eff_neg: float) -> float:
+    """Satterthwaite df of an AUC's variance: its positive-class part (per patient, the
+    placement values of its positive images around the AUC) with ``eff_pos - 1`` df and its
+    negative-class part with ``eff_neg - 1`` df. Chosen by ``benchmarks/sim_intervals.py``:
+    with df = (patients of the rarer class - 1) the 95% intervals covered 0.930 at 50
+    positive patients (prevalence 2%, 1-15 images per patient, ICC 0.9; 4,000 replicates),
+    with these df 0.946."""
+    vp, vn = float(part_pos @ part_pos), float(part_neg @ part_neg)
+    dp, dn = eff_pos - 1.0, eff_neg - 1.0
+    if dp <= 0 or dn <= 0:
+        return max(0.0, min(dp, dn))
+    if vp + vn == 0.0:
+        return min(dp, dn)
+    return (vp + vn) ** 2 / (vp * vp / dp + vn * vn / dn)
+
+
+def _jack_auc_1d(s: np.ndarray, y: np.ndarray, codes: np.ndarray, p: int):
+    """(AUC, leave-one-patient-out AUCs (p,), df) of one label, O(n log n).
+
+    Without patient i the Mann-Whitney sum loses its positives' row sums and its negatives'
+    column sums, and regains the pairs within i (counted twice): ``U_(-i) = U - R_i - C_i +
+    W_i`` over ``(M - m_i)(N - n_i)`` pairs. Integer arithmetic in units of 1/2 (ties).
+    """
+    known = ~np.isnan(y)
+    s, y, c = s[known], y[known], codes[known]
+    pos = y == 1.0
+    cp, cn = c[pos], c[~pos]
+    m_all, n_all = cp.size, cn.size
+    loo = np.full(p, np.nan)
+    if m_all == 0 or n_all == 0:
+        return math.nan, loo, 0.0
+    # one sort: per distinct score, the negatives below / positives above and the ties
+    rank = np.unique(s, return_inverse=True)[1].astype(np.int64).reshape(-1)
+    rp, rn = rank[pos], rank[~pos]
+    n_cnt = np.bincount(rn, minlength=rank.size)
+    p_cnt = np.bincount(rp, minlength=rank.size)
+    r2 = 2 * (np.cumsum(n_cnt) - n_cnt)[rp] + n_cnt[rp]  # 2 x (negatives below + ties / 2)
+    c2 = 2 * (m_all - np.cumsum(p_cnt))[rn] + p_cnt[rn]  # 2 x (positives above + ties / 2)
+    u2 = int(r2.sum(dtype=np.int64))
+    row = np.bincount(cp, weights=r2, minlength=p)
+    col = np.bincount(cn, weights=c2, minlength=p)
+    m_i, n_i = np.bincount(cp, minlength=p), np.bincount(cn, minlength=p)
+    within = _within_pairs(rank, pos, c, (m_i > 0) & (n_i > 0), p)
+    den = 2.0 * (m_all - m_i) * (n_all - n_i)
+    np.divide(u2 - row - col + within, den, out=loo, where=den > 0)
+    theta = u2 / (2.0 * m_all * n_all)
+    eff_pos = _effective_units(m_i[m_i > 0].astype(np.float64), _icc(r2 / (2.0 * n_all), cp, p))
+    eff_neg = _effective_units(n_i[n_i > 0].astype(np.float64), _icc(c2 / (2.0 * m_all), cn, p))
+    part_pos = (row / (2.0 * n_all) - m_i * theta) / m_all
+    part_neg = (col / (2.0 * m_all) - n_i * theta) / n_all
+    return theta, loo, min(_auc_df(part_pos, part_neg, eff_pos, eff_neg), p - 1.0)
+
+
+def _within_pairs(rank: np.ndarray, pos: np.ndarray, c: np.ndarray, both: np.ndarray, p: int):
+    """Twice the Mann-Whitney sum of each patient's own (positive, negative) pairs, (p,),
+    from the scores' dense ranks: only patients with both classes have any, so only their
+    rows are sorted."""
+    rows = both[c]
+    if not rows.any():
+        return np.zeros(p)
+    n_rank = int(rank.max()) + 1
+    rank, pos, c = rank[rows], pos[rows], c[rows].astype(np.int64)
+    key_n = np.sort(c[~pos] * n_rank + rank[~pos])
+    key_p = c[pos] * n_rank + rank[pos]
+    start = np.searchsorted(key_n, c[pos] * n_rank, "left")
+    w2 = np.searchsorted(key_n, key_p, "left") + np.searchsorted(key_n, key_p, "right") - 2 * start
+    return np.bincount(c[pos], weights=w2, minlength=p)
+
+
+def jackknife_auc(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    clusters: np.ndarray | None = None,
+    *,
+    n_units: int | None = None,
+) -> Jackknife:
+    """Per-label AUC with its leave-one-patient-out values and t degrees of freedom.
+
+    ``clusters`` None: every image is its own unit. Units (0..P-1) are ``cluster_codes``'s
+    renumbering, so two models scored on the same rows get aligned ``loo`` columns. With
+    ``n_units`` the clusters are taken as unit indices in [0, n_units) as they are: the units
+    of a larger set (a subgroup's rows on the whole test set's patients, for a gap between
+    subgroups); a unit without rows here leaves the AUC unchanged. Exact: ``loo[j, i]``
+    equals :func:`auc` on the rows of every other unit (tested).
+    """
+    s, y = _check_pair_2d(scores, labels)
+    if n_units is None:
+        codes, p = cluster_codes(clusters, s.shape[0])
+    else:
+        codes, p = np.asarray(clusters, dtype=np.intp).reshape(s.shape[0]), int(n_units)
+        if codes.size and (codes.min() < 0 or codes.max() >= p):
+            raise ValueError(f"unit indices must lie in [0, {p})")
+    out = [_jack_auc_1d(s[:, j], y[:, j], codes, p) for j in range(s.shape[1])]
+    return Jackknife(
+        np.array([o[0] for o in out]), np.stack([o[1] for o in out]).reshape(len(out), p),
+        np.array([o[2] for o in out], dtype=np.float64),
+    )  # fmt: skip
+
+
+def jackknife_ratio(num: np.ndarray, den: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(point (L,), leave-one-unit-out values (L, P)) of ratios of per-unit sums ``num`` /
+    ``den`` (each (L, P)): a rate (TP / positives), an accuracy or a Brier score. NaN where
+    the denominator is 0."""
+    tot_n, tot_d = num.sum(axis=1), den.sum(axis=1)
+    point = np.full(tot_n.shape, np.nan)
+    np.divide(tot_n, tot_d, out=point, where=tot_d > 0)
+    d = tot_d[:, None] - den
+    loo = np.full(num.shape, np.nan)
+    np.divide(tot_n[:, None] - num, d, out=loo, where=d > 0)
+    return point, loo
+
+
 # --------------------------------------------------------------------------- thresholds
 
 
@@ -631,6 +795,8 @@ class LabelSupport:
     n_pos: np.ndarray
     ok: np.ndarray  # (L,) bool
     reasons: tuple[str | None, ...]  # why a label is not ok (None when it is)
+    units_pos: np.ndarray | None = None  # (L,) units (patients) with a positive image
+    units_neg: np.ndarray | None = None  # (L,) units with a negative image
 
 
 def label_support(
@@ -673,7 +839,30 @@ def label_support(
         else:
             reasons.append(None)
     ok = np.array([r is None for r in reasons], dtype=bool)
-    return LabelSupport(n_known, n_pos, ok, tuple(reasons))
+    return LabelSupport(n_known, n_pos, ok, tuple(reasons), np.asarray(u_pos), np.asarray(u_neg))
+
+
+def subgroup_family(name: str) -> str:
+    """The comparison a subgroup belongs to: "sex=F" -> "sex", "age=[0,40)" -> "age"."""
+    return name.split("=", 1)[0]
+
+
+def shared_label_sets(ok: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The macro label set of each subgroup: the labels valid (``ok[name]``) in EVERY
+    subgroup of its family (:func:`subgroup_family`) that has a valid label at all.
+
+    Macros shown side by side must average the same labels: site_c's "sex=M" averaging 3
+    labels next to "age=[0,40)" averaging 2 compared different things (statistics red team).
+    "all" is a family of its own (its own labels); a subgroup without any valid label keeps
+    none and does not shrink its family's set.
+    """
+    shared: dict[str, np.ndarray] = {}
+    for name, mask in ok.items():
+        fam = subgroup_family(name)
+        if mask.any():
+            shared[fam] = shared.get(fam, np.ones_like(mask)) & mask
+    return {name: shared.get(subgroup_family(name), mask) & mask if mask.any() else mask
+            for name, mask in ok.items()}  # fmt: skip
 
 
 def macro_over(
@@ -702,10 +891,12 @@ class MetricRow:
     fields use Youden's threshold fitted on the evaluated subgroup itself and are only
     filled with ``oracle=True``. For ``label == "macro"``: ``n`` is the subgroup size,
     ``n_pos`` is the sum of positives over labels (positive image-label pairs), metrics are
-    means over the fixed label set (``n_labels`` labels with enough positives and negatives)
-    and ``threshold`` is None. CIs come from ``n_valid_boot`` valid patient resamples
-    (``resampling_unit`` says whether patients or images were resampled); ``null_reason``
-    says why a value is null.
+    means over the macro's label set (``n_labels`` labels: for "all" those with enough
+    positive and negative patients, for a subgroup those valid in every subgroup of its
+    family, :func:`shared_label_sets`) and ``threshold`` is None. CIs are jackknife t
+    intervals on the logit scale with ``ci_df`` degrees of freedom over ``n_patients`` units
+    (``resampling_unit``); ``ci_note`` marks an approximate one; ``null_reason`` says why a
+    value (or a CI) is null.
     """
 
     label: str
@@ -715,7 +906,7 @@ class MetricRow:
     n_patients: int | None
     resampling_unit: str | None
     n_labels: int | None
-    n_valid_boot: int | None
+    ci_df: float | None
     auc: float | None
     auc_lo: float | None
     auc_hi: float | None
@@ -736,6 +927,7 @@ class MetricRow:
     ece_lo: float | None
     ece_hi: float | None
     null_reason: str | None
+    ci_note: str | None = None
     oracle_threshold: float | None = None
     oracle_accuracy: float | None = None
     oracle_sensitivity: float | None = None
@@ -748,6 +940,17 @@ class MetricRow:
 
 _METRICS = ("auc", "accuracy", "sensitivity", "specificity", "brier", "ece")
 _THRESHOLDED = ("accuracy", "sensitivity", "specificity")
+#: (numerator, denominator) blocks of ``_linear_columns`` behind each ratio metric
+_RATIOS = {
+    "accuracy": (("tp", "tn"), ("known",)),
+    "sensitivity": (("tp",), ("pos",)),
+    "specificity": (("tn",), ("known", "-pos")),
+    "brier": (("sq",), ("known",)),
+}
+#: Metrics reported without a CI: the binned ECE is biased upwards, and a bootstrap around a
+#: biased plug-in covered a calibrated model's true ECE in 0 of 300 simulations (statistics
+#: red team). Its point is a scale; the Brier score carries the calibration CIs.
+_NO_CI = frozenset({"ece"})
 
 
 @dataclass(frozen=True)
@@ -758,45 +961,58 @@ class _Settings:
     bins: int
     oracle: bool
     unit: str
+    intervals: bool  # n_boot > 0: CIs wanted
 
 
 @dataclass
 class _Values:
-    """Point (L,) and resampled (B, L) metrics of one subgroup; NaN outside the label set."""
+    """Point (L,) and leave-one-patient-out (L, P) metrics of one subgroup; NaN outside the
+    label set. ``df`` (L,): each label's t degrees of freedom; ``called`` (L,): "positive" /
+    "negative" where the threshold calls every image of a label one class."""
 
     point: dict[str, np.ndarray]
-    boot: dict[str, np.ndarray]
-    valid: np.ndarray
+    loo: dict[str, np.ndarray]
+    df: np.ndarray
     support: LabelSupport
     probabilities: bool
     oracle: dict[str, np.ndarray]
+    called: list[str | None]
+
+
+def _ratio_values(s, y, pred, codes, p, bins) -> tuple[dict, dict]:
+    """Point and leave-one-out values of the ratio metrics from per-patient sums."""
+    n_lab = s.shape[1]
+    cols, names = _linear_columns(s, y, pred, bins)
+    pp = _per_patient(cols, codes, p)
+    block = {name: pp[k * n_lab : (k + 1) * n_lab] for k, name in enumerate(names)}
+    block["-pos"] = -block["pos"]
+    point, loo = {}, {}
+    for metric, (num, den) in _RATIOS.items():
+        if all(k in block for k in (*num, *den)):
+            point[metric], loo[metric] = jackknife_ratio(
+                sum(block[k] for k in num), sum(block[k] for k in den)
+            )
+    return point, loo
 
 
 def _subset_values(
-    s: np.ndarray, y: np.ndarray, thr: np.ndarray, rs: Resampler, st: _Settings
+    s: np.ndarray, y: np.ndarray, thr: np.ndarray, codes: np.ndarray, p: int, st: _Settings
 ) -> _Values:
     n_lab = s.shape[1]
-    units = None if rs.identity else rs.codes
-    support = label_support(y, st.min_positives, st.min_negatives, units)
+    support = label_support(y, st.min_positives, st.min_negatives,
+                            codes if st.unit == "patient" else None)  # fmt: skip
     thr_ok = ~np.isnan(thr)
     pred = s >= thr[None, :]
     probs = are_probabilities(s, y)
-    bs = bootstrap_stats(s, y, rs, pred=pred, bins=st.bins if probs else None)
-    point = {"auc": np.array([auc(s[:, j], y[:, j]) for j in range(n_lab)])}
-    boot = {"auc": bs.auc}
-    point.update(zip(_THRESHOLDED, _rates(*_point_counts(y, pred), thr_ok), strict=True))
-    boot.update(zip(_THRESHOLDED, _rates(bs.known, bs.pos, bs.tp, bs.tn, thr_ok), strict=True))
-    if probs:
-        point["brier"], point["ece"] = calibration(s, y, st.bins)
-        boot["brier"], boot["ece"] = bs.brier, bs.ece
-    else:
-        for key in ("brier", "ece"):
-            point[key] = np.full(n_lab, np.nan)
-            boot[key] = np.full((rs.n_boot, n_lab), np.nan)
-    valid = bs.valid
-    for key in _METRICS:
-        point[key][~support.ok] = np.nan
-        boot[key] = np.where(valid & support.ok[None, :], boot[key], np.nan)
+    jk = jackknife_auc(s, y, codes)
+    point, loo = _ratio_values(s, y, pred, codes, p, st.bins if probs else None)
+    point["auc"], loo["auc"] = jk.point, jk.loo
+    for key in _THRESHOLDED:
+        point[key] = np.where(thr_ok, point[key], np.nan)
+    point["ece"] = calibration(s, y, st.bins)[1] if probs else np.full(n_lab, np.nan)
+    point.setdefault("brier", np.full(n_lab, np.nan))
+    for key in _METRICS:  # a NaN point has no interval: the leave-one-out rows stay as they are
+        point[key] = np.where(support.ok, point[key], np.nan)
     orc: dict[str, np.ndarray] = {}
     if st.oracle:
         o_thr = np.array(
@@ -804,36 +1020,71 @@ def _subset_values(
         )
         o_tm = threshold_metrics(s, y, o_thr)
         orc = {"threshold": o_thr, **{k: getattr(o_tm, k) for k in _THRESHOLDED}}
-    return _Values(point, boot, valid, support, probs, orc)
+    return _Values(point, loo, jk.df, support, probs, orc, _called(y, pred, thr_ok))
 
 
-#: Metrics reported without a CI: the binned ECE is biased upwards, and a bootstrap around a
-#: biased plug-in covered a calibrated model's true ECE in 0 of 300 simulations (statistics
-#: red team). Its point is a scale; the Brier score carries the calibration CIs.
-_NO_CI = frozenset({"ece"})
-
-
-def _ci_fields(vals: dict[str, tuple[float, np.ndarray]], ci: float) -> dict[str, float | None]:
-    kw: dict[str, float | None] = {}
-    for key in _METRICS:
-        v, samples = vals[key]
-        v = opt(v)
-        lo, hi = order_ci(samples, ci) if v is not None and key not in _NO_CI else (None, None)
-        kw[key], kw[f"{key}_lo"], kw[f"{key}_hi"] = v, lo, hi
-    return kw
-
-
-def _notes(kw: dict, v: _Values, n_valid: int, n_boot: int, ci: float, thr_missing: bool):
-    """Why values that could exist are null (threshold, calibration, too few resamples)."""
-    out = []
-    if kw["auc"] is not None:
-        if thr_missing:
-            out.append("no source threshold: accuracy, sensitivity, specificity null")
-        if not v.probabilities:
-            out.append("scores are not probabilities in [0, 1]: no calibration")
-        if n_boot and kw["auc_lo"] is None:
-            out.append(f"CI null: {n_valid} valid resamples are too few for the {ci:g} level")
+def _called(y: np.ndarray, pred: np.ndarray, thr_ok: np.ndarray) -> list[str | None]:
+    """Per label: "positive" / "negative" when the threshold calls every image with a known
+    label that class (a degenerate threshold: sensitivity and specificity are 0 or 1 by
+    construction), else None."""
+    out: list[str | None] = []
+    for j in range(y.shape[1]):
+        called = pred[~np.isnan(y[:, j]), j]
+        if not thr_ok[j] or called.size == 0 or 0 < called.sum() < called.size:
+            out.append(None)
+        else:
+            out.append("positive" if called.all() else "negative")
     return out
+
+
+def _interval_fields(
+    values: dict[str, tuple[float, np.ndarray | None]], df: float, st: _Settings
+) -> tuple[dict[str, float | None], list[str]]:
+    """Each metric's value and jackknife t interval (logit scale), and the metrics whose
+    value has no interval (a degenerate estimate)."""
+    kw: dict[str, float | None] = {}
+    no_ci = []
+    for key in _METRICS:
+        v, loo = values[key]
+        v = opt(v)
+        lo = hi = None
+        if v is not None and st.intervals and key not in _NO_CI and loo is not None:
+            lo, hi = level_interval(v, jackknife_variance(loo), df, st.ci)
+            if lo is None:
+                no_ci.append(key)
+        kw[key], kw[f"{key}_lo"], kw[f"{key}_hi"] = v, lo, hi
+    return kw, no_ci
+
+
+def _notes(
+    kw: dict, v: _Values, no_ci: list[str], thr_missing: bool, called: str | None, df: float
+):
+    """Why values (or CIs) that could exist are null."""
+    out = []
+    if kw["auc"] is None:
+        return out
+    if thr_missing:
+        out.append("no source threshold: accuracy, sensitivity, specificity null")
+    if called:
+        out.append(f"degenerate threshold: the source threshold calls every image {called}, "
+                   "so sensitivity and specificity are 1 and 0 by construction (no CIs)")  # fmt: skip
+    if not v.probabilities:
+        out.append("scores are not probabilities in [0, 1]: no calibration")
+    if no_ci and not df >= 1:
+        out.append("no CIs: too few (effective) patients of the rarer class for an interval")
+    elif no_ci:
+        out.append(f"no CI for {', '.join(no_ci)}: the estimate is 0 or 1, or no single "
+                   "patient moves it (nothing for an interval to rest on)")  # fmt: skip
+    return out
+
+
+def _ci_note(units: float, unit: str, st: _Settings) -> str | None:
+    """Marks an interval that rests on fewer units of the rarer class than the simulation
+    verified (``inference.RELIABLE_UNITS``)."""
+    if not st.intervals or units >= RELIABLE_UNITS:
+        return None
+    return (f"approximate CI: {int(units)} {unit}(s) in the rarer class; coverage was verified "
+            f"from {RELIABLE_UNITS} (benchmarks/sim_intervals.py)")  # fmt: skip
 
 
 def _subset_rows(
@@ -842,56 +1093,87 @@ def _subset_rows(
     thr: np.ndarray,
     label_names: Sequence[str],
     subgroup: str,
-    rs: Resampler,
+    codes: np.ndarray,
+    p: int,
     st: _Settings,
-) -> list[MetricRow]:
-    v = _subset_values(s, y, thr, rs, st)
+) -> tuple[_Values, list[MetricRow]]:
+    v = _subset_values(s, y, thr, codes, p, st)
     sup = v.support
     rows = []
     for j, name in enumerate(label_names):
-        kw = _ci_fields({k: (v.point[k][j], v.boot[k][:, j]) for k in _METRICS}, st.ci)
-        n_valid = int(v.valid[:, j].sum()) if sup.ok[j] else 0
+        vals = {k: (v.point[k][j], v.loo[k][j] if k in v.loo else None) for k in _METRICS}
+        kw, no_ci = _interval_fields(vals, v.df[j], st)
         notes = [sup.reasons[j]] if sup.reasons[j] else []
-        notes += _notes(kw, v, n_valid, rs.n_boot, st.ci, bool(np.isnan(thr[j])))
+        notes += _notes(kw, v, no_ci, bool(np.isnan(thr[j])), v.called[j], v.df[j])
         known = ~np.isnan(y[:, j])
         if st.oracle:
             kw["oracle_threshold"] = opt(v.oracle["threshold"][j])
             kw.update({f"oracle_{k}": opt(v.oracle[k][j]) for k in _THRESHOLDED})
+        rarer = min(sup.units_pos[j], sup.units_neg[j])
         rows.append(
             MetricRow(
                 label=str(name), subgroup=subgroup, n=int(sup.n_known[j]),
-                n_pos=int(sup.n_pos[j]), n_patients=int(np.unique(rs.codes[known]).size),
+                n_pos=int(sup.n_pos[j]), n_patients=int(np.unique(codes[known]).size),
                 resampling_unit=st.unit, n_labels=int(sup.ok[j]),
-                n_valid_boot=n_valid if sup.ok[j] else None, threshold=opt(thr[j]),
-                null_reason="; ".join(notes) or None, **kw,
+                ci_df=opt(v.df[j]) if sup.ok[j] and st.intervals else None,
+                threshold=opt(thr[j]), null_reason="; ".join(notes) or None,
+                ci_note=_ci_note(rarer, st.unit, st) if sup.ok[j] else None, **kw,
             )
         )  # fmt: skip
-    rows.append(_macro_row(v, s.shape[0], subgroup, rs, st))
-    return rows
+    return v, rows
 
 
-def _macro_row(v: _Values, n: int, subgroup: str, rs: Resampler, st: _Settings) -> MetricRow:
-    ok = v.support.ok
-    vals = {k: macro_over(v.point[k], v.boot[k], v.valid, ok) for k in _METRICS}
-    kw = _ci_fields(vals, st.ci)
-    n_valid = int(v.valid[:, ok].all(axis=1).sum()) if ok.any() else 0
+def macro_df(variances: np.ndarray, dfs: np.ndarray, n_units: int) -> float:
+    """Degrees of freedom of a mean over labels: Satterthwaite over the labels' variances
+    and dfs, within [smallest label df, units - 1] (covariances between labels are left out
+    of the weights: the bound below keeps it from exceeding what the weakest label allows
+    once they dominate)."""
+    v = np.asarray(variances, dtype=np.float64)
+    d = np.asarray(dfs, dtype=np.float64)
+    if v.size == 0 or np.isnan(v).any() or (d <= 0).any():
+        return math.nan
+    low = float(d.min())
+    if v.sum() == 0.0:
+        return low
+    return float(min(max(low, v.sum() ** 2 / float((v * v / d).sum())), max(low, n_units - 1.0)))
+
+
+def _macro_row(
+    v: _Values, ok: np.ndarray, n: int, subgroup: str, p: int, st: _Settings
+) -> MetricRow:
+    """The macro over the label set ``ok`` (mean of the points and of the leave-one-out
+    values, so its interval keeps the labels' covariances)."""
+    sup = v.support
+    any_ok = bool(ok.any())
+    vals = {}
+    for k in _METRICS:
+        point = float(v.point[k][ok].mean()) if any_ok else math.nan
+        vals[k] = (point, v.loo[k][ok].mean(axis=0) if any_ok and k in v.loo else None)
+    var = np.array([jackknife_variance(v.loo["auc"][j]) for j in np.flatnonzero(ok)])
+    df = macro_df(var, v.df[ok], p) if any_ok else math.nan
+    kw, no_ci = _interval_fields(vals, df, st)
     notes = []
-    if not ok.any():
+    if not sup.ok.any():
         notes.append(
             f"no label has >= {st.min_positives} positive and >= {st.min_negatives} negative "
-            f"{'image' if rs.identity else 'patient'}s"
+            f"{st.unit}s"
         )
-    notes += _notes(kw, v, n_valid, rs.n_boot, st.ci, False)
+    elif not any_ok:
+        notes.append(f"no label is valid in every {subgroup_family(subgroup)} subgroup: "
+                     "no macro to compare side by side")  # fmt: skip
+    notes += _notes(kw, v, no_ci, False, None, df)
     if kw["auc"] is not None and kw["accuracy"] is None:
         notes.append("a label of the set has no source threshold: thresholded metrics null")
     if st.oracle:
-        kw.update({f"oracle_{k}": opt(v.oracle[k][ok].mean()) if ok.any() else None
+        kw.update({f"oracle_{k}": opt(v.oracle[k][ok].mean()) if any_ok else None
                    for k in _THRESHOLDED})  # fmt: skip
+    rarer = float(np.minimum(sup.units_pos, sup.units_neg)[ok].min()) if any_ok else 0.0
     return MetricRow(
-        label="macro", subgroup=subgroup, n=int(n), n_pos=int(v.support.n_pos.sum()),
-        n_patients=rs.n_clusters, resampling_unit=st.unit, n_labels=int(ok.sum()),
-        n_valid_boot=n_valid if ok.any() else None, threshold=None,
-        null_reason="; ".join(notes) or None, **kw,
+        label="macro", subgroup=subgroup, n=int(n), n_pos=int(sup.n_pos[ok].sum()),
+        n_patients=p, resampling_unit=st.unit, n_labels=int(ok.sum()),
+        ci_df=opt(df) if st.intervals else None, threshold=None,
+        null_reason="; ".join(notes) or None,
+        ci_note=_ci_note(rarer, st.unit, st) if any_ok else None, **kw,
     )  # fmt: skip
 
 
@@ -923,15 +1205,19 @@ def evaluate(
     min_negatives: int = 1,
     calibration_bins: int = CALIBRATION_BINS,
 ) -> list[MetricRow]:
-    """Point metrics with patient-bootstrap CIs per label, "macro", and subgroup.
+    """Point metrics with patient-level jackknife t CIs per label, "macro", and subgroup.
 
     Rows come subgroup by subgroup ("all" first, then ``groups`` in order), labels in
-    order, then "macro". Each subgroup resamples its own patients (those with >= 1 image in
-    it, with their images in it) with the seed ``subgroup_seed(seed, name)``; ``clusters``
-    None resamples images. ``thresholds`` should come from the source domain's validation
-    split; ``oracle=True`` adds Youden-on-this-set metrics for comparison. Labels below
-    ``min_positives`` / ``min_negatives`` get None metrics and a ``null_reason``.
+    order, then "macro". Each subgroup's units are its patients (those with >= 1 image in it,
+    with their images in it); ``clusters`` None makes every image a unit. ``n_boot`` 0: no
+    CIs (any other value: CIs; the jackknife draws nothing, so ``n_boot`` and ``seed`` only
+    keep the callers of the bootstrap era working). ``thresholds`` should come from the source
+    domain's validation split; ``oracle=True`` adds Youden-on-this-set metrics for
+    comparison. Labels below ``min_positives`` / ``min_negatives`` get None metrics and a
+    ``null_reason``; a subgroup's macro averages the labels valid in every subgroup of its
+    family (:func:`shared_label_sets`).
     """
+    del seed  # nothing is drawn
     s, y = _check_pair_2d(scores, labels)
     n, n_lab = s.shape
     thr = np.asarray(thresholds, dtype=np.float64).reshape(-1)
@@ -946,13 +1232,19 @@ def evaluate(
         raise ValueError("calibration_bins must be >= 1")
     cluster_codes(clusters, n)  # validates the shape and dtype once
     st = _Settings(ci, min_positives, min_negatives, calibration_bins, oracle,
-                   "image" if clusters is None else "patient")  # fmt: skip
-    rows: list[MetricRow] = []
+                   "image" if clusters is None else "patient", n_boot > 0)  # fmt: skip
+    parts = []
     for name, mask in _subsets(groups, n):
-        cl = None if clusters is None else np.asarray(clusters)[mask]
-        rs = make_resampler(int(mask.sum()), n_boot, subgroup_seed(seed, name), cl)
-        rows.extend(_subset_rows(s[mask], y[mask], thr, label_names, name, rs, st))
-    return rows
+        codes, p = cluster_codes(None if clusters is None else np.asarray(clusters)[mask],
+                                 int(mask.sum()))  # fmt: skip
+        values, rows = _subset_rows(s[mask], y[mask], thr, label_names, name, codes, p, st)
+        parts.append((name, int(mask.sum()), p, values, rows))
+    shared = shared_label_sets({name: v.support.ok for name, _, _, v, _ in parts})
+    out: list[MetricRow] = []
+    for name, size, p, values, rows in parts:
+        ok = values.support.ok if name == "all" else shared[name]
+        out += [*rows, _macro_row(values, ok, size, name, p, st)]
+    return out
 
 
 # --------------------------------------------------------------------------- subgroups
@@ -1000,7 +1292,7 @@ def subgroup_masks(
 
 @dataclass(frozen=True)
 class PairedResult:
-    """AUC(a) - AUC(b) for one label (or "macro") with a paired bootstrap CI and p-value."""
+    """AUC(a) - AUC(b) for one label (or "macro") with a paired jackknife t CI and p-value."""
 
     label: str
     delta: float | None
@@ -1009,7 +1301,7 @@ class PairedResult:
     p_value: float | None
     n: int
     n_pos: int | None
-    n_valid_boot: int | None = None
+    df: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """Plain dict for DataFrame / parquet rows."""
@@ -1020,7 +1312,6 @@ def paired_auc_difference(
     scores_a: np.ndarray,
     scores_b: np.ndarray,
     labels: np.ndarray,
-    idx: np.ndarray,
     ci: float = 0.95,
     *,
     label_names: Sequence[str] | None = None,
@@ -1028,43 +1319,45 @@ def paired_auc_difference(
     min_positives: int = 1,
     min_negatives: int = 1,
 ) -> list[PairedResult]:
-    """Paired bootstrap comparison of two models on the same images, per label and macro.
+    """Paired comparison of two models on the same images, per label and macro.
 
-    Both models are scored on the same resamples ``idx`` (drawn images, or drawn patients
-    with ``clusters``) so that case-level variation cancels. CI and p follow the one
-    order-statistic rule. ``label_names`` defaults to "0", "1", ...; the last result is
-    "macro" over the fixed label set (see :func:`label_support`).
+    Both models' leave-one-patient-out AUCs are taken over the same patients, so the
+    difference's jackknife variance keeps the pairing (case-level variation cancels); CI and
+    p follow the t rule of :func:`inference.infer_t`. ``label_names`` defaults to "0", "1",
+    ...; the last result is "macro" over the fixed label set (see :func:`label_support`).
     """
     sa, y = _check_pair_2d(scores_a, labels)
     sb, _ = _check_pair_2d(scores_b, labels)
     if sa.shape != sb.shape:
         raise ValueError("scores_a and scores_b must have the same shape")
     n, n_lab = sa.shape
-    rs = _resampler_from_idx(idx, n, clusters)
+    codes, p = cluster_codes(clusters, n)
     names = [str(j) for j in range(n_lab)] if label_names is None else list(label_names)
     if len(names) != n_lab:
         raise ValueError(f"need {n_lab} label names, got {len(names)}")
-    sup = label_support(y, min_positives, min_negatives, None if rs.identity else rs.codes)
-    pa = np.array([auc(sa[:, j], y[:, j]) if sup.ok[j] else np.nan for j in range(n_lab)])
-    pb = np.array([auc(sb[:, j], y[:, j]) if sup.ok[j] else np.nan for j in range(n_lab)])
-    ba, bb = bootstrap_stats(sa, y, rs), bootstrap_stats(sb, y, rs)
-    valid = ba.valid
+    sup = label_support(y, min_positives, min_negatives, None if clusters is None else codes)
+    ja, jb = jackknife_auc(sa, y, codes), jackknife_auc(sb, y, codes)
+    d_point, d_loo = ja.point - jb.point, ja.loo - jb.loo
+    df = np.minimum(ja.df, jb.df)
 
-    def result(label: str, delta: float, d_boot: np.ndarray, nn: int, npos: int) -> PairedResult:
-        dv = opt(delta)
-        if dv is None:
-            return PairedResult(label, None, None, None, None, int(nn), int(npos))
-        lo, hi = order_ci(d_boot, ci)
-        n_valid = int((~np.isnan(d_boot)).sum())
-        return PairedResult(label, dv, lo, hi, p_two_sided(d_boot), int(nn), int(npos), n_valid)
+    def result(label: str, point: float, loo: np.ndarray, dof: float, nn, npos) -> PairedResult:
+        r = infer_t(point, jackknife_variance(loo), dof, ci=ci, n_units=p)
+        return PairedResult(label, r.estimate, r.lo, r.hi, r.p_value, int(nn), int(npos),
+                            opt(dof) if r.estimate is not None else None)  # fmt: skip
 
-    d_boot = np.where(valid, ba.auc - bb.auc, np.nan)
     out = [
-        result(names[j], pa[j] - pb[j], d_boot[:, j], sup.n_known[j], sup.n_pos[j])
+        result(names[j], d_point[j] if sup.ok[j] else math.nan, d_loo[j], df[j],
+               sup.n_known[j], sup.n_pos[j])
         for j in range(n_lab)
-    ]
-    ma, mb = macro_over(pa, ba.auc, valid, sup.ok), macro_over(pb, bb.auc, valid, sup.ok)
-    out.append(result("macro", ma[0] - mb[0], ma[1] - mb[1], n, sup.n_pos.sum()))
+    ]  # fmt: skip
+    ok = sup.ok
+    if ok.any():
+        var = np.array([jackknife_variance(d_loo[j]) for j in np.flatnonzero(ok)])
+        m_df = macro_df(var, df[ok], p)
+        out.append(result("macro", float(d_point[ok].mean()), d_loo[ok].mean(axis=0), m_df, n,
+                          sup.n_pos.sum()))  # fmt: skip
+    else:
+        out.append(PairedResult("macro", None, None, None, None, n, int(sup.n_pos.sum())))
     return out
 
 

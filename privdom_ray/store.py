@@ -62,7 +62,9 @@ SET_ASIDE = "set_aside"
 #: Evaluations of an older protocol are redone (the model is never retrained for it):
 #: 1 resampled images (predictions had no patient groups); 2 counted a label's minimum
 #: positives in images, so a label of 3 patients could pass a minimum of 10; 3 counts patients;
-#: 4 names the checksum of the model it came from (older ones cannot prove which model made them).
+#: 4 names the checksum of the model it came from (older ones cannot prove which model made
+#: them), jackknife t CIs (the percentile bootstrap under-covered) and subgroup macros over the
+#: labels shared by their family (metrics.shared_label_sets).
 EVAL_PROTOCOL = 4
 DONE_FORMAT = 2
 

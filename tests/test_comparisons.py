@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import AGE_BINS, EV, N_BOOT, build_output, make_testset, scores_for, write_trial
+from conftest import AGE_BINS, EV, build_output, make_testset, scores_for, write_trial
+from scipy import stats
 
-from privdom_ray import comparisons, inference, integrity, metrics, results
+from privdom_ray import comparisons, inference, integrity, metrics, report, results
 from privdom_ray.comparisons import ComparisonWarning
 from privdom_ray.config import format_epsilon
 from privdom_ray.manifest import LABELS
@@ -54,13 +55,14 @@ def one(df: pd.DataFrame, **where) -> pd.Series:
     return sel.iloc[0]
 
 
-def macro_boot(s: np.ndarray, y: np.ndarray, rs: metrics.Resampler) -> tuple[float, np.ndarray]:
-    """Macro AUC over the fixed label set and its resamples, computed with metrics directly."""
-    bs = metrics.bootstrap_stats(s, y, rs)
-    point = np.array([metrics.auc(s[:, j], y[:, j]) for j in range(y.shape[1])])
-    units = None if rs.identity else rs.codes
-    ok = metrics.label_support(y, EV.min_positives, EV.min_negatives, units).ok
-    return metrics.macro_over(point, bs.auc, bs.valid, ok)
+def macro_jack(s: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """Macro AUC over the fixed label set, its leave-one-patient-out values and df, computed
+    with metrics directly."""
+    jk = metrics.jackknife_auc(s, y, groups)
+    ok = metrics.label_support(y, EV.min_positives, EV.min_negatives, groups).ok
+    var = np.array([inference.jackknife_variance(jk.loo[j]) for j in np.flatnonzero(ok)])
+    df = metrics.macro_df(var, jk.df[ok], jk.loo.shape[1])
+    return float(jk.point[ok].mean()), jk.loo[ok].mean(axis=0), df
 
 
 # ------------------------------------------------------------------------------ paired delta
@@ -81,12 +83,13 @@ def test_identical_models_give_zero_delta_p_one_and_equivalence(tmp_path):
     assert (defined["delta"] == 0).all() and (defined["p_value"] == 1.0).all()
     assert (defined["delta_lo"] == 0).all() and (defined["delta_hi"] == 0).all()
     assert (defined["value_dp"] == defined["value_nondp"]).all()
-    # all resamples at 0: both one-sided TOST p's are 1/(B+1), so equivalence is shown
-    assert (defined["p_tost"] == 1 / (defined["n_valid_boot"] + 1)).all()
+    # every leave-one-out difference is 0: the variance is 0, equivalence is shown
+    assert (defined["p_tost"] == 0).all() and (defined["margin_confirmable"] == 0).all()
     assert (defined["verdict"] == "equivalent within ±m").all()
     assert (defined["margin"] == EV.equivalence_margin).all()
     assert (defined["resampling_unit"] == "patient").all()
-    assert (defined["test"] == "paired patient bootstrap (shared resamples of the test set)").all()
+    assert (defined["test"] == "paired patient jackknife t (the same patients left out for "
+                               "every model)").all()  # fmt: skip
 
 
 def test_clearly_better_dp_model_is_different(tmp_path):
@@ -106,16 +109,18 @@ def test_clearly_better_dp_model_is_different(tmp_path):
     assert row["epsilon"] == 2.0 and row["on_domain"] and row["source"] == row["target"] == "a"
     assert row["delta"] > 0.2 and row["delta_lo"] > 0
     assert row["delta_hi"] >= row["delta"] >= row["delta_lo"]
-    assert row["p_value"] == pytest.approx(inference.p_floor(row["n_valid_boot"]))
+    assert row["p_value"] < 1e-6 and row["df"] > 10
     assert row["verdict"] == "different" and row["worse_if"] == "lower"
     assert row["delta"] == pytest.approx(row["value_dp"] - row["value_nondp"], abs=1e-12)
     assert row["epsilon_spent"] == pytest.approx(1.98) and row["accountant"] == "prv"
-    assert row["n"] == 300 and row["n_boot"] == N_BOOT
+    assert row["n"] == 300 and row["q_family"] == "paired_delta, delta_auc"
     assert row["n_patients"] == int(test["group"].max()) + 1
 
 
 def test_paired_delta_equals_metrics_paired_auc_difference(tmp_path):
-    """Shared patient resamples give exactly what metrics.paired_auc_difference gives."""
+    """The same patients left out for both models give exactly what
+    metrics.paired_auc_difference gives (label rows; "all" and the sexes also for the macro,
+    whose label set is the same there)."""
     keys = build_output(tmp_path, domains=("a", "b"), n=200)
     df = compute(tmp_path, keys)
     sa, y, pred = read_eval(edir_of(tmp_path, keys, "a", "1", "b"))
@@ -125,33 +130,30 @@ def test_paired_delta_equals_metrics_paired_auc_difference(tmp_path):
     masks.update(metrics.subgroup_masks(pred["sex"], pred["age"], AGE_BINS))
     for g in ("all", "sex=F", "age=[40,70)"):
         m = masks[g]
-        rs = metrics.make_resampler(int(m.sum()), N_BOOT, metrics.subgroup_seed(0, g), groups[m])
         expect = metrics.paired_auc_difference(
-            sa[m], sb[m], y[m], rs.draws, 0.95, label_names=LABELS, clusters=groups[m],
+            sa[m], sb[m], y[m], 0.95, label_names=LABELS, clusters=groups[m],
             min_positives=EV.min_positives, min_negatives=EV.min_negatives,
         )  # fmt: skip
         for res in expect:
-            row = one(
-                df,
-                comparison="paired_delta",
-                quantity="delta_auc",
-                source="a",
-                target="b",
-                subgroup=g,
-                label=res.label,
-            )
+            row = one(df, comparison="paired_delta", quantity="delta_auc", source="a",
+                      target="b", subgroup=g, label=res.label)  # fmt: skip
+            if res.label == "macro" and g.startswith("age"):
+                # cardiomegaly has no positive under 40: every age bin averages the 4 others
+                assert row["n_labels"] == len(LABELS) - 1
+                continue
             assert (row["n"], row["n_pos"]) == (res.n, res.n_pos)
             if res.delta is None:
                 assert pd.isna(row["delta"]) and pd.isna(row["p_value"])
                 continue
-            assert row["delta"] == res.delta and row["p_value"] == res.p_value
-            assert row["delta_lo"] == res.delta_lo and row["delta_hi"] == res.delta_hi
-            assert row["n_valid_boot"] == res.n_valid_boot
+            assert row["delta"] == pytest.approx(res.delta, abs=1e-15)
+            assert row["p_value"] == pytest.approx(res.p_value, rel=1e-9)
+            assert (row["delta_lo"], row["delta_hi"]) == pytest.approx((res.delta_lo, res.delta_hi))
+            assert row["df"] == pytest.approx(res.df)
 
 
 def test_model_cis_are_the_transfer_tables_cis(tmp_path):
     """Every model's AUC CI in a comparison row is the one metrics.evaluate wrote for the
-    transfer table: same patient resamples, same order-statistic rule."""
+    transfer table: same patients left out, same label sets, same t rule."""
     keys = build_output(tmp_path, domains=("a", "b"), n=200)
     df = compute(tmp_path, keys)
     rows = df[(df["comparison"] == "paired_delta") & (df["quantity"] == "delta_auc")]
@@ -164,7 +166,7 @@ def test_model_cis_are_the_transfer_tables_cis(tmp_path):
             for col, ref in (("", "auc"), ("_lo", "auc_lo"), ("_hi", "auc_hi")):
                 got, want = merged[f"value_{side}{col}"], merged[ref]
                 assert (got.isna() == want.isna()).all()
-                assert (got[got.notna()] == want[want.notna()]).all()
+                np.testing.assert_allclose(got[got.notna()], want[want.notna()], rtol=1e-12)
             checked += int(merged["auc_lo"].notna().sum())
     assert checked > 40
 
@@ -184,46 +186,77 @@ def test_auc_drop_equals_hand_computation(tmp_path):
     for label in ("macro", LABELS[1]):
         for t in domains:
             off = [s for s in domains if s != t]
-            drop = {e: auc(t, t, e, label) - np.mean([auc(s, t, e, label) for s in off])
-                    for e in ("1", "inf")}  # fmt: skip
-            abstract_dp = auc(t, t, "inf", label) - np.mean([auc(s, t, "1", label) for s in off])
+            on_ = {e: auc(t, t, e, label) for e in ("1", "inf")}
+            off_ = {e: np.mean([auc(s, t, e, label) for s in off]) for e in ("1", "inf")}
+            drop = {e: on_[e] - off_[e] for e in ("1", "inf")}
             common = {"comparison": "auc_drop", "target": t, "label": label, "subgroup": "all"}
             r_inf = one(df, **common, quantity="drop", epsilon=math.inf)
             r_dp = one(df, **common, quantity="drop", epsilon=1.0)
-            r_abs = one(df, **common, quantity="drop_vs_nondp_ondomain", epsilon=1.0)
+            r_on = one(df, **common, quantity="on_domain_auc", epsilon=1.0)
+            r_off = one(df, **common, quantity="off_domain_auc", epsilon=1.0)
             assert r_inf["value_nondp"] == pytest.approx(drop["inf"], abs=1e-12)
             assert pd.isna(r_inf["value_dp"]) and pd.isna(r_inf["delta"])
+            # each side's OWN drop: DP's on-domain AUC minus DP's off-domain mean
             assert r_dp["value_dp"] == pytest.approx(drop["1"], abs=1e-12)
-            assert r_abs["value_dp"] == pytest.approx(abstract_dp, abs=1e-12)
-            for r in (r_dp, r_abs):
-                assert r["value_nondp"] == pytest.approx(drop["inf"], abs=1e-12)
+            assert r_dp["value_nondp"] == pytest.approx(drop["inf"], abs=1e-12)
+            assert r_dp["delta"] == pytest.approx(drop["1"] - drop["inf"], abs=1e-12)
+            assert r_on["delta"] == pytest.approx(on_["1"] - on_["inf"], abs=1e-12)
+            assert r_off["delta"] == pytest.approx(off_["1"] - off_["inf"], abs=1e-12)
+            assert r_dp["delta"] == pytest.approx(r_on["delta"] - r_off["delta"], abs=1e-12)
+            assert r_off["value_dp"] == pytest.approx(r_dp["auc_off_mean"], abs=1e-12)
+            for r in (r_dp, r_on, r_off):
                 assert r["n_off"] == 2 and pd.isna(r["source"]) and pd.isna(r["on_domain"])
                 assert r["value_dp_lo"] <= r["value_dp"] <= r["value_dp_hi"]
-                assert r["worse_if"] == "higher" and r["verdict"] in {
-                    "equivalent within ±m", "different", "non-inferior", "inconclusive"
-                }  # fmt: skip
-            assert r_dp["auc_on"] == pytest.approx(auc(t, t, "1", label), abs=1e-12)
-            assert r_abs["auc_on"] == pytest.approx(auc(t, t, "inf", label), abs=1e-12)
-            assert r_dp["auc_off_mean"] == pytest.approx(
-                np.mean([auc(s, t, "1", label) for s in off]), abs=1e-12
-            )
-            assert r_dp["delta"] == pytest.approx(drop["1"] - drop["inf"], abs=1e-12)
-            assert r_abs["delta"] == pytest.approx(abstract_dp - drop["inf"], abs=1e-12)
+                assert r["verdict"] in {"equivalent within ±m", "different", "non-inferior",
+                                        "inconclusive"}  # fmt: skip
+            assert r_dp["worse_if"] == "higher" and r_on["worse_if"] == r_off["worse_if"] == "lower"
+            assert r_dp["auc_on"] == pytest.approx(on_["1"], abs=1e-12)
+            assert r_dp["auc_off_mean"] == pytest.approx(off_["1"], abs=1e-12)
             assert 0 < r_dp["p_value"] <= 1
     # one seed: no across_seeds rows; the per-seed rows are the summaries
     assert not (df["comparison"] == "across_seeds").any() and df["is_summary"].all()
+    assert "drop_vs_nondp_ondomain" not in set(df["quantity"])
 
 
-def test_primary_endpoint_is_holm_adjusted_and_the_rest_gets_bh_q_values(tmp_path):
+def test_drop_difference_is_inferred_from_leave_one_patient_out_drops(tmp_path):
+    """All terms of a test site's drop are AUCs on that site's patients: the difference's
+    interval is the t interval of the same combination of their leave-one-out AUCs."""
+    keys = build_output(tmp_path)
+    df = compute(tmp_path, keys)
+    t = "b"
+    parts = {}
+    for src in ("a", "b", "c"):
+        for eps in ("1", "inf"):
+            s, y, pred = read_eval(edir_of(tmp_path, keys, src, eps, t))
+            parts[src, eps] = macro_jack(s, y, pred["patient_group"].to_numpy())
+
+    def drop(eps):
+        on, off = parts["b", eps], [parts["a", eps], parts["c", eps]]
+        loo = on[1] - (off[0][1] + off[1][1]) / 2
+        return on[0] - (off[0][0] + off[1][0]) / 2, loo, min(on[2], off[0][2], off[1][2])
+
+    (d1, l1, f1), (d0, l0, f0) = drop("1"), drop("inf")
+    want = inference.infer_t(d1 - d0, inference.jackknife_variance(l1 - l0), min(f1, f0),
+                             ci=0.95, margin=EV.equivalence_margin, worse_if="higher")  # fmt: skip
+    row = one(df, endpoint="primary", target=t)
+    assert row["delta"] == pytest.approx(want.estimate, abs=1e-12)
+    assert (row["delta_lo"], row["delta_hi"], row["tost_lo"], row["tost_hi"]) == pytest.approx(
+        (want.lo, want.hi, want.tost_lo, want.tost_hi), abs=1e-12)  # fmt: skip
+    assert row["p_tost"] == pytest.approx(want.p_tost) and row["df"] == pytest.approx(want.df)
+    assert row["margin_confirmable"] == pytest.approx(max(-want.tost_lo, want.tost_hi))
+    assert row["tost_half_width"] == pytest.approx((want.tost_hi - want.tost_lo) / 2)
+
+
+def test_primary_endpoint_holm_per_site_iut_every_site_and_bh_families(tmp_path):
     keys = build_output(tmp_path)
     df = compute(tmp_path, keys)
     primary = df[df["endpoint"] == "primary"]
     assert len(primary) == 3  # one per test site (one DP epsilon, one model)
-    assert set(primary["quantity"]) == {"drop_vs_nondp_ondomain"}
+    assert set(primary["quantity"]) == {"drop"}
     assert set(primary["label"]) == {"macro"} and set(primary["subgroup"]) == {"all"}
     primary = primary.sort_values("target")
     alpha = inference.alpha_of(EV.ci)
-    for col in ("p_tost", "p_value", "p_noninf"):  # every p a verdict can rest on
+    for col in ("p_tost", "p_value", "p_noninf"):  # every p a per-site verdict can rest on
         assert primary[f"{col}_holm"].tolist() == inference.holm(primary[col].tolist())
         assert df.loc[df["endpoint"] != "primary", f"{col}_holm"].isna().all()
     for _, r in primary.iterrows():  # the verdict reads the adjusted p's, first match wins
@@ -234,10 +267,83 @@ def test_primary_endpoint_is_holm_adjusted_and_the_rest_gets_bh_q_values(tmp_pat
             else "inconclusive"
         )  # fmt: skip
         assert r["verdict"] == expected
-    fam = df[(df["comparison"] == "paired_delta") & (df["quantity"] == "delta_auc")]
-    fam = fam[(fam["label"] == "macro") & (fam["subgroup"] == "all")]
-    assert fam["q_value"].tolist() == pytest.approx(inference.bh(fam["p_value"].tolist()))
-    assert (fam["q_value"] >= fam["p_value"]).all()
+    # every site at once: the intersection-union test, the largest unadjusted TOST p
+    assert (primary["p_tost_iut"] == primary["p_tost"].max()).all()
+    assert (primary["n_sites"] == 3).all() and primary["q_value"].isna().all()
+    # exploratory: BH within (comparison, quantity), across labels, subgroups, sites, eps
+    explo = df[(df["endpoint"] == "exploratory") & df["p_value"].notna()]
+    for fam, rows in explo.groupby("q_family"):
+        comparison, quantity = fam.split(", ")
+        assert (rows["comparison"] == comparison).all() and (rows["quantity"] == quantity).all()
+        assert rows["q_value"].tolist() == pytest.approx(inference.bh(rows["p_value"].tolist()))
+        want = [math.nan if v is None else v for v in inference.bh(rows["p_tost"].tolist())]
+        assert rows["q_tost"].tolist() == pytest.approx(want, nan_ok=True)
+    fam = explo[explo["q_family"] == "paired_delta, delta_auc"]
+    assert fam["label"].nunique() == len(LABELS) + 1 and fam["subgroup"].nunique() >= 5
+    for _, r in fam.iterrows():  # the exploratory verdicts read the q-values
+        want = inference.verdict(inference.Inference(
+            r["delta"], r["delta_lo"], r["delta_hi"], r["q_value"], 0, r["margin"], r["worse_if"],
+            r["tost_lo"], r["tost_hi"], r["q_tost"], r["q_noninf"]), alpha)  # fmt: skip
+        assert r["verdict"] == want
+    assert ((fam["verdict"] == "different") <= (fam["q_value"] <= alpha)).all()
+
+
+def _strength(auc: float) -> float:
+    """The score separation of conftest.scores_for that gives a model this AUC: scores are
+    strength * y + a patient error (SD 0.7) + an image error (SD 1), so a random positive
+    beats a random negative of another patient with probability Phi(strength / sqrt(2 x
+    1.49))."""
+    return float(stats.norm.ppf(auc) * math.sqrt(2 * 1.49))
+
+
+def _scenario(tmp_path, dp_cost_on: float, dp_cost_off: float):
+    """Three sites; non-DP AUC 0.85 on-domain and 0.75 off-domain; DP loses the given AUC
+    on- and off-domain. DP and non-DP models of a source share their noise (one draw), so
+    the comparison isolates the cost."""
+
+    def strength(source, target, eps, seed):
+        base = 0.85 if source == target else 0.75
+        if math.isfinite(eps):
+            base -= dp_cost_on if source == target else dp_cost_off
+        return _strength(base)
+
+    keys = build_output(tmp_path, n=900, strength=strength, share_noise=True)
+    _, _ = results.aggregate(tmp_path, keys, "scenario")
+    tables = comparisons.compute_all(tmp_path, keys, EV)
+    comparisons.write_all(tmp_path, tables)
+    return tables.comparisons, report.write_report(tmp_path, figures=False)
+
+
+@pytest.mark.slow
+def test_the_primary_endpoint_measures_the_drop_not_the_off_domain_cost(tmp_path):
+    """Finding 1 of the statistics review, both ways. DP costs 0.04 AUC everywhere: each
+    side's own drop is unchanged, so DP costs nothing in transfer (equivalent), while the
+    off-domain cost alone (the old primary quantity) says DP is worse. DP costs 0.04
+    on-domain only: DP's own drop is 0.04 smaller (different), which the off-domain cost
+    alone would have called equivalent."""
+    everywhere, md = _scenario(tmp_path / "everywhere", 0.04, 0.04)
+    primary = everywhere[everywhere["endpoint"] == "primary"]
+    assert len(primary) == 3 and (primary["delta"].abs() < 0.01).all()
+    assert (primary["verdict"] == "equivalent within ±m").all()
+    assert (primary["p_tost_iut"] <= 0.05).all()  # equivalent at every site at once
+    off = everywhere[(everywhere["quantity"] == "off_domain_auc") & (everywhere["label"] == "macro")
+                     & (everywhere["subgroup"] == "all")]  # fmt: skip
+    assert (off["delta"] < -0.03).all() and (off["verdict"] == "different").all()
+    assert "### Primary: ε = 1 vs non-DP" in md and "Δdrop [90% CI]" in md
+    assert "on-domain ΔAUC (cost) [95% CI]" in md and "off-domain ΔAUC (cost) [95% CI]" in md
+    assert "**equivalent within ±0.02 at every site**" in md
+    assert "| AUC drop, drop(DP) vs drop(non-DP) |" in md
+    assert "equivalent within ±0.02" in md.split("## 2.")[0]
+
+    home, md = _scenario(tmp_path / "home", 0.04, 0.0)
+    primary = home[home["endpoint"] == "primary"]
+    assert (primary["delta"] < -0.025).all()
+    assert (primary["verdict"] == "different").all()
+    assert "different (DP's drop smaller)" in md and "at every site**" not in md
+    assert "not shown" in md.split("## 2.")[0]
+    off = home[(home["quantity"] == "off_domain_auc") & (home["label"] == "macro")
+               & (home["subgroup"] == "all")]  # fmt: skip
+    assert (off["delta"].abs() < 0.01).all()  # the old quantity saw nothing
 
 
 # ------------------------------------------------------------------------------ seeds
@@ -252,19 +358,20 @@ def test_across_seeds_pools_the_seeds_with_a_t_interval_and_a_secondary_t_test(t
     for k, v in where.items():
         per_seed = per_seed[per_seed[k] == v]
     assert sorted(per_seed["seed"]) == [0, 1, 2] and not per_seed["is_summary"].any()
-    # by hand: per-seed paired macro deltas on the shared patient resamples, then pooled
-    deltas, x, y = [], [], []
+    # by hand: per-seed paired macro deltas with their leave-one-out values, then pooled
+    deltas, x, y, dfs = [], [], [], []
     for seed in seeds:
         sa, lab, pred = read_eval(edir_of(tmp_path, keys, "a", "1", "b", seed))
         sb, _, _ = read_eval(edir_of(tmp_path, keys, "a", "inf", "b", seed))
-        rs = metrics.make_resampler(len(lab), N_BOOT, 0, pred["patient_group"].to_numpy())
-        (pa_, ba), (pb_, bb) = macro_boot(sa, lab, rs), macro_boot(sb, lab, rs)
-        deltas.append(ba - bb)
+        groups = pred["patient_group"].to_numpy()
+        (pa_, la, fa), (pb_, lb, fb) = macro_jack(sa, lab, groups), macro_jack(sb, lab, groups)
+        deltas.append(la - lb)
         x.append(pa_)
         y.append(pb_)
+        dfs.append(min(fa, fb))
     x, y = np.array(x), np.array(y)
     pooled = inference.pool_seeds(x - y, np.stack(deltas), ci=0.95, margin=EV.equivalence_margin,
-                                  worse_if="lower")  # fmt: skip
+                                  worse_if="lower", jackknife=True, df_test=min(dfs))  # fmt: skip
     row = one(df, comparison="across_seeds", quantity="delta_auc", **where)
     assert row["is_summary"] and row["n_seeds"] == 3 and pd.isna(row["seed"])
     assert row["test"].startswith("t interval over seeds")
@@ -278,6 +385,7 @@ def test_across_seeds_pools_the_seeds_with_a_t_interval_and_a_secondary_t_test(t
     assert row["delta_sd"] == pytest.approx((x - y).std(ddof=1))
     t, p = metrics.paired_t_test(x, y)
     assert row["t_stat"] == pytest.approx(t) and row["p_t"] == pytest.approx(p)
+    assert "CONDITIONAL on this test set" in comparisons.COLUMNS["p_t"][1]
     # the seed level widens the interval compared with any one seed's patient-only CI
     assert (
         row["delta_hi"] - row["delta_lo"]
@@ -288,40 +396,44 @@ def test_across_seeds_pools_the_seeds_with_a_t_interval_and_a_secondary_t_test(t
         subgroup="all", epsilon=math.inf,
     )  # fmt: skip
     assert nondp["n_seeds"] == 3 and pd.isna(nondp["delta"]) and nondp["value_nondp_lo"] < 1
+    primary = df[df["endpoint"] == "primary"]
+    assert set(primary["comparison"]) == {"across_seeds"} and (primary["n_seeds"] == 3).all()
 
 
 # ------------------------------------------------------------------------------ fairness
 
 
-def test_fairness_gaps_resample_patients_jointly_across_subgroups(tmp_path):
+def test_fairness_gaps_leave_out_patients_jointly_across_subgroups(tmp_path):
     keys = build_output(tmp_path, domains=("a", "b"), n=300)
     df = compute(tmp_path, keys)
     s_dp, y, pred = read_eval(edir_of(tmp_path, keys, "b", "1", "a"))
     s_nd, _, _ = read_eval(edir_of(tmp_path, keys, "b", "inf", "a"))
     masks = metrics.subgroup_masks(pred["sex"], pred["age"], AGE_BINS)
-    rs = metrics.make_resampler(len(y), N_BOOT, 0, pred["patient_group"].to_numpy())
+    codes, p = metrics.cluster_codes(pred["patient_group"].to_numpy(), len(y))
     f, m = masks["sex=F"], masks["sex=M"]
     ok = (
-        metrics.label_support(y[f], EV.min_positives, EV.min_negatives, rs.codes[f]).ok
-        & metrics.label_support(y[m], EV.min_positives, EV.min_negatives, rs.codes[m]).ok
+        metrics.label_support(y[f], EV.min_positives, EV.min_negatives, codes[f]).ok
+        & metrics.label_support(y[m], EV.min_positives, EV.min_negatives, codes[m]).ok
     )
 
     def gap(s):
         sides = []
-        for mask in (f, m):
-            bs = metrics.bootstrap_stats(s[mask], y[mask], rs.subset(mask))
-            point = np.array([metrics.auc(s[mask, j], y[mask, j]) for j in range(len(LABELS))])
-            sides.append(metrics.macro_over(point, bs.auc, bs.valid, ok))
+        for mask in (f, m):  # leave-one-out over ALL the test set's patients
+            jk = metrics.jackknife_auc(s[mask], y[mask], codes[mask], n_units=p)
+            sides.append((jk.point[ok].mean(), jk.loo[ok].mean(axis=0)))
         return sides[0][0] - sides[1][0], sides[0][1] - sides[1][1]
 
-    (g_dp, b_dp), (g_nd, b_nd) = gap(s_dp), gap(s_nd)
+    (g_dp, l_dp), (g_nd, l_nd) = gap(s_dp), gap(s_nd)
     row = one(df, comparison="fairness_gap", quantity="auc_gap_sex", source="b", target="a",
               epsilon=1.0)  # fmt: skip
     assert row["subgroup"] == "sex=F - sex=M" and row["label"] == "macro"
     assert row["value_dp"] == pytest.approx(g_dp, abs=1e-12)
     assert row["value_nondp"] == pytest.approx(g_nd, abs=1e-12)
-    assert (row["value_dp_lo"], row["value_dp_hi"]) == inference.order_ci(b_dp)
-    assert (row["delta_lo"], row["delta_hi"]) == inference.order_ci(b_dp - b_nd)
+    var_dp, var_d = inference.jackknife_variance(l_dp), inference.jackknife_variance(l_dp - l_nd)
+    half = (row["value_dp_hi"] - row["value_dp_lo"]) / 2
+    assert half == pytest.approx(stats.t.ppf(0.975, row["df"]) * math.sqrt(var_dp), rel=0.3)
+    assert (row["delta_hi"] - row["delta_lo"]) / 2 == pytest.approx(
+        stats.t.ppf(0.975, row["df"]) * math.sqrt(var_d), rel=1e-9)  # fmt: skip
     assert row["n_labels"] == ok.sum() and pd.isna(row["worse_if"])
     assert row["verdict"] != "non-inferior"  # a gap has no "worse" direction
     # nobody is 70 or older: the age gap is null, and the row says why
@@ -358,7 +470,7 @@ def test_old_evaluations_without_patient_groups_resample_images(tmp_path):
     assert set(df["resampling_unit"]) == {"image"}
     row = one(df, comparison="paired_delta", quantity="delta_auc", source="a", target="a",
               label="macro", subgroup="all")  # fmt: skip
-    assert row["n_patients"] == 150 and row["test"].startswith("paired image bootstrap")
+    assert row["n_patients"] == 150 and row["test"].startswith("paired image jackknife")
 
 
 def test_domains_without_patient_ids_resample_images(tmp_path):
@@ -450,9 +562,9 @@ def test_mismatched_labels_on_same_fingerprint_are_skipped_with_warning(tmp_path
     assert comparisons.compute(tmp_path, []).empty
 
 
-def test_equivalence_is_declared_for_identical_models_and_refused_for_costly_dp(tmp_path):
+def test_equivalence_is_declared_for_identical_models_and_refused_for_costly_transfer(tmp_path):
     """The primary endpoint end to end: DP models identical to their non-DP partners are
-    equivalent at every site; DP models much worse off-domain are not."""
+    equivalent at every site; DP models whose drop is much larger are not."""
     same = build_output(
         tmp_path / "same", strength=lambda s, t, e, seed: 1.5 if s == t else 1.0, share_noise=True
     )
@@ -461,8 +573,9 @@ def test_equivalence_is_declared_for_identical_models_and_refused_for_costly_dp(
     assert len(primary) == 3 and (primary["delta"] == 0).all()
     assert (primary["verdict"] == "equivalent within ±m").all()
 
-    def costly(source, target, eps, seed):
-        return (1.5 if source == target else 1.0) - (0.8 if math.isfinite(eps) else 0.0)
+    def costly(source, target, eps, seed):  # DP transfers badly: costs 0.8 off-domain only
+        return (1.5 if source == target else 1.0) - (0.8 if math.isfinite(eps) and
+                                                     source != target else 0.0)  # fmt: skip
 
     worse = build_output(tmp_path / "worse", strength=costly)
     primary = compute(tmp_path / "worse", worse).query("endpoint == 'primary'")

@@ -240,7 +240,7 @@ def test_evaluate_rows_and_values():
         assert r.oracle_accuracy == pytest.approx(o_acc)
         m = groups["sex=F"]
         assert by["sex=F", lab].auc == pytest.approx(M.auc(s[m, j], y[m, j]), abs=1e-12)
-        assert r.resampling_unit == "image" and r.n_valid_boot == 100 and r.n_labels == 1
+        assert r.resampling_unit == "image" and r.ci_df > 30 and r.n_labels == 1
         assert r.brier is None and "not probabilities" in r.null_reason  # logits: no calibration
     macro = by["all", "macro"]
     assert macro.n == len(s) and macro.threshold is None and macro.n_labels == 5
@@ -255,12 +255,134 @@ def test_evaluate_rows_and_values():
     assert len(plain) == 6 and plain[0].oracle_threshold is None
 
 
-def test_evaluate_all_subgroup_uses_plain_seed():
+def test_evaluate_cis_are_the_jackknife_t_intervals_on_the_logit_scale():
     s, y = _data(n=400, seed=6)
-    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), n_boot=50, seed=7)
-    boot = M.bootstrap_auc(s, y, M.bootstrap_indices(len(s), 50, seed=7))
-    assert (rows[0].auc_lo, rows[0].auc_hi) == I.order_ci(boot[:, 0], 0.95)
-    assert rows[0].resampling_unit == "image" and rows[5].n_patients == len(s)
+    clusters = _clusters(400, seed=3)
+    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), n_boot=1, clusters=clusters)
+    jk = M.jackknife_auc(s, y, clusters)
+    for j in range(5):
+        lo, hi = I.level_interval(jk.point[j], I.jackknife_variance(jk.loo[j]), jk.df[j], 0.95)
+        assert (rows[j].auc_lo, rows[j].auc_hi) == (lo, hi) and rows[j].ci_df == jk.df[j]
+        # the logit scale: asymmetric around an AUC above 0.5, inside (0, 1)
+        assert 0 < lo < rows[j].auc < hi < 1 and hi - rows[j].auc < rows[j].auc - lo
+    macro = rows[5]
+    var = I.jackknife_variance(jk.loo.mean(axis=0))
+    df = M.macro_df(np.array([I.jackknife_variance(v) for v in jk.loo]), jk.df, 400)
+    assert (macro.auc_lo, macro.auc_hi) == I.level_interval(macro.auc, var, df, 0.95)
+    assert rows[0].resampling_unit == "patient" and rows[5].n_patients == np.unique(clusters).size
+    assert all(r.auc_lo is None and r.ci_df is None for r in
+               M.evaluate(s, y, np.zeros(5), list("abcde"), n_boot=0))  # fmt: skip
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_jackknife_auc_equals_an_explicit_leave_one_patient_out_loop(decimals):
+    s, y = _data(n=500, seed=21, decimals=decimals)  # ties, NaN labels, a 3% label
+    clusters = _clusters(500, seed=8)
+    jk = M.jackknife_auc(s, y, clusters)
+    codes, p = M.cluster_codes(clusters, 500)
+    assert jk.loo.shape == (5, p)
+    for j in range(5):
+        assert jk.point[j] == M.auc(s[:, j], y[:, j])
+        for i in range(0, p, 7):
+            keep = codes != i
+            assert jk.loo[j, i] == pytest.approx(M.auc(s[keep, j], y[keep, j]), abs=1e-12)
+    # units of a larger set: a unit without rows here leaves the AUC unchanged
+    sub = codes < p // 2
+    part = M.jackknife_auc(s[sub], y[sub], codes[sub], n_units=p)
+    assert np.all(part.loo[:, p // 2 :] == part.point[:, None])
+    with pytest.raises(ValueError, match="unit indices"):
+        M.jackknife_auc(s, y, codes, n_units=p - 1)
+
+
+def test_jackknife_ratio_and_the_rates_of_evaluate():
+    num = np.array([[3.0, 0.0, 2.0, 1.0]])
+    den = np.array([[4.0, 1.0, 2.0, 1.0]])
+    point, loo = M.jackknife_ratio(num, den)
+    assert point[0] == 6 / 8 and loo.tolist() == [[3 / 4, 6 / 7, 4 / 6, 5 / 7]]
+    s, y = _data(n=300, seed=22)
+    clusters = _clusters(300, seed=9)
+    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), n_boot=1, clusters=clusters)
+    codes, p = M.cluster_codes(clusters, 300)
+    j = 1
+    sens_loo = [M.threshold_metrics(s[codes != i], y[codes != i], np.zeros(5)).sensitivity[j]
+                for i in range(p)]  # fmt: skip
+    lo, hi = I.level_interval(rows[j].sensitivity, I.jackknife_variance(np.array(sens_loo)),
+                              rows[j].ci_df, 0.95)  # fmt: skip
+    assert (rows[j].sensitivity_lo, rows[j].sensitivity_hi) == (pytest.approx(lo), pytest.approx(hi))
+
+
+def test_a_patient_with_many_correlated_images_lowers_the_degrees_of_freedom():
+    rng = np.random.default_rng(23)
+    n_pat = 40
+    sizes = np.ones(n_pat, int)
+    heavy = sizes.copy()
+    heavy[0] = 30  # one positive patient with 30 near-identical images
+    dfs = []
+    for m in (sizes, heavy):
+        codes = np.repeat(np.arange(n_pat), m)
+        ill = (np.arange(n_pat) < 12).astype(float)
+        y = ill[codes][:, None]
+        u = rng.normal(size=n_pat)[codes]
+        s = (1.0 * y[:, 0] + u + 0.1 * rng.normal(size=codes.size))[:, None]
+        dfs.append(M.jackknife_auc(s, y, codes).df[0])
+    assert 9 <= dfs[0] <= 39  # 12 positive, 28 negative patients of one image each
+    assert dfs[1] < 0.6 * dfs[0]  # the heavy patient counts as about one unit, not 30
+
+
+def test_degenerate_thresholds_are_flagged_instead_of_zero_width_cis():
+    s, y = _data(n=600, seed=24)
+    p = 1 / (1 + np.exp(-s))
+    thr = np.array([0.0, 0.5, 0.5, 0.5, 2.0])  # label a: every image positive; e: negative
+    rows = M.evaluate(p, y, thr, list("abcde"), n_boot=1)
+    a, e = rows[0], rows[4]
+    assert a.sensitivity == 1.0 and a.specificity == 0.0
+    assert a.sensitivity_lo is None and a.specificity_hi is None  # not [1.000, 1.000]
+    assert "calls every image positive" in a.null_reason
+    assert e.sensitivity == 0.0 and "calls every image negative" in e.null_reason
+    assert a.auc_lo < a.auc < a.auc_hi and a.accuracy_lo is not None  # the rest is intact
+    assert rows[1].null_reason is None and rows[1].sensitivity_lo is not None
+
+
+def test_subgroup_macros_of_one_family_share_one_label_set():
+    rng = np.random.default_rng(25)
+    n = 3000
+    clusters = np.repeat(np.arange(1000), 3)
+    sex = np.repeat(rng.choice(np.array(["F", "M"]), 1000), 3)
+    age = np.repeat(rng.uniform(20, 90, 1000), 3)
+    y = (rng.random((n, 5)) < 0.2).astype(float)
+    y[(sex == "M") & (y[:, 1] == 1), 1] = 0.0  # label b: no positive man
+    y[(age < 40) & (y[:, 3] == 1), 3] = 0.0  # label d: nobody under 40 positive
+    s = y + rng.normal(size=y.shape)
+    groups = M.subgroup_masks(sex, age)
+    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), groups=groups, n_boot=1,
+                      clusters=clusters, min_positives=10, min_negatives=10)  # fmt: skip
+    by = {(r.subgroup, r.label): r for r in rows}
+    assert by["all", "macro"].n_labels == 5
+    for g in ("sex=F", "sex=M"):  # b is valid for women only: both sexes average a, c, d, e
+        assert by[g, "macro"].n_labels == 4
+        assert by[g, "macro"].auc == pytest.approx(np.mean([by[g, k].auc for k in "acde"]))
+    assert by["sex=F", "b"].auc is not None  # the label row itself stays
+    ages = [g for g in groups if g.startswith("age=")]
+    assert {by[g, "macro"].n_labels for g in ages} == {4}  # d fails in [0,40): a, b, c, e
+    assert by["age=[40,70)", "macro"].auc == pytest.approx(
+        np.mean([by["age=[40,70)", k].auc for k in "abce"]))  # fmt: skip
+    shared = M.shared_label_sets({"all": np.array([1, 1, 0], bool), "x=1": np.array([1, 0, 1], bool),
+                                  "x=2": np.array([1, 1, 1], bool), "x=3": np.zeros(3, bool)})  # fmt: skip
+    assert shared["all"].tolist() == [1, 1, 0] and shared["x=2"].tolist() == [1, 0, 1]
+    assert not shared["x=3"].any()
+
+
+def test_intervals_below_the_verified_support_are_marked_approximate():
+    rng = np.random.default_rng(26)
+    clusters = np.repeat(np.arange(300), 2)
+    y = np.zeros((600, 1))
+    y[:12, 0] = 1.0  # 6 positive patients
+    s = y + rng.normal(size=y.shape)
+    row = M.evaluate(s, y, [0.0], ["rare"], n_boot=1, clusters=clusters)[0]
+    assert row.auc_lo is not None and "approximate CI: 6 patient(s)" in row.ci_note
+    common = M.evaluate(s, (rng.random((600, 1)) < 0.3).astype(float), [0.0], ["x"], n_boot=1,
+                        clusters=clusters)[0]  # fmt: skip
+    assert common.ci_note is None
 
 
 def test_evaluate_degenerate_subgroups_give_none_with_a_reason():
@@ -279,7 +401,7 @@ def test_evaluate_degenerate_subgroups_give_none_with_a_reason():
     for key in [("all", "b"), ("nopos0", "a"), ("nopos0", "b"), ("one", "a"), ("empty", "c")]:
         r = by[key]
         assert all(getattr(r, f) is None for f in metric_fields), key
-        assert r.null_reason and r.n_labels == 0 and r.n_valid_boot is None
+        assert r.null_reason and r.n_labels == 0 and r.ci_df is None
     assert by["nopos0", "a"].n_pos == 0 and by["nopos0", "a"].n > 0
     assert by["nopos0", "a"].null_reason == "0 positive image(s), fewer than min_positives = 10"
     assert by["empty", "c"].null_reason == "no image with a known label"
@@ -306,9 +428,8 @@ def test_evaluate_deterministic():
     a = M.evaluate(s, y, np.zeros(5), list("abcde"), **kw)
     b = M.evaluate(s, y, np.zeros(5), list("abcde"), **kw)
     assert a == b
-    c = M.evaluate(s, y, np.zeros(5), list("abcde"), groups=groups, n_boot=40, seed=4)
-    assert [r.auc for r in a] == [r.auc for r in c]
-    assert [r.auc_lo for r in a] != [r.auc_lo for r in c]
+    # the jackknife draws nothing: the seed of the bootstrap era changes nothing
+    assert a == M.evaluate(s, y, np.zeros(5), list("abcde"), groups=groups, n_boot=40, seed=4)
 
 
 def test_subgroup_masks():
@@ -331,8 +452,7 @@ def test_subgroup_masks():
 
 def test_paired_identical_models():
     s, y = _data(n=600, seed=11)
-    idx = M.bootstrap_indices(len(s), 200, seed=0)
-    res = M.paired_auc_difference(s, s.copy(), y, idx, label_names=list("abcde"))
+    res = M.paired_auc_difference(s, s.copy(), y, label_names=list("abcde"))
     assert [r.label for r in res] == [*"abcde", "macro"]
     for r in res:
         assert r.delta == 0.0 and r.delta_lo == 0.0 and r.delta_hi == 0.0
@@ -343,22 +463,27 @@ def test_paired_clearly_better_model():
     rng = np.random.default_rng(12)
     s, y = _data(n=600, seed=12)
     worse = s + rng.normal(scale=3.0, size=s.shape)
-    idx = M.bootstrap_indices(len(s), 300, seed=0)
-    res = M.paired_auc_difference(s, worse, y, idx)
+    clusters = _clusters(600, seed=5)
+    res = M.paired_auc_difference(s, worse, y, clusters=clusters)
+    ja, jb = M.jackknife_auc(s, y, clusters), M.jackknife_auc(worse, y, clusters)
     for j, r in enumerate(res[:-1]):
         assert r.delta == pytest.approx(M.auc(s[:, j], y[:, j]) - M.auc(worse[:, j], y[:, j]))
         assert r.n == int((~np.isnan(y[:, j])).sum())
+        if r.delta is not None:  # the paired variance: the difference of leave-one-out AUCs
+            t = I.infer_t(r.delta, I.jackknife_variance(ja.loo[j] - jb.loo[j]),
+                          min(ja.df[j], jb.df[j]), ci=0.95)  # fmt: skip
+            assert (r.delta_lo, r.delta_hi, r.p_value) == pytest.approx((t.lo, t.hi, t.p_value))
     macro = res[-1]
-    assert macro.delta > 0.1 and macro.delta_lo > 0 and macro.p_value < 0.01
-    assert macro.p_value == pytest.approx(2 / 301)
-    flipped = M.paired_auc_difference(worse, s, y, idx)[-1]
-    assert flipped.delta == pytest.approx(-macro.delta) and flipped.p_value == macro.p_value
+    assert macro.delta > 0.1 and macro.delta_lo > 0 and macro.p_value < 1e-6
+    flipped = M.paired_auc_difference(worse, s, y, clusters=clusters)[-1]
+    assert flipped.delta == pytest.approx(-macro.delta)
+    assert flipped.p_value == pytest.approx(macro.p_value)
 
 
 def test_paired_degenerate_label_is_none():
     s, y = _data(n=200, n_lab=2, seed=13)
     y[:, 0] = np.where(np.isnan(y[:, 0]), np.nan, 1.0)
-    res = M.paired_auc_difference(s, -s, y, M.bootstrap_indices(200, 20, seed=1))
+    res = M.paired_auc_difference(s, -s, y)
     assert res[0].delta is None and res[0].p_value is None and res[0].delta_lo is None
     assert res[-1].delta == pytest.approx(res[1].delta)
 
@@ -407,21 +532,18 @@ def test_per_image_bce_ignores_masked_labels():
 # --------------------------------------------------------------------------- patients, macro
 
 
-def test_evaluate_resamples_patients_within_each_subgroup():
+def test_evaluate_leaves_out_the_patients_of_each_subgroup():
     s, y = _data(n=800, seed=17)
     clusters = _clusters(800, seed=4)
     f = np.isin(clusters % 2, [1])  # an arbitrary subgroup of images
-    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), groups={"g": f}, n_boot=60, seed=9,
+    rows = M.evaluate(s, y, np.zeros(5), list("abcde"), groups={"g": f}, n_boot=1,
                       clusters=clusters)  # fmt: skip
     by = {(r.subgroup, r.label): r for r in rows}
-    rs = M.make_resampler(800, 60, seed=9, clusters=clusters)
-    assert (by["all", "a"].auc_lo, by["all", "a"].auc_hi) == I.order_ci(
-        M.bootstrap_auc(s, y, rs.draws, clusters=clusters)[:, 0]
-    )
-    rs_g = M.make_resampler(int(f.sum()), 60, M.subgroup_seed(9, "g"), clusters[f])
-    boot_g = M.bootstrap_auc(s[f], y[f], rs_g.draws, clusters=clusters[f])
-    assert (by["g", "b"].auc_lo, by["g", "b"].auc_hi) == I.order_ci(boot_g[:, 1])
-    assert by["g", "macro"].n_patients == np.unique(clusters[f]).size == rs_g.n_clusters
+    jk_g = M.jackknife_auc(s[f], y[f], clusters[f])
+    assert jk_g.loo.shape[1] == np.unique(clusters[f]).size  # the subgroup's own patients
+    lo, hi = I.level_interval(jk_g.point[1], I.jackknife_variance(jk_g.loo[1]), jk_g.df[1], 0.95)
+    assert (by["g", "b"].auc_lo, by["g", "b"].auc_hi) == (lo, hi)
+    assert by["g", "macro"].n_patients == np.unique(clusters[f]).size
     assert by["all", "macro"].n_patients == np.unique(clusters).size
     known_a = ~np.isnan(y[:, 0])
     assert by["all", "a"].n_patients == np.unique(clusters[known_a]).size
@@ -430,27 +552,25 @@ def test_evaluate_resamples_patients_within_each_subgroup():
         M.evaluate(s, y, np.zeros(5), list("abcde"), clusters=clusters.astype(float))
 
 
-def test_macro_uses_a_fixed_label_set_and_counts_invalid_resamples():
+def test_macro_uses_a_fixed_label_set():
     rng = np.random.default_rng(18)
     n_pat, per = 120, 4
     clusters = np.repeat(np.arange(n_pat), per)
     y = (rng.random((n_pat * per, 3)) < 0.3).astype(float)
     y[:, 2] = 0.0
-    y[:12, 2] = 1.0  # label 2: 12 positives in 3 patients, so many resamples lack them
+    y[:12, 2] = 1.0  # label 2: 12 positives in 3 patients
     s = y + rng.normal(size=y.shape)
-    rows = M.evaluate(s, y, np.zeros(3), ["x", "z", "rare"], n_boot=200, seed=1,
-                      clusters=clusters)  # fmt: skip
+    rows = M.evaluate(s, y, np.zeros(3), ["x", "z", "rare"], n_boot=1, clusters=clusters)
     by = {r.label: r for r in rows}
-    rs = M.make_resampler(len(y), 200, 1, clusters)
-    bs = M.bootstrap_stats(s, y, rs)
-    valid_rare = bs.valid[:, 2]
-    assert 0 < valid_rare.sum() < 200 and by["rare"].n_valid_boot == int(valid_rare.sum())
     macro = by["macro"]
-    assert macro.n_labels == 3 and macro.n_valid_boot == int(bs.valid.all(axis=1).sum())
-    # the macro's resamples average all three labels or are invalid: never fewer labels
-    expect = np.where(bs.valid.all(axis=1), bs.auc.mean(axis=1), np.nan)
-    assert (macro.auc_lo, macro.auc_hi) == I.order_ci(expect, 0.95)
+    assert macro.n_labels == 3
     assert macro.auc == pytest.approx(np.mean([by[k].auc for k in ("x", "z", "rare")]))
+    # the macro's interval rests on the mean of the labels' leave-one-out AUCs: 3 labels always
+    jk = M.jackknife_auc(s, y, clusters)
+    df = M.macro_df(np.array([I.jackknife_variance(v) for v in jk.loo]), jk.df, n_pat)
+    assert (macro.auc_lo, macro.auc_hi) == I.level_interval(
+        macro.auc, I.jackknife_variance(jk.loo.mean(axis=0)), df, 0.95)  # fmt: skip
+    assert "approximate CI: 3 patient(s)" in by["rare"].ci_note and by["x"].ci_note is None
     # with a higher minimum the rare label leaves the set: null with a reason, macro of two
     strict = {r.label: r for r in M.evaluate(s, y, np.zeros(3), ["x", "z", "rare"], n_boot=50,
                                              clusters=clusters, min_positives=13)}  # fmt: skip

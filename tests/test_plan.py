@@ -32,8 +32,10 @@ def test_plan_of_the_paper_grid_on_fixture_folders(tmp_path):
         d["root"] = str(roots[d["name"]])
     grid["output"] = str(tmp_path / "out")
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(grid))
-    proc = launch("plan", "paper.yaml", "--images-per-s", "100", "60", "--slots", "8", cwd=tmp_path)
+    proc = launch("plan", "paper.yaml", "--images-per-s", "100", "60", "--slots", "8",
+                  "--variance", "0.5", cwd=tmp_path)  # fmt: skip
     out = proc.stdout
+    assert "needs 10,705 test patients per site (per-patient variance 0.5, given)" in out
     for name in roots:
         assert f"| {name} |" in out
     # 5 sources x 5 epsilons x 3 seeds, plus the MIMIC pretraining; 75 models x 5 targets
@@ -48,3 +50,50 @@ def test_a_bad_grid_is_refused_by_plan_as_by_the_sweep(tmp_path):
     (tmp_path / "g.yaml").write_text(yaml.safe_dump({"domains": [], "output": "out"}))
     proc = launch("plan", "g.yaml", cwd=tmp_path, expect=2)
     assert "domains" in proc.stderr and not Path(tmp_path / "out").exists()
+
+
+def test_plan_sizes_the_test_sets_for_the_primary_endpoint(tmp_path):
+    """The test patients ``plan`` asks for give the stated power: simulated test sets of that
+    size, inferred by the tables' own t rule, confirm equivalence that often when DP changes
+    the drop by exactly 0; the per-patient variance is read from a finished sweep."""
+    import math
+
+    import numpy as np
+    from conftest import EV, build_output
+
+    from privdom_ray import comparisons, costs, inference
+    from privdom_ray.config import EvaluationConfig
+
+    n = costs.units_needed(0.02, 0.5, 0.05, 0.8)
+    assert n == math.ceil(0.5 * (1.6448536 + 1.2815516) ** 2 / 0.02**2)
+    assert costs.power_at(n, 0.02, 0.5, 0.05) == pytest.approx(0.8, abs=0.002)
+    rng = np.random.default_rng(0)
+    se = math.sqrt(0.5 / n)
+    hits = sum(
+        inference.infer_t(rng.normal(0.0, se), se * se, n - 1.0, ci=0.95, margin=0.02).p_tost
+        <= 0.05
+        for _ in range(4000)
+    )
+    assert hits / 4000 == pytest.approx(0.8, abs=0.025)
+    assert costs.power_at(n // 4, 0.02, 0.5, 0.05) < 0.2  # a quarter of it is hopeless
+    with pytest.raises(ValueError):
+        costs.units_needed(0.02, 0.5, 0.05, 1.5)
+
+    with pytest.raises(FileNotFoundError, match="--variance"):
+        costs.unit_variance_from(tmp_path)
+    keys = build_output(tmp_path, n=150)
+    tables = comparisons.compute_all(tmp_path, keys, EV)
+    comparisons.write_all(tmp_path, tables)
+    uv = costs.unit_variance_from(tmp_path)
+    rows = tables.comparisons[tables.comparisons["endpoint"] == "primary"]
+    per = [(r.tost_half_width / inference._t_ppf(0.95, r.df)) ** 2 * r.n_patients
+           for r in rows.itertuples()]  # fmt: skip
+    assert uv.value == pytest.approx(float(np.median(per))) and "3 primary row(s)" in uv.source
+    text = costs.render_sample_size(EvaluationConfig(), {"a": 150, "b": 20_000}, uv, 0.8)
+    need = costs.units_needed(0.02, uv.value, 0.05, 0.8)
+    assert f"needs {need:,} test patients per site" in text and "a 150 (power 0." in text
+    assert "--variance-from" in costs.render_sample_size(EvaluationConfig(), {}, None, 0.8)
+    old = tables.comparisons.drop(columns=["df"])
+    old.to_parquet(tmp_path / "comparisons.parquet")
+    with pytest.raises(LookupError, match="before the jackknife"):
+        costs.unit_variance_from(tmp_path)

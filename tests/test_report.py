@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import re
 
-import numpy as np
 import pandas as pd
 import pytest
 from conftest import EV, build_output
 from PIL import Image
 
-from privdom_ray import comparisons, inference, report, results
+from privdom_ray import comparisons, report, results
+from privdom_ray.manifest import LABELS
 
 
 def write_transfer(output, keys, sweep: str = "test-sweep") -> pd.DataFrame:
@@ -89,16 +89,28 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
     assert set(head) == {"a", "b", "c"}
     for t in ("b", "c"):
         r = _one(cmp, endpoint="primary", target=t)
+        assert r["quantity"] == "drop"  # each side's own drop
+        assert head[t][0] == _val(r["value_nondp"], r["value_nondp_lo"], r["value_nondp_hi"])
+        assert head[t][1] == _val(r["value_dp"], r["value_dp_lo"], r["value_dp_hi"])
         assert head[t][2] == _val(r["delta"], r["delta_lo"], r["delta_hi"], sign=True)
         assert head[t][3] == f"[{r['tost_lo']:+.3f}, {r['tost_hi']:+.3f}]"
-        assert head[t][4] == report._p(r["p_tost"], r["n_valid_boot"], sides=1)
+        assert head[t][4] == f"{r['margin_confirmable']:.3f} / {r['tost_half_width']:.3f}"
         holm = [float(v) for v in head[t][5].split(" / ")]  # the p's the verdict read
         assert holm == pytest.approx([r["p_tost_holm"], r["p_value_holm"], r["p_noninf_holm"]],
                                      abs=0.006)  # fmt: skip
         assert head[t][6].startswith(r["verdict"].replace("±m", "±0.02"))
         assert head[t][6].endswith("(1 seed: these trained models only)")  # one seed here
-        assert head[t][7] == f"{r['n_patients']} patients"
+        on = _one(cmp, quantity="on_domain_auc", target=t, epsilon=1.0, label="macro",
+                  subgroup="all")  # fmt: skip
+        off = _one(cmp, quantity="off_domain_auc", target=t, epsilon=1.0, label="macro",
+                   subgroup="all")  # fmt: skip
+        assert head[t][7] == _val(on["delta"], on["delta_lo"], on["delta_hi"], sign=True)
+        assert head[t][8] == _val(off["delta"], off["delta_lo"], off["delta_hi"], sign=True)
+        assert head[t][9] == f"{r['n_patients']} patients"
     assert head["a"][2] == report.MISSING  # the DP model of b never reached a: no mean off
+    # "every site at once" needs every site: a has no primary row
+    assert "Every site at once: no verdict (1 of 3 test sites have no primary row" in md
+    assert "intersection-union" in md and "Holm-adjusted across the test sites" in md
 
     # test sets: images, patients and prevalence from the transfer table
     sets = _rows(md, "Positives per label", after=heading["test_sets"])
@@ -132,12 +144,19 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
     gap_row = next(line for line in md.splitlines() if line.startswith("| a → b | sex=F - sex=M"))
     assert _val(gap["delta"], gap["delta_lo"], gap["delta_hi"], sign=True) in gap_row
 
-    # paired ΔAUC: the unfinished pair is shown, as missing; a floor p-value says so
-    assert "| b → a | " + " | ".join([report.MISSING] * 8) + " |" in md
-    floor = cmp[np.isclose(cmp["p_value"], 2 / (cmp["n_valid_boot"].astype(float) + 1))]
-    assert len(floor) and f"< {2 / 201:.3g} (= 2/201, the floor)" in md
+    # paired ΔAUC: the unfinished pair is shown, as missing
+    assert "| b → a | " + " | ".join([report.MISSING] * 9) + " |" in md
     assert "no difference" not in md.replace('"no difference"', "")
     assert "## 2. What these tests can and cannot conclude" in md
+    assert "within the family (comparison, quantity)" in md and "jackknife" in md
+    # subgroup macros side by side: one table per family, with its label count
+    by_sex = _rows(md, "Macro AUC DP / non-DP by sex", after=heading["fairness"])
+    sex_n = _one(df, source="a", target="a", epsilon_target=1.0, label="macro",
+                 subgroup="sex=M")["n_labels"]  # fmt: skip
+    assert by_sex["a → a (on-domain)"][0] == str(sex_n)
+    by_age = _rows(md, "Macro AUC DP / non-DP by age", after=heading["fairness"])
+    assert by_age["a → a (on-domain)"][0] == str(len(LABELS) - 1)  # no cardiomegaly under 40
+    assert "intervals: leave-one-patient-out jackknife t" in md
 
     names = {"transfer_matrix_eps-1.png", "transfer_matrix_eps-inf.png", "auc_vs_epsilon.png",
              "subgroup_auc.png", "auc_drop.png", "equivalence.png", "reliability.png"}  # fmt: skip
@@ -157,8 +176,8 @@ def test_report_with_several_seeds_uses_the_across_seeds_rows(tmp_path):
     assert "2 seeds cannot pin down training variability" in md
     dp = _rows(md, "### ε = 1 — ")
     assert re.fullmatch(r"\d\.\d{3} \[\d\.\d{2}, \d\.\d{2}\] ±\d\.\d{3}", dp["a"][0])
-    r = _one(cmp, comparison="across_seeds", quantity="drop_vs_nondp_ondomain", target="a",
-             label="macro", subgroup="all")  # fmt: skip
+    r = _one(cmp, comparison="across_seeds", quantity="drop", target="a", label="macro",
+             subgroup="all", epsilon=1.0)  # fmt: skip
     assert r["endpoint"] == "primary" and r["n_seeds"] == 2
     head = _rows(md, "### Primary: ε = 1 vs non-DP")
     assert head["a"][2] == _val(r["delta"], r["delta_lo"], r["delta_hi"], sign=True)
@@ -203,7 +222,20 @@ def test_report_on_empty_table_and_missing_table(tmp_path):
     write_transfer(tmp_path, [])
     md = report.write_report(tmp_path)
     assert "transfer table is empty" in md
-    assert inference.p_floor(200) == pytest.approx(2 / 201)
-    # a one-sided (TOST) p has its own floor, 1/(B + 1), and is shown as the bound it is too
-    assert report._p(1 / 201, 200, sides=1) == f"< {1 / 201:.3g} (= 1/201, the floor)"
-    assert report._p(2 / 201, 200, sides=1) == f"{2 / 201:.3g}"
+    # t-rule p-values have no resampling floor; tiny ones are shown as the bound they are
+    assert report._p(0.0004) == "< 0.001" and report._p(0.0123) == "0.0123"
+    assert report._p(0.5) == "0.50" and report._p(None) == report.MISSING
+
+
+def test_a_comparisons_table_of_an_older_version_is_named_not_misread(tmp_path):
+    """A finished folder written before this version: its transfer table still renders; its
+    comparisons (bootstrap era, the old primary quantity) are flagged with the fix."""
+    df, cmp = _sweep(tmp_path, domains=("a", "b"), n=100)
+    old = cmp.drop(columns=["df", "p_tost_iut"]).copy()
+    old.loc[old["endpoint"] == "primary", "quantity"] = "drop_vs_nondp_ondomain"
+    old.to_parquet(tmp_path / "comparisons.parquet")
+    md = report.write_report(tmp_path, figures=False)
+    assert "comparisons.parquet: from an older version" in md
+    assert "re-run the sweep's command, which re-evaluates the stored models" in md
+    assert "### ε = 1 — " in md  # the matrices are still there
+    assert "drop_vs_nondp_ondomain" not in md

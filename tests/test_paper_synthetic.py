@@ -89,3 +89,32 @@ def test_paper_sites_have_their_institutions_label_mix():
     prev = {s: _label_prevalence(s, 1_500) for s in ("vdr", "uka", "pch")}
     assert prev["vdr"][-1] == pytest.approx(0.70, abs=0.05)
     assert prev["uka"][:4].sum() > max(prev[s][:4].sum() for s in ("vdr", "pch")) + 0.3
+
+
+def test_paper_scale_grid_is_the_benchmarks_grid_and_validates():
+    """experiments/paper_scale.yaml is what bench_paper_scale.py writes at scale 1: the
+    paper's grid shape (5 sources and targets, 5 epsilons, 3 seeds, a control, a federation,
+    audit twins, a pretraining domain) at the paper's image counts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from privdom_ray.grid import load_grid
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "experiments" / "paper_scale.yaml"
+    printed = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_paper_scale.py"), "--print-grid", "1"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    committed = "".join(line for line in path.read_text().splitlines(True) if line[0] != "#")
+    assert committed == printed
+    spec = load_grid(path)
+    assert (len(spec.sources), len(spec.targets), len(spec.epsilons), len(spec.seeds)) == (
+        5, 5, 5, 3,
+    )  # fmt: skip
+    images = {d.name: d.options.n_patients * (d.options.images_per_patient + 1) / 2
+                for d in spec.domains}  # fmt: skip
+    assert images["UKA"] == pytest.approx(193_324, rel=0.01)
+    assert images["VDR"] == 18_000
+    assert spec.pretrain.domain == "MIMIC" and spec.audit is not None and spec.federations

@@ -177,8 +177,8 @@ def generate(grid: dict, jobs: int) -> tuple[list[dict], float]:
 # ------------------------------------------------------------------ process-tree sampling
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, CPU clock ticks of it and its reaped children) from /proc/*/stat."""
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (parent pid, start time, own CPU clock ticks) of every process (/proc/*/stat)."""
     table = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -188,7 +188,7 @@ def _proc_table() -> dict[int, tuple[int, int]]:
         except OSError:
             continue
         f = stat[stat.rindex(")") + 2 :].split()
-        table[int(name)] = (int(f[1]), sum(int(x) for x in f[11:15]))
+        table[int(name)] = (int(f[1]), int(f[19]), int(f[11]) + int(f[12]))
     return table
 
 
@@ -212,13 +212,16 @@ def _cmd(pid: int) -> str:
 class TreeSampler(threading.Thread):
     """Samples the RSS of a process and all its descendants every ``every`` seconds: the
     driver, Ray workers (``ray::`` process titles but the agents) and Ray's own services
-    (GCS, raylet, dashboard, agents), apart; and the CPU time of the whole tree."""
+    (GCS, raylet, dashboard, agents), apart; and the CPU time of every process of the tree
+    seen so far (its own user + system time at its last sample: a process living less than
+    one interval, or its last interval, is missed)."""
 
     def __init__(self, root_pid: int, every: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.root, self.every = root_pid, every
         self.samples: list[dict] = []
         self.stop = threading.Event()
+        self._ticks: dict[tuple[int, int], int] = {}
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -228,7 +231,7 @@ class TreeSampler(threading.Thread):
     def sample(self) -> dict:
         table = _proc_table()
         children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
+        for pid, (ppid, _, _) in table.items():
             children.setdefault(ppid, []).append(pid)
         tree, todo = [], [self.root]
         while todo:
@@ -243,7 +246,10 @@ class TreeSampler(threading.Thread):
                 workers.append(rss)
             else:
                 system += rss
-        ticks = sum(table[p][1] for p in tree if p in table)
+        for pid in tree:  # CPU of every process ever seen, kept after it exits
+            if pid in table:
+                self._ticks[(pid, table[pid][1])] = table[pid][2]
+        ticks = sum(self._ticks.values())
         return {"t": time.time(), "driver": _rss_kib(self.root), "worker_max": max(workers, default=0),
                 "workers_sum": sum(workers), "n_workers": len(workers), "system": system,
                 "cpu_s": ticks / TICKS, "load": os.getloadavg()[0]}  # fmt: skip
@@ -311,8 +317,8 @@ def sweep_stages(run: SweepRun) -> list[dict]:
 
 
 def _stage_row(name: str, t0: float, t1: float, samples: list[dict]) -> dict:
-    """Wall seconds, CPU seconds of the process tree (ticks of live processes plus their
-    reaped children, between the samples around the stage), peak RSS by role, mean load."""
+    """Wall seconds, CPU seconds of the process tree (between the samples around the stage),
+    peak RSS by role, mean load average."""
     inside = [s for s in samples if t0 - 0.25 <= s["t"] <= t1 + 0.25] or [{}]
     peak = {k: max(s.get(k, 0) for s in inside) for k in ("driver", "worker_max", "workers_sum")}
     before = [s for s in samples if s["t"] <= t0 + 0.25][-1:] or samples[:1] or [{}]

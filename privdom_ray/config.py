@@ -89,7 +89,7 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # Names a grid may use whose implementations need torch (models.MODELS) or Opacus
 # (dpstep.DP_MODES): listed here so that a grid is validated, and a bad one refused, without
 # importing either (seconds per CLI call); tests/test_grid.py checks them against both.
-MODEL_NAMES = ("resnet9", "resnet18", "resnet34", "resnet50")
+MODEL_NAMES = ("resnet9", "resnet18", "resnet34", "resnet50", "smallcnn")
 DP_MODE_NAMES = ("hooks", "functorch", "ew", "ghost", "bk")
 
 

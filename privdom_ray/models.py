@@ -1,4 +1,5 @@
-"""Opacus-compatible CNNs: the paper's ResNet9 (GroupNorm + Mish) and GroupNorm ResNet18/34/50.
+"""Opacus-compatible CNNs: the paper's ResNet9 (GroupNorm + Mish), GroupNorm ResNet18/34/50,
+and ``smallcnn``, a three-conv GroupNorm net for dry runs of the pipeline at paper scale.
 
 Blocks are written here instead of taken from torchvision because torchvision's ``BasicBlock``
 and ``Bottleneck`` add the residual in place (``out += identity``) and use
@@ -140,3 +141,37 @@ def resnet34(num_outputs: int = 5, in_channels: int = 1) -> nn.Module:
 def resnet50(num_outputs: int = 5, in_channels: int = 1) -> nn.Module:
     """Bottleneck layout [3, 4, 6, 3]: 1x1 convs, 2048 features into the head."""
     return ResNet([3, 4, 6, 3], num_outputs, in_channels, Bottleneck)
+
+
+class SmallCNN(nn.Module):
+    """Three strided 3x3 convs (32, 64, 128 channels) with GroupNorm(32) and Mish, then a
+    global average pool and a linear head: about 94k parameters.
+
+    Why: a paper-shaped dry run (``benchmarks/bench_paper_scale.py``) trains ~180 models on
+    hundreds of thousands of tiny images to measure the pipeline around training, not the
+    training; ResNet9's 4.9 M parameters would make training dominate even at 16 px. Same
+    building blocks as the ResNets (GroupNorm(32, C), Mish, no in-place ops), so it takes
+    the same Opacus and book-keeping paths.
+    """
+
+    def __init__(self, num_outputs: int = 5, in_channels: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = in_channels
+        for i, width in enumerate((32, 64, 128)):
+            stride = 1 if i == 0 else 2
+            layers += [nn.Conv2d(in_ch, width, 3, stride=stride, padding=1, bias=False)]
+            layers += [_norm(width), nn.Mish()]
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(in_ch, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@register("smallcnn")
+def smallcnn(num_outputs: int = 5, in_channels: int = 1) -> nn.Module:
+    """The cheap model of dry runs (not a model to report results with)."""
+    return SmallCNN(num_outputs, in_channels)

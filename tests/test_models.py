@@ -4,12 +4,16 @@ for every model are in tests/test_train.py; DP clipping parity in tests/test_dps
 
 from __future__ import annotations
 
+import dpcheck
 import pytest
 import torch
 import torchvision
 from opacus.grad_sample import GradSampleModule
+from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
+from opacus.validators import ModuleValidator
 from torch import nn
 
+from privdom_ray import dpstep
 from privdom_ray.models import MODELS, build_model
 
 #: Parameters for 1-channel inputs and 5 labels (the paper's ResNet9 is "about 4.9 M").
@@ -18,6 +22,7 @@ PARAMETERS = {
     "resnet18": 11_172_805,
     "resnet34": 21_280_965,
     "resnet50": 23_512_005,
+    "smallcnn": 93_541,
 }
 
 
@@ -88,3 +93,34 @@ def test_full_backward_hooks_accept_the_model(name):
     out.sum().backward()
     for p in module.parameters():
         assert p.grad_sample is not None and p.grad_sample.shape == (2, *p.shape)
+
+
+def test_smallcnn_is_opacus_valid_with_correct_per_sample_grads_at_dry_run_size():
+    """The dry run's model at the dry run's 16 px (tests/test_train.py checks every model at
+    32 px): odd-free strided maps down to 4x4, per-sample gradients equal Opacus's loop."""
+    model = build_model("smallcnn")
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert check_per_sample_gradients_are_correct(
+        torch.randn(4, 1, 16, 16), model, atol=1e-4, rtol=1e-3
+    )
+
+
+@pytest.mark.parametrize("mode", dpstep.DP_MODES)
+@pytest.mark.parametrize("size", [16, 33])
+def test_smallcnn_clipping_matches_per_example_loop_in_every_mode(mode, size):
+    """bk (its default) and every Opacus mode clip smallcnn's per-sample gradients exactly,
+    at the dry run's 16 px and at an odd size (strided convs drop a row and a column)."""
+    assert dpcheck.clipping_error("smallcnn", mode, image_size=size, batch=4) < 1e-4
+
+
+@pytest.mark.parametrize("mode", dpstep.NHWC_MODES)
+def test_smallcnn_clipping_is_exact_in_channels_last(mode):
+    """GPU trials default to NHWC, with the modes verified in that layout only."""
+    error = dpcheck.clipping_error("smallcnn", mode, image_size=16, batch=4, channels_last=True)
+    assert error < 1e-4
+
+
+def test_smallcnn_is_far_smaller_than_resnet9():
+    """Why it exists: dry runs measure the pipeline, so training must not dominate."""
+    assert _count(build_model("smallcnn")) * 40 < _count(build_model("resnet9"))
+    assert build_model("smallcnn")(torch.rand(8, 1, 16, 16)).shape == (8, 5)

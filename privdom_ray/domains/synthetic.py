@@ -19,7 +19,8 @@ in with renames, ``labels.csv`` last. An interrupted run therefore leaves at mos
 (ignored; removed once it is an hour old) or an ``images/`` folder without ``labels.csv``
 (replaced by the next run). When ``labels.csv`` exists it is read as is and never regenerated, so
 it can be hand-edited; ``synthetic.json`` guards against reading a root made with other options.
-The split is patient-wise by a salted hash (``synthetic:<site>``): 25% test, 15% val, 60% train.
+The split is patient-wise by a salted hash (``synthetic:<site>``): 25% test, 15% val, 60% train
+for sites a-d; the paper-shaped sites (``PAPER_SITES``) use their institution's test share.
 
 Picture model: every image is a density map (air 0, soft tissue 0.3-0.6 with smooth thickness
 gradients, aerated lung ~0.15-0.3, heart/mediastinum 0.72) drawn in patient ("body") coordinates,
@@ -128,6 +129,9 @@ class SiteProfile:
     supine: float
     multifocal: float
     processing: float
+    # patient-wise split fractions (of all patients); the paper-shaped sites set their own
+    test_frac: float = TEST_FRAC
+    val_frac: float = VAL_FRAC
 
 
 SITES: dict[str, SiteProfile] = {
@@ -267,13 +271,82 @@ SITES: dict[str, SiteProfile] = {
 }
 
 
+def _like(base: str, description: str, **changes: object) -> SiteProfile:
+    return dataclasses.replace(SITES[base], description=description, **changes)
+
+
+#: Paper-shaped sites (``benchmarks/bench_paper_scale.py``): the five institutions of Tayebi
+#: Arasteh et al. and a MIMIC-like public pretraining site, each with its published test share
+#: (test / (train + test) images; val = 10% of the paper's training images), sex and age mix
+#: of its test set (shared/reference/paper.md) and base log-odds fitted to approximate image
+#: prevalences of its labels (ChestX-ray14 and CheXpert counts in cxr_formats.md; VinDr, UKA,
+#: PadChest and MIMIC values are rough, unverified figures). Acquisition is borrowed from a-d.
+#: Picked with ``images_per_patient`` 1 (vdr), 6 (c14, uka, mimic), 5 (cpt), 2 (pch).
+PAPER_SITES: dict[str, SiteProfile] = {
+    "vdr": _like(
+        "c",
+        "VinDr-CXR-shaped: one image per patient, 58% unknown sex, 84% missing age, mostly "
+        "normal films",
+        age_mean=50.0, age_sd=18.0, age_missing=0.84, female=0.184, unknown_sex=0.582,
+        cardiomegaly_logit=-1.98, effusion_logit=-2.92, pneumonia_logit=-3.48,
+        atelectasis_logit=-3.93, nodule_logit=-1.67,
+        test_frac=0.1667, val_frac=0.0833,
+    ),
+    "c14": _like(
+        "a",
+        "ChestX-ray14-shaped: follow-up heavy, younger, 54% no finding",
+        age_mean=47.0, age_sd=16.0, age_missing=0.0, female=0.42, unknown_sex=0.0,
+        cardiomegaly_logit=-3.98, effusion_logit=-1.77, pneumonia_logit=-4.91,
+        atelectasis_logit=-2.08, nodule_logit=-0.41,
+        test_frac=0.2283, val_frac=0.0772,
+    ),
+    "cpt": _like(
+        "d",
+        "CheXpert-shaped: mostly AP inpatient films, older, 39% effusion, 10% no finding",
+        age_mean=60.0, age_sd=18.0, age_missing=0.0, female=0.39, unknown_sex=0.0,
+        supine=0.6, collimation=0.0,
+        cardiomegaly_logit=-2.23, effusion_logit=-0.61, pneumonia_logit=-4.07,
+        atelectasis_logit=-2.13, nodule_logit=1.62,
+        test_frac=0.186, val_frac=0.0814,
+    ),
+    "uka": _like(
+        "b",
+        "UKA-CXR-shaped: intensive-care bedside films, oldest population",
+        age_mean=67.0, age_sd=15.0, age_missing=0.0, female=0.363, unknown_sex=0.0,
+        supine=0.95,
+        cardiomegaly_logit=-1.15, effusion_logit=-1.54, pneumonia_logit=-2.14,
+        atelectasis_logit=-1.5, nodule_logit=-2.47,
+        test_frac=0.206, val_frac=0.0794,
+    ),
+    "pch": _like(
+        "a",
+        "PadChest-shaped: other vendor (steeper curve, heel effect, processing), broad ages",
+        age_mean=60.0, age_sd=20.0, age_missing=0.005, female=0.482, unknown_sex=0.0,
+        gamma=1.3, heel=0.12, processing=0.5, noise=0.025,
+        cardiomegaly_logit=-2.99, effusion_logit=-3.8, pneumonia_logit=-4.01,
+        atelectasis_logit=-3.58, nodule_logit=0.54,
+        test_frac=0.2003, val_frac=0.0800,
+    ),
+    "mimic": _like(
+        "b",
+        "MIMIC-CXR-shaped public pretraining site: half supine, 33% no finding, a small test",
+        age_mean=60.0, age_sd=18.0, age_missing=0.0, female=0.52, unknown_sex=0.0,
+        supine=0.5,
+        cardiomegaly_logit=-1.44, effusion_logit=-1.57, pneumonia_logit=-3.08,
+        atelectasis_logit=-1.62, nodule_logit=-0.41,
+        test_frac=0.02, val_frac=0.05,
+    ),
+}  # fmt: skip
+SITES.update(PAPER_SITES)
+
+
 @dataclass(frozen=True)
 class SyntheticOptions:
     """Options of a synthetic domain (all YAML scalars).
 
-    ``site``: a built-in site profile (see ``SITES``: a, b, c, d). ``n_patients``: patients to
-    generate. ``images_per_patient``: the most images one patient has (each gets 1..max, follow
-    ups share the patient's anatomy). ``file_size``: pixel size of the square PNGs written.
+    ``site``: a built-in site profile (see ``SITES``: a, b, c, d and the paper-shaped
+    ``PAPER_SITES``). ``n_patients``: patients to generate. ``images_per_patient``: the most
+    images one patient has (each gets 1..max, follow ups share the patient's anatomy). ``file_size``: pixel size of the square PNGs written.
     ``seed``: generation seed; the same options always give byte-identical files.
     """
 
@@ -307,8 +380,8 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> None:
     "synthetic",
     SyntheticOptions,
     creates_root=True,
-    description="seeded synthetic chest radiographs of one simulated site (a, b, c or d), "
-    "generated into the root on first use",
+    description="seeded synthetic chest radiographs of one simulated site (a, b, c or d; or a "
+    "paper-shaped vdr, c14, cpt, uka, pch, mimic), generated into the root on first use",
 )
 def build(root: Path, options: SyntheticOptions) -> pd.DataFrame:
     """Generate the domain into ``root`` unless ``root/labels.csv`` exists, then read it."""
@@ -342,11 +415,12 @@ def read_manifest(root: Path, options: SyntheticOptions) -> pd.DataFrame:
         raise ManifestError(
             f"synthetic domain {str(root)!r}: {LABELS_FILE} lacks columns {missing}"
         )
+    site = SITES[options.site]
     split = patient_split(
         table["patient_id"],
         salt=f"synthetic:{options.site}",
-        test_frac=TEST_FRAC,
-        val_frac=VAL_FRAC,
+        test_frac=site.test_frac,
+        val_frac=site.val_frac,
     )
     out = pd.DataFrame(
         {

@@ -175,17 +175,22 @@ def columns(result: Mapping[str, Any], ledger: Mapping[str, Any]) -> dict[str, A
         "audit_epsilon_max": float(result["epsilon_max"]),
         "audit_epsilon_lower_replay": None if replay is None else float(replay["epsilon_lower"]),
         "audit_power_noise_scale": power.get("noise_scale"),
-        "audit_noise_ratio": noise.get("ratio"),
+        "audit_noise_ratio": _noise_check(noise).ratio if noise else None,
         "audit_noise_check": _noise_verdict(noise) if noise else None,
     }
 
 
-def _noise_verdict(noise: Mapping[str, Any]) -> str:
-    """The noise tests in words (recomputed from their sums, like ``launch.py audit``)."""
+def _noise_check(noise: Mapping[str, Any]):
+    """The twin's noise tests rebuilt from their sums (a stored ratio or verdict is not read)."""
     from privdom_ray.audit_bound import NoiseCheck
 
-    check = NoiseCheck(int(noise["units"]), float(noise["sum_squares"]),
-                       noise["replay_z"], float(noise["alpha"]))  # fmt: skip
+    return NoiseCheck(int(noise["units"]), float(noise["sum_squares"]),
+                      noise["replay_z"], float(noise["alpha"]))  # fmt: skip
+
+
+def _noise_verdict(noise: Mapping[str, Any]) -> str:
+    """The noise tests in words (recomputed from their sums, like ``launch.py audit``)."""
+    check = _noise_check(noise)
     if check.too_little:
         return "too little noise"
     return "noise follows the public seed" if check.follows_seed else "ok"

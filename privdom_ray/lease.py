@@ -21,6 +21,7 @@ Torch-free and Ray-free: the trial store imports it in every trial process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -224,9 +225,10 @@ class Lease:
         for token in _tokens(folder):
             if token < self.token - 1:
                 (folder / _name(token)).unlink(missing_ok=True)
-        for tmp in folder.glob(".*.tmp"):
-            if time.time() - tmp.stat().st_mtime > 60:
-                tmp.unlink(missing_ok=True)
+        for tmp in folder.glob(".*.tmp"):  # another process's, which may vanish meanwhile
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - tmp.stat().st_mtime > 60:
+                    tmp.unlink(missing_ok=True)
 
     def check(self) -> None:
         """Raise :class:`Fenced` if this driver lost its lease (see :func:`check`); also when

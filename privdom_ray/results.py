@@ -162,6 +162,8 @@ _CMP_PUBLIC = [
     "n_boot",
     "ci",
     "n_off",
+    "q_family",  # the name of a BH family (comparison, quantity, ...)
+    "n_sites",
 ]
 _CMP_NONDP = [
     "value_nondp",
@@ -189,6 +191,12 @@ _CMP_NONDP = [
     "p_t",
     "delta_sd",
     "null_reason",
+    "df",
+    "margin_confirmable",
+    "tost_half_width",
+    "q_tost",
+    "p_tost_iut",
+    "q_noninf",
 ]
 #: comparisons.parquet: every comparison sets a DP model against the non-DP one, so what
 #: involves the non-DP side (its values, the differences, their p's and verdicts) is "nondp".

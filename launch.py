@@ -249,7 +249,7 @@ def _plan(argv: list[str]) -> int:
     cost.step_device = device
     cost.rate = rate or measured
     print(costs.render(cost, spec))
-    uv = costs.UnitVariance(costs.DEMO_UNIT_VARIANCE, "the demo sweep's (README)")
+    uv = costs.UnitVariance(costs.DEMO_UNIT_VARIANCE, "the demo sweep's (docs/operations.md)")
     if args.variance is not None:
         uv = costs.UnitVariance(args.variance, "given")
     elif args.variance_from:

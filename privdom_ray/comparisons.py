@@ -150,7 +150,7 @@ QUANTITIES = {
     "auc_gap_age": Quantity(None, True, "gap(DP) - gap(non-DP), gap = AUC(oldest) - AUC(youngest)"),
 }  # fmt: skip
 
-# Columns of comparisons.parquet, in order, with their meaning (the README's table).
+# Columns of comparisons.parquet, in order, with their meaning (the table in docs/outputs.md).
 COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "comparison": (pa.string(), "paired_delta, auc_drop, fairness_gap or across_seeds"),
     "quantity": (pa.string(), "what is compared: delta_auc, delta_brier, drop, on_domain_auc, "

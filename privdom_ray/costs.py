@@ -210,7 +210,7 @@ def _bytes(n: float) -> str:
 # ------------------------------------------------------------------------------ sample size
 
 #: Per-patient variance of the primary endpoint (drop(DP) - drop(non-DP), macro AUC): the
-#: median over the demo sweep's primary rows of se^2 x test patients (see README "plan").
+#: median over the demo sweep's primary rows of se^2 x test patients (see docs/operations.md, "Before a big sweep").
 #: Real sites differ (labels, prevalence, images per patient): pass your own with
 #: ``--variance-from`` a finished sweep of yours, or ``--variance``.
 DEMO_UNIT_VARIANCE = math.nan

@@ -1,6 +1,6 @@
 """``launch.py export``: the shareable outputs of a sweep, each value marked, and nothing else.
 
-The privacy boundary (README "What may leave"): the tables, a report drawn from them, and
+The privacy boundary (docs/privacy.md, "What may leave"): the tables, a report drawn from them, and
 the released weights of DP models with their ledgers and cards may leave the data owner.
 Every column of every exported parquet file carries its privacy class in its field metadata
 (``results.PRIVACY_CLASSES``); columns of the home-only classes (training statistics, timing,

@@ -264,7 +264,7 @@ def jackknife_variance(loo: np.ndarray) -> float:
 
 def class_df(units_pos: int | np.ndarray, units_neg: int | np.ndarray) -> float:
     """Degrees of freedom of a label's t interval: ``min(P_pos, P_neg) - 1``, the patients of
-    the rarer class (they carry the variance; the simulation's choice, see README)."""
+    the rarer class (they carry the variance; the simulation's choice, see docs/statistics.md)."""
     return float(np.min(np.minimum(units_pos, units_neg))) - 1.0
 
 

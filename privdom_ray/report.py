@@ -845,7 +845,7 @@ def federated_text(view: ReportView) -> str:
     return "\n".join(out) + "\n"
 
 
-#: The federation's trust model, as the report states it (README: "Federated training").
+#: The federation's trust model, as the report states it (docs/federated.md).
 FEDERATION_TRUST = (
     "**Trust model: a trusted coordinator.** The coordinator (here the sweep's own trial "
     "process) draws every site's secret key and keeps all of them in its private checkpoint; "

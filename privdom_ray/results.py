@@ -39,7 +39,7 @@ def _metric_fields() -> list[tuple[str, pa.DataType]]:
     return out
 
 
-# Where each value of a table comes from, i.e. what may be shared (the README's "What may
+# Where each value of a table comes from, i.e. what may be shared (docs/privacy.md, "What may
 # leave" and the report's "What this epsilon covers" say the same). Every column of every table
 # has one of these classes, stored in the parquet schema's field metadata ("privacy"); `export`
 # writes every shareable column of every file with its class and keeps the rest home.

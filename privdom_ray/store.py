@@ -5,7 +5,7 @@ records back (:class:`TrialRecord`, :class:`EvalRecord`), so file names are a pr
 this module and a damaged file is reported once, naming the file, instead of crashing six
 readers. One trial = ``<output>/trials/<key>/`` (key = content hash of what determines the
 model). Everything in it is PRIVATE (it stays with the data owner) except what ``export``
-copies out (see README "What may leave"):
+copies out (see docs/privacy.md, "What may leave"):
 
 - ``trial.json``  the resolved spec, the run's summary, versions, timings (``config.yaml``: the
   same plus the ledger, for people)

@@ -4,7 +4,7 @@ Each mechanism is a pure numpy function: a noiseless statistic with a stated sen
 (``*_statistic``), and a release that adds noise drawn from OS entropy (an injected generator
 only in tests). Neighbours add or remove one unit, where the unit is the patient: each image is
 first mapped to its patient's ``units`` code, and every statistic bounds one patient's total
-contribution. That covers both privacy units of the README at once: removing one *image*
+contribution. That covers both privacy units (docs/grid.md, ``privacy_unit``) at once: removing one *image*
 changes only its patient's contribution, and by no more than the stated sensitivity (the
 patient's mean loss stays in [0, B]; its histogram mass moves by at most sqrt(2)/m <= 1 in L2
 per label, m >= 2 being its image count; with m = 1 removing the image removes the patient).

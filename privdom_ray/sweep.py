@@ -32,6 +32,7 @@ from privdom_ray import (
     kinds,
     lease,
     planning,
+    ray_decode,
     report,
     results,
 )
@@ -192,8 +193,9 @@ def build_caches(
     trained: dict[str, cache.CacheEntry] = {}  # what trials train on, by domain
     for name, domain, prep in wanted:
         caches[name] = entry = cache.build(
-            domain, manifests[domain], fps[domain], prep, spec.cache_dir, log=log, guard=guard
-        )
+            domain, manifests[domain], fps[domain], prep, spec.cache_dir,
+            decode=ray_decode.decode_into, log=log, guard=guard,
+        )  # fmt: skip
         if entry.built_seconds:
             how = f"built in {entry.built_seconds:.1f}s"
         else:

@@ -36,8 +36,6 @@ def decode_batch(batch: dict[str, np.ndarray], prep: dict) -> dict[str, np.ndarr
     return {"row": batch["row"], "image": images, "ok": ok, "error": np.array(errors, dtype=object)}
 
 
-
-
 def _quiet_ray_data() -> None:
     """One line per domain (the sweep's ``[cache]`` line) instead of Ray Data's per-operator
     progress blocks and its start/finish messages, which a user cannot act on."""
@@ -51,8 +49,6 @@ def _quiet_ray_data() -> None:
     ctx.enable_operator_progress_bars = False
     for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(logging.ERROR)  # "bars disabled", "finished in 0.1s"
-
-
 
 
 def decode_into(manifest: pd.DataFrame, prep: Preprocessing, images_path: Path) -> pd.DataFrame:

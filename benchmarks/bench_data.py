@@ -34,7 +34,7 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
-    from privdom_ray import cache, imaging
+    from privdom_ray import cache, imaging, ray_decode
     from privdom_ray.domains import build_manifest, make_options
     from privdom_ray.manifest import fingerprint
 
@@ -67,7 +67,8 @@ def main() -> None:
             for r in range(args.reps):
                 t0 = time.perf_counter()
                 entry = cache.build(
-                    "bench", manifest, fp, prep, work / f"cache{r}", log=lambda _m: None
+                    "bench", manifest, fp, prep, work / f"cache{r}",
+                    decode=ray_decode.decode_into, log=lambda _m: None,
                 )
                 ray_data.append(time.perf_counter() - t0)
         finally:

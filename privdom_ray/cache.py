@@ -17,8 +17,9 @@ A stale or damaged entry is built again and replaces the old one atomically; one
 per run, in the driver, keeps the trials' reads as fast as before and heals the cache before
 any trial starts, which a check inside a trial's batch reads could not (it could only fail).
 
-Ray Data workers decode blocks of rows and hand them back; the driver streams the blocks
-(``iter_batches``, so it holds a few at a time) and is the only writer of ``images.npy``. On a
+Ray Data workers decode blocks of rows and hand them back (``ray_decode``, the decoder
+``build`` is given: this module imports no Ray); the driver streams the blocks (``iter_batches``,
+so it holds a few at a time) and is the only writer of ``images.npy``. On a
 multi-node cluster the cache lives on shared storage, and no two nodes ever write one file
 (page-cache coherence across NFS clients is not something to rely on). The entry is built in
 a temporary folder and renamed into place under a per-entry file lock (sweeps may share a
@@ -51,7 +52,7 @@ import pandas as pd
 
 from privdom_ray import integrity
 from privdom_ray.config import content_key
-from privdom_ray.imaging import Preprocessing, load
+from privdom_ray.imaging import Preprocessing
 from privdom_ray.manifest import LABELS, ManifestError
 
 
@@ -193,6 +194,11 @@ def entry_path(cache_dir: Path, domain: str, fingerprint: str, prep: Preprocessi
 
 def is_complete(path: Path) -> bool:
     return (path / META).is_file()
+
+
+#: Decodes every manifest row into ``images.npy`` (uint8 (N, S, S), created by the decoder) and
+#: returns one row per manifest row: ``row``, ``ok``, ``error`` (``ray_decode.decode_into``).
+Decode = Callable[[pd.DataFrame, Preprocessing, Path], pd.DataFrame]
 
 
 # ------------------------------------------------------------------------ identity, checksums
@@ -378,38 +384,6 @@ def _images_record(path: Path) -> dict[str, Any]:
     }
 
 
-def _decode_batch(batch: dict[str, np.ndarray], prep: dict) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: decode and preprocess a block of rows, return them."""
-    preprocessing = Preprocessing(**prep)
-    size = preprocessing.image_size
-    images = np.zeros((len(batch["row"]), size, size), dtype=np.uint8)
-    ok = np.zeros(len(batch["row"]), dtype=bool)
-    errors: list[str] = []
-    for i, path in enumerate(batch["path"]):
-        try:
-            images[i] = load(str(path), preprocessing)
-            ok[i] = True
-            errors.append("")
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and counted
-            errors.append(f"{type(exc).__name__}: {exc}"[:300])
-    return {"row": batch["row"], "image": images, "ok": ok, "error": np.array(errors, dtype=object)}
-
-
-def _quiet_ray_data() -> None:
-    """One line per domain (the sweep's ``[cache]`` line) instead of Ray Data's per-operator
-    progress blocks and its start/finish messages, which a user cannot act on."""
-    import logging
-
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_operator_progress_bars = False
-    for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # "bars disabled", "finished in 0.1s"
-
-
 def build(
     domain: str,
     manifest: pd.DataFrame,
@@ -417,13 +391,15 @@ def build(
     prep: Preprocessing,
     cache_dir: Path,
     *,
+    decode: Decode,
     log=print,
     guard: Callable[[], None] = lambda: None,
 ) -> CacheEntry:
-    """Build, verify-and-reuse, or rebuild one domain's cache entry; needs ``ray.init`` for a
-    build. One builder per entry at a time (a file lock: caches may be shared by sweeps); a
-    stale or damaged entry is replaced atomically by a new build, and temporaries of an
-    interrupted build are removed. ``guard`` (the driver's fence) runs before every write."""
+    """Build, verify-and-reuse, or rebuild one domain's cache entry. One builder per entry at
+    a time (a file lock: caches may be shared by sweeps); a stale or damaged entry is replaced
+    atomically by a new build, and temporaries of an interrupted build are removed. ``decode``
+    fills ``images.npy`` (``ray_decode.decode_into``: Ray Data, needs ``ray.init``); ``guard``
+    (the driver's fence) runs before every write."""
     from filelock import FileLock
 
     final = entry_path(cache_dir, domain, fingerprint, prep)
@@ -447,7 +423,9 @@ def build(
         why = "" if found.state == "missing" else f"{found.state}: {found.detail}"
         if why:
             log(f"[cache] {domain}: {final.name} is {why}; building it again")
-        entry = _build_entry(domain, manifest, fingerprint, prep, final, ident, guard, log)
+        entry = _build_entry(
+            domain, manifest, fingerprint, prep, final, ident, guard, log, decode
+        )
         return dataclasses.replace(entry, rebuilt_because=why)
     finally:
         lock.release()
@@ -475,6 +453,7 @@ def _build_entry(
     ident: dict[str, Any],
     guard: Callable[[], None],
     log,
+    decode: Decode,
 ) -> CacheEntry:
     """Decode into a temporary folder, seal it, and rename it into place (replacing an old
     entry: renamed aside first, then removed)."""
@@ -484,7 +463,7 @@ def _build_entry(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        status = _decode_into(manifest, prep, tmp / IMAGES)
+        status = decode(manifest, prep, tmp / IMAGES)
         meta = _finish_entry(domain, manifest, fingerprint, prep, tmp, status, ident, t0)
         guard()
         if final.exists():
@@ -553,35 +532,6 @@ def _finish_entry(
     }
     integrity.write_atomic(tmp / META, integrity.seal(meta))
     return meta
-
-
-def _decode_into(manifest: pd.DataFrame, prep: Preprocessing, images_path: Path) -> pd.DataFrame:
-    """Decode every row with Ray Data; this process alone writes the blocks into the file."""
-    import ray.data  # only the builder needs Ray Data
-
-    _quiet_ray_data()
-    size = prep.image_size
-    images = np.lib.format.open_memmap(
-        images_path, mode="w+", dtype=np.uint8, shape=(len(manifest), size, size)
-    )
-    items = [{"row": i, "path": p} for i, p in enumerate(manifest["path"])]
-    blocks = max(1, min(len(items) // 64, 64))
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        _decode_batch,
-        fn_kwargs={"prep": dataclasses.asdict(prep)},
-        batch_size=64,
-        batch_format="numpy",
-        num_cpus=1,
-    )
-    parts = []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        images[batch["row"]] = batch["image"]
-        parts.append(pd.DataFrame({k: batch[k] for k in ("row", "ok", "error")}))
-    images.flush()
-    del images
-    if not parts:
-        return pd.DataFrame(columns=["row", "ok", "error"])
-    return pd.concat(parts).sort_values("row").reset_index(drop=True)
 
 
 def load_split(path: str | Path, split: str) -> SplitData:

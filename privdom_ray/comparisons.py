@@ -89,7 +89,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from privdom_ray import inference, metrics, results
+from privdom_ray import atomic, inference, metrics, results
 from privdom_ray.config import EvaluationConfig, parse_epsilon
 from privdom_ray.kinds import kind_of
 from privdom_ray.store import TrialRecord, TrialStore
@@ -1100,7 +1100,7 @@ def write_all(output: Path, tables: Tables) -> list[Path]:
 
 def _write(path: Path, df: pd.DataFrame, schema: pa.Schema) -> Path:
     df = df.loc[:, schema.names]
-    results.write_parquet(path, pa.Table.from_pandas(df, schema=schema, preserve_index=False))
+    atomic.write_parquet(path, pa.Table.from_pandas(df, schema=schema, preserve_index=False))
     return path
 
 

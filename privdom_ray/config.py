@@ -290,8 +290,7 @@ class TrialSpec:
         Two rules keep the keys of finished trials stable across upgrades (tests pin them):
         a field added after keys were first written is left out at its default
         (``ADDED_FIELDS``), and a setting the trial cannot use is left out (DP settings of a
-        non-private trial, clipping settings of one that does not clip). The trial's kind may
-        add what only it has (``kinds.TrialKind.identity``).
+        non-private trial, clipping settings of one that does not clip).
         """
         d = dataclasses.asdict(self)
         d.pop("key")
@@ -309,10 +308,7 @@ class TrialSpec:
         unused += () if self.loss_weight_source == "dp_counts" else ("pos_weight_budget",)
         for name in unused:
             d["training"].pop(name, None)
-        from privdom_ray.kinds import kind_of  # kinds import this module
-
-        hook = kind_of(self).identity
-        return hook(self, d) if hook is not None else d
+        return d
 
     def with_key(self) -> TrialSpec:
         return dataclasses.replace(self, key=content_key(self.identity()))

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from privdom_ray import guarantee, results
+from privdom_ray import atomic, guarantee, results
 from privdom_ray.kinds import kind_of
 from privdom_ray.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
@@ -260,7 +260,7 @@ def _with_guarantee(
 
 def _write(path: Path, table: pa.Table) -> None:
     overrides = RELEASE_ID if path.name == TRANSFER else None
-    results.write_parquet(path, results.with_privacy_metadata(table, path.name, overrides))
+    atomic.write_parquet(path, results.with_privacy_metadata(table, path.name, overrides))
 
 
 # ------------------------------------------------------------------------------ models

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privdom_ray.atomic import atomic_write
+
 ALGORITHM = "blake2b-128"
 _PREFIX = "b2:"
 _CHUNK = 1 << 20
@@ -140,7 +142,6 @@ def unseal(path: Path, data: bytes | None = None, required: tuple[str, ...] = ()
 def write_atomic(path: Path, data: bytes, *, private: bool = False) -> FileSum:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename) and return its
     checksum, computed from the very bytes written."""
-    from privdom_ray.results import atomic_write
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

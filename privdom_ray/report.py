@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privdom_ray import comparisons, guarantee, inference, metrics, results
+from privdom_ray import atomic, comparisons, guarantee, inference, metrics, results
 from privdom_ray.config import format_epsilon
 
 MISSING = "—"
@@ -1221,7 +1221,7 @@ def write_report(output: Path, *, figures: bool = True) -> str:
             parts.append("## Figures\n\n" + "\n".join(f"![{p.stem}]({FIGURES}/{p.name})\n"
                                                       for p in paths))  # fmt: skip
     text = "\n".join(parts).rstrip() + "\n"
-    results.atomic_write(output / REPORT, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic.atomic_write(output / REPORT, lambda p: p.write_text(text, encoding="utf-8"))
     return text
 
 
@@ -1296,7 +1296,7 @@ def _draw_figures(view: ReportView, folder: Path) -> list[Path]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    results.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    atomic.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     return path
 
 

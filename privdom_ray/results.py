@@ -1,4 +1,4 @@
-"""Atomic writes, and the transfer table aggregated from the trial store.
+"""The transfer table aggregated from the trial store (its schema, column privacy classes).
 
 The transfer table is an aggregate: one row per trial x current target evaluation x label x
 subgroup, with no patient identifiers, image paths or per-image rows (those stay in the
@@ -12,17 +12,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+# The atomic writers live in privdom_ray.atomic (here they made results <-> store a cycle);
+# atomic_write, write_json and write_yaml stay importable from here for callers written before
+# the move (branches in flight). New code imports privdom_ray.atomic.
+from privdom_ray.atomic import (  # noqa: F401
+    atomic_write,
+    read_json,
+    write_json,
+    write_parquet,
+    write_yaml,
+)
+from privdom_ray.kinds import audit as kinds_audit
 from privdom_ray.metrics import MetricRow
+from privdom_ray.store import TrialStore
 
 TRIALS = "trials"
 TRANSFER = "transfer.parquet"
@@ -337,56 +346,6 @@ SCHEMA = _with_privacy(
 )
 
 
-# ------------------------------------------------------------------------------ atomic writes
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, write, *, private: bool = False) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers see the old file or the new
-    one. ``private`` files (checkpoints: secret generator states) stay readable by the owner
-    only; others get the usual permissions (results are meant to be shared)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        if not private:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default)))
-
-
-def write_parquet(path: Path, df: pd.DataFrame | pa.Table) -> None:
-    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
-    atomic_write(path, lambda p: pq.write_table(table, p))
-
-
-def write_yaml(path: Path, obj: Any) -> None:
-    """Human-readable record (round-tripped through JSON so numpy scalars and inf are plain)."""
-    import yaml
-
-    plain = json.loads(json.dumps(obj, default=_json_default))
-    atomic_write(path, lambda p: p.write_text(yaml.safe_dump(plain, sort_keys=False)))
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
 # ------------------------------------------------------------------------------ aggregation
 
 
@@ -441,9 +400,7 @@ def audit_columns(twin: Any) -> dict[str, Any]:
     """The audit columns of a cell from its twin's record (nulls without one)."""
     if twin is None or "audit" not in twin.info:
         return dict.fromkeys(AUDIT_COLUMNS)
-    from privdom_ray.kinds.audit import columns
-
-    return columns(twin.info["audit"], twin.ledger)
+    return kinds_audit.columns(twin.info["audit"], twin.ledger)
 
 
 def _number(value: Any) -> Any:
@@ -471,13 +428,10 @@ def transfer_table(
     output: Path, keys: Iterable[str], sweep: str, targets: Iterable[Any] | None = None
 ) -> tuple[pa.Table, pd.DataFrame]:
     """The transfer table of :func:`aggregate`, built but not written."""
-    from privdom_ray.kinds.audit import audited
-    from privdom_ray.store import TrialStore
-
     store = TrialStore(output)
     targets = list(targets) if targets is not None else planned_targets(output)
     records = {key: store.valid(key) for key in dict.fromkeys(keys)}
-    twins = {audited(r.spec).key: r for r in records.values() if r is not None and r.spec.audit}
+    twins = {kinds_audit.audited(r.spec).key: r for r in records.values() if r is not None and r.spec.audit}
     frames: list[pd.DataFrame] = []
     for key, record in records.items():
         if record is not None:

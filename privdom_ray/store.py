@@ -49,11 +49,11 @@ from typing import Any
 import pandas as pd
 
 from privdom_ray import integrity, lease
+from privdom_ray.atomic import atomic_write, read_json, write_json
 from privdom_ray.config import TrialSpec
 from privdom_ray.integrity import Damage, FileSum
 from privdom_ray.lease import LockHeld
 from privdom_ray.privacy import Ledger
-from privdom_ray.results import atomic_write, read_json, write_json
 
 __all__ = ["DamagedRecord", "EvalRecord", "LockHeld", "TrialRecord", "TrialStore"]
 

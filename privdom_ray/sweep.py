@@ -23,7 +23,19 @@ from typing import Any
 
 import pandas as pd
 
-from privdom_ray import cache, comparisons, grid, integrity, kinds, lease, planning, report, results
+from privdom_ray import (
+    atomic,
+    cache,
+    comparisons,
+    grid,
+    integrity,
+    kinds,
+    lease,
+    planning,
+    ray_decode,
+    report,
+    results,
+)
 from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.config import SweepSpec, TrialSpec
 from privdom_ray.domains import build_manifest
@@ -181,8 +193,9 @@ def build_caches(
     trained: dict[str, cache.CacheEntry] = {}  # what trials train on, by domain
     for name, domain, prep in wanted:
         caches[name] = entry = cache.build(
-            domain, manifests[domain], fps[domain], prep, spec.cache_dir, log=log, guard=guard
-        )
+            domain, manifests[domain], fps[domain], prep, spec.cache_dir,
+            decode=ray_decode.decode_into, log=log, guard=guard,
+        )  # fmt: skip
         if entry.built_seconds:
             how = f"built in {entry.built_seconds:.1f}s"
         else:
@@ -235,7 +248,7 @@ def prepare(
         data={k: e.test_digest for k, e in caches.items()}, log=log,
     )  # fmt: skip
     store.guard()
-    results.write_json(
+    atomic.write_json(
         spec.output / "plan.json",
         {
             "sweep": spec.name,
@@ -721,7 +734,7 @@ def _aggregate(
         return path
     tables = comparisons.compute_all(spec.output, keys, spec.evaluation, targets=prep.targets)
     store.guard()
-    results.write_parquet(path, table)
+    atomic.write_parquet(path, table)
     store.guard()
     comparisons.write_all(spec.output, tables)
     store.guard()

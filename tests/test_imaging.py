@@ -457,15 +457,15 @@ def test_undecodable_dicom_error_names_the_transfer_syntax(tmp_path, case):
 
 
 def test_undecodable_dicom_reaches_skipped_csv_with_its_transfer_syntax(tmp_path):
-    """cache.py's Ray Data batch function records ``Type: message`` (cut to 300 characters)."""
-    from privdom_ray.cache import _decode_batch
+    """ray_decode's Ray Data batch function records ``Type: message`` (cut to 300 characters)."""
+    from privdom_ray.ray_decode import decode_batch
 
     good = tmp_path / "good.dcm"
     spec = dfx.PixelSpec(12)
     dfx.write(good, dfx.radiograph(spec), spec, uid.JPEGLSLossless)
     paths = [str(good), str(wheel_file("JPEG-lossy.dcm"))]
     batch = {"row": np.arange(2), "path": np.array(paths, dtype=object)}
-    status = _decode_batch(batch, {"image_size": 16, "geometry": "stretch", "equalize": True})
+    status = decode_batch(batch, {"image_size": 16, "geometry": "stretch", "equalize": True})
     assert status["ok"].tolist() == [True, False]
     assert status["image"].shape == (2, 16, 16) and status["image"][0].any()
     assert status["error"][1].startswith(

@@ -45,7 +45,6 @@ class TrialKind:
     released: bool = True  # its weights are part of the shareable set (with a valid guarantee)
     stage: int = 1  # stages run in order (0: pretraining, which others start from)
     coordinator: bool = False  # coordinates its own tasks from Tune's trial process
-    identity: Callable[[TrialSpec, dict[str, Any]], dict[str, Any]] | None = None
 
     def train(self) -> Callable[..., Any]:
         module, _, function = self.trainer.partition(":")

@@ -96,6 +96,11 @@ def audit_trial(
     an audit twin also its empirical lower bound against the epsilon it spent. ``counts``:
     the cache's training-set sizes (:func:`_cache_counts`; read here when not given)."""
     out = [] if record.spec.audit is None else [_canary_line(record)]
+    rekeyed = record.spec.with_key().key
+    if rekeyed != record.key:  # the spec no longer hashes to its folder: edited after training
+        out.append(AuditLine(record.key[:12], problem=(
+            f"trial.json's spec hashes to {rekeyed[:12]}, not to its folder's key: the spec "
+            "was edited after training, so nothing recomputed from it can be trusted")))  # fmt: skip
     if not record.spec.is_private:  # no guarantee, and its ledgers must not claim one
         claims = [led for led in [record.ledger, *record.ledger.get("sites", {}).values()]
                   if str(led.get("accountant")) != "none"
@@ -129,13 +134,13 @@ def audit_trial(
 
 def _cache_counts(output: Path) -> dict[str, dict[str, int]]:
     """{data fingerprint: {"image": training images, "patient": training patients}} of the
-    cache entries under ``<output>/cache`` (the default cache_dir), read from their rows:
-    the training-set size the audit recomputes q from, without trusting the trial record.
-    Entries elsewhere (a grid's own cache_dir) or gone are simply not recounted."""
+    cache entries of the output (:func:`_cache_metas`), read from their rows: the
+    training-set size the audit recomputes q from, without trusting the trial record.
+    Entries gone are not recounted."""
     import pandas as pd
 
     out: dict[str, dict[str, int]] = {}
-    for meta in sorted(Path(output, "cache").glob("*/meta.json")):
+    for meta in _cache_metas(output):
         try:
             fingerprint = json.loads(meta.read_text())["fingerprint"]
             rows = pd.read_parquet(
@@ -148,6 +153,21 @@ def _cache_counts(output: Path) -> dict[str, dict[str, int]]:
             "image": len(train), "patient": int(train["patient_id"].astype(str).nunique()),
         }  # fmt: skip
     return out
+
+
+def _cache_metas(output: Path) -> list[Path]:
+    """The ``meta.json`` of every cache entry under ``<output>/cache`` and of those the sweep's
+    ``plan.json`` names (a grid's own cache_dir elsewhere)."""
+    metas = set(Path(output, "cache").glob("*/meta.json"))
+    try:
+        named = json.loads(Path(output, "plan.json").read_text()).get("caches", {})
+    except (OSError, ValueError, AttributeError):
+        named = {}
+    for entry in named.values() if isinstance(named, dict) else ():
+        meta = Path(output, str(entry), "meta.json")  # an absolute entry stays absolute
+        if meta.is_file():
+            metas.add(meta)
+    return sorted(metas)
 
 
 def _recount_problem(

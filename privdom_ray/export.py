@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from privdom_ray import atomic, guarantee, results
+from privdom_ray import atomic, guarantee, integrity, results
 from privdom_ray.kinds import kind_of
 from privdom_ray.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
@@ -69,11 +69,14 @@ def released(record: TrialRecord, *, non_private: bool) -> bool:
 def verify_file(path: Path, kind: str) -> Any:
     """Read ``path`` in full and return its content, or raise ExportRefused naming it.
 
-    ``kind``: "parquet" (a pyarrow Table), "torch" (a state_dict, loaded without running
-    code from the file) or "json". THE hook for the trial store's content checksums (branch
-    i23): verify the recorded checksum of ``path`` here, before it is parsed.
+    ``kind``: "parquet" (a pyarrow Table), "table" (one of the sweep's sealed tables: its
+    bytes checked against the checksums in ``outputs.json`` first), "torch" (a state_dict,
+    loaded without running code from the file) or "json".
     """
     try:
+        if kind == "table":
+            data = integrity.verified_bytes(path.parent, path.name)
+            return pq.read_table(pa.BufferReader(data))
         if kind == "parquet":
             return pq.read_table(path)
         if kind == "torch":
@@ -83,6 +86,11 @@ def verify_file(path: Path, kind: str) -> Any:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ExportRefused(f"{path}: missing; refusing to export (re-run the sweep)") from None
+    except integrity.Damage as exc:
+        raise ExportRefused(
+            f"{exc.path}: {exc.reason}; refusing to export a table the sweep did not write as "
+            "it is. Re-run the sweep (or `launch.py evaluate`) to rebuild and seal the tables"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - every reader raises its own types for bad bytes
         raise ExportRefused(
             f"{path}: damaged ({type(exc).__name__}: {str(exc)[:200]}); refusing to export. "
@@ -129,8 +137,9 @@ def export(
     _check_destination(output, dest)
     _check_audit(output)
     store = TrialStore(output)
-    transfer = verify_file(output / TRANSFER, "parquet")
+    transfer = verify_file(output / TRANSFER, "table")
     records = _records_of(store, transfer)
+    _check_ledger_columns(transfer, records)
     twins = _twins(store, records)  # both totals are stated; the rows use them with_audit
     sites = guarantee.site_guarantees(records.values(), twins.values(), audit_included=with_audit)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -138,11 +147,12 @@ def export(
     tmp.mkdir(parents=True)
     try:
         rows = _row_guarantees(records, twins, sites, with_audit)
-        _write(tmp / TRANSFER, _export_transfer(store, transfer, rows, with_audit))
+        _write(tmp / TRANSFER, _export_transfer(store, transfer, rows, twins, with_audit))
         for name in (COMPARISONS, RELIABILITY):
             if (output / name).is_file():
-                table = _with_guarantee(verify_file(output / name, "parquet"), records, rows)
-                _write(tmp / name, table)
+                table = verify_file(output / name, "table")
+                _check_models_exported(name, table, records)
+                _write(tmp / name, _with_guarantee(table, records, rows))
         _write(tmp / GUARANTEES, pa.Table.from_pylist(guarantee.as_rows(sites)))
         models, withheld = _copy_models(store, records, tmp / MODELS, sites, rows, non_private)
         from privdom_ray import report
@@ -172,6 +182,53 @@ def _records_of(store: TrialStore, transfer: pa.Table) -> dict[str, TrialRecord]
             )
         out[key] = record
     return out
+
+
+def _check_ledger_columns(transfer: pa.Table, records: Mapping[str, TrialRecord]) -> None:
+    """Every row's ledger columns equal its trial's verified ledger: the table's copies are
+    what a reader sees, and they must say what the ledger (which ``audit`` recomputed) says."""
+    columns = [c for c in ("epsilon_spent", "noise_multiplier", "sample_rate", "steps", "delta")
+               if c in transfer.column_names]  # fmt: skip
+    keys = transfer.column("trial_key").to_pylist()
+    for name in columns:
+        for key, value in zip(keys, transfer.column(name).to_pylist(), strict=True):
+            want = records[key].ledger.get(name)
+            if not _same_number(value, want):
+                raise ExportRefused(
+                    f"{TRANSFER}: trial {key[:12]}'s {name} is {value!r}, its ledger says "
+                    f"{want!r}; refusing to export a table that contradicts the ledgers. Re-run "
+                    "the sweep (or `launch.py evaluate`) to rebuild the table"
+                )
+
+
+def _same_number(value: Any, want: Any) -> bool:
+    def num(x: Any) -> float:
+        try:
+            return math.inf if x in ("inf", "Infinity") else float(x)
+        except (TypeError, ValueError):
+            return math.nan
+
+    a, b = num(value), num(want)
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or math.isclose(a, b, rel_tol=1e-9)
+
+
+def _check_models_exported(name: str, table: pa.Table, records: Mapping[str, TrialRecord]):
+    """Every model a row of ``name`` names (source, epsilon, seed) is a trial of the exported
+    transfer rows, whose guarantees are stated: a row of any other model would leave
+    uncovered."""
+    have = {(r.spec.source, float(r.spec.epsilon), r.spec.seed) for r in records.values()}
+    cols = [table.column(c).to_pylist() for c in ("source", "epsilon", "seed")]
+    for source, eps, seed in zip(*cols, strict=True):
+        if source is None or eps is None or seed is None:
+            continue  # a summary over the exported models (a target's drops, pooled seeds)
+        if (source, float(eps), int(seed)) not in have:
+            raise ExportRefused(
+                f"{name} has rows of the model {source}, epsilon {eps}, seed {seed}, which "
+                f"has no rows in {TRANSFER}: its guarantee would not be stated. Re-run the "
+                "sweep (or `launch.py evaluate`) to rebuild the tables together"
+            )
 
 
 def _twins(store: TrialStore, records: Mapping[str, TrialRecord]) -> dict[str, TrialRecord]:
@@ -216,12 +273,24 @@ def _row_guarantees(
 
 
 def _export_transfer(
-    store: TrialStore, table: pa.Table, rows: Mapping[str, dict[str, Any]], with_audit: bool
+    store: TrialStore,
+    table: pa.Table,
+    rows: Mapping[str, dict[str, Any]],
+    twins: Mapping[str, TrialRecord],
+    with_audit: bool,
 ) -> pa.Table:
     """The transfer table as it may leave: home-only columns dropped (training statistics,
-    timing, data identifiers; the audit columns unless ``with_audit``), trial keys replaced
-    by release ids, each row's guarantee added."""
+    timing, data identifiers; the audit columns unless ``with_audit``, and then recomputed
+    from the verified twins whose epsilon the guarantee composes: null for a cell without
+    one), trial keys replaced by release ids, each row's guarantee added."""
     keys = table.column("trial_key").to_pylist()
+    if with_audit:
+        audit = [results.audit_columns(twins.get(k)) for k in keys]
+        for name in results.AUDIT_COLUMNS:
+            if name in table.column_names:
+                index = table.schema.get_field_index(name)
+                values = pa.array([a.get(name) for a in audit], table.schema.field(name).type)
+                table = table.set_column(index, table.schema.field(name), values)
     for name, dtype in results.GUARANTEE_COLUMNS.items():
         table = table.append_column(name, pa.array([rows[k][name] for k in keys], dtype))
     drop = [
@@ -259,6 +328,7 @@ def _with_guarantee(
 
 
 def _write(path: Path, table: pa.Table) -> None:
+    table = table.replace_schema_metadata(None)  # pandas' metadata names the dropped columns
     overrides = RELEASE_ID if path.name == TRANSFER else None
     atomic.write_parquet(path, results.with_privacy_metadata(table, path.name, overrides))
 

@@ -617,6 +617,7 @@ def run(
     t0 = time.perf_counter()
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     held = lease.Lease.acquire(spec.output, run_id)
+    _owner_only(spec.output, log)
     if held.took_over is not None:
         log(
             f"[sweep] took over the output folder from a silent or gone driver ({held.took_over.describe()})"
@@ -636,6 +637,16 @@ def run(
 
 
 _LOST = threading.Lock()
+
+
+def _owner_only(output: Path, log: Log) -> None:
+    """The output folder holds private records (checkpoints, training curves, per-image
+    predictions, often the decoded image cache): readable by its owner only. What may be
+    shared leaves through ``launch.py export``."""
+    try:
+        output.chmod(0o700)
+    except OSError as exc:  # not ours (a shared folder): say so, never fail the sweep for it
+        log(f"[sweep] note: could not make {output} owner-only ({exc}); its records are private")
 
 
 def _lost(exc: lease.Fenced) -> None:

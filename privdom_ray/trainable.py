@@ -217,15 +217,17 @@ class _HeartbeatFollower:
 
 #: What a trial reports to Tune, which writes it to result.json files (under
 #: ``<output>/ray_results`` and Ray's session folder, see :func:`private_ray_temp_dir`).
-#: Progress (epoch, round, steps, time), the DP epsilon, and the validation macro AUC: it is
+#: Progress (epoch, round, steps), the DP epsilon, and the validation macro AUC: it is
 #: computed from the source's validation images through the (DP) model, the same class of
 #: value as the thresholds and the selected epoch that leave marked "validation"; it is also
-#: what Tune would select on. Non-private trials add their training loss and training time.
-TUNE_KEYS = ("phase", "epoch", "round", "steps", "epsilon", "seconds", "val_macro_auc",
-             "trained_now", "epsilon_spent")  # fmt: skip
-#: Computed from training images (or, for time, the secret batch sizes) without noise: never
-#: sent to Tune by a DP trial; they stay in the private trial record.
-NON_DP_ONLY = ("train_loss", "train_seconds")
+#: what Tune would select on. Non-private trials add their training loss and times. (Tune
+#: adds its own iteration times to every result, DP or not; they stay in the owner-only
+#: folders of :func:`private_ray_temp_dir`.)
+TUNE_KEYS = ("phase", "epoch", "round", "steps", "epsilon", "val_macro_auc", "trained_now",
+             "epsilon_spent")  # fmt: skip
+#: Computed from training images (or, for times, the secret Poisson batch sizes) without
+#: noise: never sent to Tune by a DP trial; they stay in the private trial record.
+NON_DP_ONLY = ("train_loss", "train_seconds", "seconds")
 
 
 def tune_record(record: dict[str, Any], *, private: bool) -> dict[str, Any]:

@@ -300,7 +300,7 @@ def build_real_output(work: Path, *, accountant: str = "rdp") -> tuple[Path, dic
     transfer, comparisons and reliability tables and the report written. Returns (output,
     {trial name: key}). About a minute on 2 cores (``rdp`` calibrates in a second, PRV in ~10 s).
     """
-    from privdom_ray import comparisons, report
+    from privdom_ray import comparisons, integrity, report
     from privdom_ray.cell import Cell, TargetRef
     from privdom_ray.config import AuditSpec, Federation, Site, TrainingConfig, TrialSpec
     from privdom_ray.imaging import Preprocessing
@@ -346,6 +346,7 @@ def build_real_output(work: Path, *, accountant: str = "rdp") -> tuple[Path, dic
     results.aggregate(output, keys, "real", targets)
     comparisons.write_all(output, comparisons.compute_all(output, keys, EV, targets=targets))
     report.write_report(output)
+    integrity.seal_files(output, list(integrity.SEALED_OUTPUTS))  # as the sweep's driver does
     return output, {s.name: s.key for s in specs}
 
 

@@ -21,9 +21,9 @@ from privdom_ray.store import TrialStore
 pytestmark = pytest.mark.slow  # the session's real output takes about a minute to train
 
 _TRANSFER_TEST = (
-    "label subgroup n n_pos n_patients resampling_unit n_labels n_valid_boot auc auc_lo auc_hi "
+    "label subgroup n n_pos n_patients resampling_unit n_labels ci_df auc auc_lo auc_hi "
     "accuracy accuracy_lo accuracy_hi sensitivity sensitivity_lo sensitivity_hi specificity "
-    "specificity_lo specificity_hi brier brier_lo brier_hi ece ece_lo ece_hi null_reason "
+    "specificity_lo specificity_hi brier brier_lo brier_hi ece ece_lo ece_hi null_reason ci_note "
     "oracle_threshold oracle_accuracy oracle_sensitivity oracle_specificity"
 )
 #: Every column of every exported parquet file, by privacy class (the default export).
@@ -40,12 +40,13 @@ EXPORTED = {
     },
     "comparisons.parquet": {
         "public": "comparison quantity endpoint is_summary test model source target on_domain "
-        "seed n_seeds label subgroup resampling_unit n_off worse_if margin n_boot ci",
+        "seed n_seeds label subgroup resampling_unit n_off q_family worse_if margin n_sites ci",
         "ledger": "epsilon epsilon_spent accountant guarantee",
-        "test": "n n_pos n_patients n_labels value_dp value_dp_lo value_dp_hi sd_dp n_valid_boot",
+        "test": "n n_pos n_patients n_labels value_dp value_dp_lo value_dp_hi sd_dp",
         "nondp": "value_nondp value_nondp_lo value_nondp_hi auc_on auc_off_mean auc_off_lo "
-        "auc_off_hi delta delta_lo delta_hi p_value q_value tost_lo tost_hi p_tost p_tost_holm "
-        "p_noninf p_value_holm p_noninf_holm verdict t_stat p_t sd_nondp delta_sd null_reason",
+        "auc_off_hi delta delta_lo delta_hi df p_value q_value tost_lo tost_hi margin_confirmable "
+        "tost_half_width p_tost q_tost p_tost_holm p_tost_iut p_noninf q_noninf p_value_holm "
+        "p_noninf_holm verdict t_stat p_t sd_nondp delta_sd null_reason",
     },
     "reliability.parquet": {
         "public": "model source target on_domain seed label bin bin_lo bin_hi",
@@ -58,7 +59,8 @@ EXPORTED = {
         "audit_included epsilon non_dp_models accountant statement",
     },
 }
-AUDIT = "audit_epsilon_lower audit_epsilon_lower_fdp audit_canaries audit_guesses audit_correct "
+AUDIT = "audit_epsilon_lower audit_epsilon_lower_replay audit_epsilon_max audit_power_noise_scale "
+AUDIT += "audit_noise_ratio audit_noise_check audit_canaries audit_guesses audit_correct "
 AUDIT += "audit_kind audit_twin_epsilon"
 
 
@@ -196,7 +198,7 @@ def test_export_refuses_damage_a_failed_audit_and_a_destination_inside(real_outp
 
     spec = TrialSpec.from_json({**info["spec"], "data_fingerprint": "fp-a-old"}).with_key()
     shutil.copytree(old, store.folder(spec.key))
-    (store.folder(spec.key) / "trial.json").write_text(json.dumps({**info, "spec": spec.to_json()}))
+    store.rewrite(spec.key, "trial.json", json.dumps({**info, "spec": spec.to_json()}).encode())
     launch("export", "out", "--to", "shared", cwd=work)
     copied = [p.name.rsplit("-", 1)[1] for p in (work / "shared" / "models").iterdir()]
     assert store.release_id(spec.key) not in copied and len(copied) == 2
@@ -213,3 +215,57 @@ def test_export_refuses_damage_a_failed_audit_and_a_destination_inside(real_outp
     model.write_bytes(weights[:100] + bytes(200) + weights[300:])
     bad = launch("export", "out", "--to", "shared3", cwd=work, expect=1)
     assert "model.pt" in bad.stderr and not (work / "shared3").exists()
+
+
+def test_export_recomputes_what_the_tables_claim_instead_of_trusting_them(real_output, tmp_path):
+    """The attacks of the issue-22 review that `audit` alone let through: a transfer table
+    edited without resealing, one edited and resealed to contradict the ledgers, a table with
+    rows of a model the transfer table lacks, a spec edited with a matching ledger, and an
+    audit twin gone under --with-audit (its columns must not leave uncovered)."""
+    import pyarrow as pa
+
+    from privdom_ray import integrity
+
+    output, names = real_output
+    work = tmp_path / "w"
+    shutil.copytree(output, work / "out")
+    out = work / "out"
+    transfer = pq.read_table(out / "transfer.parquet")
+    sigma = pa.array([50.0] * len(transfer), pa.float64())
+    edited = transfer.set_column(transfer.schema.get_field_index("noise_multiplier"),
+                                 transfer.schema.field("noise_multiplier"), sigma)  # fmt: skip
+    pq.write_table(edited, out / "transfer.parquet")
+    bad = launch("export", "out", "--to", "s1", cwd=work, expect=1)
+    assert "transfer.parquet" in bad.stderr and "outputs.json" not in bad.stderr.split(":")[0]
+    integrity.seal_files(out, list(integrity.SEALED_OUTPUTS))  # resealed: now it contradicts
+    bad = launch("export", "out", "--to", "s2", cwd=work, expect=1)
+    assert "noise_multiplier is 50.0, its ledger says" in bad.stderr
+    pq.write_table(transfer, out / "transfer.parquet")
+    fed = pc_filter(transfer, "source", "fed_ab")
+    pq.write_table(fed, out / "transfer.parquet")
+    integrity.seal_files(out, list(integrity.SEALED_OUTPUTS))
+    bad = launch("export", "out", "--to", "s3", cwd=work, expect=1)
+    assert "has rows of the model fed_ab" in bad.stderr and "no rows in transfer" in bad.stderr
+    pq.write_table(transfer, out / "transfer.parquet")
+    integrity.seal_files(out, list(integrity.SEALED_OUTPUTS))
+    # the twin set aside: --with-audit ships no audit column it cannot cover
+    store = TrialStore(out)
+    store.set_aside(names["a_eps2_seed0_audit"], "a test")
+    launch("export", "out", "--to", "s4", "--with-audit", cwd=work)
+    shared = pd.read_parquet(work / "s4" / "transfer.parquet")
+    assert shared["audit_epsilon_lower"].isna().all()
+    assert pd.read_parquet(work / "s4" / "guarantees.parquet")["audit_twins"].sum() == 0
+    assert b"pandas" not in (pq.read_schema(work / "s4" / "transfer.parquet").metadata or {})
+    # a spec edited after training, its ledger rebuilt to match: the key no longer matches
+    key = names["a_eps2_seed0"]
+    info = json.loads((store.folder(key) / "trial.json").read_text())
+    store.rewrite(key, "trial.json", json.dumps(
+        {**info, "spec": {**info["spec"], "epsilon": "1"}}).encode())  # fmt: skip
+    bad = launch("audit", "out", cwd=work, expect=1)
+    assert "spec hashes to" in bad.stdout and "edited after training" in bad.stdout
+
+
+def pc_filter(table, column: str, drop: str):
+    import pyarrow.compute as pc
+
+    return table.filter(pc.not_equal(table.column(column), drop))

@@ -26,7 +26,7 @@ from privdom_ray.kinds.standard import single_site
 INPUT_CANARIES = 1000  # ``auto`` for input canaries: each included one is a training image
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class AuditCell:
     """A single-site cell an audit twin may be given: public identity only, no data."""
 
@@ -80,7 +80,8 @@ def choose(spec: SweepSpec) -> list[AuditCell]:
             chosen.append(pick)
             by_source[pick.source] += 1
             by_seed[pick.seed] += 1
-    return [c for c in cells if c in chosen]  # in grid order
+    picked = set(chosen)
+    return [c for c in cells if c in picked]  # in grid order
 
 
 def _rank(cells_seed: int, cell: AuditCell) -> str:
@@ -118,7 +119,8 @@ def note(spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
         return ""
     chosen = choose(spec)
     planned = {(t.source, float(t.epsilon), t.seed) for t in trials if t.variant == "audit"}
-    kept_n = sum((c.source, c.epsilon, c.seed) in planned for c in cells if c not in chosen)
+    left = set(cells) - set(chosen)
+    kept_n = sum((c.source, c.epsilon, c.seed) in planned for c in left)
     assert spec.audit is not None
     names = "; ".join(c.describe() for c in chosen[:12]) + ("; ..." if len(chosen) > 12 else "")
     line = (

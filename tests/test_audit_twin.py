@@ -475,3 +475,36 @@ def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path)
     md = report.write_report(out)
     assert "Every single-site cell (6) was audited." in md and "NOT audited" not in md
     assert md.count("no evidence of a broken build |") == 4  # the 4 DP twins
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_sweep_over_a_folder_with_a_twin_on_every_cell_retrains_nothing(tmp_path):
+    """Through ``launch.py --grid`` on Ray: a folder swept with a twin on every cell (what
+    main wrote before ``audit.cells``), swept again under the default: nothing trained, the
+    models untouched, every cell's audit result still in the table and the report."""
+    import yaml
+    from conftest import launch
+
+    grid = {"name": "twins", "output": "out", "epsilons": [1, "inf"], "seeds": [0],
+            "domains": [synthetic_domain("a", "a"), synthetic_domain("b", "b")],
+            "training": {"epochs": 1, "logical_batch": 32, "physical_batch": 16},
+            "preprocessing": {"image_size": 24}, "ray": {"num_cpus": 2},
+            "evaluation": {"n_boot": 40, "min_positives": 1, "min_negatives": 1},
+            "audit": {"canaries": 200, "cells": "all"}}  # fmt: skip
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(grid))
+    launch("--grid", "all.yaml", cwd=tmp_path)
+    models = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("out/trials/*/model.pt")}
+    assert len(models) == 8  # 4 cells and 4 twins
+    del grid["audit"]["cells"]  # the default: one twin per epsilon
+    (tmp_path / "default.yaml").write_text(yaml.safe_dump(grid))
+    proc = launch("--grid", "default.yaml", cwd=tmp_path)
+    assert "8 already done, 0 to train, 0 trained" in proc.stdout
+    after = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("out/trials/*/model.pt")}
+    assert after == models
+    df = pd.read_parquet(tmp_path / "out" / "transfer.parquet").drop_duplicates("trial_key")
+    assert len(df) == 4 and df["audit_epsilon_lower"].notna().all()
+    assert "Every single-site cell (4) was audited." in (tmp_path / "out" / "report.md").read_text()
+    plan = launch("plan", "default.yaml", "--images-per-s", "100", cwd=tmp_path).stdout
+    assert "audit twins: 2 of 4 audit cells (audit.cells: per_epsilon" in plan
+    assert "2 not audited (2 of them have a finished twin from an earlier run" in plan

@@ -8,7 +8,7 @@ synthetic sites: ``synthetic.PAPER_SITES``: test shares, images per patient, sex
 label prevalences), at 16 px with the cheap ``smallcnn`` and 1 epoch, and runs
 ``launch.py --grid`` on it: manifests, cache build (Ray Data), planning, the pretraining, every
 trial kind (standard, the clip_only control, a five-site federation, one audit twin per
-single-site cell), evaluation of every model on every target with 1,000 patient-bootstrap
+epsilon), evaluation of every model on every target with 1,000 patient-bootstrap
 resamples, aggregation, comparisons and the report; then ``export``, ``audit`` and ``status``.
 
 How stages are timed (say which in any note that quotes the numbers):
@@ -127,7 +127,7 @@ def grid_dict(scale: float, work: Path) -> dict:
         "preprocessing": {"image_size": IMAGE_SIZE, "geometry": "stretch", "equalize": True},
         "resources": {"cpu": 1, "gpu": 0},
         "evaluation": {"n_boot": 1000, "age_bins": [0, 40, 70, "inf"]},
-        "audit": {"canaries": 1000, "kind": "gradient"},
+        "audit": {"canaries": 1000, "kind": "gradient", "cells": "per_epsilon"},
     }
 
 

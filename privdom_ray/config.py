@@ -134,6 +134,7 @@ class RayConfig:
 
 
 AUDIT_KINDS = ("gradient", "input")
+AUDIT_CELLS = ("per_epsilon", "all")  # or a number of cells (kinds/audit.py: choose)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,10 @@ class AuditConfig:
     sources: tuple[str, ...] = ()  # the audited sources (empty: every source)
     epsilons: tuple[float, ...] = ()  # the audited epsilons (empty: every epsilon)
     auditor_seed: int = 0  # public: which coordinates (or input patterns) the canaries use
+    # which of those cells get a twin: "per_epsilon" (one per epsilon), "all", or a number N
+    # (a sample spread over the epsilons); chosen from the grid alone (kinds/audit.py: choose)
+    cells: int | str = "per_epsilon"
+    cells_seed: int = 0  # public: orders the cells for that choice (never in a trial key)
 
 
 @dataclass(frozen=True)

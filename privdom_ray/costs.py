@@ -67,6 +67,7 @@ class GridCost:
     step_device: str = "cpu"
     rate: Rate | None = None
     slots: int = 1
+    notes: list[str] = field(default_factory=list)  # the kinds' own lines (kinds.plan_notes)
 
     @property
     def compute_seconds(self) -> float:
@@ -95,8 +96,13 @@ def estimate(
     used |= {spec.pretrain.domain} if spec.pretrain else set()
     cost = GridCost([DomainCost(n, splits[n], sizes[n]) for n in sizes if n in used], slots=slots)
     n_train = {n: s.get("train", 0) for n, s in splits.items()}
-    trials = kinds.plan_trials(spec, fingerprints, n_train, **plan_args)
     store = TrialStore(spec.output)
+
+    def finished(key: str) -> bool:  # a kind's kept trials are counted when finished
+        return store.valid(key) is not None
+
+    trials = kinds.plan_trials(spec, fingerprints, n_train, finished=finished, **plan_args)
+    cost.notes = kinds.plan_notes(spec, trials)
     targets = [_Target(t, fingerprints[t]) for t in spec.targets]
     for t in trials:
         _count(cost, t, store, targets, n_train, splits)
@@ -176,6 +182,7 @@ def render(cost: GridCost, spec: SweepSpec) -> str:
         f"already done, {cost.evaluations - cost.evaluations_done} to run",
         f"images to process: {cost.train_images.get('plain', 0):,.0f} plain training, "
         f"{cost.train_images.get('dp', 0):,.0f} DP training, {cost.eval_images:,.0f} evaluation",
+        *cost.notes,
     ]
     if cost.step_bytes:
         lines.append(

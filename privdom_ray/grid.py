@@ -19,6 +19,7 @@ import yaml
 from privdom_ray import domains
 from privdom_ray.config import (
     ACCOUNTANTS,
+    AUDIT_CELLS,
     AUDIT_KINDS,
     CONTROLS,
     DP_MODE_NAMES,
@@ -61,7 +62,8 @@ TOP_KEYS = {
     "resources": "per-trial cpu/gpu",
     "evaluation": "bootstrap and subgroup settings",
     "ray": "Ray cluster settings",
-    "audit": "one-run canary audit twins: {canaries, kind: gradient|input, sources, epsilons}",
+    "audit": "one-run canary audit twins: {canaries, kind: gradient|input, sources, epsilons, "
+    "cells: per_epsilon|all|N, cells_seed}",
 }
 DOMAIN_KEYS = ("name", "kind", "root", "options", "delta")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and Python's random accept 0 .. 2**32 - 1
@@ -174,17 +176,18 @@ def parse_grid(
     federations = _parse_federations(c, raw.get("federations"), private, names)
     epsilons = _parse_epsilons(c, raw.get("epsilons", [math.inf]))
     training, init_path = _parse_training(c, raw, base, epsilons, pretrain, bool(federations))
+    seeds = tuple(_parse_seeds(c, raw.get("seeds", [0])))
     parsed = dict(
         controls=_parse_controls(c, raw),
         delta=_parse_delta(c, "delta", raw.get("delta")),
         allow_large_delta=_parse_bool(c, raw, "allow_large_delta"),
-        seeds=tuple(_parse_seeds(c, raw.get("seeds", [0]))),
+        seeds=seeds,
         model=_parse_model(c, raw),
         preprocessing=_parse_preprocessing(c, raw),
         resources=_parse_resources(c, raw),
         evaluation=_parse_evaluation(c, raw),
         ray=_parse_ray(c, raw),
-        audit=_parse_audit(c, raw, sources, epsilons, training),
+        audit=_parse_audit(c, raw, sources, epsilons, seeds, training),
     )
     if c.errors:
         raise GridError(str(grid_path or "grid"), c.errors)
@@ -401,9 +404,11 @@ def _parse_audit(
     raw: Mapping,
     sources: list[str],
     epsilons: list[float],
+    seeds: tuple[int, ...],
     training: TrainingConfig,
 ) -> AuditConfig | None:
-    """``audit:`` one audit twin per (source, epsilon, seed) it names (default: all)."""
+    """``audit:`` audit twins for the (source, epsilon, seed) cells it names (default: all of
+    them) and chooses (``cells``: one per epsilon by default, ``all``, or a number)."""
     if not raw.get("audit"):
         return None
     audit = c.section(raw, "audit", AuditConfig)
@@ -419,7 +424,30 @@ def _parse_audit(
     missing = [e for e in audit.epsilons if e not in epsilons]
     if missing:
         c.add("audit.epsilons", list(audit.epsilons), f"epsilons of this grid: {epsilons}")
+    n_cells = len(audit.sources or sources) * len(audit.epsilons or epsilons) * len(seeds)
+    _check_audit_cells(c, audit, n_cells)
     return audit
+
+
+def _check_audit_cells(c: _Collector, audit: AuditConfig, n_cells: int) -> None:
+    """``audit.cells``: a rule name or a number of cells the audit's cells can hold."""
+    cells = audit.cells
+    number = isinstance(cells, int) and not isinstance(cells, bool)
+    if not number and cells not in AUDIT_CELLS:
+        c.add(
+            "audit.cells", cells,
+            "'per_epsilon' (one twin per epsilon: the default), 'all' (a twin for every cell "
+            "audit.sources x audit.epsilons x seeds) or a number of cells N >= 1 (a sample "
+            "spread over the epsilons, chosen by audit.cells_seed)",
+        )  # fmt: skip
+    elif number and not 1 <= cells <= n_cells:
+        c.add(
+            "audit.cells", cells,
+            f"a number from 1 to {n_cells}, the cells audit.sources x audit.epsilons x seeds "
+            "name ('all' for every one; remove the audit section for no twins)",
+        )  # fmt: skip
+    if audit.cells_seed < 0:
+        c.add("audit.cells_seed", audit.cells_seed, "an integer >= 0 (public: it orders cells)")
 
 
 def _resolve(base: Path, value: Any) -> Path:

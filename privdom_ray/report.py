@@ -1130,7 +1130,43 @@ def _section_audit(view: ReportView) -> str:
         "level 1e-6; they test the noise, not ε).",
         "",
         _table(head, table),
+        *_audit_coverage(view, rows),
     ]) + "\n"  # fmt: skip
+
+
+def _audit_coverage(view: ReportView, audited: pd.DataFrame) -> list[str]:
+    """Which single-site cells have a twin's result and which have none, per ε: a cell
+    without one was not audited (its ε rests on the accountant alone), never 'passed'."""
+    cells = split_controls(view.full)[0].drop_duplicates("trial_key")
+    done = set(audited["trial_key"])
+    missing = cells[~cells["trial_key"].isin(done)]
+    if missing.empty:
+        return [f"Every single-site cell ({len(cells)}) was audited.", ""]
+    table = [
+        [_eps_label(eps), _cell_list(part[part["trial_key"].isin(done)]),
+         _cell_list(part[~part["trial_key"].isin(done)])]
+        for eps, part in ((e, cells[cells["epsilon_target"] == e]) for e in epsilons(cells))
+    ]  # fmt: skip
+    return [
+        f"**Audited: {len(cells) - len(missing)} of {len(cells)} single-site cells; "
+        f"NOT audited: {len(missing)}.** A cell without a twin was not audited: its ε rests "
+        "on the accountant alone and nothing in this section speaks for it (not 'no evidence "
+        "of a broken build'). Which cells get a twin is the grid's `audit.cells` (default: one "
+        "per ε, chosen from the grid alone, never from data), or its twin has not finished. A "
+        "twin checks the code and the accounting that train every cell, at its own cell's ε, "
+        "sample rate and δ.",
+        "",
+        _table(["ε", "audited (a twin's result above)", "not audited (no twin result)"], table),
+    ]
+
+
+def _cell_list(cells: pd.DataFrame) -> str:
+    """"a seeds 0, 1; b seed 2": cells by source (— for none)."""
+    parts = []
+    for source, part in cells.groupby("source", sort=True):
+        seeds = sorted(int(x) for x in part["seed"])
+        parts.append(f"{source} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+    return "; ".join(parts) or "—"
 
 
 # ------------------------------------------------------------------------------ registry

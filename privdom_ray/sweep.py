@@ -241,6 +241,7 @@ def prepare(
     trials = kinds.plan_trials(
         spec, fps, n_train,
         init_file_hash=inputs.init_file_hash, public_pos_weight=inputs.public_pos_weight,
+        finished=lambda key: store.valid(key) is not None,  # kept: read, never trained
     )  # fmt: skip
     plan = planning.plan_cells(
         spec, trials, store, {k: str(e.path) for k, e in caches.items()}, fps,

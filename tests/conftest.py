@@ -16,6 +16,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -116,11 +117,15 @@ def write_trial(
     done: bool = True,
     incomplete: tuple[str, ...] = (),
     patient_groups: bool = True,
+    spec: Any = None,
+    info: dict | None = None,
 ) -> str:
     """A finished trial written through the trial store; ``evals`` maps target ->
     (fingerprint, test, scores). ``done=False`` leaves it as a crash before its ``done`` marker;
     targets in ``incomplete`` get an evaluation without eval.json (a half-written one);
-    ``patient_groups=False`` writes predictions as evaluations did before patient groups."""
+    ``patient_groups=False`` writes predictions as evaluations did before patient groups.
+    ``spec``: a planned TrialSpec to write instead of the one built from source, epsilon and
+    seed; ``info``: more fields of its record (e.g. an audit twin's ``audit`` result)."""
     import torch
 
     from privdom_ray.config import TrainingConfig, TrialSpec
@@ -129,7 +134,7 @@ def write_trial(
     from privdom_ray.store import TrialStore
 
     private = math.isfinite(epsilon)
-    spec = TrialSpec(
+    spec = spec or TrialSpec(
         source=source, data_fingerprint=f"fp{source}", epsilon=epsilon,
         delta=1e-5 if private else 0.0, seed=seed, model="resnet9",
         training=TrainingConfig(epochs=2, lr=1e-3), preprocessing=Preprocessing(image_size=16),
@@ -145,7 +150,8 @@ def write_trial(
     else:
         ledger = Ledger.non_private(**common)
     store = TrialStore(output)
-    record = {"spec": spec.to_json(), "best_epoch": 2, "train_seconds": 1.0, "val_macro_auc": 0.8}
+    record = {"spec": spec.to_json(), "best_epoch": 2, "train_seconds": 1.0, "val_macro_auc": 0.8,
+              **(info or {})}  # fmt: skip
     store.write_trained(
         spec.key, state_dict={"w": torch.zeros(1)}, ledger=ledger.as_dict(), history=[],
         thresholds=[0.5] * len(LABELS), labels=LABELS, record=record,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -338,3 +339,172 @@ def test_launch_audit_recomputes_a_twins_bound_and_noise_tests(tmp_path):
     assert "added 0.5 times the noise" in check_twin(quiet, ledger, "x").problem
     seeded = {**good, "noise": {**good["noise"], "replay_z": 150.0}}
     assert "follows the public seed" in check_twin(seeded, ledger, "x").problem
+
+
+# ------------------------------------------------------------------ which cells get a twin
+
+
+def _grid(tmp_path, audit: dict, **more):
+    """A 3-source x 3-epsilon x 2-seed grid (18 audit cells) with ``audit``, loaded for real."""
+    import yaml
+
+    from privdom_ray.grid import load_grid
+
+    grid = {"output": "out", "domains": [synthetic_domain(s, s, n_patients=20) for s in "abc"],
+            "epsilons": [1, 4, "inf"], "seeds": [0, 1], "audit": audit, **more}  # fmt: skip
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(grid))
+    return load_grid(tmp_path / "g.yaml")
+
+
+FPS, N_TRAIN = {s: f"fp{s}" for s in "abc"}, dict.fromkeys("abc", 50)
+
+
+def _twins(spec, fps=FPS, n_train=N_TRAIN, **kw) -> list[TrialSpec]:
+    return [t for t in kinds.plan_trials(spec, fps, n_train, **kw) if t.variant == "audit"]
+
+
+def _cells(twins) -> list[tuple[str, float, int]]:
+    return [(t.source, t.epsilon, t.seed) for t in twins]
+
+
+def test_audit_cells_default_to_one_twin_per_epsilon_spread_over_sources(tmp_path):
+    """The default plans one twin per epsilon (3 here, not 18), on three different sources;
+    ``all`` is the old behaviour; the choice moves no key (twin or audited cell)."""
+    one = _twins(_grid(tmp_path, {"canaries": 100}))
+    every = _twins(_grid(tmp_path, {"canaries": 100, "cells": "all"}))
+    assert len(every) == 18 and len(one) == 3
+    assert sorted(t.epsilon for t in one) == [1.0, 4.0, math.inf]
+    assert len({t.source for t in one}) == 3  # the twins spread over the sources
+    assert {t.key for t in one} <= {t.key for t in every}  # same keys as under `all`
+    standard = {t.key for t in kinds.plan_trials(_grid(tmp_path, {"canaries": 100}), FPS, N_TRAIN)
+                if t.variant == "standard"}  # fmt: skip
+    assert {audited(t).key for t in one} <= standard
+    # the pinned choice for cells_seed 0 (a public hash: the same on every machine)
+    assert _cells(one) == [("a", 4.0, 1), ("b", math.inf, 1), ("c", 1.0, 0)]
+    # restricted cells: per epsilon of audit.epsilons, within audit.sources
+    some = _twins(_grid(tmp_path, {"canaries": 100, "sources": ["b"], "epsilons": [1, 4]}))
+    assert sorted(_cells(some))[0][:2] == ("b", 1.0) and [t.epsilon for t in some] == [1.0, 4.0]
+
+
+def test_a_sample_of_n_cells_is_public_reproducible_and_spread_over_epsilons(tmp_path):
+    """``cells: N`` takes N cells, the smallest epsilons first when N is not a multiple of the
+    epsilons; the choice depends on the grid and cells_seed only: other data (fingerprints,
+    training-set sizes) give the same cells, another cells_seed other ones."""
+    spec = _grid(tmp_path, {"canaries": 100, "cells": 5})
+    five = _twins(spec)
+    assert len(five) == 5
+    assert sorted(Counter(t.epsilon for t in five).items()) == [(1.0, 2), (4.0, 2), (math.inf, 1)]
+    assert len({t.source for t in five}) == 3 and {t.seed for t in five} == {0, 1}
+    other_data = _twins(spec, {s: f"other-{s}" for s in "abc"}, dict.fromkeys("abc", 5000))
+    assert _cells(other_data) == _cells(five)
+    assert _cells(_twins(spec)) == _cells(five)  # reproducible
+    reseeded = _twins(_grid(tmp_path, {"canaries": 100, "cells": 5, "cells_seed": 7}))
+    assert _cells(reseeded) != _cells(five)
+    assert len(_twins(_grid(tmp_path, {"canaries": 100, "cells": 18}))) == 18
+
+
+def test_the_audit_cells_option_is_validated(tmp_path):
+    from privdom_ray.grid import GridError
+
+    for cells, needle in (
+        ("per_eps", "audit.cells: 'per_eps' is not allowed; expected 'per_epsilon' (one twin "
+                    "per epsilon: the default), 'all'"),
+        (True, "audit.cells: True is not allowed; expected 'per_epsilon'"),
+        (0, "audit.cells: 0 is not allowed; expected a number from 1 to 18"),
+        (19, "audit.cells: 19 is not allowed; expected a number from 1 to 18, the cells "
+             "audit.sources x audit.epsilons x seeds name ('all' for every one"),
+    ):  # fmt: skip
+        with pytest.raises(GridError) as err:
+            _grid(tmp_path, {"cells": cells})
+        assert needle in str(err.value)
+    with pytest.raises(GridError, match=r"audit.cells: 4 is not allowed; expected a number from 1 "
+                                        r"to 2"):  # fmt: skip
+        _grid(tmp_path, {"cells": 4, "sources": ["a"], "epsilons": [1]})
+    with pytest.raises(GridError, match=r"audit.cells_seed: -1 is not allowed; expected an "
+                                        r"integer >= 0"):  # fmt: skip
+        _grid(tmp_path, {"cells_seed": -1})
+
+
+def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path):
+    """An output folder from before ``audit.cells`` (a finished twin on every cell) under the
+    new default: the twins of the cells not chosen are kept (planned as finished, never
+    trained) and every cell keeps its audit result; a fresh folder gets the chosen twins only,
+    and the report names the cells that were not audited instead of leaving them silent."""
+    from conftest import make_testset, scores_for, write_trial
+
+    from privdom_ray import planning, report
+    from privdom_ray.cell import TargetRef
+
+    small = {"sources": ["a", "b"], "seeds": [0]}  # 6 cells: a, b x 1, 4, inf
+    old = kinds.plan_trials(_grid(tmp_path, {"canaries": 100, "cells": "all"}, **small), FPS,
+                            N_TRAIN)  # fmt: skip
+    out, test = tmp_path / "out", make_testset(60, seed=1)
+    result = {**_v2_result(100, 0.4, 10.0, 0.5),
+              "noise": {"units": 10_000, "sum_squares": 10_050.0, "replay_z": 0.4, "alpha": 1e-6}}
+    for t in old:  # today's main: a twin on every cell, every model tested on a, b and c
+        evals = {} if t.audit else {s: (f"fp{s}", test, scores_for(test, 1.0, 0)) for s in "abc"}
+        write_trial(out, source=t.source, epsilon=t.epsilon, seed=t.seed, spec=t, evals=evals,
+                    info={"audit": result} if t.audit else None)  # fmt: skip
+    spec = _grid(tmp_path, {"canaries": 100}, **small)
+    store = TrialStore(out)
+    fresh = kinds.plan_trials(spec, FPS, N_TRAIN)
+    trials = kinds.plan_trials(spec, FPS, N_TRAIN, finished=lambda k: store.valid(k) is not None)
+    assert len([t for t in fresh if t.audit]) == 3
+    assert {t.key for t in trials} == {t.key for t in old}  # the 3 others kept, keys unmoved
+    assert "3 of them have a finished twin from an earlier run" in kinds.plan_notes(spec, trials)[0]
+    targets = [TargetRef(s, f"fp{s}", "") for s in "abc"]
+    plan = planning.plan_cells(spec, trials, store, {s: "" for s in "abc"}, FPS,
+                               log=lambda _m: None)  # fmt: skip
+    assert plan.cells == [] and plan.done == 12  # nothing trained or evaluated again
+
+    # a fresh folder's table (the chosen twins only): the report says which cells have none
+    _, df = results.aggregate(out, [t.key for t in fresh], "t", targets)
+    md = report.write_report(out)
+    assert "**Audited: 3 of 6 single-site cells; NOT audited: 3.**" in md
+    chosen = {(t.source, t.epsilon) for t in fresh if t.audit}
+    for eps in (1.0, 4.0, math.inf):
+        yes = next(s for s in "ab" if (s, eps) in chosen)
+        no = "b" if yes == "a" else "a"
+        label = report._eps_label(eps)
+        assert f"| {label} | {yes} seed 0 | {no} seed 0 |" in md
+        assert not any(line.startswith(f"| {no}, ε = {label[4:].split(' ')[0]}, seed 0 |")
+                       for line in md.splitlines())  # no verdict row for it  # fmt: skip
+    # the kept twins: every cell shows its result, read from the old folder
+    _, df = results.aggregate(out, [t.key for t in trials], "t", targets)
+    assert df.drop_duplicates("trial_key")["audit_epsilon_lower"].notna().sum() == 6
+    md = report.write_report(out)
+    assert "Every single-site cell (6) was audited." in md and "NOT audited" not in md
+    assert md.count("no evidence of a broken build |") == 4  # the 4 DP twins
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_sweep_over_a_folder_with_a_twin_on_every_cell_retrains_nothing(tmp_path):
+    """Through ``launch.py --grid`` on Ray: a folder swept with a twin on every cell (what
+    main wrote before ``audit.cells``), swept again under the default: nothing trained, the
+    models untouched, every cell's audit result still in the table and the report."""
+    import yaml
+    from conftest import launch
+
+    grid = {"name": "twins", "output": "out", "epsilons": [1, "inf"], "seeds": [0],
+            "domains": [synthetic_domain("a", "a"), synthetic_domain("b", "b")],
+            "training": {"epochs": 1, "logical_batch": 32, "physical_batch": 16},
+            "preprocessing": {"image_size": 24}, "ray": {"num_cpus": 2},
+            "evaluation": {"n_boot": 40, "min_positives": 1, "min_negatives": 1},
+            "audit": {"canaries": 200, "cells": "all"}}  # fmt: skip
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(grid))
+    launch("--grid", "all.yaml", cwd=tmp_path)
+    models = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("out/trials/*/model.pt")}
+    assert len(models) == 8  # 4 cells and 4 twins
+    del grid["audit"]["cells"]  # the default: one twin per epsilon
+    (tmp_path / "default.yaml").write_text(yaml.safe_dump(grid))
+    proc = launch("--grid", "default.yaml", cwd=tmp_path)
+    assert "8 already done, 0 to train, 0 trained" in proc.stdout
+    after = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("out/trials/*/model.pt")}
+    assert after == models
+    df = pd.read_parquet(tmp_path / "out" / "transfer.parquet").drop_duplicates("trial_key")
+    assert len(df) == 4 and df["audit_epsilon_lower"].notna().all()
+    assert "Every single-site cell (4) was audited." in (tmp_path / "out" / "report.md").read_text()
+    plan = launch("plan", "default.yaml", "--images-per-s", "100", cwd=tmp_path).stdout
+    assert "audit twins: 2 of 4 audit cells (audit.cells: per_epsilon" in plan
+    assert "2 not audited (2 of them have a finished twin from an earlier run" in plan

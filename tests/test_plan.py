@@ -31,6 +31,8 @@ def test_plan_of_the_paper_grid_on_fixture_folders(tmp_path):
     for d in grid["domains"]:
         d["root"] = str(roots[d["name"]])
     grid["output"] = str(tmp_path / "out")
+    # the fixture folders hold 20-55 training images: a batch of 128 would be q > 1 (refused)
+    grid["training"]["logical_batch"] = grid["pretrain"]["logical_batch"] = 16
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("plan", "paper.yaml", "--images-per-s", "100", "60", "--slots", "8",
                   "--variance", "0.5", cwd=tmp_path)  # fmt: skip
@@ -38,8 +40,12 @@ def test_plan_of_the_paper_grid_on_fixture_folders(tmp_path):
     assert "needs 10,705 test patients per site (per-patient variance 0.5, given)" in out
     for name in roots:
         assert f"| {name} |" in out
-    # 5 sources x 5 epsilons x 3 seeds, plus the MIMIC pretraining; 75 models x 5 targets
-    assert "trainings: 76 (1 pretrain, 75 standard); 0 already done, 76 to run" in out
+    # 5 sources x 5 epsilons x 3 seeds, plus the MIMIC pretraining and one audit twin per
+    # epsilon (audit.cells: per_epsilon, not one per cell: 75 more); 75 models x 5 targets
+    assert "trainings: 81 (5 audit, 1 pretrain, 75 standard); 0 already done, 81 to run" in out
+    assert ("audit twins: 5 of 75 audit cells (audit.cells: per_epsilon, cells_seed 0): VDR "
+            "ε=10 seed 2; C14 ε=1 seed 2; CPT ε=3 seed 0; UKA ε=inf seed 1; PCH ε=6 seed 1; 70 "
+            "not audited") in out  # fmt: skip
     assert "evaluations: 375 (trained models x targets); 0 already done, 375 to run" in out
     assert "(512)" in out and "memory per trial:" in out and "on 8 slot(s)" in out
     assert "60.0 (DP) training images/s per slot (given)" in out

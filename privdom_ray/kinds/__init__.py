@@ -13,7 +13,7 @@ import dataclasses
 import importlib
 import math
 import pkgutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,11 @@ class TrialKind:
     released: bool = True  # its weights are part of the shareable set (with a valid guarantee)
     stage: int = 1  # stages run in order (0: pretraining, which others start from)
     coordinator: bool = False  # coordinates its own tasks from Tune's trial process
+    # trials the grid no longer asks for but whose finished results are still read (never
+    # trained: ``plan_trials`` takes them only when finished), e.g. twins of cells not chosen
+    kept: Callable[[PlanContext], Iterator[TrialSpec]] | None = None
+    # a line for ``launch.py plan`` about this kind's trials ("" for none)
+    note: Callable[[SweepSpec, Sequence[TrialSpec]], str] | None = None
 
     def train(self) -> Callable[..., Any]:
         module, _, function = self.trainer.partition(":")
@@ -73,8 +78,10 @@ def plan_trials(
     *,
     init_file_hash: str = "",
     public_pos_weight: tuple[float, ...] = (),
+    finished: Callable[[str], bool] | None = None,
 ) -> list[TrialSpec]:
-    """Every trial of the grid, stage by stage (pretraining first), keys set.
+    """Every trial of the grid, stage by stage (pretraining first), keys set; then the kinds'
+    ``kept`` trials for which ``finished(key)`` holds (none without ``finished``).
 
     ``init_file_hash`` identifies a user-supplied weights file (``training.init: <path>``).
     """
@@ -89,7 +96,18 @@ def plan_trials(
     else:
         init = "scratch"
     ctx = dataclasses.replace(ctx, init=init)
-    return early + [t.with_key() for k in _kinds(stage=1) for t in k.plan(ctx)]
+    trials = early + [t.with_key() for k in _kinds(stage=1) for t in k.plan(ctx)]
+    if finished is None:
+        return trials
+    planned = {t.key for t in trials}
+    kept = [t.with_key() for k in REGISTRY.values() if k.kept for t in k.kept(ctx)]
+    return trials + [t for t in kept if t.key not in planned and finished(t.key)]
+
+
+def plan_notes(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[str]:
+    """The kinds' lines for ``launch.py plan`` (e.g. which cells the audit twins cover)."""
+    notes = (k.note(spec, trials) for k in REGISTRY.values() if k.note is not None)
+    return [n for n in notes if n]
 
 
 def _kinds(stage: int) -> list[TrialKind]:

@@ -11,28 +11,126 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from privdom_ray.config import DEFAULT_DELTA, AuditSpec, TrialSpec
+from privdom_ray.config import DEFAULT_DELTA, AuditSpec, SweepSpec, TrialSpec
 from privdom_ray.kinds import PlanContext, TrialKind, register
 from privdom_ray.kinds.standard import single_site
 
 INPUT_CANARIES = 1000  # ``auto`` for input canaries: each included one is a training image
 
 
-def plan(ctx: PlanContext) -> Iterator[TrialSpec]:
-    audit = ctx.spec.audit
+@dataclass(frozen=True)
+class AuditCell:
+    """A single-site cell an audit twin may be given: public identity only, no data."""
+
+    source: str
+    epsilon: float
+    seed: int
+
+    def describe(self) -> str:
+        return f"{self.source} ε={self.epsilon:g} seed {self.seed}"
+
+
+def eligible(spec: SweepSpec) -> list[AuditCell]:
+    """The cells ``audit.sources`` x ``audit.epsilons`` x seeds name (empty lists: all)."""
+    audit = spec.audit
     if audit is None:
-        return
-    for source in audit.sources or ctx.spec.sources:
-        for epsilon in audit.epsilons or ctx.spec.epsilons:
-            for seed in ctx.spec.seeds:
-                cell = single_site(ctx, source, epsilon, seed, "audit")
-                m = canaries(audit.canaries, audit.kind, epsilon, cell.delta)
-                yield dataclasses.replace(cell, audit=AuditSpec(m, audit.kind, audit.auditor_seed))
+        return []
+    return [
+        AuditCell(source, float(epsilon), seed)
+        for source in audit.sources or spec.sources
+        for epsilon in audit.epsilons or spec.epsilons
+        for seed in spec.seeds
+    ]
+
+
+def choose(spec: SweepSpec) -> list[AuditCell]:
+    """The cells that get a twin, from the grid alone (never from data, so the choice itself
+    reveals nothing): ``all``; ``per_epsilon`` = a sample of one per epsilon; N = a sample of
+    N spread over the epsilons, in ascending order (the smallest epsilon gets the extra
+    twins first). Within an epsilon the cell taken is the one whose source, then seed, has
+    the fewest twins so far, ties broken by a public hash of ``cells_seed`` and the cell, so
+    twins spread over sources and seeds and the choice is the same on every machine."""
+    cells = eligible(spec)
+    if spec.audit is None or spec.audit.cells == "all":
+        return cells
+    wanted = spec.audit.cells
+    strata: dict[float, list[AuditCell]] = {}
+    for cell in sorted(cells, key=lambda c: _rank(spec.audit.cells_seed, c)):
+        strata.setdefault(cell.epsilon, []).append(cell)
+    n = len(strata) if wanted == "per_epsilon" else min(int(wanted), len(cells))
+    by_source: Counter[str] = Counter()
+    by_seed: Counter[int] = Counter()
+    chosen: list[AuditCell] = []
+    while len(chosen) < n:
+        for epsilon in sorted(strata):
+            left = strata[epsilon]
+            if not left or len(chosen) == n:
+                continue
+            # min keeps the first of equals: the stratum is in hash order
+            pick = min(left, key=lambda c: (by_source[c.source], by_seed[c.seed]))
+            left.remove(pick)
+            chosen.append(pick)
+            by_source[pick.source] += 1
+            by_seed[pick.seed] += 1
+    picked = set(chosen)
+    return [c for c in cells if c in picked]  # in grid order
+
+
+def _rank(cells_seed: int, cell: AuditCell) -> str:
+    text = json.dumps([cells_seed, cell.source, repr(cell.epsilon), cell.seed])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def plan(ctx: PlanContext) -> Iterator[TrialSpec]:
+    """The twins of the chosen cells."""
+    for cell in choose(ctx.spec):
+        yield _twin(ctx, cell)
+
+
+def kept(ctx: PlanContext) -> Iterator[TrialSpec]:
+    """The twins of the cells not chosen: read when an earlier run finished them (a folder
+    from before ``audit.cells``, or a grid whose choice changed), never trained."""
+    chosen = set(choose(ctx.spec))
+    for cell in eligible(ctx.spec):
+        if cell not in chosen:
+            yield _twin(ctx, cell)
+
+
+def _twin(ctx: PlanContext, cell: AuditCell) -> TrialSpec:
+    audit = ctx.spec.audit
+    assert audit is not None
+    spec = single_site(ctx, cell.source, cell.epsilon, cell.seed, "audit")
+    m = canaries(audit.canaries, audit.kind, cell.epsilon, spec.delta)
+    return dataclasses.replace(spec, audit=AuditSpec(m, audit.kind, audit.auditor_seed))
+
+
+def note(spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
+    """``plan``'s line on the twins: how many cells are audited, by which rule, which ones."""
+    cells = eligible(spec)
+    if not cells:
+        return ""
+    chosen = choose(spec)
+    planned = {(t.source, float(t.epsilon), t.seed) for t in trials if t.variant == "audit"}
+    left = set(cells) - set(chosen)
+    kept_n = sum((c.source, c.epsilon, c.seed) in planned for c in left)
+    assert spec.audit is not None
+    names = "; ".join(c.describe() for c in chosen[:12]) + ("; ..." if len(chosen) > 12 else "")
+    line = (
+        f"audit twins: {len(chosen)} of {len(cells)} audit cells (audit.cells: "
+        f"{spec.audit.cells}, cells_seed {spec.audit.cells_seed}): {names}; "
+        f"{len(cells) - len(chosen)} not audited"
+    )
+    if kept_n:
+        line += f" ({kept_n} of them have a finished twin from an earlier run: read, not trained)"
+    return line
 
 
 def canaries(requested: int | str, kind: str, epsilon: float, delta: float) -> int:
@@ -62,6 +160,8 @@ register(
     TrialKind(
         name="audit",
         plan=plan,
+        kept=kept,
+        note=note,
         trainer="privdom_ray.trial:train_audit_twin",
         description="a cell's twin with m canaries: a one-run lower bound on its epsilon",
         evaluated=False,

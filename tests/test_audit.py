@@ -121,26 +121,30 @@ def test_the_attacks_that_passed_before_are_caught_from_the_command_line(real_ou
     }
     assert attacks["noise_multiplier"]["epsilon_spent"] < 0.6 * original["epsilon_spent"]
     assert launch("audit", "out", cwd=work).returncode == 0
+    store = TrialStore(work / "out")  # each edit resealed: the checksums guard against
+    key = names["a_eps2_seed0"]  # damage, not against someone who can write the folder
     for field, ledger in attacks.items():
-        path.write_text(json.dumps(ledger))
+        store.rewrite(key, "ledger.json", json.dumps(ledger).encode())
         proc = launch("audit", "out", cwd=work, expect=1)
         assert field in proc.stdout, (field, proc.stdout[-2000:])
         assert "refusing" in launch("export", "out", "--to", "shared", cwd=work, expect=1).stderr
-    path.write_text(json.dumps(original))
+    store.rewrite(key, "ledger.json", json.dumps(original).encode())
     # a model trained without DP whose ledger claims a guarantee
-    nondp = path.parent.parent / names["a_epsinf_seed0"] / "ledger.json"
-    plain = nondp.read_text()
-    nondp.write_text(json.dumps({**original, "initialization": "scratch"}))
+    nondp_key = names["a_epsinf_seed0"]
+    plain = (store.folder(nondp_key) / "ledger.json").read_bytes()
+    store.rewrite(
+        nondp_key, "ledger.json", json.dumps({**original, "initialization": "scratch"}).encode()
+    )
     assert "trained without DP" in launch("audit", "out", cwd=work, expect=1).stdout
-    nondp.write_text(plain)
+    store.rewrite(nondp_key, "ledger.json", plain)
     # the recorded training-set size against a recount of the cache entry's rows
     trial = path.with_name("trial.json")
     info = json.loads(trial.read_text())
-    trial.write_text(json.dumps({**info, "units": info["units"] + 40}))
+    store.rewrite(key, "trial.json", json.dumps({**info, "units": info["units"] + 40}).encode())
     assert "units: the trial record says" in launch("audit", "out", cwd=work, expect=1).stdout
-    trial.write_text(json.dumps(info))
+    store.rewrite(key, "trial.json", json.dumps(info).encode())
     history = path.with_name("history.json")
     records = json.loads(history.read_text())
     records[-1]["epsilon"] *= 0.5
-    history.write_text(json.dumps(records))
+    store.rewrite(key, "history.json", json.dumps(records).encode())
     assert "history's last epsilon" in launch("audit", "out", cwd=work, expect=1).stdout

@@ -200,12 +200,16 @@ def check_twin(result: Mapping[str, Any] | None, ledger: Mapping[str, Any], name
         return TwinCheck("", math.nan, math.nan, math.nan, "audit twin without a result", True)
     lower, top = recompute(result)
     private = ledger["accountant"] != "none"
-    spent = math.inf
+    spent, problems = math.inf, [_noise_problem(result.get("noise"), name)]
     if private:
-        spent, _ = epsilon_of(
-            ledger["accountant"], ledger_mechanisms(ledger), float(ledger["delta"])
-        )
-    problems = [_noise_problem(result.get("noise"), name)]
+        try:
+            spent, _ = epsilon_of(
+                ledger["accountant"], ledger_mechanisms(ledger), float(ledger["delta"])
+            )
+        except Exception as exc:  # noqa: BLE001 - a tampered ledger fails the accountants
+            spent = math.nan  # its ledger line names the field; no bound is compared
+            problems.append(f"canary audit: the twin's epsilon cannot be recomputed "
+                            f"({type(exc).__name__}: {exc}) ({name})")  # fmt: skip
     if abs(lower - float(result["epsilon_lower"])) > 2e-3:
         problems.append(
             f"canary audit: the stored epsilon_lower {float(result['epsilon_lower']):.4g} is not "

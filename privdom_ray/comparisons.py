@@ -206,10 +206,14 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "worse_if": (pa.string(), "direction of delta in which DP is worse: higher, lower, or "
                  "null (gaps: no direction)"),
     "margin": (pa.float64(), "equivalence margin in AUC units (null: no equivalence test)"),
-    "tost_lo": (pa.float64(), "lower bound of the 1 - 2 alpha CI of delta (TOST)"),
+    "tost_lo": (pa.float64(), "lower bound of the 1 - 2 alpha CI of delta (TOST; unadjusted "
+                "for multiplicity)"),
     "tost_hi": (pa.float64(), "upper bound of the 1 - 2 alpha CI of delta (TOST)"),
     "margin_confirmable": (pa.float64(), "the smallest equivalence margin these data confirm: "
-                           "max(|tost_lo|, |tost_hi|)"),
+                           "max(|tost_lo|, |tost_hi|); unadjusted (the row's own 1 - 2 alpha "
+                           "CI, as the every-site intersection-union test reads it): the "
+                           "primary per-site verdict reads Holm-adjusted p's, so a site whose "
+                           "CI lies inside the margin can still be inconclusive after Holm"),
     "tost_half_width": (pa.float64(), "half the 1 - 2 alpha CI's width: the smallest margin "
                         "this test set could confirm were delta exactly 0 (the design)"),
     "p_tost": (pa.float64(), "TOST p: max of the one-sided p's of delta <= -m and >= +m"),

@@ -396,7 +396,10 @@ def _primary_intro(view: ReportView, margin: Any, alpha: float) -> str:
         "adjustment (every site's 90% CI inside the margin; its p is the largest TOST p). "
         'Neither is adjusted across ε ("at every ε" is not a familywise-controlled claim). '
         '"Smallest margin" is what each test set could confirm: these data (the 90% CI\'s '
-        "farthest bound) / the design (the 90% CI's half-width: were Δdrop exactly 0). "
+        "farthest bound) / the design (the 90% CI's half-width: were Δdrop exactly 0). The "
+        "Δdrop 90% CI and both smallest margins are unadjusted (each site's own CI, as the "
+        "every-site test reads it); the per-site verdict reads Holm-adjusted p's, so a site "
+        "whose 90% CI lies inside the margin can still be inconclusive per site. "
         f"Intervals: {view.unit}-level jackknife t. " + _seeds_note(view) + "\n"
     )
 

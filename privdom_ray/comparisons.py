@@ -709,7 +709,8 @@ def _drop_cell(
     ref = ref_on - ref_off if ref_on is not None and ref_off is not None else None
     row = {**fields, "auc_on": on.point if on else None}
     row["null_reason"] = off_fields.get("null_reason") or _missing_side(drop, ref, fields)
-    on_fields = {**fields, "null_reason": _missing_side(on, ref_on, fields, "on-domain AUC")}
+    on_fields = {**fields, "null_reason": fields.get("null_reason")
+                 or _missing_side(on, ref_on, fields, "on-domain AUC")}  # fmt: skip
     return [
         _Item(AUC_DROP, PRIMARY_QUANTITY, seed, row, dp=drop, nondp=ref, off=off),
         _Item(AUC_DROP, ON_DOMAIN, seed, on_fields, dp=on, nondp=ref_on),

@@ -206,10 +206,14 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "worse_if": (pa.string(), "direction of delta in which DP is worse: higher, lower, or "
                  "null (gaps: no direction)"),
     "margin": (pa.float64(), "equivalence margin in AUC units (null: no equivalence test)"),
-    "tost_lo": (pa.float64(), "lower bound of the 1 - 2 alpha CI of delta (TOST)"),
+    "tost_lo": (pa.float64(), "lower bound of the 1 - 2 alpha CI of delta (TOST; unadjusted "
+                "for multiplicity)"),
     "tost_hi": (pa.float64(), "upper bound of the 1 - 2 alpha CI of delta (TOST)"),
     "margin_confirmable": (pa.float64(), "the smallest equivalence margin these data confirm: "
-                           "max(|tost_lo|, |tost_hi|)"),
+                           "max(|tost_lo|, |tost_hi|); unadjusted (the row's own 1 - 2 alpha "
+                           "CI, as the every-site intersection-union test reads it): the "
+                           "primary per-site verdict reads Holm-adjusted p's, so a site whose "
+                           "CI lies inside the margin can still be inconclusive after Holm"),
     "tost_half_width": (pa.float64(), "half the 1 - 2 alpha CI's width: the smallest margin "
                         "this test set could confirm were delta exactly 0 (the design)"),
     "p_tost": (pa.float64(), "TOST p: max of the one-sided p's of delta <= -m and >= +m"),
@@ -219,7 +223,9 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "p_tost_iut": (pa.float64(), "primary rows: the largest unadjusted p_tost of the test "
                    "sites of its (model, epsilon): the intersection-union test of 'equivalent "
                    "at every site' (no adjustment)"),
-    "n_sites": (pa.int64(), "primary rows: test sites in the (model, epsilon) family"),
+    "n_sites": (pa.int64(), "primary rows: test sites in the (model, epsilon) family: every "
+                "site with a drop of its own, with or without a primary estimate at this "
+                "epsilon (one without leaves p_tost_iut null)"),
     "p_noninf": (pa.float64(), "one-sided p of 'DP worse by margin or more'"),
     "q_noninf": (pa.float64(), "exploratory rows: BH q of p_noninf within q_family"),
     "p_value_holm": (pa.float64(), "primary rows: p_value Holm-adjusted as p_tost_holm"),
@@ -434,7 +440,10 @@ class Est:
         return Est(self.point - other.point, self.loo - other.loo, _min_df(self.df, other.df))
 
     def infer(
-        self, ci: float, margin: float | None = None, worse_if: str | None = None,
+        self,
+        ci: float,
+        margin: float | None = None,
+        worse_if: str | None = None,
         level: bool = False,
     ) -> inference.Inference:
         """CI, p (and TOST) by the jackknife t rule; ``level``: a value in [0, 1] whose CI is
@@ -458,7 +467,10 @@ class Pooled:
     df: float
 
     def infer(
-        self, ci: float, margin: float | None = None, worse_if: str | None = None,
+        self,
+        ci: float,
+        margin: float | None = None,
+        worse_if: str | None = None,
         level: bool = False,
     ) -> inference.Inference:
         if level:  # an AUC or Brier score: on the logit scale, as a single one
@@ -688,17 +700,33 @@ def _drop_cell(
         row = {**fields, "auc_on": on.point if on else None}
         return [_Item(AUC_DROP, PRIMARY_QUANTITY, seed, row, dp=drop, off=off)]
     ref_on, ref_off = nondp.aucs(g, j)
-    if not same_off:
-        fields = {**fields, "null_reason": "the off-domain sources of the DP and non-DP drops "
-                  "differ (a missing evaluation): no DP-vs-non-DP difference"}  # fmt: skip
+    off_fields = dict(fields)
+    if not same_off:  # the on-domain difference stands: only the off-domain side is unpaired
+        off_fields["null_reason"] = ("the off-domain sources of the DP and non-DP drops "
+                                     "differ (a missing evaluation): no DP-vs-non-DP "
+                                     "difference of the off-domain mean or the drop")  # fmt: skip
         ref_off = None
     ref = ref_on - ref_off if ref_on is not None and ref_off is not None else None
     row = {**fields, "auc_on": on.point if on else None}
+    row["null_reason"] = off_fields.get("null_reason") or _missing_side(drop, ref, fields)
+    on_fields = {**fields, "null_reason": fields.get("null_reason")
+                 or _missing_side(on, ref_on, fields, "on-domain AUC")}  # fmt: skip
     return [
         _Item(AUC_DROP, PRIMARY_QUANTITY, seed, row, dp=drop, nondp=ref, off=off),
-        _Item(AUC_DROP, ON_DOMAIN, seed, dict(fields), dp=on, nondp=ref_on),
-        _Item(AUC_DROP, OFF_DOMAIN, seed, dict(fields), dp=off, nondp=ref_off),
+        _Item(AUC_DROP, ON_DOMAIN, seed, on_fields, dp=on, nondp=ref_on),
+        _Item(AUC_DROP, OFF_DOMAIN, seed, off_fields, dp=off, nondp=ref_off),
     ]
+
+
+def _missing_side(dp: Est | None, nondp: Est | None, fields, what: str = "") -> str | None:
+    """Why a drop row's DP-vs-non-DP difference is null when one side has no value (an
+    evaluation it needs, the site's own model's or an outside one's, is missing)."""
+    gone = [name for name, e in (("DP", dp), ("non-DP", nondp)) if e is None]
+    if not gone:
+        return None
+    return (f"no {' or '.join(gone)} {what or 'AUC drop'} on {fields['target']} (an "
+            "evaluation it needs is missing, e.g. the site's own model's): no DP-vs-non-DP "
+            "difference")  # fmt: skip
 
 
 def _gap_pairs(age_bins: Sequence[float]) -> dict[str, tuple[str, str]]:
@@ -931,33 +959,46 @@ def _finalize(df: pd.DataFrame, ev: EvaluationConfig) -> pd.DataFrame:
     )
     across = df["comparison"] == ACROSS_SEEDS
     df["is_summary"] = across | ~key.isin(set(key[across]))
-    primary = (
+    family = (
         df["is_summary"]
         & (df["quantity"] == PRIMARY_QUANTITY)
         & (df["label"] == "macro")
         & (df["subgroup"] == "all")
         & np.isfinite(df["epsilon"].astype(float))
-        & df["p_tost"].notna()
     )
+    primary = family & df["p_tost"].notna()
     df["endpoint"] = np.where(primary, "primary", "exploratory")
-    _primary_tests(df, primary, inference.alpha_of(ev.ci))
+    _primary_tests(df, primary, family, inference.alpha_of(ev.ci))
     _exploratory_q(df, ~primary, across, inference.alpha_of(ev.ci))
     return df
 
 
-def _primary_tests(df: pd.DataFrame, primary: pd.Series, alpha: float) -> None:
+def _primary_tests(df: pd.DataFrame, primary: pd.Series, family: pd.Series, alpha: float) -> None:
     """Per (model, epsilon): the three p's Holm-adjusted across the test sites (the per-site
     verdicts read them: with only the TOST p adjusted, a false "non-inferior" at one of 5
     sites came 22% of the time), and the intersection-union p of "equivalent at every site"
     (the largest unadjusted TOST p: no adjustment is needed for a claim that needs every
-    site's test to pass; Holm for it cost power, 0.11 vs 0.40 at 1,000 patients)."""
-    for _, idx in df[primary].groupby(["model", "epsilon"]).groups.items():
+    site's test to pass; Holm for it cost power, 0.11 vs 0.40 at 1,000 patients). Every test
+    site with a drop of its own (DP or non-DP, at any epsilon) belongs to the family: one
+    without a primary estimate at this epsilon leaves p_tost_iut null (no every-site claim
+    over the others), with a null_reason naming it."""
+    has_drop = family & (df["value_dp"].notna() | df["value_nondp"].notna())
+    for (model, eps), idx in df[primary].groupby(["model", "epsilon"]).groups.items():
         for col in _P_COLUMNS:
             df.loc[idx, f"{col}_holm"] = _nan(inference.holm(df.loc[idx, col].tolist()))
         df.loc[idx, "verdict"] = [inference.verdict(_inference_of(r, suffix="_holm"), alpha)
                                   for r in df.loc[idx, _INFERENCE_COLUMNS].to_dict("records")]  # fmt: skip
-        df.loc[idx, "p_tost_iut"] = float(df.loc[idx, "p_tost"].max())
-        df.loc[idx, "n_sites"] = len(idx)
+        sites = set(df.loc[has_drop & (df["model"] == model), "target"])
+        missing = sorted(sites - set(df.loc[idx, "target"]))
+        df.loc[idx, "n_sites"] = len(sites | set(df.loc[idx, "target"]))
+        if not missing:
+            df.loc[idx, "p_tost_iut"] = float(df.loc[idx, "p_tost"].max())
+            continue
+        why = (f"no every-site claim at epsilon {eps:g}: no primary estimate at test site(s) "
+               f"{', '.join(map(str, missing))} (p_tost_iut left null)")  # fmt: skip
+        _warn(f"primary endpoint ({model}): {why}")
+        df.loc[idx, "null_reason"] = [why if pd.isna(r) else f"{r}; {why}"
+                                      for r in df.loc[idx, "null_reason"]]  # fmt: skip
 
 
 def _exploratory_q(df: pd.DataFrame, rows: pd.Series, across: pd.Series, alpha: float) -> None:
@@ -977,8 +1018,19 @@ def _nan(values: list[float | None]) -> list[float]:
     return [math.nan if v is None else v for v in values]
 
 
-_INFERENCE_COLUMNS = ["delta", "delta_lo", "delta_hi", "margin", "worse_if", "tost_lo", "tost_hi",
-                      "df", *_P_COLUMNS, *(f"{c}_holm" for c in _P_COLUMNS), *_Q_OF.values()]
+_INFERENCE_COLUMNS = [
+    "delta",
+    "delta_lo",
+    "delta_hi",
+    "margin",
+    "worse_if",
+    "tost_lo",
+    "tost_hi",
+    "df",
+    *_P_COLUMNS,
+    *(f"{c}_holm" for c in _P_COLUMNS),
+    *_Q_OF.values(),
+]
 
 
 def _inference_of(row: dict, *, suffix: str = "", q: bool = False) -> inference.Inference:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -217,7 +218,7 @@ def _bytes(n: float) -> str:
 # ------------------------------------------------------------------------------ sample size
 
 #: Per-patient variance of the primary endpoint (drop(DP) - drop(non-DP), macro AUC): the
-#: median over the demo sweep's primary rows of se^2 x test patients (see docs/operations.md, "Before a big sweep").
+#: mean over the demo sweep's primary rows of se^2 x test patients (see docs/operations.md, "Before a big sweep").
 #: Real sites differ (labels, prevalence, images per patient): pass your own with
 #: ``--variance-from`` a finished sweep of yours, or ``--variance``.
 DEMO_UNIT_VARIANCE = math.nan
@@ -226,16 +227,25 @@ DEMO_UNIT_VARIANCE = math.nan
 @dataclass(frozen=True)
 class UnitVariance:
     """The variance of the primary endpoint for ONE test patient (se^2 x patients): a
-    test set of n patients estimates it with standard error sqrt(value / n)."""
+    test set of n patients estimates it with standard error sqrt(value / n). With a pilot
+    sweep behind it, also the t rule's degrees of freedom per test patient (the primary
+    rows' (df + 1) / patients: at n patients the endpoint has about ``df_per_unit n - 1``
+    df) and, per label, the rarer class's share of the pilot's test rows (the label floor)."""
 
     value: float
     source: str
+    df_per_unit: float = math.nan  # NaN: normal quantiles (a given variance, no pilot)
+    rarer_share: dict[str, float] = field(default_factory=dict)
 
 
 def unit_variance_from(output: Path) -> UnitVariance:
-    """The median per-patient variance of a finished sweep's primary rows: each row's
+    """The mean per-patient variance of a finished sweep's primary rows: each row's
     standard error (its 90% CI's half-width over the t quantile of its df) squared, times
-    its test patients. Raises FileNotFoundError / LookupError naming the fix."""
+    its test patients. The mean, not the median: a test set's variance is an average of
+    these, and the median of a right-skewed spread of them understated it by ~10% (plan
+    --power then delivered 0.765 for 0.80; /work/scratch/r24/power_sim.py). Also the df
+    per patient and each label's rarer-class share (:class:`UnitVariance`). Raises
+    FileNotFoundError / LookupError naming the fix."""
     path = Path(output) / "comparisons.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: point --variance-from at a finished sweep's "
@@ -248,32 +258,94 @@ def unit_variance_from(output: Path) -> UnitVariance:
     if rows.empty:
         raise LookupError(f"{path} has no primary row with an interval: give --variance")
     alpha = 1.0 - float(rows["ci"].iloc[0])
+    units = rows["n_patients"].astype(float)
     se = rows["tost_half_width"] / stats.t.ppf(1.0 - alpha, rows["df"].astype(float))
-    var = (se**2 * rows["n_patients"].astype(float)).median()
-    return UnitVariance(float(var), f"{path}, median of {len(rows)} primary row(s)")
+    var = (se**2 * units).mean()
+    per_unit = float(((rows["df"].astype(float) + 1.0) / units).mean())
+    return UnitVariance(float(var), f"{path}, mean of {len(rows)} primary row(s)", per_unit,
+                        _rarer_share(df, rows))  # fmt: skip
 
 
-def _z(alpha: float, power: float) -> float:
-    """z(1 - alpha) + z(1 - beta / 2): TOST at level alpha whose two one-sided tests must
-    both pass, with power 1 - beta when the true difference is 0."""
-    return float(stats.norm.ppf(1.0 - alpha) + stats.norm.ppf(1.0 - (1.0 - power) / 2.0))
+def _rarer_share(df: pd.DataFrame, primary: pd.DataFrame) -> dict[str, float]:
+    """Per label of the primary rows' sweep: the smallest share of the rarer class among the
+    test rows of the primary quantity's label rows (positive images / known images, or its
+    complement), over test sites and models. Images, not patients (the tables keep no
+    per-label patient counts): with several images per patient the positive patients'
+    share is usually larger, so the floor it gives errs on the safe side."""
+    lab = df[(df["comparison"] == primary["comparison"].iloc[0]) & (df["subgroup"] == "all")
+             & (df["label"] != "macro") & (df["n"] > 0)]  # fmt: skip
+    if lab.empty:
+        return {}
+    pos = lab["n_pos"].astype(float) / lab["n"].astype(float)
+    share = np.minimum(pos, 1.0 - pos).groupby(lab["label"]).min()
+    return {str(k): float(v) for k, v in share.items() if v > 0}
 
 
-def units_needed(margin: float, variance: float, alpha: float, power: float) -> int:
-    """Test patients per site for the TOST to confirm equivalence within ``margin`` with
-    probability ``power`` when DP changes the drop by exactly 0 (normal approximation:
-    n = V (z(1 - alpha) + z(1 - beta/2))^2 / margin^2)."""
-    if not (margin > 0 and variance > 0 and 0 < alpha < 0.5 and 0 < power < 1):
-        raise ValueError("need margin > 0, variance > 0, 0 < alpha < 0.5 and 0 < power < 1")
-    return math.ceil(variance * _z(alpha, power) ** 2 / margin**2)
+def df_at(n_units: int, df_per_unit: float) -> float:
+    """The endpoint's df at ``n_units`` test patients (inf: normal, when none is known)."""
+    if not math.isfinite(df_per_unit):
+        return math.inf
+    return max(1.0, df_per_unit * n_units - 1.0)
 
 
-def power_at(n_units: int, margin: float, variance: float, alpha: float) -> float:
-    """The TOST's power with ``n_units`` test patients when the true difference is 0."""
+def power_at(
+    n_units: int, margin: float, variance: float, alpha: float, df_per_unit: float = math.nan
+) -> float:
+    """The TOST's power with ``n_units`` test patients when the true difference is 0:
+    ``2 T_df(margin / se - t(1 - alpha, df)) - 1`` with se = sqrt(V / n) and df from
+    :func:`df_at` (the t rule the tables use; the normal limit without a df)."""
     if n_units <= 0:
         return 0.0
     se = math.sqrt(variance / n_units)
-    return max(0.0, 2.0 * float(stats.norm.cdf(margin / se - stats.norm.ppf(1 - alpha))) - 1.0)
+    d = df_at(n_units, df_per_unit)
+    return max(0.0, 2.0 * float(stats.t.cdf(margin / se - stats.t.ppf(1 - alpha, d), d)) - 1.0)
+
+
+def label_floor(shares: dict[str, float], minimum: int, labels: int | None = None) -> int:
+    """The fewest test patients at which every label keeps >= ``minimum`` patients of its
+    rarer class (at its ``shares`` prevalence) with probability 1 - 0.05 / L for each of
+    its L labels (all labels together >= 0.95): below it the macro's label set shrinks at
+    random and the endpoint is a different, noisier one (at 77 patients only 2.4 of 5
+    labels were left and the power fell to 0.62)."""
+    if not shares:
+        return 0
+    k, q = max(1, minimum), 0.05 / max(labels or 0, len(shares))
+
+    def short(n: int) -> bool:
+        return any(stats.binom.cdf(k - 1, n, s) > q for s in shares.values())
+
+    lo = hi = max(k, math.ceil(k / min(shares.values())))
+    while short(hi):
+        lo, hi = hi + 1, hi * 2
+    while lo < hi:  # the smallest n in [lo, hi] that keeps every label
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if not short(mid) else (mid + 1, hi)
+    return hi
+
+
+def units_needed(
+    margin: float, variance: float, alpha: float, power: float, df_per_unit: float = math.nan
+) -> int:
+    """Test patients per site for the TOST to confirm equivalence within ``margin`` with
+    probability ``power`` when DP changes the drop by exactly 0: the smallest n with
+    :func:`power_at` >= ``power`` (t quantiles at the df that n gives; without a df the
+    normal n = V (z(1 - alpha) + z(1 - beta/2))^2 / margin^2)."""
+    if not (margin > 0 and variance > 0 and 0 < alpha < 0.5 and 0 < power < 1):
+        raise ValueError("need margin > 0, variance > 0, 0 < alpha < 0.5 and 0 < power < 1")
+    z = float(stats.norm.ppf(1.0 - alpha) + stats.norm.ppf(1.0 - (1.0 - power) / 2.0))
+    lo = max(1, math.ceil(variance * z**2 / margin**2))
+    if not math.isfinite(df_per_unit):
+        return lo
+    hi = lo
+    while power_at(hi, margin, variance, alpha, df_per_unit) < power:
+        lo, hi = hi, hi * 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if power_at(mid, margin, variance, alpha, df_per_unit) >= power:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 def render_sample_size(
@@ -286,10 +358,23 @@ def render_sample_size(
     if uv is None or not math.isfinite(uv.value):
         return (f"{head}: no per-patient variance known; pass --variance-from <a finished "
                 "sweep's output> (e.g. the demo's) or --variance V")  # fmt: skip
-    need = units_needed(margin, uv.value, alpha, power)
+    need = units_needed(margin, uv.value, alpha, power, uv.df_per_unit)
+    floor = label_floor(uv.rarer_share, max(ev.min_positives, ev.min_negatives))
     planned = ", ".join(
-        f"{t} {n:,} (power {power_at(n, margin, uv.value, alpha):.2f})"
+        f"{t} {n:,} (power {power_at(n, margin, uv.value, alpha, uv.df_per_unit):.2f}"
+        + (f"; below the label floor {floor:,}" if n < floor else "")
+        + ")"
         for t, n in sorted(test_units.items())
     )
-    return (f"{head}: needs {need:,} test patients per site (per-patient variance "
-            f"{uv.value:.4g}, {uv.source}); planned test patients: {planned or 'none'}")  # fmt: skip
+    rule = ("t quantiles at the pilot's df per patient "
+            f"{uv.df_per_unit:.3g}" if math.isfinite(uv.df_per_unit) else "normal quantiles")  # fmt: skip
+    why = ""
+    if floor > need:
+        why = (f" (the label floor decides: the power alone needs {need:,}, but below "
+               f"{floor:,} patients some label would keep fewer than "
+               f"{max(ev.min_positives, ev.min_negatives)} patients of its rarer class and "
+               "drop out of the macro)")  # fmt: skip
+        need = floor
+    return (f"{head}: needs {need:,} test patients per site{why} (per-patient "
+            f"variance {uv.value:.4g}, {uv.source}; {rule}); planned test patients: "
+            f"{planned or 'none'}")  # fmt: skip

@@ -64,8 +64,10 @@ SET_ASIDE = "set_aside"
 #: positives in images, so a label of 3 patients could pass a minimum of 10; 3 counts patients;
 #: 4 names the checksum of the model it came from (older ones cannot prove which model made
 #: them), jackknife t CIs (the percentile bootstrap under-covered) and subgroup macros over the
-#: labels shared by their family (metrics.shared_label_sets).
-EVAL_PROTOCOL = 4
+#: labels shared by their family (metrics.shared_label_sets); 5 marks intervals at a point AUC
+#: >= 0.95 (or <= 0.05) approximate (ci_note: they under-cover there) and says which of
+#: sensitivity and specificity a degenerate threshold fixes at 1.
+EVAL_PROTOCOL = 5
 DONE_FORMAT = 2
 
 _TRIAL_JSON, _LEDGER, _MODEL, _THRESHOLDS = (

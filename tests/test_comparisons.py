@@ -608,3 +608,42 @@ def test_grid_validates_the_statistics_settings(tmp_path):
         load_grid(path)
     assert len(info.value.errors) == 4
     assert all(any(f"evaluation.{k}" in e for e in info.value.errors) for k in bad)
+
+
+def test_a_site_without_its_own_non_dp_model_voids_the_every_site_claim(tmp_path):
+    """Site c's non-DP model never evaluated on c: c has no primary estimate, so no
+    every-site claim over a and b alone (p_tost_iut null, n_sites counts c), said in the
+    rows and a warning; c's drop row says why its difference is null."""
+    keys = build_output(tmp_path, n=120, skip=(("c", math.inf, 0, "c"),))
+    with pytest.warns(ComparisonWarning, match="no every-site claim"):
+        df = compute(tmp_path, keys)
+    prim = df[df["endpoint"] == "primary"]
+    assert set(prim["target"]) == {"a", "b"} and (prim["n_sites"] == 3).all()
+    assert prim["p_tost_iut"].isna().all() and prim["p_tost"].notna().all()
+    assert prim["null_reason"].str.contains("no primary estimate at test site(s) c",
+                                            regex=False).all()  # fmt: skip
+    c = one(df, comparison="auc_drop", quantity="drop", target="c", epsilon=1.0,
+            label="macro", subgroup="all")  # fmt: skip
+    assert pd.isna(c["delta"]) and c["value_dp"] > -1
+    assert c["null_reason"].startswith("no non-DP AUC drop on c")
+    on = one(df, comparison="auc_drop", quantity="on_domain_auc", target="c", epsilon=1.0,
+             label="macro", subgroup="all")  # fmt: skip
+    assert on["null_reason"].startswith("no non-DP on-domain AUC on c")
+
+
+def test_a_source_without_non_dp_models_keeps_the_on_domain_difference_unflagged(tmp_path):
+    """Source c has no non-DP model at all: on a and b the off-domain means differ in their
+    sources (no drop difference, said so), but the on-domain difference is a real pair and
+    carries no note that it is missing."""
+    skip = tuple(("c", math.inf, 0, t) for t in ("a", "b", "c"))
+    keys = build_output(tmp_path, n=120, skip=skip)
+    with pytest.warns(ComparisonWarning, match="off-domain sources differ"):
+        df = compute(tmp_path, keys)
+    for t in ("a", "b"):
+        kw = dict(comparison="auc_drop", target=t, epsilon=1.0, label="macro", subgroup="all")
+        on = one(df, quantity="on_domain_auc", **kw)
+        assert on["delta"] == pytest.approx(on["value_dp"] - on["value_nondp"])
+        assert pd.isna(on["null_reason"])
+        for q in ("drop", "off_domain_auc"):
+            r = one(df, quantity=q, **kw)
+            assert pd.isna(r["delta"]) and "off-domain sources" in r["null_reason"]

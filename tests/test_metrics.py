@@ -338,7 +338,9 @@ def test_degenerate_thresholds_are_flagged_instead_of_zero_width_cis():
     assert a.sensitivity == 1.0 and a.specificity == 0.0
     assert a.sensitivity_lo is None and a.specificity_hi is None  # not [1.000, 1.000]
     assert "calls every image positive" in a.null_reason
+    assert "sensitivity is 1 and specificity 0" in a.null_reason
     assert e.sensitivity == 0.0 and "calls every image negative" in e.null_reason
+    assert "sensitivity is 0 and specificity 1" in e.null_reason
     assert a.auc_lo < a.auc < a.auc_hi and a.accuracy_lo is not None  # the rest is intact
     assert rows[1].null_reason is None and rows[1].sensitivity_lo is not None
 
@@ -383,6 +385,21 @@ def test_intervals_below_the_verified_support_are_marked_approximate():
     common = M.evaluate(s, (rng.random((600, 1)) < 0.3).astype(float), [0.0], ["x"], n_boot=1,
                         clusters=clusters)[0]  # fmt: skip
     assert common.ci_note is None
+
+
+def test_intervals_at_a_high_auc_are_marked_approximate():
+    """A point AUC >= 0.95 (or <= 0.05) marks the interval approximate (such intervals covered
+    0.90-0.92 in simulation); 0.90 with ample support does not; the macro by its own point."""
+    rng = np.random.default_rng(7)
+    clusters = np.repeat(np.arange(400), 2)
+    y = (np.repeat(rng.random(400), 2)[:, None] < 0.3).astype(float).repeat(3, axis=1)
+    s = y * np.array([4.0, 1.8, -4.0]) + rng.normal(size=y.shape)
+    rows = M.evaluate(s, y, [0.0] * 3, ["high", "mid", "low"], n_boot=1, clusters=clusters)
+    by = {r.label: r for r in rows if r.subgroup == "all"}
+    assert by["high"].auc >= 0.95 and "AUC 0.9" in by["high"].ci_note
+    assert by["low"].auc <= 0.05 and "approximate CI: AUC 0.0" in by["low"].ci_note
+    assert 0.8 < by["mid"].auc < 0.95 and by["mid"].ci_note is None
+    assert 0.05 < by["macro"].auc < 0.95 and by["macro"].ci_note is None
 
 
 def test_evaluate_degenerate_subgroups_give_none_with_a_reason():

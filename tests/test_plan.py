@@ -66,21 +66,31 @@ def test_plan_sizes_the_test_sets_for_the_primary_endpoint(tmp_path):
 
     import numpy as np
     from conftest import EV, build_output
+    from scipy import stats
 
     from privdom_ray import comparisons, costs, inference
     from privdom_ray.config import EvaluationConfig
 
-    n = costs.units_needed(0.02, 0.5, 0.05, 0.8)
+    n = costs.units_needed(0.02, 0.5, 0.05, 0.8)  # no df known: the normal formula
     assert n == math.ceil(0.5 * (1.6448536 + 1.2815516) ** 2 / 0.02**2)
     assert costs.power_at(n, 0.02, 0.5, 0.05) == pytest.approx(0.8, abs=0.002)
+    # with a pilot's df per patient the t quantiles at n's df: a small df needs more patients
+    # (n = 70 at df/patient 0.05 is df 2.5: the normal n gave power 0.70 there)
+    small = costs.units_needed(0.02, 0.005, 0.05, 0.8)
+    n_t = costs.units_needed(0.02, 0.005, 0.05, 0.8, df_per_unit=0.05)
+    assert n_t > small * 1.2 and costs.power_at(small, 0.02, 0.005, 0.05, 0.05) < 0.75
+    assert costs.power_at(n_t, 0.02, 0.005, 0.05, 0.05) >= 0.8
+    assert costs.power_at(n_t - 1, 0.02, 0.005, 0.05, 0.05) < 0.8
     rng = np.random.default_rng(0)
-    se = math.sqrt(0.5 / n)
-    hits = sum(
-        inference.infer_t(rng.normal(0.0, se), se * se, n - 1.0, ci=0.95, margin=0.02).p_tost
-        <= 0.05
-        for _ in range(4000)
-    )
-    assert hits / 4000 == pytest.approx(0.8, abs=0.025)
+    for v, d_per, size in ((0.5, math.nan, n), (0.005, 0.05, n_t)):
+        se, d = math.sqrt(v / size), costs.df_at(size, d_per)
+        d_sim = size - 1.0 if math.isinf(d) else d
+        hits = sum(  # an estimated variance with d df, as the tables' jackknife gives
+            inference.infer_t(rng.normal(0.0, se), se * se * rng.chisquare(d_sim) / d_sim,
+                              d_sim, ci=0.95, margin=0.02).p_tost <= 0.05
+            for _ in range(4000)
+        )  # fmt: skip
+        assert hits / 4000 >= 0.8 - 0.02, (v, d_per, hits)
     assert costs.power_at(n // 4, 0.02, 0.5, 0.05) < 0.2  # a quarter of it is hopeless
     with pytest.raises(ValueError):
         costs.units_needed(0.02, 0.5, 0.05, 1.5)
@@ -94,10 +104,24 @@ def test_plan_sizes_the_test_sets_for_the_primary_endpoint(tmp_path):
     rows = tables.comparisons[tables.comparisons["endpoint"] == "primary"]
     per = [(r.tost_half_width / inference._t_ppf(0.95, r.df)) ** 2 * r.n_patients
            for r in rows.itertuples()]  # fmt: skip
-    assert uv.value == pytest.approx(float(np.median(per))) and "3 primary row(s)" in uv.source
+    assert uv.value == pytest.approx(float(np.mean(per))) and "3 primary row(s)" in uv.source
+    assert uv.df_per_unit == pytest.approx(float(np.mean((rows.df + 1) / rows.n_patients)))
+    assert set(uv.rarer_share) == {"cardiomegaly", "pleural_effusion", "pneumonia",
+                                   "atelectasis", "healthy"}  # fmt: skip
+    assert all(0 < s <= 0.5 for s in uv.rarer_share.values())
     text = costs.render_sample_size(EvaluationConfig(), {"a": 150, "b": 20_000}, uv, 0.8)
-    need = costs.units_needed(0.02, uv.value, 0.05, 0.8)
-    assert f"needs {need:,} test patients per site" in text and "a 150 (power 0." in text
+    need = costs.units_needed(0.02, uv.value, 0.05, 0.8, uv.df_per_unit)
+    floor = costs.label_floor(uv.rarer_share, 10)
+    assert f"needs {max(need, floor):,} test patients per site" in text
+    assert "a 150 (power 0." in text and "t quantiles" in text
+    # the label floor: the rarest label at 4% keeps >= 10 patients with prob. >= 1 - 0.05/5
+    shares = {"rare": 0.04, "common": 0.3}
+    f = costs.label_floor(shares, 10, labels=5)
+    assert stats.binom.cdf(9, f, 0.04) <= 0.01 < stats.binom.cdf(9, f - 1, 0.04)
+    few, f = costs.UnitVariance(0.0036, "given", 0.07, shares), costs.label_floor(shares, 10)
+    text = costs.render_sample_size(EvaluationConfig(), {"a": 77}, few, 0.8)
+    assert f"needs {f:,} test patients per site (the label floor decides" in text
+    assert "a 77 (power 0." in text and f"below the label floor {f:,})" in text
     assert "--variance-from" in costs.render_sample_size(EvaluationConfig(), {}, None, 0.8)
     old = tables.comparisons.drop(columns=["df"])
     old.to_parquet(tmp_path / "comparisons.parquet")

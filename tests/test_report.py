@@ -109,7 +109,9 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
         assert head[t][9] == f"{r['n_patients']} patients"
     assert head["a"][2] == report.MISSING  # the DP model of b never reached a: no mean off
     # "every site at once" needs every site: a has no primary row
-    assert "Every site at once: no verdict (1 of 3 test sites have no primary row" in md
+    assert ("Every site at once: no verdict (no primary estimate at test site(s) a; the claim "
+            "needs every site)") in md
+    assert _one(cmp, endpoint="primary", target="b")["n_sites"] == 3
     assert "intersection-union" in md and "Holm-adjusted across the test sites" in md
 
     # test sets: images, patients and prevalence from the transfer table

@@ -25,7 +25,7 @@ BASE = {
     "output": "out",
     "domains": [SYN],
     "epsilons": [1, "inf"],
-    "training": {"epochs": 1, "logical_batch": 16, "physical_batch": 16},
+    "training": {"epochs": 1, "logical_batch": 8, "physical_batch": 8},  # 15 training images
     "preprocessing": {"image_size": 16},
     "ray": {"num_cpus": 1},
 }

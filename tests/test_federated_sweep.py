@@ -11,6 +11,7 @@ import yaml
 from conftest import ROOT, launch, synthetic_domain
 
 from privdom_ray.privacy import epsilon_of, ledger_mechanisms
+from privdom_ray.store import TrialStore
 
 pytestmark = pytest.mark.ray
 
@@ -107,18 +108,18 @@ def test_audit_covers_a_federations_summary_and_every_trained_site(fed_sweep, ta
     work, _ = fed_sweep
     df = pd.read_parquet(work / "out" / "transfer.parquet")
     key = df[(df["source"] == "ab") & (df["epsilon_target"] == 2)]["trial_key"].iloc[0]
-    path = work / "out" / "trials" / key / "ledger.json"
-    original = path.read_text()
+    store = TrialStore(work / "out")  # edits resealed: the checksums guard against damage
+    original = (store.folder(key) / "ledger.json").read_bytes()
     ledger = json.loads(original)
     if tamper == "understated summary":
         ledger["epsilon_spent"] = 0.05
     else:
         ledger["sites"].pop("b")
     try:
-        path.write_text(json.dumps(ledger))
+        store.rewrite(key, "ledger.json", json.dumps(ledger).encode())
         proc = launch("audit", "out", cwd=work, expect=1)
     finally:
-        path.write_text(original)
+        store.rewrite(key, "ledger.json", original)
     assert (
         "summary" if tamper == "understated summary" else "no ledger for this site"
     ) in proc.stdout

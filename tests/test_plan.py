@@ -37,7 +37,7 @@ def test_plan_of_the_paper_grid_on_fixture_folders(tmp_path):
     proc = launch("plan", "paper.yaml", "--images-per-s", "100", "60", "--slots", "8",
                   "--variance", "0.5", cwd=tmp_path)  # fmt: skip
     out = proc.stdout
-    assert "needs 10,705 test patients per site (per-patient variance 0.5, given)" in out
+    assert "needs 10,705 test patients per site (per-patient variance 0.5, given; normal quantiles)" in out
     for name in roots:
         assert f"| {name} |" in out
     # 5 sources x 5 epsilons x 3 seeds, plus the MIMIC pretraining and one audit twin per

@@ -214,7 +214,7 @@ def _same_number(value: Any, want: Any) -> bool:
     return a == b or math.isclose(a, b, rel_tol=1e-9)
 
 
-def _check_models_exported(name: str, table: pa.Table, records: Mapping[str, TrialRecord]):
+def _check_models_exported(name: str, table: pa.Table, records: Mapping[str, TrialRecord]) -> None:
     """Every model a row of ``name`` names (source, epsilon, seed) is a trial of the exported
     transfer rows, whose guarantees are stated: a row of any other model would leave
     uncovered."""

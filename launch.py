@@ -318,7 +318,7 @@ def _report(argv: list[str]) -> int:
     from privdom_ray import report
 
     print(report.write_report(Path(args.output)))
-    print(f"report: {Path(args.output) / 'report.md'}; figures: {Path(args.output) / 'figures'}")
+    print(f"report: {Path(args.output) / 'report.md'} and report.html; figures: {Path(args.output) / 'figures'}")
     return 0
 
 

@@ -448,7 +448,7 @@ def _privacy_note(
         for cls, cols in by_class.items():
             lines.append(f"  - **{cls}** ({PRIVACY_CLASSES.get(cls, '?')}): {', '.join(cols)}")
     lines += [
-        "- `report.md`, `figures/`: drawn from these tables only.",
+        "- `report.md`, `report.html`, `figures/`: drawn from these tables only.",
         f"- `models/`: {len(models)} released model(s), each with `model.pt` (weights), "
         "`ledger.json` (recompute epsilon from it) and `card.json` (spec, thresholds of class "
         "**validation**, this model's epsilon and each training set's total).",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privdom_ray import atomic, comparisons, guarantee, inference, metrics, results
+from privdom_ray import atomic, comparisons, guarantee, inference, metrics, report_html, results
 from privdom_ray.config import format_epsilon
 
 MISSING = "—"
@@ -1278,6 +1278,10 @@ def write_report(output: Path, *, figures: bool = True) -> str:
                                                       for p in paths))  # fmt: skip
     text = "\n".join(parts).rstrip() + "\n"
     atomic.atomic_write(output / REPORT, lambda p: p.write_text(text, encoding="utf-8"))
+    report_html.write_html(
+        output, text, epsilons=[format_epsilon(e) for e in view.eps],
+        sites=sorted({*map(str, view.sources), *map(str, view.targets)}), labels=view.labels,
+    )  # fmt: skip
     return text
 
 

@@ -759,7 +759,7 @@ def _aggregate(
     missing = len(evaluated) - (df["trial_key"].nunique() if len(df) else 0)
     log(f"[sweep] table: {path} ({len(df)} rows; {missing} cell(s) missing)")
     log(
-        f"[sweep] comparisons: {spec.output / 'comparisons.parquet'}; report: {spec.output / 'report.md'}"
+        f"[sweep] comparisons: {spec.output / 'comparisons.parquet'}; report: {spec.output / 'report.md'} (and report.html)"
     )
     return path
 

@@ -339,7 +339,7 @@ def test_export_writes_exactly_the_shareable_set(tiny_sweep):
     )
     tables = {
         "transfer.parquet", "comparisons.parquet", "reliability.parquet", "guarantees.parquet",
-        "report.md", "PRIVACY.md",
+        "report.md", "report.html", "PRIVACY.md",
     }  # fmt: skip
     assert tables <= set(files), files
     models = [f for f in files if f.startswith("models/")]

@@ -227,7 +227,8 @@ def test_every_logical_batch_is_checked_against_the_training_set_it_samples(tmp_
         **BASE, "domains": doms, "sources": ["a"],
         "federations": [{"name": "ab", "sites": ["a", "b"], "rounds": 1}],
         "pretrain": {"domain": "p", "logical_batch": 64, "physical_batch": 32},
-        "training": {**BASE["training"], "init": "pretrain"},
+        "training": {**BASE["training"], "logical_batch": 16, "physical_batch": 16,
+                     "init": "pretrain"},
     }  # fmt: skip
     spec = parse_grid(raw, base=tmp_path)
     check_sample_rates(spec, {"a": 16, "b": 16, "p": 64})  # every batch fits
@@ -237,8 +238,9 @@ def test_every_logical_batch_is_checked_against_the_training_set_it_samples(tmp_
     assert "site 'b' of federation 'ab'" in text and "pretraining domain 'p'" in text
     assert "source 'a'" not in text
     patients = parse_grid(
-        {**BASE, "training": {**BASE["training"], "privacy_unit": "patient",
-                              "grad_sample_mode": "hooks"}}, base=tmp_path,
+        {**BASE, "training": {**BASE["training"], "logical_batch": 16, "physical_batch": 16,
+                              "privacy_unit": "patient", "grad_sample_mode": "hooks"}},
+        base=tmp_path,
     )  # fmt: skip
     with pytest.raises(GridError, match="15 training patients"):  # patients, not images
         check_sample_rates(patients, {"a": 40}, {"a": 15})

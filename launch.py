@@ -105,7 +105,8 @@ def _status(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from collections import Counter
 
-    from privdom_ray import lease, results
+    from privdom_ray import lease
+    from privdom_ray.stats import results
     from privdom_ray.store import TrialStore
 
     output = Path(args.output)
@@ -361,7 +362,7 @@ def _manifest(argv: list[str]) -> int:
         raise domains.ManifestError(f"--option: {exc}") from None
     df = domains.build_manifest(args.kind, args.root, opts)
     out = Path(args.out)
-    from privdom_ray import results
+    from privdom_ray.stats import results
 
     results.write_parquet(out, df)
     print(domains.summarize(df))

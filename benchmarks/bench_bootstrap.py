@@ -21,7 +21,7 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from privdom_ray import metrics as M
+from privdom_ray.stats import metrics as M
 
 LABELS = ["cardiomegaly", "effusion", "pneumonia", "atelectasis", "healthy"]
 PREVALENCE = [0.10, 0.12, 0.04, 0.15, 0.35]

@@ -361,7 +361,7 @@ def cache_seconds(run: SweepRun) -> dict[str, tuple[int, float]]:
 
 
 def _keys_and_targets(out: Path) -> tuple[list[str], list]:
-    from privdom_ray import results
+    from privdom_ray.stats import results
 
     plan = results.read_json(out / "plan.json")
     return [c["key"] for c in plan["cells"]], results.planned_targets(out)
@@ -399,8 +399,9 @@ def stage_evaluate(grid_path: Path, out: Path) -> None:
     the stored predictions: the model's forward pass is not timed)."""
     import numpy as np
 
-    from privdom_ray import grid, metrics
+    from privdom_ray import grid
     from privdom_ray.manifest import LABELS
+    from privdom_ray.stats import metrics
     from privdom_ray.store import TrialStore
 
     spec = grid.load_grid(grid_path)
@@ -422,14 +423,15 @@ def stage_evaluate(grid_path: Path, out: Path) -> None:
 
 
 def stage_aggregate(grid_path: Path, out: Path) -> None:
-    from privdom_ray import results
+    from privdom_ray.stats import results
 
     keys, targets = _keys_and_targets(out)
     results.aggregate(out, keys, "paper_scale", targets)
 
 
 def stage_comparisons(grid_path: Path, out: Path) -> None:
-    from privdom_ray import comparisons, grid
+    from privdom_ray import grid
+    from privdom_ray.stats import comparisons
 
     spec = grid.load_grid(grid_path)
     keys, targets = _keys_and_targets(out)

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from privdom_ray import comparisons as C
 from privdom_ray.config import EvaluationConfig
+from privdom_ray.stats import comparisons as C
 
 SITES = {"VDR": 3000, "C14": 25596, "CPT": 29320, "UKA": 39824, "PCH": 22045}
 EPSILONS = (1.0, 3.0, 6.0, 10.0, math.inf)

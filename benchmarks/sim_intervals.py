@@ -50,8 +50,8 @@ from multiprocessing import Pool
 import numpy as np
 from scipy import stats
 
-from privdom_ray import inference as I
-from privdom_ray import metrics as M
+from privdom_ray.stats import inference as I
+from privdom_ray.stats import metrics as M
 
 CI = 0.95
 ALPHA = I.alpha_of(CI)

@@ -62,7 +62,7 @@ from multiprocessing import Pool
 import numpy as np
 from scipy import stats
 
-from privdom_ray import inference as I
+from privdom_ray.stats import inference as I
 
 SD_P = 0.40  # per-patient SD of the paired difference (see the module docstring)
 MARGIN = 0.02

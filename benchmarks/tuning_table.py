@@ -20,8 +20,9 @@ import time
 import numpy as np
 from scipy.stats import norm
 
-from privdom_ray import metrics, privacy
+from privdom_ray import privacy
 from privdom_ray.selection import rdp, runs, tuning, validation
+from privdom_ray.stats import metrics
 
 TARGETS = (1.0, 3.0, 8.0)
 # (name, N_train, logical batch, epochs, delta); paper: shared/reference/paper.md (VinDr-CXR

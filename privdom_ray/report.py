@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privdom_ray import atomic, comparisons, guarantee, inference, metrics, results
+from privdom_ray import atomic, guarantee
 from privdom_ray.config import format_epsilon
+from privdom_ray.stats import comparisons, inference, metrics, results
 
 MISSING = "—"
 UNDEFINED = "n/a"

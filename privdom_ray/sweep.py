@@ -26,7 +26,6 @@ import pandas as pd
 from privdom_ray import (
     atomic,
     cache,
-    comparisons,
     grid,
     integrity,
     kinds,
@@ -34,13 +33,13 @@ from privdom_ray import (
     planning,
     ray_decode,
     report,
-    results,
 )
 from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.config import SweepSpec, TrialSpec
 from privdom_ray.domains import build_manifest
 from privdom_ray.kinds.pretrain import pretraining_trial
 from privdom_ray.manifest import fingerprint
+from privdom_ray.stats import comparisons, results
 from privdom_ray.store import TrialStore
 from privdom_ray.trainable import private_ray_temp_dir, privdom_trial, trial_resources
 

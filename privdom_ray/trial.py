@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from privdom_ray import federated, metrics
+from privdom_ray import federated
 from privdom_ray.cache import SplitData, load_split, split_sizes, take
 from privdom_ray.cell import Cell, TargetRef, TrialTimedOut
 from privdom_ray.config import EvaluationConfig
 from privdom_ray.kinds import kind_of
 from privdom_ray.manifest import LABELS
+from privdom_ray.stats import metrics
 from privdom_ray.store import TrialStore
 from privdom_ray.train import load_model, memory_budget_mb, predict, run_trial
 

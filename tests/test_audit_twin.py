@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 from conftest import launch, synthetic_domain, toy_split
 
-from privdom_ray import kinds, results
+from privdom_ray import kinds
 from privdom_ray.canaries import Fault
 from privdom_ray.cell import Cell
 from privdom_ray.config import AuditSpec, EvaluationConfig, TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.kinds.audit import audited
 from privdom_ray.manifest import LABELS
+from privdom_ray.stats import results
 from privdom_ray.store import TrialStore
 from privdom_ray.trial import Executor, train_audit_twin
 

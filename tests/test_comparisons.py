@@ -16,10 +16,11 @@ import pytest
 from conftest import AGE_BINS, EV, build_output, make_testset, scores_for, write_trial
 from scipy import stats
 
-from privdom_ray import comparisons, inference, integrity, metrics, report, results
-from privdom_ray.comparisons import ComparisonWarning
+from privdom_ray import integrity, report
 from privdom_ray.config import format_epsilon
 from privdom_ray.manifest import LABELS
+from privdom_ray.stats import comparisons, inference, metrics, results
+from privdom_ray.stats.comparisons import ComparisonWarning
 from privdom_ray.store import TrialStore
 
 

@@ -1,4 +1,4 @@
-"""The inference rules (privdom_ray.inference) and the patient-level bootstrap's error rates.
+"""The inference rules (privdom_ray.stats.inference) and the patient-level bootstrap's error rates.
 
 numpy and scipy only (no sklearn): the simulations check the claims the statistics rest on,
 namely that resampling patients gives nominal error rates on clustered data where resampling
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privdom_ray import inference as I
-from privdom_ray import metrics as M
+from privdom_ray.stats import inference as I
+from privdom_ray.stats import metrics as M
 
 
 def _random_cases(n_cases: int, seed: int):

@@ -1,4 +1,4 @@
-"""Behavioural tests for privdom_ray.metrics (real computations, sklearn as the oracle)."""
+"""Behavioural tests for privdom_ray.stats.metrics (real computations, sklearn as the oracle)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from privdom_ray import inference as I
-from privdom_ray import metrics as M
 from privdom_ray.config import EvaluationConfig
+from privdom_ray.stats import inference as I
+from privdom_ray.stats import metrics as M
 
 
 def _data(n: int = 2000, n_lab: int = 5, seed: int = 0, decimals: int | None = None):

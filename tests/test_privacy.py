@@ -272,7 +272,7 @@ def test_every_column_of_every_table_has_a_privacy_class():
     the column may leave): every column the tables have today is classified."""
     import pyarrow as pa
 
-    from privdom_ray import comparisons, results
+    from privdom_ray.stats import comparisons, results
 
     tables = {
         results.TRANSFER: results.SCHEMA,

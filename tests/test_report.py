@@ -15,8 +15,9 @@ import pytest
 from conftest import EV, build_output
 from PIL import Image
 
-from privdom_ray import comparisons, report, results
+from privdom_ray import report
 from privdom_ray.manifest import LABELS
+from privdom_ray.stats import comparisons, results
 
 
 def write_transfer(output, keys, sweep: str = "test-sweep") -> pd.DataFrame:

@@ -19,8 +19,8 @@ from dp_accounting.rdp import RdpAccountant
 from scipy import integrate
 from scipy.special import logsumexp
 
-from privdom_ray import metrics
 from privdom_ray.selection import rdp, runs, tuning, validation
+from privdom_ray.stats import metrics
 
 INTEGER_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512)
 DELTA = 1e-5

@@ -18,7 +18,7 @@ CIs (evaluation protocol 4) are leave-one-patient-out jackknife t intervals: eve
 recomputed without each patient exactly in O(n log n) (:func:`jackknife_auc`: the
 Mann-Whitney sum loses the patient's row and column sums and regains its within-patient
 pairs), rates and Brier scores are ratios of per-patient sums (:func:`jackknife_ratio`), and a
-macro is the mean of its labels' leave-one-out values; :mod:`privdom_ray.inference` turns them
+macro is the mean of its labels' leave-one-out values; :mod:`privdom_ray.stats.inference` turns them
 into a t interval on the logit scale with Satterthwaite degrees of freedom over the rarer
 class's effective patients. A "macro" value is the mean over a FIXED label set: the labels
 with at least ``min_positives`` positive and ``min_negatives`` negative patients (for a
@@ -42,7 +42,7 @@ from functools import cached_property
 import numpy as np
 from scipy import sparse
 
-from privdom_ray.inference import (
+from privdom_ray.stats.inference import (
     RELIABLE_UNITS,
     infer_t,
     jackknife_variance,

@@ -30,7 +30,7 @@ from privdom_ray.atomic import (  # noqa: F401
     write_yaml,
 )
 from privdom_ray.kinds import audit as kinds_audit
-from privdom_ray.metrics import MetricRow
+from privdom_ray.stats.metrics import MetricRow
 from privdom_ray.store import TrialStore
 
 TRIALS = "trials"
@@ -276,7 +276,7 @@ def with_privacy_metadata(
     for f in table.schema:
         cls = (overrides or {}).get(f.name) or privacy_class(f.name, name)
         if cls is None:
-            raise KeyError(f"{name}: column {f.name!r} has no privacy class (results.py)")
+            raise KeyError(f"{name}: column {f.name!r} has no privacy class (stats/results.py)")
         fields.append(f.with_metadata({**(f.metadata or {}), b"privacy": cls.encode()}))
     return table.cast(pa.schema(fields, metadata=table.schema.metadata))
 

@@ -29,7 +29,7 @@ models *on the same patients* of the same test set. Rows (``comparison``):
     column (``p_t``), CONDITIONAL on the test set: it treats the test patients as fixed and
     covered the mean over training randomness 40-85% of the time (statistics red team).
 
-Inference (:mod:`privdom_ray.inference`, evaluation protocol 4): every statistic here is a
+Inference (:mod:`privdom_ray.stats.inference`, evaluation protocol 4): every statistic here is a
 linear combination of AUCs (or Brier scores) on one test set, and each AUC's
 leave-one-patient-out values are computed exactly (:func:`metrics.jackknife_auc`); the same
 combination of those values gives the statistic's jackknife variance, so the pairing (same
@@ -89,9 +89,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from privdom_ray import atomic, inference, metrics, results
+from privdom_ray import atomic
 from privdom_ray.config import EvaluationConfig, parse_epsilon
 from privdom_ray.kinds import kind_of
+from privdom_ray.stats import inference, metrics, results
 from privdom_ray.store import TrialRecord, TrialStore
 
 COMPARISONS = "comparisons.parquet"

@@ -395,13 +395,13 @@ def stage_planning(grid_path: Path, out: Path) -> None:
 
 
 def stage_evaluate(grid_path: Path, out: Path) -> None:
-    """``metrics.evaluate`` as a trial calls it, for one model on the largest test set (from
+    """``evaluation.evaluate`` as a trial calls it, for one model on the largest test set (from
     the stored predictions: the model's forward pass is not timed)."""
     import numpy as np
 
     from privdom_ray import grid
     from privdom_ray.manifest import LABELS
-    from privdom_ray.stats import metrics
+    from privdom_ray.stats import evaluation
     from privdom_ray.store import TrialStore
 
     spec = grid.load_grid(grid_path)
@@ -413,9 +413,9 @@ def stage_evaluate(grid_path: Path, out: Path) -> None:
     scores = pred[[f"score_{x}" for x in LABELS]].to_numpy()
     labels = pred[[f"label_{x}" for x in LABELS]].to_numpy()
     e = spec.evaluation
-    metrics.evaluate(
+    evaluation.evaluate(
         scores, labels, np.full(len(LABELS), 0.5), LABELS,
-        groups=metrics.subgroup_masks(pred["sex"].to_numpy(), pred["age"].to_numpy(), e.age_bins),
+        groups=evaluation.subgroup_masks(pred["sex"].to_numpy(), pred["age"].to_numpy(), e.age_bins),
         n_boot=e.n_boot, seed=e.seed, ci=e.ci, clusters=pred["patient_group"].to_numpy(),
         min_positives=e.min_positives, min_negatives=e.min_negatives,
         calibration_bins=e.calibration_bins,

@@ -189,7 +189,7 @@ def _cells(df: pd.DataFrame) -> pd.DataFrame:
     num = df[keys + cols].copy()
     for c in cols:
         num[c] = pd.to_numeric(num[c], errors="coerce")
-    # an approximate CI (too few units of the rarer class, metrics.RELIABLE_UNITS) is marked
+    # an approximate CI (too few units of the rarer class, inference.RELIABLE_UNITS) is marked
     num["approx"] = df["ci_note"].notna().astype(float) if "ci_note" in df.columns else 0.0
     cols.append("approx")
     grp = num.groupby(keys, dropna=False)

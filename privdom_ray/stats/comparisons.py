@@ -31,7 +31,7 @@ models *on the same patients* of the same test set. Rows (``comparison``):
 
 Inference (:mod:`privdom_ray.stats.inference`, evaluation protocol 4): every statistic here is a
 linear combination of AUCs (or Brier scores) on one test set, and each AUC's
-leave-one-patient-out values are computed exactly (:func:`metrics.jackknife_auc`); the same
+leave-one-patient-out values are computed exactly (:func:`resampling.jackknife_auc`); the same
 combination of those values gives the statistic's jackknife variance, so the pairing (same
 patients for every model) is kept exactly. CI, p and TOST come from one t rule with the
 Satterthwaite df of the rarer class's patients (:func:`inference.infer_t`); value CIs of
@@ -92,7 +92,7 @@ import pyarrow as pa
 from privdom_ray import atomic
 from privdom_ray.config import EvaluationConfig, parse_epsilon
 from privdom_ray.kinds import kind_of
-from privdom_ray.stats import inference, metrics, results
+from privdom_ray.stats import evaluation, inference, metrics, resampling, results, thresholds
 from privdom_ray.store import TrialRecord, TrialStore
 
 COMPARISONS = "comparisons.parquet"
@@ -512,7 +512,7 @@ def _columns(point: np.ndarray, loo: np.ndarray, df: np.ndarray, sup, ok, p: int
     if not ok.any():
         return [*cols, Est(math.nan, np.full(p, np.nan), math.nan)]
     var = np.array([inference.jackknife_variance(loo[j]) for j in np.flatnonzero(ok)])
-    m_df = metrics.macro_df(var, df[ok], p)
+    m_df = evaluation.macro_df(var, df[ok], p)
     return [*cols, Est(float(pt[ok].mean()), loo[ok].mean(axis=0), m_df)]
 
 
@@ -524,15 +524,15 @@ def _subgroup(ts: TestSet, g: _Group, ev: EvaluationConfig, calib: bool) -> _Gro
     g.n_patients = np.array([*(np.unique(codes[known[:, j]]).size for j in range(y.shape[1])), p])
     for key, scores in ts.scores.items():
         s = scores[g.mask]
-        jk = metrics.jackknife_auc(s, y, codes, n_units=p)
+        jk = resampling.jackknife_auc(s, y, codes, n_units=p)
         g.auc[key] = _columns(jk.point, jk.loo, jk.df, g.support, g.ok, p)
-        if calib and metrics.are_probabilities(s, y):
+        if calib and resampling.are_probabilities(s, y):
             sq = np.where(known, (np.nan_to_num(y) - np.where(known, s, 0.0)) ** 2, 0.0)
             num = np.stack([np.bincount(codes, weights=sq[:, j], minlength=p)
                             for j in range(y.shape[1])])  # fmt: skip
             den = np.stack([np.bincount(codes, weights=known[:, j].astype(np.float64),
                                         minlength=p) for j in range(y.shape[1])])  # fmt: skip
-            point, loo = metrics.jackknife_ratio(num, den)
+            point, loo = resampling.jackknife_ratio(num, den)
             g.calib[key] = {"delta_brier": _columns(point, loo, jk.df, g.support, g.ok, p)}
     return g
 
@@ -733,14 +733,14 @@ def _missing_side(dp: Est | None, nondp: Est | None, fields, what: str = "") -> 
 def _gap_pairs(age_bins: Sequence[float]) -> dict[str, tuple[str, str]]:
     """Quantity -> (subgroup a, subgroup b) of the gap a - b: female - male, oldest -
     youngest age bin (the grid's first and last bins)."""
-    names = [k for k in metrics.subgroup_masks([], [], age_bins) if k.startswith("age=")]
+    names = [k for k in evaluation.subgroup_masks([], [], age_bins) if k.startswith("age=")]
     return {"auc_gap_sex": ("sex=F", "sex=M"), "auc_gap_age": (names[-1], names[0])}
 
 
 def _gap_items(ts: TestSet, models: list[ModelInfo], ev: EvaluationConfig) -> list[_Item]:
     """Macro AUC gaps per model with both subgroups on the test set's patients JOINTLY (one
     jackknife over every patient), and DP's effect on the gap vs its non-DP partner."""
-    masks = metrics.subgroup_masks(ts.sex, ts.age, ev.age_bins)
+    masks = evaluation.subgroup_masks(ts.sex, ts.age, ev.age_bins)
     codes, p = metrics.cluster_codes(ts.clusters, len(ts.y))
     partner = _nondp_partner(models)
     items = []
@@ -777,7 +777,7 @@ def _gap(ts: TestSet, key: str, units: tuple, masks: tuple, ok: np.ndarray) -> E
     sides = []
     for mask in masks:
         s, y = ts.scores[key][mask], ts.y[mask]
-        jk = metrics.jackknife_auc(s, y, codes[mask], n_units=p)
+        jk = resampling.jackknife_auc(s, y, codes[mask], n_units=p)
         sup = metrics.label_support(y, 1, 1)
         sides.append(_columns(jk.point, jk.loo, jk.df, sup, ok, p)[-1])
     return sides[0] - sides[1]
@@ -789,9 +789,9 @@ def _reliability_rows(ts: TestSet, models: list[ModelInfo], bins: int) -> list[d
     rows = []
     for m in models:
         s = ts.scores.get(m.key)
-        if s is None or not metrics.are_probabilities(s, ts.y):
+        if s is None or not resampling.are_probabilities(s, ts.y):
             continue
-        n, ssum, pos = metrics.reliability_bins(s, ts.y, bins)
+        n, ssum, pos = thresholds.reliability_bins(s, ts.y, bins)
         per = {lab: (n[j], ssum[j], pos[j]) for j, lab in enumerate(ts.labels)}
         per["pooled"] = (n.sum(axis=0), ssum.sum(axis=0), pos.sum(axis=0))
         for label, (cnt, tot, npos) in per.items():
@@ -818,7 +818,7 @@ def _test_set_items(ts: TestSet, models: dict[str, ModelInfo], ev: EvaluationCon
     transfer table's (``metrics.shared_label_sets``)."""
     members = [models[k] for k in ts.scores]
     masks = {"all": np.ones(len(ts.y), dtype=bool)}
-    masks.update(metrics.subgroup_masks(ts.sex, ts.age, ev.age_bins))
+    masks.update(evaluation.subgroup_masks(ts.sex, ts.age, ev.age_bins))
     support = {name: metrics.label_support(ts.y[m], ev.min_positives, ev.min_negatives,
                                            _units(ts, m)) for name, m in masks.items()}  # fmt: skip
     shared = metrics.shared_label_sets({name: sup.ok for name, sup in support.items()})
@@ -928,7 +928,7 @@ def _across_row(items: list[_Item], ev: EvaluationConfig) -> dict[str, Any]:
     row.update(sd_nondp=float(np.std(y, ddof=1)))
     if is_dp:
         x = np.array([it.dp.point for it in used])
-        t, p = metrics.paired_t_test(x, y)
+        t, p = evaluation.paired_t_test(x, y)
         row.update(sd_dp=float(np.std(x, ddof=1)), delta_sd=float(np.std(x - y, ddof=1)),
                    t_stat=inference.opt(t), p_t=inference.opt(p))  # fmt: skip
     return row

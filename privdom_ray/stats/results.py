@@ -30,7 +30,7 @@ from privdom_ray.atomic import (  # noqa: F401
     write_yaml,
 )
 from privdom_ray.kinds import audit as kinds_audit
-from privdom_ray.stats.metrics import MetricRow
+from privdom_ray.stats.evaluation import MetricRow
 from privdom_ray.store import TrialStore
 
 TRIALS = "trials"

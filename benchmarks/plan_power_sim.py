@@ -11,7 +11,7 @@ import numpy as np
 
 from privdom_ray.costs import label_floor, power_at, units_needed
 from privdom_ray.stats import metrics, resampling
-from privdom_ray.stats.comparisons import _columns, _mean
+from privdom_ray.stats.estimates import _columns, _mean
 
 PREV = np.array([0.04, 0.07, 0.12, 0.2, 0.3])
 L = PREV.size

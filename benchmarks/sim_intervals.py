@@ -4,7 +4,7 @@ Compares, on clustered test sets with a known true AUC, the interval method befo
 evaluation protocol 4 ("pct": the patient-level percentile bootstrap with the
 order-statistic rule, ``inference.order_ci`` / ``p_two_sided``) with the one after it ("jk":
 the leave-one-patient-out jackknife t interval, logit scale for AUC levels, Satterthwaite df
-of the rarer class's effective patients: ``metrics.jackknife_auc``,
+of the rarer class's effective patients: ``resampling.jackknife_auc``,
 ``inference.level_interval``, ``inference.infer_t``). Same data, same replicates.
 
 Generator (ours, not the demo's): P patients, of whom exactly ``n_pos`` carry finding 0 (the

@@ -26,7 +26,7 @@ import pandas as pd
 
 from privdom_ray import atomic, guarantee
 from privdom_ray.config import format_epsilon
-from privdom_ray.stats import comparisons, inference, metrics, results
+from privdom_ray.stats import comparisons, inference, metrics, quantities, results
 
 MISSING = "—"
 UNDEFINED = "n/a"
@@ -259,7 +259,7 @@ def _verdict(r: dict | None) -> str:
     v = str(r["verdict"]).replace("±m", f"±{r['margin']:g}")
     if r["verdict"] == inference.DIFFERENT and not _missing(r.get("worse_if")):
         harm = r["delta"] if r["worse_if"] == "higher" else -r["delta"]
-        if r.get("quantity") == comparisons.PRIMARY_QUANTITY:
+        if r.get("quantity") == quantities.PRIMARY_QUANTITY:
             v += " (DP's drop larger)" if harm > 0 else " (DP's drop smaller)"
         else:
             v += " (DP worse)" if harm > 0 else " (DP better)"
@@ -413,9 +413,9 @@ def _primary_table(view: ReportView, eps: float) -> str:
               "test units"]  # fmt: skip
     table = []
     for t in view.targets:
-        r = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
-        on = view.summary(comparisons.ON_DOMAIN, target=t, epsilon=eps)
-        off = view.summary(comparisons.OFF_DOMAIN, target=t, epsilon=eps)
+        r = view.summary(quantities.PRIMARY_QUANTITY, target=t, epsilon=eps)
+        on = view.summary(quantities.ON_DOMAIN, target=t, epsilon=eps)
+        off = view.summary(quantities.OFF_DOMAIN, target=t, epsilon=eps)
         tost = "" if r is None else _ci(r.get("tost_lo"), r.get("tost_hi"), 3, True)
         smallest = MISSING if r is None or _missing(r.get("margin_confirmable")) else (
             f"{r['margin_confirmable']:.3f} / {r['tost_half_width']:.3f}")  # fmt: skip
@@ -431,7 +431,7 @@ def _primary_table(view: ReportView, eps: float) -> str:
 
 def _every_site(view: ReportView, eps: float) -> str:
     """The intersection-union verdict of "equivalent at every site" at one epsilon."""
-    rows = [view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
+    rows = [view.summary(quantities.PRIMARY_QUANTITY, target=t, epsilon=eps)
             for t in view.targets]  # fmt: skip
     got = [r for r in rows if r is not None and not _missing(r.get("p_tost_iut"))]
     if not got:
@@ -463,7 +463,7 @@ def _section_headline(view: ReportView) -> str:
         return missing
     if not view.finite_eps or not view.has_nondp:
         return "Needs both DP and non-DP trials.\n"
-    rows = view.rows(quantity=comparisons.PRIMARY_QUANTITY)
+    rows = view.rows(quantity=quantities.PRIMARY_QUANTITY)
     margin = rows["margin"].dropna().iloc[0] if rows["margin"].notna().any() else None
     alpha = inference.alpha_of(float(view.cmp["ci"].dropna().iloc[0]))
     out = [_primary_intro(view, margin, alpha)]
@@ -634,10 +634,10 @@ def _section_drop(view: ReportView) -> str:
         out.append(f"### {_eps_label(eps)} vs non-DP — {_privacy_note(view.df, eps)}\n")
         rows, abstract = [], []
         for t in view.targets:
-            r = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
-            nondp = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=math.inf)
-            on = view.summary(comparisons.ON_DOMAIN, target=t, epsilon=eps)
-            off = view.summary(comparisons.OFF_DOMAIN, target=t, epsilon=eps)
+            r = view.summary(quantities.PRIMARY_QUANTITY, target=t, epsilon=eps)
+            nondp = view.summary(quantities.PRIMARY_QUANTITY, target=t, epsilon=math.inf)
+            on = view.summary(quantities.ON_DOMAIN, target=t, epsilon=eps)
+            off = view.summary(quantities.OFF_DOMAIN, target=t, epsilon=eps)
             n_off = MISSING if r is None or _missing(r.get("n_off")) else str(r["n_off"])
             rows.append([f"**{t}**", _value(nondp, "value_nondp"), _value(r, "value_dp"),
                          _value(r, "delta", 3, True), _verdict(r), _value(on, "delta", 3, True),
@@ -960,7 +960,7 @@ def _console_verdicts(view: ReportView) -> str:
     for eps in view.finite_eps:
         per_site = []
         for t in view.targets:
-            r = view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps)
+            r = view.summary(quantities.PRIMARY_QUANTITY, target=t, epsilon=eps)
             if r is not None and not _missing(r.get("delta")):
                 per_site.append(f"- epsilon = {format_epsilon(eps)}, test site {t}: Δdrop "
                                 f"{_value(r, 'delta', 3, True)}: {_verdict(r)}")  # fmt: skip
@@ -1515,10 +1515,10 @@ def _drop_bars(view: ReportView, new, path: Path) -> Path:
     fig, axes = new((max(6.0, 1.6 * len(view.targets) + 2), 3.2 * len(view.finite_eps)),
                     nrows=len(view.finite_eps), squeeze=False)  # fmt: skip
     series = (
-        (comparisons.PRIMARY_QUANTITY, math.inf, "value_nondp", "drop non-DP"),
-        (comparisons.PRIMARY_QUANTITY, None, "value_dp", "drop DP"),
-        (comparisons.ON_DOMAIN, None, "delta", "on-domain ΔAUC (DP − non-DP)"),
-        (comparisons.OFF_DOMAIN, None, "delta", "off-domain ΔAUC (DP − non-DP)"),
+        (quantities.PRIMARY_QUANTITY, math.inf, "value_nondp", "drop non-DP"),
+        (quantities.PRIMARY_QUANTITY, None, "value_dp", "drop DP"),
+        (quantities.ON_DOMAIN, None, "delta", "on-domain ΔAUC (DP − non-DP)"),
+        (quantities.OFF_DOMAIN, None, "delta", "off-domain ΔAUC (DP − non-DP)"),
     )
     for ax, eps in zip(axes[:, 0], view.finite_eps, strict=True):
         x = np.arange(len(view.targets))
@@ -1547,7 +1547,7 @@ def _drop_bars(view: ReportView, new, path: Path) -> Path:
 
 def _equivalence_plot(view: ReportView, new, path: Path) -> Path:
     """Forest plot of the primary endpoint: Δ with its 90% (TOST) and 95% CIs vs ±margin."""
-    rows = [(eps, t, view.summary(comparisons.PRIMARY_QUANTITY, target=t, epsilon=eps))
+    rows = [(eps, t, view.summary(quantities.PRIMARY_QUANTITY, target=t, epsilon=eps))
             for eps in view.finite_eps for t in view.targets]  # fmt: skip
     fig, ax = new((7.5, 0.45 * len(rows) + 1.8))
     margin = next((r["margin"] for *_, r in rows if r and not _missing(r.get("margin"))), None)

@@ -19,8 +19,16 @@ from scipy import stats
 from privdom_ray import integrity, report
 from privdom_ray.config import format_epsilon
 from privdom_ray.manifest import LABELS
-from privdom_ray.stats import comparisons, evaluation, inference, metrics, resampling, results
-from privdom_ray.stats.comparisons import ComparisonWarning
+from privdom_ray.stats import (
+    comparisons,
+    evaluation,
+    inference,
+    metrics,
+    quantities,
+    resampling,
+    results,
+)
+from privdom_ray.stats.quantities import ComparisonWarning
 from privdom_ray.store import TrialStore
 
 
@@ -386,7 +394,7 @@ def test_across_seeds_pools_the_seeds_with_a_t_interval_and_a_secondary_t_test(t
     assert row["delta_sd"] == pytest.approx((x - y).std(ddof=1))
     t, p = evaluation.paired_t_test(x, y)
     assert row["t_stat"] == pytest.approx(t) and row["p_t"] == pytest.approx(p)
-    assert "CONDITIONAL on this test set" in comparisons.COLUMNS["p_t"][1]
+    assert "CONDITIONAL on this test set" in quantities.COLUMNS["p_t"][1]
     # the seed level widens the interval compared with any one seed's patient-only CI
     assert (
         row["delta_hi"] - row["delta_lo"]
@@ -495,9 +503,9 @@ def test_tables_are_aggregates_without_paths_or_ids(tmp_path):
     paths = comparisons.write_all(tmp_path, tables)
     assert paths == [tmp_path / "comparisons.parquet", tmp_path / "reliability.parquet"]
     table = pq.read_table(paths[0])
-    assert table.schema.equals(comparisons.SCHEMA)
-    assert list(comparisons.COLUMNS) == comparisons.SCHEMA.names  # every column documented
-    assert pq.read_table(paths[1]).schema.equals(comparisons.RELIABILITY_SCHEMA)
+    assert table.schema.equals(quantities.SCHEMA)
+    assert list(quantities.COLUMNS) == quantities.SCHEMA.names  # every column documented
+    assert pq.read_table(paths[1]).schema.equals(quantities.RELIABILITY_SCHEMA)
     forbidden = {"path", "patient_id", "patient_group", "row", "file", "key", "trial_key"}
     for path in paths:
         df = pd.read_parquet(path)

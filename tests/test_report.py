@@ -17,7 +17,7 @@ from PIL import Image
 
 from privdom_ray import report
 from privdom_ray.manifest import LABELS
-from privdom_ray.stats import comparisons, results
+from privdom_ray.stats import comparisons, quantities, results
 
 
 def write_transfer(output, keys, sweep: str = "test-sweep") -> pd.DataFrame:
@@ -31,7 +31,7 @@ def _sweep(tmp_path, **kw):
     keys = build_output(tmp_path, **kw)
     df = write_transfer(tmp_path, keys)
     if kw.get("skip"):
-        with pytest.warns(comparisons.ComparisonWarning):
+        with pytest.warns(quantities.ComparisonWarning):
             tables = comparisons.compute_all(tmp_path, keys, EV)
     else:
         tables = comparisons.compute_all(tmp_path, keys, EV)

@@ -13,10 +13,11 @@ models *on the same patients* of the same test set. Rows (``comparison``):
     simulations (statistics red team); the Brier score is a proper scoring rule without that
     bias.
 ``auc_drop``
-    per test site T (:data:`DROP_DEFINITIONS`): each model's OWN drop from on-domain to
-    off-domain AUC (``drop``, the PRIMARY endpoint's quantity), and its two parts: the
-    on-domain AUC (``on_domain_auc``: DP - non-DP is DP's on-domain cost) and the mean
-    off-domain AUC (``off_domain_auc``: DP's off-domain cost). Identity: Δdrop = Δon - Δoff.
+    per test site T (:data:`~privdom_ray.stats.quantities.DROP_DEFINITIONS`): each model's OWN
+    drop from on-domain to off-domain AUC (``drop``, the PRIMARY endpoint's quantity), and its
+    two parts: the on-domain AUC (``on_domain_auc``: DP - non-DP is DP's on-domain cost) and the
+    mean off-domain AUC (``off_domain_auc``: DP's off-domain cost). Identity: Δdrop = Δon -
+    Δoff.
 ``fairness_gap``
     female - male (``auc_gap_sex``) and oldest - youngest age bin (``auc_gap_age``) macro AUC
     of each model on each target, with both subgroups on the test set's patients JOINTLY,
@@ -67,11 +68,12 @@ needs.
 
 Units: within test set T and subgroup g every model is scored on g's rows and the patients
 of g are the jackknife's units (images where a domain has no patient ids). Models are
-paired only on the same target *fingerprint* (same test rows in the same order) and
-identical labels; a mismatch skips the model with a :class:`ComparisonWarning`. Only
-finished trials (``done``) and complete evaluations (``eval.json``) are read. Folders written
-before predictions carried ``patient_group`` are resampled by image, and ``resampling_unit``
-says so. The tables are aggregates: no ids, paths or per-image (or per-patient) values.
+paired only on the same target *fingerprint* (same test rows in the same order) and identical
+labels; a mismatch skips the model with a
+:class:`~privdom_ray.stats.quantities.ComparisonWarning`. Only finished trials (``done``) and
+complete evaluations (``eval.json``) are read. Folders written before predictions carried
+``patient_group`` are resampled by image, and ``resampling_unit`` says so. The tables are
+aggregates: no ids, paths or per-image (or per-patient) values.
 """
 
 from __future__ import annotations

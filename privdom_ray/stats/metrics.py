@@ -20,19 +20,20 @@ Conventions used throughout:
   objects so that it becomes a null in parquet, never a fake 0.5, and the row says why.
 
 CIs (evaluation protocol 4) are leave-one-patient-out jackknife t intervals: every AUC is
-recomputed without each patient exactly in O(n log n) (:func:`~privdom_ray.stats.resampling.jackknife_auc`: the
-Mann-Whitney sum loses the patient's row and column sums and regains its within-patient
-pairs), rates and Brier scores are ratios of per-patient sums (:func:`jackknife_ratio`), and a
-macro is the mean of its labels' leave-one-out values; :mod:`privdom_ray.stats.inference` turns them
-into a t interval on the logit scale with Satterthwaite degrees of freedom over the rarer
-class's effective patients. A "macro" value is the mean over a FIXED label set: the labels
-with at least ``min_positives`` positive and ``min_negatives`` negative patients (for a
-subgroup: valid in every subgroup of its family, :func:`shared_label_sets`).
+recomputed without each patient exactly in O(n log n)
+(:func:`~privdom_ray.stats.resampling.jackknife_auc`: the Mann-Whitney sum loses the patient's
+row and column sums and regains its within-patient pairs), rates and Brier scores are ratios of
+per-patient sums (:func:`~privdom_ray.stats.resampling.jackknife_ratio`), and a macro is the
+mean of its labels' leave-one-out values; :mod:`privdom_ray.stats.inference` turns them into a t
+interval on the logit scale with Satterthwaite degrees of freedom over the rarer class's
+effective patients. A "macro" value is the mean over a FIXED label set: the labels with at least
+``min_positives`` positive and ``min_negatives`` negative patients (for a subgroup: valid in
+every subgroup of its family, :func:`shared_label_sets`).
 
-The vectorised patient bootstrap below (:func:`bootstrap_stats`: a patient count matrix per
-chunk of resamples, AUCs as exact integer rank statistics, linear statistics as one matrix
-product) is the method before protocol 4, kept for the simulations that compare the two
-(``benchmarks/sim_intervals.py``) and ``benchmarks/bench_bootstrap.py``.
+The vectorised patient bootstrap (:func:`~privdom_ray.stats.resampling.bootstrap_stats`: a
+patient count matrix per chunk of resamples, AUCs as exact integer rank statistics, linear
+statistics as one matrix product) is the method before protocol 4, kept for the simulations that
+compare the two (``benchmarks/sim_intervals.py``) and ``benchmarks/bench_bootstrap.py``.
 """
 
 from __future__ import annotations

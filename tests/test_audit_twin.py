@@ -435,6 +435,7 @@ def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path)
 
     from privdom_ray import planning, report
     from privdom_ray.cell import TargetRef
+    from privdom_ray.report.formatting import _eps_label
 
     small = {"sources": ["a", "b"], "seeds": [0]}  # 6 cells: a, b x 1, 4, inf
     old = kinds.plan_trials(_grid(tmp_path, {"canaries": 100, "cells": "all"}, **small), FPS,
@@ -466,7 +467,7 @@ def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path)
     for eps in (1.0, 4.0, math.inf):
         yes = next(s for s in "ab" if (s, eps) in chosen)
         no = "b" if yes == "a" else "a"
-        label = report._eps_label(eps)
+        label = _eps_label(eps)
         assert f"| {label} | {yes} seed 0 | {no} seed 0 |" in md
         assert not any(line.startswith(f"| {no}, ε = {label[4:].split(' ')[0]}, seed 0 |")
                        for line in md.splitlines())  # no verdict row for it  # fmt: skip

@@ -368,19 +368,19 @@ def _keys_and_targets(out: Path) -> tuple[list[str], list]:
 
 
 def stage_manifests(grid_path: Path, out: Path) -> None:
-    from privdom_ray import grid, sweep
+    from privdom_ray import checks, grid
 
-    sweep.build_manifests(grid.load_grid(grid_path), log=lambda _m: None)
+    checks.build_manifests(grid.load_grid(grid_path), log=lambda _m: None)
 
 
 def stage_planning(grid_path: Path, out: Path) -> None:
     """Trial specs and cells of the whole grid against the finished store (a resume's plan)."""
-    from privdom_ray import cache, grid, kinds, planning, sweep
+    from privdom_ray import cache, checks, grid, kinds, planning
     from privdom_ray.kinds.pretrain import pretraining_trial
     from privdom_ray.store import TrialStore
 
     spec = grid.load_grid(grid_path)
-    inputs = sweep.check_inputs(spec, log=lambda _m: None, writable=False)
+    inputs = checks.check_inputs(spec, log=lambda _m: None, writable=False)
     fps = inputs.fingerprints
     caches = {d.name: str(cache.entry_path(spec.cache_dir, d.name, fps[d.name], spec.preprocessing))
               for d in spec.domains}  # fmt: skip

@@ -105,7 +105,8 @@ def _status(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from collections import Counter
 
-    from privdom_ray import lease, results
+    from privdom_ray import lease
+    from privdom_ray.stats import results
     from privdom_ray.store import TrialStore
 
     output = Path(args.output)
@@ -230,10 +231,10 @@ def _plan(argv: list[str]) -> int:
         p.error(f"--power {args.power}: a probability between 0 and 1, e.g. 0.8")
     if args.variance is not None and not args.variance > 0:
         p.error(f"--variance {args.variance}: a positive per-patient variance")
-    from privdom_ray import costs, grid, sweep
+    from privdom_ray import checks, costs, grid, sweep
 
     spec = grid.load_grid(args.grid, output=args.out)
-    inputs = sweep.check_inputs(spec, log=lambda _m: None, writable=False)
+    inputs = checks.check_inputs(spec, log=lambda _m: None, writable=False)
     splits = {name: df.groupby("split").size().to_dict() for name, df in inputs.manifests.items()}
     rate = None
     if args.images_per_s:
@@ -361,7 +362,7 @@ def _manifest(argv: list[str]) -> int:
         raise domains.ManifestError(f"--option: {exc}") from None
     df = domains.build_manifest(args.kind, args.root, opts)
     out = Path(args.out)
-    from privdom_ray import results
+    from privdom_ray.stats import results
 
     results.write_parquet(out, df)
     print(domains.summarize(df))

@@ -21,7 +21,8 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from privdom_ray import metrics as M
+from privdom_ray.stats import evaluation, resampling
+from privdom_ray.stats.thresholds import threshold_metrics, youden_threshold
 
 LABELS = ["cardiomegaly", "effusion", "pneumonia", "atelectasis", "healthy"]
 PREVALENCE = [0.10, 0.12, 0.04, 0.15, 0.35]
@@ -96,17 +97,17 @@ def measure(args, scores, labels, thresholds, per_patient: float) -> dict[str, o
     clusters = make_patients(args.n, per_patient, args.seed)
     loop_boot = min(args.loop_boot, args.boot)
     # the vectorised bootstrap (evaluate's CIs before protocol 4; they are jackknife t now)
-    rs = M.make_resampler(args.n, args.boot, args.seed, clusters)
+    rs = resampling.make_resampler(args.n, args.boot, args.seed, clusters)
     pred = scores >= thresholds[None, :]
-    t_vec, _ = timed(lambda: M.bootstrap_stats(scores, labels, rs, pred=pred), args.reps)
-    rows = M.evaluate(scores, labels, thresholds, LABELS, clusters=clusters)
+    t_vec, _ = timed(lambda: resampling.bootstrap_stats(scores, labels, rs, pred=pred), args.reps)
+    rows = evaluation.evaluate(scores, labels, thresholds, LABELS, clusters=clusters)
     draws = rs.draws[:loop_boot]
     t_loop_part, (loop_auc, loop_rates) = timed(
         lambda: loop_bootstrap(scores, labels, thresholds, expand(draws, rs.codes)),
         args.loop_reps,
     )
-    vec_auc = M.bootstrap_auc(scores, labels, draws, clusters=clusters)
-    tm = M.threshold_metrics(scores, labels, thresholds, draws, clusters=clusters)
+    vec_auc = resampling.bootstrap_auc(scores, labels, draws, clusters=clusters)
+    tm = threshold_metrics(scores, labels, thresholds, draws, clusters=clusters)
     vec_rates = np.stack([tm.boot_accuracy, tm.boot_sensitivity, tm.boot_specificity], axis=1)
     auc_diff = float(np.nanmax(np.abs(vec_auc - loop_auc)))
     rate_diff = float(np.nanmax(np.abs(vec_rates - loop_rates)))
@@ -144,7 +145,7 @@ def main() -> None:
     print(f"numpy {np.__version__}; {args.n} images x {len(LABELS)} labels\n")
     scores, labels = make_data(args.n, args.seed)
     thresholds = np.array(
-        [M.youden_threshold(scores[:, j], labels[:, j]) for j in range(len(LABELS))]
+        [youden_threshold(scores[:, j], labels[:, j]) for j in range(len(LABELS))]
     )
     results = [
         measure(args, scores, labels, thresholds, per) for per in (args.images_per_patient, 1.0)

@@ -361,26 +361,26 @@ def cache_seconds(run: SweepRun) -> dict[str, tuple[int, float]]:
 
 
 def _keys_and_targets(out: Path) -> tuple[list[str], list]:
-    from privdom_ray import results
+    from privdom_ray.stats import results
 
     plan = results.read_json(out / "plan.json")
     return [c["key"] for c in plan["cells"]], results.planned_targets(out)
 
 
 def stage_manifests(grid_path: Path, out: Path) -> None:
-    from privdom_ray import grid, sweep
+    from privdom_ray import checks, grid
 
-    sweep.build_manifests(grid.load_grid(grid_path), log=lambda _m: None)
+    checks.build_manifests(grid.load_grid(grid_path), log=lambda _m: None)
 
 
 def stage_planning(grid_path: Path, out: Path) -> None:
     """Trial specs and cells of the whole grid against the finished store (a resume's plan)."""
-    from privdom_ray import cache, grid, kinds, planning, sweep
+    from privdom_ray import cache, checks, grid, kinds, planning
     from privdom_ray.kinds.pretrain import pretraining_trial
     from privdom_ray.store import TrialStore
 
     spec = grid.load_grid(grid_path)
-    inputs = sweep.check_inputs(spec, log=lambda _m: None, writable=False)
+    inputs = checks.check_inputs(spec, log=lambda _m: None, writable=False)
     fps = inputs.fingerprints
     caches = {d.name: str(cache.entry_path(spec.cache_dir, d.name, fps[d.name], spec.preprocessing))
               for d in spec.domains}  # fmt: skip
@@ -395,12 +395,13 @@ def stage_planning(grid_path: Path, out: Path) -> None:
 
 
 def stage_evaluate(grid_path: Path, out: Path) -> None:
-    """``metrics.evaluate`` as a trial calls it, for one model on the largest test set (from
+    """``evaluation.evaluate`` as a trial calls it, for one model on the largest test set (from
     the stored predictions: the model's forward pass is not timed)."""
     import numpy as np
 
-    from privdom_ray import grid, metrics
+    from privdom_ray import grid
     from privdom_ray.manifest import LABELS
+    from privdom_ray.stats import evaluation
     from privdom_ray.store import TrialStore
 
     spec = grid.load_grid(grid_path)
@@ -412,9 +413,9 @@ def stage_evaluate(grid_path: Path, out: Path) -> None:
     scores = pred[[f"score_{x}" for x in LABELS]].to_numpy()
     labels = pred[[f"label_{x}" for x in LABELS]].to_numpy()
     e = spec.evaluation
-    metrics.evaluate(
+    evaluation.evaluate(
         scores, labels, np.full(len(LABELS), 0.5), LABELS,
-        groups=metrics.subgroup_masks(pred["sex"].to_numpy(), pred["age"].to_numpy(), e.age_bins),
+        groups=evaluation.subgroup_masks(pred["sex"].to_numpy(), pred["age"].to_numpy(), e.age_bins),
         n_boot=e.n_boot, seed=e.seed, ci=e.ci, clusters=pred["patient_group"].to_numpy(),
         min_positives=e.min_positives, min_negatives=e.min_negatives,
         calibration_bins=e.calibration_bins,
@@ -422,14 +423,15 @@ def stage_evaluate(grid_path: Path, out: Path) -> None:
 
 
 def stage_aggregate(grid_path: Path, out: Path) -> None:
-    from privdom_ray import results
+    from privdom_ray.stats import results
 
     keys, targets = _keys_and_targets(out)
     results.aggregate(out, keys, "paper_scale", targets)
 
 
 def stage_comparisons(grid_path: Path, out: Path) -> None:
-    from privdom_ray import comparisons, grid
+    from privdom_ray import grid
+    from privdom_ray.stats import comparisons
 
     spec = grid.load_grid(grid_path)
     keys, targets = _keys_and_targets(out)

@@ -19,14 +19,15 @@ import time
 
 import numpy as np
 
-from privdom_ray import comparisons as C
 from privdom_ray.config import EvaluationConfig
+from privdom_ray.stats import comparisons as C
+from privdom_ray.stats import study
 
 SITES = {"VDR": 3000, "C14": 25596, "CPT": 29320, "UKA": 39824, "PCH": 22045}
 EPSILONS = (1.0, 3.0, 6.0, 10.0, math.inf)
 
 
-def test_set(name: str, n: int, models: dict[str, C.ModelInfo], seed: int) -> C.TestSet:
+def test_set(name: str, n: int, models: dict[str, study.ModelInfo], seed: int) -> study.TestSet:
     """One site's test split with every model's scores (per-patient errors: clustered)."""
     rng = np.random.default_rng(seed)
     group = np.repeat(np.arange(n // 3 + 1), 3)[:n]
@@ -34,7 +35,7 @@ def test_set(name: str, n: int, models: dict[str, C.ModelInfo], seed: int) -> C.
     y = (rng.random((n, 5)) < np.array([0.1, 0.12, 0.04, 0.15, 0.35])).astype(float)
     y[rng.random((n, 5)) < 0.05] = np.nan
     sex = rng.choice(np.array(["F", "M"]), n_pat)[group]
-    ts = C.TestSet(name, "fp", tuple(f"l{j}" for j in range(5)), y, sex,
+    ts = study.TestSet(name, "fp", tuple(f"l{j}" for j in range(5)), y, sex,
                    rng.uniform(18, 95, n_pat)[group], group)  # fmt: skip
     for key, m in models.items():
         strength = 1.6 if m.source == name else 1.0
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     models = {
-        f"{s}_{e:g}_{k}": C.ModelInfo(f"{s}_{e:g}_{k}", s, e, k, "resnet9",
+        f"{s}_{e:g}_{k}": study.ModelInfo(f"{s}_{e:g}_{k}", s, e, k, "resnet9",
                                       None if math.isinf(e) else e, "prv", (s,))
         for s in SITES for e in EPSILONS for k in range(args.seeds)
     }  # fmt: skip
@@ -59,7 +60,7 @@ def main() -> None:
     for i, name in enumerate(args.sites):
         ts = test_set(name, SITES[name], models, seed=i)
         t0 = time.perf_counter()
-        tab = C.compute_tables(C.Study(models, [ts]), EvaluationConfig())
+        tab = C.compute_tables(study.Study(models, [ts]), EvaluationConfig())
         dt = time.perf_counter() - t0
         total, rows = total + dt, rows + len(tab.comparisons)
         print(f"| {name} | {SITES[name]:,} | {len(ts.scores)} | {len(tab.comparisons):,} | "

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 
-from privdom_ray import metrics
-from privdom_ray.comparisons import _columns, _mean
 from privdom_ray.costs import label_floor, power_at, units_needed
+from privdom_ray.stats import metrics, resampling
+from privdom_ray.stats.estimates import _columns, _mean
 
 PREV = np.array([0.04, 0.07, 0.12, 0.2, 0.3])
 L = PREV.size
@@ -45,7 +45,7 @@ def delta_est(scores, y, pid, P):
     ok = sup.ok
     macro = {}
     for k, s in scores.items():
-        jk = metrics.jackknife_auc(s, y, codes, n_units=p)
+        jk = resampling.jackknife_auc(s, y, codes, n_units=p)
         macro[k] = _columns(jk.point, jk.loo, jk.df, sup, ok, p)[-1]
     drop = {e: macro[("on", e)] - _mean([macro[("o1", e)], macro[("o2", e)]]) for e in ("dp", "nd")}
     share = np.minimum(sup.units_pos, sup.units_neg) / P

@@ -4,7 +4,7 @@ Compares, on clustered test sets with a known true AUC, the interval method befo
 evaluation protocol 4 ("pct": the patient-level percentile bootstrap with the
 order-statistic rule, ``inference.order_ci`` / ``p_two_sided``) with the one after it ("jk":
 the leave-one-patient-out jackknife t interval, logit scale for AUC levels, Satterthwaite df
-of the rarer class's effective patients: ``metrics.jackknife_auc``,
+of the rarer class's effective patients: ``resampling.jackknife_auc``,
 ``inference.level_interval``, ``inference.infer_t``). Same data, same replicates.
 
 Generator (ours, not the demo's): P patients, of whom exactly ``n_pos`` carry finding 0 (the
@@ -50,8 +50,9 @@ from multiprocessing import Pool
 import numpy as np
 from scipy import stats
 
-from privdom_ray import inference as I
-from privdom_ray import metrics as M
+from privdom_ray.stats import evaluation, resampling
+from privdom_ray.stats import inference as I
+from privdom_ray.stats import metrics as M
 
 CI = 0.95
 ALPHA = I.alpha_of(CI)
@@ -101,9 +102,9 @@ def test_set(rng, n_pos: int, prev: float, icc: float, sizes: str, models: int =
 
 def _jk_side(s, y, codes, p):
     """The new method's pieces for one model: label-0 and macro (point, loo, df)."""
-    jk = M.jackknife_auc(s, y, codes, n_units=p)
+    jk = resampling.jackknife_auc(s, y, codes, n_units=p)
     var = np.array([I.jackknife_variance(jk.loo[j]) for j in range(5)])
-    return jk, M.macro_df(var, jk.df, p)
+    return jk, evaluation.macro_df(var, jk.df, p)
 
 
 def _cover(lo, hi, truth) -> float:
@@ -139,8 +140,8 @@ def one_replicate(rng, cell: tuple, n_pos: int, n_boot: int) -> dict[str, float]
     if not n_boot:
         return out
     out["pct reps"] = 1.0
-    rs = M.make_resampler(len(codes), n_boot, int(rng.integers(2**31)), codes)
-    ba, bb = M.bootstrap_stats(s[0], y, rs), M.bootstrap_stats(s[1], y, rs)
+    rs = resampling.make_resampler(len(codes), n_boot, int(rng.integers(2**31)), codes)
+    ba, bb = resampling.bootstrap_stats(s[0], y, rs), resampling.bootstrap_stats(s[1], y, rs)
     ok = np.ones(5, bool)
     out["pct label"] = _cover(*I.order_ci(ba.auc[:, 0], CI), truth[0])
     _, ma = M.macro_over(ja.point, ba.auc, ba.valid, ok)
@@ -159,12 +160,12 @@ def seed_replicate(rng, k: int, n_pos: int, n_boot: int, seed_sd: float) -> dict
     s, y, codes, p, _ = test_set(rng, n_pos, 0.1, 0.9, "skewed", models=k, rho=0.9,
                                  mu_shift=shift)  # fmt: skip
     truth = stats.norm.cdf(MUS[0] / np.sqrt(2 + seed_sd**2))  # mean over the seed effect
-    jks = [M.jackknife_auc(s[i][:, :1], y[:, :1], codes, n_units=p) for i in range(k)]
+    jks = [resampling.jackknife_auc(s[i][:, :1], y[:, :1], codes, n_units=p) for i in range(k)]
     points = np.array([j.point[0] for j in jks])
     loos = np.stack([j.loo[0] for j in jks])
     new = I.pool_seeds_level(points, loos, ci=CI, df_test=min(j.df[0] for j in jks))
-    rs = M.make_resampler(len(codes), n_boot, int(rng.integers(2**31)), codes)
-    boots = np.stack([M.bootstrap_stats(s[i][:, :1], y[:, :1], rs).auc[:, 0] for i in range(k)])
+    rs = resampling.make_resampler(len(codes), n_boot, int(rng.integers(2**31)), codes)
+    boots = np.stack([resampling.bootstrap_stats(s[i][:, :1], y[:, :1], rs).auc[:, 0] for i in range(k)])
     old = I.pool_seeds(points, boots, ci=CI)
     return {"jk": _cover(new.lo, new.hi, truth), "boot": _cover(old.lo, old.hi, truth)}
 

@@ -4,7 +4,7 @@ The across-seeds row of a comparison pools k per-seed estimates D_s (e.g. the pa
 difference DP - non-DP of seed s's two models on one shared test set), each with B patient
 resamples; every seed is scored on the same resamples. Two methods:
 
-* ``hier``: the hierarchical bootstrap ``comparisons._across_row`` used before (resample seeds
+* ``hier``: the hierarchical bootstrap ``comparison_rows._across_row`` used before (resample seeds
   with replacement, average, percentile CI by the order-statistic rule; kept here, as
   :func:`hierarchical`, for this comparison);
 * ``pool``: ``inference.pool_seeds`` (t interval, variance = shared test-set covariance of
@@ -62,7 +62,7 @@ from multiprocessing import Pool
 import numpy as np
 from scipy import stats
 
-from privdom_ray import inference as I
+from privdom_ray.stats import inference as I
 
 SD_P = 0.40  # per-patient SD of the paired difference (see the module docstring)
 MARGIN = 0.02
@@ -129,7 +129,7 @@ def _run_batch(task: tuple) -> dict[str, np.ndarray]:
         w = w.reshape(n_boot, n_pat).astype(np.float64) / n_pat
         points = base + d.mean(axis=2)
         boots = base[:, :, None] + d @ w.T  # (reps, k, B): same patient resamples for every seed
-    draws = seed_draws(k, n_boot, 0)  # as comparisons._across_row did (ev.seed = 0)
+    draws = seed_draws(k, n_boot, 0)  # as comparison_rows._across_row did (ev.seed = 0)
     names = METHODS + (VARIANTS if variants else ())
     res = {m: np.zeros((n_rep, 5)) for m in names}  # cover, reject, equivalent, width, valid
     for r in range(n_rep):

@@ -20,8 +20,9 @@ import time
 import numpy as np
 from scipy.stats import norm
 
-from privdom_ray import metrics, privacy
+from privdom_ray import privacy
 from privdom_ray.selection import rdp, runs, tuning, validation
+from privdom_ray.stats import thresholds
 
 TARGETS = (1.0, 3.0, 8.0)
 # (name, N_train, logical batch, epochs, delta); paper: shared/reference/paper.md (VinDr-CXR
@@ -110,7 +111,7 @@ def threshold_table(repeats: int = 100) -> None:
                     rel = validation.release_thresholds(p, y, np.arange(n), sigma, bins, rng)
                     for j in range(5):
                         exact = youden_j(
-                            p[:, j], y[:, j], metrics.youden_threshold(p[:, j], y[:, j])
+                            p[:, j], y[:, j], thresholds.youden_threshold(p[:, j], y[:, j])
                         )
                         t = rel.thresholds[j]
                         lost.append(

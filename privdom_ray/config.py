@@ -113,7 +113,7 @@ class EvaluationConfig:
     oracle_threshold: bool = False
     seed: int = 0
     # AUC difference within which DP and non-DP count as equivalent (TOST); see
-    # privdom_ray/comparisons.py (margin): above the <= 0.013 off-domain shifts the paper saw,
+    # privdom_ray/stats/comparisons.py (margin): above the <= 0.013 off-domain shifts the paper saw,
     # below its 0.03-0.05 on-domain DP cost, so the test can both confirm and refute
     equivalence_margin: float = 0.02
     # a label's metrics (and its place in the macro's fixed label set) need this many

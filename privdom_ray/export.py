@@ -30,9 +30,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from privdom_ray import atomic, guarantee, integrity, results
+from privdom_ray import atomic, guarantee, integrity
 from privdom_ray.kinds import kind_of
-from privdom_ray.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
+from privdom_ray.stats import results
+from privdom_ray.stats.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
 
 COMPARISONS, RELIABILITY = "comparisons.parquet", "reliability.parquet"

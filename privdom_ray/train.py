@@ -32,7 +32,6 @@ from privdom_ray import dpstep, lossweights
 from privdom_ray.cache import SplitData
 from privdom_ray.config import TrialSpec
 from privdom_ray.lossweights import LossWeights
-from privdom_ray.metrics import auc
 from privdom_ray.models import build_model
 from privdom_ray.privacy import (
     Ledger,
@@ -43,6 +42,7 @@ from privdom_ray.privacy import (
     poisson_rate,
     steps_per_epoch,
 )
+from privdom_ray.stats.metrics import auc
 
 
 @dataclass

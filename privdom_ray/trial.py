@@ -24,12 +24,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from privdom_ray import federated, metrics
+from privdom_ray import federated
 from privdom_ray.cache import SplitData, load_split, split_sizes, take
 from privdom_ray.cell import Cell, TargetRef, TrialTimedOut
 from privdom_ray.config import EvaluationConfig
 from privdom_ray.kinds import kind_of
 from privdom_ray.manifest import LABELS
+from privdom_ray.stats import metrics
+from privdom_ray.stats.evaluation import evaluate, subgroup_masks
+from privdom_ray.stats.thresholds import youden_threshold
 from privdom_ray.store import TrialStore
 from privdom_ray.train import load_model, memory_budget_mb, predict, run_trial
 
@@ -312,7 +315,7 @@ def _train_on_source(
 def _write_single_site(cell: Cell, store: TrialStore, node: str, result, val, extra: dict) -> None:
     spec = cell.spec
     thresholds = [
-        metrics.youden_threshold(result.val_scores[:, j], val.labels[:, j])
+        youden_threshold(result.val_scores[:, j], val.labels[:, j])
         for j in range(len(LABELS))
     ]
     _write_trained(
@@ -566,12 +569,12 @@ def evaluate_target(
     test = load_split(target.cache_path, "test")
     scores = predict(model, test.images, device=device)
     groups = patient_groups(test, target.unit)
-    rows = metrics.evaluate(
+    rows = evaluate(
         scores,
         test.labels,
         thresholds,
         LABELS,
-        groups=metrics.subgroup_masks(test.sex, test.age, evaluation.age_bins),
+        groups=subgroup_masks(test.sex, test.age, evaluation.age_bins),
         n_boot=evaluation.n_boot,
         seed=evaluation.seed,
         ci=evaluation.ci,

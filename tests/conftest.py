@@ -22,10 +22,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from privdom_ray import metrics, results  # noqa: E402
 from privdom_ray.cache import SplitData  # noqa: E402
 from privdom_ray.config import EvaluationConfig  # noqa: E402
 from privdom_ray.manifest import LABELS  # noqa: E402
+from privdom_ray.stats import evaluation, results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,9 +165,9 @@ def write_trial(
         pred["age"] = test["age"]
         if patient_groups:
             pred["patient_group"] = test["group"].astype(np.int64)
-        rows = metrics.evaluate(
+        rows = evaluation.evaluate(
             scores, test["y"], np.full(len(LABELS), 0.5), LABELS,
-            groups=metrics.subgroup_masks(test["sex"], test["age"], AGE_BINS), n_boot=N_BOOT,
+            groups=evaluation.subgroup_masks(test["sex"], test["age"], AGE_BINS), n_boot=N_BOOT,
             seed=0, clusters=test["group"] if patient_groups else None,
             min_positives=EV.min_positives, min_negatives=EV.min_negatives,
         )  # fmt: skip
@@ -306,10 +306,11 @@ def build_real_output(work: Path, *, accountant: str = "rdp") -> tuple[Path, dic
     transfer, comparisons and reliability tables and the report written. Returns (output,
     {trial name: key}). About a minute on 2 cores (``rdp`` calibrates in a second, PRV in ~10 s).
     """
-    from privdom_ray import comparisons, integrity, report
+    from privdom_ray import integrity, report
     from privdom_ray.cell import Cell, TargetRef
     from privdom_ray.config import AuditSpec, Federation, Site, TrainingConfig, TrialSpec
     from privdom_ray.imaging import Preprocessing
+    from privdom_ray.stats import comparisons
     from privdom_ray.trial import Executor, run_cell
 
     output = work / "out"

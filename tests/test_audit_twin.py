@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 from conftest import launch, synthetic_domain, toy_split
 
-from privdom_ray import kinds, results
+from privdom_ray import kinds
 from privdom_ray.canaries import Fault
 from privdom_ray.cell import Cell
 from privdom_ray.config import AuditSpec, EvaluationConfig, TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.kinds.audit import audited
 from privdom_ray.manifest import LABELS
+from privdom_ray.stats import results
 from privdom_ray.store import TrialStore
 from privdom_ray.trial import Executor, train_audit_twin
 
@@ -434,6 +435,7 @@ def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path)
 
     from privdom_ray import planning, report
     from privdom_ray.cell import TargetRef
+    from privdom_ray.report.formatting import _eps_label
 
     small = {"sources": ["a", "b"], "seeds": [0]}  # 6 cells: a, b x 1, 4, inf
     old = kinds.plan_trials(_grid(tmp_path, {"canaries": 100, "cells": "all"}, **small), FPS,
@@ -465,7 +467,7 @@ def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path)
     for eps in (1.0, 4.0, math.inf):
         yes = next(s for s in "ab" if (s, eps) in chosen)
         no = "b" if yes == "a" else "a"
-        label = report._eps_label(eps)
+        label = _eps_label(eps)
         assert f"| {label} | {yes} seed 0 | {no} seed 0 |" in md
         assert not any(line.startswith(f"| {no}, ε = {label[4:].split(' ')[0]}, seed 0 |")
                        for line in md.splitlines())  # no verdict row for it  # fmt: skip

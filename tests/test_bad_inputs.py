@@ -205,7 +205,7 @@ def test_a_refused_run_leaves_a_finished_output_folder_as_it_was(tmp_path):
     replaced its table by an empty one: now it is refused before anything is written."""
     from conftest import build_output
 
-    from privdom_ray import results
+    from privdom_ray.stats import results
 
     keys = build_output(tmp_path / "out", domains=("a",), epsilons=(1.0,))
     results.aggregate(tmp_path / "out", keys, "bad")

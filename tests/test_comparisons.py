@@ -16,10 +16,19 @@ import pytest
 from conftest import AGE_BINS, EV, build_output, make_testset, scores_for, write_trial
 from scipy import stats
 
-from privdom_ray import comparisons, inference, integrity, metrics, report, results
-from privdom_ray.comparisons import ComparisonWarning
+from privdom_ray import integrity, report
 from privdom_ray.config import format_epsilon
 from privdom_ray.manifest import LABELS
+from privdom_ray.stats import (
+    comparisons,
+    evaluation,
+    inference,
+    metrics,
+    quantities,
+    resampling,
+    results,
+)
+from privdom_ray.stats.quantities import ComparisonWarning
 from privdom_ray.store import TrialStore
 
 
@@ -58,10 +67,10 @@ def one(df: pd.DataFrame, **where) -> pd.Series:
 def macro_jack(s: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, np.ndarray, float]:
     """Macro AUC over the fixed label set, its leave-one-patient-out values and df, computed
     with metrics directly."""
-    jk = metrics.jackknife_auc(s, y, groups)
+    jk = resampling.jackknife_auc(s, y, groups)
     ok = metrics.label_support(y, EV.min_positives, EV.min_negatives, groups).ok
     var = np.array([inference.jackknife_variance(jk.loo[j]) for j in np.flatnonzero(ok)])
-    df = metrics.macro_df(var, jk.df[ok], jk.loo.shape[1])
+    df = evaluation.macro_df(var, jk.df[ok], jk.loo.shape[1])
     return float(jk.point[ok].mean()), jk.loo[ok].mean(axis=0), df
 
 
@@ -119,7 +128,7 @@ def test_clearly_better_dp_model_is_different(tmp_path):
 
 def test_paired_delta_equals_metrics_paired_auc_difference(tmp_path):
     """The same patients left out for both models give exactly what
-    metrics.paired_auc_difference gives (label rows; "all" and the sexes also for the macro,
+    evaluation.paired_auc_difference gives (label rows; "all" and the sexes also for the macro,
     whose label set is the same there)."""
     keys = build_output(tmp_path, domains=("a", "b"), n=200)
     df = compute(tmp_path, keys)
@@ -127,10 +136,10 @@ def test_paired_delta_equals_metrics_paired_auc_difference(tmp_path):
     sb, _, _ = read_eval(edir_of(tmp_path, keys, "a", "inf", "b"))
     groups = pred["patient_group"].to_numpy()
     masks = {"all": np.ones(len(y), bool)}
-    masks.update(metrics.subgroup_masks(pred["sex"], pred["age"], AGE_BINS))
+    masks.update(evaluation.subgroup_masks(pred["sex"], pred["age"], AGE_BINS))
     for g in ("all", "sex=F", "age=[40,70)"):
         m = masks[g]
-        expect = metrics.paired_auc_difference(
+        expect = evaluation.paired_auc_difference(
             sa[m], sb[m], y[m], 0.95, label_names=LABELS, clusters=groups[m],
             min_positives=EV.min_positives, min_negatives=EV.min_negatives,
         )  # fmt: skip
@@ -152,7 +161,7 @@ def test_paired_delta_equals_metrics_paired_auc_difference(tmp_path):
 
 
 def test_model_cis_are_the_transfer_tables_cis(tmp_path):
-    """Every model's AUC CI in a comparison row is the one metrics.evaluate wrote for the
+    """Every model's AUC CI in a comparison row is the one evaluation.evaluate wrote for the
     transfer table: same patients left out, same label sets, same t rule."""
     keys = build_output(tmp_path, domains=("a", "b"), n=200)
     df = compute(tmp_path, keys)
@@ -383,9 +392,9 @@ def test_across_seeds_pools_the_seeds_with_a_t_interval_and_a_secondary_t_test(t
         x.std(ddof=1)
     )
     assert row["delta_sd"] == pytest.approx((x - y).std(ddof=1))
-    t, p = metrics.paired_t_test(x, y)
+    t, p = evaluation.paired_t_test(x, y)
     assert row["t_stat"] == pytest.approx(t) and row["p_t"] == pytest.approx(p)
-    assert "CONDITIONAL on this test set" in comparisons.COLUMNS["p_t"][1]
+    assert "CONDITIONAL on this test set" in quantities.COLUMNS["p_t"][1]
     # the seed level widens the interval compared with any one seed's patient-only CI
     assert (
         row["delta_hi"] - row["delta_lo"]
@@ -408,7 +417,7 @@ def test_fairness_gaps_leave_out_patients_jointly_across_subgroups(tmp_path):
     df = compute(tmp_path, keys)
     s_dp, y, pred = read_eval(edir_of(tmp_path, keys, "b", "1", "a"))
     s_nd, _, _ = read_eval(edir_of(tmp_path, keys, "b", "inf", "a"))
-    masks = metrics.subgroup_masks(pred["sex"], pred["age"], AGE_BINS)
+    masks = evaluation.subgroup_masks(pred["sex"], pred["age"], AGE_BINS)
     codes, p = metrics.cluster_codes(pred["patient_group"].to_numpy(), len(y))
     f, m = masks["sex=F"], masks["sex=M"]
     ok = (
@@ -419,7 +428,7 @@ def test_fairness_gaps_leave_out_patients_jointly_across_subgroups(tmp_path):
     def gap(s):
         sides = []
         for mask in (f, m):  # leave-one-out over ALL the test set's patients
-            jk = metrics.jackknife_auc(s[mask], y[mask], codes[mask], n_units=p)
+            jk = resampling.jackknife_auc(s[mask], y[mask], codes[mask], n_units=p)
             sides.append((jk.point[ok].mean(), jk.loo[ok].mean(axis=0)))
         return sides[0][0] - sides[1][0], sides[0][1] - sides[1][1]
 
@@ -494,9 +503,9 @@ def test_tables_are_aggregates_without_paths_or_ids(tmp_path):
     paths = comparisons.write_all(tmp_path, tables)
     assert paths == [tmp_path / "comparisons.parquet", tmp_path / "reliability.parquet"]
     table = pq.read_table(paths[0])
-    assert table.schema.equals(comparisons.SCHEMA)
-    assert list(comparisons.COLUMNS) == comparisons.SCHEMA.names  # every column documented
-    assert pq.read_table(paths[1]).schema.equals(comparisons.RELIABILITY_SCHEMA)
+    assert table.schema.equals(quantities.SCHEMA)
+    assert list(quantities.COLUMNS) == quantities.SCHEMA.names  # every column documented
+    assert pq.read_table(paths[1]).schema.equals(quantities.RELIABILITY_SCHEMA)
     forbidden = {"path", "patient_id", "patient_group", "row", "file", "key", "trial_key"}
     for path in paths:
         df = pd.read_parquet(path)

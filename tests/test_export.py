@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import launch
 
-from privdom_ray.results import PRIVACY_CLASSES
+from privdom_ray.stats.results import PRIVACY_CLASSES
 from privdom_ray.store import TrialStore
 
 pytestmark = pytest.mark.slow  # the session's real output takes about a minute to train

@@ -18,9 +18,10 @@ from privdom_ray import federated as fl
 from privdom_ray.config import Federation, Site, TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.manifest import LABELS
-from privdom_ray.metrics import auc, youden_threshold
 from privdom_ray.models import build_model
 from privdom_ray.privacy import audit_ledger, epsilon_of
+from privdom_ray.stats.metrics import auc
+from privdom_ray.stats.thresholds import youden_threshold
 from privdom_ray.train import load_model, predict
 
 BATCH = 16

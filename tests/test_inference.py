@@ -1,4 +1,4 @@
-"""The inference rules (privdom_ray.inference) and the patient-level bootstrap's error rates.
+"""The inference rules (privdom_ray.stats.inference) and the patient-level bootstrap's error rates.
 
 numpy and scipy only (no sklearn): the simulations check the claims the statistics rest on,
 namely that resampling patients gives nominal error rates on clustered data where resampling
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privdom_ray import inference as I
-from privdom_ray import metrics as M
+from privdom_ray.stats import inference as I
+from privdom_ray.stats import metrics as M
+from privdom_ray.stats import resampling
 
 
 def _random_cases(n_cases: int, seed: int):
@@ -154,8 +155,8 @@ def test_patient_bootstrap_has_nominal_error_rates_where_the_image_bootstrap_doe
     for k in range(n_sim):
         s, y, groups = _clustered(rng, 300, 8)
         for unit, clusters in (("patient", groups), ("image", None)):
-            rs = M.make_resampler(len(y), n_boot, seed=k, clusters=clusters)
-            boot = M.bootstrap_stats(s, y, rs).auc
+            rs = resampling.make_resampler(len(y), n_boot, seed=k, clusters=clusters)
+            boot = resampling.bootstrap_stats(s, y, rs).auc
             reject[unit] += I.p_two_sided(boot[:, 0] - boot[:, 1]) <= 0.05
             lo, hi = I.order_ci(boot[:, 0], 0.95)
             cover[unit] += lo <= true_auc <= hi
@@ -176,7 +177,7 @@ def test_tost_equivalence_for_identical_models_and_not_at_twice_the_margin():
     worse = a + np.random.default_rng(8).normal(scale=1.1, size=a.size)  # about -0.04 AUC
     scores = np.stack([a, a, worse], axis=1)
     labels = np.stack([y[:, 0]] * 3, axis=1)
-    boot = M.bootstrap_stats(scores, labels, M.make_resampler(len(a), 400, 1, groups)).auc
+    boot = resampling.bootstrap_stats(scores, labels, resampling.make_resampler(len(a), 400, 1, groups)).auc
     point = np.array([M.auc(scores[:, j], labels[:, j]) for j in range(3)])
     same = I.infer(point[1] - point[0], boot[:, 1] - boot[:, 0], ci=0.95, margin=0.02,
                    worse_if="lower")  # fmt: skip
@@ -444,13 +445,13 @@ def test_intervals_cover_at_the_minimum_support_where_the_percentile_bootstrap_d
     rejects = {"jk": 0, "pct": 0}
     for k in range(n_sim):
         s, y, codes, p = _floor_test_set(rng)
-        jk = M.jackknife_auc(s, y, codes, n_units=p)
+        jk = resampling.jackknife_auc(s, y, codes, n_units=p)
         lo, hi = I.level_interval(jk.point[0], I.jackknife_variance(jk.loo[0]), jk.df[0], 0.95)
         hits["jk"] += lo is not None and lo <= truth <= hi
         d = I.infer_t(jk.point[0] - jk.point[1], I.jackknife_variance(jk.loo[0] - jk.loo[1]),
                       float(jk.df.min()), ci=0.95)  # fmt: skip
         rejects["jk"] += d.p_value <= 0.05
-        boot = M.bootstrap_stats(s, y, M.make_resampler(len(codes), 200, k, codes)).auc
+        boot = resampling.bootstrap_stats(s, y, resampling.make_resampler(len(codes), 200, k, codes)).auc
         lo, hi = I.order_ci(boot[:, 0], 0.95)
         hits["pct"] += lo <= truth <= hi
         rejects["pct"] += I.p_two_sided(boot[:, 0] - boot[:, 1]) <= 0.05

@@ -68,8 +68,9 @@ def test_plan_sizes_the_test_sets_for_the_primary_endpoint(tmp_path):
     from conftest import EV, build_output
     from scipy import stats
 
-    from privdom_ray import comparisons, costs, inference
+    from privdom_ray import costs
     from privdom_ray.config import EvaluationConfig
+    from privdom_ray.stats import comparisons, inference
 
     n = costs.units_needed(0.02, 0.5, 0.05, 0.8)  # no df known: the normal formula
     assert n == math.ceil(0.5 * (1.6448536 + 1.2815516) ** 2 / 0.02**2)

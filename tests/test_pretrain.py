@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
+from privdom_ray.checks import check_weights_file
 from privdom_ray.config import GridError
 from privdom_ray.grid import load_grid
 from privdom_ray.kinds import plan_trials as plan
 from privdom_ray.models import build_model
-from privdom_ray.sweep import check_weights_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

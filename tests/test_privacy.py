@@ -272,12 +272,12 @@ def test_every_column_of_every_table_has_a_privacy_class():
     the column may leave): every column the tables have today is classified."""
     import pyarrow as pa
 
-    from privdom_ray import comparisons, results
+    from privdom_ray.stats import quantities, results
 
     tables = {
         results.TRANSFER: results.SCHEMA,
-        "comparisons.parquet": comparisons.SCHEMA,
-        "reliability.parquet": comparisons.RELIABILITY_SCHEMA,
+        "comparisons.parquet": quantities.SCHEMA,
+        "reliability.parquet": quantities.RELIABILITY_SCHEMA,
     }
     for name, schema in tables.items():
         missing = [c for c in schema.names if results.privacy_class(c, name) is None]

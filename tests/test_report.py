@@ -15,8 +15,12 @@ import pytest
 from conftest import EV, build_output
 from PIL import Image
 
-from privdom_ray import comparisons, report, results
+from privdom_ray import report
 from privdom_ray.manifest import LABELS
+from privdom_ray.report.formatting import MISSING, _p
+from privdom_ray.report.sections import Section
+from privdom_ray.report.view import ReportView
+from privdom_ray.stats import comparisons, quantities, results
 
 
 def write_transfer(output, keys, sweep: str = "test-sweep") -> pd.DataFrame:
@@ -30,7 +34,7 @@ def _sweep(tmp_path, **kw):
     keys = build_output(tmp_path, **kw)
     df = write_transfer(tmp_path, keys)
     if kw.get("skip"):
-        with pytest.warns(comparisons.ComparisonWarning):
+        with pytest.warns(quantities.ComparisonWarning):
             tables = comparisons.compute_all(tmp_path, keys, EV)
     else:
         tables = comparisons.compute_all(tmp_path, keys, EV)
@@ -77,7 +81,7 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
     assert not list(tmp_path.glob(".report.md.*"))
     # every registered section with content, numbered in order (no controls and no audit
     # twins here: no "other", no "audit"; the audit section is tested in test_audit_twin.py)
-    view = report.ReportView.load(tmp_path)
+    view = ReportView.load(tmp_path)
     shown = [s for s in report.SECTIONS if s.render(view).strip()]
     assert [s.key for s in report.SECTIONS if s not in shown] == ["other", "audit"]
     heading = {s.key: f"## {k}. {s.title}" for k, s in enumerate(shown, 1)}
@@ -107,7 +111,7 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
         assert head[t][7] == _val(on["delta"], on["delta_lo"], on["delta_hi"], sign=True)
         assert head[t][8] == _val(off["delta"], off["delta_lo"], off["delta_hi"], sign=True)
         assert head[t][9] == f"{r['n_patients']} patients"
-    assert head["a"][2] == report.MISSING  # the DP model of b never reached a: no mean off
+    assert head["a"][2] == MISSING  # the DP model of b never reached a: no mean off
     # "every site at once" needs every site: a has no primary row
     assert ("Every site at once: no verdict (no primary estimate at test site(s) a; the claim "
             "needs every site)") in md
@@ -122,7 +126,7 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
 
     # macro matrices with CIs; the missing cell is "—", not dropped
     dp = _rows(md, "### ε = 1 — ")
-    assert set(dp) == {"a", "b", "c"} and dp["b"][0] == report.MISSING
+    assert set(dp) == {"a", "b", "c"} and dp["b"][0] == MISSING
     aa = _one(df, source="a", target="a", epsilon_target=1.0, label="macro", subgroup="all")
     assert dp["a"][0] == f"{aa['auc']:.3f} [{aa['auc_lo']:.2f}, {aa['auc_hi']:.2f}]"
     # per-label matrices (2 decimals), thresholded metrics and calibration of the same cell
@@ -147,7 +151,7 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
     assert _val(gap["delta"], gap["delta_lo"], gap["delta_hi"], sign=True) in gap_row
 
     # paired ΔAUC: the unfinished pair is shown, as missing
-    assert "| b → a | " + " | ".join([report.MISSING] * 9) + " |" in md
+    assert "| b → a | " + " | ".join([MISSING] * 9) + " |" in md
     assert "no difference" not in md.replace('"no difference"', "")
     assert "## 2. What these tests can and cannot conclude" in md
     assert "within the family (comparison, quantity)" in md and "jackknife" in md
@@ -200,7 +204,7 @@ def test_report_without_comparisons_or_dp(tmp_path):
 def test_console_and_report_render_one_view_and_sections_register(tmp_path, monkeypatch):
     df, cmp = _sweep(tmp_path, domains=("a", "b"), n=150)
     console = report.transfer_matrices_text(df, cmp)
-    view = report.ReportView.load(tmp_path)
+    view = ReportView.load(tmp_path)
     value = view.matrix(1.0).loc["a", "b"]
     assert f"| a | {view.matrix(1.0).loc['a', 'a']:.3f} | {value:.3f} |" in console
     md = report.write_report(tmp_path, figures=False)
@@ -209,13 +213,13 @@ def test_console_and_report_render_one_view_and_sections_register(tmp_path, monk
     assert all(f"test site {t}: Δdrop" in console for t in primary["target"])
     monkeypatch.setattr(report, "SECTIONS", list(report.SECTIONS))
     report.register_section(
-        report.Section("canary", "Canary audit", lambda v: f"{len(v.targets)} targets\n"),
+        Section("canary", "Canary audit", lambda v: f"{len(v.targets)} targets\n"),
         after="headline",
     )
     md = report.write_report(tmp_path, figures=False)
     assert "## 2. Canary audit\n\n2 targets" in md
     with pytest.raises(ValueError):
-        report.register_section(report.Section("canary", "again", lambda v: ""))
+        report.register_section(Section("canary", "again", lambda v: ""))
 
 
 def test_report_on_empty_table_and_missing_table(tmp_path):
@@ -225,8 +229,8 @@ def test_report_on_empty_table_and_missing_table(tmp_path):
     md = report.write_report(tmp_path)
     assert "transfer table is empty" in md
     # t-rule p-values have no resampling floor; tiny ones are shown as the bound they are
-    assert report._p(0.0004) == "< 0.001" and report._p(0.0123) == "0.0123"
-    assert report._p(0.5) == "0.50" and report._p(None) == report.MISSING
+    assert _p(0.0004) == "< 0.001" and _p(0.0123) == "0.0123"
+    assert _p(0.5) == "0.50" and _p(None) == MISSING
 
 
 def test_a_comparisons_table_of_an_older_version_is_named_not_misread(tmp_path):

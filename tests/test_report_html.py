@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from test_report import _sweep
 
-from privdom_ray import report, report_html
+from privdom_ray import report
+from privdom_ray.report import page as report_html
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 

@@ -19,8 +19,8 @@ from dp_accounting.rdp import RdpAccountant
 from scipy import integrate
 from scipy.special import logsumexp
 
-from privdom_ray import metrics
 from privdom_ray.selection import rdp, runs, tuning, validation
+from privdom_ray.stats import thresholds
 
 INTEGER_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512)
 DELTA = 1e-5
@@ -435,7 +435,7 @@ def test_releases_add_noise_of_the_stated_scale():
 
 def test_youden_from_histograms_finds_the_best_cut_when_noise_is_small():
     """One image per unit and scores on the bin edges: the histogram threshold reaches the
-    same Youden J as the exact threshold of metrics.youden_threshold."""
+    same Youden J as the exact threshold of thresholds.youden_threshold."""
     rng = np.random.default_rng(6)
     bins = 40
     n = 400
@@ -451,7 +451,7 @@ def test_youden_from_histograms_finds_the_best_cut_when_noise_is_small():
         return pred[y[:, col] == 1].mean() - pred[y[:, col] == 0].mean()
 
     for col in range(2):
-        exact = metrics.youden_threshold(probs[:, col], y[:, col])
+        exact = thresholds.youden_threshold(probs[:, col], y[:, col])
         assert j(cuts[col], col) == pytest.approx(j(exact, col), abs=1e-12)
     noisy = validation.release_thresholds(probs, y, units, 0.5, bins=bins, rng=rng).thresholds
     for col in range(2):

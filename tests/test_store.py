@@ -18,11 +18,12 @@ import pytest
 import torch
 from conftest import make_testset, scores_for, write_trial
 
-from privdom_ray import lease, planning, results
+from privdom_ray import lease, planning
 from privdom_ray.grid import parse_grid
 from privdom_ray.kinds import plan_trials
 from privdom_ray.lease import Fenced, Lease, LockHeld
 from privdom_ray.manifest import LABELS
+from privdom_ray.stats import results
 from privdom_ray.store import DamagedRecord, TrialStore
 
 

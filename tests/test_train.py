@@ -98,7 +98,7 @@ def test_non_private_trial_learns_and_is_deterministic():
     assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
     np.testing.assert_array_equal(a.val_scores, b.val_scores)
     # the bright-square label is learnable
-    from privdom_ray.metrics import auc
+    from privdom_ray.stats.metrics import auc
 
     assert auc(a.val_scores[:, 0], val.labels[:, 0]) > 0.8
 

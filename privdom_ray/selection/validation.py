@@ -246,7 +246,7 @@ def release_thresholds(
 def youden_from_histograms(hist_pos: np.ndarray, hist_neg: np.ndarray) -> np.ndarray:
     """Per label, the bin edge maximising TPR - FPR (predict positive when score >= it), from
     histograms on :func:`histogram_edges`; inf wins when no cut beats chance, as in
-    ``metrics.youden_threshold``. Negative (noisy) counts are clipped to 0 first."""
+    ``stats.thresholds.youden_threshold``. Negative (noisy) counts are clipped to 0 first."""
     pos = np.clip(np.asarray(hist_pos, dtype=np.float64), 0.0, None)
     neg = np.clip(np.asarray(hist_neg, dtype=np.float64), 0.0, None)
     if pos.shape != neg.shape or pos.ndim != 2:

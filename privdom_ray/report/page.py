@@ -1,4 +1,4 @@
-"""``report.html``: the report for a person, one self-contained file.
+"""``report.html``: the report for a person, one self-contained file (``write_report`` calls it).
 
 Built from the same markdown as ``report.md`` (so every number is the markdown's), by
 Python-Markdown: a navigation bar by section, filters by epsilon, site and label, the

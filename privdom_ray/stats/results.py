@@ -30,7 +30,7 @@ from privdom_ray.atomic import (  # noqa: F401
     write_yaml,
 )
 from privdom_ray.kinds import audit as kinds_audit
-from privdom_ray.metrics import MetricRow
+from privdom_ray.stats.evaluation import MetricRow
 from privdom_ray.store import TrialStore
 
 TRIALS = "trials"
@@ -40,7 +40,7 @@ _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "b
 
 
 def _metric_fields() -> list[tuple[str, pa.DataType]]:
-    """The metric columns, in ``metrics.MetricRow``'s field order and types (one definition)."""
+    """The metric columns, in ``evaluation.MetricRow``'s field order and types (one definition)."""
     out = []
     for f in dataclasses.fields(MetricRow):
         base = str(f.type).split("|")[0].strip()
@@ -149,7 +149,7 @@ COLUMN_PRIVACY: dict[str, str] = {
     "mia_tpr_at_1fpr": "training",
     "train_seconds": "timing",
     **dict.fromkeys(AUDIT_COLUMNS, "audit"),
-}  # every other column (metrics.MetricRow's) is "test"
+}  # every other column (evaluation.MetricRow's) is "test"
 
 _CMP_PUBLIC = [
     "comparison",
@@ -276,12 +276,12 @@ def with_privacy_metadata(
     for f in table.schema:
         cls = (overrides or {}).get(f.name) or privacy_class(f.name, name)
         if cls is None:
-            raise KeyError(f"{name}: column {f.name!r} has no privacy class (results.py)")
+            raise KeyError(f"{name}: column {f.name!r} has no privacy class (stats/results.py)")
         fields.append(f.with_metadata({**(f.metadata or {}), b"privacy": cls.encode()}))
     return table.cast(pa.schema(fields, metadata=table.schema.metadata))
 
 
-# Columns of the transfer table, in order. Metric columns come from metrics.MetricRow.
+# Columns of the transfer table, in order. Metric columns come from evaluation.MetricRow.
 SCHEMA = _with_privacy(
     [
         ("sweep", pa.string()),
@@ -313,7 +313,7 @@ SCHEMA = _with_privacy(
         # where the loss's pos_weight came from: dp_counts (a DP release in the ledger), exact
         # (non-private trials only), public, fixed or none
         ("loss_weights", pa.string()),
-        *_metric_fields(),  # label, subgroup, n, auc, ... : every field of metrics.MetricRow
+        *_metric_fields(),  # label, subgroup, n, auc, ... : every field of evaluation.MetricRow
         ("mia_auc", pa.float64()),
         ("mia_tpr_at_1fpr", pa.float64()),
         # the cell's audit twin (grid option audit:): a 95% lower bound on epsilon from m

@@ -32,6 +32,7 @@ from privdom_ray.privacy import (
     check_epsilon,
     expected_ledger,
     ledger_differences,
+    number_or_nan,
     pld_epsilon,
 )
 from privdom_ray.store import DamagedRecord, TrialRecord, TrialStore
@@ -104,7 +105,7 @@ def audit_trial(
     if not record.spec.is_private:  # no guarantee, and its ledgers must not claim one
         claims = [led for led in [record.ledger, *record.ledger.get("sites", {}).values()]
                   if str(led.get("accountant")) != "none"
-                  or math.isfinite(_float(led.get("epsilon_spent", math.inf)))]  # fmt: skip
+                  or math.isfinite(number_or_nan(led.get("epsilon_spent", math.inf)))]  # fmt: skip
         if claims:
             out.append(AuditLine(record.key[:12], problem=(
                 "a trial trained without DP (its spec's epsilon is inf) has a ledger claiming "
@@ -213,7 +214,7 @@ def _ledger_line(
         problems.insert(0, "a DP trial's ledger claims no accountant (epsilon = inf)")
     return AuditLine(
         key, site, str(found.get("accountant", "")), run.epsilon_target,
-        _float(found.get("epsilon_spent")), expected.epsilon_spent,
+        number_or_nan(found.get("epsilon_spent")), expected.epsilon_spent,
         pld_epsilon(expected.mechanisms, run.delta),
         "; ".join(problems) + (f" {note}" if problems and note else ""),
     )  # fmt: skip
@@ -298,8 +299,8 @@ def _history_lines(record: TrialRecord, history: list[dict[str, Any]]) -> list[A
                 problems.append(f"site {name}: the run record counts "
                                 f"{sites.get(name, {}).get('steps')} steps, its ledger "
                                 f"{led.get('steps')}")  # fmt: skip
-    spent = max((_float(v.get("epsilon_spent")) for v in ledgers.values()), default=math.nan)
-    seen = _float(last.get("epsilon"))
+    spent = max((number_or_nan(v.get("epsilon_spent")) for v in ledgers.values()), default=math.nan)
+    seen = number_or_nan(last.get("epsilon"))
     if not math.isclose(seen, spent, rel_tol=1e-6):
         problems.append(f"the history's last epsilon {seen:.6g} is not the ledger's "
                         f"epsilon_spent {spent:.6g}")  # fmt: skip
@@ -330,13 +331,6 @@ def _canary_line(record: TrialRecord) -> AuditLine:
         record.key[:12], "canaries", c.kind, float(record.ledger["epsilon_target"]), c.spent,
         c.lower, c.epsilon_max, c.problem, checked=c.checked,
     )  # fmt: skip
-
-
-def _float(value: Any) -> float:
-    try:
-        return math.inf if value in ("inf", "Infinity") else float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _int(value: Any) -> int | None:

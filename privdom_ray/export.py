@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from privdom_ray import atomic, guarantee, integrity
 from privdom_ray.kinds import kind_of
+from privdom_ray.privacy import number_or_nan
 from privdom_ray.stats import results
 from privdom_ray.stats.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
@@ -203,13 +204,7 @@ def _check_ledger_columns(transfer: pa.Table, records: Mapping[str, TrialRecord]
 
 
 def _same_number(value: Any, want: Any) -> bool:
-    def num(x: Any) -> float:
-        try:
-            return math.inf if x in ("inf", "Infinity") else float(x)
-        except (TypeError, ValueError):
-            return math.nan
-
-    a, b = num(value), num(want)
+    a, b = number_or_nan(value), number_or_nan(want)
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
     return a == b or math.isclose(a, b, rel_tol=1e-9)

@@ -82,17 +82,22 @@ class FileSum:
 
 def read_verified(path: Path, expected: FileSum) -> bytes:
     """The bytes of ``path`` if they match ``expected``; Damage (naming why) otherwise."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise Damage(path, "missing") from None
-    except OSError as exc:
-        raise Damage(path, f"unreadable ({exc.strerror or exc})") from None
+    data = _read(path)
     if len(data) != expected.size:
         raise Damage(path, f"{len(data)} bytes where {expected.size} were written (truncated?)")
     if digest(data) != expected.digest:
         raise Damage(path, "content does not match its checksum (changed or damaged inside)")
     return data
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of ``path``; Damage when it is missing or unreadable."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise Damage(path, "missing") from None
+    except OSError as exc:
+        raise Damage(path, f"unreadable ({exc.strerror or exc})") from None
 
 
 def _canonical(obj: Any) -> bytes:
@@ -118,12 +123,7 @@ def seal(obj: Mapping[str, Any]) -> bytes:
 def unseal(path: Path, data: bytes | None = None, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """A sealed record's content; Damage when it is missing, unparsable or not its own."""
     if data is None:
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise Damage(path, "missing") from None
-        except OSError as exc:
-            raise Damage(path, f"unreadable ({exc.strerror or exc})") from None
+        data = _read(path)
     try:
         value = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:

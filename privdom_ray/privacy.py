@@ -142,6 +142,15 @@ def _number(value: Any) -> float:
     return float(value)
 
 
+def number_or_nan(value: Any) -> float:
+    """A number as a ledger or table stores it ("inf" for infinity); NaN when it is none:
+    certifying code compares tampered values instead of crashing on them."""
+    try:
+        return math.inf if value in ("inf", "Infinity") else float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 # ------------------------------------------------------------------------------ accounting
 
 

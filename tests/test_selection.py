@@ -222,6 +222,9 @@ def test_run_distribution_registry_and_default():
     assert runs.run_distribution(geo.as_dict()) == geo  # a ledger's dict rebuilds it
     with pytest.raises(ValueError, match="unknown distribution"):
         runs.run_distribution({"distribution": "uniform"})
+    # a mean below one run would put log(mu) < 0 into the bound: refused, naming the key
+    with pytest.raises(ValueError, match=r"tuning\.runs\.mu must be .* >= 1"):
+        runs.run_distribution({"distribution": "poisson", "mean": 0.5})
     assert runs.quantile(geo, 0.5) == 3  # P[K <= 2] = 0.4375, P[K <= 3] = 0.578
     assert tuning.expected_trainings(geo) == 4.0
     assert tuning.expected_trainings(None) == 1.0

@@ -162,8 +162,13 @@ class PoissonRuns:
     name: str = "poisson"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.mu) and self.mu > 0):
-            raise ValueError(f"mu must be a finite number > 0, got {self.mu}")
+        # mu < 1 makes log(mu) / (lambda - 1) negative: the bound would fall below one run's
+        # own curve, a claim a tuning sweep has no use for and we do not want to rest on
+        if not (math.isfinite(self.mu) and self.mu >= 1):
+            raise ValueError(
+                f"tuning.runs.mu must be a finite number >= 1 (the mean number of candidate "
+                f"runs), got {self.mu}"
+            )
 
     def mean(self) -> float:
         return self.mu

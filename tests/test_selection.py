@@ -364,6 +364,16 @@ def test_score_moves_by_at_most_its_bound_on_neighbours():
     assert worst > 0.5 * validation.LOSS_BOUND  # the bound is nearly reached: not vacuous
 
 
+def test_a_diverged_candidate_scores_worst_and_never_wins():
+    b = validation.LOSS_BOUND
+    # NaN unit losses count as the bound: the term stays in [0, B], the sensitivity holds
+    assert validation.loss_statistic(np.array([np.nan, 0.2, np.nan])) == pytest.approx(2 * b + 0.2)
+    nan = validation.ScoreRelease(math.nan, 10, b, 1.0)
+    fine = [validation.ScoreRelease(x, 10, b, 1.0) for x in (5.0, 3.0)]
+    assert validation.best_candidate([nan, *fine]) == 2
+    assert validation.best_candidate([*fine, nan]) == 1
+
+
 def test_epoch_utilities_move_by_at_most_the_bound_in_every_epoch():
     rng = np.random.default_rng(1)
     worst = 0.0

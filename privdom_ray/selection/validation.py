@@ -99,10 +99,13 @@ class ScoreRelease:
 
 def loss_statistic(values: np.ndarray, bound: float = LOSS_BOUND) -> float:
     """Sum over units of the unit's loss clipped to [0, B]. Sensitivity (add/remove one unit,
-    or change one unit's images): B, since one unit's term lies in [0, B]."""
+    or change one unit's images): B, since one unit's term lies in [0, B]. A NaN loss (a
+    diverged model) counts as the worst, B: the term stays in [0, B] and a broken candidate
+    can never look best."""
     if bound <= 0:
         raise ValueError(f"the bound must be > 0, got {bound}")
-    return float(np.clip(np.asarray(values, dtype=np.float64), 0.0, bound).sum())
+    v = np.asarray(values, dtype=np.float64)
+    return float(np.clip(np.where(np.isnan(v), bound, v), 0.0, bound).sum())
 
 
 def release_score(
@@ -122,10 +125,12 @@ def release_score(
 
 
 def best_candidate(scores: list[ScoreRelease]) -> int:
-    """The index of the lowest released score (the first on ties): post-processing."""
+    """The index of the lowest released score (the first on ties): post-processing. A NaN
+    score loses (numpy's argmin would pick it)."""
     if not scores:
         raise ValueError("no candidates to choose from")
-    return int(np.argmin([s.noisy_sum for s in scores]))
+    sums = np.array([s.noisy_sum for s in scores], dtype=np.float64)
+    return int(np.argmin(np.where(np.isnan(sums), np.inf, sums)))
 
 
 # --------------------------------------------------------------- (b) the checkpoint (epoch)

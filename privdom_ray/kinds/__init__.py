@@ -1,10 +1,11 @@
 """Trial kinds: what a trial is for, as a registry like domain kinds.
 
-A kind declares how its trials are planned from a grid, which function trains them, what
-its key holds beyond the common fields, and how its results are used (evaluated on targets?
-rows in the transfer matrices? weights released?). Adding a kind is adding one module to this
-folder that calls :func:`register`; nothing else branches on the kind. Torch-free: trainers
-are named (``"module:function"``) and imported only where a trial runs.
+A kind (a :class:`TrialKind` object) declares how its trials are planned from a grid, which
+trainer trains them, which sites trained its model, what it adds to the tables, and how its
+results are used (evaluated on targets? rows in the transfer matrices? weights released?).
+Adding a kind is adding one module (or folder) here that calls :func:`register`; nothing
+outside kinds/ and the store branches on the kind (tests/test_architecture.py searches).
+Torch-free: a kind names its trainer; the training side (``trial.TRAINERS``) holds them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import dataclasses
 import importlib
 import math
 import pkgutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from privdom_ray.config import DEFAULT_DELTA, GridError, SweepSpec, TrialSpec
+from privdom_ray.config import DEFAULT_DELTA, GridError, Site, SweepSpec, TrialSpec
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,20 @@ class PlanContext:
     public_pos_weight: tuple[float, ...] = ()  # training.pos_weight "public", resolved
 
 
-@dataclass(frozen=True)
 class TrialKind:
-    name: str
-    plan: Callable[[PlanContext], Iterator[TrialSpec]]
-    trainer: str  # "module:function" that trials of this kind are trained with
+    """A kind of trial: how its trials are planned, trained, counted and shown.
+
+    One object per kind, registered by its module. The defaults are a single-site trial's; a
+    kind overrides the attributes and methods that differ. Nothing outside ``kinds/`` (and the
+    store) reads the fields that tell kinds apart: they ask the trial's kind.
+    """
+
+    name: str = ""
     description: str = ""
+    # the trainer, by its name in the training side's registry (``trial.TRAINERS``): kinds/
+    # stays torch-free and below train/federated, and a kind that trains like another one
+    # names that trainer and needs no edit outside its module (tests check every name resolves)
+    trainer: str = "single_site"
     # where its training data is: "source" (its domain's cache), "own" (a cache entry of its
     # own, under the trial's name: other preprocessing), or "sites" (a federation's members)
     data: str = "source"
@@ -45,15 +54,41 @@ class TrialKind:
     released: bool = True  # its weights are part of the shareable set (with a valid guarantee)
     stage: int = 1  # stages run in order (0: pretraining, which others start from)
     coordinator: bool = False  # coordinates its own tasks from Tune's trial process
-    # trials the grid no longer asks for but whose finished results are still read (never
-    # trained: ``plan_trials`` takes them only when finished), e.g. twins of cells not chosen
-    kept: Callable[[PlanContext], Iterator[TrialSpec]] | None = None
-    # a line for ``launch.py plan`` about this kind's trials ("" for none)
-    note: Callable[[SweepSpec, Sequence[TrialSpec]], str] | None = None
+    canary_audited: bool = False  # its record holds a one-run canary audit (``check_twin``)
+    # columns it adds to the rows of the cell it is attached to (``attached_to``), null there
+    # when the cell has no such trial; their privacy class in the table's column classes
+    columns: tuple[str, ...] = ()
 
-    def train(self) -> Callable[..., Any]:
-        module, _, function = self.trainer.partition(":")
-        return getattr(importlib.import_module(module), function)
+    def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        """The grid's trials of this kind (keys not set)."""
+        raise NotImplementedError
+
+    def kept(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        """Trials the grid no longer asks for but whose finished results are still read (never
+        trained: ``plan_trials`` takes them only when finished), e.g. twins of cells not chosen."""
+        return iter(())
+
+    def note(self, spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
+        """A line for ``launch.py plan`` about this kind's trials ("" for none)."""
+        return ""
+
+    def members(self, spec: TrialSpec) -> tuple[Site, ...]:
+        """The sites that train together in one trial (a federation's); () for one source."""
+        return ()
+
+    def training_sites(self, spec: TrialSpec) -> tuple[str, ...]:
+        """The domains whose training data made the model: the one rule every module uses
+        (a member with weight 0 contributes nothing)."""
+        members = self.members(spec)
+        return tuple(s.name for s in members if s.weight > 0) if members else (spec.source,)
+
+    def attached_to(self, spec: TrialSpec) -> str | None:
+        """The key of the trial whose table rows take this trial's ``columns`` (None: own rows)."""
+        return None
+
+    def row_columns(self, record: Any) -> dict[str, Any]:
+        """This trial's ``columns`` for the rows it is attached to (a store.TrialRecord)."""
+        return {}
 
 
 REGISTRY: dict[str, TrialKind] = {}
@@ -67,8 +102,32 @@ def register(kind: TrialKind) -> TrialKind:
 
 
 def kind_of(spec: TrialSpec) -> TrialKind:
-    """A trial's kind: a federation's, else the one its ``variant`` names."""
-    return REGISTRY["federated" if spec.federation is not None else spec.variant]
+    """A trial's kind (``TrialSpec.kind`` names it)."""
+    return REGISTRY[spec.kind]
+
+
+def training_sites(spec: TrialSpec) -> tuple[str, ...]:
+    """The domains whose training data made the trial's model (its kind's rule)."""
+    return kind_of(spec).training_sites(spec)
+
+
+def attached_columns(records: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """{trial key: the columns other trials attach to its rows} (e.g. an audit twin's
+    ``audit_*`` columns on the cell it audits), from the trial records (None: skipped)."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record is None:
+            continue
+        kind = kind_of(record.spec)
+        key = kind.attached_to(record.spec)
+        if key is not None:
+            out.setdefault(key, {}).update(kind.row_columns(record))
+    return out
+
+
+def attachable_columns() -> dict[str, tuple[str, ...]]:
+    """{kind name: the columns it attaches to other trials' rows}."""
+    return {k.name: k.columns for k in REGISTRY.values() if k.columns}
 
 
 def plan_trials(
@@ -87,7 +146,7 @@ def plan_trials(
     """
     ctx = PlanContext(spec, fingerprints, n_train, public_pos_weight=public_pos_weight)
     early = [t.with_key() for k in _kinds(stage=0) for t in k.plan(ctx)]
-    pre = next((t for t in early if t.variant == "pretrain"), None)
+    pre = early[0] if early else None  # pretraining: the stage others start from
     if spec.training.init == "pretrain":
         assert pre is not None
         init = f"pretrain:{pre.key}"
@@ -100,13 +159,13 @@ def plan_trials(
     if finished is None:
         return trials
     planned = {t.key for t in trials}
-    kept = [t.with_key() for k in REGISTRY.values() if k.kept for t in k.kept(ctx)]
+    kept = [t.with_key() for k in REGISTRY.values() for t in k.kept(ctx)]
     return trials + [t for t in kept if t.key not in planned and finished(t.key)]
 
 
 def plan_notes(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[str]:
     """The kinds' lines for ``launch.py plan`` (e.g. which cells the audit twins cover)."""
-    notes = (k.note(spec, trials) for k in REGISTRY.values() if k.note is not None)
+    notes = (k.note(spec, trials) for k in REGISTRY.values())
     return [n for n in notes if n]
 
 

@@ -24,6 +24,20 @@ from privdom_ray.kinds import PlanContext, TrialKind, register
 from privdom_ray.kinds.standard import single_site
 
 INPUT_CANARIES = 1000  # ``auto`` for input canaries: each included one is a training image
+#: The columns a twin adds to the audited cell's rows (null where the cell has no twin).
+AUDIT_COLUMNS = (
+    "audit_epsilon_lower",
+    "audit_epsilon_lower_replay",
+    "audit_epsilon_max",
+    "audit_power_noise_scale",
+    "audit_noise_ratio",
+    "audit_noise_check",
+    "audit_canaries",
+    "audit_guesses",
+    "audit_correct",
+    "audit_kind",
+    "audit_twin_epsilon",
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +132,7 @@ def note(spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
     if not cells:
         return ""
     chosen = choose(spec)
-    planned = {(t.source, float(t.epsilon), t.seed) for t in trials if t.variant == "audit"}
+    planned = {(t.source, float(t.epsilon), t.seed) for t in trials if t.kind == "audit"}
     left = set(cells) - set(chosen)
     kept_n = sum((c.source, c.epsilon, c.seed) in planned for c in left)
     assert spec.audit is not None
@@ -156,19 +170,36 @@ def audited(twin: TrialSpec) -> TrialSpec:
     return dataclasses.replace(twin, variant="standard", audit=None).with_key()
 
 
-register(
-    TrialKind(
-        name="audit",
-        plan=plan,
-        kept=kept,
-        note=note,
-        trainer="privdom_ray.trial:train_audit_twin",
-        description="a cell's twin with m canaries: a one-run lower bound on its epsilon",
-        evaluated=False,
-        in_matrices=False,
-        released=False,
-    )
-)
+class AuditTwin(TrialKind):
+    name = "audit"
+    description = "a cell's twin with m canaries: a one-run lower bound on its epsilon"
+    trainer = "audit_twin"
+    evaluated = False
+    in_matrices = False
+    released = False
+    canary_audited = True
+    columns = AUDIT_COLUMNS
+
+    def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        return plan(ctx)
+
+    def kept(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        return kept(ctx)
+
+    def note(self, spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
+        return note(spec, trials)
+
+    def attached_to(self, spec: TrialSpec) -> str | None:
+        return audited(spec).key
+
+    def row_columns(self, record: Any) -> dict[str, Any]:
+        """The audited cell's ``audit_*`` columns (a twin without a result: nulls)."""
+        if "audit" not in record.info:
+            return {}
+        return columns(record.info["audit"], record.ledger)
+
+
+register(AuditTwin())
 
 
 # --------------------------------------------------------------------------------------------

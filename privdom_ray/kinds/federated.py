@@ -44,13 +44,19 @@ def plan(ctx: PlanContext) -> Iterator[TrialSpec]:
                 )
 
 
-register(
-    TrialKind(
-        name="federated",
-        plan=plan,
-        trainer="privdom_ray.trial:train_federated",
-        description="FedAvg over member sites, each with its own DP-SGD ledger",
-        data="sites",
-        coordinator=True,
-    )
-)
+class Federated(TrialKind):
+    name = "federated"
+    description = "FedAvg over member sites, each with its own DP-SGD ledger"
+    trainer = "federated"
+    data = "sites"
+    coordinator = True
+
+    def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        return plan(ctx)
+
+    def members(self, spec: TrialSpec) -> tuple[Site, ...]:
+        assert spec.federation is not None, spec.name
+        return spec.federation.sites
+
+
+register(Federated())

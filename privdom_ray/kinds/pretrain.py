@@ -43,16 +43,17 @@ def pretraining_trial(spec, fingerprints) -> TrialSpec | None:
     return trial.with_key() if trial is not None else None
 
 
-register(
-    TrialKind(
-        name="pretrain",
-        plan=plan,
-        trainer="privdom_ray.trial:train_single_site",
-        description="non-private pretraining on the public domain, run before its dependents",
-        data="own",
-        evaluated=False,
-        in_matrices=False,
-        released=False,
-        stage=0,
-    )
-)
+class Pretrain(TrialKind):
+    name = "pretrain"
+    description = "non-private pretraining on the public domain, run before its dependents"
+    data = "own"
+    evaluated = False
+    in_matrices = False
+    released = False
+    stage = 0
+
+    def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        return plan(ctx)
+
+
+register(Pretrain())

@@ -113,19 +113,7 @@ LEDGER_COLUMNS = (
 )
 
 _LEDGER = [*LEDGER_COLUMNS, "privacy_scope", "loss_weights"]
-AUDIT_COLUMNS = [
-    "audit_epsilon_lower",
-    "audit_epsilon_lower_replay",
-    "audit_epsilon_max",
-    "audit_power_noise_scale",
-    "audit_noise_ratio",
-    "audit_noise_check",
-    "audit_canaries",
-    "audit_guesses",
-    "audit_correct",
-    "audit_kind",
-    "audit_twin_epsilon",
-]
+AUDIT_COLUMNS = list(kinds_audit.AUDIT_COLUMNS)  # the audit twin's (kinds/audit.py)
 #: Columns ``export`` adds to the transfer table: what each row's values are covered by.
 GUARANTEE_COLUMNS = {
     # "(eps, delta)-DP for each training image of a: this model's releases (PLD)" or

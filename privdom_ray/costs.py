@@ -116,7 +116,7 @@ def _count(cost: GridCost, t: TrialSpec, store: TrialStore, targets, n_train, sp
     cost.trainings[kind.name] += 1
     trained = store.valid(t.key) is not None
     cost.trainings_done += trained
-    sites = [s.name for s in t.federation.sites if s.weight > 0] if t.federation else [t.source]
+    sites = kind.training_sites(t)
     if not trained:
         images = t.training.epochs * sum(n_train[s] for s in sites)
         key = "dp" if t.clips else "plain"

@@ -453,11 +453,7 @@ def expected_work(cell: Cell, n_train: Mapping[str, int]) -> float:
     ``site_slots x slot_share`` slots.
     """
     spec = cell.spec
-    if spec.federation is not None:  # a federation trains every positive-weight site
-        sites = [s for s in spec.federation.sites if s.weight > 0]
-        images = sum(n_train.get(s.name, 0) for s in sites)
-    else:
-        images = n_train.get(spec.source, 0)
+    images = sum(n_train.get(s, 0) for s in kinds.training_sites(spec))
     return images * spec.training.epochs * (DP_COST if spec.clips else 1.0)
 
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pandas as pd
+import pytest
+import yaml
+
 from privdom_ray import kinds
 from privdom_ray.config import Federation, Site, TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
@@ -47,3 +51,76 @@ def test_one_rule_names_the_sites_that_trained_a_model():
     assert kinds.training_sites(_spec(source="fed", federation=fed)) == ("a",)
     assert kinds.kind_of(_spec(federation=fed)).members(_spec(federation=fed)) == fed.sites
     assert kinds.kind_of(_spec()).members(_spec()) == ()
+
+
+# ------------------------------------------------------------------------------ adding a kind
+
+
+class _Shuffled(kinds.TrialKind):
+    """A made-up control (one non-private trial per source), written as a new kind would be:
+    a subclass and a ``register`` call; it trains like a single-site trial."""
+
+    name = "shuffled_test"
+    description = "test-only control"
+    in_matrices = False
+    released = False
+
+    def plan(self, ctx):
+        from privdom_ray.kinds.standard import single_site
+
+        for source in ctx.spec.sources:
+            yield single_site(ctx, source, math.inf, 0, self.name)
+
+
+@pytest.fixture
+def shuffled():
+    kind = kinds.register(_Shuffled())
+    yield kind
+    del kinds.REGISTRY[kind.name]
+
+
+def _grid(tmp_path):
+    from conftest import synthetic_domain
+
+    from privdom_ray.grid import load_grid
+
+    domains = [synthetic_domain(n, n, n_patients=20) for n in ("a", "b")]
+    grid = {"output": "out", "domains": domains, "epsilons": [1, "inf"], "seeds": [0]}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(grid))
+    return load_grid(tmp_path / "g.yaml")
+
+
+def test_a_new_kind_is_planned_counted_and_trained_without_other_edits(tmp_path, shuffled):
+    """Registering one TrialKind object is all a new kind takes: the planner, the cost model,
+    the cell planner, the trainer registry and the table's row rules pick it up."""
+    from privdom_ray import costs, planning
+    from privdom_ray.report.view import in_matrices, row_kinds
+    from privdom_ray.store import TrialStore
+
+    spec = _grid(tmp_path)
+    fps, n_train = {"a": "fp-a", "b": "fp-b"}, {"a": 50, "b": 60}
+    trials = kinds.plan_trials(spec, fps, n_train)
+    new = [t for t in trials if t.kind == "shuffled_test"]
+    assert [t.name for t in new] == ["a_shuffled-test_seed0", "b_shuffled-test_seed0"]
+    assert kinds.kind_of(new[0]) is shuffled and trainer_of(new[0]) is TRAINERS["single_site"]
+    # standard keys do not move when a kind is added; the new trials have keys of their own
+    before = {t.key for t in trials if t.kind == "standard"}
+    assert len(before) == 4 and not before & {t.key for t in new}
+
+    splits = {d: {"train": n, "val": 10, "test": 20} for d, n in n_train.items()}
+    cost = costs.estimate(spec, splits, fps)
+    assert cost.trainings["shuffled_test"] == 2 and cost.trainings["standard"] == 4
+    assert cost.train_images["plain"] == spec.training.epochs * (50 + 60) * 2  # inf + control
+
+    caches = {d: str(tmp_path / "cache" / d) for d in ("a", "b")}
+    plan = planning.plan_cells(spec, trials, TrialStore(spec.output), caches, fps, log=str)
+    cells = {c.spec.key: c for c in plan.cells}
+    for t in new:  # trained from its source's cache and tested on the targets, like a cell
+        assert cells[t.key].source_cache == caches[t.source]
+        assert [r.name for r in cells[t.key].targets] == ["a", "b"]
+
+    # its rows are controls in the report (the table's variant column names the kind)
+    rows = pd.DataFrame({"source": ["a", "a"], "variant": ["standard", "shuffled_test"],
+                         "training_sites": ["a", "a"]})  # fmt: skip
+    assert [k.name for k in row_kinds(rows)] == ["standard", "shuffled_test"]
+    assert in_matrices(rows).tolist() == [True, False]

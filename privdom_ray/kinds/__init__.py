@@ -82,6 +82,15 @@ class TrialKind:
         members = self.members(spec)
         return tuple(s.name for s in members if s.weight > 0) if members else (spec.source,)
 
+    def slots(self, sweep: SweepSpec, spec: TrialSpec, cap: int) -> tuple[int, float, float]:
+        """(task slots, cpu and gpu per slot) the trial holds; ``cap``: the cluster's slots."""
+        return 1, sweep.resources.cpu, sweep.resources.gpu
+
+    def label(self, spec: TrialSpec) -> str:
+        """The table's ``variant`` column: the spec's variant as written ("standard" for a
+        federation too, so tables written before kinds keep their values; ``row_kind``)."""
+        return spec.variant
+
     def attached_to(self, spec: TrialSpec) -> str | None:
         """The key of the trial whose table rows take this trial's ``columns`` (None: own rows)."""
         return None
@@ -111,23 +120,27 @@ def training_sites(spec: TrialSpec) -> tuple[str, ...]:
     return kind_of(spec).training_sites(spec)
 
 
-def attached_columns(records: Iterable[Any]) -> dict[str, dict[str, Any]]:
-    """{trial key: the columns other trials attach to its rows} (e.g. an audit twin's
-    ``audit_*`` columns on the cell it audits), from the trial records (None: skipped)."""
-    out: dict[str, dict[str, Any]] = {}
+def row_kind(variant: Any, source: Any, training_sites: Any) -> TrialKind:
+    """A table row's kind (tables hold ``variant`` and ``training_sites``, not the kind): a
+    variant other than "standard" names it; a standard row whose model was trained on other
+    domains than its source is a federation's (tables from before federations: no sites)."""
+    if isinstance(variant, str) and variant in REGISTRY and variant != "standard":
+        return REGISTRY[variant]
+    if isinstance(training_sites, str) and training_sites and training_sites != source:
+        return REGISTRY["federated"]
+    return REGISTRY["standard"]
+
+
+def attached(records: Iterable[Any]) -> dict[str, Any]:
+    """{trial key: the record of the trial attached to it} (an audit twin, by the key of the
+    cell it audits), from trial records (store.TrialRecord; None is skipped)."""
+    out = {}
     for record in records:
-        if record is None:
-            continue
-        kind = kind_of(record.spec)
-        key = kind.attached_to(record.spec)
-        if key is not None:
-            out.setdefault(key, {}).update(kind.row_columns(record))
+        if record is not None:
+            key = kind_of(record.spec).attached_to(record.spec)
+            if key is not None:
+                out[key] = record
     return out
-
-
-def attachable_columns() -> dict[str, tuple[str, ...]]:
-    """{kind name: the columns it attaches to other trials' rows}."""
-    return {k.name: k.columns for k in REGISTRY.values() if k.columns}
 
 
 def plan_trials(

@@ -16,7 +16,7 @@ import math
 import pkgutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from privdom_ray.config import DEFAULT_DELTA, GridError, Site, SweepSpec, TrialSpec
 
@@ -30,6 +30,15 @@ class PlanContext:
     n_train: Mapping[str, int]
     init: str = "scratch"  # the resolved initialisation of trained-from-grid trials
     public_pos_weight: tuple[float, ...] = ()  # training.pos_weight "public", resolved
+
+
+class Checker(Protocol):
+    """What a kind's grid section is checked with (grid.py's collector: every problem is
+    recorded, a usable default returned, and the grid refused with all of them at once)."""
+
+    def add(self, key: str, value: Any, allowed: str) -> None: ...
+
+    def section(self, raw: Mapping, key: str, cls: type) -> Any: ...
 
 
 class TrialKind:
@@ -58,6 +67,15 @@ class TrialKind:
     # columns it adds to the rows of the cell it is attached to (``attached_to``), null there
     # when the cell has no such trial; their privacy class in the table's column classes
     columns: tuple[str, ...] = ()
+    # the grid section it owns ("" for none), also the SweepSpec field its parse is kept in;
+    # read at its stage (0: before the common sections, 1: after them)
+    section: str = ""
+
+    def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
+        """Its grid section, checked (None when the grid has none); ``common``: the parsed
+        common sections a stage-1 section may check against (sources, epsilons, seeds,
+        training)."""
+        return None
 
     def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
         """The grid's trials of this kind (keys not set)."""

@@ -19,8 +19,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from privdom_ray.config import DEFAULT_DELTA, AuditSpec, SweepSpec, TrialSpec
-from privdom_ray.kinds import PlanContext, TrialKind, register
+from privdom_ray.config import (
+    AUDIT_CELLS,
+    AUDIT_KINDS,
+    DEFAULT_DELTA,
+    AuditConfig,
+    AuditSpec,
+    SweepSpec,
+    TrainingConfig,
+    TrialSpec,
+)
+from privdom_ray.kinds import Checker, PlanContext, TrialKind, register
 from privdom_ray.kinds.standard import single_site
 
 INPUT_CANARIES = 1000  # ``auto`` for input canaries: each included one is a training image
@@ -170,6 +179,57 @@ def audited(twin: TrialSpec) -> TrialSpec:
     return dataclasses.replace(twin, variant="standard", audit=None).with_key()
 
 
+def parse_section(
+    c: Checker,
+    raw: Mapping,
+    sources: list[str],
+    epsilons: list[float],
+    seeds: tuple[int, ...],
+    training: TrainingConfig,
+) -> AuditConfig | None:
+    """``audit:`` audit twins for the (source, epsilon, seed) cells it names (default: all of
+    them) and chooses (``cells``: one per epsilon by default, ``all``, or a number)."""
+    if not raw.get("audit"):
+        return None
+    audit = c.section(raw, "audit", AuditConfig)
+    if audit.canaries != "auto" and (not isinstance(audit.canaries, int) or audit.canaries < 20):
+        c.add("audit.canaries", audit.canaries, "'auto' (recommended) or an integer >= 20")
+    if audit.kind not in AUDIT_KINDS:
+        c.add("audit.kind", audit.kind, f"one of {list(AUDIT_KINDS)}")
+    if audit.kind == "input" and training.privacy_unit == "patient":
+        c.add("audit.kind", "input", "'gradient' with privacy_unit: patient")
+    unknown = [s for s in audit.sources if s not in sources]
+    if unknown:
+        c.add("audit.sources", unknown, f"sources of this grid: {sources}")
+    missing = [e for e in audit.epsilons if e not in epsilons]
+    if missing:
+        c.add("audit.epsilons", list(audit.epsilons), f"epsilons of this grid: {epsilons}")
+    n_cells = len(audit.sources or sources) * len(audit.epsilons or epsilons) * len(seeds)
+    _check_audit_cells(c, audit, n_cells)
+    return audit
+
+
+def _check_audit_cells(c: Checker, audit: AuditConfig, n_cells: int) -> None:
+    """``audit.cells``: a rule name or a number of cells the audit's cells can hold."""
+    cells = audit.cells
+    number = isinstance(cells, int) and not isinstance(cells, bool)
+    if not number and cells not in AUDIT_CELLS:
+        c.add(
+            "audit.cells", cells,
+            "'per_epsilon' (one twin per epsilon: the default), 'all' (a twin for every cell "
+            "audit.sources x audit.epsilons x seeds) or a number of cells N >= 1 (a sample "
+            "spread over the epsilons, chosen by audit.cells_seed)",
+        )  # fmt: skip
+    elif number and not 1 <= cells <= n_cells:
+        c.add(
+            "audit.cells", cells,
+            f"a number from 1 to {n_cells}, the cells audit.sources x audit.epsilons x seeds "
+            "name ('all' for every one; remove the audit section for no twins)",
+        )  # fmt: skip
+    if audit.cells_seed < 0:
+        c.add("audit.cells_seed", audit.cells_seed, "an integer >= 0 (public: it orders cells)")
+
+
 class AuditTwin(TrialKind):
     name = "audit"
     description = "a cell's twin with m canaries: a one-run lower bound on its epsilon"
@@ -179,6 +239,11 @@ class AuditTwin(TrialKind):
     released = False
     canary_audited = True
     columns = AUDIT_COLUMNS
+    section = "audit"
+
+    def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
+        return parse_section(c, raw, common["sources"], common["epsilons"], common["seeds"],
+                             common["training"])  # fmt: skip
 
     def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
         return plan(ctx)

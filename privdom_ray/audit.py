@@ -97,7 +97,8 @@ def audit_trial(
     federation, and the federation's summary), each rebuilt from the spec and compared; for
     an audit twin also its empirical lower bound against the epsilon it spent. ``counts``:
     the cache's training-set sizes (:func:`_cache_counts`; read here when not given)."""
-    out = [_canary_line(record)] if kind_of(record.spec).canary_audited else []
+    canaries = kind_of(record.spec).canary_check(record)
+    out = [] if canaries is None else [_canary_line(record, canaries)]
     rekeyed = record.spec.with_key().key
     if rekeyed != record.key:  # the spec no longer hashes to its folder: edited after training
         out.append(AuditLine(record.key[:12], problem=(
@@ -323,13 +324,10 @@ def _tolerance(info: Mapping[str, Any]) -> tuple[float, str]:
     return OTHER_VERSION_TOL, f"(trained with opacus {trained or '?'}, audited with {installed})"
 
 
-def _canary_line(record: TrialRecord) -> AuditLine:
-    """An audit twin's one-run bound, recomputed from its counts (kinds/audit.py): above the
-    epsilon its mechanism spent (at 95% confidence) means the DP implementation or its
-    accounting is broken."""
-    from privdom_ray.kinds.audit import check_twin
-
-    c = check_twin(record.info.get("audit"), record.ledger, record.spec.name)
+def _canary_line(record: TrialRecord, c: Any) -> AuditLine:
+    """An audit twin's one-run bound, recomputed from its counts (``c``: the kind's
+    ``canary_check``): above the epsilon its mechanism spent (at 95% confidence) means the DP
+    implementation or its accounting is broken."""
     return AuditLine(
         record.key[:12], "canaries", c.kind, float(record.ledger["epsilon_target"]), c.spent,
         c.lower, c.epsilon_max, c.problem, checked=c.checked,

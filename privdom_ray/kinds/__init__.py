@@ -63,7 +63,6 @@ class TrialKind:
     released: bool = True  # its weights are part of the shareable set (with a valid guarantee)
     stage: int = 1  # stages run in order (0: pretraining, which others start from)
     coordinator: bool = False  # coordinates its own tasks from Tune's trial process
-    canary_audited: bool = False  # its record holds a one-run canary audit (``check_twin``)
     # columns it adds to the rows of the cell it is attached to (``attached_to``), null there
     # when the cell has no such trial; their privacy class in the table's column classes
     columns: tuple[str, ...] = ()
@@ -108,6 +107,11 @@ class TrialKind:
         """The table's ``variant`` column: the spec's variant as written ("standard" for a
         federation too, so tables written before kinds keep their values; ``row_kind``)."""
         return spec.variant
+
+    def canary_check(self, record: Any) -> Any:
+        """Its one-run canary audit recomputed (a ``kinds.audit.TwinCheck``), or None for a
+        kind without one (a store.TrialRecord; ``launch.py audit`` reports it)."""
+        return None
 
     def attached_to(self, spec: TrialSpec) -> str | None:
         """The key of the trial whose table rows take this trial's ``columns`` (None: own rows)."""
@@ -198,6 +202,14 @@ def plan_notes(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[str]:
     """The kinds' lines for ``launch.py plan`` (e.g. which cells the audit twins cover)."""
     notes = (k.note(spec, trials) for k in REGISTRY.values())
     return [n for n in notes if n]
+
+
+def own_data_trials(spec: SweepSpec, fingerprints: Mapping[str, str]) -> list[TrialSpec]:
+    """Trials that train on a cache entry of their own (``data = "own"``: under the trial's
+    name, with their own preprocessing; the pretraining trial), keys set: the driver decodes
+    them before anything else. Planned from the grid and fingerprints alone."""
+    ctx = PlanContext(spec, fingerprints, {})
+    return [t.with_key() for k in REGISTRY.values() if k.data == "own" for t in k.plan(ctx)]
 
 
 def _kinds(stage: int) -> list[TrialKind]:

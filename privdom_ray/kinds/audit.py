@@ -237,7 +237,6 @@ class AuditTwin(TrialKind):
     evaluated = False
     in_matrices = False
     released = False
-    canary_audited = True
     columns = AUDIT_COLUMNS
     section = "audit"
 
@@ -256,6 +255,9 @@ class AuditTwin(TrialKind):
 
     def attached_to(self, spec: TrialSpec) -> str | None:
         return audited(spec).key
+
+    def canary_check(self, record: Any) -> TwinCheck:
+        return check_twin(record.info.get("audit"), record.ledger, record.spec.name)
 
     def row_columns(self, record: Any) -> dict[str, Any]:
         """The audited cell's ``audit_*`` columns (a twin without a result: nulls)."""

@@ -29,8 +29,7 @@ from privdom_ray.atomic import (  # noqa: F401
     write_parquet,
     write_yaml,
 )
-from privdom_ray.kinds import attached, kind_of
-from privdom_ray.kinds import audit as kinds_audit
+from privdom_ray.kinds import REGISTRY, attached, kind_of
 from privdom_ray.stats.evaluation import MetricRow
 from privdom_ray.store import TrialStore
 
@@ -114,7 +113,8 @@ LEDGER_COLUMNS = (
 )
 
 _LEDGER = [*LEDGER_COLUMNS, "privacy_scope", "loss_weights"]
-AUDIT_COLUMNS = list(kinds_audit.AUDIT_COLUMNS)  # the audit twin's (kinds/audit.py)
+# the columns trial kinds attach to other trials' rows: the audit twin's (kinds/audit.py)
+AUDIT_COLUMNS = [c for kind in REGISTRY.values() for c in kind.columns]
 #: Columns ``export`` adds to the transfer table: what each row's values are covered by.
 GUARANTEE_COLUMNS = {
     # "(eps, delta)-DP for each training image of a: this model's releases (PLD)" or

@@ -124,3 +124,29 @@ def test_a_new_kind_is_planned_counted_and_trained_without_other_edits(tmp_path,
                          "training_sites": ["a", "a"]})  # fmt: skip
     assert [k.name for k in row_kinds(rows)] == ["standard", "shuffled_test"]
     assert in_matrices(rows).tolist() == [True, False]
+
+
+@pytest.mark.slow
+def test_a_new_kind_is_trained_by_the_trainer_it_names(tmp_path, shuffled):
+    """The new kind's trial runs through trial.run_cell's path (its kind's trainer, the real
+    single-site training) and its record reads back with its kind and training sites."""
+    from conftest import write_cache
+
+    from privdom_ray.cell import Cell
+    from privdom_ray.config import EvaluationConfig
+    from privdom_ray.store import TrialStore
+    from privdom_ray.trial import Executor
+
+    cache = write_cache(tmp_path / "cache" / "a")
+    spec = _spec(
+        epsilon=math.inf, delta=0.0, variant="shuffled_test", preprocessing=Preprocessing(image_size=16),
+        training=TrainingConfig(epochs=1, logical_batch=32, physical_batch=32),
+    ).with_key()  # fmt: skip
+    cell = Cell(spec=spec, output=str(tmp_path / "out"), source_cache=str(cache), targets=(),
+                evaluation=EvaluationConfig())  # fmt: skip
+    store = TrialStore(cell.output)
+    store.folder(spec.key).mkdir(parents=True)
+    trainer_of(spec)(cell, store, None, "test", Executor())
+    record = store.read(spec.key)
+    assert record.spec.kind == "shuffled_test" and record.training_sites == ("a",)
+    assert store.model_path(spec.key).is_file()

@@ -63,8 +63,8 @@ class TrialKind:
     released: bool = True  # its weights are part of the shareable set (with a valid guarantee)
     stage: int = 1  # stages run in order (0: pretraining, which others start from)
     coordinator: bool = False  # coordinates its own tasks from Tune's trial process
-    # columns it adds to the rows of the cell it is attached to (``attached_to``), null there
-    # when the cell has no such trial; their privacy class in the table's column classes
+    # columns it adds to the rows of the trial it is attached to (``attached_to``); null on
+    # the rows of trials without one (stats/results.py: AUDIT_COLUMNS, privacy class "audit")
     columns: tuple[str, ...] = ()
     # the grid section it owns ("" for none), also the SweepSpec field its parse is kept in;
     # read at its stage (0: before the common sections, 1: after them)

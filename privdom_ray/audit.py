@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privdom_ray.kinds import kind_of
 from privdom_ray.privacy import (
     MECHANISM_VERSION,
     ExpectedRun,
@@ -96,7 +97,8 @@ def audit_trial(
     federation, and the federation's summary), each rebuilt from the spec and compared; for
     an audit twin also its empirical lower bound against the epsilon it spent. ``counts``:
     the cache's training-set sizes (:func:`_cache_counts`; read here when not given)."""
-    out = [] if record.spec.audit is None else [_canary_line(record)]
+    canaries = kind_of(record.spec).canary_check(record)
+    out = [] if canaries is None else [_canary_line(record, canaries)]
     rekeyed = record.spec.with_key().key
     if rekeyed != record.key:  # the spec no longer hashes to its folder: edited after training
         out.append(AuditLine(record.key[:12], problem=(
@@ -176,10 +178,11 @@ def _recount_problem(
 ) -> str:
     """The recorded training-set size against a recount of the site's cache entry."""
     spec = record.spec
-    if spec.federation is None:
+    members = kind_of(spec).members(spec)
+    if not members:
         fingerprint = spec.data_fingerprint
     else:
-        named = [s for s in spec.federation.sites if s.name == site]
+        named = [s for s in members if s.name == site]
         if not named:
             return ""  # the summary: its site's line recounts
         fingerprint = named[0].data_fingerprint
@@ -240,7 +243,8 @@ def expected_runs(
         n_labels=N_LABELS,
         initialization=spec.init,
     )
-    if spec.federation is None:
+    members = kind_of(spec).members(spec)
+    if not members:
         units = int(info.get("units", info.get("n_train", 0)))
         run = ExpectedRun(
             delta=spec.delta, units=units, privacy_unit=spec.training.privacy_unit, **common
@@ -250,7 +254,7 @@ def expected_runs(
     recorded = {s["name"]: s for s in info.get("sites", [])}
     ledgers = record.ledger.get("sites", {})
     runs = []
-    for site in spec.federation.sites:
+    for site in members:
         run = ExpectedRun(
             delta=site.delta, units=int(recorded.get(site.name, {}).get("n_train", 0)),
             scope="site", site=site.name, active=site.weight > 0, federated=True, **common,
@@ -284,7 +288,7 @@ def _history_lines(record: TrialRecord, history: list[dict[str, Any]]) -> list[A
         return [AuditLine(key, "history", problem="history.json holds no epoch")]
     last = history[-1]
     problems = []
-    if record.spec.federation is None:
+    if not kind_of(record.spec).members(record.spec):
         ledgers = {"": record.ledger}
         want_steps = _int(record.ledger.get("steps"))
         if _int(last.get("steps")) != want_steps:
@@ -320,13 +324,10 @@ def _tolerance(info: Mapping[str, Any]) -> tuple[float, str]:
     return OTHER_VERSION_TOL, f"(trained with opacus {trained or '?'}, audited with {installed})"
 
 
-def _canary_line(record: TrialRecord) -> AuditLine:
-    """An audit twin's one-run bound, recomputed from its counts (kinds/audit.py): above the
-    epsilon its mechanism spent (at 95% confidence) means the DP implementation or its
-    accounting is broken."""
-    from privdom_ray.kinds.audit import check_twin
-
-    c = check_twin(record.info.get("audit"), record.ledger, record.spec.name)
+def _canary_line(record: TrialRecord, c: Any) -> AuditLine:
+    """An audit twin's one-run bound, recomputed from its counts (``c``: the kind's
+    ``canary_check``): above the epsilon its mechanism spent (at 95% confidence) means the DP
+    implementation or its accounting is broken."""
     return AuditLine(
         record.key[:12], "canaries", c.kind, float(record.ledger["epsilon_target"]), c.spent,
         c.lower, c.epsilon_max, c.problem, checked=c.checked,

@@ -268,6 +268,12 @@ class TrialSpec:
         return math.isfinite(self.epsilon)
 
     @property
+    def kind(self) -> str:
+        """The name of the trial's kind (``kinds.REGISTRY``): a federation's, else its variant.
+        Derived from the keyed fields, so it is not in the key itself (pinned keys hold)."""
+        return "federated" if self.federation is not None else self.variant
+
+    @property
     def clips(self) -> bool:
         """Whether training clips per-sample gradients (DP trials and the clip-only control)."""
         return self.is_private or self.variant == "clip_only"

@@ -90,11 +90,10 @@ def estimate(
 ) -> GridCost:
     """The cost of ``spec``; ``splits`` = per domain, images per split (from the manifests);
     ``plan_args`` go to ``kinds.plan_trials`` (the weights file's hash, public weights)."""
+    own = kinds.own_data_trials(spec, fingerprints)  # pretraining: its own preprocessing
     sizes = {d.name: spec.preprocessing.image_size for d in spec.domains}
-    if spec.pretrain is not None and spec.pretrain.image_size:
-        sizes[spec.pretrain.domain] = spec.pretrain.image_size
-    used = set(spec.trained_domains) | set(spec.targets)
-    used |= {spec.pretrain.domain} if spec.pretrain else set()
+    sizes.update({t.source: t.preprocessing.image_size for t in own})
+    used = set(spec.trained_domains) | set(spec.targets) | {t.source for t in own}
     cost = GridCost([DomainCost(n, splits[n], sizes[n]) for n in sizes if n in used], slots=slots)
     n_train = {n: s.get("train", 0) for n, s in splits.items()}
     store = TrialStore(spec.output)
@@ -116,7 +115,7 @@ def _count(cost: GridCost, t: TrialSpec, store: TrialStore, targets, n_train, sp
     cost.trainings[kind.name] += 1
     trained = store.valid(t.key) is not None
     cost.trainings_done += trained
-    sites = [s.name for s in t.federation.sites if s.weight > 0] if t.federation else [t.source]
+    sites = kind.training_sites(t)
     if not trained:
         images = t.training.epochs * sum(n_train[s] for s in sites)
         key = "dp" if t.clips else "plain"

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from privdom_ray import atomic, guarantee, integrity
-from privdom_ray.kinds import kind_of
+from privdom_ray.kinds import attached, kind_of
 from privdom_ray.privacy import number_or_nan
 from privdom_ray.stats import results
 from privdom_ray.stats.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
@@ -228,17 +228,9 @@ def _check_models_exported(name: str, table: pa.Table, records: Mapping[str, Tri
 
 
 def _twins(store: TrialStore, records: Mapping[str, TrialRecord]) -> dict[str, TrialRecord]:
-    """The audit twin of each exported cell that has one (by the cell's key)."""
-    from privdom_ray.kinds.audit import audited
-
-    out = {}
-    for key in store.trial_keys():
-        twin = store.valid(key)
-        if twin is not None and twin.spec.audit is not None:
-            cell = audited(twin.spec).key
-            if cell in records:
-                out[cell] = twin
-    return out
+    """The audit twin of each exported cell that has one (by the cell's key), verified."""
+    twins = attached(store.valid(key) for key in store.trial_keys())
+    return {cell: twin for cell, twin in twins.items() if cell in records}
 
 
 def _row_guarantees(
@@ -308,7 +300,7 @@ def _with_guarantee(
     rows of a DP model (the non-DP side's columns are class "nondp"), else no guarantee."""
     dp = {}
     for key, rec in records.items():
-        if rec.spec.variant == "standard" and rec.is_private:
+        if kind_of(rec.spec).in_matrices and rec.is_private:  # the compared models
             dp[(rec.spec.source, float(rec.spec.epsilon), rec.spec.seed)] = rows[key]["guarantee"]
     names = table.column_names
     source = table.column("source").to_pylist() if "source" in names else [None] * len(table)

@@ -16,17 +16,14 @@ from typing import Any
 
 import yaml
 
-from privdom_ray import domains
+from privdom_ray import domains, kinds
 from privdom_ray.config import (
     ACCOUNTANTS,
-    AUDIT_CELLS,
-    AUDIT_KINDS,
     CONTROLS,
     DP_MODE_NAMES,
     MEMORY_FORMATS,
     MODEL_NAMES,
     PRIVACY_UNITS,
-    AuditConfig,
     DomainSpec,
     EvaluationConfig,
     FederationConfig,
@@ -167,7 +164,7 @@ def parse_grid(
     out_path = _output(c, raw, base, name, output)
     doms = _parse_domains(c, raw.get("domains"), base)
     names = [d.name for d in doms]
-    pretrain = _parse_pretrain(c, raw)
+    pretrain = _kind_sections(c, raw, {}, stage=0).get("pretrain")
     # a public pretraining domain is neither trained on privately nor tested on by default
     private = [n for n in names if pretrain is None or n != pretrain.domain]
     # a sweep of federations alone trains no single-site model: `sources: []`
@@ -187,8 +184,9 @@ def parse_grid(
         resources=_parse_resources(c, raw),
         evaluation=_parse_evaluation(c, raw),
         ray=_parse_ray(c, raw),
-        audit=_parse_audit(c, raw, sources, epsilons, seeds, training),
     )
+    common = dict(sources=sources, epsilons=epsilons, seeds=seeds, training=training)
+    parsed.update(_kind_sections(c, raw, common, stage=1))
     if c.errors:
         raise GridError(str(grid_path or "grid"), c.errors)
     return SweepSpec(
@@ -208,26 +206,26 @@ def parse_grid(
     )
 
 
+def _kind_sections(
+    c: _Collector, raw: Mapping, common: Mapping[str, Any], *, stage: int
+) -> dict[str, Any]:
+    """The grid sections trial kinds own (``pretrain``, ``audit``), each parsed by its kind
+    (``TrialKind.parse_section``), by SweepSpec field name. Stage 0 sections are read before
+    the common ones (a pretraining domain is neither a source nor a target by default);
+    stage 1 sections see the parsed common sections (``common``)."""
+    return {
+        k.section: k.parse_section(c, raw, common)
+        for k in kinds.REGISTRY.values()
+        if k.section and k.stage == stage
+    }
+
+
 def _output(c: _Collector, raw: Mapping, base: Path, name: str, output: Any) -> Path:
     out_raw = output if output is not None else raw.get("output")
     if out_raw in (None, ""):
         c.add("output", out_raw, "an output folder (in the grid or as --out DIR)")
         return base / "runs" / name
     return _resolve(base, out_raw) if output is None else Path(out_raw).expanduser().resolve()
-
-
-def _parse_pretrain(c: _Collector, raw: Mapping) -> PretrainConfig | None:
-    if not raw.get("pretrain"):
-        return None
-    pretrain = c.section(raw, "pretrain", PretrainConfig)
-    declared = [d.get("name") for d in raw.get("domains") or [] if isinstance(d, Mapping)]
-    if pretrain.domain not in declared:  # declared, not only valid: no cascading error
-        c.add("pretrain.domain", pretrain.domain, f"the name of a domain in this grid: {declared}")
-    if pretrain.epochs <= 0 or pretrain.logical_batch <= 0 or pretrain.physical_batch <= 0:
-        c.add("pretrain", dict(raw["pretrain"]), "positive epochs and batch sizes")
-    if not pretrain.lr > 0:
-        c.add("pretrain.lr", pretrain.lr, "a positive learning rate")
-    return pretrain
 
 
 def _parse_epsilons(c: _Collector, eps_raw: Any) -> list[float]:
@@ -397,57 +395,6 @@ def _parse_ray(c: _Collector, raw: Mapping) -> RayConfig:
     if ray_cfg.trial_timeout_s < 0:
         c.add("ray.trial_timeout_s", ray_cfg.trial_timeout_s, "seconds >= 0 (0 = no limit)")
     return ray_cfg
-
-
-def _parse_audit(
-    c: _Collector,
-    raw: Mapping,
-    sources: list[str],
-    epsilons: list[float],
-    seeds: tuple[int, ...],
-    training: TrainingConfig,
-) -> AuditConfig | None:
-    """``audit:`` audit twins for the (source, epsilon, seed) cells it names (default: all of
-    them) and chooses (``cells``: one per epsilon by default, ``all``, or a number)."""
-    if not raw.get("audit"):
-        return None
-    audit = c.section(raw, "audit", AuditConfig)
-    if audit.canaries != "auto" and (not isinstance(audit.canaries, int) or audit.canaries < 20):
-        c.add("audit.canaries", audit.canaries, "'auto' (recommended) or an integer >= 20")
-    if audit.kind not in AUDIT_KINDS:
-        c.add("audit.kind", audit.kind, f"one of {list(AUDIT_KINDS)}")
-    if audit.kind == "input" and training.privacy_unit == "patient":
-        c.add("audit.kind", "input", "'gradient' with privacy_unit: patient")
-    unknown = [s for s in audit.sources if s not in sources]
-    if unknown:
-        c.add("audit.sources", unknown, f"sources of this grid: {sources}")
-    missing = [e for e in audit.epsilons if e not in epsilons]
-    if missing:
-        c.add("audit.epsilons", list(audit.epsilons), f"epsilons of this grid: {epsilons}")
-    n_cells = len(audit.sources or sources) * len(audit.epsilons or epsilons) * len(seeds)
-    _check_audit_cells(c, audit, n_cells)
-    return audit
-
-
-def _check_audit_cells(c: _Collector, audit: AuditConfig, n_cells: int) -> None:
-    """``audit.cells``: a rule name or a number of cells the audit's cells can hold."""
-    cells = audit.cells
-    number = isinstance(cells, int) and not isinstance(cells, bool)
-    if not number and cells not in AUDIT_CELLS:
-        c.add(
-            "audit.cells", cells,
-            "'per_epsilon' (one twin per epsilon: the default), 'all' (a twin for every cell "
-            "audit.sources x audit.epsilons x seeds) or a number of cells N >= 1 (a sample "
-            "spread over the epsilons, chosen by audit.cells_seed)",
-        )  # fmt: skip
-    elif number and not 1 <= cells <= n_cells:
-        c.add(
-            "audit.cells", cells,
-            f"a number from 1 to {n_cells}, the cells audit.sources x audit.epsilons x seeds "
-            "name ('all' for every one; remove the audit section for no twins)",
-        )  # fmt: skip
-    if audit.cells_seed < 0:
-        c.add("audit.cells_seed", audit.cells_seed, "an integer >= 0 (public: it orders cells)")
 
 
 def _resolve(base: Path, value: Any) -> Path:

@@ -16,12 +16,11 @@ one place, and are tested without a cluster:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from privdom_ray.cell import Cell, TargetRef
-from privdom_ray.config import Federation, FederationConfig, Resources, SweepSpec, TrialSpec
+from privdom_ray.config import SweepSpec, TrialSpec
 from privdom_ray.kinds import kind_of
 from privdom_ray.store import TrialStore
 
@@ -129,14 +128,10 @@ def _cell(
     run_id: str,
     slots_cap: int,
 ) -> Cell:
-    sites: tuple[TargetRef, ...] = ()
-    slots, cpu, gpu = 1, spec.resources.cpu, spec.resources.gpu
-    if kind_of(t).data == "sites":
-        fed = next(f for f in spec.federations if f.name == t.source)
-        sites = tuple(
-            TargetRef(s.name, s.data_fingerprint, caches[s.name]) for s in t.federation.sites
-        )
-        slots, cpu, gpu = site_slots(fed, t.federation, spec.resources, slots_cap)
+    kind = kind_of(t)
+    # a federation's members: their data, and the task slots they train in
+    sites = tuple(TargetRef(s.name, s.data_fingerprint, caches[s.name]) for s in kind.members(t))
+    slots, cpu, gpu = kind.slots(spec, t, slots_cap)
     device = "cuda" if spec.resources.gpu > 0 else "cpu"
     fmt = spec.resources.memory_format
     return Cell(
@@ -158,27 +153,3 @@ def _cell(
         slot_share=cpu / spec.resources.cpu,  # a federation's sites may split the slots
         channels_last=fmt == "channels_last" or (fmt == "auto" and device == "cuda"),
     )
-
-
-def site_slots(
-    fed: FederationConfig, federation: Federation, res: Resources, cap: int
-) -> tuple[int, float, float]:
-    """(task slots, cpu and gpu per slot) of a federated trial.
-
-    ``parallel_sites: N`` reserves N whole slots (cpu, gpu each; sites queue for them). The
-    default runs all active sites at once: when the cluster holds fewer whole slots than
-    sites, those slots' CPUs and GPUs are split evenly between the sites (3 sites on 2 CPUs:
-    3 x 0.6666 CPU), so no slot idles while one site finishes a round alone.
-    """
-    active = sum(1 for s in federation.sites if s.weight > 0)
-    if fed.parallel_sites:
-        return max(1, min(fed.parallel_sites, active, cap)), res.cpu, res.gpu
-    whole = min(active, cap)
-    if whole == active:
-        return active, res.cpu, res.gpu
-    share = whole / active
-
-    def split(x: float) -> float:  # Ray counts resources in units of 1e-4: round down
-        return math.floor(x * share * 10_000) / 10_000
-
-    return active, split(res.cpu), split(res.gpu)

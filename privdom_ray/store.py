@@ -52,6 +52,7 @@ from privdom_ray import integrity, lease
 from privdom_ray.atomic import atomic_write, read_json, write_json
 from privdom_ray.config import TrialSpec
 from privdom_ray.integrity import Damage, FileSum
+from privdom_ray.kinds import kind_of
 from privdom_ray.lease import LockHeld
 from privdom_ray.privacy import Ledger
 
@@ -190,11 +191,8 @@ class TrialRecord:
     @property
     def training_sites(self) -> tuple[str, ...]:
         """The domains whose training data made the model: the source, or the federation's
-        sites with a positive weight."""
-        fed = self.spec.federation
-        if fed is None:
-            return (self.spec.source,)
-        return tuple(s.name for s in fed.sites if s.weight > 0)
+        sites with a positive weight (the kind's rule: ``TrialKind.training_sites``)."""
+        return kind_of(self.spec).training_sites(self.spec)
 
     def on_domain(self, target: str) -> bool:
         return target in self.training_sites

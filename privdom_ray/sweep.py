@@ -37,7 +37,6 @@ from privdom_ray import (
 from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.checks import Inputs, Log, _log, check_decoded_sizes, check_inputs
 from privdom_ray.config import SweepSpec, TrialSpec
-from privdom_ray.kinds.pretrain import pretraining_trial
 from privdom_ray.stats import comparisons, results
 from privdom_ray.store import TrialStore
 from privdom_ray.trainable import private_ray_temp_dir, privdom_trial, trial_resources
@@ -76,8 +75,8 @@ def build_caches(
     ``guard``: the driver's fence, checked before every write."""
     manifests, fps = inputs.manifests, inputs.fingerprints
     caches: dict[str, cache.CacheEntry] = {}
-    pre = pretraining_trial(spec, fps)
-    wanted = [(pre.name, pre.source, pre.preprocessing)] if pre is not None else []
+    own = {t.name: t for t in kinds.own_data_trials(spec, fps)}  # the pretraining trial's
+    wanted = [(t.name, t.source, t.preprocessing) for t in own.values()]
     wanted += [
         (d.name, d.name, spec.preprocessing)
         for d in spec.domains
@@ -93,10 +92,9 @@ def build_caches(
             how = f"built in {entry.built_seconds:.1f}s"
         else:
             how = f"reused, every checksum verified in {entry.verify_seconds:.1f}s"
-        pretraining = pre is not None and name == pre.name
-        if pretraining or domain in spec.trained_domains:
+        if name in own or domain in spec.trained_domains:
             trained[domain] = entry
-        label = f"{domain} (pretraining)" if pretraining else domain
+        label = f"{domain} (for {name})" if name in own else domain
         log(f"[cache] {label}: {entry.n_images} images decoded, {entry.n_skipped} skipped ({how})")
     check_decoded_sizes(spec, trained)
     return caches
@@ -453,11 +451,7 @@ def expected_work(cell: Cell, n_train: Mapping[str, int]) -> float:
     ``site_slots x slot_share`` slots.
     """
     spec = cell.spec
-    if spec.federation is not None:  # a federation trains every positive-weight site
-        sites = [s for s in spec.federation.sites if s.weight > 0]
-        images = sum(n_train.get(s.name, 0) for s in sites)
-    else:
-        images = n_train.get(spec.source, 0)
+    images = sum(n_train.get(s, 0) for s in kinds.training_sites(spec))
     return images * spec.training.epochs * (DP_COST if spec.clips else 1.0)
 
 

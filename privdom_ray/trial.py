@@ -127,7 +127,7 @@ def _run_cell(
     spec = cell.spec
     trained_now = not store.is_trained(spec.key)
     if trained_now:
-        kind_of(spec).train()(cell, store, report, node, executor)
+        trainer_of(spec)(cell, store, report, node, executor)
     record = store.read(spec.key)
     missing = store.missing_targets(spec.key, cell.targets)
     common = dict(output=cell.output, key=spec.key, model_name=spec.model, fence=cell.fence)
@@ -612,3 +612,22 @@ def patient_groups(split: SplitData, unit: str) -> np.ndarray:
     if unit == "image" or split.patient is None:
         return np.arange(len(split), dtype=np.int64)
     return pd.factorize(pd.Series(split.patient.astype(str)))[0].astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainers, by the name a kind gives (``TrialKind.trainer``). kinds/ is torch-free and sits
+# below training, so a kind names its trainer and the training side holds the objects; a new
+# kind that trains like an existing one names that trainer (tests/test_kinds.py checks that
+# every registered kind resolves here).
+# --------------------------------------------------------------------------------------------
+
+TRAINERS: dict[str, Callable[..., None]] = {
+    "single_site": train_single_site,
+    "federated": train_federated,
+    "audit_twin": train_audit_twin,
+}
+
+
+def trainer_of(spec: Any) -> Callable[..., None]:
+    """The function that trains ``spec`` (a TrialSpec): its kind's trainer."""
+    return TRAINERS[kind_of(spec).trainer]

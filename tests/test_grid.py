@@ -225,7 +225,7 @@ def test_empty_sources_need_federations(tmp_path):
 
 def test_federation_slots_split_a_cluster_smaller_than_the_federation():
     from privdom_ray.config import Federation, FederationConfig, Resources, Site
-    from privdom_ray.planning import site_slots
+    from privdom_ray.kinds.federated import site_slots
 
     three = Federation(tuple(Site(n, "f", 1.0, 0.0) for n in "abc"), rounds=2, local_epochs=1)
     config = FederationConfig("abc", ("a", "b", "c"))

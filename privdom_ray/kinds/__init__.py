@@ -1,10 +1,11 @@
 """Trial kinds: what a trial is for, as a registry like domain kinds.
 
-A kind declares how its trials are planned from a grid, which function trains them, what
-its key holds beyond the common fields, and how its results are used (evaluated on targets?
-rows in the transfer matrices? weights released?). Adding a kind is adding one module to this
-folder that calls :func:`register`; nothing else branches on the kind. Torch-free: trainers
-are named (``"module:function"``) and imported only where a trial runs.
+A kind (a :class:`TrialKind` object) declares how its trials are planned from a grid, which
+trainer trains them, which sites trained its model, what it adds to the tables, and how its
+results are used (evaluated on targets? rows in the transfer matrices? weights released?).
+Adding a kind is adding one module (or folder) here that calls :func:`register`; nothing
+outside kinds/ and the store branches on the kind (tests/test_architecture.py searches).
+Torch-free: a kind names its trainer; the training side (``trial.TRAINERS``) holds them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import dataclasses
 import importlib
 import math
 import pkgutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from privdom_ray.config import DEFAULT_DELTA, GridError, SweepSpec, TrialSpec
+from privdom_ray.config import DEFAULT_DELTA, GridError, Site, SweepSpec, TrialSpec
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,29 @@ class PlanContext:
     public_pos_weight: tuple[float, ...] = ()  # training.pos_weight "public", resolved
 
 
-@dataclass(frozen=True)
+class Checker(Protocol):
+    """What a kind's grid section is checked with (grid.py's collector: every problem is
+    recorded, a usable default returned, and the grid refused with all of them at once)."""
+
+    def add(self, key: str, value: Any, allowed: str) -> None: ...
+
+    def section(self, raw: Mapping, key: str, cls: type) -> Any: ...
+
+
 class TrialKind:
-    name: str
-    plan: Callable[[PlanContext], Iterator[TrialSpec]]
-    trainer: str  # "module:function" that trials of this kind are trained with
+    """A kind of trial: how its trials are planned, trained, counted and shown.
+
+    One object per kind, registered by its module. The defaults are a single-site trial's; a
+    kind overrides the attributes and methods that differ. Nothing outside ``kinds/`` (and the
+    store) reads the fields that tell kinds apart: they ask the trial's kind.
+    """
+
+    name: str = ""
     description: str = ""
+    # the trainer, by its name in the training side's registry (``trial.TRAINERS``): kinds/
+    # stays torch-free and below train/federated, and a kind that trains like another one
+    # names that trainer and needs no edit outside its module (tests check every name resolves)
+    trainer: str = "single_site"
     # where its training data is: "source" (its domain's cache), "own" (a cache entry of its
     # own, under the trial's name: other preprocessing), or "sites" (a federation's members)
     data: str = "source"
@@ -45,15 +63,63 @@ class TrialKind:
     released: bool = True  # its weights are part of the shareable set (with a valid guarantee)
     stage: int = 1  # stages run in order (0: pretraining, which others start from)
     coordinator: bool = False  # coordinates its own tasks from Tune's trial process
-    # trials the grid no longer asks for but whose finished results are still read (never
-    # trained: ``plan_trials`` takes them only when finished), e.g. twins of cells not chosen
-    kept: Callable[[PlanContext], Iterator[TrialSpec]] | None = None
-    # a line for ``launch.py plan`` about this kind's trials ("" for none)
-    note: Callable[[SweepSpec, Sequence[TrialSpec]], str] | None = None
+    # columns it adds to the rows of the trial it is attached to (``attached_to``); null on
+    # the rows of trials without one (stats/results.py: AUDIT_COLUMNS, privacy class "audit")
+    columns: tuple[str, ...] = ()
+    # the grid section it owns ("" for none), also the SweepSpec field its parse is kept in;
+    # read at its stage (0: before the common sections, 1: after them)
+    section: str = ""
 
-    def train(self) -> Callable[..., Any]:
-        module, _, function = self.trainer.partition(":")
-        return getattr(importlib.import_module(module), function)
+    def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
+        """Its grid section, checked (None when the grid has none); ``common``: the parsed
+        common sections a stage-1 section may check against (sources, epsilons, seeds,
+        training)."""
+        return None
+
+    def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        """The grid's trials of this kind (keys not set)."""
+        raise NotImplementedError
+
+    def kept(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        """Trials the grid no longer asks for but whose finished results are still read (never
+        trained: ``plan_trials`` takes them only when finished), e.g. twins of cells not chosen."""
+        return iter(())
+
+    def note(self, spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
+        """A line for ``launch.py plan`` about this kind's trials ("" for none)."""
+        return ""
+
+    def members(self, spec: TrialSpec) -> tuple[Site, ...]:
+        """The sites that train together in one trial (a federation's); () for one source."""
+        return ()
+
+    def training_sites(self, spec: TrialSpec) -> tuple[str, ...]:
+        """The domains whose training data made the model: the one rule every module uses
+        (a member with weight 0 contributes nothing)."""
+        members = self.members(spec)
+        return tuple(s.name for s in members if s.weight > 0) if members else (spec.source,)
+
+    def slots(self, sweep: SweepSpec, spec: TrialSpec, cap: int) -> tuple[int, float, float]:
+        """(task slots, cpu and gpu per slot) the trial holds; ``cap``: the cluster's slots."""
+        return 1, sweep.resources.cpu, sweep.resources.gpu
+
+    def label(self, spec: TrialSpec) -> str:
+        """The table's ``variant`` column: the spec's variant as written ("standard" for a
+        federation too, so tables written before kinds keep their values; ``row_kind``)."""
+        return spec.variant
+
+    def canary_check(self, record: Any) -> Any:
+        """Its one-run canary audit recomputed (a ``kinds.audit.TwinCheck``), or None for a
+        kind without one (a store.TrialRecord; ``launch.py audit`` reports it)."""
+        return None
+
+    def attached_to(self, spec: TrialSpec) -> str | None:
+        """The key of the trial whose table rows take this trial's ``columns`` (None: own rows)."""
+        return None
+
+    def row_columns(self, record: Any) -> dict[str, Any]:
+        """This trial's ``columns`` for the rows it is attached to (a store.TrialRecord)."""
+        return {}
 
 
 REGISTRY: dict[str, TrialKind] = {}
@@ -67,8 +133,36 @@ def register(kind: TrialKind) -> TrialKind:
 
 
 def kind_of(spec: TrialSpec) -> TrialKind:
-    """A trial's kind: a federation's, else the one its ``variant`` names."""
-    return REGISTRY["federated" if spec.federation is not None else spec.variant]
+    """A trial's kind (``TrialSpec.kind`` names it)."""
+    return REGISTRY[spec.kind]
+
+
+def training_sites(spec: TrialSpec) -> tuple[str, ...]:
+    """The domains whose training data made the trial's model (its kind's rule)."""
+    return kind_of(spec).training_sites(spec)
+
+
+def row_kind(variant: Any, source: Any, training_sites: Any) -> TrialKind:
+    """A table row's kind (tables hold ``variant`` and ``training_sites``, not the kind): a
+    variant other than "standard" names it; a standard row whose model was trained on other
+    domains than its source is a federation's (tables from before federations: no sites)."""
+    if isinstance(variant, str) and variant in REGISTRY and variant != "standard":
+        return REGISTRY[variant]
+    if isinstance(training_sites, str) and training_sites and training_sites != source:
+        return REGISTRY["federated"]
+    return REGISTRY["standard"]
+
+
+def attached(records: Iterable[Any]) -> dict[str, Any]:
+    """{trial key: the record of the trial attached to it} (an audit twin, by the key of the
+    cell it audits), from trial records (store.TrialRecord; None is skipped)."""
+    out = {}
+    for record in records:
+        if record is not None:
+            key = kind_of(record.spec).attached_to(record.spec)
+            if key is not None:
+                out[key] = record
+    return out
 
 
 def plan_trials(
@@ -87,7 +181,7 @@ def plan_trials(
     """
     ctx = PlanContext(spec, fingerprints, n_train, public_pos_weight=public_pos_weight)
     early = [t.with_key() for k in _kinds(stage=0) for t in k.plan(ctx)]
-    pre = next((t for t in early if t.variant == "pretrain"), None)
+    pre = early[0] if early else None  # pretraining: the stage others start from
     if spec.training.init == "pretrain":
         assert pre is not None
         init = f"pretrain:{pre.key}"
@@ -100,14 +194,22 @@ def plan_trials(
     if finished is None:
         return trials
     planned = {t.key for t in trials}
-    kept = [t.with_key() for k in REGISTRY.values() if k.kept for t in k.kept(ctx)]
+    kept = [t.with_key() for k in REGISTRY.values() for t in k.kept(ctx)]
     return trials + [t for t in kept if t.key not in planned and finished(t.key)]
 
 
 def plan_notes(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[str]:
     """The kinds' lines for ``launch.py plan`` (e.g. which cells the audit twins cover)."""
-    notes = (k.note(spec, trials) for k in REGISTRY.values() if k.note is not None)
+    notes = (k.note(spec, trials) for k in REGISTRY.values())
     return [n for n in notes if n]
+
+
+def own_data_trials(spec: SweepSpec, fingerprints: Mapping[str, str]) -> list[TrialSpec]:
+    """Trials that train on a cache entry of their own (``data = "own"``: under the trial's
+    name, with their own preprocessing; the pretraining trial), keys set: the driver decodes
+    them before anything else. Planned from the grid and fingerprints alone."""
+    ctx = PlanContext(spec, fingerprints, {})
+    return [t.with_key() for k in REGISTRY.values() if k.data == "own" for t in k.plan(ctx)]
 
 
 def _kinds(stage: int) -> list[TrialKind]:

@@ -19,11 +19,34 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from privdom_ray.config import DEFAULT_DELTA, AuditSpec, SweepSpec, TrialSpec
-from privdom_ray.kinds import PlanContext, TrialKind, register
+from privdom_ray.config import (
+    AUDIT_CELLS,
+    AUDIT_KINDS,
+    DEFAULT_DELTA,
+    AuditConfig,
+    AuditSpec,
+    SweepSpec,
+    TrainingConfig,
+    TrialSpec,
+)
+from privdom_ray.kinds import Checker, PlanContext, TrialKind, register
 from privdom_ray.kinds.standard import single_site
 
 INPUT_CANARIES = 1000  # ``auto`` for input canaries: each included one is a training image
+#: The columns a twin adds to the audited cell's rows (null where the cell has no twin).
+AUDIT_COLUMNS = (
+    "audit_epsilon_lower",
+    "audit_epsilon_lower_replay",
+    "audit_epsilon_max",
+    "audit_power_noise_scale",
+    "audit_noise_ratio",
+    "audit_noise_check",
+    "audit_canaries",
+    "audit_guesses",
+    "audit_correct",
+    "audit_kind",
+    "audit_twin_epsilon",
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +141,7 @@ def note(spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
     if not cells:
         return ""
     chosen = choose(spec)
-    planned = {(t.source, float(t.epsilon), t.seed) for t in trials if t.variant == "audit"}
+    planned = {(t.source, float(t.epsilon), t.seed) for t in trials if t.kind == "audit"}
     left = set(cells) - set(chosen)
     kept_n = sum((c.source, c.epsilon, c.seed) in planned for c in left)
     assert spec.audit is not None
@@ -156,19 +179,94 @@ def audited(twin: TrialSpec) -> TrialSpec:
     return dataclasses.replace(twin, variant="standard", audit=None).with_key()
 
 
-register(
-    TrialKind(
-        name="audit",
-        plan=plan,
-        kept=kept,
-        note=note,
-        trainer="privdom_ray.trial:train_audit_twin",
-        description="a cell's twin with m canaries: a one-run lower bound on its epsilon",
-        evaluated=False,
-        in_matrices=False,
-        released=False,
-    )
-)
+def parse_section(
+    c: Checker,
+    raw: Mapping,
+    sources: list[str],
+    epsilons: list[float],
+    seeds: tuple[int, ...],
+    training: TrainingConfig,
+) -> AuditConfig | None:
+    """``audit:`` audit twins for the (source, epsilon, seed) cells it names (default: all of
+    them) and chooses (``cells``: one per epsilon by default, ``all``, or a number)."""
+    if not raw.get("audit"):
+        return None
+    audit = c.section(raw, "audit", AuditConfig)
+    if audit.canaries != "auto" and (not isinstance(audit.canaries, int) or audit.canaries < 20):
+        c.add("audit.canaries", audit.canaries, "'auto' (recommended) or an integer >= 20")
+    if audit.kind not in AUDIT_KINDS:
+        c.add("audit.kind", audit.kind, f"one of {list(AUDIT_KINDS)}")
+    if audit.kind == "input" and training.privacy_unit == "patient":
+        c.add("audit.kind", "input", "'gradient' with privacy_unit: patient")
+    unknown = [s for s in audit.sources if s not in sources]
+    if unknown:
+        c.add("audit.sources", unknown, f"sources of this grid: {sources}")
+    missing = [e for e in audit.epsilons if e not in epsilons]
+    if missing:
+        c.add("audit.epsilons", list(audit.epsilons), f"epsilons of this grid: {epsilons}")
+    n_cells = len(audit.sources or sources) * len(audit.epsilons or epsilons) * len(seeds)
+    _check_audit_cells(c, audit, n_cells)
+    return audit
+
+
+def _check_audit_cells(c: Checker, audit: AuditConfig, n_cells: int) -> None:
+    """``audit.cells``: a rule name or a number of cells the audit's cells can hold."""
+    cells = audit.cells
+    number = isinstance(cells, int) and not isinstance(cells, bool)
+    if not number and cells not in AUDIT_CELLS:
+        c.add(
+            "audit.cells", cells,
+            "'per_epsilon' (one twin per epsilon: the default), 'all' (a twin for every cell "
+            "audit.sources x audit.epsilons x seeds) or a number of cells N >= 1 (a sample "
+            "spread over the epsilons, chosen by audit.cells_seed)",
+        )  # fmt: skip
+    elif number and not 1 <= cells <= n_cells:
+        c.add(
+            "audit.cells", cells,
+            f"a number from 1 to {n_cells}, the cells audit.sources x audit.epsilons x seeds "
+            "name ('all' for every one; remove the audit section for no twins)",
+        )  # fmt: skip
+    if audit.cells_seed < 0:
+        c.add("audit.cells_seed", audit.cells_seed, "an integer >= 0 (public: it orders cells)")
+
+
+class AuditTwin(TrialKind):
+    name = "audit"
+    description = "a cell's twin with m canaries: a one-run lower bound on its epsilon"
+    trainer = "audit_twin"
+    evaluated = False
+    in_matrices = False
+    released = False
+    columns = AUDIT_COLUMNS
+    section = "audit"
+
+    def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
+        return parse_section(c, raw, common["sources"], common["epsilons"], common["seeds"],
+                             common["training"])  # fmt: skip
+
+    def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        return plan(ctx)
+
+    def kept(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        return kept(ctx)
+
+    def note(self, spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
+        return note(spec, trials)
+
+    def attached_to(self, spec: TrialSpec) -> str | None:
+        return audited(spec).key
+
+    def canary_check(self, record: Any) -> TwinCheck:
+        return check_twin(record.info.get("audit"), record.ledger, record.spec.name)
+
+    def row_columns(self, record: Any) -> dict[str, Any]:
+        """The audited cell's ``audit_*`` columns (a twin without a result: nulls)."""
+        if "audit" not in record.info:
+            return {}
+        return columns(record.info["audit"], record.ledger)
+
+
+register(AuditTwin())
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ def plan(ctx: PlanContext) -> Iterator[TrialSpec]:
             yield single_site(ctx, source, math.inf, seed, "clip_only")
 
 
-register(
-    TrialKind(
-        name="clip_only",
-        plan=plan,
-        trainer="privdom_ray.trial:train_single_site",
-        description="control: clipping and Poisson sampling, no noise",
-        in_matrices=False,
-        released=False,
-    )
-)
+class ClipOnly(TrialKind):
+    name = "clip_only"
+    description = "control: clipping and Poisson sampling, no noise"
+    in_matrices = False
+    released = False
+
+    def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        return plan(ctx)
+
+
+register(ClipOnly())

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from privdom_ray.config import TrainingConfig, TrialSpec
-from privdom_ray.kinds import PlanContext, TrialKind, register
+from privdom_ray.config import PretrainConfig, TrainingConfig, TrialSpec
+from privdom_ray.kinds import Checker, PlanContext, TrialKind, register
 
 
 def plan(ctx: PlanContext) -> Iterator[TrialSpec]:
@@ -43,16 +44,36 @@ def pretraining_trial(spec, fingerprints) -> TrialSpec | None:
     return trial.with_key() if trial is not None else None
 
 
-register(
-    TrialKind(
-        name="pretrain",
-        plan=plan,
-        trainer="privdom_ray.trial:train_single_site",
-        description="non-private pretraining on the public domain, run before its dependents",
-        data="own",
-        evaluated=False,
-        in_matrices=False,
-        released=False,
-        stage=0,
-    )
-)
+def parse_section(c: Checker, raw: Mapping) -> PretrainConfig | None:
+    """``pretrain:`` the public domain, its epochs, batch sizes and learning rate."""
+    if not raw.get("pretrain"):
+        return None
+    pretrain = c.section(raw, "pretrain", PretrainConfig)
+    declared = [d.get("name") for d in raw.get("domains") or [] if isinstance(d, Mapping)]
+    if pretrain.domain not in declared:  # declared, not only valid: no cascading error
+        c.add("pretrain.domain", pretrain.domain, f"the name of a domain in this grid: {declared}")
+    if pretrain.epochs <= 0 or pretrain.logical_batch <= 0 or pretrain.physical_batch <= 0:
+        c.add("pretrain", dict(raw["pretrain"]), "positive epochs and batch sizes")
+    if not pretrain.lr > 0:
+        c.add("pretrain.lr", pretrain.lr, "a positive learning rate")
+    return pretrain
+
+
+class Pretrain(TrialKind):
+    name = "pretrain"
+    description = "non-private pretraining on the public domain, run before its dependents"
+    data = "own"
+    evaluated = False
+    in_matrices = False
+    released = False
+    stage = 0
+    section = "pretrain"
+
+    def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        return plan(ctx)
+
+    def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
+        return parse_section(c, raw)
+
+
+register(Pretrain())

@@ -36,11 +36,12 @@ def plan(ctx: PlanContext) -> Iterator[TrialSpec]:
                 yield single_site(ctx, source, epsilon, seed, "standard")
 
 
-register(
-    TrialKind(
-        name="standard",
-        plan=plan,
-        trainer="privdom_ray.trial:train_single_site",
-        description="one source, one epsilon, one seed: the transfer matrices' models",
-    )
-)
+class Standard(TrialKind):
+    name = "standard"
+    description = "one source, one epsilon, one seed: the transfer matrices' models"
+
+    def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
+        return plan(ctx)
+
+
+register(Standard())

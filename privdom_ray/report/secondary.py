@@ -25,7 +25,13 @@ from privdom_ray.report.formatting import (
     _verdict,
 )
 from privdom_ray.report.sections import _no_comparisons
-from privdom_ray.report.view import ReportView, epsilons, is_federated, split_controls
+from privdom_ray.report.view import (
+    ReportView,
+    epsilons,
+    in_matrices,
+    is_federated,
+    split_controls,
+)
 from privdom_ray.stats import metrics
 
 
@@ -277,7 +283,7 @@ def controls_and_leakage_text(view: ReportView) -> str:
     ]
     trials = full.drop_duplicates("trial_key")
     fed = is_federated(trials)
-    standard = trials["variant"].fillna("standard") == "standard"
+    standard = in_matrices(trials)
     groups = [
         (
             f"epsilon = {format_epsilon(e)}",

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from privdom_ray.kinds import row_kind
 from privdom_ray.stats import comparisons, results
 
 _METRICS = ("auc", "accuracy", "sensitivity", "specificity", "brier", "ece")
@@ -25,18 +26,29 @@ def epsilons(df: pd.DataFrame) -> list[float]:
     return sorted(df["epsilon_target"].unique(), key=lambda e: (math.isinf(e), e))
 
 
+def row_kinds(df: pd.DataFrame) -> pd.Series:
+    """Each row's trial kind (``kinds.row_kind``: the one rule that reads a table's columns)."""
+    none = pd.Series(None, index=df.index, dtype=object)
+    variant = df["variant"] if "variant" in df.columns else none
+    sites = df["training_sites"] if "training_sites" in df.columns else none
+    kinds = [row_kind(v, s, t) for v, s, t in zip(variant, df["source"], sites, strict=True)]
+    return pd.Series(kinds, index=df.index, dtype=object)
+
+
 def is_federated(df: pd.DataFrame) -> pd.Series:
-    if "training_sites" not in df.columns:  # tables written before federations existed
-        return pd.Series(False, index=df.index)
-    return df["training_sites"].fillna(df["source"]) != df["source"]
+    """Rows of a model trained by several sites together (a kind whose data is its members)."""
+    return row_kinds(df).map(lambda k: k.data == "sites").astype(bool)
+
+
+def in_matrices(df: pd.DataFrame) -> pd.Series:
+    """Rows of the compared models (single-site or federated), not controls or twins."""
+    return row_kinds(df).map(lambda k: k.in_matrices).astype(bool)
 
 
 def split_controls(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(standard single-site trials, the rest): controls such as clip-only never mix with
     epsilon = inf, and federated models are neither a site's own model nor an outside one."""
-    standard = pd.Series(True, index=df.index)
-    if "variant" in df.columns:
-        standard &= df["variant"].fillna("standard") == "standard"
+    standard = in_matrices(df)
     return df[standard & ~is_federated(df)], df[~standard]
 
 

@@ -29,7 +29,7 @@ from privdom_ray.atomic import (  # noqa: F401
     write_parquet,
     write_yaml,
 )
-from privdom_ray.kinds import audit as kinds_audit
+from privdom_ray.kinds import REGISTRY, attached, kind_of
 from privdom_ray.stats.evaluation import MetricRow
 from privdom_ray.store import TrialStore
 
@@ -113,19 +113,8 @@ LEDGER_COLUMNS = (
 )
 
 _LEDGER = [*LEDGER_COLUMNS, "privacy_scope", "loss_weights"]
-AUDIT_COLUMNS = [
-    "audit_epsilon_lower",
-    "audit_epsilon_lower_replay",
-    "audit_epsilon_max",
-    "audit_power_noise_scale",
-    "audit_noise_ratio",
-    "audit_noise_check",
-    "audit_canaries",
-    "audit_guesses",
-    "audit_correct",
-    "audit_kind",
-    "audit_twin_epsilon",
-]
+# the columns trial kinds attach to other trials' rows: the audit twin's (kinds/audit.py)
+AUDIT_COLUMNS = [c for kind in REGISTRY.values() for c in kind.columns]
 #: Columns ``export`` adds to the transfer table: what each row's values are covered by.
 GUARANTEE_COLUMNS = {
     # "(eps, delta)-DP for each training image of a: this model's releases (PLD)" or
@@ -364,7 +353,7 @@ def rows_for_trial(
         "training_sites": ",".join(record.training_sites),
         "seed": spec.seed,
         "model": spec.model,
-        "variant": spec.variant,
+        "variant": kind_of(spec).label(spec),
         "init": spec.init,
         "mia_auc": info.get("mia_auc") if shareable_mia else None,
         "mia_tpr_at_1fpr": info.get("mia_tpr_at_1fpr") if shareable_mia else None,
@@ -397,10 +386,10 @@ def rows_for_trial(
 
 
 def audit_columns(twin: Any) -> dict[str, Any]:
-    """The audit columns of a cell from its twin's record (nulls without one)."""
-    if twin is None or "audit" not in twin.info:
-        return dict.fromkeys(AUDIT_COLUMNS)
-    return kinds_audit.columns(twin.info["audit"], twin.ledger)
+    """The audit columns of a cell from its twin's record (nulls without one): the columns
+    the attached trial's kind gives (``TrialKind.row_columns``)."""
+    extra = {} if twin is None else kind_of(twin.spec).row_columns(twin)
+    return {**dict.fromkeys(AUDIT_COLUMNS), **extra}
 
 
 def _number(value: Any) -> Any:
@@ -431,7 +420,7 @@ def transfer_table(
     store = TrialStore(output)
     targets = list(targets) if targets is not None else planned_targets(output)
     records = {key: store.valid(key) for key in dict.fromkeys(keys)}
-    twins = {kinds_audit.audited(r.spec).key: r for r in records.values() if r is not None and r.spec.audit}
+    twins = attached(records.values())  # audit twins, by the key of the cell they audit
     frames: list[pd.DataFrame] = []
     for key, record in records.items():
         if record is not None:

@@ -5,7 +5,7 @@ by side in one process, one optimizer step (forward, backward, per-sample gradie
 clipping, noise, NAdam step) per image for the non-DP step and every DP mode: Opacus's
 ``hooks``, ``functorch``, ``ew`` (expanded weights) and ``ghost`` (fast gradient clipping: ghost
 norms for Linear, per-sample gradients + a second backward for convs), and ``bk``
-(``privdom_ray.dpstep.BookKeepingClipper``: one backward, mixed ghost norms, book-keeping).
+(``privdom_ray.dpstep.bookkeeping.BookKeepingClipper``: one backward, mixed ghost norms, book-keeping).
 
 Each mode is first checked for correctness: its clipped gradient for one noiseless step must
 match a per-example loop (``dpcheck.clipping_error``), in every layout timed.
@@ -17,7 +17,7 @@ at ``--batch`` (CUDA allocator statistics, or on CPU the live-tensor-bytes track
 compared with the two-probe linear model that ``dpstep.max_physical_batch`` uses for the largest
 physical batch under ``--budget-mb``.
 
-Imports only torch, opacus and the project's models.py/dpstep.py: runs on a GPU machine that
+Imports only torch, opacus and the project's models.py/dpstep package: runs on a GPU machine that
 has nothing else. Examples:
 
     uv run python benchmarks/bench_dp_step.py                      # 64 px, batch 32, CPU
@@ -48,6 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from privdom_ray import dpstep  # noqa: E402
+from privdom_ray.dpstep import bookkeeping  # noqa: E402
 from privdom_ray.models import MODELS, build_model  # noqa: E402
 
 ALL_MODES = ("nondp", *dpstep.DP_MODES)
@@ -127,7 +128,7 @@ def layer_table(model_name: str, size: int, batch: int, device: torch.device, re
             )[1]  # fmt: skip
 
         def pointwise(m=m, a=a, g3=g3):
-            return torch.bmm(g3, dpstep._columns(m, a).transpose(1, 2))
+            return torch.bmm(g3, bookkeeping._columns(m, a).transpose(1, 2))
 
         def wgrad(m=m, a=a, g=g):
             return torch.ops.aten.convolution_backward(
@@ -136,14 +137,14 @@ def layer_table(model_name: str, size: int, batch: int, device: torch.device, re
             )[1]  # fmt: skip
 
         def ghost(m=m, a=a, g3=g3):
-            cols = dpstep._columns(m, a)
+            cols = bookkeeping._columns(m, a)
             aa = torch.bmm(cols.transpose(1, 2), cols)
             return (aa * torch.bmm(g3.transpose(1, 2), g3)).sum(dim=(1, 2))
 
         t_w = med(wgrad)
         ratio = positions**2 * (depth + out_ch) / (depth * out_ch)
         t_ghost = f"{med(ghost) + t_w:.1f}" if positions <= 1024 else "(T too large)"
-        t_point = f"{med(pointwise):.1f}" if dpstep._pointwise(m) else "-"
+        t_point = f"{med(pointwise):.1f}" if bookkeeping._pointwise(m) else "-"
         print(
             f"| {name} | {positions} | {depth} | {out_ch} | {ratio:.0f} "
             f"| {dpstep.conv_strategy(m, positions, device=device)} | {med(unfold):.1f} "

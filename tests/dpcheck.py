@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from privdom_ray.dpstep import (
     CLIP_MARGIN,
     MaskedBCELoss,
-    _quiet,
     memory_format,
     privatize,
     synthetic_batch,
 )
+from privdom_ray.dpstep.memory import _quiet
 from privdom_ray.models import build_model
 
 

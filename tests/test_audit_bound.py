@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 from privdom_ray import audit_bound as ab
+from privdom_ray.audit_bound import guesses, power
 
 
 def _rr_correct(rng: np.random.Generator, m: int, epsilon: float) -> int:
@@ -278,7 +279,7 @@ def test_noise_only_moments_match_a_monte_carlo():
     rng = np.random.default_rng(0)
     for scale, q, sigma in ((0.5, 0.125, 3.6), (1.0, 0.125, 0.9), (0.2, 0.01, 1.5)):
         values = ab.step_llr(scale * rng.standard_normal(500_000), q, 1 / sigma)
-        mean, var = ab._noise_only_moments(scale, q, sigma)
+        mean, var = power._noise_only_moments(scale, q, sigma)
         assert mean == pytest.approx(values.mean(), abs=1e-3 + 2e-3 * abs(values.mean()))
         assert var == pytest.approx(values.var(), rel=0.02)
 
@@ -317,7 +318,7 @@ def test_power_simulation_agrees_with_a_per_step_simulation():
             z = (coins & (rng.random(setting.m) < 0.125)) / 3.625
             llr += ab.step_llr(z + scale * rng.standard_normal(setting.m), 0.125, 1 / 3.625)
         ranked = coins[np.argsort(-llr, kind="stable")]
-        counts = [ab._count_sorted(ranked, kp, km).correct for kp, km in grid]
+        counts = [guesses._count_sorted(ranked, kp, km).correct for kp, km in grid]
         return any(c is not None and v >= c for v, c in zip(counts, crit, strict=True))
 
     below = np.mean([caught(0.8 * s80) for _ in range(20)])

@@ -19,7 +19,6 @@ from privdom_ray.cache import SplitData
 from privdom_ray.canaries import (
     Fault,
     GradientCanaries,
-    _step_llr,
     audit_canaries,
     dirac_coordinates,
     draw_coins,
@@ -27,6 +26,7 @@ from privdom_ray.canaries import (
     make_input_canaries,
     with_input_canaries,
 )
+from privdom_ray.canaries.gradient import _step_llr
 
 CLIP = 0.5
 pytestmark = [
@@ -98,7 +98,7 @@ def _dp_steps(
             opt.zero_grad(set_to_none=True)  # keeps the skipped step's clipped sum
     released.append(torch.cat([p.grad.reshape(-1) for p in params]).clone())
     opt.zero_grad(set_to_none=True)
-    if mode in ("functorch", "ew"):  # their forward rejects an empty batch: as train.py does
+    if mode in ("functorch", "ew"):  # their forward rejects an empty batch: as the training core does
         for p in params:
             p.grad_sample = torch.zeros((0, *p.shape))
     else:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privdom_ray import dpstep
+from privdom_ray.dpstep import memory, modes
 from privdom_ray.models import MODELS, build_model
 
 SIZE, BATCH, SIGMA = 32, 6, 1.3
@@ -63,7 +64,7 @@ def _rel_err(got, ref):
 
 
 def test_masked_bce_loss_weights_positives_and_masks_unknown_labels(case):
-    """The training core's loss (train.py uses MaskedBCELoss), against BCE written out:
+    """The training core's loss (train.epochs uses MaskedBCELoss), against BCE written out:
     -(w y log s(z) + (1 - y) log s(-z)), NaN labels contributing 0 to a mean over all labels."""
     logits = torch.randn(BATCH, 5)
     weight = torch.linspace(0.5, 3.0, 5)
@@ -159,7 +160,7 @@ def _deeper_model_cases():
     suite, the others (~2-3 s each) are marked slow."""
     for name in ("resnet18", "resnet34", "resnet50"):
         for mode in dpstep.DP_MODES:
-            slow = [] if mode in dpstep._FASTEST[name] else [pytest.mark.slow]
+            slow = [] if mode in modes._FASTEST[name] else [pytest.mark.slow]
             yield pytest.param(name, mode, marks=slow, id=f"{name}-{mode}")
 
 
@@ -170,8 +171,8 @@ def test_clipped_gradient_matches_per_example_loop_on_deeper_models(name, mode):
 
 def test_fastest_table_covers_every_model_with_verified_modes():
     """A new model needs a measured ``_FASTEST`` entry (else it silently gets ``hooks``)."""
-    assert set(dpstep._FASTEST) == set(MODELS)
-    for best, opacus_best in dpstep._FASTEST.values():
+    assert set(modes._FASTEST) == set(MODELS)
+    for best, opacus_best in modes._FASTEST.values():
         assert best in dpstep.DP_MODES and opacus_best in dpstep.OPACUS_MODES
 
 
@@ -303,7 +304,7 @@ def test_max_physical_batch_shrinks_with_the_budget():
 
 
 def test_tensor_tracker_counts_live_tensors():
-    with dpstep._TensorBytes(torch.device("cpu")) as t:
+    with memory._TensorBytes(torch.device("cpu")) as t:
         a = torch.ones(1000, 1000)  # 4 MB
         b = a * 2  # 4 MB, peak 8 MB
         del a

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from privdom_ray.domains import synthetic
-from privdom_ray.domains.synthetic import PAPER_SITES, SITES, SyntheticOptions
+from privdom_ray.domains.synthetic import PAPER_SITES, SITES, SyntheticOptions, population
 from privdom_ray.manifest import LABELS, fingerprint
 
 #: (hash of the generated records and pixels, manifest fingerprint) of a 40-patient domain per
@@ -73,9 +73,9 @@ def _label_prevalence(site: str, n_patients: int = 4_000) -> np.ndarray:
     rows = []
     for i in range(n_patients):
         rng = np.random.default_rng(np.random.SeedSequence([11, i]))
-        patient = synthetic._draw_patient(rng, profile, options, i)
+        patient = population._draw_patient(rng, profile, options, i)
         for _ in range(patient["n_images"]):
-            labels = synthetic._draw_findings(rng, profile, patient)["labels"]
+            labels = population._draw_findings(rng, profile, patient)["labels"]
             rows.append([labels[name] for name in LABELS])
     return np.asarray(rows, dtype=float).mean(axis=0)
 

@@ -261,7 +261,8 @@ def test_patient_level_step_clips_each_patients_summed_gradient():
     from opacus import PrivacyEngine
 
     from privdom_ray import dpstep
-    from privdom_ray.train import _as_input, _patient_epoch, _patient_loader
+    from privdom_ray.train.data import _as_input
+    from privdom_ray.train.patients import _patient_epoch, _patient_loader
 
     torch.manual_seed(0)
     train = patient_split(4, 3, 8, 0)

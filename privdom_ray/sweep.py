@@ -37,6 +37,7 @@ from privdom_ray import (
 from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.checks import Inputs, Log, _log, check_decoded_sizes, check_inputs
 from privdom_ray.config import SweepSpec, TrialSpec
+from privdom_ray.folder import Plan, PlannedCell, PlannedTarget, SweepFolder
 from privdom_ray.kinds.pretrain import pretraining_trial
 from privdom_ray.stats import comparisons, results
 from privdom_ray.store import TrialStore
@@ -132,29 +133,20 @@ def prepare(
         data={k: e.test_digest for k, e in caches.items()}, log=log,
     )  # fmt: skip
     store.guard()
-    atomic.write_json(
-        spec.output / "plan.json",
-        {
-            "sweep": spec.name,
-            "run_id": run_id,
-            "cells": [
-                {"key": t.key, "name": t.name, "evaluated": kinds.kind_of(t).evaluated}
-                for t in trials
-            ],
-            "targets": [
-                {"name": r.name, "fingerprint": r.fingerprint, "data": r.data} for r in plan.targets
-            ],
+    out = SweepFolder(spec.output)
+    out.write_plan(
+        Plan(
+            sweep=spec.name,
+            run_id=run_id,
+            cells=tuple(PlannedCell(t.key, t.name, kinds.kind_of(t).evaluated) for t in trials),
+            targets=tuple(PlannedTarget(r.name, r.fingerprint, r.data) for r in plan.targets),
             # relative to the output folder when inside it (the folder may be moved)
-            "caches": {name: _relative(entry.path, spec.output) for name, entry in caches.items()},
-        },
+            caches={name: out.relative(entry.path) for name, entry in caches.items()},
+        )
     )
     return Prepared(
         spec, fps, n_train, caches, trials, plan.cells, plan.targets, plan.done, plan.unusable
     )
-
-
-def _relative(path: Path, base: Path) -> str:
-    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
 # ------------------------------------------------------------------------------------- Ray
@@ -375,7 +367,7 @@ def _record_timing(
         "slots": slots,
         "trials": [{"key": k, "name": names[k], "wall_seconds": w} for k, w in trial_wall.items()],
     }
-    with open(spec.output / "runs.jsonl", "a") as f:
+    with open(SweepFolder(spec.output).runs, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -417,7 +409,7 @@ def run_cells(
         ),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(spec.output / "ray_results"),
+            storage_path=str(SweepFolder(spec.output).ray_results),
             failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
             callbacks=[progress, JsonLoggerCallback()],
             verbose=0,
@@ -641,9 +633,8 @@ def _aggregate(
     evaluated = [t for t in prep.trials if kinds.kind_of(t).evaluated]  # others have no rows
     missing = len(evaluated) - (df["trial_key"].nunique() if len(df) else 0)
     log(f"[sweep] table: {path} ({len(df)} rows; {missing} cell(s) missing)")
-    log(
-        f"[sweep] comparisons: {spec.output / 'comparisons.parquet'}; report: {spec.output / 'report.md'} (and report.html)"
-    )
+    out = SweepFolder(spec.output)
+    log(f"[sweep] comparisons: {out.comparisons}; report: {out.report} (and {out.html.name})")
     return path
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from privdom_ray import folder
+
 # The atomic writers live in privdom_ray.atomic (here they made results <-> store a cycle);
 # atomic_write, write_json and write_yaml stay importable from here for callers written before
 # the move (branches in flight). New code imports privdom_ray.atomic.
@@ -29,12 +31,13 @@ from privdom_ray.atomic import (  # noqa: F401
     write_parquet,
     write_yaml,
 )
+from privdom_ray.folder import PlannedTarget, SweepFolder
 from privdom_ray.kinds import audit as kinds_audit
 from privdom_ray.stats.evaluation import MetricRow
 from privdom_ray.store import TrialStore
 
-TRIALS = "trials"
-TRANSFER = "transfer.parquet"
+TRIALS = folder.TRIALS  # the names live in privdom_ray.folder; kept here for callers
+TRANSFER = folder.TRANSFER
 
 _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 
@@ -239,11 +242,11 @@ RELIABILITY_PRIVACY: dict[str, str] = {
 }
 #: guarantees.parquet (written by ``export``): one row per training set, all accounting.
 GUARANTEES_PRIVACY: dict[str, str] = {"training_site": "public"}
-GUARANTEES = "guarantees.parquet"
+GUARANTEES = folder.GUARANTEES
 TABLE_PRIVACY: dict[str, dict[str, str]] = {
     TRANSFER: COLUMN_PRIVACY,
-    "comparisons.parquet": COMPARISONS_PRIVACY,
-    "reliability.parquet": RELIABILITY_PRIVACY,
+    folder.COMPARISONS: COMPARISONS_PRIVACY,
+    folder.RELIABILITY: RELIABILITY_PRIVACY,
     GUARANTEES: GUARANTEES_PRIVACY,
 }
 _METRIC_NAMES = {f.name for f in dataclasses.fields(MetricRow)}
@@ -419,7 +422,7 @@ def aggregate(
     plan, ``plan.json``). Older evaluations stay on disk, out of the table.
     """
     table, df = transfer_table(output, keys, sweep, targets)
-    path = Path(output) / TRANSFER
+    path = SweepFolder(output).transfer
     write_parquet(path, table)
     return path, df
 
@@ -445,26 +448,16 @@ def transfer_table(
     return pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), df
 
 
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    name: str
-    fingerprint: str
-    data: str = ""  # checksum of the decoded test images (written by plans since checksums)
-
-
-def planned_targets(output: Path) -> list[_Target]:
-    """The targets (name, data fingerprint) of the last plan written to ``output``."""
-    path = Path(output) / "plan.json"
-    if not path.is_file():
-        return []
-    return [
-        _Target(t["name"], t["fingerprint"], t.get("data", "")) for t in read_json(path)["targets"]
-    ]
+def planned_targets(output: Path) -> list[PlannedTarget]:
+    """The targets (name, data fingerprint, test images' checksum) of the last plan written
+    to ``output`` (``folder.Plan``); none without a plan."""
+    plan = SweepFolder(output).read_plan()
+    return [] if plan is None else list(plan.targets)
 
 
 def load(output: str | Path) -> pd.DataFrame:
     """The transfer table of a sweep as a DataFrame."""
-    path = Path(output) / TRANSFER
+    path = SweepFolder(output).transfer
     if not path.is_file():
         raise FileNotFoundError(
             f"no {TRANSFER} in {output}; run the sweep first (launch.py --grid ...)"

@@ -37,9 +37,18 @@ from privdom_ray import (
 from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.checks import Inputs, Log, _log, check_decoded_sizes, check_inputs
 from privdom_ray.config import SweepSpec, TrialSpec
-from privdom_ray.folder import Plan, PlannedCell, PlannedTarget, SweepFolder
+from privdom_ray.folder import (
+    COMPARISONS,
+    RELIABILITY,
+    Plan,
+    PlannedCell,
+    PlannedTarget,
+    SweepFolder,
+)
 from privdom_ray.kinds.pretrain import pretraining_trial
+from privdom_ray.report.view import ReportView
 from privdom_ray.stats import comparisons, results
+from privdom_ray.stats.study import study_of
 from privdom_ray.store import TrialStore
 from privdom_ray.trainable import private_ray_temp_dir, privdom_trial, trial_resources
 
@@ -605,13 +614,17 @@ def _aggregate(
     spec: SweepSpec, prep: Prepared, log: Log, fence: int = 0, failed: Sequence[str] = ()
 ) -> Path:
     """The tables and the report from the finished trials (current evaluations only), each
-    write fenced; then their checksums (``outputs.json``). A run with failed or unusable
-    cells never replaces tables that are larger and still stand on verified models and
-    evaluations: it keeps them and says so."""
+    write fenced; then their checksums (``outputs.json``). One pass: the trials are read once
+    (``results.load_finished``), the three tables built from that load, and the report
+    rendered from the tables in memory. A run with failed or unusable cells never replaces
+    tables that are larger and still stand on verified models and evaluations: it keeps them
+    and says so."""
     keys = [t.key for t in prep.trials]
     store = TrialStore(spec.output, fence=fence)
-    path = spec.output / results.TRANSFER
-    table, df = results.transfer_table(spec.output, keys, spec.name, prep.targets)
+    out = SweepFolder(spec.output)
+    path = out.transfer
+    finished = results.load_finished(out.root, keys, prep.targets)
+    table, df = results.table_of(finished, spec.name)
     still = _still_better(spec.output, store, len(df), prep.targets)
     if (failed or prep.unusable) and still:
         log(
@@ -619,13 +632,15 @@ def _aggregate(
             f"and evaluation): this run has failed cells and its table would hold {len(df)} rows"
         )
         return path
-    tables = comparisons.compute_all(spec.output, keys, spec.evaluation, targets=prep.targets)
+    tables = comparisons.compute_tables(study_of(finished), spec.evaluation)
+    arrow = comparisons.arrow_tables(tables)
     store.guard()
     atomic.write_parquet(path, table)
     store.guard()
-    comparisons.write_all(spec.output, tables)
+    comparisons.write_all(out.root, arrow)
     store.guard()
-    report.write_report(spec.output)
+    view = ReportView.of_tables(out.root, table, arrow[COMPARISONS], arrow[RELIABILITY])
+    report.write_report(out.root, view=view)
     store.guard()
     integrity.seal_files(spec.output, list(integrity.SEALED_OUTPUTS))
     log("")

@@ -34,7 +34,7 @@ from privdom_ray.atomic import (  # noqa: F401
 from privdom_ray.folder import PlannedTarget, SweepFolder
 from privdom_ray.kinds import audit as kinds_audit
 from privdom_ray.stats.evaluation import MetricRow
-from privdom_ray.store import TrialStore
+from privdom_ray.store import TrialRecord, TrialStore
 
 TRIALS = folder.TRIALS  # the names live in privdom_ray.folder; kept here for callers
 TRANSFER = folder.TRANSFER
@@ -431,15 +431,50 @@ def transfer_table(
     output: Path, keys: Iterable[str], sweep: str, targets: Iterable[Any] | None = None
 ) -> tuple[pa.Table, pd.DataFrame]:
     """The transfer table of :func:`aggregate`, built but not written."""
+    return table_of(load_finished(output, keys, targets), sweep)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A sweep's finished trials read once through the store: every valid record (in the
+    keys' order) and its current evaluations. The transfer table (:func:`table_of`) and the
+    comparisons' study (``study.study_of``) are both built from it, so an aggregation reads
+    and verifies each trial folder once."""
+
+    records: dict[str, TrialRecord]
+    evaluations: dict[str, list[Any]]  # key -> store.EvalRecord (current ones)
+    # False: no targets given and no plan: ``evaluations`` holds every evaluation of each
+    # model (what the study compares), and the transfer table takes none (none is current)
+    planned: bool = True
+
+
+def load_finished(
+    output: Path, keys: Iterable[str], targets: Iterable[Any] | None = None
+) -> Finished:
+    """The valid trials ``keys`` and their evaluations of ``targets`` at their current data
+    versions (objects with ``name``, ``fingerprint`` and optionally ``data``; default: the
+    last plan's targets)."""
     store = TrialStore(output)
-    targets = list(targets) if targets is not None else planned_targets(output)
-    records = {key: store.valid(key) for key in dict.fromkeys(keys)}
-    twins = {kinds_audit.audited(r.spec).key: r for r in records.values() if r is not None and r.spec.audit}
+    wanted = list(targets) if targets is not None else (planned_targets(output) or None)
+    records: dict[str, TrialRecord] = {}
+    evaluations: dict[str, list[Any]] = {}
+    for key in dict.fromkeys(keys):
+        record = store.valid(key)
+        if record is not None:
+            records[key] = record
+            found = store.current(key, wanted) if wanted is not None else store.evaluations(key)
+            evaluations[key] = found
+    return Finished(records, evaluations, planned=wanted is not None)
+
+
+def table_of(finished: Finished, sweep: str) -> tuple[pa.Table, pd.DataFrame]:
+    """The transfer table of the loaded trials (no file access)."""
+    records = finished.records
+    twins = {kinds_audit.audited(r.spec).key: r for r in records.values() if r.spec.audit}
     frames: list[pd.DataFrame] = []
     for key, record in records.items():
-        if record is not None:
-            evaluations = store.current(key, targets)
-            frames.extend(rows_for_trial(record, evaluations, sweep, twins.get(key)))
+        evaluations = finished.evaluations[key] if finished.planned else []
+        frames.extend(rows_for_trial(record, evaluations, sweep, twins.get(key)))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     for field in SCHEMA:
         if field.name not in df.columns:

@@ -136,10 +136,17 @@ def prepare(
         init_file_hash=inputs.init_file_hash, public_pos_weight=inputs.public_pos_weight,
         finished=lambda key: store.valid(key) is not None,  # kept: read, never trained
     )  # fmt: skip
+    # the store's writes before planning (planning is pure): damaged or void trials set aside
+    # (not by evaluate, which names them instead), legacy folders sealed
+    records = {
+        t.key: store.usable(t.key, log)
+        for t in trials
+        if train or not store.unusable_reason(t.key)
+    }
     plan = planning.plan_cells(
         spec, trials, store, {k: str(e.path) for k, e in caches.items()}, fps,
         train=train, run_id=run_id, slots=cluster_slots(spec), fence=fence,
-        data={k: e.test_digest for k, e in caches.items()}, log=log,
+        data={k: e.test_digest for k, e in caches.items()}, log=log, records=records,
     )  # fmt: skip
     store.guard()
     out = SweepFolder(spec.output)

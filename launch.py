@@ -106,31 +106,28 @@ def _status(argv: list[str]) -> int:
     from collections import Counter
 
     from privdom_ray import lease
-    from privdom_ray.stats import results
+    from privdom_ray.folder import PLAN, PlanDamaged, SweepFolder
     from privdom_ray.store import TrialStore
 
     output = Path(args.output)
-    plan_path = output / "plan.json"
-    if not plan_path.is_file():
-        raise FileNotFoundError(f"no plan.json in {args.output}; has a sweep been started there?")
     try:
-        plan = results.read_json(plan_path)
-        targets = results.planned_targets(output)
-    except (OSError, ValueError, KeyError) as exc:
-        raise LookupError(
-            f"{plan_path} is damaged ({type(exc).__name__}); run the sweep again to rewrite it"
-        ) from None
+        plan = SweepFolder(output).read_plan()
+    except PlanDamaged as exc:
+        raise LookupError(f"{exc}; run the sweep again to rewrite it") from None
+    if plan is None:
+        raise FileNotFoundError(f"no {PLAN} in {args.output}; has a sweep been started there?")
+    targets = list(plan.targets)
     holder = lease.current(output)
     live = holder is not None and not holder.stale()
     print(f"driver: {holder.describe()}" if live else "driver: none running")
     store = TrialStore(output)
     counts: Counter[str] = Counter()
-    for cell in plan["cells"]:
-        cell_targets = targets if cell.get("evaluated", True) else []
-        state, detail = store.status(cell["key"], cell_targets, holder.run_id if live else "")
+    for cell in plan.cells:
+        cell_targets = targets if cell.evaluated else []
+        state, detail = store.status(cell.key, cell_targets, holder.run_id if live else "")
         counts[state] += 1
-        print(f"{state:11s} {cell['name']:32s} {cell['key']}  {detail}".rstrip())
-    caches = {name: output / path for name, path in plan.get("caches", {}).items()}
+        print(f"{state:11s} {cell.name:32s} {cell.key}  {detail}".rstrip())
+    caches = plan.cache_paths(output)
     for line in _cache_lines(caches, blocks=not args.quick) + _table_lines(output):
         print(line)
     print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
@@ -292,6 +289,7 @@ def _export(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     from privdom_ray.export import BadDestination, ExportRefused, export
+    from privdom_ray.folder import PRIVACY_NOTE
 
     try:
         written = export(
@@ -306,7 +304,7 @@ def _export(argv: list[str]) -> int:
         return 2
     for path in written:
         print(path)
-    print(f"exported {len(written)} file(s) to {args.to}; see {Path(args.to) / 'PRIVACY.md'}")
+    print(f"exported {len(written)} file(s) to {args.to}; see {Path(args.to) / PRIVACY_NOTE}")
     return 0
 
 
@@ -317,9 +315,11 @@ def _report(argv: list[str]) -> int:
     p.add_argument("output", help="the sweep's output folder (holds transfer.parquet)")
     args = p.parse_args(argv)
     from privdom_ray import report
+    from privdom_ray.folder import SweepFolder
 
-    print(report.write_report(Path(args.output)))
-    print(f"report: {Path(args.output) / 'report.md'} and report.html; figures: {Path(args.output) / 'figures'}")
+    out = SweepFolder(args.output)
+    print(report.write_report(out.root))
+    print(f"report: {out.report} and {out.html.name}; figures: {out.figures}")
     return 0
 
 

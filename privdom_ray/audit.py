@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privdom_ray.folder import PlanDamaged, SweepFolder
 from privdom_ray.kinds import kind_of
 from privdom_ray.privacy import (
     MECHANISM_VERSION,
@@ -161,13 +162,14 @@ def _cache_counts(output: Path) -> dict[str, dict[str, int]]:
 def _cache_metas(output: Path) -> list[Path]:
     """The ``meta.json`` of every cache entry under ``<output>/cache`` and of those the sweep's
     ``plan.json`` names (a grid's own cache_dir elsewhere)."""
-    metas = set(Path(output, "cache").glob("*/meta.json"))
+    out = SweepFolder(output)
+    metas = set(out.cache.glob("*/meta.json"))
     try:
-        named = json.loads(Path(output, "plan.json").read_text()).get("caches", {})
-    except (OSError, ValueError, AttributeError):
-        named = {}
-    for entry in named.values() if isinstance(named, dict) else ():
-        meta = Path(output, str(entry), "meta.json")  # an absolute entry stays absolute
+        plan = out.read_plan()
+    except PlanDamaged:
+        plan = None
+    for entry in plan.cache_paths(out.root).values() if plan is not None else ():
+        meta = entry / "meta.json"  # an absolute entry stays absolute
         if meta.is_file():
             metas.add(meta)
     return sorted(metas)

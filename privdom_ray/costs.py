@@ -26,6 +26,7 @@ from scipy import stats
 
 from privdom_ray import kinds
 from privdom_ray.config import EvaluationConfig, SweepSpec, TrialSpec
+from privdom_ray.folder import SweepFolder
 from privdom_ray.store import TrialStore
 
 EVAL_SPEEDUP = 3.0  # inference images/s relative to training (no backward pass): an estimate
@@ -245,7 +246,7 @@ def unit_variance_from(output: Path) -> UnitVariance:
     --power then delivered 0.765 for 0.80; /work/scratch/r24/power_sim.py). Also the df
     per patient and each label's rarer-class share (:class:`UnitVariance`). Raises
     FileNotFoundError / LookupError naming the fix."""
-    path = Path(output) / "comparisons.parquet"
+    path = SweepFolder(output).comparisons
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: point --variance-from at a finished sweep's "
                                 "output folder, or give --variance")  # fmt: skip

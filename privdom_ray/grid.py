@@ -35,6 +35,7 @@ from privdom_ray.config import (
     TrainingConfig,
     parse_epsilon,
 )
+from privdom_ray.folder import CACHE
 from privdom_ray.imaging import GEOMETRIES, Preprocessing
 
 # ----------------------------------------------------------------------------------- parsing
@@ -193,7 +194,7 @@ def parse_grid(
         name=name,
         grid_path=grid_path or base,
         output=out_path,
-        cache_dir=_resolve(base, raw["cache_dir"]) if raw.get("cache_dir") else out_path / "cache",
+        cache_dir=_resolve(base, raw["cache_dir"]) if raw.get("cache_dir") else out_path / CACHE,
         domains=tuple(doms),
         sources=tuple(sources),
         targets=tuple(targets),

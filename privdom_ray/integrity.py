@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privdom_ray import folder as sweep_folder
 from privdom_ray.atomic import atomic_write
 
 ALGORITHM = "blake2b-128"
@@ -155,10 +156,10 @@ def write_atomic(path: Path, data: bytes, *, private: bool = False) -> FileSum:
 
 # ------------------------------------------------------------------ sealed files of a folder
 
-OUTPUTS = "outputs.json"
+OUTPUTS = sweep_folder.OUTPUTS
 #: what a sweep seals in its output folder after every aggregation: the tables (the report is
 #: rendered from them, and ``launch.py report`` may render it again at any time)
-SEALED_OUTPUTS = ("transfer.parquet", "comparisons.parquet", "reliability.parquet")
+SEALED_OUTPUTS = sweep_folder.TABLES
 
 
 def seal_files(folder: Path, names: list[str], record: str = OUTPUTS) -> None:

@@ -31,12 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-LEASE_DIR = ".driver-lease"
+from privdom_ray import folder as sweep_folder
+
+LEASE_DIR = sweep_folder.LEASE_DIR
 #: seconds without renewal after which another driver may take the lease over
 DEFAULT_LEASE_S = 120.0
 #: writers stop when the lease is older than this share of ``lease_s`` (before a takeover)
 WRITE_CUTOFF = 0.75
-_LEGACY = "driver.lock"  # the lock file of privdom-ray before leases
+_LEGACY = sweep_folder.LEGACY_LOCK  # the lock file of privdom-ray before leases
 
 
 class LockHeld(RuntimeError):

@@ -1,12 +1,13 @@
-"""Which cells of a grid still need work: pure planning, no Ray.
+"""Which cells of a grid still need work: pure planning, no Ray, no writes.
 
-Given the planned trials, the trial store and where each domain's cache is, decide per trial
-whether to train it, which targets to evaluate, or nothing. The resume rules live here, in
-one place, and are tested without a cluster:
+Given the planned trials, the trial store (read only) and where each domain's cache is,
+decide per trial whether to train it, which targets to evaluate, or nothing. The resume
+rules live here, in one place, and are tested without a cluster:
 
 - a trial trained, readable and valid is never trained again; only targets without a current
   evaluation (new target, changed target data, older evaluation protocol) are evaluated;
-- a damaged trial folder, or a DP trial whose guarantee is void, is set aside and retrained;
+- a damaged trial folder, or a DP trial whose guarantee is void, is retrained (the driver has
+  set it aside before planning: ``TrialStore.usable``, the store's job; planning moves nothing);
 - an evaluation counts only when it names the checksum of the model now on disk, so a trial
   trained again (e.g. after its ``done`` was deleted) never keeps an older model's evaluations;
 - ``evaluate`` (train=False) never trains and never sets a trial aside: a trial it cannot use
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.config import SweepSpec, TrialSpec
 from privdom_ray.kinds import kind_of
-from privdom_ray.store import TrialStore
+from privdom_ray.store import TrialRecord, TrialStore
 
 Log = Callable[[str], None]
 
@@ -72,11 +73,14 @@ def plan_cells(
     fence: int = 0,
     data: Mapping[str, str] | None = None,
     log: Log = print,
+    records: Mapping[str, TrialRecord | None] | None = None,
 ) -> CellPlan:
     """The cells with work left. ``caches`` maps a domain name (and the pretraining trial's
     name) to its cache folder; ``slots`` is how many per-trial slots the cluster holds;
     ``fence`` is the driver's lease token, carried by every cell to its writes; ``data`` the
-    checksum of each target's decoded test images."""
+    checksum of each target's decoded test images. ``records``: each trial's usable record
+    as the driver found it after tidying the folder (``TrialStore.usable``); default: the
+    store's read-only ``valid`` (a damaged or void trial is then planned again, not moved)."""
     targets = target_refs(spec, fingerprints, caches, data)
     init_path = ""
     pre = next((t for t in trials if kind_of(t).stage == 0), None)
@@ -94,7 +98,7 @@ def plan_cells(
                 "--grid, sets it aside and trains it again)"
             )
             continue
-        record = store.usable(t.key, log)  # sets a damaged or void folder aside
+        record = records[t.key] if records is not None else store.valid(t.key)
         init = init_path if t.init != "scratch" else ""
         source = {"source": caches.get(t.source, ""), "own": caches.get(t.name, "")}.get(
             kind.data, ""

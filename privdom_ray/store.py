@@ -48,6 +48,7 @@ from typing import Any
 
 import pandas as pd
 
+from privdom_ray import folder as sweep_folder
 from privdom_ray import integrity, lease
 from privdom_ray.atomic import atomic_write, read_json, write_json
 from privdom_ray.config import TrialSpec
@@ -58,8 +59,8 @@ from privdom_ray.privacy import Ledger
 
 __all__ = ["DamagedRecord", "EvalRecord", "LockHeld", "TrialRecord", "TrialStore"]
 
-TRIALS = "trials"
-SET_ASIDE = "set_aside"
+TRIALS = sweep_folder.TRIALS  # the output folder's names live in privdom_ray.folder
+SET_ASIDE = sweep_folder.SET_ASIDE
 #: Evaluations of an older protocol are redone (the model is never retrained for it):
 #: 1 resampled images (predictions had no patient groups); 2 counted a label's minimum
 #: positives in images, so a label of 3 patients could pass a minimum of 10; 3 counts patients;
@@ -811,7 +812,7 @@ class TrialStore:
         import hashlib
         import hmac
 
-        salt_path = self.output / ".release_salt"
+        salt_path = self.output / sweep_folder.RELEASE_SALT
         if not salt_path.is_file():
             import secrets
 

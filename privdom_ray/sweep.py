@@ -37,7 +37,17 @@ from privdom_ray import (
 from privdom_ray.cell import Cell, TargetRef
 from privdom_ray.checks import Inputs, Log, _log, check_decoded_sizes, check_inputs
 from privdom_ray.config import SweepSpec, TrialSpec
+from privdom_ray.folder import (
+    COMPARISONS,
+    RELIABILITY,
+    Plan,
+    PlannedCell,
+    PlannedTarget,
+    SweepFolder,
+)
+from privdom_ray.report.view import ReportView
 from privdom_ray.stats import comparisons, results
+from privdom_ray.stats.study import study_of
 from privdom_ray.store import TrialStore
 from privdom_ray.trainable import private_ray_temp_dir, privdom_trial, trial_resources
 
@@ -124,35 +134,33 @@ def prepare(
         init_file_hash=inputs.init_file_hash, public_pos_weight=inputs.public_pos_weight,
         finished=lambda key: store.valid(key) is not None,  # kept: read, never trained
     )  # fmt: skip
+    # the store's writes before planning (planning is pure): damaged or void trials set aside
+    # (not by evaluate, which names them instead), legacy folders sealed
+    records = {
+        t.key: store.usable(t.key, log)
+        for t in trials
+        if train or not store.unusable_reason(t.key)
+    }
     plan = planning.plan_cells(
         spec, trials, store, {k: str(e.path) for k, e in caches.items()}, fps,
         train=train, run_id=run_id, slots=cluster_slots(spec), fence=fence,
-        data={k: e.test_digest for k, e in caches.items()}, log=log,
+        data={k: e.test_digest for k, e in caches.items()}, log=log, records=records,
     )  # fmt: skip
     store.guard()
-    atomic.write_json(
-        spec.output / "plan.json",
-        {
-            "sweep": spec.name,
-            "run_id": run_id,
-            "cells": [
-                {"key": t.key, "name": t.name, "evaluated": kinds.kind_of(t).evaluated}
-                for t in trials
-            ],
-            "targets": [
-                {"name": r.name, "fingerprint": r.fingerprint, "data": r.data} for r in plan.targets
-            ],
+    out = SweepFolder(spec.output)
+    out.write_plan(
+        Plan(
+            sweep=spec.name,
+            run_id=run_id,
+            cells=tuple(PlannedCell(t.key, t.name, kinds.kind_of(t).evaluated) for t in trials),
+            targets=tuple(PlannedTarget(r.name, r.fingerprint, r.data) for r in plan.targets),
             # relative to the output folder when inside it (the folder may be moved)
-            "caches": {name: _relative(entry.path, spec.output) for name, entry in caches.items()},
-        },
+            caches={name: out.relative(entry.path) for name, entry in caches.items()},
+        )
     )
     return Prepared(
         spec, fps, n_train, caches, trials, plan.cells, plan.targets, plan.done, plan.unusable
     )
-
-
-def _relative(path: Path, base: Path) -> str:
-    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
 # ------------------------------------------------------------------------------------- Ray
@@ -373,7 +381,7 @@ def _record_timing(
         "slots": slots,
         "trials": [{"key": k, "name": names[k], "wall_seconds": w} for k, w in trial_wall.items()],
     }
-    with open(spec.output / "runs.jsonl", "a") as f:
+    with open(SweepFolder(spec.output).runs, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -415,7 +423,7 @@ def run_cells(
         ),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(spec.output / "ray_results"),
+            storage_path=str(SweepFolder(spec.output).ray_results),
             failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
             callbacks=[progress, JsonLoggerCallback()],
             verbose=0,
@@ -607,13 +615,17 @@ def _aggregate(
     spec: SweepSpec, prep: Prepared, log: Log, fence: int = 0, failed: Sequence[str] = ()
 ) -> Path:
     """The tables and the report from the finished trials (current evaluations only), each
-    write fenced; then their checksums (``outputs.json``). A run with failed or unusable
-    cells never replaces tables that are larger and still stand on verified models and
-    evaluations: it keeps them and says so."""
+    write fenced; then their checksums (``outputs.json``). One pass: the trials are read once
+    (``results.load_finished``), the three tables built from that load, and the report
+    rendered from the tables in memory. A run with failed or unusable cells never replaces
+    tables that are larger and still stand on verified models and evaluations: it keeps them
+    and says so."""
     keys = [t.key for t in prep.trials]
     store = TrialStore(spec.output, fence=fence)
-    path = spec.output / results.TRANSFER
-    table, df = results.transfer_table(spec.output, keys, spec.name, prep.targets)
+    out = SweepFolder(spec.output)
+    path = out.transfer
+    finished = results.load_finished(out.root, keys, prep.targets)
+    table, df = results.table_of(finished, spec.name)
     still = _still_better(spec.output, store, len(df), prep.targets)
     if (failed or prep.unusable) and still:
         log(
@@ -621,13 +633,15 @@ def _aggregate(
             f"and evaluation): this run has failed cells and its table would hold {len(df)} rows"
         )
         return path
-    tables = comparisons.compute_all(spec.output, keys, spec.evaluation, targets=prep.targets)
+    tables = comparisons.compute_tables(study_of(finished), spec.evaluation)
+    arrow = comparisons.arrow_tables(tables)
     store.guard()
     atomic.write_parquet(path, table)
     store.guard()
-    comparisons.write_all(spec.output, tables)
+    comparisons.write_all(out.root, arrow)
     store.guard()
-    report.write_report(spec.output)
+    view = ReportView.of_tables(out.root, table, arrow[COMPARISONS], arrow[RELIABILITY])
+    report.write_report(out.root, view=view)
     store.guard()
     integrity.seal_files(spec.output, list(integrity.SEALED_OUTPUTS))
     log("")
@@ -635,9 +649,8 @@ def _aggregate(
     evaluated = [t for t in prep.trials if kinds.kind_of(t).evaluated]  # others have no rows
     missing = len(evaluated) - (df["trial_key"].nunique() if len(df) else 0)
     log(f"[sweep] table: {path} ({len(df)} rows; {missing} cell(s) missing)")
-    log(
-        f"[sweep] comparisons: {spec.output / 'comparisons.parquet'}; report: {spec.output / 'report.md'} (and report.html)"
-    )
+    out = SweepFolder(spec.output)
+    log(f"[sweep] comparisons: {out.comparisons}; report: {out.report} (and {out.html.name})")
     return path
 
 

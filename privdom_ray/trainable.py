@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from privdom_ray import folder as sweep_folder
 from privdom_ray.cell import Cell, TrialTimedOut
 from privdom_ray.kinds import kind_of
 from privdom_ray.store import DamagedRecord, TrialStore
@@ -250,11 +251,11 @@ def private_ray_temp_dir(output: str | os.PathLike[str]) -> str:
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "ray_results"
+    results = out / sweep_folder.RAY_RESULTS
     results.mkdir(exist_ok=True)
     results.chmod(0o700)
     private = tempfile.mkdtemp(prefix="privdom-ray-")  # mode 0700
-    link = out / "ray_session"
+    link = out / sweep_folder.RAY_SESSION
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(private, target_is_directory=True)

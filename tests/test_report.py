@@ -16,11 +16,13 @@ from conftest import EV, build_output
 from PIL import Image
 
 from privdom_ray import report
+from privdom_ray.folder import COMPARISONS, RELIABILITY
 from privdom_ray.manifest import LABELS
 from privdom_ray.report.formatting import MISSING, _p
 from privdom_ray.report.sections import Section
 from privdom_ray.report.view import ReportView
 from privdom_ray.stats import comparisons, quantities, results
+from privdom_ray.stats.study import study_of
 
 
 def write_transfer(output, keys, sweep: str = "test-sweep") -> pd.DataFrame:
@@ -245,3 +247,23 @@ def test_a_comparisons_table_of_an_older_version_is_named_not_misread(tmp_path):
     assert "re-run the sweep's command, which re-evaluates the stored models" in md
     assert "### ε = 1 — " in md  # the matrices are still there
     assert "drop_vs_nondp_ondomain" not in md
+
+
+def test_one_pass_gives_the_tables_and_report_of_the_files(tmp_path):
+    """The sweep's one pass (trials read once, tables built from that load, the report
+    rendered from the tables in memory) gives value for value what the files give: the
+    tables read back, and the report rendered from them (``launch.py report``)."""
+    keys = build_output(tmp_path, domains=("a", "b"), n=120)
+    finished = results.load_finished(tmp_path, keys)
+    table, _ = results.table_of(finished, "test-sweep")
+    arrow = comparisons.arrow_tables(comparisons.compute_tables(study_of(finished), EV))
+    view = ReportView.of_tables(tmp_path, table, arrow[COMPARISONS], arrow[RELIABILITY])
+    from_memory = report.write_report(tmp_path, figures=False, view=view)
+
+    results.aggregate(tmp_path, keys, "test-sweep")  # the transfer table's own path
+    comparisons.write_all(tmp_path, arrow)
+    pd.testing.assert_frame_equal(view.full, results.load(tmp_path))
+    pd.testing.assert_frame_equal(view.cmp, comparisons.load(tmp_path))
+    pd.testing.assert_frame_equal(view.reliability, comparisons.load_reliability(tmp_path))
+    assert report.write_report(tmp_path, figures=False) == from_memory
+    assert not view.full.empty and view.cmp is not None and not view.cmp.empty

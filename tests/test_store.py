@@ -208,6 +208,30 @@ def mark_done(tmp_path: Path, trial, targets: dict[str, str]) -> None:
     store.rewrite(trial.key, "trial.json", json.dumps(info).encode())  # sealed again
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_planning_writes_nothing_the_driver_sets_damage_aside(tmp_path):
+    """Planning is pure: a damaged trial is planned for training again but left where it is,
+    and not one file of the output folder changes; the driver's store step
+    (``TrialStore.usable``, called by ``sweep.prepare``) is what sets it aside."""
+    fps = {"a": "fpa", "b": "fpb"}
+    trials, _ = plan(tmp_path, fps)
+    for t in trials:
+        mark_done(tmp_path, t, fps)
+    out, broken = tmp_path / "out", trials[0]
+    damage(TrialStore(out).folder(broken.key) / "model.pt", "truncated")
+    before = _tree(out)
+    _, again = plan(tmp_path, fps)
+    assert [c.spec.key for c in again.cells] == [broken.key]  # trained again, the rest kept
+    assert _tree(out) == before and not (out / "set_aside").exists()
+    store = TrialStore(out)
+    records = {t.key: store.usable(t.key, lambda _m: None) for t in trials}
+    assert records[broken.key] is None and list((out / "set_aside").glob(f"{broken.key}-*"))
+    assert all(records[t.key] is not None for t in trials[1:])
+
+
 def test_planning_skips_done_work_and_runs_only_what_is_new(tmp_path):
     fps = {"a": "fpa", "b": "fpb"}
     trials, first = plan(tmp_path, fps)

@@ -170,15 +170,17 @@ def transfer_matrices_text(df: pd.DataFrame, cmp: pd.DataFrame | None = None) ->
 # ------------------------------------------------------------------------------ report.md
 
 
-def write_report(output: Path, *, figures: bool = True) -> str:
+def write_report(output: Path, *, figures: bool = True, view: ReportView | None = None) -> str:
     """Write ``<output>/report.md`` (atomically) and PNG figures under ``<output>/figures/``.
 
     Reads ``transfer.parquet`` (required), ``comparisons.parquet`` and
     ``reliability.parquet`` (optional: without them the report has no verdicts, CIs of
-    differences or reliability diagram, and says so). Returns the markdown.
+    differences or reliability diagram, and says so), unless ``view`` holds the tables
+    already (the sweep renders the tables it has just built: ``ReportView.of_tables``).
+    Returns the markdown.
     """
     output = Path(output)
-    view = ReportView.load(output)
+    view = ReportView.load(output) if view is None else view
     parts = [_header(view)]
     if view.df.empty:
         parts.append("(no finished trials yet: the transfer table is empty)\n")

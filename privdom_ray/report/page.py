@@ -18,8 +18,9 @@ from pathlib import Path
 import markdown
 
 from privdom_ray import atomic
+from privdom_ray import folder as sweep_folder
 
-HTML = "report.html"
+HTML = sweep_folder.HTML
 _TABLE = re.compile(r"<table>.*?</table>", re.S)
 _IMG = re.compile(r'<img alt="([^"]*)" src="([^"]+\.png)"\s*/?>')
 _H2 = re.compile(r'(<h2 id="[^"]*">)')

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
+from privdom_ray.folder import SweepFolder
 from privdom_ray.kinds import row_kind
 from privdom_ray.stats import comparisons, results
 
@@ -53,6 +55,12 @@ def split_controls(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 # ------------------------------------------------------------------------------ the view
+
+
+def _guarantees(output: str | Path) -> pd.DataFrame | None:
+    """guarantees.parquet: an export's (None in the data owner's folder)."""
+    path = SweepFolder(output).guarantees
+    return pd.read_parquet(path) if path.is_file() else None
 
 
 class ReportView:
@@ -105,11 +113,27 @@ class ReportView:
     @classmethod
     def load(cls, output: str | Path) -> ReportView:
         """The view of a sweep's output folder (transfer.parquet is required)."""
-        path = Path(output) / results.GUARANTEES
         return cls(
             results.load(output), comparisons.load(output), comparisons.load_reliability(output),
-            guarantees=pd.read_parquet(path) if path.is_file() else None,
+            guarantees=_guarantees(output),
         )  # fmt: skip
+
+    @classmethod
+    def of_tables(
+        cls,
+        output: str | Path,
+        transfer: pa.Table,
+        cmp: pa.Table | None = None,
+        reliability: pa.Table | None = None,
+    ) -> ReportView:
+        """The view of tables just built (and written) in memory: the same frames a reader of
+        the files gets back (arrow's own conversion), without reading them again."""
+        return cls(
+            transfer.to_pandas(),
+            None if cmp is None else cmp.to_pandas(),
+            None if reliability is None else reliability.to_pandas(),
+            guarantees=_guarantees(output),
+        )
 
     @property
     def finite_eps(self) -> list[float]:

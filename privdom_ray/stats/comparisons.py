@@ -157,21 +157,33 @@ def compute(
 
 def write(output: Path, df: pd.DataFrame) -> Path:
     """Write ``<output>/comparisons.parquet`` atomically with the documented schema."""
-    return _write(Path(output) / COMPARISONS, df, SCHEMA)
-
-
-def write_all(output: Path, tables: Tables) -> list[Path]:
-    """Write comparisons.parquet and reliability.parquet (atomically, each)."""
-    return [
-        write(output, tables.comparisons),
-        _write(Path(output) / RELIABILITY, tables.reliability, RELIABILITY_SCHEMA),
-    ]
-
-
-def _write(path: Path, df: pd.DataFrame, schema: pa.Schema) -> Path:
-    df = df.loc[:, schema.names]
-    atomic.write_parquet(path, pa.Table.from_pandas(df, schema=schema, preserve_index=False))
+    path = Path(output) / COMPARISONS
+    atomic.write_parquet(path, _arrow(df, SCHEMA))
     return path
+
+
+def arrow_tables(tables: Tables) -> dict[str, pa.Table]:
+    """The two tables as they are written (the documented schemas applied), by file name:
+    what a reader of the files gets back, so a report can be rendered from them in memory."""
+    return {
+        COMPARISONS: _arrow(tables.comparisons, SCHEMA),
+        RELIABILITY: _arrow(tables.reliability, RELIABILITY_SCHEMA),
+    }
+
+
+def write_all(output: Path, tables: Tables | dict[str, pa.Table]) -> list[Path]:
+    """Write comparisons.parquet and reliability.parquet (atomically, each); ``tables``: the
+    computed tables or their :func:`arrow_tables`."""
+    arrow = arrow_tables(tables) if isinstance(tables, Tables) else tables
+    paths = []
+    for name, table in arrow.items():
+        atomic.write_parquet(Path(output) / name, table)
+        paths.append(Path(output) / name)
+    return paths
+
+
+def _arrow(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pandas(df.loc[:, schema.names], schema=schema, preserve_index=False)
 
 
 def load(output: str | Path) -> pd.DataFrame | None:

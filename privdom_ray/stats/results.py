@@ -19,6 +19,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from privdom_ray import folder
+
 # The atomic writers live in privdom_ray.atomic (here they made results <-> store a cycle);
 # atomic_write, write_json and write_yaml stay importable from here for callers written before
 # the move (branches in flight). New code imports privdom_ray.atomic.
@@ -29,12 +31,13 @@ from privdom_ray.atomic import (  # noqa: F401
     write_parquet,
     write_yaml,
 )
+from privdom_ray.folder import PlannedTarget, SweepFolder
 from privdom_ray.kinds import REGISTRY, attached, kind_of
 from privdom_ray.stats.evaluation import MetricRow
-from privdom_ray.store import TrialStore
+from privdom_ray.store import TrialRecord, TrialStore
 
-TRIALS = "trials"
-TRANSFER = "transfer.parquet"
+TRIALS = folder.TRIALS  # the names live in privdom_ray.folder; kept here for callers
+TRANSFER = folder.TRANSFER
 
 _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 
@@ -228,11 +231,11 @@ RELIABILITY_PRIVACY: dict[str, str] = {
 }
 #: guarantees.parquet (written by ``export``): one row per training set, all accounting.
 GUARANTEES_PRIVACY: dict[str, str] = {"training_site": "public"}
-GUARANTEES = "guarantees.parquet"
+GUARANTEES = folder.GUARANTEES
 TABLE_PRIVACY: dict[str, dict[str, str]] = {
     TRANSFER: COLUMN_PRIVACY,
-    "comparisons.parquet": COMPARISONS_PRIVACY,
-    "reliability.parquet": RELIABILITY_PRIVACY,
+    folder.COMPARISONS: COMPARISONS_PRIVACY,
+    folder.RELIABILITY: RELIABILITY_PRIVACY,
     GUARANTEES: GUARANTEES_PRIVACY,
 }
 _METRIC_NAMES = {f.name for f in dataclasses.fields(MetricRow)}
@@ -408,7 +411,7 @@ def aggregate(
     plan, ``plan.json``). Older evaluations stay on disk, out of the table.
     """
     table, df = transfer_table(output, keys, sweep, targets)
-    path = Path(output) / TRANSFER
+    path = SweepFolder(output).transfer
     write_parquet(path, table)
     return path, df
 
@@ -417,15 +420,50 @@ def transfer_table(
     output: Path, keys: Iterable[str], sweep: str, targets: Iterable[Any] | None = None
 ) -> tuple[pa.Table, pd.DataFrame]:
     """The transfer table of :func:`aggregate`, built but not written."""
+    return table_of(load_finished(output, keys, targets), sweep)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A sweep's finished trials read once through the store: every valid record (in the
+    keys' order) and its current evaluations. The transfer table (:func:`table_of`) and the
+    comparisons' study (``study.study_of``) are both built from it, so an aggregation reads
+    and verifies each trial folder once."""
+
+    records: dict[str, TrialRecord]
+    evaluations: dict[str, list[Any]]  # key -> store.EvalRecord (current ones)
+    # False: no targets given and no plan: ``evaluations`` holds every evaluation of each
+    # model (what the study compares), and the transfer table takes none (none is current)
+    planned: bool = True
+
+
+def load_finished(
+    output: Path, keys: Iterable[str], targets: Iterable[Any] | None = None
+) -> Finished:
+    """The valid trials ``keys`` and their evaluations of ``targets`` at their current data
+    versions (objects with ``name``, ``fingerprint`` and optionally ``data``; default: the
+    last plan's targets)."""
     store = TrialStore(output)
-    targets = list(targets) if targets is not None else planned_targets(output)
-    records = {key: store.valid(key) for key in dict.fromkeys(keys)}
+    wanted = list(targets) if targets is not None else (planned_targets(output) or None)
+    records: dict[str, TrialRecord] = {}
+    evaluations: dict[str, list[Any]] = {}
+    for key in dict.fromkeys(keys):
+        record = store.valid(key)
+        if record is not None:
+            records[key] = record
+            found = store.current(key, wanted) if wanted is not None else store.evaluations(key)
+            evaluations[key] = found
+    return Finished(records, evaluations, planned=wanted is not None)
+
+
+def table_of(finished: Finished, sweep: str) -> tuple[pa.Table, pd.DataFrame]:
+    """The transfer table of the loaded trials (no file access)."""
+    records = finished.records
     twins = attached(records.values())  # audit twins, by the key of the cell they audit
     frames: list[pd.DataFrame] = []
     for key, record in records.items():
-        if record is not None:
-            evaluations = store.current(key, targets)
-            frames.extend(rows_for_trial(record, evaluations, sweep, twins.get(key)))
+        evaluations = finished.evaluations[key] if finished.planned else []
+        frames.extend(rows_for_trial(record, evaluations, sweep, twins.get(key)))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     for field in SCHEMA:
         if field.name not in df.columns:
@@ -434,26 +472,16 @@ def transfer_table(
     return pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), df
 
 
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    name: str
-    fingerprint: str
-    data: str = ""  # checksum of the decoded test images (written by plans since checksums)
-
-
-def planned_targets(output: Path) -> list[_Target]:
-    """The targets (name, data fingerprint) of the last plan written to ``output``."""
-    path = Path(output) / "plan.json"
-    if not path.is_file():
-        return []
-    return [
-        _Target(t["name"], t["fingerprint"], t.get("data", "")) for t in read_json(path)["targets"]
-    ]
+def planned_targets(output: Path) -> list[PlannedTarget]:
+    """The targets (name, data fingerprint, test images' checksum) of the last plan written
+    to ``output`` (``folder.Plan``); none without a plan."""
+    plan = SweepFolder(output).read_plan()
+    return [] if plan is None else list(plan.targets)
 
 
 def load(output: str | Path) -> pd.DataFrame:
     """The transfer table of a sweep as a DataFrame."""
-    path = Path(output) / TRANSFER
+    path = SweepFolder(output).transfer
     if not path.is_file():
         raise FileNotFoundError(
             f"no {TRANSFER} in {output}; run the sweep first (launch.py --grid ...)"

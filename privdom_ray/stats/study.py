@@ -1,6 +1,7 @@
 """A study: the finished trials' models and each test set's per-image predictions.
 
-:func:`load_study` reads them through the trial store once, for the comparisons
+:func:`study_of` builds them from the trials ``results.load_finished`` read once through the
+trial store (the transfer table is built from the same load), for the comparisons
 (:mod:`privdom_ray.stats.comparisons`) and the reliability table.
 """
 
@@ -19,7 +20,7 @@ from privdom_ray.config import parse_epsilon
 from privdom_ray.kinds import kind_of
 from privdom_ray.stats import results
 from privdom_ray.stats.quantities import _warn
-from privdom_ray.store import TrialRecord, TrialStore
+from privdom_ray.store import TrialRecord
 
 # ============================================================================ loading
 
@@ -67,19 +68,22 @@ class Study:
 
 
 def load_study(output: Path, keys: Sequence[str], targets: Sequence[Any] | None = None) -> Study:
-    """The ONE place that reads trials (through the trial store): valid trials of the kinds
-    that enter the matrices (one per cell) and their current evaluations, grouped into test
-    sets of one data version per target. ``targets`` (name, fingerprint) default to the last
-    plan's; without one, each target's most common data version is used."""
-    store = TrialStore(output)
-    if targets is None:
-        targets = results.planned_targets(Path(output)) or None
+    """The study of the valid trials ``keys`` (read through the trial store by
+    ``results.load_finished``). ``targets`` (name, fingerprint) default to the last plan's;
+    without one, each target's most common data version is used."""
+    return study_of(results.load_finished(Path(output), keys, targets))
+
+
+def study_of(finished: results.Finished) -> Study:
+    """Valid trials of the kinds that enter the matrices (one per cell) and their current
+    evaluations, grouped into test sets of one data version per target (reads only the
+    per-image predictions; the records were read by ``load_finished``)."""
     models: dict[str, ModelInfo] = {}
     cells: dict[tuple, str] = {}
     evals: dict[str, dict[tuple[str, str], Any]] = {}
-    for key in sorted(dict.fromkeys(keys)):
-        record = store.valid(key)
-        if record is None or not kind_of(record.spec).in_matrices:
+    for key in sorted(finished.records):
+        record = finished.records[key]
+        if not kind_of(record.spec).in_matrices:
             continue  # controls (clip-only), pretraining and audit twins are not compared
         info = _model_info(record)
         cell = (info.source, info.epsilon, info.seed, info.model)
@@ -87,8 +91,7 @@ def load_study(output: Path, keys: Sequence[str], targets: Sequence[Any] | None 
             _warn(f"trials {cells[cell]} and {info.key} are the same cell {cell}; using the first")
             continue
         cells[cell], models[info.key] = info.key, info
-        found = store.current(key, targets) if targets is not None else store.evaluations(key)
-        evals[key] = {(ev.target, ev.fingerprint): ev for ev in found}
+        evals[key] = {(ev.target, ev.fingerprint): ev for ev in finished.evaluations[key]}
     tests = []
     for target, fp in _chosen_fingerprints(evals):
         ts = None

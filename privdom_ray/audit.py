@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privdom_ray.numeric import number_or_nan
 from privdom_ray.privacy import (
     MECHANISM_VERSION,
     ExpectedRun,
     check_epsilon,
     expected_ledger,
     ledger_differences,
-    number_or_nan,
     pld_epsilon,
 )
 from privdom_ray.store import DamagedRecord, TrialRecord, TrialStore

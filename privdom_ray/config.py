@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from privdom_ray.imaging import Preprocessing
+from privdom_ray.numeric import parse_number as parse_epsilon
 
 ACCOUNTANTS = ("prv", "rdp")
 CONTROLS = ("clip_only",)  # extra control trials per (source, seed): kinds/clip_only.py
@@ -368,12 +369,6 @@ def _training_from_json(d: Mapping[str, Any]) -> TrainingConfig:
 
 def format_epsilon(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
-
-
-def parse_epsilon(value: Any) -> float:
-    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", ".inf"):
-        return math.inf
-    return float(value)
 
 
 def content_key(obj: Any) -> str:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from privdom_ray import atomic, guarantee, integrity
 from privdom_ray.kinds import kind_of
-from privdom_ray.privacy import number_or_nan
+from privdom_ray.numeric import number_or_nan
 from privdom_ray.stats import results
 from privdom_ray.stats.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore

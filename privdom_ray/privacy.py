@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from privdom_ray.numeric import parse_number
+
 #: Ledgers of DP trials carry this; a DP ledger without it was trained before the noise and
 #: the sampling were secret (they followed the published seed): its epsilon is void.
 MECHANISM_VERSION = 2
@@ -89,7 +91,7 @@ class Ledger:
         kw["mechanisms"] = tuple(Mechanism(**m) for m in d.get("mechanisms", ()))
         kw["pos_weight"] = tuple(float(w) for w in d.get("pos_weight", ()))
         for k in ("epsilon_target", "epsilon_spent", "epsilon_rdp"):
-            kw[k] = _number(kw[k])
+            kw[k] = parse_number(kw[k])
         return cls(**kw)
 
     @property
@@ -134,21 +136,6 @@ class Ledger:
             poisson_sampling=poisson_sampling,
             **kw,
         )
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, str):
-        return math.inf if value in ("inf", "Infinity") else float(value)
-    return float(value)
-
-
-def number_or_nan(value: Any) -> float:
-    """A number as a ledger or table stores it ("inf" for infinity); NaN when it is none:
-    certifying code compares tampered values instead of crashing on them."""
-    try:
-        return math.inf if value in ("inf", "Infinity") else float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 # ------------------------------------------------------------------------------ accounting
@@ -378,7 +365,8 @@ def audit_ledger(ledger: Mapping[str, Any], *, rel_tol: float = 1e-6) -> AuditRo
     mechs = ledger_mechanisms(ledger)
     recomputed, _ = epsilon_of(acc, mechs, delta)
     rdp, _ = epsilon_of("rdp", mechs, delta)
-    reported, target = _number(ledger["epsilon_spent"]), _number(ledger["epsilon_target"])
+    reported = parse_number(ledger["epsilon_spent"])
+    target = parse_number(ledger["epsilon_target"])
     sgd = [m for m in mechs if m.name == "dp_sgd"]
     columns = (
         float(ledger["noise_multiplier"]),
@@ -551,7 +539,7 @@ def _same(have: Any, want: Any, rel_tol: float) -> bool:
     if isinstance(want, bool) or not isinstance(want, int | float):
         return have == want
     try:
-        have = _number(have)
+        have = parse_number(have)
     except (TypeError, ValueError):
         return False
     if isinstance(want, int) and have != want:
@@ -601,8 +589,8 @@ def check_epsilon(found: Mapping[str, Any]) -> list[str]:
     known disagreement; PLD itself must stay within the target."""
     try:
         mechs = ledger_mechanisms(found)
-        delta, target = float(found["delta"]), _number(found["epsilon_target"])
-        reported, accountant = _number(found["epsilon_spent"]), str(found["accountant"])
+        delta, target = float(found["delta"]), parse_number(found["epsilon_target"])
+        reported, accountant = parse_number(found["epsilon_spent"]), str(found["accountant"])
     except (KeyError, TypeError, ValueError) as exc:
         return [f"unreadable ledger ({type(exc).__name__}: {exc})"]
     bad = [

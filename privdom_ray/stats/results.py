@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from privdom_ray.atomic import (  # noqa: F401
     write_yaml,
 )
 from privdom_ray.kinds import audit as kinds_audit
+from privdom_ray.numeric import parse_number
 from privdom_ray.stats.evaluation import MetricRow
 from privdom_ray.store import TrialStore
 
@@ -368,7 +368,7 @@ def rows_for_trial(
         "init": spec.init,
         "mia_auc": info.get("mia_auc") if shareable_mia else None,
         "mia_tpr_at_1fpr": info.get("mia_tpr_at_1fpr") if shareable_mia else None,
-        **{k: _number(ledger[k]) for k in LEDGER_COLUMNS},
+        **{k: parse_number(ledger[k]) for k in LEDGER_COLUMNS},
         "privacy_scope": ledger.get("scope", "trial"),
         "loss_weights": ledger.get("loss_weights", "exact"),
         "image_size": spec.preprocessing.image_size,
@@ -401,12 +401,6 @@ def audit_columns(twin: Any) -> dict[str, Any]:
     if twin is None or "audit" not in twin.info:
         return dict.fromkeys(AUDIT_COLUMNS)
     return kinds_audit.columns(twin.info["audit"], twin.ledger)
-
-
-def _number(value: Any) -> Any:
-    if isinstance(value, str) and value in ("inf", "Infinity"):
-        return math.inf
-    return value
 
 
 def aggregate(

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privdom_ray.config import parse_epsilon
 from privdom_ray.kinds import kind_of
+from privdom_ray.numeric import parse_number
 from privdom_ray.stats import results
 from privdom_ray.stats.quantities import _warn
 from privdom_ray.store import TrialRecord, TrialStore
@@ -109,7 +109,7 @@ def _model_info(record: TrialRecord) -> ModelInfo:
         epsilon=spec.epsilon,
         seed=spec.seed,
         model=spec.model,
-        epsilon_spent=None if spent is None else parse_epsilon(spent),
+        epsilon_spent=None if spent is None else parse_number(spent),
         accountant=ledger.get("accountant"),
         sites=record.training_sites,
     )

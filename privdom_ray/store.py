@@ -7,13 +7,15 @@ readers. One trial = ``<output>/trials/<key>/`` (key = content hash of what dete
 model). Everything in it is PRIVATE (it stays with the data owner) except what ``export``
 copies out (see docs/privacy.md, "What may leave"):
 
-- ``trial.json``  the resolved spec, the run's summary, versions, timings (``config.yaml``: the
-  same plus the ledger, for people)
+- ``trial.json``  the resolved spec, the run's summary, versions, timings
 - ``ledger.json`` the privacy ledger (per-site ledgers of a federation under ``sites``)
 - ``model.pt``    final weights (a plain state_dict, loadable with ``weights_only=True``)
 - ``thresholds.json`` Youden thresholds on the source's validation split
 - ``history.json``, ``tensorboard/``, ``val_predictions.parquet``: training curves and
   validation scores
+- ``config.yaml`` (folders written before each fact was written once): trial.json plus the
+  ledger, for people; read, verified and kept, never written again: ``show`` renders the same
+  text from the verified records (:meth:`TrialStore.config_text`)
 - ``checkpoint.pt`` while training: model, optimizer and the SECRET generator states of the DP
   mechanism; deleted when the trial is done, so nothing left can replay its noise or batches
 - ``running.json`` (heartbeat), ``failed.json`` (last error)
@@ -26,7 +28,8 @@ copies out (see docs/privacy.md, "What may leave"):
 
 Damage to the model, ledger, trial record or thresholds voids the trial: the sweep moves the
 folder (never deletes it) to ``<output>/set_aside/`` and trains it again. Damage to a training
-log (history, config, validation scores) sets that file aside and keeps the intact model. A
+log (history, an old config.yaml, validation scores) sets that file aside and keeps the intact
+model. A
 damaged evaluation, or one of another model, is evaluated again. Folders of trials written
 before checksums (``done`` = "done") are parsed in full once and then sealed.
 
@@ -86,6 +89,7 @@ _CHECKPOINT, _RUNNING, _FAILED, _TB = "checkpoint.pt", "running.json", "failed.j
 _EVAL, _EVAL_JSON, _METRICS, _PRED = "eval", "eval.json", "metrics.parquet", "predictions.parquet"
 #: a damaged one of these voids the trial (retrained); a damaged log is set aside alone
 CORE = (_TRIAL_JSON, _LEDGER, _MODEL, _THRESHOLDS)
+#: config.yaml: only in folders written before each fact was written once (verified, kept)
 LOGS = (_HISTORY, _CONFIG, _VAL_PRED)
 _LEGACY_DONE = b"done"
 
@@ -628,8 +632,8 @@ class TrialStore:
         return ""
 
     def _repair(self, key: str, found: Inspection, log: Callable[[str], None]) -> None:
-        """Set damaged training logs aside (config.yaml is rewritten: it is derived), and
-        record the checksums of a folder written before them."""
+        """Set damaged training logs aside (an old config.yaml too: it is derived, ``show``
+        renders it from the record), and record the checksums of a folder written before them."""
         tdir = self.folder(key)
         lost = dict(found.lost)
         for damage in found.logs:
@@ -639,11 +643,9 @@ class TrialStore:
                 dest = self.output / SET_ASIDE / f"{key}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(damage.path, dest)
-            if name == _CONFIG:
-                record = found.record
-                assert record is not None
-                self._write(tdir / _CONFIG, _yaml_bytes({**record.info, "ledger": record.ledger}))
-                log(f"[store] trial {key}: {name} {damage.reason}; rewritten from the record")
+            if name == _CONFIG:  # derived: nothing is lost, nothing is written again
+                log(f"[store] trial {key}: {name} {damage.reason}; set aside (show renders it "
+                    "from the trial record and ledger)")  # fmt: skip
                 continue
             lost[name] = f"{damage.reason}; moved to {SET_ASIDE}/"
             log(
@@ -718,7 +720,6 @@ class TrialStore:
         thresholds_record = {"labels": list(labels), "youden_val": list(thresholds)}
         files[_THRESHOLDS] = self._write(tdir / _THRESHOLDS, _json_bytes(thresholds_record))
         files[_TRIAL_JSON] = self._write(tdir / _TRIAL_JSON, _json_bytes(record))
-        files[_CONFIG] = self._write(tdir / _CONFIG, _yaml_bytes({**record, "ledger": ledger}))
         self._seal(key, {n: s.as_dict() for n, s in files.items()})
         self.checkpoint(key).remove()
 
@@ -847,8 +848,15 @@ class TrialStore:
         return (self.folder(key) / _TRIAL_JSON).is_file()
 
     def config_text(self, key: str) -> str | None:
-        path = self.folder(key) / _CONFIG
-        return path.read_text() if path.is_file() else None
+        """The trial's record and ledger as YAML, for people (``show``; None: not trained),
+        rendered from the verified trial.json and ledger.json: each fact is written once."""
+        if not self.is_trained(key):
+            return None
+        try:
+            record = self.read(key)
+        except DamagedRecord as exc:
+            return f"# damaged: {_rel(exc.path, self.folder(key))}: {exc.reason}\n"
+        return _yaml_bytes({**record.info, "ledger": record.ledger}).decode()
 
 
 def _record(

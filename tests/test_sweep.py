@@ -225,8 +225,8 @@ def test_trial_record_reproduces_key_and_predictions(tiny_sweep):
     from privdom_ray.train import load_model, predict
 
     work, _ = tiny_sweep
-    tdir = next(p.parent for p in (work / "out" / "trials").glob("*/config.yaml"))
-    config = yaml.safe_load((tdir / "config.yaml").read_text())
+    tdir = next(p.parent for p in (work / "out" / "trials").glob("*/trial.json"))
+    config = yaml.safe_load(TrialStore(work / "out").config_text(tdir.name))  # what show prints
     spec = TrialSpec.from_json(config["spec"])
     assert spec.with_key().key == tdir.name == config["spec"]["key"]
     assert {"torch", "opacus", "ray"} <= set(config["versions"]) and config["code_version"]

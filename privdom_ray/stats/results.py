@@ -368,7 +368,8 @@ def rows_for_trial(
         "init": spec.init,
         "mia_auc": info.get("mia_auc") if shareable_mia else None,
         "mia_tpr_at_1fpr": info.get("mia_tpr_at_1fpr") if shareable_mia else None,
-        **{k: parse_number(ledger[k]) for k in LEDGER_COLUMNS},
+        **{k: ledger[k] if k in ("accountant", "privacy_unit") else parse_number(ledger[k])
+           for k in LEDGER_COLUMNS},  # fmt: skip
         "privacy_scope": ledger.get("scope", "trial"),
         "loss_weights": ledger.get("loss_weights", "exact"),
         "image_size": spec.preprocessing.image_size,

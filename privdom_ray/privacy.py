@@ -86,17 +86,33 @@ class Ledger:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Ledger:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["mechanisms"] = tuple(Mechanism(**m) for m in d.get("mechanisms", ()))
-        kw["pos_weight"] = tuple(float(w) for w in d.get("pos_weight", ()))
-        for k in ("epsilon_target", "epsilon_spent", "epsilon_rdp"):
-            kw[k] = parse_number(kw[k])
+        """The typed ledger of a stored one (the store's reads): every field converted to its
+        type or ``ValueError``/``TypeError``/``KeyError`` (a damaged record). Fields the
+        Ledger does not know are left out: ``audit`` reads the stored document itself
+        (``TrialStore.ledger_document``) and names them."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise KeyError(f"{', '.join(missing)} missing")
+        kw = {f.name: _typed(f.type, d[f.name]) for f in fields if f.name in d}
+        kw["mechanisms"] = tuple(
+            Mechanism(str(m["name"]), parse_number(m["noise_multiplier"]),
+                      parse_number(m["sample_rate"]), _integer(m["steps"]))
+            for m in d.get("mechanisms", ())
+        )  # fmt: skip
+        kw["pos_weight"] = tuple(parse_number(w) for w in d.get("pos_weight", ()))
         return cls(**kw)
 
     @property
     def is_private(self) -> bool:
         return self.accountant != "none"
+
+    @property
+    def accounted_mechanisms(self) -> tuple[Mechanism, ...]:
+        """The mechanisms it composes; a ledger written before the list existed holds the
+        DP-SGD mechanism of its columns alone."""
+        sgd = Mechanism("dp_sgd", self.noise_multiplier, self.sample_rate, self.steps)
+        return self.mechanisms or (sgd,)
 
     @property
     def void(self) -> bool:
@@ -136,6 +152,30 @@ class Ledger:
             poisson_sampling=poisson_sampling,
             **kw,
         )
+
+
+def _typed(kind: Any, value: Any) -> Any:
+    """A stored ledger field as the Ledger's annotation says (``from __future__``: a string)."""
+    if kind == "float":
+        return parse_number(value)
+    if kind == "int":
+        return _integer(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return value
+    return value  # tuples: converted by the caller
+
+
+def _integer(value: Any) -> int:
+    number = parse_number(value)
+    if not number.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
 
 
 # ------------------------------------------------------------------------------ accounting

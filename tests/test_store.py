@@ -146,7 +146,7 @@ def test_an_evaluation_of_another_model_is_never_current(tmp_path):
     record = store.read(key)
     store.write_trained(
         key, state_dict={"w": torch.ones(1)}, ledger=record.ledger, history=[],
-        thresholds=list(record.thresholds), labels=LABELS, record=record.info,
+        thresholds=list(record.thresholds), labels=LABELS, record=record.info, spec=record.spec,
     )  # fmt: skip
     assert store.model_digest(key) != old.model
     assert store.missing_targets(key, target) == target  # evaluated again, never kept

@@ -91,7 +91,7 @@ def test_every_dp_epsilon_matches_an_independent_pld_accountant(tiny_sweep):
     dp = df[df["accountant"] != "none"].drop_duplicates("trial_key")
     assert len(dp) == 2
     for row in dp.itertuples():
-        ledger = store.read(row.trial_key).ledger
+        ledger = store.ledger_document(row.trial_key)
         pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
         names = []
         for m in ledger["mechanisms"]:

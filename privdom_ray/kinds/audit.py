@@ -22,6 +22,7 @@ from typing import Any
 from privdom_ray.config import DEFAULT_DELTA, AuditSpec, SweepSpec, TrialSpec
 from privdom_ray.kinds import PlanContext, TrialKind, register
 from privdom_ray.kinds.standard import single_site
+from privdom_ray.privacy import Ledger
 
 INPUT_CANARIES = 1000  # ``auto`` for input canaries: each included one is a training image
 
@@ -249,20 +250,20 @@ def _noise_problem(noise: Mapping[str, Any] | None, name: str) -> str:
     return ""
 
 
-def columns(result: Mapping[str, Any], ledger: Mapping[str, Any]) -> dict[str, Any]:
+def columns(result: Mapping[str, Any], ledger: Ledger) -> dict[str, Any]:
     """The audited cell's ``audit_*`` columns from its twin's result (results.audit_columns).
     Twins from before version 2 (m = 1000, Steinke et al.'s bound, no replay, no power) keep
     their numbers; their attainable maximum is computed from m."""
     from privdom_ray.audit_bound import guess_grid, max_lower
 
-    spent = ledger["epsilon_spent"]
+    spent = ledger.epsilon_spent
     out = {
         "audit_epsilon_lower": float(result["epsilon_lower"]),
         "audit_canaries": int(result["m"]),
         "audit_guesses": int(result["guesses"]),
         "audit_correct": int(result["correct"]),
         "audit_kind": str(result["kind"]),
-        "audit_twin_epsilon": math.inf if spent in ("inf", "Infinity") else float(spent),
+        "audit_twin_epsilon": float(spent),
         "audit_epsilon_lower_replay": None,
         "audit_power_noise_scale": None,
         "audit_noise_ratio": None,

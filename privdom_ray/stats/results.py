@@ -29,7 +29,6 @@ from privdom_ray.atomic import (  # noqa: F401
     write_yaml,
 )
 from privdom_ray.kinds import audit as kinds_audit
-from privdom_ray.numeric import parse_number
 from privdom_ray.stats.evaluation import MetricRow
 from privdom_ray.store import TrialStore
 
@@ -356,7 +355,7 @@ def rows_for_trial(
     current evaluation (store.EvalRecord); ``twin``: its audit twin's record, if any."""
     spec, info, ledger = record.spec, record.info, record.ledger
     # the membership attack reads training images without noise: never shared for DP trials
-    shareable_mia = ledger["accountant"] == "none"
+    shareable_mia = not ledger.is_private
     fixed = {
         "sweep": sweep,
         "trial_key": record.key,
@@ -366,20 +365,19 @@ def rows_for_trial(
         "model": spec.model,
         "variant": spec.variant,
         "init": spec.init,
-        "mia_auc": info.get("mia_auc") if shareable_mia else None,
-        "mia_tpr_at_1fpr": info.get("mia_tpr_at_1fpr") if shareable_mia else None,
-        **{k: ledger[k] if k in ("accountant", "privacy_unit") else parse_number(ledger[k])
-           for k in LEDGER_COLUMNS},  # fmt: skip
-        "privacy_scope": ledger.get("scope", "trial"),
-        "loss_weights": ledger.get("loss_weights", "exact"),
+        "mia_auc": info.mia_auc if shareable_mia else None,
+        "mia_tpr_at_1fpr": info.mia_tpr_at_1fpr if shareable_mia else None,
+        **{k: getattr(ledger, k) for k in LEDGER_COLUMNS},
+        "privacy_scope": ledger.scope,
+        "loss_weights": ledger.loss_weights,
         "image_size": spec.preprocessing.image_size,
         "epochs": spec.training.epochs,
-        "best_epoch": info["best_epoch"],
+        "best_epoch": info.best_epoch,
         "logical_batch": spec.training.logical_batch,
         "lr": spec.training.lr,
-        "train_seconds": info["train_seconds"],
-        "node": info.get("node", ""),
-        "versions": json.dumps(info.get("versions", {}), sort_keys=True),
+        "train_seconds": info.train_seconds,
+        "node": info.node,
+        "versions": json.dumps(dict(info.versions), sort_keys=True),
         **audit_columns(twin),
     }
     frames = []
@@ -399,9 +397,9 @@ def rows_for_trial(
 
 def audit_columns(twin: Any) -> dict[str, Any]:
     """The audit columns of a cell from its twin's record (nulls without one)."""
-    if twin is None or "audit" not in twin.info:
+    if twin is None or twin.info.audit is None:
         return dict.fromkeys(AUDIT_COLUMNS)
-    return kinds_audit.columns(twin.info["audit"], twin.ledger)
+    return kinds_audit.columns(twin.info.audit, twin.ledger)
 
 
 def aggregate(

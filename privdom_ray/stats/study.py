@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from privdom_ray.kinds import kind_of
-from privdom_ray.numeric import parse_number
 from privdom_ray.stats import results
 from privdom_ray.stats.quantities import _warn
 from privdom_ray.store import TrialRecord, TrialStore
@@ -102,15 +101,14 @@ def load_study(output: Path, keys: Sequence[str], targets: Sequence[Any] | None 
 
 def _model_info(record: TrialRecord) -> ModelInfo:
     spec, ledger = record.spec, record.ledger
-    spent = ledger.get("epsilon_spent")
     return ModelInfo(
         key=record.key,
         source=spec.source,
         epsilon=spec.epsilon,
         seed=spec.seed,
         model=spec.model,
-        epsilon_spent=None if spent is None else parse_number(spent),
-        accountant=ledger.get("accountant"),
+        epsilon_spent=ledger.epsilon_spent,
+        accountant=ledger.accountant,
         sites=record.training_sites,
     )
 

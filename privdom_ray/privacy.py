@@ -94,7 +94,7 @@ class Ledger:
         missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
         if missing:
             raise KeyError(f"{', '.join(missing)} missing")
-        kw = {f.name: _typed(f.type, d[f.name]) for f in fields if f.name in d}
+        kw = {f.name: _typed(f.name, f.type, d[f.name]) for f in fields if f.name in d}
         kw["mechanisms"] = tuple(
             Mechanism(str(m["name"]), parse_number(m["noise_multiplier"]),
                       parse_number(m["sample_rate"]), _integer(m["steps"]))
@@ -154,21 +154,20 @@ class Ledger:
         )
 
 
-def _typed(kind: Any, value: Any) -> Any:
-    """A stored ledger field as the Ledger's annotation says (``from __future__``: a string)."""
-    if kind == "float":
-        return parse_number(value)
-    if kind == "int":
-        return _integer(value)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"{value!r} is not true or false")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise ValueError(f"{value!r} is not a string")
-        return value
-    return value  # tuples: converted by the caller
+def _typed(name: str, kind: Any, value: Any) -> Any:
+    """A stored ledger field as the Ledger's annotation says (``from __future__``: a string);
+    ValueError naming the field."""
+    try:
+        if kind == "float":
+            return parse_number(value)
+        if kind == "int":
+            return _integer(value)
+        ok = {"bool": bool, "str": str}.get(kind)
+        if ok is not None and not isinstance(value, ok):
+            raise ValueError(f"{value!r} is not a {kind}")
+        return value  # tuples: converted by the caller
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def _integer(value: Any) -> int:

@@ -88,10 +88,11 @@ class RunRecord:
                 continue
             if k not in kinds or k == "extra":
                 extra[k] = v
-            elif k == "sites":
-                kw[k] = tuple(_site(s) for s in v)
             else:
-                kw[k] = _typed(kinds[k], v)
+                try:
+                    kw[k] = tuple(_site(s) for s in v) if k == "sites" else _typed(kinds[k], v)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(f"{k}: {exc}") from None
         return cls(**kw, extra=extra)
 
 

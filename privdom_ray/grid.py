@@ -39,6 +39,7 @@ from privdom_ray.config import (
     parse_epsilon,
 )
 from privdom_ray.imaging import GEOMETRIES, Preprocessing
+from privdom_ray.numeric import is_infinity
 
 # ----------------------------------------------------------------------------------- parsing
 
@@ -115,7 +116,7 @@ class _Collector:
                 return _BAD
         if isinstance(default, tuple):
             names = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
-            if names and not any(v.strip().lower() in ("inf", "infinity", ".inf") for v in value):
+            if names and not any(is_infinity(v) for v in value):
                 return tuple(value)  # names (e.g. audit.sources)
             if isinstance(value, list):
                 try:

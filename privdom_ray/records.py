@@ -67,13 +67,13 @@ class RunRecord:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "extra" or value is None:  # absent and null mean the same: none
-                continue
+            default = {} if f.default is dataclasses.MISSING else f.default
+            if f.name == "extra" or value == default and f.name not in _NULLABLE:
+                continue  # not recorded (absent reads as the default)
             if f.name == "sites":
-                if value:
-                    out["sites"] = [_site_json(s) for s in value]
-                continue
-            out[f.name] = dict(value) if isinstance(value, Mapping) else value
+                out["sites"] = [_site_json(s) for s in value]
+            else:
+                out[f.name] = dict(value) if isinstance(value, Mapping) else value
         return {**out, **self.extra}
 
     @classmethod
@@ -94,6 +94,11 @@ class RunRecord:
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ValueError(f"{k}: {exc}") from None
         return cls(**kw, extra=extra)
+
+
+#: written as null when None, as the writers always wrote them ("measured nothing"); other
+#: fields at their default are left out (absent reads as the default)
+_NULLABLE = ("val_macro_auc", "resumed_from_epoch", "mia_auc", "mia_tpr_at_1fpr")
 
 
 def _site_json(site: SiteRun) -> dict[str, Any]:

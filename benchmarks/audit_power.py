@@ -118,17 +118,17 @@ def run_one(job: dict) -> dict:
         store.folder(spec.key).mkdir(parents=True, exist_ok=True)
         train_audit_twin(cell, store, None, "bench", Executor(), fault=fault)
         record = store.read(spec.key)
-    audit, ledger = record.info["audit"], record.ledger
+    audit, ledger = record.info.audit, record.ledger
     power, noise = audit.get("power") or {}, audit.get("noise") or {}
     return {
         "build": job["build"],
         "epsilon": spec.epsilon,
         "run": job["run"],
         "m": audit["m"],
-        "epsilon_spent": float(ledger["epsilon_spent"]),
-        "noise_multiplier": float(ledger["noise_multiplier"]),
-        "sample_rate": float(ledger["sample_rate"]),
-        "steps": int(ledger["steps"]),
+        "epsilon_spent": ledger.epsilon_spent,
+        "noise_multiplier": ledger.noise_multiplier,
+        "sample_rate": ledger.sample_rate,
+        "steps": ledger.steps,
         "epsilon_lower": audit["epsilon_lower"],
         "attack": audit["attack"],
         "standard": audit["attacks"]["standard"]["epsilon_lower"],

@@ -553,7 +553,7 @@ def trial_breakdown(out: Path) -> list[dict]:
                                  {"kind": kinds.kind_of(record.spec).name, "trials": 0,
                                   "train_s": 0.0, "evals": 0, "eval_s": 0.0, "eval_images": 0})  # fmt: skip
         row["trials"] += 1
-        row["train_s"] += float(record.info.get("train_seconds", 0.0))
+        row["train_s"] += (record.info.train_seconds or 0.0)
         for ev in store.evaluations(key):
             row["evals"] += 1
             row["eval_s"] += ev.eval_seconds

@@ -11,6 +11,12 @@ the recorded accountant AND Google's independent PLD accountant, and compares th
 with the training history (the steps the run's accountant saw, the epsilon it reported per
 epoch or round). A ledger written before noise and sampling were secret is void.
 
+The audit reads the ledger as it is stored (``TrialStore.ledger_document``: the bytes checked
+against the trial's ``done``, parsed as JSON and nothing more), never the typed ``Ledger`` the
+rest of the code reads: a typed parse drops unknown fields and defaults missing ones, and those
+are exactly what the audit must name. The run record (training-set sizes, versions) is read
+typed; a record whose fields are not of their type is a damaged trial.
+
 Calibrating sigma with PRV costs seconds, so each distinct (epsilon, delta, q, steps) is
 calibrated once per audit (sites of equal size and audit twins share their cell's).
 """
@@ -28,13 +34,13 @@ from typing import Any
 
 from privdom_ray.folder import PlanDamaged, SweepFolder
 from privdom_ray.kinds import kind_of
+from privdom_ray.numeric import number_or_nan
 from privdom_ray.privacy import (
     MECHANISM_VERSION,
     ExpectedRun,
     check_epsilon,
     expected_ledger,
     ledger_differences,
-    number_or_nan,
     pld_epsilon,
 )
 from privdom_ray.store import DamagedRecord, TrialRecord, TrialStore
@@ -98,7 +104,11 @@ def audit_trial(
     federation, and the federation's summary), each rebuilt from the spec and compared; for
     an audit twin also its empirical lower bound against the epsilon it spent. ``counts``:
     the cache's training-set sizes (:func:`_cache_counts`; read here when not given)."""
-    canaries = kind_of(record.spec).canary_check(record)
+    try:
+        document = store.ledger_document(record.key)  # the claim as stored, verified
+    except DamagedRecord as exc:
+        return [AuditLine(record.key[:12], problem=f"damaged: {exc.path.name}: {exc.reason}")]
+    canaries = kind_of(record.spec).canary_check(record, document)
     out = [] if canaries is None else [_canary_line(record, canaries)]
     rekeyed = record.spec.with_key().key
     if rekeyed != record.key:  # the spec no longer hashes to its folder: edited after training
@@ -106,7 +116,7 @@ def audit_trial(
             f"trial.json's spec hashes to {rekeyed[:12]}, not to its folder's key: the spec "
             "was edited after training, so nothing recomputed from it can be trusted")))  # fmt: skip
     if not record.spec.is_private:  # no guarantee, and its ledgers must not claim one
-        claims = [led for led in [record.ledger, *record.ledger.get("sites", {}).values()]
+        claims = [led for led in [document, *_sites(document).values()]
                   if str(led.get("accountant")) != "none"
                   or math.isfinite(number_or_nan(led.get("epsilon_spent", math.inf)))]  # fmt: skip
         if claims:
@@ -119,9 +129,9 @@ def audit_trial(
         history = store.history(record.key)
     except DamagedRecord as exc:
         return [*out, AuditLine(record.key[:12], problem=f"damaged: {exc.path.name}: {exc.reason}")]
-    tol, note = _tolerance(record.info)
+    tol, note = _tolerance(record.info.versions)
     counts = _cache_counts(store.output) if counts is None else counts
-    for site, found, run in expected_runs(record):
+    for site, found, run in expected_runs(record, document):
         if found is None:
             out.append(AuditLine(record.key[:12], site, problem="no ledger for this site"))
             continue
@@ -132,7 +142,7 @@ def audit_trial(
                 line, problem="; ".join(p for p in (line.problem, recount) if p)
             )
         out.append(line)
-    out += _history_lines(record, history)
+    out += _history_lines(record, document, history)
     return out
 
 
@@ -226,9 +236,10 @@ def _ledger_line(
 
 
 def expected_runs(
-    record: TrialRecord,
+    record: TrialRecord, document: Mapping[str, Any]
 ) -> Iterator[tuple[str, Mapping[str, Any] | None, ExpectedRun]]:
-    """(site, stored ledger or None when missing, what the spec and record say it must be):
+    """(site, stored ledger or None when missing, what the spec and record say it must be),
+    ``document``: the trial's stored ledger (:meth:`TrialStore.ledger_document`):
     one for a single-site trial (site ""), one per federation site plus the federation's
     summary (site "(summary)"), which must be its largest-epsilon site's ledger."""
     spec, info = record.spec, record.info
@@ -247,18 +258,18 @@ def expected_runs(
     )
     members = kind_of(spec).members(spec)
     if not members:
-        units = int(info.get("units", info.get("n_train", 0)))
+        units = info.units if info.units is not None else info.n_train or 0
         run = ExpectedRun(
             delta=spec.delta, units=units, privacy_unit=spec.training.privacy_unit, **common
         )
-        yield "", record.ledger, run
+        yield "", document, run
         return
-    recorded = {s["name"]: s for s in info.get("sites", [])}
-    ledgers = record.ledger.get("sites", {})
+    recorded = {s.name: s.n_train for s in info.sites}
+    ledgers = _sites(document)
     runs = []
     for site in members:
         run = ExpectedRun(
-            delta=site.delta, units=int(recorded.get(site.name, {}).get("n_train", 0)),
+            delta=site.delta, units=recorded.get(site.name) or 0,
             scope="site", site=site.name, active=site.weight > 0, federated=True, **common,
         )  # fmt: skip
         runs.append(run)
@@ -266,7 +277,7 @@ def expected_runs(
     active = [r for r in runs if r.active]
     if active:  # the summary: the site ledger with the largest epsilon, as the table shows it
         worst = max(active, key=lambda r: expected_ledger(r).epsilon_spent)
-        summary = {k: v for k, v in record.ledger.items() if k != "sites"}
+        summary = {k: v for k, v in document.items() if k != "sites"}
         yield "(summary)", summary, worst
 
 
@@ -282,29 +293,31 @@ def _expected_pos_weight(record: TrialRecord) -> tuple[float, ...] | None:
     return None  # dp_counts: noised values, only their number and range are checkable
 
 
-def _history_lines(record: TrialRecord, history: list[dict[str, Any]]) -> list[AuditLine]:
-    """The training history against the ledger: the steps the run's accountant counted and the
-    epsilon it reported after the last epoch (round) must be the ledger's."""
+def _history_lines(
+    record: TrialRecord, document: Mapping[str, Any], history: list[dict[str, Any]]
+) -> list[AuditLine]:
+    """The training history against the stored ledger ``document``: the steps the run's
+    accountant counted and the epsilon it reported after the last epoch (round) must be the
+    ledger's."""
     key = record.key[:12]
     if not history:
         return [AuditLine(key, "history", problem="history.json holds no epoch")]
     last = history[-1]
     problems = []
     if not kind_of(record.spec).members(record.spec):
-        ledgers = {"": record.ledger}
-        want_steps = _int(record.ledger.get("steps"))
+        ledgers = {"": document}
+        want_steps = _int(document.get("steps"))
         if _int(last.get("steps")) != want_steps:
             problems.append(
                 f"the history counts {last.get('steps')} steps, the ledger {want_steps}"
             )
     else:
-        ledgers = {k: v for k, v in record.ledger.get("sites", {}).items()}
-        sites = {s["name"]: s for s in record.info.get("sites", [])}
+        ledgers = _sites(document)
+        sites = {s.name: s.steps for s in record.info.sites}
         for name, led in ledgers.items():
-            if _int(sites.get(name, {}).get("steps")) != _int(led.get("steps")):
-                problems.append(f"site {name}: the run record counts "
-                                f"{sites.get(name, {}).get('steps')} steps, its ledger "
-                                f"{led.get('steps')}")  # fmt: skip
+            if sites.get(name) != _int(led.get("steps")):
+                problems.append(f"site {name}: the run record counts {sites.get(name)} steps, "
+                                f"its ledger {led.get('steps')}")  # fmt: skip
     spent = max((number_or_nan(v.get("epsilon_spent")) for v in ledgers.values()), default=math.nan)
     seen = number_or_nan(last.get("epsilon"))
     if not math.isclose(seen, spent, rel_tol=1e-6):
@@ -313,10 +326,10 @@ def _history_lines(record: TrialRecord, history: list[dict[str, Any]]) -> list[A
     return [AuditLine(key, "history", problem="; ".join(problems))]
 
 
-def _tolerance(info: Mapping[str, Any]) -> tuple[float, str]:
+def _tolerance(versions: Mapping[str, str]) -> tuple[float, str]:
     """Exact recomputation when the trial was trained with the installed Opacus; the
     calibration's tolerance otherwise (an upgrade may move its last digits)."""
-    trained = str(info.get("versions", {}).get("opacus", ""))
+    trained = str(versions.get("opacus", ""))
     try:
         installed = importlib.metadata.version("opacus")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover
@@ -331,9 +344,15 @@ def _canary_line(record: TrialRecord, c: Any) -> AuditLine:
     ``canary_check``): above the epsilon its mechanism spent (at 95% confidence) means the DP
     implementation or its accounting is broken."""
     return AuditLine(
-        record.key[:12], "canaries", c.kind, float(record.ledger["epsilon_target"]), c.spent,
+        record.key[:12], "canaries", c.kind, record.ledger.epsilon_target, c.spent,
         c.lower, c.epsilon_max, c.problem, checked=c.checked,
     )  # fmt: skip
+
+
+def _sites(document: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """A stored ledger's per-site ledgers (a federation's); {} when it has none."""
+    sites = document.get("sites") or {}
+    return dict(sites) if isinstance(sites, Mapping) else {}
 
 
 def _int(value: Any) -> int | None:

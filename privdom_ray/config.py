@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from privdom_ray.imaging import Preprocessing
+from privdom_ray.numeric import parse_number
 
 ACCOUNTANTS = ("prv", "rdp")
 CONTROLS = ("clip_only",)  # extra control trials per (source, seed): kinds/clip_only.py
@@ -334,7 +335,7 @@ class TrialSpec:
         return cls(
             source=d["source"],
             data_fingerprint=d["data_fingerprint"],
-            epsilon=parse_epsilon(d["epsilon"]),
+            epsilon=parse_number(d["epsilon"]),
             delta=float(d["delta"]),
             seed=int(d["seed"]),
             model=d["model"],
@@ -374,12 +375,6 @@ def _training_from_json(d: Mapping[str, Any]) -> TrainingConfig:
 
 def format_epsilon(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
-
-
-def parse_epsilon(value: Any) -> float:
-    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", ".inf"):
-        return math.inf
-    return float(value)
 
 
 def content_key(obj: Any) -> str:

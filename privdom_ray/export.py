@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from privdom_ray import atomic, guarantee, integrity
 from privdom_ray import folder as sweep_folder
 from privdom_ray.kinds import attached, kind_of
-from privdom_ray.privacy import number_or_nan
+from privdom_ray.numeric import number_or_nan
 from privdom_ray.stats import results
 from privdom_ray.stats.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
@@ -195,7 +195,7 @@ def _check_ledger_columns(transfer: pa.Table, records: Mapping[str, TrialRecord]
     keys = transfer.column("trial_key").to_pylist()
     for name in columns:
         for key, value in zip(keys, transfer.column(name).to_pylist(), strict=True):
-            want = records[key].ledger.get(name)
+            want = getattr(records[key].ledger, name)
             if not _same_number(value, want):
                 raise ExportRefused(
                     f"{TRANSFER}: trial {key[:12]}'s {name} is {value!r}, its ledger says "
@@ -346,7 +346,8 @@ def _copy_models(
         verify_file(store.model_path(key), "torch")
         shutil.copyfile(store.model_path(key), target / "model.pt")
         verify_file(target / "model.pt", "torch")
-        (target / "ledger.json").write_text(json.dumps(record.ledger, indent=2, default=str))
+        ledger = store.ledger_document(key)  # the stored ledger, verified, as audited
+        (target / "ledger.json").write_text(json.dumps(ledger, indent=2, default=str))
         card = _card(record, store.release_id(key), sites, rows[key])
         (target / "card.json").write_text(json.dumps(card, indent=2, default=str))
         names.append(target.name)
@@ -377,9 +378,9 @@ def _card(
         "name": record.spec.name,
         "spec": _public_spec(record),
         "training_sites": list(record.training_sites),
-        "epsilon_spent": record.ledger["epsilon_spent"],
-        "delta": record.ledger["delta"],
-        "accountant": record.ledger["accountant"],
+        "epsilon_spent": record.ledger.epsilon_spent,
+        "delta": record.ledger.delta,
+        "accountant": record.ledger.accountant,
         "guarantee": row["guarantee"],
         "epsilon_release": row["epsilon_release"],
         "training_sets": {
@@ -396,7 +397,7 @@ def _card(
             "values": list(record.thresholds),
             "privacy": PRIVACY_CLASSES["validation"],
         },
-        "selected_epoch": {"value": record.info.get("best_epoch"), "privacy": "validation"},
+        "selected_epoch": {"value": record.info.best_epoch, "privacy": "validation"},
     }
 
 

@@ -33,10 +33,10 @@ from privdom_ray.config import (
     Resources,
     SweepSpec,
     TrainingConfig,
-    parse_epsilon,
 )
 from privdom_ray.folder import CACHE
 from privdom_ray.imaging import GEOMETRIES, Preprocessing
+from privdom_ray.numeric import is_infinity, parse_number
 
 # ----------------------------------------------------------------------------------- parsing
 
@@ -113,11 +113,11 @@ class _Collector:
                 return _BAD
         if isinstance(default, tuple):
             names = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
-            if names and not any(v.strip().lower() in ("inf", "infinity", ".inf") for v in value):
+            if names and not any(is_infinity(v) for v in value):
                 return tuple(value)  # names (e.g. audit.sources)
             if isinstance(value, list):
                 try:
-                    return tuple(parse_epsilon(v) for v in value)
+                    return tuple(parse_number(v) for v in value)
                 except (TypeError, ValueError):
                     pass
             self.add(key, value, "a list of numbers (or of names)")
@@ -236,7 +236,7 @@ def _parse_epsilons(c: _Collector, eps_raw: Any) -> list[float]:
         return epsilons
     for i, e in enumerate(eps_raw):
         try:
-            eps = parse_epsilon(e)
+            eps = parse_number(e)
         except (TypeError, ValueError):
             c.add(f"epsilons[{i}]", e, "a positive number or inf")
             continue

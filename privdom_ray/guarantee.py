@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from privdom_ray.privacy import PLD, Mechanism, ledger_mechanisms, pld_epsilon
+from privdom_ray.privacy import PLD, Mechanism, pld_epsilon
 from privdom_ray.store import TrialRecord
 
 NO_GUARANTEE = "no guarantee: trained without DP"
@@ -68,16 +68,14 @@ class SiteGuarantee:
 def releases(record: TrialRecord, *, twin: bool = False) -> list[Release]:
     """The DP releases one trained trial made, one per training site (a federation: each
     active member's own ledger). Empty for a trial without DP."""
-    ledger = record.ledger
     if not record.spec.is_private:  # the spec decides, not what a ledger claims
         return []
-    per_site = ledger.get("sites") or {record.spec.source: ledger}
+    per_site = record.site_ledgers or {record.spec.source: record.ledger}
     out = []
     for site, led in per_site.items():
-        mechs = tuple(m for m in ledger_mechanisms(led) if m.steps > 0)
+        mechs = tuple(m for m in led.accounted_mechanisms if m.steps > 0)
         if mechs:
-            out.append(Release(record.spec.name, site, float(led["delta"]),
-                               str(led.get("privacy_unit", "image")), mechs, twin))  # fmt: skip
+            out.append(Release(record.spec.name, site, led.delta, led.privacy_unit, mechs, twin))
     return out
 
 

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from privdom_ray.numeric import parse_number
+
 #: Ledgers of DP trials carry this; a DP ledger without it was trained before the noise and
 #: the sampling were secret (they followed the published seed): its epsilon is void.
 MECHANISM_VERSION = 2
@@ -84,17 +86,33 @@ class Ledger:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Ledger:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["mechanisms"] = tuple(Mechanism(**m) for m in d.get("mechanisms", ()))
-        kw["pos_weight"] = tuple(float(w) for w in d.get("pos_weight", ()))
-        for k in ("epsilon_target", "epsilon_spent", "epsilon_rdp"):
-            kw[k] = _number(kw[k])
+        """The typed ledger of a stored one (the store's reads): every field converted to its
+        type or ``ValueError``/``TypeError``/``KeyError`` (a damaged record). Fields the
+        Ledger does not know are left out: ``audit`` reads the stored document itself
+        (``TrialStore.ledger_document``) and names them."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise KeyError(f"{', '.join(missing)} missing")
+        kw = {f.name: _typed(f.name, f.type, d[f.name]) for f in fields if f.name in d}
+        kw["mechanisms"] = tuple(
+            Mechanism(str(m["name"]), parse_number(m["noise_multiplier"]),
+                      parse_number(m["sample_rate"]), _integer(m["steps"]))
+            for m in d.get("mechanisms", ())
+        )  # fmt: skip
+        kw["pos_weight"] = tuple(parse_number(w) for w in d.get("pos_weight", ()))
         return cls(**kw)
 
     @property
     def is_private(self) -> bool:
         return self.accountant != "none"
+
+    @property
+    def accounted_mechanisms(self) -> tuple[Mechanism, ...]:
+        """The mechanisms it composes; a ledger written before the list existed holds the
+        DP-SGD mechanism of its columns alone."""
+        sgd = Mechanism("dp_sgd", self.noise_multiplier, self.sample_rate, self.steps)
+        return self.mechanisms or (sgd,)
 
     @property
     def void(self) -> bool:
@@ -136,19 +154,27 @@ class Ledger:
         )
 
 
-def _number(value: Any) -> float:
-    if isinstance(value, str):
-        return math.inf if value in ("inf", "Infinity") else float(value)
-    return float(value)
-
-
-def number_or_nan(value: Any) -> float:
-    """A number as a ledger or table stores it ("inf" for infinity); NaN when it is none:
-    certifying code compares tampered values instead of crashing on them."""
+def _typed(name: str, kind: Any, value: Any) -> Any:
+    """A stored ledger field as the Ledger's annotation says (``from __future__``: a string);
+    ValueError naming the field."""
     try:
-        return math.inf if value in ("inf", "Infinity") else float(value)
-    except (TypeError, ValueError):
-        return math.nan
+        if kind == "float":
+            return parse_number(value)
+        if kind == "int":
+            return _integer(value)
+        ok = {"bool": bool, "str": str}.get(kind)
+        if ok is not None and not isinstance(value, ok):
+            raise ValueError(f"{value!r} is not a {kind}")
+        return value  # tuples: converted by the caller
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _integer(value: Any) -> int:
+    number = parse_number(value)
+    if not number.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
 
 
 # ------------------------------------------------------------------------------ accounting
@@ -378,7 +404,8 @@ def audit_ledger(ledger: Mapping[str, Any], *, rel_tol: float = 1e-6) -> AuditRo
     mechs = ledger_mechanisms(ledger)
     recomputed, _ = epsilon_of(acc, mechs, delta)
     rdp, _ = epsilon_of("rdp", mechs, delta)
-    reported, target = _number(ledger["epsilon_spent"]), _number(ledger["epsilon_target"])
+    reported = parse_number(ledger["epsilon_spent"])
+    target = parse_number(ledger["epsilon_target"])
     sgd = [m for m in mechs if m.name == "dp_sgd"]
     columns = (
         float(ledger["noise_multiplier"]),
@@ -551,7 +578,7 @@ def _same(have: Any, want: Any, rel_tol: float) -> bool:
     if isinstance(want, bool) or not isinstance(want, int | float):
         return have == want
     try:
-        have = _number(have)
+        have = parse_number(have)
     except (TypeError, ValueError):
         return False
     if isinstance(want, int) and have != want:
@@ -601,8 +628,8 @@ def check_epsilon(found: Mapping[str, Any]) -> list[str]:
     known disagreement; PLD itself must stay within the target."""
     try:
         mechs = ledger_mechanisms(found)
-        delta, target = float(found["delta"]), _number(found["epsilon_target"])
-        reported, accountant = _number(found["epsilon_spent"]), str(found["accountant"])
+        delta, target = float(found["delta"]), parse_number(found["epsilon_target"])
+        reported, accountant = parse_number(found["epsilon_spent"]), str(found["accountant"])
     except (KeyError, TypeError, ValueError) as exc:
         return [f"unreadable ledger ({type(exc).__name__}: {exc})"]
     bad = [

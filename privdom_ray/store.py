@@ -1,19 +1,22 @@
 """The trial store: the one module that knows a trial folder's layout.
 
 Every other stage reads and writes trial folders through :class:`TrialStore` and gets typed
-records back (:class:`TrialRecord`, :class:`EvalRecord`), so file names are a private detail of
-this module and a damaged file is reported once, naming the file, instead of crashing six
+records back (:class:`TrialRecord` with its ``privacy.Ledger`` and ``records.RunRecord``,
+:class:`EvalRecord`); only this module turns them into JSON and back, so file names and
+formats are a private detail of this module and a damaged file is reported once, naming the file, instead of crashing six
 readers. One trial = ``<output>/trials/<key>/`` (key = content hash of what determines the
 model). Everything in it is PRIVATE (it stays with the data owner) except what ``export``
 copies out (see docs/privacy.md, "What may leave"):
 
-- ``trial.json``  the resolved spec, the run's summary, versions, timings (``config.yaml``: the
-  same plus the ledger, for people)
+- ``trial.json``  the resolved spec, the run's summary, versions, timings
 - ``ledger.json`` the privacy ledger (per-site ledgers of a federation under ``sites``)
 - ``model.pt``    final weights (a plain state_dict, loadable with ``weights_only=True``)
 - ``thresholds.json`` Youden thresholds on the source's validation split
 - ``history.json``, ``tensorboard/``, ``val_predictions.parquet``: training curves and
   validation scores
+- ``config.yaml`` (folders written before each fact was written once): trial.json plus the
+  ledger, for people; read, verified and kept, never written again: ``show`` renders the same
+  text from the verified records (:meth:`TrialStore.config_text`)
 - ``checkpoint.pt`` while training: model, optimizer and the SECRET generator states of the DP
   mechanism; deleted when the trial is done, so nothing left can replay its noise or batches
 - ``running.json`` (heartbeat), ``failed.json`` (last error)
@@ -26,7 +29,8 @@ copies out (see docs/privacy.md, "What may leave"):
 
 Damage to the model, ledger, trial record or thresholds voids the trial: the sweep moves the
 folder (never deletes it) to ``<output>/set_aside/`` and trains it again. Damage to a training
-log (history, config, validation scores) sets that file aside and keeps the intact model. A
+log (history, an old config.yaml, validation scores) sets that file aside and keeps the intact
+model. A
 damaged evaluation, or one of another model, is evaluated again. Folders of trials written
 before checksums (``done`` = "done") are parsed in full once and then sealed.
 
@@ -41,7 +45,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,7 @@ from privdom_ray.integrity import Damage, FileSum
 from privdom_ray.kinds import kind_of
 from privdom_ray.lease import LockHeld
 from privdom_ray.privacy import Ledger
+from privdom_ray.records import RunRecord
 
 __all__ = ["DamagedRecord", "EvalRecord", "LockHeld", "TrialRecord", "TrialStore"]
 
@@ -88,6 +93,7 @@ _CHECKPOINT, _RUNNING, _FAILED, _TB = "checkpoint.pt", "running.json", "failed.j
 _EVAL, _EVAL_JSON, _METRICS, _PRED = "eval", "eval.json", "metrics.parquet", "predictions.parquet"
 #: a damaged one of these voids the trial (retrained); a damaged log is set aside alone
 CORE = (_TRIAL_JSON, _LEDGER, _MODEL, _THRESHOLDS)
+#: config.yaml: only in folders written before each fact was written once (verified, kept)
 LOGS = (_HISTORY, _CONFIG, _VAL_PRED)
 _LEGACY_DONE = b"done"
 
@@ -166,18 +172,21 @@ def _torch_state(path: Path, data: bytes) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """A trained trial as the rest of the code sees it."""
+    """A trained trial as the rest of the code sees it: typed, parsed from verified bytes.
+    (``audit`` checks the stored ledger document itself: :meth:`TrialStore.ledger_document`.)"""
 
     key: str
     spec: TrialSpec
-    ledger: dict[str, Any]  # the ledger as written (a federation's per-site ledgers: "sites")
-    info: dict[str, Any]  # trial.json: the run's summary (best epoch, timings, versions, ...)
+    ledger: Ledger  # a federation's: the summary (its largest-epsilon site's ledger)
+    info: RunRecord  # trial.json: the run's summary (best epoch, timings, versions, ...)
     thresholds: tuple[float | None, ...]
     model_digest: str = ""  # checksum of model.pt: what evaluations are bound to
+    site_ledgers: Mapping[str, Ledger] = field(default_factory=dict)  # a federation's members
 
     @property
-    def summary_ledger(self) -> Ledger:
-        return Ledger.from_dict(self.ledger)
+    def ledgers(self) -> tuple[Ledger, ...]:
+        """Every ledger of the trial: its own (a federation's summary) and its sites'."""
+        return (self.ledger, *self.site_ledgers.values())
 
     @property
     def is_private(self) -> bool:
@@ -186,8 +195,7 @@ class TrialRecord:
     @property
     def void(self) -> bool:
         """A DP model trained before its noise and sampling were secret: no valid guarantee."""
-        ledgers = [self.ledger, *self.ledger.get("sites", {}).values()]
-        return any(Ledger.from_dict(led).void for led in ledgers if led["accountant"] != "none")
+        return any(led.void for led in self.ledgers)
 
     @property
     def training_sites(self) -> tuple[str, ...]:
@@ -380,6 +388,20 @@ class TrialStore:
         if found.record is None:
             raise DamagedRecord(self.folder(key) / _DONE, "missing (not trained)")
         return found.record
+
+    def ledger_document(self, key: str) -> dict[str, Any]:
+        """The stored ledger.json as written, parsed from bytes checked against ``done`` (a
+        folder written before checksums: read as it is): what ``audit`` compares field by
+        field with its recomputation, unknown and missing fields included. DamagedRecord."""
+        return self._document(key, _LEDGER)
+
+    def _document(self, key: str, name: str) -> dict[str, Any]:
+        path = self.folder(key) / name
+        commit = self._commit(key)
+        value = _json(path, self._verified(path, None if commit is None else commit["files"]))
+        if not isinstance(value, dict):
+            raise DamagedRecord(path, "not a JSON object")
+        return value
 
     def history(self, key: str) -> list[dict[str, Any]]:
         """The training curves; DamagedRecord when the file is damaged or was set aside."""
@@ -627,8 +649,8 @@ class TrialStore:
         return ""
 
     def _repair(self, key: str, found: Inspection, log: Callable[[str], None]) -> None:
-        """Set damaged training logs aside (config.yaml is rewritten: it is derived), and
-        record the checksums of a folder written before them."""
+        """Set damaged training logs aside (an old config.yaml too: it is derived, ``show``
+        renders it from the record), and record the checksums of a folder written before them."""
         tdir = self.folder(key)
         lost = dict(found.lost)
         for damage in found.logs:
@@ -638,11 +660,9 @@ class TrialStore:
                 dest = self.output / SET_ASIDE / f"{key}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(damage.path, dest)
-            if name == _CONFIG:
-                record = found.record
-                assert record is not None
-                self._write(tdir / _CONFIG, _yaml_bytes({**record.info, "ledger": record.ledger}))
-                log(f"[store] trial {key}: {name} {damage.reason}; rewritten from the record")
+            if name == _CONFIG:  # derived: nothing is lost, nothing is written again
+                log(f"[store] trial {key}: {name} {damage.reason}; set aside (show renders it "
+                    "from the trial record and ledger)")  # fmt: skip
                 continue
             lost[name] = f"{damage.reason}; moved to {SET_ASIDE}/"
             log(
@@ -694,16 +714,25 @@ class TrialStore:
         key: str,
         *,
         state_dict: dict[str, Any],
-        ledger: dict[str, Any],
+        ledger: Ledger | Mapping[str, Any],
         history: list[dict[str, Any]],
         thresholds: Sequence[float | None],
         labels: Sequence[str],
-        record: dict[str, Any],
+        record: RunRecord | Mapping[str, Any],
         val_predictions: pd.DataFrame | None = None,
+        spec: TrialSpec | None = None,
+        site_ledgers: Mapping[str, Ledger] | None = None,
     ) -> None:
         """A trained model's files, then ``done`` with their checksums (the commit); then the
-        checkpoint (with the secret generator states) is deleted: model.pt holds the result."""
+        checkpoint (with the secret generator states) is deleted: model.pt holds the result.
+
+        Typed: ``ledger`` a Ledger (a federation's summary, its members in ``site_ledgers``),
+        ``record`` a RunRecord and ``spec`` the trial's spec. The documents themselves (a
+        ledger dict with ``sites``, a record dict with ``spec``) are still taken as they are:
+        tests that play a faulty or an older writer write them."""
         import torch
+
+        ledger, record = _ledger_json(ledger, site_ledgers), _record_json(record, spec)
 
         tdir = self.folder(key)
         files: dict[str, Any] = {}
@@ -717,7 +746,6 @@ class TrialStore:
         thresholds_record = {"labels": list(labels), "youden_val": list(thresholds)}
         files[_THRESHOLDS] = self._write(tdir / _THRESHOLDS, _json_bytes(thresholds_record))
         files[_TRIAL_JSON] = self._write(tdir / _TRIAL_JSON, _json_bytes(record))
-        files[_CONFIG] = self._write(tdir / _CONFIG, _yaml_bytes({**record, "ledger": ledger}))
         self._seal(key, {n: s.as_dict() for n, s in files.items()})
         self.checkpoint(key).remove()
 
@@ -846,8 +874,39 @@ class TrialStore:
         return (self.folder(key) / _TRIAL_JSON).is_file()
 
     def config_text(self, key: str) -> str | None:
-        path = self.folder(key) / _CONFIG
-        return path.read_text() if path.is_file() else None
+        """The trial's record and ledger as YAML, for people (``show``; None: not trained),
+        rendered from the verified trial.json and ledger.json: each fact is written once."""
+        if not self.is_trained(key):
+            return None
+        try:
+            self.read(key)  # the trial's records verified and parsed, or the damage named
+            record, ledger = self._document(key, _TRIAL_JSON), self.ledger_document(key)
+        except DamagedRecord as exc:
+            return f"# damaged: {_rel(exc.path, self.folder(key))}: {exc.reason}\n"
+        return _yaml_bytes({**record, "ledger": ledger}).decode()
+
+
+def _ledger_json(
+    ledger: Ledger | Mapping[str, Any], sites: Mapping[str, Ledger] | None
+) -> dict[str, Any]:
+    """ledger.json's document: the ledger, a federation's members under ``sites``."""
+    if not isinstance(ledger, Ledger):
+        if sites:
+            raise TypeError("site_ledgers go with a typed Ledger (a document holds its sites)")
+        return dict(ledger)
+    out = ledger.as_dict()
+    if sites:
+        out["sites"] = {name: led.as_dict() for name, led in sites.items()}
+    return out
+
+
+def _record_json(record: RunRecord | Mapping[str, Any], spec: TrialSpec | None) -> dict[str, Any]:
+    """trial.json's document: the spec, then the run record."""
+    if not isinstance(record, RunRecord):
+        return dict(record)
+    if spec is None:
+        raise TypeError("a typed RunRecord is written with its spec")
+    return {"spec": spec.to_json(), **record.to_json()}
 
 
 def _record(
@@ -861,13 +920,17 @@ def _record(
         _torch_state(tdir / _MODEL, contents[_MODEL])  # no checksum: a full structural parse
     try:
         spec = TrialSpec.from_json(info["spec"])
-        Ledger.from_dict(ledger)
-        for led in ledger.get("sites", {}).values():
-            Ledger.from_dict(led)
+        run = RunRecord.from_json(info)
         thresholds = tuple(None if t is None else float(t) for t in thresholds)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DamagedRecord(tdir / _TRIAL_JSON, f"bad spec or ledger ({exc})") from None
-    return TrialRecord(key, spec, ledger, info, thresholds, integrity.digest(contents[_MODEL]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DamagedRecord(tdir / _TRIAL_JSON, f"bad spec or run record ({exc})") from None
+    try:
+        summary = Ledger.from_dict(ledger)
+        sites = {str(n): Ledger.from_dict(led) for n, led in ledger.get("sites", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DamagedRecord(tdir / _LEDGER, f"bad ledger ({exc})") from None
+    digest = integrity.digest(contents[_MODEL])
+    return TrialRecord(key, spec, summary, run, thresholds, digest, sites)
 
 
 def _parse_check(path: Path, data: bytes) -> None:

@@ -30,6 +30,7 @@ from privdom_ray.cell import Cell, TargetRef, TrialTimedOut
 from privdom_ray.config import EvaluationConfig
 from privdom_ray.kinds import kind_of
 from privdom_ray.manifest import LABELS
+from privdom_ray.records import RunRecord, SiteRun
 from privdom_ray.stats import metrics
 from privdom_ray.stats.evaluation import evaluate, subgroup_masks
 from privdom_ray.stats.thresholds import youden_threshold
@@ -136,9 +137,9 @@ def _run_cell(
     return {
         "trained_now": trained_now,
         "evaluated": [t.name for t in missing],
-        "epsilon_spent": record.ledger["epsilon_spent"],
-        "train_seconds": record.info["train_seconds"],
-        "val_macro_auc": record.info["val_macro_auc"],
+        "epsilon_spent": record.ledger.epsilon_spent,
+        "train_seconds": record.info.train_seconds,
+        "val_macro_auc": record.info.val_macro_auc,
     }
 
 
@@ -323,7 +324,7 @@ def _write_single_site(cell: Cell, store: TrialStore, node: str, result, val, ex
         store,
         node,
         state_dict=result.state_dict,
-        ledger=dataclasses.replace(result.ledger, initialization=spec.init).as_dict(),
+        ledger=dataclasses.replace(result.ledger, initialization=spec.init),
         history=result.history,
         thresholds=thresholds,
         val_predictions=_prediction_frame(result.val_scores, val),
@@ -351,23 +352,23 @@ def _write_trained(
 ) -> None:
     """A trained model's files through the store, with the record of how it was made."""
     spec = cell.spec
-    record = {
-        "spec": spec.to_json(),
-        "name": spec.name,
+    run = RunRecord.make(
+        name=spec.name,
         **record,
-        "node": node,
-        "device": cell.device,
-        "slot_share": cell.slot_share,
-        "versions": versions(),
-        "code_version": code_version(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+        node=node,
+        device=cell.device,
+        slot_share=cell.slot_share,
+        versions=versions(),
+        code_version=code_version(),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
     store.write_trained(
         spec.key,
+        spec=spec,
         # +inf is a valid Youden threshold (no cut beats chance: predict negative); NaN = undefined
         thresholds=[None if math.isnan(t) else t for t in thresholds],
         labels=LABELS,
-        record=record,
+        record=run,
         **files,
     )
 
@@ -440,20 +441,13 @@ def train_federated(
         store,
         node,
         state_dict=result.state_dict,
-        ledger=_federated_ledger(spec, result),
+        ledger=dataclasses.replace(result.ledger, initialization=spec.init),
+        site_ledgers={name: dataclasses.replace(led, initialization=spec.init)
+                      for name, led in result.site_ledgers.items()},  # fmt: skip
         history=result.history,
         thresholds=[float(t) for t in result.thresholds],
         record=_federated_record(cell, result, plans, sizes, audits),
     )
-
-
-def _federated_ledger(spec, result: federated.FederatedResult) -> dict[str, Any]:
-    summary = dataclasses.replace(result.ledger, initialization=spec.init).as_dict()
-    summary["sites"] = {
-        name: dataclasses.replace(led, initialization=spec.init).as_dict()
-        for name, led in result.site_ledgers.items()
-    }
-    return summary
 
 
 def _federated_record(cell: Cell, result, plans, sizes, audits: list[dict]) -> dict[str, Any]:
@@ -482,15 +476,11 @@ def _federated_record(cell: Cell, result, plans, sizes, audits: list[dict]) -> d
         "mia_sites": audits,
         "n_train": sum(z["train"] for z in sizes.values()),
         "n_val": sum(z["val"] for z in sizes.values()),
-        "sites": [
-            {
-                "name": p.name,
-                "weight": p.weight,
-                "n_train": p.n_train,
-                "steps": result.site_ledgers[p.name].steps,  # counted from the sites' accountants
-            }
+        "sites": tuple(
+            # steps: counted from the sites' accountants
+            SiteRun(p.name, p.weight, p.n_train, result.site_ledgers[p.name].steps)
             for p in plans
-        ],
+        ),
     }
 
 

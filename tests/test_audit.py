@@ -13,7 +13,7 @@ from conftest import launch
 
 from privdom_ray import privacy
 from privdom_ray.audit import audit_trial
-from privdom_ray.store import TrialStore
+from privdom_ray.store import DamagedRecord, TrialStore
 
 pytestmark = pytest.mark.slow  # the session's real output takes about a minute to train
 
@@ -36,19 +36,27 @@ def tampered(value):
 
 
 def problems(store: TrialStore, key: str, ledger: dict, site: str) -> str:
-    """The audit's problems for the trial ``key`` with ``ledger`` in place of its ledger (or
-    of the federation site ``site``'s)."""
-    record = store.read(key)
+    """The audit's problems for the trial ``key`` with ``ledger`` written in place of its
+    ledger.json (or of the federation site ``site``'s), resealed as a faulty writer would
+    (the audit reads the stored document, never a typed copy); put back afterwards."""
+    original = store.verified_bytes(key, "ledger.json")
+    document = store.ledger_document(key)
     if site:
-        ledger = {**record.ledger, "sites": {**record.ledger["sites"], site: ledger}}
-    lines = audit_trial(store, dataclasses.replace(record, ledger=ledger))
+        ledger = {**document, "sites": {**document["sites"], site: ledger}}
+    store.rewrite(key, "ledger.json", json.dumps(ledger).encode())
+    try:
+        lines = audit_trial(store, store.read(key))
+    except DamagedRecord as exc:  # not even a ledger: the typed read names it, voids the trial
+        return f"damaged: {exc.path.name}: {exc.reason}"
+    finally:
+        store.rewrite(key, "ledger.json", original)
     return " | ".join(f"{line.site}: {line.problem}" for line in lines if not line.ok)
 
 
 def cases(store: TrialStore, names: dict[str, str]):
     """(label, key, site, the stored ledger) of every DP ledger of the real output."""
     for name in ("a_eps2_seed0", "a_eps2_seed0_audit", "fed_ab_eps2_seed0"):
-        ledger = store.read(names[name]).ledger
+        ledger = store.ledger_document(names[name])
         sites = list(ledger.get("sites", {})) or [""]
         for site in sites:
             yield f"{name}/{site}", names[name], site, (ledger["sites"][site] if site else ledger)

@@ -80,18 +80,18 @@ def train_twin(tmp_path, epsilon: float, **kw):
 def test_audit_twins_bound_epsilon_from_below(tmp_path):
     dp = train_twin(tmp_path, 1.0)
     nondp = train_twin(tmp_path, math.inf)
-    a_dp, a_nondp = dp.info["audit"], nondp.info["audit"]
+    a_dp, a_nondp = dp.info.audit, nondp.info.audit
     assert a_dp["m"] == a_nondp["m"] == CANARIES and a_dp["kind"] == "gradient"
     assert a_dp["version"] == 2 and set(a_dp["attacks"]) == {"standard", "replay"}
     assert a_dp["score"] == "llr" and a_dp["attacks"]["replay"]["beta"] == 0.025
     assert set(a_nondp["attacks"]) == {"standard"} and a_nondp["score"] == "sum"
-    spent = dp.ledger["epsilon_spent"]
+    spent = dp.ledger.epsilon_spent
     assert 0 < spent <= 1.0
     assert a_dp["epsilon_lower"] <= spent  # a correct implementation stays below its epsilon
     assert a_nondp["epsilon_lower"] > 2.0  # without noise the canaries are plain to see
     power = a_dp["power"]  # simulated with the twin's own m, q, steps, sigma
-    assert power["setting"]["m"] == CANARIES and power["setting"]["steps"] == dp.ledger["steps"]
-    assert power["setting"]["noise_multiplier"] == dp.ledger["noise_multiplier"]
+    assert power["setting"]["m"] == CANARIES and power["setting"]["steps"] == dp.ledger.steps
+    assert power["setting"]["noise_multiplier"] == dp.ledger.noise_multiplier
     assert a_nondp["power"] is None and a_nondp["noise"] is None
     noise = a_dp["noise"]  # the noise really added is what the ledger states, and secret
     assert not noise["too_little"] and not noise["follows_seed"]
@@ -115,10 +115,10 @@ def test_audit_twins_catch_broken_builds(tmp_path, fault, attack):
     from privdom_ray.train import noise_plan
 
     broken = train_twin(tmp_path, 1.0, fault=fault)
-    spent = broken.ledger["epsilon_spent"]
+    spent = broken.ledger.epsilon_spent
     calibrated = noise_plan(twin_spec(1.0), 96)  # what a correct build of this cell states
-    assert 0 < spent <= 1.0 and broken.ledger["noise_multiplier"] == calibrated.noise_multiplier
-    audit = broken.info["audit"]
+    assert 0 < spent <= 1.0 and broken.ledger.noise_multiplier == calibrated.noise_multiplier
+    audit = broken.info.audit
     assert audit["epsilon_lower"] > spent and audit["attack"] == attack, audit
     noise = audit["noise"]  # the noise check sees it too
     assert noise["too_little"] is (fault.noise_scale < 1)
@@ -193,7 +193,7 @@ def test_twins_are_planned_keyed_and_attached_to_the_audited_rows(tmp_path):
 
     md = report.write_report(tmp_path / "agg")
     rows = [line for line in md.splitlines() if line.startswith("| a, ε = 1, seed 0")]
-    spent = f"{record.ledger['epsilon_spent']:.2f}"
+    spent = f"{record.ledger.epsilon_spent:.2f}"
     top = f"{df['audit_epsilon_max'].iloc[0]:.2f}"
     assert rows == [f"| a, ε = 1, seed 0 | {spent} | gradient, m = 100 | 0.30 | — | {top} | "
                     "not estimated (twin from before the power estimate; re-run it) | — | no "
@@ -324,7 +324,7 @@ def test_launch_audit_recomputes_a_twins_bound_and_noise_tests(tmp_path):
     test = make_testset(30, seed=1)
     key = write_trial(tmp_path, source="a", epsilon=1.0, seed=0,
                       evals={"a": ("fpa", test, scores_for(test, 1.0, 0))})  # fmt: skip
-    ledger = TrialStore(tmp_path).read(key).ledger
+    ledger = TrialStore(tmp_path).ledger_document(key)  # as the audit reads it
     m = 1000
     lower = epsilon_lower_fdp(m, 10, 10, delta=1e-5, beta=0.025 / 11)
     good = _v2_result(m, lower, 5.1, 0.5)

@@ -132,7 +132,7 @@ def test_each_cards_epsilon_is_a_pld_recomputation_of_everything_exported_from_i
     only the federation. The default export's per-model epsilon is the model's alone."""
     output, names, dest = exports
     store = TrialStore(output)
-    twin = store.read(names["a_eps2_seed0_audit"]).ledger
+    twin = store.ledger_document(names["a_eps2_seed0_audit"])
     for which, folder in dest.items():
         cards = {p.parent.name.rsplit("-", 1)[0]: json.loads(p.read_text())
                  for p in folder.glob("models/*/card.json")}  # fmt: skip
@@ -148,7 +148,7 @@ def test_each_cards_epsilon_is_a_pld_recomputation_of_everything_exported_from_i
                     stated = card["training_sets"][site]
                     assert stated["epsilon"] == pytest.approx(independent, rel=2e-3), (which, site)
                     assert stated["accountant"] == "pld" and stated["delta"] == 1e-5
-        model = store.read(names["a_eps2_seed0"]).ledger
+        model = store.ledger_document(names["a_eps2_seed0"])
         alone = pld(model["mechanisms"], 1e-5)
         release = cards["a_eps2_seed0"]["epsilon_release"]
         if which == "default":

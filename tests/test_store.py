@@ -19,6 +19,7 @@ import torch
 from conftest import make_testset, scores_for, write_trial
 
 from privdom_ray import lease, planning
+from privdom_ray.config import TrialSpec
 from privdom_ray.grid import parse_grid
 from privdom_ray.kinds import plan_trials
 from privdom_ray.lease import Fenced, Lease, LockHeld
@@ -67,11 +68,41 @@ def damage(path: Path, how: str) -> None:
         path.unlink()
 
 
+def old_config(store: TrialStore, key: str) -> str:
+    """Give a trial the config.yaml today's main writes beside trial.json (the record plus the
+    ledger), sealed in its ``done`` as that main seals it; returns its text."""
+    import yaml
+
+    tdir = store.folder(key)
+    record = json.loads((tdir / "trial.json").read_text())
+    ledger = json.loads((tdir / "ledger.json").read_text())
+    text = yaml.safe_dump({**record, "ledger": ledger}, sort_keys=False)
+    store.rewrite(key, "config.yaml", text.encode())
+    return text
+
+
+def test_each_fact_is_written_once_and_old_config_yaml_still_reads(tmp_path):
+    """A new trial has no config.yaml (trial.json and ledger.json hold every fact once);
+    ``show`` renders the same text from them; a folder that has one still verifies and reads."""
+    key = finished(tmp_path)
+    store = TrialStore(tmp_path)
+    assert not (store.folder(key) / "config.yaml").exists()
+    rendered = store.config_text(key)
+    old = old_config(store, key)
+    assert rendered == old  # what people read is unchanged
+    found = store.inspect(key)
+    assert found.record is not None and found.damage is None and found.logs == ()
+    assert store.status(key, [Target("a", "fpa")])[0] == "done"
+    assert store.config_text("0" * 12) is None  # not trained
+
+
 @pytest.mark.parametrize("record", RECORDS)
 @pytest.mark.parametrize("how", ["truncated", "zero-filled", "missing"])
 def test_a_damaged_record_is_named_and_redone_or_set_aside(tmp_path, record, how):
     key = finished(tmp_path)
     store = TrialStore(tmp_path)
+    if record == "config.yaml":  # only folders written before each fact was written once
+        old_config(store, key)
     damage(store.folder(key) / record, how)
     name = record.split("/")[-1]
     state, detail = store.status(key, [Target("a", "fpa")])
@@ -89,8 +120,9 @@ def test_a_damaged_record_is_named_and_redone_or_set_aside(tmp_path, record, how
         assert store.usable(key, lines.append) is not None and name in lines[0]
         assert store.status(key, [Target("a", "fpa")])[0] == "done"
         assert store.missing_targets(key, [Target("a", "fpa")]) == []
-        if record == "config.yaml":  # derived from the record: written again
-            assert "ledger" in store.config_text(key)
+        if record == "config.yaml":  # derived from the record: set aside, rendered instead
+            assert not (store.folder(key) / "config.yaml").exists()
+            assert "ledger" in store.config_text(key) and "lost" not in store._commit(key)
         else:
             assert how == "missing" or list((tmp_path / "set_aside").glob(f"{key}-{name}-*"))
             with pytest.raises(DamagedRecord, match="set aside"):
@@ -115,7 +147,7 @@ def test_an_evaluation_of_another_model_is_never_current(tmp_path):
     record = store.read(key)
     store.write_trained(
         key, state_dict={"w": torch.ones(1)}, ledger=record.ledger, history=[],
-        thresholds=list(record.thresholds), labels=LABELS, record=record.info,
+        thresholds=list(record.thresholds), labels=LABELS, record=record.info, spec=record.spec,
     )  # fmt: skip
     assert store.model_digest(key) != old.model
     assert store.missing_targets(key, target) == target  # evaluated again, never kept
@@ -442,3 +474,58 @@ def test_a_cell_of_a_driver_that_is_gone_is_interrupted_not_running(tmp_path):
     assert state == "interrupted" and "run-1" in detail
     state, _ = store.status(key, [Target("a", "fpa")], driver_run="run-2")  # another run's
     assert state == "interrupted"
+
+
+def test_the_store_takes_and_returns_typed_records_and_keeps_unknown_keys(tmp_path):
+    """A Ledger (a federation's members beside it), a RunRecord and the spec in; the same
+    typed objects out; record keys this version does not name survive the round trip."""
+    from privdom_ray.records import RunRecord, SiteRun
+
+    key = finished(tmp_path)
+    store = TrialStore(tmp_path)
+    record = store.read(key)
+    run = RunRecord.make(
+        name=record.spec.name, best_epoch=3, val_macro_auc=0.7, train_seconds=2.5, n_train=40,
+        sites=(SiteRun("a", 1.0, 40, 8),), versions={"opacus": "1.5"},
+        site_tasks=[[0.0, 1.0]], from_a_newer_writer={"x": 1},
+    )  # fmt: skip
+    site = dataclasses.replace(record.ledger, scope="site", site="a")
+    store.write_trained(
+        key, state_dict={"w": torch.ones(1)}, ledger=record.ledger, site_ledgers={"a": site},
+        history=[], thresholds=list(record.thresholds), labels=LABELS, record=run,
+        spec=record.spec,
+    )  # fmt: skip
+    back = store.read(key)
+    assert back.info == run and back.spec == record.spec
+    assert back.info.extra == {"site_tasks": [[0.0, 1.0]], "from_a_newer_writer": {"x": 1}}
+    assert back.ledger == record.ledger and back.site_ledgers == {"a": site}
+    assert back.ledgers == (record.ledger, site)
+    stored = store.ledger_document(key)  # what the audit compares: the document as written
+    assert stored["sites"]["a"]["scope"] == "site" and stored["epsilon_spent"] == 0.99
+    trial = json.loads((store.folder(key) / "trial.json").read_text())
+    assert TrialSpec.from_json(trial["spec"]) == record.spec and trial["from_a_newer_writer"] == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    "name, field, value",
+    [("trial.json", "best_epoch", "two"), ("trial.json", "sites", [{"weight": 1}]),
+     ("ledger.json", "steps", 8.5), ("ledger.json", "accountant", 3),
+     ("ledger.json", "noise_multiplier", None)],
+)  # fmt: skip
+def test_a_record_field_not_of_its_type_is_damage_named_by_file_and_field(
+    tmp_path, name, field, value
+):
+    """The typed read never guesses: a stored field that is not of its type (or a required
+    ledger field that is missing) damages the trial, and status names the file and field."""
+    key = finished(tmp_path)
+    store = TrialStore(tmp_path)
+    document = json.loads((store.folder(key) / name).read_text())
+    if value is None:
+        del document[field]
+    else:
+        document[field] = value
+    store.rewrite(key, name, json.dumps(document).encode())  # resealed: a faulty writer
+    found = store.inspect(key)
+    assert found.record is None and found.damage is not None
+    assert found.damage.path.name == name and field in found.damage.reason, found.damage
+    assert store.status(key, [Target("a", "fpa")])[0] == "damaged"

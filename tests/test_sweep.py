@@ -91,7 +91,7 @@ def test_every_dp_epsilon_matches_an_independent_pld_accountant(tiny_sweep):
     dp = df[df["accountant"] != "none"].drop_duplicates("trial_key")
     assert len(dp) == 2
     for row in dp.itertuples():
-        ledger = store.read(row.trial_key).ledger
+        ledger = store.ledger_document(row.trial_key)
         pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
         names = []
         for m in ledger["mechanisms"]:
@@ -225,8 +225,8 @@ def test_trial_record_reproduces_key_and_predictions(tiny_sweep):
     from privdom_ray.train import load_model, predict
 
     work, _ = tiny_sweep
-    tdir = next(p.parent for p in (work / "out" / "trials").glob("*/config.yaml"))
-    config = yaml.safe_load((tdir / "config.yaml").read_text())
+    tdir = next(p.parent for p in (work / "out" / "trials").glob("*/trial.json"))
+    config = yaml.safe_load(TrialStore(work / "out").config_text(tdir.name))  # what show prints
     spec = TrialSpec.from_json(config["spec"])
     assert spec.with_key().key == tdir.name == config["spec"]["key"]
     assert {"torch", "opacus", "ray"} <= set(config["versions"]) and config["code_version"]

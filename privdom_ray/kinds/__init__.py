@@ -108,9 +108,10 @@ class TrialKind:
         federation too, so tables written before kinds keep their values; ``row_kind``)."""
         return spec.variant
 
-    def canary_check(self, record: Any) -> Any:
-        """Its one-run canary audit recomputed (a ``kinds.audit.TwinCheck``), or None for a
-        kind without one (a store.TrialRecord; ``launch.py audit`` reports it)."""
+    def canary_check(self, record: Any, ledger: Mapping[str, Any]) -> Any:
+        """Its one-run canary audit recomputed (a ``kinds.audit.TwinCheck``) against the
+        ledger document as stored (``store.ledger_document``: certifying code reads the claim,
+        not its typed parse), or None for a kind without one (``launch.py audit`` reports it)."""
         return None
 
     def attached_to(self, spec: TrialSpec) -> str | None:

@@ -31,6 +31,7 @@ from privdom_ray.config import (
 )
 from privdom_ray.kinds import Checker, PlanContext, TrialKind, register
 from privdom_ray.kinds.standard import single_site
+from privdom_ray.privacy import Ledger
 
 INPUT_CANARIES = 1000  # ``auto`` for input canaries: each included one is a training image
 #: The columns a twin adds to the audited cell's rows (null where the cell has no twin).
@@ -256,14 +257,14 @@ class AuditTwin(TrialKind):
     def attached_to(self, spec: TrialSpec) -> str | None:
         return audited(spec).key
 
-    def canary_check(self, record: Any) -> TwinCheck:
-        return check_twin(record.info.get("audit"), record.ledger, record.spec.name)
+    def canary_check(self, record: Any, ledger: Mapping[str, Any]) -> TwinCheck:
+        return check_twin(record.info.audit, ledger, record.spec.name)
 
     def row_columns(self, record: Any) -> dict[str, Any]:
         """The audited cell's ``audit_*`` columns (a twin without a result: nulls)."""
-        if "audit" not in record.info:
+        if record.info.audit is None:
             return {}
-        return columns(record.info["audit"], record.ledger)
+        return columns(record.info.audit, record.ledger)
 
 
 register(AuditTwin())
@@ -347,20 +348,20 @@ def _noise_problem(noise: Mapping[str, Any] | None, name: str) -> str:
     return ""
 
 
-def columns(result: Mapping[str, Any], ledger: Mapping[str, Any]) -> dict[str, Any]:
+def columns(result: Mapping[str, Any], ledger: Ledger) -> dict[str, Any]:
     """The audited cell's ``audit_*`` columns from its twin's result (results.audit_columns).
     Twins from before version 2 (m = 1000, Steinke et al.'s bound, no replay, no power) keep
     their numbers; their attainable maximum is computed from m."""
     from privdom_ray.audit_bound import guess_grid, max_lower
 
-    spent = ledger["epsilon_spent"]
+    spent = ledger.epsilon_spent
     out = {
         "audit_epsilon_lower": float(result["epsilon_lower"]),
         "audit_canaries": int(result["m"]),
         "audit_guesses": int(result["guesses"]),
         "audit_correct": int(result["correct"]),
         "audit_kind": str(result["kind"]),
-        "audit_twin_epsilon": math.inf if spent in ("inf", "Infinity") else float(spent),
+        "audit_twin_epsilon": float(spent),
         "audit_epsilon_lower_replay": None,
         "audit_power_noise_scale": None,
         "audit_noise_ratio": None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -348,7 +347,7 @@ def rows_for_trial(
     current evaluation (store.EvalRecord); ``twin``: its audit twin's record, if any."""
     spec, info, ledger = record.spec, record.info, record.ledger
     # the membership attack reads training images without noise: never shared for DP trials
-    shareable_mia = ledger["accountant"] == "none"
+    shareable_mia = not ledger.is_private
     fixed = {
         "sweep": sweep,
         "trial_key": record.key,
@@ -358,19 +357,19 @@ def rows_for_trial(
         "model": spec.model,
         "variant": kind_of(spec).label(spec),
         "init": spec.init,
-        "mia_auc": info.get("mia_auc") if shareable_mia else None,
-        "mia_tpr_at_1fpr": info.get("mia_tpr_at_1fpr") if shareable_mia else None,
-        **{k: _number(ledger[k]) for k in LEDGER_COLUMNS},
-        "privacy_scope": ledger.get("scope", "trial"),
-        "loss_weights": ledger.get("loss_weights", "exact"),
+        "mia_auc": info.mia_auc if shareable_mia else None,
+        "mia_tpr_at_1fpr": info.mia_tpr_at_1fpr if shareable_mia else None,
+        **{k: getattr(ledger, k) for k in LEDGER_COLUMNS},
+        "privacy_scope": ledger.scope,
+        "loss_weights": ledger.loss_weights,
         "image_size": spec.preprocessing.image_size,
         "epochs": spec.training.epochs,
-        "best_epoch": info["best_epoch"],
+        "best_epoch": info.best_epoch,
         "logical_batch": spec.training.logical_batch,
         "lr": spec.training.lr,
-        "train_seconds": info["train_seconds"],
-        "node": info.get("node", ""),
-        "versions": json.dumps(info.get("versions", {}), sort_keys=True),
+        "train_seconds": info.train_seconds,
+        "node": info.node,
+        "versions": json.dumps(dict(info.versions), sort_keys=True),
         **audit_columns(twin),
     }
     frames = []
@@ -394,11 +393,6 @@ def audit_columns(twin: Any) -> dict[str, Any]:
     extra = {} if twin is None else kind_of(twin.spec).row_columns(twin)
     return {**dict.fromkeys(AUDIT_COLUMNS), **extra}
 
-
-def _number(value: Any) -> Any:
-    if isinstance(value, str) and value in ("inf", "Infinity"):
-        return math.inf
-    return value
 
 
 def aggregate(

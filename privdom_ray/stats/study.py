@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privdom_ray.config import parse_epsilon
 from privdom_ray.kinds import kind_of
 from privdom_ray.stats import results
 from privdom_ray.stats.quantities import _warn
@@ -105,15 +104,14 @@ def study_of(finished: results.Finished) -> Study:
 
 def _model_info(record: TrialRecord) -> ModelInfo:
     spec, ledger = record.spec, record.ledger
-    spent = ledger.get("epsilon_spent")
     return ModelInfo(
         key=record.key,
         source=spec.source,
         epsilon=spec.epsilon,
         seed=spec.seed,
         model=spec.model,
-        epsilon_spent=None if spent is None else parse_epsilon(spent),
-        accountant=ledger.get("accountant"),
+        epsilon_spent=ledger.epsilon_spent,
+        accountant=ledger.accountant,
         sites=record.training_sites,
     )
 

@@ -10,7 +10,8 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import launch, synthetic_domain, toy_split
+from conftest import launch, toy_split
+from helpers.grids import synthetic_domain
 
 from privdom_ray import kinds
 from privdom_ray.canaries import Fault
@@ -163,7 +164,7 @@ def test_twins_are_planned_keyed_and_attached_to_the_audited_rows(tmp_path):
     assert other.with_key().key != twins[0].key and audited(other).key == audited(twins[0]).key
 
     # the twin's result lands on the audited cell's rows (through the real aggregator)
-    from conftest import make_testset, scores_for, write_trial
+    from helpers.trials import make_testset, scores_for, write_trial
 
     test = make_testset(60, seed=1)
     key = write_trial(tmp_path / "agg", source="a", epsilon=1.0, seed=0,
@@ -267,7 +268,7 @@ def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tm
     """An epsilon-8 cell whose twin's canaries cannot show 8 gets "cannot tell" with the
     attainable maximum; a powered one states what it would catch."""
     import torch
-    from conftest import make_testset, scores_for, write_trial
+    from helpers.trials import make_testset, scores_for, write_trial
 
     from privdom_ray import report
 
@@ -315,7 +316,7 @@ def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tm
 def test_launch_audit_recomputes_a_twins_bound_and_noise_tests(tmp_path):
     """``launch.py audit`` never trusts a twin's stored numbers: a bound that is not what its
     counts give, or a noise test that fails, is a problem; a consistent record passes."""
-    from conftest import make_testset, scores_for, write_trial
+    from helpers.trials import make_testset, scores_for, write_trial
 
     from privdom_ray.audit_bound import epsilon_lower_fdp
     from privdom_ray.kinds.audit import check_twin
@@ -431,7 +432,7 @@ def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path)
     new default: the twins of the cells not chosen are kept (planned as finished, never
     trained) and every cell keeps its audit result; a fresh folder gets the chosen twins only,
     and the report names the cells that were not audited instead of leaving them silent."""
-    from conftest import make_testset, scores_for, write_trial
+    from helpers.trials import make_testset, scores_for, write_trial
 
     from privdom_ray import planning, report
     from privdom_ray.cell import TargetRef

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import AGE_BINS, EV, build_output, make_testset, scores_for, write_trial
+from helpers.trials import AGE_BINS, EV, build_output, make_testset, scores_for, write_trial
 from scipy import stats
 
 from privdom_ray import integrity, report

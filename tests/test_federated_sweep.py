@@ -8,7 +8,8 @@ import math
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, launch, synthetic_domain
+from conftest import ROOT, launch
+from helpers.grids import synthetic_domain
 
 from privdom_ray.privacy import epsilon_of, ledger_mechanisms
 from privdom_ray.store import TrialStore

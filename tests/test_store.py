@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import make_testset, scores_for, write_trial
+from helpers.trials import make_testset, scores_for, write_trial
 
 from privdom_ray import lease, planning
 from privdom_ray.grid import parse_grid
@@ -392,7 +392,7 @@ def test_a_failed_run_keeps_a_larger_table_only_while_every_row_still_stands(tmp
     """Aggregation safety: a run with failed cells never replaces a table by a smaller one,
     unless a row of the old one no longer stands on the model on disk (then the smaller,
     true table replaces it)."""
-    from conftest import build_output
+    from helpers.trials import build_output
 
     from privdom_ray.sweep import _still_better
 

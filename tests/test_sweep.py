@@ -7,7 +7,8 @@ import math
 import pandas as pd
 import pytest
 import yaml
-from conftest import launch, synthetic_domain
+from conftest import launch
+from helpers.grids import synthetic_domain
 
 from privdom_ray.manifest import LABELS
 from privdom_ray.store import TrialStore

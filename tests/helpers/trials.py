@@ -235,4 +235,3 @@ def build_output(
         output / "plan.json", {"targets": [{"name": d, "fingerprint": f"fp{d}"} for d in domains]}
     )
     return keys
-

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import launch, toy_split
+from helpers import folders
 from helpers.grids import synthetic_domain
 
 from privdom_ray import kinds
@@ -497,13 +498,13 @@ def test_a_sweep_over_a_folder_with_a_twin_on_every_cell_retrains_nothing(tmp_pa
             "audit": {"canaries": 200, "cells": "all"}}  # fmt: skip
     (tmp_path / "all.yaml").write_text(yaml.safe_dump(grid))
     launch("--grid", "all.yaml", cwd=tmp_path)
-    models = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("out/trials/*/model.pt")}
+    models = folders.model_stamps(tmp_path / "out")
     assert len(models) == 8  # 4 cells and 4 twins
     del grid["audit"]["cells"]  # the default: one twin per epsilon
     (tmp_path / "default.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("--grid", "default.yaml", cwd=tmp_path)
     assert "8 already done, 0 to train, 0 trained" in proc.stdout
-    after = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("out/trials/*/model.pt")}
+    after = folders.model_stamps(tmp_path / "out")
     assert after == models
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet").drop_duplicates("trial_key")
     assert len(df) == 4 and df["audit_epsilon_lower"].notna().all()

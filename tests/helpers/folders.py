@@ -135,3 +135,38 @@ def reseal_evaluations(output: Path, **fields: Any) -> int:
             path.write_bytes(integrity.seal({**integrity.unseal(path), **fields}))
             n += 1
     return n
+
+
+def with_ledger(trial: TrialRecord, ledger: dict[str, Any]) -> TrialRecord:
+    """``trial`` as if its ledger were ``ledger`` (a dict as ``ledger.json`` holds it): what a
+    check of the record alone (``audit.audit_trial``) sees of a tampered ledger."""
+    import dataclasses
+
+    return dataclasses.replace(trial, ledger=ledger)
+
+
+def clone_trial(output: Path, key: str, **spec_changes: Any) -> str:
+    """A copy of finished trial ``key`` (model, ledger, evaluations) under the key of its spec
+    with ``spec_changes`` (e.g. a model of an older data version); returns the new key."""
+    import shutil
+
+    from privdom_ray.config import TrialSpec
+
+    store = TrialStore(output)
+    old = info(output, key)
+    spec = TrialSpec.from_json({**old["spec"], **spec_changes}).with_key()
+    shutil.copytree(store.folder(key), store.folder(spec.key))
+    rewrite_record(output, spec.key, "trial.json", lambda i: {**i, "spec": spec.to_json()})
+    return spec.key
+
+
+def checkpoint_left(output: Path, key: str) -> bool:
+    """Whether the trial's checkpoint (with the secret generator states) is still on disk."""
+    return TrialStore(output).has_checkpoint(key)
+
+
+def commit_stamps(output: Path) -> dict[str, int]:
+    """key -> modification time (ns) of each trained trial's commit record (``done``, written
+    last): when the trial finished."""
+    store = TrialStore(output)
+    return {k: (store.folder(k) / "done").stat().st_mtime_ns for k in trained_keys(output)}

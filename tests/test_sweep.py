@@ -85,15 +85,12 @@ def test_every_dp_epsilon_matches_an_independent_pld_accountant(tiny_sweep):
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
 
-    from privdom_ray.store import TrialStore
-
     work, _ = tiny_sweep
-    store = TrialStore(work / "out")
     df = pd.read_parquet(work / "out" / "transfer.parquet")
     dp = df[df["accountant"] != "none"].drop_duplicates("trial_key")
     assert len(dp) == 2
     for row in dp.itertuples():
-        ledger = store.read(row.trial_key).ledger
+        ledger = folders.ledger(work / "out", row.trial_key)
         pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
         names = []
         for m in ledger["mechanisms"]:

@@ -175,6 +175,19 @@ def write_trial(
     return key
 
 
+def write_twin(output: Path, key: str, audit: Any, result: dict[str, Any]) -> str:
+    """A finished audit twin of trial ``key`` (its spec with ``audit``, its ledger and
+    thresholds) whose record holds the canary audit's ``result``; returns the twin's key."""
+    import dataclasses
+
+    from privdom_ray.store import TrialStore
+
+    trial = TrialStore(output).read(key)
+    twin = dataclasses.replace(trial.spec, variant="audit", audit=audit).with_key()
+    info = {"best_epoch": 1, "val_macro_auc": 0.5, "audit": result}
+    return write_trained(output, twin, Ledger.from_dict(trial.ledger), info)
+
+
 Strength = Callable[[str, str, float, int], float]
 
 

@@ -198,14 +198,9 @@ def plan(tmp_path: Path, fps: dict, **changes):
 def mark_done(tmp_path: Path, trial, targets: dict[str, str]) -> None:
     """Write ``trial`` as finished and evaluated on ``targets`` (name -> fingerprint)."""
     test = make_testset(60, seed=1)
-    out = tmp_path / "out"
-    key = write_trial(out, source=trial.source, epsilon=trial.epsilon, seed=trial.seed,
-                      evals={t: (fp, test, scores_for(test, 1.0, 2)) for t, fp in targets.items()})  # fmt: skip
-    store = TrialStore(out)  # the builder's spec is generic: file it under the planned key
-    store.folder(key).rename(store.folder(trial.key))
-    info = json.loads((store.folder(trial.key) / "trial.json").read_text())
-    info["spec"] = trial.to_json()
-    store.rewrite(trial.key, "trial.json", json.dumps(info).encode())  # sealed again
+    write_trial(tmp_path / "out", source=trial.source, epsilon=trial.epsilon, seed=trial.seed,
+                spec=trial,  # filed under the planned key
+                evals={t: (fp, test, scores_for(test, 1.0, 2)) for t, fp in targets.items()})  # fmt: skip
 
 
 def test_planning_skips_done_work_and_runs_only_what_is_new(tmp_path):

@@ -40,25 +40,10 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID = {
-    "name": "probe",
-    "output": "out",
-    "domains": [
-        {
-            "name": n,
-            "kind": "synthetic",
-            "root": f"data/{n}",
-            "options": {"site": n, "n_patients": 60},
-        }
-        for n in ("a", "b")
-    ],
-    "epsilons": [2, "inf"],
-    "seeds": [0],
-    "training": {"epochs": 2, "logical_batch": 16, "physical_batch": 16},
-    "preprocessing": {"image_size": 24},
-    "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},
-    "ray": {"num_cpus": 2, "max_failures": 1},
-}
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny grid is shared with test_fault_injection
+from helpers.grids import tiny_grid  # noqa: E402
+
+GRID = tiny_grid("probe", "ab", n_patients=60, epochs=2, image_size=24, max_failures=1)
 ROWS = 288
 
 

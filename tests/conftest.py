@@ -1,4 +1,6 @@
-"""Helpers shared by the test files: the command line, small learnable splits, a synthetic domain.
+"""Fixtures and helpers shared by the test files: the command line, small learnable splits,
+a real finished sweep trained without Ray (finished trials from synthetic scores, and the tiny
+grids, are in ``tests/helpers/``).
 
 One torch thread per process: the suite runs on 2 shared cores, beside sweeps that start
 their own workers, and oversubscribed BLAS threads make timings swing 10-20x.
@@ -14,18 +16,16 @@ import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from helpers.trials import EV  # noqa: E402
 
 from privdom_ray.cache import SplitData  # noqa: E402
-from privdom_ray.config import EvaluationConfig  # noqa: E402
 from privdom_ray.manifest import LABELS  # noqa: E402
-from privdom_ray.stats import evaluation, results  # noqa: E402
+from privdom_ray.stats import results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,197 +54,6 @@ def toy_split(n: int, size: int = 16, seed: int = 0) -> SplitData:
     images[labels[:, 0] == 1, 4:12, 4:12] = 250
     labels[rng.random((n, len(LABELS))) < 0.1] = np.nan  # some masked labels
     return SplitData(images, labels, np.array(["F", "M"] * (n // 2)), rng.uniform(20, 90, n))
-
-
-def synthetic_domain(name: str, site: str, n_patients: int = 50) -> dict:
-    """A grid entry for a generated synthetic site under ``data/<name>``."""
-    return {
-        "name": name,
-        "kind": "synthetic",
-        "root": f"data/{name}",
-        "options": {"site": site, "n_patients": n_patients},
-    }
-
-
-# ------------------------------------------------------------------- finished trials, no training
-
-
-N_BOOT = 200
-AGE_BINS = (0.0, 40.0, 70.0, math.inf)
-EV = EvaluationConfig(n_boot=N_BOOT, seed=0, ci=0.95, age_bins=AGE_BINS)
-
-
-# ------------------------------------------------------------------------------ builder
-
-
-def make_testset(n: int, seed: int, per_patient: int = 3) -> dict[str, np.ndarray]:
-    """A target's test split: patients with 1..per_patient images, labels (some unknown),
-    sex and age per patient, ages in [20, 70) only.
-
-    Cardiomegaly is never positive under 40, so "age=[0,40)" has no positives for it, and
-    nobody is 70 or older, so "age=[70,inf)" is empty.
-    """
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(1, per_patient + 1, size=n)
-    group = np.repeat(np.arange(n), sizes)[:n]
-    n_pat = int(group.max()) + 1
-    age = rng.uniform(20, 69.9, n_pat)[group]
-    sex = rng.choice(np.array(["F", "M", "U"]), n_pat, p=[0.45, 0.45, 0.1])[group]
-    frail = rng.normal(size=n_pat)[group]  # a patient effect: follow-ups are alike
-    y = (rng.random((n, len(LABELS))) < 1 / (1 + np.exp(0.6 - 0.8 * frail[:, None]))).astype(float)
-    y[age < 40, 0] = 0.0
-    y[rng.random((n, len(LABELS))) < 0.05] = np.nan
-    return {"y": y, "sex": sex, "age": age, "group": group}
-
-
-def scores_for(test: dict[str, np.ndarray], strength: float, seed: int) -> np.ndarray:
-    """Sigmoid probabilities separating the classes by ``strength`` SDs, with a per-patient
-    model error (a model misjudges all images of one patient alike)."""
-    rng = np.random.default_rng(seed)
-    n_pat = int(test["group"].max()) + 1
-    patient_err = rng.normal(scale=0.7, size=(n_pat, len(LABELS)))[test["group"]]
-    logit = np.nan_to_num(test["y"]) * strength + patient_err + rng.normal(size=test["y"].shape)
-    return 1.0 / (1.0 + np.exp(-(logit - 0.5 * strength)))
-
-
-def write_trial(
-    output: Path,
-    *,
-    source: str,
-    epsilon: float,
-    seed: int,
-    evals: dict[str, tuple[str, dict[str, np.ndarray], np.ndarray]],
-    done: bool = True,
-    incomplete: tuple[str, ...] = (),
-    patient_groups: bool = True,
-    spec: Any = None,
-    info: dict | None = None,
-) -> str:
-    """A finished trial written through the trial store; ``evals`` maps target ->
-    (fingerprint, test, scores). ``done=False`` leaves it as a crash before its ``done`` marker;
-    targets in ``incomplete`` get an evaluation without eval.json (a half-written one);
-    ``patient_groups=False`` writes predictions as evaluations did before patient groups.
-    ``spec``: a planned TrialSpec to write instead of the one built from source, epsilon and
-    seed; ``info``: more fields of its record (e.g. an audit twin's ``audit`` result)."""
-    import torch
-
-    from privdom_ray.config import TrainingConfig, TrialSpec
-    from privdom_ray.imaging import Preprocessing
-    from privdom_ray.privacy import MECHANISM_VERSION, Ledger
-    from privdom_ray.store import TrialStore
-
-    private = math.isfinite(epsilon)
-    spec = spec or TrialSpec(
-        source=source, data_fingerprint=f"fp{source}", epsilon=epsilon,
-        delta=1e-5 if private else 0.0, seed=seed, model="resnet9",
-        training=TrainingConfig(epochs=2, lr=1e-3), preprocessing=Preprocessing(image_size=16),
-    ).with_key()  # fmt: skip
-    common = dict(steps=8, sample_rate=0.25, loss_weights="dp_counts" if private else "exact")
-    if private:
-        ledger = Ledger(
-            epsilon_target=epsilon, epsilon_spent=0.99 * epsilon, epsilon_rdp=epsilon,
-            delta=1e-5, noise_multiplier=1.0, max_grad_norm=1.5, accountant="prv",
-            accountant_requested="prv", poisson_sampling=True, randomness="os-entropy",
-            mechanism_version=MECHANISM_VERSION, **common,
-        )  # fmt: skip
-    else:
-        ledger = Ledger.non_private(**common)
-    store = TrialStore(output)
-    record = {"spec": spec.to_json(), "best_epoch": 2, "train_seconds": 1.0, "val_macro_auc": 0.8,
-              **(info or {})}  # fmt: skip
-    store.write_trained(
-        spec.key, state_dict={"w": torch.zeros(1)}, ledger=ledger.as_dict(), history=[],
-        thresholds=[0.5] * len(LABELS), labels=LABELS, record=record,
-    )  # fmt: skip
-    for target, (fp, test, scores) in evals.items():
-        pred = pd.DataFrame({"row": np.arange(len(scores))})
-        for j, label in enumerate(LABELS):
-            pred[f"score_{label}"] = scores[:, j]
-            pred[f"label_{label}"] = test["y"][:, j]
-        pred["sex"] = test["sex"].astype(str)
-        pred["age"] = test["age"]
-        if patient_groups:
-            pred["patient_group"] = test["group"].astype(np.int64)
-        rows = evaluation.evaluate(
-            scores, test["y"], np.full(len(LABELS), 0.5), LABELS,
-            groups=evaluation.subgroup_masks(test["sex"], test["age"], AGE_BINS), n_boot=N_BOOT,
-            seed=0, clusters=test["group"] if patient_groups else None,
-            min_positives=EV.min_positives, min_negatives=EV.min_negatives,
-        )  # fmt: skip
-        unit = "patient" if patient_groups else "image"
-        store.write_eval(
-            spec.key, target, fp, metrics=pd.DataFrame([r.as_dict() for r in rows]),
-            predictions=pred, info={"n_test": len(scores), "n_boot": N_BOOT,
-                                    "resampling_unit": unit, "eval_seconds": 0.1},
-            model=store.model_digest(spec.key),
-        )  # fmt: skip
-        if target in incomplete:  # a crash before the evaluation was complete
-            (store.evaluation(spec.key, target, fp).path / "eval.json").unlink()
-    if not done:  # a crash before the done marker
-        (store.folder(spec.key) / "done").unlink()
-    return spec.key
-
-
-Strength = Callable[[str, str, float, int], float]
-
-
-def default_strength(source: str, target: str, epsilon: float, seed: int) -> float:
-    """Models are better on-domain and without DP; a seed shifts every model a little."""
-    base = 1.6 if source == target else 0.9
-    dp = -0.35 if math.isfinite(epsilon) else 0.0
-    return base + dp + 0.05 * seed
-
-
-def build_output(
-    output: Path,
-    *,
-    domains: tuple[str, ...] = ("a", "b", "c"),
-    epsilons: tuple[float, ...] = (1.0, math.inf),
-    seeds: tuple[int, ...] = (0,),
-    n: int = 240,
-    strength: Strength = default_strength,
-    skip: tuple[tuple[str, float, int, str], ...] = (),
-    patient_groups: bool = True,
-    share_noise: bool = False,
-) -> list[str]:
-    """A finished sweep: every (source, epsilon, seed) trained and evaluated on every domain.
-
-    ``skip`` lists (source, epsilon, seed, target) evaluations left half-written;
-    ``share_noise`` gives models of equal strength identical scores across epsilons.
-    """
-    tests = {d: make_testset(n, seed=10 + i) for i, d in enumerate(domains)}
-    keys = []
-    for si, source in enumerate(domains):
-        for ei, eps in enumerate(epsilons):
-            for seed in seeds:
-                evals = {
-                    t: (
-                        f"fp{t}",
-                        tests[t],
-                        scores_for(
-                            tests[t],
-                            strength(source, t, eps, seed),
-                            1000 * seed + 100 * si + 10 * ei * (not share_noise) + ti,
-                        ),
-                    )
-                    for ti, t in enumerate(domains)
-                }
-                incomplete = tuple(t for (s, e, sd, t) in skip if (s, e, sd) == (source, eps, seed))
-                keys.append(
-                    write_trial(
-                        output,
-                        source=source,
-                        epsilon=eps,
-                        seed=seed,
-                        evals=evals,
-                        incomplete=incomplete,
-                        patient_groups=patient_groups,
-                    )
-                )
-    results.write_json(  # the plan's targets: their current data versions
-        output / "plan.json", {"targets": [{"name": d, "fingerprint": f"fp{d}"} for d in domains]}
-    )
-    return keys
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 from conftest import launch
+from helpers import folders
 
 from privdom_ray import privacy
 from privdom_ray.audit import audit_trial
@@ -56,7 +57,7 @@ def problems(store: TrialStore, key: str, ledger: dict, site: str) -> str:
 def cases(store: TrialStore, names: dict[str, str]):
     """(label, key, site, the stored ledger) of every DP ledger of the real output."""
     for name in ("a_eps2_seed0", "a_eps2_seed0_audit", "fed_ab_eps2_seed0"):
-        ledger = store.ledger_document(names[name])
+        ledger = folders.ledger(store.output, names[name])
         sites = list(ledger.get("sites", {})) or [""]
         for site in sites:
             yield f"{name}/{site}", names[name], site, (ledger["sites"][site] if site else ledger)
@@ -66,7 +67,8 @@ def test_the_untouched_output_passes_the_audit(real_output):
     output, names = real_output
     store = TrialStore(output)
     for key in names.values():
-        assert [line.problem for line in audit_trial(store, store.read(key)) if not line.ok] == []
+        record = folders.record(output, key)
+        assert [line.problem for line in audit_trial(store, record) if not line.ok] == []
 
 
 def test_tampering_with_any_ledger_field_is_caught_and_named(real_output):
@@ -104,8 +106,8 @@ def test_the_attacks_that_passed_before_are_caught_from_the_command_line(real_ou
     output, names = real_output
     work = tmp_path / "w"
     shutil.copytree(output, work / "out")
-    path = work / "out" / "trials" / names["a_eps2_seed0"] / "ledger.json"
-    original = json.loads(path.read_text())
+    out, key = work / "out", names["a_eps2_seed0"]
+    original = folders.ledger(out, key)
 
     def consistent(ledger: dict) -> dict:  # the epsilon its own mechanisms give
         mechs = privacy.ledger_mechanisms(ledger)
@@ -129,30 +131,25 @@ def test_the_attacks_that_passed_before_are_caught_from_the_command_line(real_ou
     }
     assert attacks["noise_multiplier"]["epsilon_spent"] < 0.6 * original["epsilon_spent"]
     assert launch("audit", "out", cwd=work).returncode == 0
-    store = TrialStore(work / "out")  # each edit resealed: the checksums guard against
-    key = names["a_eps2_seed0"]  # damage, not against someone who can write the folder
+    # each edit resealed: the checksums guard against damage, not against someone who can
+    # write the folder
     for field, ledger in attacks.items():
-        store.rewrite(key, "ledger.json", json.dumps(ledger).encode())
-        proc = launch("audit", "out", cwd=work, expect=1)
-        assert field in proc.stdout, (field, proc.stdout[-2000:])
-        assert "refusing" in launch("export", "out", "--to", "shared", cwd=work, expect=1).stderr
-    store.rewrite(key, "ledger.json", json.dumps(original).encode())
+        with folders.rewritten(out, key, "ledger.json", lambda _, new=ledger: new):
+            proc = launch("audit", "out", cwd=work, expect=1)
+            assert field in proc.stdout, (field, proc.stdout[-2000:])
+            refused = launch("export", "out", "--to", "shared", cwd=work, expect=1)
+            assert "refusing" in refused.stderr
     # a model trained without DP whose ledger claims a guarantee
-    nondp_key = names["a_epsinf_seed0"]
-    plain = (store.folder(nondp_key) / "ledger.json").read_bytes()
-    store.rewrite(
-        nondp_key, "ledger.json", json.dumps({**original, "initialization": "scratch"}).encode()
-    )
-    assert "trained without DP" in launch("audit", "out", cwd=work, expect=1).stdout
-    store.rewrite(nondp_key, "ledger.json", plain)
+    claims_dp = {**original, "initialization": "scratch"}
+    with folders.rewritten(out, names["a_epsinf_seed0"], "ledger.json", lambda _: claims_dp):
+        assert "trained without DP" in launch("audit", "out", cwd=work, expect=1).stdout
     # the recorded training-set size against a recount of the cache entry's rows
-    trial = path.with_name("trial.json")
-    info = json.loads(trial.read_text())
-    store.rewrite(key, "trial.json", json.dumps({**info, "units": info["units"] + 40}).encode())
-    assert "units: the trial record says" in launch("audit", "out", cwd=work, expect=1).stdout
-    store.rewrite(key, "trial.json", json.dumps(info).encode())
-    history = path.with_name("history.json")
-    records = json.loads(history.read_text())
-    records[-1]["epsilon"] *= 0.5
-    store.rewrite(key, "history.json", json.dumps(records).encode())
+    with folders.rewritten(out, key, "trial.json", lambda i: {**i, "units": i["units"] + 40}):
+        assert "units: the trial record says" in launch("audit", "out", cwd=work, expect=1).stdout
+
+    def halve_last_epsilon(history: list) -> list:
+        history[-1]["epsilon"] *= 0.5
+        return history
+
+    folders.rewrite_record(out, key, "history.json", halve_last_epsilon)
     assert "history's last epsilon" in launch("audit", "out", cwd=work, expect=1).stdout

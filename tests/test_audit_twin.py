@@ -10,7 +10,9 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import launch, synthetic_domain, toy_split
+from conftest import launch, toy_split
+from helpers import folders
+from helpers.grids import synthetic_domain
 
 from privdom_ray import kinds
 from privdom_ray.canaries import Fault
@@ -163,27 +165,16 @@ def test_twins_are_planned_keyed_and_attached_to_the_audited_rows(tmp_path):
     assert other.with_key().key != twins[0].key and audited(other).key == audited(twins[0]).key
 
     # the twin's result lands on the audited cell's rows (through the real aggregator)
-    from conftest import make_testset, scores_for, write_trial
+    from helpers.trials import make_testset, scores_for, write_trial, write_twin
 
     test = make_testset(60, seed=1)
     key = write_trial(tmp_path / "agg", source="a", epsilon=1.0, seed=0,
                       evals={"a": ("fpa", test, scores_for(test, 1.0, 0))})  # fmt: skip
-    record = TrialStore(tmp_path / "agg").read(key)
-    twin = dataclasses.replace(
-        record.spec, variant="audit", audit=AuditSpec(100, "gradient", 0)
-    ).with_key()
-    assert audited(twin).key == key
     result = {"epsilon_lower": 0.3, "epsilon_lower_fdp": 0.4, "m": 100, "guesses": 40,
               "correct": 26, "kind": "gradient"}  # fmt: skip
-    import torch
-
-    TrialStore(tmp_path / "agg").write_trained(
-        twin.key, state_dict={"w": torch.zeros(1)}, ledger=record.ledger, history=[],
-        thresholds=list(record.thresholds), labels=LABELS,
-        record={"spec": twin.to_json(), "best_epoch": 1, "train_seconds": 1.0,
-                "val_macro_auc": 0.5, "audit": result},
-    )  # fmt: skip
-    _, df = results.aggregate(tmp_path / "agg", [key, twin.key], "t", [_T("a", "fpa")])
+    twin = write_twin(tmp_path / "agg", key, AuditSpec(100, "gradient", 0), result)
+    assert audited(folders.record(tmp_path / "agg", twin).spec).key == key
+    _, df = results.aggregate(tmp_path / "agg", [key, twin], "t", [_T("a", "fpa")])
     assert set(df["trial_key"]) == {key}  # the twin has no rows of its own
     assert (df["audit_epsilon_lower"] == 0.3).all() and (df["audit_canaries"] == 100).all()
 
@@ -193,7 +184,7 @@ def test_twins_are_planned_keyed_and_attached_to_the_audited_rows(tmp_path):
 
     md = report.write_report(tmp_path / "agg")
     rows = [line for line in md.splitlines() if line.startswith("| a, ε = 1, seed 0")]
-    spent = f"{record.ledger.epsilon_spent:.2f}"
+    spent = f"{folders.record(tmp_path / 'agg', key).ledger.epsilon_spent:.2f}"
     top = f"{df['audit_epsilon_max'].iloc[0]:.2f}"
     assert rows == [f"| a, ε = 1, seed 0 | {spent} | gradient, m = 100 | 0.30 | — | {top} | "
                     "not estimated (twin from before the power estimate; re-run it) | — | no "
@@ -266,8 +257,7 @@ def _v2_result(m: int, lower: float, top: float, scale: float | None) -> dict:
 def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tmp_path):
     """An epsilon-8 cell whose twin's canaries cannot show 8 gets "cannot tell" with the
     attainable maximum; a powered one states what it would catch."""
-    import torch
-    from conftest import make_testset, scores_for, write_trial
+    from helpers.trials import make_testset, scores_for, write_trial, write_twin
 
     from privdom_ray import report
 
@@ -283,18 +273,8 @@ def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tm
     ):
         key = write_trial(out, source="a", epsilon=eps, seed=seed,
                           evals={"a": ("fpa", test, scores_for(test, 1.0, 0))})  # fmt: skip
-        record = TrialStore(out).read(key)
-        twin = dataclasses.replace(
-            record.spec, variant="audit", audit=AuditSpec(m, "gradient", 0)
-        ).with_key()
-        TrialStore(out).write_trained(
-            twin.key, state_dict={"w": torch.zeros(1)}, ledger=record.ledger, history=[],
-            thresholds=list(record.thresholds), labels=LABELS,
-            record={"spec": twin.to_json(), "best_epoch": 1, "train_seconds": 1.0,
-                    "val_macro_auc": 0.5,
-                    "audit": {**_v2_result(m, 0.4, top, scale), "noise": noise}},
-        )  # fmt: skip
-        keys += [key, twin.key]
+        result = {**_v2_result(m, 0.4, top, scale), "noise": noise}
+        keys += [key, write_twin(out, key, AuditSpec(m, "gradient", 0), result)]
     _, df = results.aggregate(out, keys, "t", [_T("a", "fpa")])
     audited = df[df["seed"] == 0].drop_duplicates("trial_key").set_index("epsilon_target")
     assert audited.loc[8.0, "audit_epsilon_max"] == 5.1
@@ -315,7 +295,7 @@ def test_the_report_never_calls_an_audit_that_cannot_reach_epsilon_consistent(tm
 def test_launch_audit_recomputes_a_twins_bound_and_noise_tests(tmp_path):
     """``launch.py audit`` never trusts a twin's stored numbers: a bound that is not what its
     counts give, or a noise test that fails, is a problem; a consistent record passes."""
-    from conftest import make_testset, scores_for, write_trial
+    from helpers.trials import make_testset, scores_for, write_trial
 
     from privdom_ray.audit_bound import epsilon_lower_fdp
     from privdom_ray.kinds.audit import check_twin
@@ -324,7 +304,7 @@ def test_launch_audit_recomputes_a_twins_bound_and_noise_tests(tmp_path):
     test = make_testset(30, seed=1)
     key = write_trial(tmp_path, source="a", epsilon=1.0, seed=0,
                       evals={"a": ("fpa", test, scores_for(test, 1.0, 0))})  # fmt: skip
-    ledger = TrialStore(tmp_path).ledger_document(key)  # as the audit reads it
+    ledger = folders.ledger(tmp_path, key)
     m = 1000
     lower = epsilon_lower_fdp(m, 10, 10, delta=1e-5, beta=0.025 / 11)
     good = _v2_result(m, lower, 5.1, 0.5)
@@ -431,7 +411,7 @@ def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path)
     new default: the twins of the cells not chosen are kept (planned as finished, never
     trained) and every cell keeps its audit result; a fresh folder gets the chosen twins only,
     and the report names the cells that were not audited instead of leaving them silent."""
-    from conftest import make_testset, scores_for, write_trial
+    from helpers.trials import make_testset, scores_for, write_trial
 
     from privdom_ray import planning, report
     from privdom_ray.cell import TargetRef
@@ -496,13 +476,13 @@ def test_a_sweep_over_a_folder_with_a_twin_on_every_cell_retrains_nothing(tmp_pa
             "audit": {"canaries": 200, "cells": "all"}}  # fmt: skip
     (tmp_path / "all.yaml").write_text(yaml.safe_dump(grid))
     launch("--grid", "all.yaml", cwd=tmp_path)
-    models = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("out/trials/*/model.pt")}
+    models = folders.model_stamps(tmp_path / "out")
     assert len(models) == 8  # 4 cells and 4 twins
     del grid["audit"]["cells"]  # the default: one twin per epsilon
     (tmp_path / "default.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("--grid", "default.yaml", cwd=tmp_path)
     assert "8 already done, 0 to train, 0 trained" in proc.stdout
-    after = {p.parent.name: p.stat().st_mtime_ns for p in tmp_path.glob("out/trials/*/model.pt")}
+    after = folders.model_stamps(tmp_path / "out")
     assert after == models
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet").drop_duplicates("trial_key")
     assert len(df) == 4 and df["audit_epsilon_lower"].notna().all()

@@ -203,7 +203,7 @@ def test_catalogue_is_large_and_distinct():
 def test_a_refused_run_leaves_a_finished_output_folder_as_it_was(tmp_path):
     """seeds: [-1] on a finished output once failed every cell after Ray started and
     replaced its table by an empty one: now it is refused before anything is written."""
-    from conftest import build_output
+    from helpers.trials import build_output
 
     from privdom_ray.stats import results
 

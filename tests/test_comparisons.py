@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import AGE_BINS, EV, build_output, make_testset, scores_for, write_trial
+from helpers import folders
+from helpers.trials import AGE_BINS, EV, build_output, make_testset, scores_for, write_trial
 from scipy import stats
 
-from privdom_ray import integrity, report
-from privdom_ray.config import format_epsilon
+from privdom_ray import report
 from privdom_ray.manifest import LABELS
 from privdom_ray.stats import (
     comparisons,
@@ -29,28 +29,22 @@ from privdom_ray.stats import (
     results,
 )
 from privdom_ray.stats.quantities import ComparisonWarning
-from privdom_ray.store import TrialStore
+from privdom_ray.store import EvalRecord
 
 
 def compute(output: Path, keys: list[str], **kw) -> pd.DataFrame:
     return comparisons.compute(output, keys, EV, **kw)
 
 
-def edir_of(
-    output: Path, keys: list[str], source: str, epsilon: str, target: str, seed: int = 0
-) -> Path:
-    """The evaluation folder of trial (source, epsilon, seed) on ``target`` (from the store)."""
-    store = TrialStore(output)
-    for key in keys:
-        spec = store.read(key).spec
-        if (spec.source, format_epsilon(spec.epsilon), spec.seed) == (source, epsilon, seed):
-            return store.evaluation(key, target, f"fp{target}").path
-    raise KeyError((source, epsilon))
+def eval_of(output: Path, source: str, epsilon: str, target: str, seed: int = 0) -> EvalRecord:
+    """The evaluation of trial (source, epsilon, seed) on ``target`` (read through the store)."""
+    key = folders.find(output, source, float(epsilon), seed)
+    return folders.evaluation(output, key, target, f"fp{target}")
 
 
-def read_eval(edir: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """(scores, labels, predictions frame) of one evaluation folder."""
-    df = pd.read_parquet(edir / "predictions.parquet")
+def read_eval(ev: EvalRecord) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(scores, labels, predictions frame) of one evaluation."""
+    df = ev.predictions()
     s = df[[f"score_{lab}" for lab in LABELS]].to_numpy(np.float64)
     y = df[[f"label_{lab}" for lab in LABELS]].to_numpy(np.float64)
     return s, y, df
@@ -132,8 +126,8 @@ def test_paired_delta_equals_metrics_paired_auc_difference(tmp_path):
     whose label set is the same there)."""
     keys = build_output(tmp_path, domains=("a", "b"), n=200)
     df = compute(tmp_path, keys)
-    sa, y, pred = read_eval(edir_of(tmp_path, keys, "a", "1", "b"))
-    sb, _, _ = read_eval(edir_of(tmp_path, keys, "a", "inf", "b"))
+    sa, y, pred = read_eval(eval_of(tmp_path, "a", "1", "b"))
+    sb, _, _ = read_eval(eval_of(tmp_path, "a", "inf", "b"))
     groups = pred["patient_group"].to_numpy()
     masks = {"all": np.ones(len(y), bool)}
     masks.update(evaluation.subgroup_masks(pred["sex"], pred["age"], AGE_BINS))
@@ -169,7 +163,7 @@ def test_model_cis_are_the_transfer_tables_cis(tmp_path):
     checked = 0
     for side, eps in (("dp", "1"), ("nondp", "inf")):
         for (source, target), sel in rows.groupby(["source", "target"]):
-            mt = pd.read_parquet(edir_of(tmp_path, keys, source, eps, target) / "metrics.parquet")
+            mt = eval_of(tmp_path, source, eps, target).metrics()
             merged = sel.merge(mt, on=["label", "subgroup"])
             assert len(merged) == len(sel)
             for col, ref in (("", "auc"), ("_lo", "auc_lo"), ("_hi", "auc_hi")):
@@ -188,7 +182,7 @@ def test_auc_drop_equals_hand_computation(tmp_path):
     df = compute(tmp_path, keys)
 
     def auc(source, target, eps, label="macro"):
-        mt = pd.read_parquet(edir_of(tmp_path, keys, source, eps, target) / "metrics.parquet")
+        mt = eval_of(tmp_path, source, eps, target).metrics()
         return float(one(mt, label=label, subgroup="all")["auc"])
 
     domains = ("a", "b", "c")
@@ -236,7 +230,7 @@ def test_drop_difference_is_inferred_from_leave_one_patient_out_drops(tmp_path):
     parts = {}
     for src in ("a", "b", "c"):
         for eps in ("1", "inf"):
-            s, y, pred = read_eval(edir_of(tmp_path, keys, src, eps, t))
+            s, y, pred = read_eval(eval_of(tmp_path, src, eps, t))
             parts[src, eps] = macro_jack(s, y, pred["patient_group"].to_numpy())
 
     def drop(eps):
@@ -370,8 +364,8 @@ def test_across_seeds_pools_the_seeds_with_a_t_interval_and_a_secondary_t_test(t
     # by hand: per-seed paired macro deltas with their leave-one-out values, then pooled
     deltas, x, y, dfs = [], [], [], []
     for seed in seeds:
-        sa, lab, pred = read_eval(edir_of(tmp_path, keys, "a", "1", "b", seed))
-        sb, _, _ = read_eval(edir_of(tmp_path, keys, "a", "inf", "b", seed))
+        sa, lab, pred = read_eval(eval_of(tmp_path, "a", "1", "b", seed))
+        sb, _, _ = read_eval(eval_of(tmp_path, "a", "inf", "b", seed))
         groups = pred["patient_group"].to_numpy()
         (pa_, la, fa), (pb_, lb, fb) = macro_jack(sa, lab, groups), macro_jack(sb, lab, groups)
         deltas.append(la - lb)
@@ -415,8 +409,8 @@ def test_across_seeds_pools_the_seeds_with_a_t_interval_and_a_secondary_t_test(t
 def test_fairness_gaps_leave_out_patients_jointly_across_subgroups(tmp_path):
     keys = build_output(tmp_path, domains=("a", "b"), n=300)
     df = compute(tmp_path, keys)
-    s_dp, y, pred = read_eval(edir_of(tmp_path, keys, "b", "1", "a"))
-    s_nd, _, _ = read_eval(edir_of(tmp_path, keys, "b", "inf", "a"))
+    s_dp, y, pred = read_eval(eval_of(tmp_path, "b", "1", "a"))
+    s_nd, _, _ = read_eval(eval_of(tmp_path, "b", "inf", "a"))
     masks = evaluation.subgroup_masks(pred["sex"], pred["age"], AGE_BINS)
     codes, p = metrics.cluster_codes(pred["patient_group"].to_numpy(), len(y))
     f, m = masks["sex=F"], masks["sex=M"]
@@ -485,8 +479,7 @@ def test_old_evaluations_without_patient_groups_resample_images(tmp_path):
 def test_domains_without_patient_ids_resample_images(tmp_path):
     """VinDr-like: every image is its own group and eval.json says resampling_unit = image."""
     keys = build_output(tmp_path, domains=("a", "b"), n=150)
-    for path in tmp_path.glob("trials/*/eval/*/eval.json"):  # sealed again: a deliberate edit
-        path.write_bytes(integrity.seal({**integrity.unseal(path), "resampling_unit": "image"}))
+    assert folders.reseal_evaluations(tmp_path, resampling_unit="image") == 8
     df = compute(tmp_path, keys)
     assert set(df["resampling_unit"]) == {"image"}
     row = one(df, comparison="paired_delta", quantity="delta_auc", source="b", target="a",
@@ -518,7 +511,7 @@ def test_tables_are_aggregates_without_paths_or_ids(tmp_path):
     # the reliability bins add up to the known image-label pairs of each model and target
     rel = comparisons.load_reliability(tmp_path)
     pooled = rel[(rel["label"] == "pooled") & (rel["source"] == "a") & (rel["target"] == "b")]
-    _, y, _ = read_eval(edir_of(tmp_path, keys, "a", "1", "b"))
+    _, y, _ = read_eval(eval_of(tmp_path, "a", "1", "b"))
     assert pooled[pooled["epsilon"] == 1.0]["n"].sum() == int((~np.isnan(y)).sum())
     assert rel["observed"].dropna().between(0, 1).all()
 
@@ -535,7 +528,7 @@ def test_reads_only_finished_trials_and_complete_evaluations(tmp_path):
         done=False,
     )
     # an evaluation the store replaced (kept aside under a hidden name) is never read
-    aside = edir_of(tmp_path, keys, "a", "inf", "a")
+    aside = eval_of(tmp_path, "a", "inf", "a").path
     replaced = aside.with_name(f".{aside.name}.replaced-1")
     replaced.mkdir()
     results.write_json(replaced / "eval.json", {"target": "a", "fingerprint": "old"})

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest import launch
+from helpers import folders
 
 from privdom_ray.stats.results import PRIVACY_CLASSES
 from privdom_ray.store import TrialStore
@@ -131,8 +132,7 @@ def test_each_cards_epsilon_is_a_pld_recomputation_of_everything_exported_from_i
     with --with-audit, the audit twin: the card's epsilon for a composes exactly those; site b
     only the federation. The default export's per-model epsilon is the model's alone."""
     output, names, dest = exports
-    store = TrialStore(output)
-    twin = store.ledger_document(names["a_eps2_seed0_audit"])
+    twin = folders.ledger(output, names["a_eps2_seed0_audit"])
     for which, folder in dest.items():
         cards = {p.parent.name.rsplit("-", 1)[0]: json.loads(p.read_text())
                  for p in folder.glob("models/*/card.json")}  # fmt: skip
@@ -148,7 +148,7 @@ def test_each_cards_epsilon_is_a_pld_recomputation_of_everything_exported_from_i
                     stated = card["training_sets"][site]
                     assert stated["epsilon"] == pytest.approx(independent, rel=2e-3), (which, site)
                     assert stated["accountant"] == "pld" and stated["delta"] == 1e-5
-        model = store.ledger_document(names["a_eps2_seed0"])
+        model = folders.ledger(output, names["a_eps2_seed0"])
         alone = pld(model["mechanisms"], 1e-5)
         release = cards["a_eps2_seed0"]["epsilon_release"]
         if which == "default":
@@ -192,16 +192,10 @@ def test_export_refuses_damage_a_failed_audit_and_a_destination_inside(real_outp
     assert "inside the output folder" in inside.stderr
     # a model trained on old data (its key is in no exported row) stays home
     store = TrialStore(work / "out")
-    old = store.folder(names["a_eps2_seed0"])
-    info = json.loads((old / "trial.json").read_text())
-    from privdom_ray.config import TrialSpec
-
-    spec = TrialSpec.from_json({**info["spec"], "data_fingerprint": "fp-a-old"}).with_key()
-    shutil.copytree(old, store.folder(spec.key))
-    store.rewrite(spec.key, "trial.json", json.dumps({**info, "spec": spec.to_json()}).encode())
+    old_data = folders.clone_trial(work / "out", names["a_eps2_seed0"], data_fingerprint="fp-a-old")
     launch("export", "out", "--to", "shared", cwd=work)
     copied = [p.name.rsplit("-", 1)[1] for p in (work / "shared" / "models").iterdir()]
-    assert store.release_id(spec.key) not in copied and len(copied) == 2
+    assert store.release_id(old_data) not in copied and len(copied) == 2
     # a damaged comparisons table: exit 1, naming the file, nothing written
     cmp = work / "out" / "comparisons.parquet"
     data = cmp.read_bytes()
@@ -209,8 +203,8 @@ def test_export_refuses_damage_a_failed_audit_and_a_destination_inside(real_outp
     bad = launch("export", "out", "--to", "shared2", cwd=work, expect=1)
     assert "comparisons.parquet" in bad.stderr and not (work / "shared2").exists()
     cmp.write_bytes(data)
-    # a model whose weights are damaged
-    model = store.folder(names["fed_ab_eps2_seed0"]) / "model.pt"
+    # a model whose weights are damaged (fault injection: the file itself)
+    model = store.model_path(names["fed_ab_eps2_seed0"])
     weights = model.read_bytes()
     model.write_bytes(weights[:100] + bytes(200) + weights[300:])
     bad = launch("export", "out", "--to", "shared3", cwd=work, expect=1)
@@ -257,10 +251,8 @@ def test_export_recomputes_what_the_tables_claim_instead_of_trusting_them(real_o
     assert pd.read_parquet(work / "s4" / "guarantees.parquet")["audit_twins"].sum() == 0
     assert b"pandas" not in (pq.read_schema(work / "s4" / "transfer.parquet").metadata or {})
     # a spec edited after training, its ledger rebuilt to match: the key no longer matches
-    key = names["a_eps2_seed0"]
-    info = json.loads((store.folder(key) / "trial.json").read_text())
-    store.rewrite(key, "trial.json", json.dumps(
-        {**info, "spec": {**info["spec"], "epsilon": "1"}}).encode())  # fmt: skip
+    folders.rewrite_record(out, names["a_eps2_seed0"], "trial.json",
+                           lambda info: {**info, "spec": {**info["spec"], "epsilon": "1"}})  # fmt: skip
     bad = launch("audit", "out", cwd=work, expect=1)
     assert "spec hashes to" in bad.stdout and "edited after training" in bad.stdout
 

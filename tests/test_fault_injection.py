@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import launch
+from helpers.grids import tiny_grid
 from test_faults import kill_session, start, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,25 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 LEASE_S = 20  # the paused driver's lease: its writers stop after 15 s, a takeover after 20 s
 
-GRID = {
-    "name": "inject",
-    "output": "out",
-    "domains": [
-        {
-            "name": n,
-            "kind": "synthetic",
-            "root": f"data/{n}",
-            "options": {"site": n, "n_patients": 40},
-        }
-        for n in "abc"
-    ],
-    "epsilons": [2, "inf"],
-    "seeds": [0],
-    "training": {"epochs": 1, "logical_batch": 16, "physical_batch": 16},
-    "preprocessing": {"image_size": 16},
-    "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},
-    "ray": {"num_cpus": 2, "max_failures": 2},
-}
+GRID = tiny_grid("inject", "abc", n_patients=40, epochs=1, image_size=16, max_failures=2)
 HOW = ("truncate", "zero-fill", "delete")
 
 

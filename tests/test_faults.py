@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import launch
+from helpers import folders
 
 from privdom_ray.cache import load_split
 from privdom_ray.config import TrialSpec
@@ -155,11 +156,10 @@ def sweep_killing_a_trial_after_its_first_checkpoint(tmp_path: Path) -> Path:
 
 def test_killed_trial_worker_resumes_from_checkpoint(tmp_path):
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(domains=grid()["domains"][:1])))
-    tdir = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path)
-    info = json.loads((tdir / "trial.json").read_text())
-    ledger = json.loads((tdir / "ledger.json").read_text())
+    key = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path).name
+    info, ledger = folders.info(tmp_path / "out", key), folders.ledger(tmp_path / "out", key)
     assert info["resumed_from_epoch"] >= 1  # resumed, not restarted
-    assert not (tdir / "checkpoint.pt").exists()
+    assert not folders.checkpoint_left(tmp_path / "out", key)
 
     # the same cell, uninterrupted and without Ray, spends exactly the same privacy
     spec = TrialSpec.from_json(info["spec"])
@@ -180,9 +180,8 @@ def test_killed_federation_coordinator_resumes_at_its_last_round(tmp_path):
     fed = {"name": "ab", "sites": ["a", "b"], "rounds": 4, "local_epochs": 1}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(sources=[], federations=[fed])))
     # the heartbeat's pid is the coordinator (the Tune trainable); its site tasks die with it
-    tdir = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path)
-    info = json.loads((tdir / "trial.json").read_text())
-    ledger = json.loads((tdir / "ledger.json").read_text())
+    key = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path).name
+    info, ledger = folders.info(tmp_path / "out", key), folders.ledger(tmp_path / "out", key)
     assert info["resumed_from_epoch"] >= 1  # resumed at a round, not restarted
     # every site took exactly its planned steps with its planned noise: nothing recounted
     spec = TrialSpec.from_json(info["spec"])
@@ -224,7 +223,8 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
     assert "running" not in states and "driver: none running" in left, left
     if list(trials.glob("*/running.json")):
         assert "interrupted" in states, left
-    mtimes = {k: (trials / k / "model.pt").stat().st_mtime_ns for k in trained_before}
+    mtimes = folders.model_stamps(tmp_path / "out")
+    assert set(mtimes) == trained_before
     assert 1 <= len(done_before) < 4
 
     proc = sweep(tmp_path)
@@ -233,7 +233,7 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
         f"{len(trained_before) - len(done_before)} trained with evaluations to (re)do"
     ) in proc.stdout
     # no trained model is trained again (one killed before its evaluation is only evaluated)
-    assert {k: (trials / k / "model.pt").stat().st_mtime_ns for k in trained_before} == mtimes
+    assert {k: folders.model_stamps(tmp_path / "out")[k] for k in trained_before} == mtimes
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
     assert df["trial_key"].nunique() == 4
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
@@ -429,7 +429,6 @@ def test_two_drivers_on_one_output_folder_train_every_cell_once(tmp_path):
     logs = [(tmp_path / f"log{i}").read_text() for i in range(2)]
     refused = next(log for log in logs if "another driver" in log)
     assert "pid" in refused and "run" in refused
-    trials = tmp_path / "out" / "trials"
-    assert len(list(trials.glob("*/model.pt"))) == 4  # 2 sources x 2 epsilons, once each
+    assert len(folders.model_stamps(tmp_path / "out")) == 4  # 2 sources x 2 epsilons, once each
     ran = next(log for log in logs if "another driver" not in log)
     assert "0 already done, 4 to train, 0 trained" in ran

@@ -8,10 +8,11 @@ import math
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, launch, synthetic_domain
+from conftest import ROOT, launch
+from helpers import folders
+from helpers.grids import synthetic_domain
 
 from privdom_ray.privacy import epsilon_of, ledger_mechanisms
-from privdom_ray.store import TrialStore
 
 pytestmark = pytest.mark.ray
 
@@ -61,7 +62,7 @@ def test_federated_rows_are_in_the_table(fed_sweep):
     # membership inference ran at each site of the non-private federation only (it reads
     # training images); the row reports the worst site; a DP federation's sites send none
     for key in fed["trial_key"].unique():
-        info = json.loads((work / "out" / "trials" / key / "trial.json").read_text())
+        info = folders.info(work / "out", key)
         rows = fed[fed["trial_key"] == key]
         if rows["epsilon_target"].iloc[0] == 2:
             assert info["mia_sites"] == [] and rows["mia_auc"].isna().all()
@@ -75,9 +76,7 @@ def test_site_ledgers_reproduce_their_epsilons(fed_sweep):
     work, _ = fed_sweep
     dp = pd.read_parquet(work / "out" / "transfer.parquet")
     dp = dp[(dp["source"] == "ab") & (dp["epsilon_target"] == 2)]
-    ledger = json.loads(
-        (work / "out" / "trials" / dp["trial_key"].iloc[0] / "ledger.json").read_text()
-    )
+    ledger = folders.ledger(work / "out", dp["trial_key"].iloc[0])
     sites = ledger["sites"]
     assert set(sites) == {"a", "b"}
     for name, site in sites.items():
@@ -92,14 +91,12 @@ def test_site_ledgers_reproduce_their_epsilons(fed_sweep):
     )
     audit = launch("audit", "out", cwd=work)
     assert "0 problem(s)" in audit.stdout and "ab_" not in audit.stdout  # keys, not names
-    nondp = json.loads(
-        next(
-            (work / "out" / "trials" / k / "ledger.json")
-            for k in pd.read_parquet(work / "out" / "transfer.parquet")
-            .query("source == 'ab' and epsilon_target == inf")["trial_key"]
-            .unique()
-        ).read_text()
+    (nondp_key,) = (
+        pd.read_parquet(work / "out" / "transfer.parquet")
+        .query("source == 'ab' and epsilon_target == inf")["trial_key"]
+        .unique()
     )
+    nondp = folders.ledger(work / "out", nondp_key)
     assert all(math.isinf(s["epsilon_spent"]) for s in nondp["sites"].values())
 
 
@@ -108,18 +105,15 @@ def test_audit_covers_a_federations_summary_and_every_trained_site(fed_sweep, ta
     work, _ = fed_sweep
     df = pd.read_parquet(work / "out" / "transfer.parquet")
     key = df[(df["source"] == "ab") & (df["epsilon_target"] == 2)]["trial_key"].iloc[0]
-    store = TrialStore(work / "out")  # edits resealed: the checksums guard against damage
-    original = (store.folder(key) / "ledger.json").read_bytes()
-    ledger = json.loads(original)
-    if tamper == "understated summary":
-        ledger["epsilon_spent"] = 0.05
-    else:
-        ledger["sites"].pop("b")
-    try:
-        store.rewrite(key, "ledger.json", json.dumps(ledger).encode())
+
+    def edit(ledger: dict) -> dict:
+        if tamper == "understated summary":
+            return {**ledger, "epsilon_spent": 0.05}
+        return {**ledger, "sites": {n: s for n, s in ledger["sites"].items() if n != "b"}}
+
+    # a faulty writer: the edit is sealed (the checksums guard against damage, not this)
+    with folders.rewritten(work / "out", key, "ledger.json", edit):
         proc = launch("audit", "out", cwd=work, expect=1)
-    finally:
-        store.rewrite(key, "ledger.json", original)
     assert (
         "summary" if tamper == "understated summary" else "no ledger for this site"
     ) in proc.stdout
@@ -150,7 +144,7 @@ def test_sweep_timing_feeds_the_efficiency_benchmark(fed_sweep):
     feds = [t for t in run["trials"] if t["name"].startswith("ab_")]
     assert len(run["trials"]) == 4 and len(feds) == 2
     for t in feds:
-        info = json.loads((out / "trials" / t["key"] / "trial.json").read_text())
+        info = folders.info(out, t["key"])
         tasks, held = info["site_tasks"], info["site_slots"] * info["slot_share"]
         # rounds x sites x (train, validate), + 2 membership attacks when non-private
         audits = 0 if "eps2" in t["name"] else 2

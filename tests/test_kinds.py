@@ -80,7 +80,7 @@ def shuffled():
 
 
 def _grid(tmp_path):
-    from conftest import synthetic_domain
+    from helpers.grids import synthetic_domain
 
     from privdom_ray.grid import load_grid
 

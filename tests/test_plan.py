@@ -65,7 +65,7 @@ def test_plan_sizes_the_test_sets_for_the_primary_endpoint(tmp_path):
     import math
 
     import numpy as np
-    from conftest import EV, build_output
+    from helpers.trials import EV, build_output
     from scipy import stats
 
     from privdom_ray import costs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import folders
+from helpers.grids import synthetic_domain
 
 from privdom_ray.checks import check_weights_file
 from privdom_ray.config import GridError
@@ -23,24 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def domains(n: int = 40) -> list[dict]:
     return [
-        {
-            "name": "pub",
-            "kind": "synthetic",
-            "root": "data/pub",
-            "options": {"site": "d", "n_patients": n},
-        },
-        {
-            "name": "a",
-            "kind": "synthetic",
-            "root": "data/a",
-            "options": {"site": "a", "n_patients": n},
-        },
-        {
-            "name": "b",
-            "kind": "synthetic",
-            "root": "data/b",
-            "options": {"site": "b", "n_patients": n},
-        },
+        synthetic_domain("pub", "d", n),
+        synthetic_domain("a", "a", n),
+        synthetic_domain("b", "b", n),
     ]
 
 
@@ -139,24 +125,19 @@ def test_pretraining_runs_once_before_its_dependents(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout
     assert out.index("running 1 pretraining") < out.index("running 2 cells")
-    trials = tmp_path / "out" / "trials"
-    pre = [
-        p.parent
-        for p in trials.glob("*/trial.json")
-        if json.loads(p.read_text())["spec"]["variant"] == "pretrain"
-    ]
-    assert len(pre) == 1
-    pre_done = (pre[0] / "done").stat().st_mtime_ns
-    for ledger_path in trials.glob("*/ledger.json"):
-        if ledger_path.parent == pre[0]:
+    trials = folders.trained_keys(tmp_path / "out")
+    pre = [k for k in trials if folders.info(tmp_path / "out", k)["spec"]["variant"] == "pretrain"]
+    assert len(pre) == 1 and len(trials) == 3
+    finished = folders.commit_stamps(tmp_path / "out")
+    for key in trials:
+        if key == pre[0]:
             continue
-        ledger = json.loads(ledger_path.read_text())
-        assert ledger["initialization"] == f"pretrain:{pre[0].name}"
-        assert (ledger_path.parent / "done").stat().st_mtime_ns > pre_done
+        assert folders.ledger(tmp_path / "out", key)["initialization"] == f"pretrain:{pre[0]}"
+        assert finished[key] > finished[pre[0]]
 
     # a re-run with one more epsilon reuses the pretraining and trains only the new cells
     write(tmp_path, {**GRID, "epsilons": [2, "inf"]})
     second = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=420)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "running 2 cells" in second.stdout and "running 1 pretraining" not in second.stdout
-    assert (pre[0] / "done").stat().st_mtime_ns == pre_done
+    assert folders.commit_stamps(tmp_path / "out")[pre[0]] == finished[pre[0]]

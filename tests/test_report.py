@@ -12,7 +12,7 @@ import re
 
 import pandas as pd
 import pytest
-from conftest import EV, build_output
+from helpers.trials import EV, build_output
 from PIL import Image
 
 from privdom_ray import report

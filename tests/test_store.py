@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import make_testset, scores_for, write_trial
+from helpers.trials import make_testset, scores_for, write_trial
 
 from privdom_ray import lease, planning
 from privdom_ray.config import TrialSpec
@@ -230,14 +230,9 @@ def plan(tmp_path: Path, fps: dict, **changes):
 def mark_done(tmp_path: Path, trial, targets: dict[str, str]) -> None:
     """Write ``trial`` as finished and evaluated on ``targets`` (name -> fingerprint)."""
     test = make_testset(60, seed=1)
-    out = tmp_path / "out"
-    key = write_trial(out, source=trial.source, epsilon=trial.epsilon, seed=trial.seed,
-                      evals={t: (fp, test, scores_for(test, 1.0, 2)) for t, fp in targets.items()})  # fmt: skip
-    store = TrialStore(out)  # the builder's spec is generic: file it under the planned key
-    store.folder(key).rename(store.folder(trial.key))
-    info = json.loads((store.folder(trial.key) / "trial.json").read_text())
-    info["spec"] = trial.to_json()
-    store.rewrite(trial.key, "trial.json", json.dumps(info).encode())  # sealed again
+    write_trial(tmp_path / "out", source=trial.source, epsilon=trial.epsilon, seed=trial.seed,
+                spec=trial,  # filed under the planned key
+                evals={t: (fp, test, scores_for(test, 1.0, 2)) for t, fp in targets.items()})  # fmt: skip
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -448,7 +443,7 @@ def test_a_failed_run_keeps_a_larger_table_only_while_every_row_still_stands(tmp
     """Aggregation safety: a run with failed cells never replaces a table by a smaller one,
     unless a row of the old one no longer stands on the model on disk (then the smaller,
     true table replaces it)."""
-    from conftest import build_output
+    from helpers.trials import build_output
 
     from privdom_ray.sweep import _still_better
 

@@ -7,7 +7,9 @@ import math
 import pandas as pd
 import pytest
 import yaml
-from conftest import launch, synthetic_domain
+from conftest import launch
+from helpers import folders
+from helpers.grids import synthetic_domain
 
 from privdom_ray.manifest import LABELS
 from privdom_ray.store import TrialStore
@@ -83,15 +85,12 @@ def test_every_dp_epsilon_matches_an_independent_pld_accountant(tiny_sweep):
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
 
-    from privdom_ray.store import TrialStore
-
     work, _ = tiny_sweep
-    store = TrialStore(work / "out")
     df = pd.read_parquet(work / "out" / "transfer.parquet")
     dp = df[df["accountant"] != "none"].drop_duplicates("trial_key")
     assert len(dp) == 2
     for row in dp.itertuples():
-        ledger = store.ledger_document(row.trial_key)
+        ledger = folders.ledger(work / "out", row.trial_key)
         pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
         names = []
         for m in ledger["mechanisms"]:
@@ -128,19 +127,19 @@ def test_the_audit_twin_bounds_its_cells_epsilon_and_stays_out_of_the_matrices(t
 def test_finished_trial_folders_hold_no_generator_state(tiny_sweep):
     """The checkpoint (with the secret sampling and noise states) is gone once a trial is done;
     what is left cannot replay the noise or the batches."""
-    import json
-
     import torch
 
     work, _ = tiny_sweep
-    for tdir in (work / "out" / "trials").iterdir():
-        assert (tdir / "done").is_file() and not (tdir / "checkpoint.pt").exists()
-        state = torch.load(tdir / "model.pt", weights_only=True)
+    out, store = work / "out", TrialStore(work / "out")
+    assert folders.trained_keys(out) == store.trial_keys() != []  # every folder is finished
+    for key in store.trial_keys():
+        assert not store.has_checkpoint(key)
+        state = folders.model_state(out, key)
         assert all(isinstance(v, torch.Tensor) and not k.startswith("_") for k, v in state.items())
-        for path in tdir.rglob("*.json"):
+        for path in store.folder(key).rglob("*.json"):  # every file, whatever its name
             text = path.read_text()
             assert "rng" not in text and "site_keys" not in text, path
-        ledger = json.loads((tdir / "ledger.json").read_text())
+        ledger = folders.ledger(out, key)
         if ledger["accountant"] != "none":
             assert ledger["randomness"] == "os-entropy" and ledger["mechanism_version"] == 2
 
@@ -178,13 +177,12 @@ def test_plan_counts_what_the_sweep_then_runs(tiny_sweep):
 
 def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
     work, _ = tiny_sweep
-    trials = work / "out" / "trials"
-    before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    before = folders.model_stamps(work / "out")
     grid = {**GRID, "epsilons": [1, 8, "inf"]}
     (work / "grid2.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("--grid", "grid2.yaml", cwd=work)
     assert "7 already done, 2 to train, 0 trained" in proc.stdout  # the audit twin is done too
-    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    after = folders.model_stamps(work / "out")
     assert {k: after[k] for k in before} == before  # finished models untouched
     assert len(after) == 9  # 8 cells and the audit twin
     df = pd.read_parquet(work / "out" / "transfer.parquet")
@@ -196,15 +194,14 @@ def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
 
 def test_added_target_is_evaluated_without_training(tiny_sweep):
     work, _ = tiny_sweep
-    trials = work / "out" / "trials"
-    before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    before = folders.model_stamps(work / "out")
     old = pd.read_parquet(work / "out" / "transfer.parquet")
     c = synthetic_domain("c", "c")
     grid = {**GRID, "domains": [*GRID["domains"], c], "sources": ["a", "b"]}
     (work / "grid3.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("evaluate", "out", "--grid", "grid3.yaml", cwd=work)
     assert "epoch" not in proc.stdout  # no training progress at all
-    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    after = folders.model_stamps(work / "out")
     assert {k: after[k] for k in before} == before
     new = pd.read_parquet(work / "out" / "transfer.parquet")
     # exactly the new target's rows were added for the grid's (epsilon 1, inf) trials
@@ -218,54 +215,46 @@ def test_added_target_is_evaluated_without_training(tiny_sweep):
 
 
 def test_trial_record_reproduces_key_and_predictions(tiny_sweep):
-    import torch
-
     from privdom_ray.cache import load_split
     from privdom_ray.config import TrialSpec
     from privdom_ray.train import load_model, predict
 
     work, _ = tiny_sweep
-    tdir = next(p.parent for p in (work / "out" / "trials").glob("*/trial.json"))
-    config = yaml.safe_load(TrialStore(work / "out").config_text(tdir.name))  # what show prints
+    out, store = work / "out", TrialStore(work / "out")
+    key = next(k for k, r in folders.records(out).items() if r.spec.audit is None)
+    config = yaml.safe_load(store.config_text(key) or "")  # the record written for people
     spec = TrialSpec.from_json(config["spec"])
-    assert spec.with_key().key == tdir.name == config["spec"]["key"]
+    assert spec.with_key().key == key == config["spec"]["key"]
     assert {"torch", "opacus", "ray"} <= set(config["versions"]) and config["code_version"]
-    assert list((tdir / "tensorboard").glob("events.out.tfevents.*"))
-    state = torch.load(tdir / "model.pt", weights_only=True)
-    model = load_model(spec.model, state, num_outputs=len(LABELS))
-    edir = next((tdir / "eval").glob(f"{spec.source}-*"))
-    stored = pd.read_parquet(edir / "predictions.parquet")
+    assert list(store.tensorboard_dir(key).glob("events.out.tfevents.*"))
+    model = load_model(spec.model, folders.model_state(out, key), num_outputs=len(LABELS))
+    stored = folders.predictions(out, key, spec.source)
     cache_path = next((work / "out" / "cache").glob(f"{spec.source}-*"))
     scores = predict(model, load_split(cache_path, "test").images)
     assert scores == pytest.approx(stored[[f"score_{lab}" for lab in LABELS]].to_numpy(), abs=1e-6)
     show = launch("show", "out", f"{spec.source}/{config['spec']['epsilon']}/0", cwd=work)
-    assert tdir.name in show.stdout and "epsilon_spent" in show.stdout
+    assert key in show.stdout and "epsilon_spent" in show.stdout
 
 
 def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
-    import json
-
     work, _ = tiny_sweep
     ok = launch("audit", "out", cwd=work)
     assert "0 problem(s)" in ok.stdout
-    ledger_path = next(
-        p
-        for p in (work / "out" / "trials").glob("*/ledger.json")
-        if json.loads(p.read_text())["accountant"] != "none"
+    out = work / "out"
+    key = next(
+        k for k in folders.trained_keys(out) if folders.ledger(out, k)["accountant"] != "none"
     )
-    original = ledger_path.read_text()
-    store = TrialStore(work / "out")  # a faulty writer: the ledger is rewritten and sealed
-    key = ledger_path.parent.name
-    try:
-        ledger = json.loads(original)
-        ledger["noise_multiplier"] *= 0.5  # claims more noise than the epsilon it reports
+
+    def more_noise(ledger: dict) -> dict:  # claims more noise than the epsilon it reports
+        ledger["noise_multiplier"] *= 0.5
         for m in ledger["mechanisms"]:
             if m["name"] == "dp_sgd":
                 m["noise_multiplier"] *= 0.5
-        store.rewrite(key, "ledger.json", json.dumps(ledger).encode())
+        return ledger
+
+    # a faulty writer: the ledger is rewritten and sealed
+    with folders.rewritten(out, key, "ledger.json", more_noise):
         bad = launch("audit", "out", cwd=work, expect=1)
-    finally:
-        store.rewrite(key, "ledger.json", original.encode())
     # named: the sigma that the trial's spec recomputes, and the epsilon of the claimed sigma
     assert "noise_multiplier" in bad.stdout and "1 problem(s)" in bad.stdout
 
@@ -290,21 +279,10 @@ def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
     ids=["target", "clipping bound", "no accountant", "extra count release"],
 )
 def test_audit_checks_each_ledger_against_its_trial_spec(tiny_sweep, tamper, problem):
-    import json
-
     work, _ = tiny_sweep
-    path = next(
-        p / "ledger.json"
-        for p in (work / "out" / "trials").iterdir()
-        if json.loads((p / "trial.json").read_text())["name"] == "b_eps1_seed0"
-    )
-    original = path.read_text()
-    store, key = TrialStore(work / "out"), path.parent.name  # a faulty writer: sealed
-    try:
-        store.rewrite(key, "ledger.json", json.dumps(tamper(json.loads(original))).encode())
+    key = folders.key_named(work / "out", "b_eps1_seed0")
+    with folders.rewritten(work / "out", key, "ledger.json", tamper):  # a faulty writer: sealed
         proc = launch("audit", "out", cwd=work, expect=1)
-    finally:
-        store.rewrite(key, "ledger.json", original.encode())
     assert problem in proc.stdout
 
 
@@ -406,33 +384,25 @@ def test_a_void_dp_model_is_flagged_and_retrained(tiny_sweep):
     """A DP trial trained before noise was secret (its ledger has no mechanism version) has no
     valid guarantee: status says void, audit exits 1, and the sweep sets it aside and retrains
     it; non-private trials are kept."""
-    import json
-
     work, _ = tiny_sweep
-    trials = work / "out" / "trials"
-    dp = next(  # a DP trial of the grid the last command ran (status follows its plan)
-        p.parent
-        for p in trials.glob("*/trial.json")
-        if json.loads(p.read_text())["name"] == "a_eps1_seed0"
-    )
-    ledger = json.loads((dp / "ledger.json").read_text())
-    old = {
-        k: v
-        for k, v in ledger.items()
+    out = work / "out"
+    # a DP trial of the grid the last command ran (status follows its plan)
+    key = folders.key_named(out, "a_eps1_seed0")
+    folders.rewrite_record(out, key, "ledger.json", lambda ledger: {
+        k: v for k, v in ledger.items()
         if k not in ("mechanisms", "mechanism_version", "randomness")
-    }
-    TrialStore(work / "out").rewrite(dp.name, "ledger.json", json.dumps(old).encode())
+    })  # fmt: skip
     assert "void" in launch("status", "out", cwd=work).stdout
     audit = launch("audit", "out", cwd=work, expect=1)
     assert "void" in audit.stdout
-    before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
+    before = folders.model_stamps(out)
     proc = launch("--grid", "grid2.yaml", cwd=work)
-    assert f"trial {dp.name}" in proc.stdout and "set_aside" in proc.stdout
+    assert f"trial {key}" in proc.stdout and "set_aside" in proc.stdout
     assert "8 already done, 1 to train, 0 trained" in proc.stdout
-    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
-    assert after[dp.name] != before[dp.name]
-    assert {k: v for k, v in after.items() if k != dp.name} == {
-        k: v for k, v in before.items() if k != dp.name
+    after = folders.model_stamps(out)
+    assert after[key] != before[key]
+    assert {k: v for k, v in after.items() if k != key} == {
+        k: v for k, v in before.items() if k != key
     }
-    assert list((work / "out" / "set_aside").glob(f"{dp.name}-void-*/model.pt"))
+    assert list((out / "set_aside").glob(f"{key}-void-*/model.pt"))  # kept, never deleted
     assert launch("audit", "out", cwd=work).returncode == 0

@@ -54,7 +54,7 @@ KIND_FIELDS = {"federation", "variant"}  # TrialSpec's fields that tell kinds ap
 # modules that may read them: the kinds themselves, the store (records), config (where the
 # fields are defined and TrialSpec.kind derives the name), and federated/, the federated
 # kind's training (only its trainer calls it)
-KIND_OWNERS = ("kinds/", "store.py", "config.py", "federated/")
+KIND_OWNERS = ("kinds/", "store/", "config.py", "federated/")
 # a kind-name literal compared with something that is not a kind: training.init's values
 # ("pretrain" = start from the grid's pretraining) and the privacy class "audit" of columns
 NOT_KIND_SETTINGS = ("init", "cls", "privacy_class")

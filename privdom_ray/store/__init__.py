@@ -41,12 +41,9 @@ once that driver lost its lease.
 from __future__ import annotations
 
 import io
-import json
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,244 +54,60 @@ from privdom_ray import integrity, lease
 from privdom_ray.atomic import atomic_write, read_json, write_json
 from privdom_ray.config import TrialSpec
 from privdom_ray.integrity import Damage, FileSum
-from privdom_ray.kinds import kind_of
 from privdom_ray.lease import LockHeld
 from privdom_ray.privacy import Ledger
 from privdom_ray.records import RunRecord
+from privdom_ray.store.evaluations import Evaluations
+from privdom_ray.store.records import (  # noqa: F401 (re-exported: the old privdom_ray.store names)
+    _CHECKPOINT,
+    _CONFIG,
+    _DONE,
+    _EVAL,
+    _EVAL_JSON,
+    _FAILED,
+    _HISTORY,
+    _LEDGER,
+    _LEGACY_DONE,
+    _METRICS,
+    _MODEL,
+    _PRED,
+    _RUNNING,
+    _TB,
+    _THRESHOLDS,
+    _TRIAL_JSON,
+    _VAL_PRED,
+    CORE,
+    DONE_FORMAT,
+    EVAL_PROTOCOL,
+    LOGS,
+    SET_ASIDE,
+    TRIALS,
+    DamagedRecord,
+    EvalRecord,
+    FileCheckpoint,
+    Inspection,
+    TrialRecord,
+    Weights,
+    _json,
+    _json_bytes,
+    _ledger_json,
+    _legacy_eval,
+    _parquet_bytes,
+    _parquet_frame,
+    _parse_check,
+    _read,
+    _record,
+    _record_json,
+    _rel,
+    _safe_json,
+    _torch_state,
+    _yaml_bytes,
+)
 
 __all__ = ["DamagedRecord", "EvalRecord", "LockHeld", "TrialRecord", "TrialStore"]
 
-TRIALS = sweep_folder.TRIALS  # the output folder's names live in privdom_ray.folder
-SET_ASIDE = sweep_folder.SET_ASIDE
-#: Evaluations of an older protocol are redone (the model is never retrained for it):
-#: 1 resampled images (predictions had no patient groups); 2 counted a label's minimum
-#: positives in images, so a label of 3 patients could pass a minimum of 10; 3 counts patients;
-#: 4 names the checksum of the model it came from (older ones cannot prove which model made
-#: them), jackknife t CIs (the percentile bootstrap under-covered) and subgroup macros over the
-#: labels shared by their family (metrics.shared_label_sets); 5 marks intervals at a point AUC
-#: >= 0.95 (or <= 0.05) approximate (ci_note: they under-cover there) and says which of
-#: sensitivity and specificity a degenerate threshold fixes at 1.
-EVAL_PROTOCOL = 5
-DONE_FORMAT = 2
 
-_TRIAL_JSON, _LEDGER, _MODEL, _THRESHOLDS = (
-    "trial.json",
-    "ledger.json",
-    "model.pt",
-    "thresholds.json",
-)
-_HISTORY, _VAL_PRED, _CONFIG, _DONE = (
-    "history.json",
-    "val_predictions.parquet",
-    "config.yaml",
-    "done",
-)
-_CHECKPOINT, _RUNNING, _FAILED, _TB = "checkpoint.pt", "running.json", "failed.json", "tensorboard"
-_EVAL, _EVAL_JSON, _METRICS, _PRED = "eval", "eval.json", "metrics.parquet", "predictions.parquet"
-#: a damaged one of these voids the trial (retrained); a damaged log is set aside alone
-CORE = (_TRIAL_JSON, _LEDGER, _MODEL, _THRESHOLDS)
-#: config.yaml: only in folders written before each fact was written once (verified, kept)
-LOGS = (_HISTORY, _CONFIG, _VAL_PRED)
-_LEGACY_DONE = b"done"
-
-
-class DamagedRecord(Damage):
-    """A file of a trial folder is missing, truncated, unparsable or not what was written."""
-
-    @classmethod
-    def of(cls, damage: Damage) -> DamagedRecord:
-        return damage if isinstance(damage, DamagedRecord) else cls(damage.path, damage.reason)
-
-
-def _json(path: Path, data: bytes, required: Sequence[str] = ()) -> Any:
-    """Parse a JSON record's bytes, raising DamagedRecord (naming the file) for any defect."""
-    try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise DamagedRecord(path, f"unparsable ({type(exc).__name__}: {str(exc)[:80]})") from None
-    missing = [k for k in required if not isinstance(value, dict) or k not in value]
-    if missing:
-        raise DamagedRecord(path, f"lacks {missing}")
-    return value
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DamagedRecord(path, "missing") from None
-    except OSError as exc:
-        raise DamagedRecord(path, f"unreadable ({exc.strerror or exc})") from None
-
-
-def _json_bytes(obj: Any) -> bytes:
-    def default(o: Any) -> Any:
-        return o.item() if hasattr(o, "item") else str(o)
-
-    return json.dumps(obj, indent=2, default=default).encode()
-
-
-def _yaml_bytes(obj: Any) -> bytes:
-    """Human-readable record (round-tripped through JSON so numpy scalars and inf are plain)."""
-    import yaml
-
-    return yaml.safe_dump(json.loads(_json_bytes(obj)), sort_keys=False).encode()
-
-
-def _parquet_bytes(df: pd.DataFrame) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
-    return buf.getvalue()
-
-
-def _parquet_frame(path: Path, data: bytes) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise DamagedRecord(path, f"unparsable ({type(exc).__name__}: {str(exc)[:80]})") from None
-
-
-def _torch_state(path: Path, data: bytes) -> dict[str, Any]:
-    """A state_dict from a model file's bytes (``weights_only``: no code runs from it)."""
-    import torch
-
-    try:
-        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
-        raise DamagedRecord(path, f"unreadable ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DamagedRecord(path, "not a state_dict of tensors")
-    return state
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """A trained trial as the rest of the code sees it: typed, parsed from verified bytes.
-    (``audit`` checks the stored ledger document itself: :meth:`TrialStore.ledger_document`.)"""
-
-    key: str
-    spec: TrialSpec
-    ledger: Ledger  # a federation's: the summary (its largest-epsilon site's ledger)
-    info: RunRecord  # trial.json: the run's summary (best epoch, timings, versions, ...)
-    thresholds: tuple[float | None, ...]
-    model_digest: str = ""  # checksum of model.pt: what evaluations are bound to
-    site_ledgers: Mapping[str, Ledger] = field(default_factory=dict)  # a federation's members
-
-    @property
-    def ledgers(self) -> tuple[Ledger, ...]:
-        """Every ledger of the trial: its own (a federation's summary) and its sites'."""
-        return (self.ledger, *self.site_ledgers.values())
-
-    @property
-    def is_private(self) -> bool:
-        return self.spec.is_private
-
-    @property
-    def void(self) -> bool:
-        """A DP model trained before its noise and sampling were secret: no valid guarantee."""
-        return any(led.void for led in self.ledgers)
-
-    @property
-    def training_sites(self) -> tuple[str, ...]:
-        """The domains whose training data made the model: the source, or the federation's
-        sites with a positive weight (the kind's rule: ``TrialKind.training_sites``)."""
-        return kind_of(self.spec).training_sites(self.spec)
-
-    def on_domain(self, target: str) -> bool:
-        return target in self.training_sites
-
-
-@dataclass(frozen=True)
-class Inspection:
-    """What a trial folder holds, verified: the record (None when it is not trained or its
-    model, ledger, trial record or thresholds are damaged), the damage, damaged logs."""
-
-    record: TrialRecord | None = None
-    damage: DamagedRecord | None = None  # voids the trial: it is trained again
-    logs: tuple[DamagedRecord, ...] = ()  # damaged training logs: set aside, model kept
-    lost: dict[str, str] = field(default_factory=dict)  # logs set aside earlier, and why
-    legacy: bool = False  # a ``done`` without checksums (parsed in full instead)
-
-
-@dataclass(frozen=True)
-class EvalRecord:
-    """One finished evaluation of a trial's model on one target data version."""
-
-    target: str
-    fingerprint: str
-    n_test: int
-    n_boot: int
-    eval_seconds: float
-    resampling_unit: str  # "patient" or "image"
-    protocol: int
-    path: Path
-    model: str = ""  # checksum of the model.pt it came from ("" before protocol 4)
-    files: dict[str, FileSum] = field(default_factory=dict)
-    data: str = ""  # checksum of the target's decoded test images it read ("": not known)
-
-    def made_from(self, model: str, target: Any) -> bool:
-        """Computed from these model bytes and, when the target says, these test images."""
-        wanted = getattr(target, "data", "")
-        return self.model == model and (not wanted or self.data == wanted)
-
-    def metrics(self) -> pd.DataFrame:
-        return self._frame(_METRICS)
-
-    def predictions(self) -> pd.DataFrame:
-        """Per-image scores (private: they stay in the trial folder)."""
-        return self._frame(_PRED)
-
-    def _frame(self, name: str) -> pd.DataFrame:
-        """Parsed from bytes verified against eval.json (before protocol 4: parsed only)."""
-        path = self.path / name
-        try:
-            data = integrity.read_verified(path, self.files[name]) if self.files else _read(path)
-        except Damage as exc:
-            raise DamagedRecord.of(exc) from None
-        return _parquet_frame(path, data)
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A trial's released weights and the checksum of the bytes they were loaded from."""
-
-    state: dict[str, Any]
-    digest: str
-
-
-class FileCheckpoint:
-    """A trial's checkpoint file, written atomically and loaded with ``weights_only=True``."""
-
-    def __init__(self, path: Path, guard: Callable[[], None] = lambda: None) -> None:
-        self.path = path
-        self.guard = guard  # the store's fence: raises before a write of a fenced driver
-
-    def load(self) -> dict[str, Any] | None:
-        import torch
-
-        if not self.path.is_file():
-            return None
-        return torch.load(self.path, weights_only=True)
-
-    def save(self, state: dict[str, Any]) -> None:
-        import torch
-
-        self.guard()
-        atomic_write(self.path, lambda p: torch.save(state, p), private=True)  # mode 0600
-
-    def remove(self) -> None:
-        """Delete the checkpoint and any temporary copy an interrupted save left behind: once
-        the trial is done, nothing may be able to replay its noise or batches."""
-        self.guard()
-        self.path.unlink(missing_ok=True)
-        for leftover in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            leftover.unlink(missing_ok=True)
-
-
-class TrialStore:
+class TrialStore(Evaluations):
     """The trial folders of one sweep output folder.
 
     ``fence``: the lease token of the driver this store writes for (0: unfenced, e.g. tools
@@ -459,89 +272,6 @@ class TrialStore:
     def verify_file(self, key: str, name: str) -> str:
         """The checksum of a verified file of a finished trial (see :meth:`verified_bytes`)."""
         return integrity.digest(self.verified_bytes(key, name))
-
-    def evaluation(self, key: str, target: str, fingerprint: str) -> EvalRecord | None:
-        """The finished evaluation of (target, fingerprint), or None when there is none;
-        DamagedRecord when its record or files do not match their checksums."""
-        edir = self._eval_folder(key, target, fingerprint)
-        path = edir / _EVAL_JSON
-        if not edir.is_dir():
-            return None  # never evaluated (a folder is renamed into place only when complete)
-        data = _read(path)  # a folder without eval.json was damaged after it was complete
-        try:
-            ev = integrity.unseal(path, data, required=("target", "fingerprint", "files", "model"))
-        except Damage as exc:
-            ev = _legacy_eval(path, data)
-            if ev is None:
-                raise DamagedRecord.of(exc) from None
-        files = {n: FileSum.from_dict(s) for n, s in ev.get("files", {}).items()}
-        for name in (_METRICS, _PRED):
-            if files:
-                try:
-                    integrity.read_verified(edir / name, files[name])
-                except (Damage, KeyError) as exc:
-                    raise DamagedRecord.of(
-                        exc if isinstance(exc, Damage) else Damage(edir / name, "not recorded")
-                    ) from None
-            elif not (edir / name).is_file():
-                raise DamagedRecord(edir / name, "missing")
-        return EvalRecord(
-            target=str(ev["target"]),
-            fingerprint=str(ev["fingerprint"]),
-            n_test=int(ev.get("n_test", 0)),
-            n_boot=int(ev.get("n_boot", 0)),
-            eval_seconds=float(ev.get("eval_seconds", 0.0)),
-            resampling_unit=str(ev.get("resampling_unit", "image")),
-            protocol=int(ev.get("protocol", 1)),
-            path=edir,
-            model=str(ev.get("model", "")),
-            files=files,
-            data=str(ev.get("data", "")),
-        )
-
-    def evaluations(self, key: str) -> list[EvalRecord]:
-        """Every finished evaluation of the trial's current model, any data version (``show``)."""
-        base = self.folder(key) / _EVAL
-        names = (
-            sorted(p.name for p in base.iterdir() if not p.name.startswith("."))
-            if base.is_dir()
-            else []
-        )
-        model = self.model_digest(key) if self.is_trained(key) else None
-        out = []
-        for name in names:
-            target, _, fingerprint = name.rpartition("-")
-            ev = self.evaluation(key, target, fingerprint)
-            if ev is not None and (not model or ev.model == model):
-                out.append(ev)
-        return out
-
-    def current(self, key: str, targets: Iterable[Any]) -> list[EvalRecord]:
-        """The evaluations of ``targets`` (objects with ``name``, ``fingerprint`` and optionally
-        ``data``) at their current data version and protocol, made from the model now on disk
-        (and from the target's current test images); one per target at most. A damaged one, or
-        one of another model or other images, counts as missing: it is evaluated again."""
-        try:
-            model = self.model_digest(key) if self.is_trained(key) else ""
-        except DamagedRecord:
-            model = ""
-        if not model:
-            return []  # not trained, damaged, or not sealed yet: nothing can be bound to it
-        out = []
-        for t in targets:
-            try:
-                ev = self.evaluation(key, t.name, t.fingerprint)
-            except DamagedRecord:
-                continue
-            if ev is not None and ev.protocol >= EVAL_PROTOCOL and ev.made_from(model, t):
-                out.append(ev)
-        return out
-
-    def missing_targets(self, key: str, targets: Sequence[Any]) -> list[Any]:
-        """The targets without a current evaluation (new targets, changed data, old protocol,
-        another model, damage)."""
-        have = {(e.target, e.fingerprint) for e in self.current(key, targets)}
-        return [t for t in targets if (t.name, t.fingerprint) not in have]
 
     # ---------------------------------------------------------------------------- state
 
@@ -749,47 +479,6 @@ class TrialStore:
         self._seal(key, {n: s.as_dict() for n, s in files.items()})
         self.checkpoint(key).remove()
 
-    def write_eval(
-        self,
-        key: str,
-        target: str,
-        fingerprint: str,
-        *,
-        metrics: pd.DataFrame,
-        predictions: pd.DataFrame,
-        info: dict[str, Any],
-        model: str,
-        data: str = "",
-    ) -> None:
-        """Write one evaluation atomically (a temporary folder renamed into place), bound to
-        ``model``, the checksum of the model bytes it was computed from, and ``data``, that of
-        the test images it read. A current one of the same model and images written meanwhile
-        by another attempt wins; any other one is replaced."""
-        self.guard()
-        edir = self._eval_folder(key, target, fingerprint)
-        tmp = edir.with_name(f".{edir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        files = {
-            _PRED: self._write(tmp / _PRED, _parquet_bytes(predictions)).as_dict(),
-            _METRICS: self._write(tmp / _METRICS, _parquet_bytes(metrics)).as_dict(),
-        }
-        body = {"target": target, "fingerprint": fingerprint, "protocol": EVAL_PROTOCOL, **info}
-        sealed = {**body, "model": model, "data": data, "files": files}
-        self._write(tmp / _EVAL_JSON, integrity.seal(sealed))
-        try:
-            existing = self.evaluation(key, target, fingerprint) if edir.exists() else None
-        except DamagedRecord:
-            existing = None  # replaced below (and kept beside, hidden)
-        same = existing is not None and existing.model == model and existing.data == data
-        if same and existing.protocol >= EVAL_PROTOCOL:
-            shutil.rmtree(tmp, ignore_errors=True)  # an at-least-once duplicate: keep the first
-            return
-        self.guard()
-        if edir.exists():  # older protocol, another model or damaged: kept beside, out of use
-            os.replace(edir, edir.with_name(f".{edir.name}.replaced-{time.time_ns()}"))
-        os.replace(tmp, edir)
-
     def checkpoint(self, key: str) -> FileCheckpoint:
         return FileCheckpoint(self.folder(key) / _CHECKPOINT, self.guard)
 
@@ -884,93 +573,3 @@ class TrialStore:
         except DamagedRecord as exc:
             return f"# damaged: {_rel(exc.path, self.folder(key))}: {exc.reason}\n"
         return _yaml_bytes({**record, "ledger": ledger}).decode()
-
-
-def _ledger_json(
-    ledger: Ledger | Mapping[str, Any], sites: Mapping[str, Ledger] | None
-) -> dict[str, Any]:
-    """ledger.json's document: the ledger, a federation's members under ``sites``."""
-    if not isinstance(ledger, Ledger):
-        if sites:
-            raise TypeError("site_ledgers go with a typed Ledger (a document holds its sites)")
-        return dict(ledger)
-    out = ledger.as_dict()
-    if sites:
-        out["sites"] = {name: led.as_dict() for name, led in sites.items()}
-    return out
-
-
-def _record_json(record: RunRecord | Mapping[str, Any], spec: TrialSpec | None) -> dict[str, Any]:
-    """trial.json's document: the spec, then the run record."""
-    if not isinstance(record, RunRecord):
-        return dict(record)
-    if spec is None:
-        raise TypeError("a typed RunRecord is written with its spec")
-    return {"spec": spec.to_json(), **record.to_json()}
-
-
-def _record(
-    key: str, tdir: Path, contents: dict[str, bytes], files: dict[str, Any] | None
-) -> TrialRecord:
-    """The typed record from verified bytes (a folder without checksums: its model parsed)."""
-    info = _json(tdir / _TRIAL_JSON, contents[_TRIAL_JSON], ("spec",))
-    ledger = _json(tdir / _LEDGER, contents[_LEDGER], ("accountant", "epsilon_spent", "steps"))
-    thresholds = _json(tdir / _THRESHOLDS, contents[_THRESHOLDS], ("youden_val",))["youden_val"]
-    if files is None:
-        _torch_state(tdir / _MODEL, contents[_MODEL])  # no checksum: a full structural parse
-    try:
-        spec = TrialSpec.from_json(info["spec"])
-        run = RunRecord.from_json(info)
-        thresholds = tuple(None if t is None else float(t) for t in thresholds)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise DamagedRecord(tdir / _TRIAL_JSON, f"bad spec or run record ({exc})") from None
-    try:
-        summary = Ledger.from_dict(ledger)
-        sites = {str(n): Ledger.from_dict(led) for n, led in ledger.get("sites", {}).items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise DamagedRecord(tdir / _LEDGER, f"bad ledger ({exc})") from None
-    digest = integrity.digest(contents[_MODEL])
-    return TrialRecord(key, spec, summary, run, thresholds, digest, sites)
-
-
-def _parse_check(path: Path, data: bytes) -> None:
-    """A full parse of a record without checksums (or of a training log): DamagedRecord."""
-    if path.name == _VAL_PRED:
-        _parquet_frame(path, data)
-    elif path.name == _CONFIG:
-        import yaml
-
-        try:
-            yaml.safe_load(data)
-        except yaml.YAMLError as exc:
-            raise DamagedRecord(path, f"unparsable ({str(exc)[:80]})") from None
-    elif path.name == _HISTORY:
-        if not isinstance(_json(path, data), list):
-            raise DamagedRecord(path, "not a list of epoch records")
-    elif path.name.endswith(".json"):
-        _json(path, data)
-
-
-def _legacy_eval(path: Path, data: bytes) -> dict[str, Any] | None:
-    """An eval.json written before checksums (protocol < 4: evaluated again), else None."""
-    try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(value, dict) or integrity.CHECKSUM in value:
-        return None
-    if int(value.get("protocol", 1)) >= EVAL_PROTOCOL or "target" not in value:
-        return None
-    return value
-
-
-def _rel(path: Path, base: Path) -> Path:
-    return path.relative_to(base) if path.is_relative_to(base) else path
-
-
-def _safe_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

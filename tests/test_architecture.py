@@ -68,11 +68,11 @@ def _kind_names() -> set[str]:
 
 def _trainers() -> set[str]:
     """The functions trial.TRAINERS holds: a kind's own trainer reads its kind's fields."""
-    tree = ast.parse((PACKAGE / "trial.py").read_text())
+    tree = ast.parse((PACKAGE / "trial" / "__init__.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TRAINERS":
             return {v.id for v in node.value.values}
-    raise AssertionError("trial.py holds no TRAINERS registry")
+    raise AssertionError("trial/__init__.py holds no TRAINERS registry")
 
 
 def _names_in(node: ast.AST) -> set[str]:

@@ -158,9 +158,10 @@ def _cache_lines(caches: dict[str, Path], *, blocks: bool = True) -> list[str]:
 def _table_lines(output: Path) -> list[str]:
     """The sealed tables (outputs.json) verified: a damaged one is rewritten by the next run."""
     from privdom_ray import integrity
+    from privdom_ray.folder import TABLES
 
     lines = []
-    for name in integrity.SEALED_OUTPUTS:
+    for name in TABLES:
         if not (output / name).is_file():
             continue
         try:

@@ -361,9 +361,10 @@ def cache_seconds(run: SweepRun) -> dict[str, tuple[int, float]]:
 
 
 def _keys_and_targets(out: Path) -> tuple[list[str], list]:
+    from privdom_ray.atomic import read_json
     from privdom_ray.stats import results
 
-    plan = results.read_json(out / "plan.json")
+    plan = read_json(out / "plan.json")
     return [c["key"] for c in plan["cells"]], results.planned_targets(out)
 
 

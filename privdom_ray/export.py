@@ -31,19 +31,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from privdom_ray import atomic, guarantee, integrity
-from privdom_ray import folder as sweep_folder
+from privdom_ray.folder import (
+    COMPARISONS,
+    GUARANTEES,
+    MODELS,
+    PRIVACY_NOTE,
+    RELIABILITY,
+    TRANSFER,
+)
 from privdom_ray.kinds import attached, kind_of
 from privdom_ray.numeric import number_or_nan
 from privdom_ray.stats import results
-from privdom_ray.stats.results import GUARANTEES, PRIVACY_CLASSES, TRANSFER, privacy_class
+from privdom_ray.stats.results import PRIVACY_CLASSES, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
 
-COMPARISONS, RELIABILITY = sweep_folder.COMPARISONS, sweep_folder.RELIABILITY
-#: Aggregate tables a sweep writes next to its trial folders, exported when present.
-SHAREABLE_TABLES = sweep_folder.TABLES
-FIGURES = sweep_folder.FIGURES
-MODELS = sweep_folder.MODELS
-PRIVACY_NOTE = sweep_folder.PRIVACY_NOTE
 #: In the exported transfer table ``trial_key`` holds keyed release ids (same column name, so
 #: readers and the report keep working), never the keys that hash the data.
 RELEASE_ID = {"trial_key": "release_id"}

@@ -156,13 +156,8 @@ def write_atomic(path: Path, data: bytes, *, private: bool = False) -> FileSum:
 
 # ------------------------------------------------------------------ sealed files of a folder
 
-OUTPUTS = sweep_folder.OUTPUTS
-#: what a sweep seals in its output folder after every aggregation: the tables (the report is
-#: rendered from them, and ``launch.py report`` may render it again at any time)
-SEALED_OUTPUTS = sweep_folder.TABLES
 
-
-def seal_files(folder: Path, names: list[str], record: str = OUTPUTS) -> None:
+def seal_files(folder: Path, names: list[str], record: str = sweep_folder.OUTPUTS) -> None:
     """Record the checksums of ``folder/<name>`` (those that exist) in a sealed ``record``:
     e.g. the tables a sweep wrote, so ``status`` and ``export`` can verify them later."""
     folder = Path(folder)
@@ -174,7 +169,7 @@ def seal_files(folder: Path, names: list[str], record: str = OUTPUTS) -> None:
     write_atomic(folder / record, seal({"algorithm": ALGORITHM, "files": files}))
 
 
-def verified_bytes(folder: Path, name: str, record: str = OUTPUTS) -> bytes:
+def verified_bytes(folder: Path, name: str, record: str = sweep_folder.OUTPUTS) -> bytes:
     """The bytes of ``folder/<name>`` checked against the sealed ``record``; Damage when the
     record is missing or damaged, does not list the file, or the file does not match."""
     folder = Path(folder)

@@ -31,14 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from privdom_ray import folder as sweep_folder
+from privdom_ray.folder import LEASE_DIR, LEGACY_LOCK
 
-LEASE_DIR = sweep_folder.LEASE_DIR
 #: seconds without renewal after which another driver may take the lease over
 DEFAULT_LEASE_S = 120.0
 #: writers stop when the lease is older than this share of ``lease_s`` (before a takeover)
 WRITE_CUTOFF = 0.75
-_LEGACY = sweep_folder.LEGACY_LOCK  # the lock file of privdom-ray before leases
 
 
 class LockHeld(RuntimeError):
@@ -159,7 +157,7 @@ def check(output: Path, token: int) -> None:
 
 def _legacy_holder(output: Path) -> str:
     """A live lock of privdom-ray before leases (``driver.lock``), described; else ''."""
-    path = Path(output) / _LEGACY
+    path = Path(output) / LEGACY_LOCK
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

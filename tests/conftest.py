@@ -115,9 +115,10 @@ def build_real_output(work: Path, *, accountant: str = "rdp") -> tuple[Path, dic
     transfer, comparisons and reliability tables and the report written. Returns (output,
     {trial name: key}). About a minute on 2 cores (``rdp`` calibrates in a second, PRV in ~10 s).
     """
-    from privdom_ray import integrity, report
+    from privdom_ray import atomic, integrity, report
     from privdom_ray.cell import Cell, TargetRef
     from privdom_ray.config import AuditSpec, Federation, Site, TrainingConfig, TrialSpec
+    from privdom_ray.folder import TABLES
     from privdom_ray.imaging import Preprocessing
     from privdom_ray.stats import comparisons
     from privdom_ray.trial import Executor, run_cell
@@ -155,14 +156,14 @@ def build_real_output(work: Path, *, accountant: str = "rdp") -> tuple[Path, dic
         )  # fmt: skip
         run_cell(cell, executor=Executor())
     keys = [s.key for s in specs]
-    results.write_json(
+    atomic.write_json(
         output / "plan.json",
         {"targets": [{"name": t.name, "fingerprint": t.fingerprint} for t in targets]},
     )
     results.aggregate(output, keys, "real", targets)
     comparisons.write_all(output, comparisons.compute_all(output, keys, EV, targets=targets))
     report.write_report(output)
-    integrity.seal_files(output, list(integrity.SEALED_OUTPUTS))  # as the sweep's driver does
+    integrity.seal_files(output, list(TABLES))  # as the sweep's driver does
     return output, {s.name: s.key for s in specs}
 
 

@@ -17,7 +17,7 @@ from helpers import folders
 from helpers.trials import AGE_BINS, EV, build_output, make_testset, scores_for, write_trial
 from scipy import stats
 
-from privdom_ray import report
+from privdom_ray import atomic, report
 from privdom_ray.manifest import LABELS
 from privdom_ray.stats import (
     comparisons,
@@ -531,7 +531,7 @@ def test_reads_only_finished_trials_and_complete_evaluations(tmp_path):
     aside = eval_of(tmp_path, "a", "inf", "a").path
     replaced = aside.with_name(f".{aside.name}.replaced-1")
     replaced.mkdir()
-    results.write_json(replaced / "eval.json", {"target": "a", "fingerprint": "old"})
+    atomic.write_json(replaced / "eval.json", {"target": "a", "fingerprint": "old"})
     with pytest.warns(ComparisonWarning) as caught:
         df = compute(tmp_path, [*keys, unfinished])
     assert [str(w.message) for w in caught if "off-domain sources differ" in str(w.message)]

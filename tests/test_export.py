@@ -219,6 +219,7 @@ def test_export_recomputes_what_the_tables_claim_instead_of_trusting_them(real_o
     import pyarrow as pa
 
     from privdom_ray import integrity
+    from privdom_ray.folder import TABLES
 
     output, names = real_output
     work = tmp_path / "w"
@@ -231,17 +232,17 @@ def test_export_recomputes_what_the_tables_claim_instead_of_trusting_them(real_o
     pq.write_table(edited, out / "transfer.parquet")
     bad = launch("export", "out", "--to", "s1", cwd=work, expect=1)
     assert "transfer.parquet" in bad.stderr and "outputs.json" not in bad.stderr.split(":")[0]
-    integrity.seal_files(out, list(integrity.SEALED_OUTPUTS))  # resealed: now it contradicts
+    integrity.seal_files(out, list(TABLES))  # resealed: now it contradicts
     bad = launch("export", "out", "--to", "s2", cwd=work, expect=1)
     assert "noise_multiplier is 50.0, its ledger says" in bad.stderr
     pq.write_table(transfer, out / "transfer.parquet")
     fed = pc_filter(transfer, "source", "fed_ab")
     pq.write_table(fed, out / "transfer.parquet")
-    integrity.seal_files(out, list(integrity.SEALED_OUTPUTS))
+    integrity.seal_files(out, list(TABLES))
     bad = launch("export", "out", "--to", "s3", cwd=work, expect=1)
     assert "has rows of the model fed_ab" in bad.stderr and "no rows in transfer" in bad.stderr
     pq.write_table(transfer, out / "transfer.parquet")
-    integrity.seal_files(out, list(integrity.SEALED_OUTPUTS))
+    integrity.seal_files(out, list(TABLES))
     # the twin set aside: --with-audit ships no audit column it cannot cover
     store = TrialStore(out)
     store.set_aside(names["a_eps2_seed0_audit"], "a test")

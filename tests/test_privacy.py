@@ -272,10 +272,11 @@ def test_every_column_of_every_table_has_a_privacy_class():
     the column may leave): every column the tables have today is classified."""
     import pyarrow as pa
 
+    from privdom_ray.folder import TRANSFER
     from privdom_ray.stats import quantities, results
 
     tables = {
-        results.TRANSFER: results.SCHEMA,
+        TRANSFER: results.SCHEMA,
         "comparisons.parquet": quantities.SCHEMA,
         "reliability.parquet": quantities.RELIABILITY_SCHEMA,
     }

@@ -13,7 +13,7 @@ import pytest
 from test_report import _sweep
 
 from privdom_ray import report
-from privdom_ray.report import page as report_html
+from privdom_ray.folder import HTML
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -50,7 +50,7 @@ def cells(markdown: str) -> list[str]:
 def test_the_page_holds_the_reports_numbers_inline_and_collapses_all_but_the_primary(tmp_path):
     _sweep(tmp_path)
     md = report.write_report(tmp_path)
-    page = (tmp_path / report_html.HTML).read_text()
+    page = (tmp_path / HTML).read_text()
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched at view time
     assert page.count('src="data:image/png;base64,') == len(
         list((tmp_path / "figures").glob("*.png"))
@@ -70,7 +70,7 @@ def test_the_page_holds_the_reports_numbers_inline_and_collapses_all_but_the_pri
 def test_a_browser_runs_the_filters_by_epsilon_site_and_label(tmp_path):
     _sweep(tmp_path)
     report.write_report(tmp_path)
-    page = tmp_path / report_html.HTML
+    page = tmp_path / HTML
     everything = dom(page)
     assert 'data-ready="1"' in everything and 'class="hidden"' not in everything
     only = dom(page, "#epsilon=1&site=b&label=pneumonia")

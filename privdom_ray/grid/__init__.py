@@ -35,15 +35,10 @@ from privdom_ray.config import (  # noqa: F401 (grid.MODEL_NAMES etc. stay reach
 )
 from privdom_ray.folder import CACHE
 from privdom_ray.grid.sections import (  # noqa: F401 (re-exported: the old privdom_ray.grid names)
-    _BAD,
     DOMAIN_KEYS,
     FEDERATION_KEYS,
     MAX_SEED,
-    _check_pos_weight,
-    _check_training,
     _Collector,
-    _fixed_pos_weight,
-    _named_entry,
     _parse_bool,
     _parse_controls,
     _parse_delta,

@@ -18,17 +18,11 @@ sampler will take, plus any count release), never for an approximate step count.
 from __future__ import annotations
 
 from privdom_ray.privacy.audit import (  # noqa: F401 (re-exported: the old privdom_ray.privacy names)
-    _COMPUTED,
     INDEPENDENT_TOL,
     PLD,
     PLD_INTERVAL,
     AuditRow,
     ExpectedRun,
-    _epsilon_cached,
-    _mechanism_differences,
-    _pld_cached,
-    _pos_weight_differences,
-    _same,
     audit_ledger,
     cached_calibration,
     check_epsilon,
@@ -43,10 +37,6 @@ from privdom_ray.privacy.ledger import (  # noqa: F401 (re-exported: the old pri
     Ledger,
     Mechanism,
     NoisePlan,
-    _bisect,
-    _epsilon,
-    _integer,
-    _typed,
     calibrate,
     count_noise_multiplier,
     epsilon_of,

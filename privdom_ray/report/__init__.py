@@ -29,12 +29,11 @@ import pandas as pd
 
 from privdom_ray import atomic
 from privdom_ray.config import format_epsilon
+from privdom_ray.folder import FIGURES, REPORT
 from privdom_ray.report import page
 from privdom_ray.report.figures import _draw_figures
 from privdom_ray.report.formatting import (
-    FIGURES,
     MISSING,
-    REPORT,
     _missing,
     _plain_matrix,
     _privacy_note,

@@ -13,15 +13,12 @@ from typing import Any
 
 import pandas as pd
 
-from privdom_ray import folder as sweep_folder
 from privdom_ray.config import format_epsilon
 from privdom_ray.report.view import ReportView
 from privdom_ray.stats import inference, quantities
 
 MISSING = "—"
 UNDEFINED = "n/a"
-REPORT = sweep_folder.REPORT  # the output folder's names live in privdom_ray.folder
-FIGURES = sweep_folder.FIGURES
 NO_DP = "∞ (no DP)"
 APPROX = " †"  # an approximate CI: too few units of the rarer class, or an AUC >= 0.95
 

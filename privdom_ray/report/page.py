@@ -20,7 +20,6 @@ import markdown
 from privdom_ray import atomic
 from privdom_ray import folder as sweep_folder
 
-HTML = sweep_folder.HTML
 _TABLE = re.compile(r"<table>.*?</table>", re.S)
 _IMG = re.compile(r'<img alt="([^"]*)" src="([^"]+\.png)"\s*/?>')
 _H2 = re.compile(r'(<h2 id="[^"]*">)')
@@ -55,7 +54,7 @@ def render_html(
 def write_html(output: Path, text: str, **choices: Sequence[str]) -> Path:
     """Write ``<output>/report.html`` (atomically) next to ``report.md``."""
     page = render_html(text, Path(output), **choices)
-    path = Path(output) / HTML
+    path = Path(output) / sweep_folder.HTML
     atomic.atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
     return path
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 
 from privdom_ray.config import format_epsilon
+from privdom_ray.folder import FIGURES
 from privdom_ray.report.formatting import (
-    FIGURES,
     MISSING,
     UNDEFINED,
     _ci,

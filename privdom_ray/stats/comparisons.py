@@ -89,12 +89,11 @@ import pyarrow as pa
 
 from privdom_ray import atomic
 from privdom_ray.config import EvaluationConfig
+from privdom_ray.folder import COMPARISONS, RELIABILITY
 from privdom_ray.stats.comparison_rows import _finalize, _frame, _rows
 from privdom_ray.stats.estimates import _Item, _test_set_items
 from privdom_ray.stats.quantities import (
     _DEFAULT,
-    COMPARISONS,
-    RELIABILITY,
     RELIABILITY_SCHEMA,
     SCHEMA,
 )

@@ -13,11 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from privdom_ray import folder
 from privdom_ray.config import EvaluationConfig
-
-COMPARISONS = folder.COMPARISONS  # the file names live in privdom_ray.folder
-RELIABILITY = folder.RELIABILITY
 
 PAIRED_DELTA = "paired_delta"
 AUC_DROP = "auc_drop"

@@ -19,24 +19,11 @@ import pandas as pd
 import pyarrow as pa
 
 from privdom_ray import folder
-
-# The atomic writers live in privdom_ray.atomic (here they made results <-> store a cycle);
-# atomic_write, write_json and write_yaml stay importable from here for callers written before
-# the move (branches in flight). New code imports privdom_ray.atomic.
-from privdom_ray.atomic import (  # noqa: F401
-    atomic_write,
-    read_json,
-    write_json,
-    write_parquet,
-    write_yaml,
-)
-from privdom_ray.folder import PlannedTarget, SweepFolder
+from privdom_ray.atomic import write_parquet
+from privdom_ray.folder import GUARANTEES, TRANSFER, PlannedTarget, SweepFolder
 from privdom_ray.kinds import REGISTRY, attached, kind_of
 from privdom_ray.stats.evaluation import MetricRow
 from privdom_ray.store import TrialRecord, TrialStore
-
-TRIALS = folder.TRIALS  # the names live in privdom_ray.folder; kept here for callers
-TRANSFER = folder.TRANSFER
 
 _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 
@@ -230,7 +217,6 @@ RELIABILITY_PRIVACY: dict[str, str] = {
 }
 #: guarantees.parquet (written by ``export``): one row per training set, all accounting.
 GUARANTEES_PRIVACY: dict[str, str] = {"training_site": "public"}
-GUARANTEES = folder.GUARANTEES
 TABLE_PRIVACY: dict[str, dict[str, str]] = {
     TRANSFER: COLUMN_PRIVACY,
     folder.COMPARISONS: COMPARISONS_PRIVACY,

@@ -53,24 +53,22 @@ from privdom_ray import folder as sweep_folder
 from privdom_ray import integrity, lease
 from privdom_ray.atomic import atomic_write, read_json, write_json
 from privdom_ray.config import TrialSpec
+from privdom_ray.folder import SET_ASIDE, TRIALS
 from privdom_ray.integrity import Damage, FileSum
 from privdom_ray.lease import LockHeld
 from privdom_ray.privacy import Ledger
 from privdom_ray.records import RunRecord
 from privdom_ray.store.evaluations import Evaluations
-from privdom_ray.store.records import (  # noqa: F401 (re-exported: the old privdom_ray.store names)
+from privdom_ray.store.records import (
     _CHECKPOINT,
     _CONFIG,
     _DONE,
     _EVAL,
-    _EVAL_JSON,
     _FAILED,
     _HISTORY,
     _LEDGER,
     _LEGACY_DONE,
-    _METRICS,
     _MODEL,
-    _PRED,
     _RUNNING,
     _TB,
     _THRESHOLDS,
@@ -80,8 +78,6 @@ from privdom_ray.store.records import (  # noqa: F401 (re-exported: the old priv
     DONE_FORMAT,
     EVAL_PROTOCOL,
     LOGS,
-    SET_ASIDE,
-    TRIALS,
     DamagedRecord,
     EvalRecord,
     FileCheckpoint,
@@ -91,9 +87,7 @@ from privdom_ray.store.records import (  # noqa: F401 (re-exported: the old priv
     _json,
     _json_bytes,
     _ledger_json,
-    _legacy_eval,
     _parquet_bytes,
-    _parquet_frame,
     _parse_check,
     _read,
     _record,
@@ -104,7 +98,14 @@ from privdom_ray.store.records import (  # noqa: F401 (re-exported: the old priv
     _yaml_bytes,
 )
 
-__all__ = ["DamagedRecord", "EvalRecord", "LockHeld", "TrialRecord", "TrialStore"]
+__all__ = [
+    "DamagedRecord",
+    "EVAL_PROTOCOL",
+    "EvalRecord",
+    "LockHeld",
+    "TrialRecord",
+    "TrialStore",
+]
 
 
 class TrialStore(Evaluations):

@@ -21,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 
-from privdom_ray import folder as sweep_folder
 from privdom_ray import integrity
 from privdom_ray.atomic import atomic_write
 from privdom_ray.config import TrialSpec
@@ -30,8 +29,6 @@ from privdom_ray.kinds import kind_of
 from privdom_ray.privacy import Ledger
 from privdom_ray.records import RunRecord
 
-TRIALS = sweep_folder.TRIALS  # the output folder's names live in privdom_ray.folder
-SET_ASIDE = sweep_folder.SET_ASIDE
 #: Evaluations of an older protocol are redone (the model is never retrained for it):
 #: 1 resampled images (predictions had no patient groups); 2 counted a label's minimum
 #: positives in images, so a label of 3 patients could pass a minimum of 10; 3 counts patients;

@@ -38,7 +38,10 @@ from privdom_ray.checks import Inputs, Log, _log, check_decoded_sizes, check_inp
 from privdom_ray.config import SweepSpec, TrialSpec
 from privdom_ray.folder import (
     COMPARISONS,
+    OUTPUTS,
     RELIABILITY,
+    TABLES,
+    TRANSFER,
     Plan,
     PlannedCell,
     PlannedTarget,
@@ -48,12 +51,8 @@ from privdom_ray.report.view import ReportView
 from privdom_ray.stats import comparisons, results
 from privdom_ray.stats.study import study_of
 from privdom_ray.store import TrialStore
-from privdom_ray.sweep.cluster import (  # noqa: F401 (re-exported: the old privdom_ray.sweep names)
-    PACKAGE_DIR,
-    _dashboard_login_hint,
-    _trial_runtime_env,
+from privdom_ray.sweep.cluster import (
     _use_cluster_token,
-    _warn_local_storage,
     check_resources,
     cluster_slots,
     init_ray,
@@ -512,7 +511,7 @@ def _aggregate(
     view = ReportView.of_tables(out.root, table, arrow[COMPARISONS], arrow[RELIABILITY])
     report.write_report(out.root, view=view)
     store.guard()
-    integrity.seal_files(spec.output, list(integrity.SEALED_OUTPUTS))
+    integrity.seal_files(spec.output, list(TABLES))
     log("")
     log(report.transfer_matrices_text(df, tables.comparisons))
     evaluated = [t for t in prep.trials if kinds.kind_of(t).evaluated]  # others have no rows
@@ -532,14 +531,14 @@ def _still_better(
     images); 0 otherwise (then the new, smaller table is the truth)."""
     import io
 
-    path = Path(output) / results.TRANSFER
+    path = Path(output) / TRANSFER
     if not path.is_file():
         return 0
     try:
         try:
-            data = integrity.verified_bytes(output, results.TRANSFER)
+            data = integrity.verified_bytes(output, TRANSFER)
         except integrity.Damage:
-            data = path.read_bytes() if not (Path(output) / integrity.OUTPUTS).exists() else b""
+            data = path.read_bytes() if not (Path(output) / OUTPUTS).exists() else b""
         old = pd.read_parquet(io.BytesIO(data))
     except Exception:  # noqa: BLE001 - an unreadable old table is not worth keeping
         return 0

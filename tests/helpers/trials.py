@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from privdom_ray import atomic
 from privdom_ray.config import EvaluationConfig, TrainingConfig, TrialSpec
 from privdom_ray.imaging import Preprocessing
 from privdom_ray.manifest import LABELS
 from privdom_ray.privacy import MECHANISM_VERSION, Ledger
-from privdom_ray.stats import evaluation, results
+from privdom_ray.stats import evaluation
 
 N_BOOT = 200
 AGE_BINS = (0.0, 40.0, 70.0, math.inf)
@@ -245,7 +246,7 @@ def build_output(
                         patient_groups=patient_groups,
                     )
                 )
-    results.write_json(  # the plan's targets: their current data versions
+    atomic.write_json(  # the plan's targets: their current data versions
         output / "plan.json", {"targets": [{"name": d, "fingerprint": f"fp{d}"} for d in domains]}
     )
     return keys

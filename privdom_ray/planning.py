@@ -80,7 +80,8 @@ def plan_cells(
     ``fence`` is the driver's lease token, carried by every cell to its writes; ``data`` the
     checksum of each target's decoded test images. ``records``: each trial's usable record
     as the driver found it after tidying the folder (``TrialStore.usable``); default: the
-    store's read-only ``valid`` (a damaged or void trial is then planned again, not moved)."""
+    store's read-only ``valid`` (a damaged or void trial is then planned again, not moved).
+    A trial in ``records`` is not verified again here (the driver just did)."""
     targets = target_refs(spec, fingerprints, caches, data)
     init_path = ""
     pre = next((t for t in trials if kind_of(t).stage == 0), None)
@@ -91,7 +92,8 @@ def plan_cells(
     cells, unusable, done = [], [], 0
     for t in trials:
         kind = kind_of(t)
-        if not train and (why := store.unusable_reason(t.key)):
+        checked = records is not None and t.key in records  # the driver found it usable
+        if not train and not checked and (why := store.unusable_reason(t.key)):
             unusable.append(f"{t.name}: {why}")
             log(
                 f"[evaluate] {t.name} ({t.key}): {why}; not evaluated (the sweep, launch.py "

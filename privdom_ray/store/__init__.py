@@ -152,9 +152,11 @@ class TrialStore(Evaluations):
         except Damage as exc:
             raise DamagedRecord.of(exc) from None
 
-    def inspect(self, key: str) -> Inspection:
+    def inspect(self, key: str, contents: dict[str, bytes] | None = None) -> Inspection:
         """Verify a trained trial's files against its ``done`` (or, for a folder written
-        before checksums, parse every one in full). Read-only."""
+        before checksums, parse every one in full). Read-only. ``contents``, when given, is
+        filled with the bytes it verified, by file name (a caller that needs a file's bytes
+        too uses these instead of reading and verifying the file again)."""
         tdir = self.folder(key)
         if not self.is_trained(key):
             return Inspection()
@@ -163,7 +165,7 @@ class TrialStore(Evaluations):
         except DamagedRecord as exc:
             return Inspection(damage=exc)
         files = None if commit is None else commit["files"]
-        contents: dict[str, bytes] = {}
+        contents = {} if contents is None else contents
         logs = []
         for name in (*CORE, *LOGS):
             try:
@@ -194,14 +196,24 @@ class TrialStore(Evaluations):
         except Damage as exc:
             raise DamagedRecord.of(exc) from None
 
-    def read(self, key: str) -> TrialRecord:
-        """The trained trial ``key``; DamagedRecord names the first bad file."""
-        found = self.inspect(key)
+    def read(self, key: str, contents: dict[str, bytes] | None = None) -> TrialRecord:
+        """The trained trial ``key``; DamagedRecord names the first bad file. ``contents``:
+        filled with the verified bytes, as by :meth:`inspect`."""
+        found = self.inspect(key, contents)
         if found.damage is not None:
             raise found.damage
         if found.record is None:
             raise DamagedRecord(self.folder(key) / _DONE, "missing (not trained)")
         return found.record
+
+    def read_with_model(self, key: str) -> tuple[TrialRecord, Weights]:
+        """The trained trial and its weights from ONE verified read of its files (what an
+        evaluation needs; :meth:`read` then :meth:`model` would read, verify and hash the
+        largest file twice). The weights are loaded from the bytes the read verified."""
+        contents: dict[str, bytes] = {}
+        record = self.read(key, contents)
+        state = _torch_state(self.folder(key) / _MODEL, contents[_MODEL])
+        return record, Weights(state, record.model_digest)
 
     def ledger_document(self, key: str) -> dict[str, Any]:
         """The stored ledger.json as written, parsed from bytes checked against ``done`` (a

@@ -40,12 +40,13 @@ def evaluate_stored(
     fence: int = 0,
 ) -> None:
     """Evaluate a trial's stored model on one target (a unit of work an executor can ship).
-    The evaluation names the checksum of the model bytes it was computed from."""
+    The evaluation names the checksum of the model bytes it was computed from. The trial's
+    files are verified here, once (this may be another process than the cell's): the
+    thresholds and the weights come from the bytes that read verified."""
     torch.set_num_threads(max(1, threads))
     store = TrialStore(output, fence=fence)
-    record = store.read(key)
+    record, weights = store.read_with_model(key)
     thresholds = np.array([math.nan if t is None else t for t in record.thresholds], dtype=float)
-    weights = store.model(key)  # verified against the checksum written with it
     model = load_model(model_name, weights.state, num_outputs=len(LABELS))
     metrics_df, predictions, info = evaluate_target(
         model, target, thresholds, evaluation, device=device

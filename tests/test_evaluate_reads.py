@@ -1,0 +1,122 @@
+"""``launch.py evaluate`` reads each finished trial as often as it must, and no more.
+
+Certifying reads are verified reads (the store checks every byte against ``done``), so a
+read that is repeated costs a full hash of the model each time. A process verifies a trial
+once and uses the bytes it verified: the driver checks a trial (read-only) and tidies it
+(``TrialStore.usable``), planning does not check it a third time; an evaluation (which may run
+in another process than its cell) reads the record and the weights in one verified read. The
+counts come from a counting wrapper around ``integrity.read_verified``, the one function
+every verified read of the store goes through (it still does the real check).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_cache
+from helpers.trials import EV, tiny_ledger, tiny_spec
+from test_store import damage, grid, mark_done
+
+from privdom_ray import integrity, planning
+from privdom_ray.cell import TargetRef
+from privdom_ray.grid import parse_grid
+from privdom_ray.kinds import plan_trials
+from privdom_ray.manifest import LABELS
+from privdom_ray.models import build_model
+from privdom_ray.records import RunRecord
+from privdom_ray.store import DamagedRecord, TrialStore
+from privdom_ray.trial import evaluate_stored
+
+
+@pytest.fixture
+def verified(monkeypatch) -> collections.Counter:
+    """File name -> how many times the store verified it (the real check still runs)."""
+    counts: collections.Counter = collections.Counter()
+    real = integrity.read_verified
+
+    def counting(path: Path, expected: integrity.FileSum) -> bytes:
+        counts[Path(path).name] += 1
+        return real(path, expected)
+
+    monkeypatch.setattr(integrity, "read_verified", counting)
+    return counts
+
+
+def trained(output: Path) -> str:
+    """A trial with real (untrained) smallcnn weights, committed through the store."""
+    spec = tiny_spec("a", math.inf, 0, model="smallcnn")
+    state = build_model("smallcnn", num_outputs=len(LABELS)).state_dict()
+    TrialStore(output).write_trained(
+        spec.key, state_dict=state, ledger=tiny_ledger(math.inf), history=[],
+        thresholds=[0.5] * len(LABELS), labels=LABELS, spec=spec,
+        record=RunRecord.make(best_epoch=1, train_seconds=1.0, val_macro_auc=0.5),
+    )  # fmt: skip
+    return spec.key
+
+
+def evaluate(output: Path, key: str, target: TargetRef) -> None:
+    evaluate_stored(output=str(output), key=key, model_name="smallcnn", target=target,
+                    evaluation=EV)  # fmt: skip
+
+
+def test_an_evaluation_verifies_the_model_once_and_names_it(tmp_path, verified):
+    out = tmp_path / "out"
+    key = trained(out)
+    target = TargetRef("c", "fp-c", str(write_cache(tmp_path / "cache" / "c")), "patient")
+    verified.clear()
+    evaluate(out, key, target)
+    assert verified["model.pt"] == 1  # was 2: store.read, then store.model read it again
+    assert verified["trial.json"] == verified["thresholds.json"] == 1
+    store = TrialStore(out)
+    ev = store.evaluation(key, "c", "fp-c")
+    assert ev is not None and ev.model == store.model_digest(key)
+    # the one read gives what the two gave
+    record, weights = store.read_with_model(key)
+    assert record == store.read(key)
+    assert weights.digest == record.model_digest == store.model_digest(key)
+    assert all(np.array_equal(weights.state[n], t) for n, t in store.model(key).state.items())
+
+
+def test_an_evaluation_of_a_damaged_model_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    key = trained(out)
+    target = TargetRef("c", "fp-c", str(write_cache(tmp_path / "cache" / "c")), "patient")
+    damage(TrialStore(out).folder(key) / "model.pt", "zero-filled")  # same size: the checksum
+    with pytest.raises(DamagedRecord, match="model.pt"):
+        evaluate(out, key, target)
+    assert TrialStore(out).evaluation(key, "c", "fp-c") is None
+
+
+def test_evaluate_planning_does_not_verify_what_the_driver_just_checked(tmp_path, verified):
+    """sweep.prepare (train=False) checks each trial and tidies it; plan_cells then uses
+    those records (was: a third full verification per trial). A trial the driver found
+    unusable is still named, with its reason."""
+    fps = {"a": "fpa", "b": "fpb"}
+    spec = parse_grid(grid(tmp_path), base=tmp_path)
+    trials = plan_trials(spec, fps, {"a": 100, "b": 100})
+    for t in trials:
+        mark_done(tmp_path, t, {"a": "fpa"})  # b is a new target: every trial evaluates it
+    store, caches = TrialStore(spec.output), {n: str(tmp_path / "cache" / n) for n in "ab"}
+    broken = trials[0]
+    damage(store.folder(broken.key) / "ledger.json", "truncated")
+    verified.clear()
+    # what sweep.prepare does with train=False: a read-only check, then the store's tidying
+    records = {
+        t.key: store.usable(t.key, lambda _m: None)
+        for t in trials
+        if not store.unusable_reason(t.key)
+    }
+    # trial.json is every check's first file: the intact trials twice, the broken one once
+    assert verified["trial.json"] == 2 * (len(trials) - 1) + 1
+    verified.clear()
+    lines: list[str] = []
+    plan = planning.plan_cells(spec, trials, store, caches, fps, train=False, records=records,
+                               log=lines.append)  # fmt: skip
+    assert verified["trial.json"] == 1  # only the trial the driver could not use: its reason
+    assert len(plan.unusable) == 1 and plan.unusable[0].startswith(f"{broken.name}: ledger.json")
+    assert sorted(c.spec.key for c in plan.cells) == sorted(t.key for t in trials[1:])
+    assert all([t.name for t in c.targets] == ["b"] for c in plan.cells)

@@ -98,14 +98,7 @@ from privdom_ray.store.records import (
     _yaml_bytes,
 )
 
-__all__ = [
-    "DamagedRecord",
-    "EVAL_PROTOCOL",
-    "EvalRecord",
-    "LockHeld",
-    "TrialRecord",
-    "TrialStore",
-]
+__all__ = ["DamagedRecord", "EVAL_PROTOCOL", "EvalRecord", "LockHeld", "TrialRecord", "TrialStore"]
 
 
 class TrialStore(Evaluations):

@@ -46,6 +46,20 @@ def verified(monkeypatch) -> collections.Counter:
     return counts
 
 
+@pytest.fixture
+def hashed(monkeypatch) -> collections.Counter:
+    """Byte count -> how many times bytes of that length were hashed (the real hash runs)."""
+    counts: collections.Counter = collections.Counter()
+    real = integrity.digest
+
+    def counting(data: bytes) -> str:
+        counts[len(data)] += 1
+        return real(data)
+
+    monkeypatch.setattr(integrity, "digest", counting)
+    return counts
+
+
 def trained(output: Path) -> str:
     """A trial with real (untrained) smallcnn weights, committed through the store."""
     spec = tiny_spec("a", math.inf, 0, model="smallcnn")
@@ -63,13 +77,16 @@ def evaluate(output: Path, key: str, target: TargetRef) -> None:
                     evaluation=EV)  # fmt: skip
 
 
-def test_an_evaluation_verifies_the_model_once_and_names_it(tmp_path, verified):
+def test_an_evaluation_verifies_the_model_once_and_names_it(tmp_path, verified, hashed):
     out = tmp_path / "out"
     key = trained(out)
     target = TargetRef("c", "fp-c", str(write_cache(tmp_path / "cache" / "c")), "patient")
+    size = (TrialStore(out).folder(key) / "model.pt").stat().st_size
     verified.clear()
+    hashed.clear()
     evaluate(out, key, target)
     assert verified["model.pt"] == 1  # was 2: store.read, then store.model read it again
+    assert hashed[size] == 1  # was 4: two reads, each hashing to check and again to name it
     assert verified["trial.json"] == verified["thresholds.json"] == 1
     store = TrialStore(out)
     ev = store.evaluation(key, "c", "fp-c")

@@ -29,7 +29,7 @@ from privdom_ray.manifest import LABELS
 from privdom_ray.models import build_model
 from privdom_ray.records import RunRecord
 from privdom_ray.store import DamagedRecord, TrialStore
-from privdom_ray.trial import evaluate_stored
+from privdom_ray.trial.evaluation import evaluate_stored
 
 
 @pytest.fixture

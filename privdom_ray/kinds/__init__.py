@@ -40,6 +40,31 @@ class Checker(Protocol):
 
     def section(self, raw: Mapping, key: str, cls: type) -> Any: ...
 
+    def named(
+        self, section: str, i: int, entry: Any, known: tuple[str, ...], required: str
+    ) -> tuple[str, str] | None: ...
+
+
+#: When a kind's grid section is read, in this order (``TrialKind.section_phase``); each phase
+#: sees what the grid parsed before it (``common``): "before-names" nothing (it is read before
+#: the sources and targets: a pretraining domain is neither by default); "after-names" the
+#: domain ``names``, the ``private`` ones (not the pretraining domain), ``sources`` and
+#: ``targets``; "after-common" also ``epsilons``, ``seeds`` and ``training``.
+SECTION_PHASES = ("before-names", "after-names", "after-common")
+
+
+@dataclass(frozen=True)
+class BatchFit:
+    """One logical batch that must fit its training set (``grid.check_sample_rates``): the
+    grid ``key`` that sets it, the batch, the training ``units`` it samples from, their
+    ``unit`` ("images" or "patients") and ``where`` (words: which data)."""
+
+    key: str
+    batch: int
+    units: int
+    unit: str
+    where: str
+
 
 class TrialKind:
     """A kind of trial: how its trials are planned, trained, counted and shown.
@@ -66,15 +91,33 @@ class TrialKind:
     # columns it adds to the rows of the trial it is attached to (``attached_to``); null on
     # the rows of trials without one (stats/results.py: AUDIT_COLUMNS, privacy class "audit")
     columns: tuple[str, ...] = ()
-    # the grid section it owns ("" for none), also the SweepSpec field its parse is kept in;
-    # read at its stage (0: before the common sections, 1: after them)
+    # the grid section it owns ("" for none), also the SweepSpec field its parse is kept in
     section: str = ""
+    # when that section is read: one of SECTION_PHASES (not ``stage``, the training order)
+    section_phase: str = "after-common"
+    section_help: str = ""  # what the section holds (the grid's list of top-level keys)
+    # a grid with this section may say `sources: []`: its trials train without a single
+    # source (a federation's sites), so a grid of them alone trains no single-site model
+    sourceless: bool = False
 
     def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
         """Its grid section, checked (None when the grid has none); ``common``: the parsed
         common sections a stage-1 section may check against (sources, epsilons, seeds,
-        training)."""
+        training; see ``SECTION_PHASES`` for what each phase sees)."""
         return None
+
+    def check_training(self, c: Checker, section: Any, training: Any) -> None:
+        """Check the grid's ``training`` section (a config.TrainingConfig) against this kind's
+        parsed section (e.g. a federation protects images, not patients); read while the
+        training section is, so an after-common section is not parsed yet (None)."""
+
+    def batch_fits(
+        self, sweep: SweepSpec, n_train: Mapping[str, int], n_patients: Mapping[str, int] | None
+    ) -> Iterator[BatchFit]:
+        """The logical batches of its section's trials that must fit their training sets,
+        beyond the grid's sources (``grid.check_sample_rates``); counts of domains absent
+        from ``n_train`` are not known yet and are skipped."""
+        return iter(())
 
     def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
         """The grid's trials of this kind (keys not set)."""

@@ -68,6 +68,8 @@ class Pretrain(TrialKind):
     released = False
     stage = 0
     section = "pretrain"
+    section_phase = "before-names"  # its domain is neither a source nor a target by default
+    section_help = "non-private pretraining on a public domain (domain, epochs, lr, ...)"
 
     def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
         return plan(ctx)

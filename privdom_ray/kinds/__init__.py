@@ -176,9 +176,27 @@ def register(kind: TrialKind) -> TrialKind:
     return kind
 
 
+class UnknownKind(LookupError):
+    """A trial (or table row) of a kind this version does not register: written by a newer
+    privdom-ray, or an edited record. Not damage: its folder is never set aside (a newer
+    version's trial must survive); certifying commands name it and stop. A LookupError, so
+    that ``launch.py`` prints it as an error line and no store check takes it for damage."""
+
+    def __init__(self, kind: str, trial: str, key: str = "") -> None:
+        self.kind, self.trial, self.key = kind, trial, key
+        where = f"move trials/{key} aside" if key else "rebuild the tables with this version"
+        super().__init__(
+            f"{trial}: unknown trial kind {kind!r} (this version knows {sorted(REGISTRY)}); "
+            f"written by a newer privdom-ray? upgrade privdom-ray to read it; else {where}"
+        )
+
+
 def kind_of(spec: TrialSpec) -> TrialKind:
-    """A trial's kind (``TrialSpec.kind`` names it)."""
-    return REGISTRY[spec.kind]
+    """A trial's kind (``TrialSpec.kind`` names it); ``UnknownKind`` for one not registered."""
+    kind = REGISTRY.get(spec.kind)
+    if kind is None:
+        raise UnknownKind(spec.kind, f"trial {spec.key or '(no key)'} ({spec.name})", spec.key)
+    return kind
 
 
 def training_sites(spec: TrialSpec) -> tuple[str, ...]:
@@ -189,8 +207,11 @@ def training_sites(spec: TrialSpec) -> tuple[str, ...]:
 def row_kind(variant: Any, source: Any, training_sites: Any) -> TrialKind:
     """A table row's kind (tables hold ``variant`` and ``training_sites``, not the kind): a
     variant other than "standard" names it; a standard row whose model was trained on other
-    domains than its source is a federation's (tables from before federations: no sites)."""
-    if isinstance(variant, str) and variant in REGISTRY and variant != "standard":
+    domains than its source is a federation's (tables from before federations: no sites).
+    ``UnknownKind`` for a variant no kind registers (a newer version's table)."""
+    if isinstance(variant, str) and variant not in REGISTRY:
+        raise UnknownKind(variant, f"a table row of source {source!r}")
+    if isinstance(variant, str) and variant != "standard":
         return REGISTRY[variant]
     if isinstance(training_sites, str) and training_sites and training_sites != source:
         return REGISTRY["federated"]

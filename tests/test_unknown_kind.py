@@ -70,6 +70,12 @@ def test_audit_lists_the_unknown_trial_as_a_problem_and_fails(newer, capsys):
     assert launch.main(["audit", str(out)]) == 1
     assert NAMED in capsys.readouterr().out
     _untouched(out, new)
+    # an edited trial.json, resealed in place (its spec no longer hashes to its folder)
+    edit = lambda i: {**i, "spec": {**i["spec"], "variant": "foo"}}  # noqa: E731
+    with folders.rewritten(out, keys[1], "trial.json", edit):
+        bad = {line.key: line.problem for line in audit_output(out) if not line.ok}
+    assert set(bad) == {new[:12], keys[1][:12]} and NAMED in bad[keys[1][:12]]
+    assert f"trials/{keys[1]}" in bad[keys[1][:12]]
 
 
 def test_status_names_the_unknown_trial(newer, capsys):

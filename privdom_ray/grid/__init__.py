@@ -206,7 +206,8 @@ def check_sample_rates(
 
     ``n_train``: training images per domain (the manifest's; again with the decoded counts
     once the cache is built); ``n_patients``: training patients (``privacy_unit: patient``
-    samples patients). Raises ``GridError`` listing every source that is too small.
+    samples patients). Raises ``GridError`` listing every source that is too small, and
+    every batch a kind adds (``TrialKind.batch_fits``: federation sites, pretraining).
     """
     errors = []
 
@@ -228,9 +229,5 @@ def check_sample_rates(
     for kind in kinds.REGISTRY.values():
         for fit in kind.batch_fits(spec, n_train, n_patients):
             check(fit.key, fit.batch, fit.units, fit.unit, fit.where)
-    pre = spec.pretrain
-    if pre is not None and pre.domain in n_train:
-        where = f"pretraining domain {pre.domain!r}"
-        check("pretrain.logical_batch", pre.logical_batch, n_train[pre.domain], "images", where)
     if errors:
         raise GridError(str(spec.grid_path), errors)

@@ -184,8 +184,9 @@ def _kind_sections(
     its kind (``TrialKind.parse_section``), by SweepSpec field name; ``common``: what the grid
     parsed before that phase (``kinds.SECTION_PHASES`` says what)."""
     assert phase in kinds.SECTION_PHASES, phase
+    seen = dict(common)  # a copy: the grid adds to ``common`` in later phases
     return {
-        k.section: k.parse_section(c, raw, common) for k in _sectioned() if k.section_phase == phase
+        k.section: k.parse_section(c, raw, seen) for k in _sectioned() if k.section_phase == phase
     }
 
 
@@ -207,7 +208,7 @@ def check_sample_rates(
     ``n_train``: training images per domain (the manifest's; again with the decoded counts
     once the cache is built); ``n_patients``: training patients (``privacy_unit: patient``
     samples patients). Raises ``GridError`` listing every source that is too small, and
-    every batch a kind adds (``TrialKind.batch_fits``: federation sites, pretraining).
+    every batch a kind adds (``TrialKind.batch_fits``, e.g. each member site of its trials).
     """
     errors = []
 

@@ -101,9 +101,8 @@ class TrialKind:
     sourceless: bool = False
 
     def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
-        """Its grid section, checked (None when the grid has none); ``common``: the parsed
-        common sections a stage-1 section may check against (sources, epsilons, seeds,
-        training; see ``SECTION_PHASES`` for what each phase sees)."""
+        """Its grid section, checked (None when the grid has none); ``common``: what the grid
+        parsed before its ``section_phase`` (``SECTION_PHASES`` says what each phase sees)."""
         return None
 
     def check_training(self, c: Checker, section: Any, training: Any) -> None:

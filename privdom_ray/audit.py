@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from privdom_ray.folder import PlanDamaged, SweepFolder
-from privdom_ray.kinds import kind_of
+from privdom_ray.kinds import UnknownKind, kind_of
 from privdom_ray.numeric import number_or_nan
 from privdom_ray.privacy import (
     MECHANISM_VERSION,
@@ -93,7 +93,10 @@ def audit_output(output: Path) -> list[AuditLine]:
         except DamagedRecord as exc:
             lines.append(AuditLine(key[:12], problem=f"damaged: {exc.path.name}: {exc.reason}"))
             continue
-        lines.extend(audit_trial(store, record, counts))
+        try:
+            lines.extend(audit_trial(store, record, counts))
+        except UnknownKind as exc:  # a newer version's trial: named, never judged or moved
+            lines.append(AuditLine(key[:12], problem=str(exc)))
     return lines
 
 

@@ -150,3 +150,96 @@ def test_a_new_kind_is_trained_by_the_trainer_it_names(tmp_path, shuffled):
     record = store.read(spec.key)
     assert record.spec.kind == "shuffled_test" and record.training_sites == ("a",)
     assert store.model_path(spec.key).is_file()
+
+
+# ------------------------------------------------------------------ a kind's own grid section
+
+
+class _Pooled(kinds.TrialKind):
+    """A made-up kind that owns a grid section read in the "after-names" phase: one pooled
+    federation of the private domains the section names (``federations: [a, b]``). It holds
+    the ``federations`` section because a section is kept in the SweepSpec field of its name
+    (a new section adds its field to config.py); the federated kind is set aside meanwhile."""
+
+    name = "pooled_test"
+    trainer = "federated"
+    data = "sites"
+    section = "federations"
+    section_phase = "after-names"
+    section_help = "test-only: domain names pooled into one federation"
+    sourceless = True
+    seen: dict = {}
+
+    def parse_section(self, c, raw, common):
+        from privdom_ray.config import FederationConfig
+
+        self.seen = dict(common)
+        value = raw.get(self.section)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or any(s not in common["private"] for s in value):
+            c.add(self.section, value, f"a list of domain names from {common['private']}")
+            return ()
+        return (FederationConfig(name="pooled", sites=tuple(value)),)
+
+    def check_training(self, c, section, training):
+        if section and training.epochs > 3:
+            c.add("training.epochs", training.epochs, "at most 3 epochs with a pooled section")
+
+    def plan(self, ctx):
+        return iter(())
+
+
+@pytest.fixture
+def pooled():
+    saved = dict(kinds.REGISTRY)  # the registry's order is the planner's: restore it whole
+    del kinds.REGISTRY["federated"]
+    kind = kinds.register(_Pooled())
+    yield kind
+    kinds.REGISTRY.clear()
+    kinds.REGISTRY.update(saved)
+
+
+def test_a_new_kinds_grid_section_is_parsed_in_its_phase_without_editing_the_grid(tmp_path, pooled):
+    """grid.parse_grid reads a kind's section at the phase the kind names, hands it what the
+    grid parsed before that phase, lets it allow `sources: []` and check the training
+    section, and lists its key among the top-level keys: no line of grid/ names it."""
+    from helpers.grids import synthetic_domain
+
+    from privdom_ray.config import FederationConfig, GridError
+    from privdom_ray.grid import parse_grid, top_keys
+
+    sites = (("a", "a"), ("b", "b"), ("p", "c"))
+    domains = [synthetic_domain(n, s, n_patients=20) for n, s in sites]
+    grid = {"output": "out", "domains": domains, "epsilons": [1], "sources": [],
+            "pretrain": {"domain": "p"}, "federations": ["a", "b"], "training": {"epochs": 1}}  # fmt: skip
+    spec = parse_grid(grid, base=tmp_path)
+    assert spec.federations == (FederationConfig(name="pooled", sites=("a", "b")),)
+    assert spec.sources == () and spec.pretrain is not None and spec.pretrain.domain == "p"
+    # "after-names": the domain names, the private ones, sources and targets; no training yet
+    assert pooled.seen == {"names": ["a", "b", "p"], "private": ["a", "b"], "sources": [],
+                           "targets": ["a", "b"]}  # fmt: skip
+    assert top_keys()["federations"] == pooled.section_help
+
+    with pytest.raises(GridError) as info:
+        parse_grid({**grid, "federations": ["p"], "training": {"epochs": 5}}, base=tmp_path)
+    assert info.value.errors == [
+        "federations: ['p'] is not allowed; expected a list of domain names from ['a', 'b']"
+    ]
+    with pytest.raises(GridError) as info:
+        parse_grid({**grid, "training": {"epochs": 5}}, base=tmp_path)
+    assert info.value.errors == [
+        "training.epochs: 5 is not allowed; expected at most 3 epochs with a pooled section"
+    ]
+    # without a section that trains on sites of its own, `sources: []` is refused as before
+    with pytest.raises(GridError, match=r"sources: \[\] is not allowed"):
+        parse_grid({**grid, "federations": None}, base=tmp_path)
+
+
+def test_every_section_phase_is_a_named_one():
+    """A typo in a kind's ``section_phase`` would leave its section unread: refuse it here."""
+    for kind in kinds.REGISTRY.values():
+        assert kind.section_phase in kinds.SECTION_PHASES, kind.name
+    phases = {k.section: k.section_phase for k in kinds.REGISTRY.values() if k.section}
+    assert phases == {"pretrain": "before-names", "federations": "after-names",
+                      "audit": "after-common"}  # fmt: skip

@@ -25,7 +25,6 @@ from privdom_ray.config import (  # noqa: F401 (grid.MODEL_NAMES etc. stay reach
     PRIVACY_UNITS,
     DomainSpec,
     EvaluationConfig,
-    FederationConfig,
     GridError,
     PretrainConfig,
     RayConfig,
@@ -36,7 +35,6 @@ from privdom_ray.config import (  # noqa: F401 (grid.MODEL_NAMES etc. stay reach
 from privdom_ray.folder import CACHE
 from privdom_ray.grid.sections import (  # noqa: F401 (re-exported: the old privdom_ray.grid names)
     DOMAIN_KEYS,
-    FEDERATION_KEYS,
     MAX_SEED,
     _Collector,
     _parse_bool,
@@ -45,7 +43,6 @@ from privdom_ray.grid.sections import (  # noqa: F401 (re-exported: the old priv
     _parse_domains,
     _parse_epsilons,
     _parse_evaluation,
-    _parse_federations,
     _parse_model,
     _parse_names,
     _parse_preprocessing,
@@ -58,7 +55,7 @@ from privdom_ray.grid.sections import (  # noqa: F401 (re-exported: the old priv
 
 # ----------------------------------------------------------------------------------- parsing
 
-TOP_KEYS = {
+_FIRST_KEYS = {
     "name": "sweep name (str)",
     "output": "output folder",
     "cache_dir": "preprocessed-image cache folder (default <output>/cache)",
@@ -72,15 +69,30 @@ TOP_KEYS = {
     "seeds": "list of integers from 0 to 2**32 - 1",
     "model": f"one of {sorted(MODEL_NAMES)}",
     "training": "training hyper-parameters",
-    "pretrain": "non-private pretraining on a public domain (domain, epochs, lr, ...)",
-    "federations": "federated sources: list of {name, sites, weights, rounds, local_epochs}",
+}
+_LAST_KEYS = {
     "preprocessing": "image preprocessing",
     "resources": "per-trial cpu/gpu",
     "evaluation": "bootstrap and subgroup settings",
     "ray": "Ray cluster settings",
-    "audit": "one-run canary audit twins: {canaries, kind: gradient|input, sources, epsilons, "
-    "cells: per_epsilon|all|N, cells_seed}",
 }
+
+
+def top_keys() -> dict[str, str]:
+    """The grid's top-level keys and what each holds: the common ones and the sections the
+    registered kinds own (``TrialKind.section_help``; those read before the common sections
+    after ``training``, the others last)."""
+    owned = sorted(_sectioned(), key=lambda k: kinds.SECTION_PHASES.index(k.section_phase))
+    early = {k.section: k.section_help for k in owned if k.section_phase != "after-common"}
+    late = {k.section: k.section_help for k in owned if k.section_phase == "after-common"}
+    return {**_FIRST_KEYS, **early, **_LAST_KEYS, **late}
+
+
+def _sectioned() -> list[kinds.TrialKind]:
+    return [k for k in kinds.REGISTRY.values() if k.section]
+
+
+TOP_KEYS = top_keys()  # the built-in kinds' (parse_grid asks top_keys(): kinds added later)
 
 
 def load_grid(path: str | Path, *, output: str | Path | None = None) -> SweepSpec:
@@ -94,7 +106,7 @@ def load_grid(path: str | Path, *, output: str | Path | None = None) -> SweepSpe
         raise GridError(str(path), [f"not valid YAML: {exc}"]) from None
     if not isinstance(raw, Mapping):
         raise GridError(
-            str(path), ["the file must be a YAML mapping of the keys " + ", ".join(TOP_KEYS)]
+            str(path), ["the file must be a YAML mapping of the keys " + ", ".join(top_keys())]
         )
     return parse_grid(raw, base=path.parent.resolve(), grid_path=path.resolve(), output=output)
 
@@ -108,22 +120,26 @@ def parse_grid(
 ) -> SweepSpec:
     """A validated ``SweepSpec`` from a grid mapping; ``GridError`` lists every problem."""
     c = _Collector()
+    known = top_keys()
     for k, v in raw.items():
-        if k not in TOP_KEYS:
-            c.add(str(k), v, f"one of the known top-level keys {sorted(TOP_KEYS)} (typo?)")
+        if k not in known:
+            c.add(str(k), v, f"one of the known top-level keys {sorted(known)} (typo?)")
     name = str(raw.get("name") or (grid_path.stem if grid_path else "sweep"))
     out_path = _output(c, raw, base, name, output)
     doms = _parse_domains(c, raw.get("domains"), base)
     names = [d.name for d in doms]
-    pretrain = _kind_sections(c, raw, {}, stage=0).get("pretrain")
+    sections = _kind_sections(c, raw, {}, "before-names")
+    pretrain = sections.get("pretrain")
     # a public pretraining domain is neither trained on privately nor tested on by default
     private = [n for n in names if pretrain is None or n != pretrain.domain]
-    # a sweep of federations alone trains no single-site model: `sources: []`
-    sources = _parse_names(c, raw, "sources", private, allow_empty=bool(raw.get("federations")))
+    # a sweep of trials that train on sites of their own alone trains no single-site model
+    sourceless = any(k.sourceless and raw.get(k.section) for k in _sectioned())
+    sources = _parse_names(c, raw, "sources", private, allow_empty=sourceless)
     targets = _parse_names(c, raw, "targets", private if "targets" not in raw else names)
-    federations = _parse_federations(c, raw.get("federations"), private, names)
+    common: dict[str, Any] = dict(names=names, private=private, sources=sources, targets=targets)
+    sections.update(_kind_sections(c, raw, common, "after-names"))
     epsilons = _parse_epsilons(c, raw.get("epsilons", [math.inf]))
-    training, init_path = _parse_training(c, raw, base, epsilons, pretrain, bool(federations))
+    training, init_path = _parse_training(c, raw, base, epsilons, pretrain, sections)
     seeds = tuple(_parse_seeds(c, raw.get("seeds", [0])))
     parsed = dict(
         controls=_parse_controls(c, raw),
@@ -136,8 +152,8 @@ def parse_grid(
         evaluation=_parse_evaluation(c, raw),
         ray=_parse_ray(c, raw),
     )
-    common = dict(sources=sources, epsilons=epsilons, seeds=seeds, training=training)
-    parsed.update(_kind_sections(c, raw, common, stage=1))
+    common.update(epsilons=epsilons, seeds=seeds, training=training)
+    sections.update(_kind_sections(c, raw, common, "after-common"))
     if c.errors:
         raise GridError(str(grid_path or "grid"), c.errors)
     return SweepSpec(
@@ -150,24 +166,22 @@ def parse_grid(
         targets=tuple(targets),
         epsilons=tuple(epsilons),
         training=training,
-        pretrain=pretrain,
-        federations=tuple(federations),
         init_path=init_path,
         **parsed,
+        **sections,
     )
 
 
 def _kind_sections(
-    c: _Collector, raw: Mapping, common: Mapping[str, Any], *, stage: int
+    c: _Collector, raw: Mapping, common: Mapping[str, Any], phase: str
 ) -> dict[str, Any]:
-    """The grid sections trial kinds own (``pretrain``, ``audit``), each parsed by its kind
-    (``TrialKind.parse_section``), by SweepSpec field name. Stage 0 sections are read before
-    the common ones (a pretraining domain is neither a source nor a target by default);
-    stage 1 sections see the parsed common sections (``common``)."""
+    """The grid sections trial kinds own whose ``section_phase`` is ``phase``, each parsed by
+    its kind (``TrialKind.parse_section``), by SweepSpec field name; ``common``: what the grid
+    parsed before that phase (``kinds.SECTION_PHASES`` says what)."""
+    assert phase in kinds.SECTION_PHASES, phase
+    seen = dict(common)  # a copy: the grid adds to ``common`` in later phases
     return {
-        k.section: k.parse_section(c, raw, common)
-        for k in kinds.REGISTRY.values()
-        if k.section and k.stage == stage
+        k.section: k.parse_section(c, raw, seen) for k in _sectioned() if k.section_phase == phase
     }
 
 
@@ -188,7 +202,8 @@ def check_sample_rates(
 
     ``n_train``: training images per domain (the manifest's; again with the decoded counts
     once the cache is built); ``n_patients``: training patients (``privacy_unit: patient``
-    samples patients). Raises ``GridError`` listing every source that is too small.
+    samples patients). Raises ``GridError`` listing every source that is too small, and
+    every batch a kind adds (``TrialKind.batch_fits``, e.g. each member site of its trials).
     """
     errors = []
 
@@ -207,14 +222,8 @@ def check_sample_rates(
     for s in spec.sources:
         if s in counts:
             check("training.logical_batch", t.logical_batch, counts[s], unit, f"source {s!r}")
-    for fed in spec.federations:
-        for site in fed.sites:
-            if site in n_train:
-                where = f"site {site!r} of federation {fed.name!r}"
-                check("training.logical_batch", t.logical_batch, n_train[site], "images", where)
-    pre = spec.pretrain
-    if pre is not None and pre.domain in n_train:
-        where = f"pretraining domain {pre.domain!r}"
-        check("pretrain.logical_batch", pre.logical_batch, n_train[pre.domain], "images", where)
+    for kind in kinds.REGISTRY.values():
+        for fit in kind.batch_fits(spec, n_train, n_patients):
+            check(fit.key, fit.batch, fit.units, fit.unit, fit.where)
     if errors:
         raise GridError(str(spec.grid_path), errors)

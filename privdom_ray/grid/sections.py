@@ -2,8 +2,8 @@
 
 Owns the problem collector (``_Collector``: every problem of a grid, reported at once), the
 section parsers and checks (epsilons, seeds, model, training, preprocessing, resources,
-evaluation, ray, domains, federations, the loss weights) and the keys a domain or a
-federation entry may hold. Separate from ``privdom_ray.grid`` (the file's loading, its top-level
+evaluation, ray, domains, the loss weights) and the keys a domain entry may hold; the
+sections trial kinds own are parsed by their kinds (``TrialKind.parse_section``). Separate from ``privdom_ray.grid`` (the file's loading, its top-level
 keys and the whole grid's assembly into a ``SweepSpec``) because each parser is one
 section's rules on its own; ``privdom_ray.grid`` re-exports every name here and this module
 never imports it.
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from privdom_ray import domains
+from privdom_ray import domains, kinds
 from privdom_ray.config import (
     ACCOUNTANTS,
     CONTROLS,
@@ -27,7 +27,6 @@ from privdom_ray.config import (
     PRIVACY_UNITS,
     DomainSpec,
     EvaluationConfig,
-    FederationConfig,
     PretrainConfig,
     RayConfig,
     Resources,
@@ -66,6 +65,12 @@ class _Collector:
             if converted is not _BAD:
                 kwargs[k] = converted
         return cls(**kwargs)
+
+    def named(
+        self, section: str, i: int, entry: Any, known: tuple[str, ...], required: str
+    ) -> tuple[str, str] | None:
+        """Check one named list entry's shape, name and keys (``_named_entry``)."""
+        return _named_entry(self, section, i, entry, known, required)
 
     def _convert(self, key: str, value: Any, default: Any) -> Any:
         if isinstance(default, bool):
@@ -175,9 +180,11 @@ def _parse_training(
     base: Path,
     epsilons: list[float],
     pretrain: PretrainConfig | None,
-    federated: bool,
+    sections: Mapping[str, Any],
 ) -> tuple[TrainingConfig, Path | None]:
-    """The training section and, when ``training.init`` names a file, its resolved path."""
+    """The training section and, when ``training.init`` names a file, its resolved path;
+    ``sections``: the kind-owned sections parsed so far, each kind checks training against
+    its own (``TrialKind.check_training``)."""
     section = raw.get("training")
     fixed_weights = _fixed_pos_weight(c, raw)
     if isinstance(section, Mapping):  # "auto" and a list of numbers are parsed here
@@ -191,13 +198,9 @@ def _parse_training(
         training = dataclasses.replace(training, pos_weight=fixed_weights)
     _check_training(c, training)
     _check_pos_weight(c, training, epsilons, pretrain is not None)
-    if federated and training.privacy_unit == "patient":
-        c.add(
-            "training.privacy_unit",
-            "patient",
-            "'image' when the grid has federations (federated training protects images; "
-            "patient-level federated DP is not implemented)",
-        )
+    for kind in kinds.REGISTRY.values():
+        if kind.section:
+            kind.check_training(c, sections.get(kind.section), training)
     if training.init == "pretrain" and pretrain is None:
         c.add("training.init", "pretrain", "a 'pretrain' section when init is 'pretrain'")
     elif training.init not in ("scratch", "pretrain"):
@@ -364,65 +367,6 @@ def _parse_domains(c: _Collector, raw: Any, base: Path) -> list[DomainSpec]:
             continue
         delta = _parse_delta(c, f"{key}.delta", d.get("delta"))
         out.append(DomainSpec(name=name, kind=kind, root=root, options=options, delta=delta))
-    return out
-
-
-FEDERATION_KEYS = ("name", "sites", "weights", "rounds", "local_epochs", "parallel_sites")
-
-
-def _parse_federations(
-    c: _Collector, raw: Any, private: list[str], names: list[str]
-) -> list[FederationConfig]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        c.add("federations", raw, "a list of {name, sites, weights, rounds, local_epochs}")
-        return []
-    out: list[FederationConfig] = []
-    for i, f in enumerate(raw):
-        named = _named_entry(c, "federations", i, f, FEDERATION_KEYS, "name, sites")
-        if named is None:
-            continue
-        name, key = named
-        if name in names or name in [o.name for o in out]:
-            c.add(f"{key}.name", name, "a name used by no domain and no other federation")
-            continue
-        sites = f.get("sites")
-        if not isinstance(sites, list) or not sites or len(set(map(str, sites))) != len(sites):
-            c.add(
-                f"{key}.sites", sites, f"a non-empty list of distinct domain names from {private}"
-            )
-            continue
-        unknown = [s for s in sites if s not in private]
-        if unknown:
-            c.add(f"{key}.sites", unknown, f"names of (non-pretraining) domains: {private}")
-            continue
-        weights = None
-        w_raw = f.get("weights")
-        if w_raw is not None:
-            ok = isinstance(w_raw, Mapping) and set(w_raw) == set(sites)
-            try:
-                weights = tuple(float(w_raw[s]) for s in sites) if ok else None
-            except (TypeError, ValueError):
-                weights = None
-            if weights is None or any(not w >= 0 or math.isinf(w) for w in weights):
-                c.add(f"{key}.weights", w_raw, f"a mapping of every site {sites} to a number >= 0")
-                continue
-            if sum(weights) <= 0:
-                c.add(f"{key}.weights", w_raw, "at least one site with a positive weight")
-                continue
-        ints = {}
-        for k, default, least in (
-            ("rounds", 5, 1),
-            ("local_epochs", 1, 1),
-            ("parallel_sites", 0, 0),
-        ):
-            v = f.get(k, default)
-            if not isinstance(v, int) or isinstance(v, bool) or v < least:
-                c.add(f"{key}.{k}", v, f"an integer >= {least}")
-                v = default
-            ints[k] = v
-        out.append(FederationConfig(name=name, sites=tuple(sites), weights=weights, **ints))
     return out
 
 

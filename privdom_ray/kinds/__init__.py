@@ -40,6 +40,31 @@ class Checker(Protocol):
 
     def section(self, raw: Mapping, key: str, cls: type) -> Any: ...
 
+    def named(
+        self, section: str, i: int, entry: Any, known: tuple[str, ...], required: str
+    ) -> tuple[str, str] | None: ...
+
+
+#: When a kind's grid section is read, in this order (``TrialKind.section_phase``); each phase
+#: sees what the grid parsed before it (``common``): "before-names" nothing (it is read before
+#: the sources and targets: a pretraining domain is neither by default); "after-names" the
+#: domain ``names``, the ``private`` ones (not the pretraining domain), ``sources`` and
+#: ``targets``; "after-common" also ``epsilons``, ``seeds`` and ``training``.
+SECTION_PHASES = ("before-names", "after-names", "after-common")
+
+
+@dataclass(frozen=True)
+class BatchFit:
+    """One logical batch that must fit its training set (``grid.check_sample_rates``): the
+    grid ``key`` that sets it, the batch, the training ``units`` it samples from, their
+    ``unit`` ("images" or "patients") and ``where`` (words: which data)."""
+
+    key: str
+    batch: int
+    units: int
+    unit: str
+    where: str
+
 
 class TrialKind:
     """A kind of trial: how its trials are planned, trained, counted and shown.
@@ -66,15 +91,32 @@ class TrialKind:
     # columns it adds to the rows of the trial it is attached to (``attached_to``); null on
     # the rows of trials without one (stats/results.py: AUDIT_COLUMNS, privacy class "audit")
     columns: tuple[str, ...] = ()
-    # the grid section it owns ("" for none), also the SweepSpec field its parse is kept in;
-    # read at its stage (0: before the common sections, 1: after them)
+    # the grid section it owns ("" for none), also the SweepSpec field its parse is kept in
     section: str = ""
+    # when that section is read: one of SECTION_PHASES (not ``stage``, the training order)
+    section_phase: str = "after-common"
+    section_help: str = ""  # what the section holds (the grid's list of top-level keys)
+    # a grid with this section may say `sources: []`: its trials train without a single
+    # source (a federation's sites), so a grid of them alone trains no single-site model
+    sourceless: bool = False
 
     def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
-        """Its grid section, checked (None when the grid has none); ``common``: the parsed
-        common sections a stage-1 section may check against (sources, epsilons, seeds,
-        training)."""
+        """Its grid section, checked (None when the grid has none); ``common``: what the grid
+        parsed before its ``section_phase`` (``SECTION_PHASES`` says what each phase sees)."""
         return None
+
+    def check_training(self, c: Checker, section: Any, training: Any) -> None:
+        """Check the grid's ``training`` section (a config.TrainingConfig) against this kind's
+        parsed section (e.g. a federation protects images, not patients); read while the
+        training section is, so an after-common section is not parsed yet (None)."""
+
+    def batch_fits(
+        self, sweep: SweepSpec, n_train: Mapping[str, int], n_patients: Mapping[str, int] | None
+    ) -> Iterator[BatchFit]:
+        """The logical batches of its section's trials that must fit their training sets,
+        beyond the grid's sources (``grid.check_sample_rates``); counts of domains absent
+        from ``n_train`` are not known yet and are skipped."""
+        return iter(())
 
     def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
         """The grid's trials of this kind (keys not set)."""
@@ -133,9 +175,27 @@ def register(kind: TrialKind) -> TrialKind:
     return kind
 
 
+class UnknownKind(LookupError):
+    """A trial (or table row) of a kind this version does not register: written by a newer
+    privdom-ray, or an edited record. Not damage: its folder is never set aside (a newer
+    version's trial must survive); certifying commands name it and stop. A LookupError, so
+    that ``launch.py`` prints it as an error line and no store check takes it for damage."""
+
+    def __init__(self, kind: str, trial: str, key: str = "") -> None:
+        self.kind, self.trial, self.key = kind, trial, key
+        where = f"move trials/{key} aside" if key else "rebuild the tables with this version"
+        super().__init__(
+            f"{trial}: unknown trial kind {kind!r} (this version knows {sorted(REGISTRY)}); "
+            f"written by a newer privdom-ray? upgrade privdom-ray to read it; else {where}"
+        )
+
+
 def kind_of(spec: TrialSpec) -> TrialKind:
-    """A trial's kind (``TrialSpec.kind`` names it)."""
-    return REGISTRY[spec.kind]
+    """A trial's kind (``TrialSpec.kind`` names it); ``UnknownKind`` for one not registered."""
+    kind = REGISTRY.get(spec.kind)
+    if kind is None:
+        raise UnknownKind(spec.kind, f"trial {spec.key or '(no key)'} ({spec.name})", spec.key)
+    return kind
 
 
 def training_sites(spec: TrialSpec) -> tuple[str, ...]:
@@ -146,8 +206,11 @@ def training_sites(spec: TrialSpec) -> tuple[str, ...]:
 def row_kind(variant: Any, source: Any, training_sites: Any) -> TrialKind:
     """A table row's kind (tables hold ``variant`` and ``training_sites``, not the kind): a
     variant other than "standard" names it; a standard row whose model was trained on other
-    domains than its source is a federation's (tables from before federations: no sites)."""
-    if isinstance(variant, str) and variant in REGISTRY and variant != "standard":
+    domains than its source is a federation's (tables from before federations: no sites).
+    ``UnknownKind`` for a variant no kind registers (a newer version's table)."""
+    if isinstance(variant, str) and variant not in REGISTRY:
+        raise UnknownKind(variant, f"a table row of source {source!r}")
+    if isinstance(variant, str) and variant != "standard":
         return REGISTRY[variant]
     if isinstance(training_sites, str) and training_sites and training_sites != source:
         return REGISTRY["federated"]

@@ -240,6 +240,8 @@ class AuditTwin(TrialKind):
     released = False
     columns = AUDIT_COLUMNS
     section = "audit"
+    section_help = ("one-run canary audit twins: {canaries, kind: gradient|input, sources, "
+                    "epsilons, cells: per_epsilon|all|N, cells_seed}")  # fmt: skip
 
     def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
         return parse_section(c, raw, common["sources"], common["epsilons"], common["seeds"],

@@ -8,8 +8,8 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from privdom_ray.config import PretrainConfig, TrainingConfig, TrialSpec
-from privdom_ray.kinds import Checker, PlanContext, TrialKind, register
+from privdom_ray.config import PretrainConfig, SweepSpec, TrainingConfig, TrialSpec
+from privdom_ray.kinds import BatchFit, Checker, PlanContext, TrialKind, register
 
 
 def plan(ctx: PlanContext) -> Iterator[TrialSpec]:
@@ -68,12 +68,24 @@ class Pretrain(TrialKind):
     released = False
     stage = 0
     section = "pretrain"
+    section_phase = "before-names"  # its domain is neither a source nor a target by default
+    section_help = "non-private pretraining on a public domain (domain, epochs, lr, ...)"
 
     def plan(self, ctx: PlanContext) -> Iterator[TrialSpec]:
         return plan(ctx)
 
     def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
         return parse_section(c, raw)
+
+    def batch_fits(
+        self, sweep: SweepSpec, n_train: Mapping[str, int], n_patients: Mapping[str, int] | None
+    ) -> Iterator[BatchFit]:
+        """Its public domain's images (pretraining is non-private: no patient sampling)."""
+        pre = sweep.pretrain
+        if pre is not None and pre.domain in n_train:
+            where = f"pretraining domain {pre.domain!r}"
+            yield BatchFit("pretrain.logical_batch", pre.logical_batch, n_train[pre.domain],
+                           "images", where)  # fmt: skip
 
 
 register(Pretrain())

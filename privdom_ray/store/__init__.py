@@ -55,6 +55,7 @@ from privdom_ray.atomic import atomic_write, read_json, write_json
 from privdom_ray.config import TrialSpec
 from privdom_ray.folder import SET_ASIDE, TRIALS
 from privdom_ray.integrity import Damage, FileSum
+from privdom_ray.kinds import UnknownKind, kind_of
 from privdom_ray.lease import LockHeld
 from privdom_ray.privacy import Ledger
 from privdom_ray.records import RunRecord
@@ -293,6 +294,10 @@ class TrialStore(Evaluations):
                 "(the next sweep sets the trial aside and trains it again)"
             )
         if found.record is not None:
+            try:  # a newer version's kind: named, not judged (void, missing targets) nor moved
+                kind_of(found.record.spec)
+            except UnknownKind as exc:
+                return "unknown", str(exc)
             if found.record.void:
                 return "void", "DP model trained before secret randomness; will be retrained"
             problems = [f"{_rel(d.path, tdir)}: {d.reason}" for d in found.logs]

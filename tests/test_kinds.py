@@ -184,8 +184,14 @@ def test_a_new_kind_reads_and_writes_its_record_part_and_adds_a_report_section(t
     report.md after the one it names, with no edit outside the kind's definition."""
     import json
 
-    from helpers.trials import build_output, make_testset, scores_for, tiny_spec
-    from helpers.trials import write_trained, write_trial
+    from helpers.trials import (
+        build_output,
+        make_testset,
+        scores_for,
+        tiny_spec,
+        write_trained,
+        write_trial,
+    )
 
     from privdom_ray import report
     from privdom_ray.stats import results

@@ -533,3 +533,35 @@ def test_a_record_field_not_of_its_type_is_damage_named_by_file_and_field(
     assert found.record is None and found.damage is not None
     assert found.damage.path.name == name and field in found.damage.reason, found.damage
     assert store.status(key, [Target("a", "fpa")])[0] == "damaged"
+
+
+def test_a_record_read_and_written_again_keeps_its_bytes_with_the_kinds_parts(tmp_path):
+    """The kinds' parts of trial.json (a twin's ``audit``, a federation's ``sites``) are read
+    into their kinds' typed parts and written back where they always were: a record read and
+    written again through the store is byte for byte the file it was read from."""
+    from helpers.trials import write_twin
+
+    from privdom_ray.config import AuditSpec
+    from privdom_ray.kinds.audit import TwinRun
+    from privdom_ray.kinds.federated import FederatedRun
+
+    cell = finished(tmp_path)
+    result = {"kind": "gradient", "m": 200, "epsilon_lower": 0.1, "nested": {"inf": "inf"}}
+    twin = write_twin(tmp_path, cell, AuditSpec(200, "gradient", 0), result)
+    sites = [{"name": "a", "weight": 1.0, "n_train": 40, "steps": 8}, {"name": "b", "weight": 0.0}]
+    fed = write_trained(tmp_path, tiny_federation("fed_ab", 1.0, 0, ("a", "b")), None,
+                        {"mia_n": 3, "sites": sites, "node": "n1", "later": 1})  # fmt: skip
+    store = TrialStore(tmp_path)
+    assert store.read(twin).info.part == TwinRun(result) and store.read(twin).info.audit == result
+    assert store.read(fed).info.part == FederatedRun.of(sites)
+    for key in (cell, twin, fed):
+        path = store.folder(key) / "trial.json"
+        before, record = path.read_bytes(), store.read(key)
+        store.write_trained(
+            key, state_dict={"w": torch.zeros(1)}, ledger=record.ledger, history=[],
+            thresholds=list(record.thresholds), labels=LABELS, record=record.info,
+            spec=record.spec,
+        )  # fmt: skip
+        assert path.read_bytes() == before, key
+    keys = list(json.loads((store.folder(fed) / "trial.json").read_text()))
+    assert keys[keys.index("mia_n") + 1] == "sites" and keys[-1] == "later"

@@ -290,6 +290,8 @@ def _record_json(record: RunRecord | Mapping[str, Any], spec: TrialSpec | None) 
             raise TypeError(f"{sorted(own)} given both as fields and as the record's part")
         rest = {k: v for k, v in record.extra.items() if k not in own}
         record = dataclasses.replace(record, extra=rest, part=kind.record_part(own))
+    if record.part is not None and not kind.record_keys:
+        raise TypeError(f"a {kind.name} trial's record has no part ({record.part!r})")
     part = {} if record.part is None else kind.record_json(record.part)
     return {"spec": spec.to_json(), **record.to_json(part)}
 

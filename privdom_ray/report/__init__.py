@@ -6,9 +6,10 @@ tables only (``transfer.parquet`` and, when present, ``comparisons.parquet`` and
 files are copied), and every output renders that view: the console summary
 (:func:`transfer_matrices_text`, printed at the end of a sweep) and ``report.md``
 (:func:`write_report`) are lists of :class:`~privdom_ray.report.sections.Section` functions
-over the same view, and the figures draw the same matrices and comparison rows. A section is added by registering one function (:func:`register_section`); a trial kind contributes its own
-(``TrialKind.report_sections``: the canary audit is the audit twins', the federated models'
-part of "other" the federation's), collected by :func:`sections` whenever a report renders.
+over the same view, and the figures draw the same matrices and comparison rows. A section is
+added by registering one function (:func:`register_section`); a trial kind contributes its
+own (``TrialKind.report_sections``: the canary audit is the audit twins', the federated
+models' part of "other" the federation's), collected by :func:`sections` at each render.
 
 The package, in the order of the flow: :mod:`.view` (the tables -> :class:`ReportView`),
 :mod:`.formatting` (numbers, CIs, verdicts, tables), the sections (:mod:`.sections`: the

@@ -275,7 +275,7 @@ def test_the_kinds_contribute_sections_and_parts_to_the_registry():
     "other" (the console shows the parts, not the kinds' sections); a kind's section that
     follows no section, or repeats a key, is refused when the report is put together."""
     from privdom_ray import kinds
-    from privdom_ray.kinds.audit import audit_section
+    from privdom_ray.kinds.audit.report import audit_section
     from privdom_ray.kinds.federated import federated_text
 
     every = report.sections()

@@ -1,8 +1,9 @@
 """Trial kinds: what a trial is for, as a registry like domain kinds.
 
 A kind (a :class:`TrialKind` object) declares how its trials are planned from a grid, which
-trainer trains them, which sites trained its model, what it adds to the tables, and how its
-results are used (evaluated on targets? rows in the transfer matrices? weights released?).
+trainer trains them, which sites trained its model, what it adds to the tables, its part of the
+run record and its report sections, and how its results are used (evaluated on targets? rows
+in the transfer matrices? weights released?).
 Adding a kind is adding one module (or folder) here that calls :func:`register`; nothing
 outside kinds/ and the store branches on the kind (tests/test_architecture.py searches).
 Torch-free: a kind names its trainer; the training side (``trial.TRAINERS``) holds them.

@@ -2,9 +2,12 @@
 
 Writers (``trial.py``) build a :class:`RunRecord`; the trial store alone turns it into JSON
 and back (:meth:`RunRecord.to_json`, :meth:`RunRecord.from_json`); tables, audits and exports
-read its fields. Keys this version does not know (older or newer writers, kind-specific
-timings) are kept in ``extra`` and written back unchanged: a record read and written again
-loses nothing (a ``null`` field and an absent one both read as None).
+read its fields. What only one kind of trial records (an audit twin's result, a federation's
+members) is that kind's typed ``part``, defined by the kind (``TrialKind.record_part`` and
+``record_json``; the store resolves the kind: this module sits below kinds/ and holds the part
+opaquely). Keys this version does not know (older or newer writers, kind-specific timings)
+are kept in ``extra`` and written back unchanged: a record read and written again loses
+nothing (a ``null`` field and an absent one both read as None).
 """
 
 from __future__ import annotations
@@ -15,16 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from privdom_ray.numeric import parse_number
-
-
-@dataclass(frozen=True)
-class SiteRun:
-    """One member of a federation as its run recorded it."""
-
-    name: str
-    weight: float
-    n_train: int | None = None  # training images: what the audit recomputes q from
-    steps: int | None = None  # counted by the site's accountant
 
 
 @dataclass(frozen=True)
@@ -45,8 +38,6 @@ class RunRecord:
     mia_auc: float | None = None
     mia_tpr_at_1fpr: float | None = None
     mia_n: int | None = None
-    audit: Mapping[str, Any] | None = None  # an audit twin's result (kinds/audit.py reads it)
-    sites: tuple[SiteRun, ...] = ()  # a federation's members
     node: str = ""
     device: str = ""
     slot_share: float | None = None
@@ -54,6 +45,19 @@ class RunRecord:
     code_version: str = ""
     finished_at: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)  # every key not named above
+    # its kind's own part (``TrialKind.record_part``: e.g. kinds.audit.TwinRun,
+    # kinds.federated.FederatedRun), typed by the kind; None for a kind without one
+    part: object | None = None
+
+    @property
+    def audit(self) -> Mapping[str, Any] | None:
+        """An audit twin's result (read-only, for readers written before kinds owned it)."""
+        return getattr(self.part, "audit", None)
+
+    @property
+    def sites(self) -> tuple[Any, ...]:
+        """A federation's members, ``kinds.federated.SiteRun`` (read-only, as ``audit``)."""
+        return getattr(self.part, "sites", ())
 
     @classmethod
     def make(cls, **fields: Any) -> RunRecord:
@@ -62,60 +66,51 @@ class RunRecord:
         extra = {k: v for k, v in fields.items() if k not in names}
         return cls(**{k: v for k, v in fields.items() if k in names}, extra=extra)
 
-    def to_json(self) -> dict[str, Any]:
-        """The record as ``trial.json`` holds it (the store adds the spec)."""
+    def to_json(self, part: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The record as ``trial.json`` holds it (the store adds the spec); ``part``: its
+        kind's part as JSON (``TrialKind.record_json``), written where those keys always were."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             default = {} if f.default is dataclasses.MISSING else f.default
-            if f.name == "extra" or value == default and f.name not in _NULLABLE:
-                continue  # not recorded (absent reads as the default)
-            if f.name == "sites":
-                out["sites"] = [_site_json(s) for s in value]
-            else:
+            if f.name not in ("extra", "part") and (value != default or f.name in _NULLABLE):
                 out[f.name] = dict(value) if isinstance(value, Mapping) else value
+            if f.name == _PART_AFTER:
+                out.update(part or {})
         return {**out, **self.extra}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> RunRecord:
-        """The typed record of a stored ``trial.json`` (its ``spec`` left out): ValueError or
-        TypeError when a named field is not of its type (a damaged record)."""
+    def from_json(cls, d: Mapping[str, Any], *, part: object | None = None) -> RunRecord:
+        """The typed record of a stored ``trial.json`` (its ``spec`` left out; ``part``: its
+        kind's part, read by the kind from the keys it owns, which ``d`` no longer holds):
+        ValueError or TypeError when a named field is not of its type (a damaged record)."""
         kinds = {f.name: f.type for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
         extra = {}
         for k, v in d.items():
             if k == "spec":
                 continue
-            if k not in kinds or k == "extra":
+            if k not in kinds or k in ("extra", "part"):
                 extra[k] = v
             else:
                 try:
-                    kw[k] = tuple(_site(s) for s in v) if k == "sites" else _typed(kinds[k], v)
+                    kw[k] = typed(kinds[k], v)
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ValueError(f"{k}: {exc}") from None
-        return cls(**kw, extra=extra)
+        return cls(**kw, extra=extra, part=part)
 
 
 #: written as null when None, as the writers always wrote them ("measured nothing"); other
 #: fields at their default are left out (absent reads as the default)
 _NULLABLE = ("val_macro_auc", "resumed_from_epoch", "mia_auc", "mia_tpr_at_1fpr")
+#: a kind's part is written after this field: where its keys ("audit", "sites") were written
+#: when they were fields of this record, so trial.json keeps its bytes
+_PART_AFTER = "mia_n"
 
 
-def _site_json(site: SiteRun) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(site).items() if v is not None}
-
-
-def _site(d: Mapping[str, Any]) -> SiteRun:
-    return SiteRun(
-        name=_typed("str", d["name"]),
-        weight=_typed("float", d["weight"]),
-        n_train=_typed("int | None", d.get("n_train")),
-        steps=_typed("int | None", d.get("steps")),
-    )
-
-
-def _typed(kind: str, value: Any) -> Any:
-    """A stored value as the annotation ``kind`` says (``from __future__``: a string)."""
+def typed(kind: str, value: Any) -> Any:
+    """A stored value as the annotation ``kind`` says (``from __future__``: a string); the
+    kinds' parts parse their fields with it too."""
     if value is None and kind.endswith("| None"):
         return None
     base = kind.removesuffix(" | None")

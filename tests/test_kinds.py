@@ -56,9 +56,23 @@ def test_one_rule_names_the_sites_that_trained_a_model():
 # ------------------------------------------------------------------------------ adding a kind
 
 
+@dataclasses.dataclass(frozen=True)
+class _Shuffle:
+    """The made-up kind's part of its run record (trial.json's ``shuffle``)."""
+
+    permutation_seed: int
+
+
+def _shuffled_section(view) -> str:
+    """The made-up kind's report section: its trials, from the report's view."""
+    rows = view.full[view.full["variant"] == "shuffled_test"].drop_duplicates("trial_key")
+    return f"{len(rows)} shuffled-label trials: {', '.join(sorted(rows['source']))}\n"
+
+
 class _Shuffled(kinds.TrialKind):
     """A made-up control (one non-private trial per source), written as a new kind would be:
-    a subclass and a ``register`` call; it trains like a single-site trial."""
+    a subclass and a ``register`` call; it trains like a single-site trial, records the seed
+    of its label permutation (its own record part) and adds a report section."""
 
     name = "shuffled_test"
     description = "test-only control"
@@ -70,6 +84,18 @@ class _Shuffled(kinds.TrialKind):
 
         for source in ctx.spec.sources:
             yield single_site(ctx, source, math.inf, 0, self.name)
+
+    record_keys = ("shuffle",)
+
+    def record_part(self, data):
+        return _Shuffle(int(data["shuffle"]["permutation_seed"])) if "shuffle" in data else None
+
+    def record_json(self, part):
+        return {"shuffle": {"permutation_seed": part.permutation_seed}}
+
+    def report_sections(self):
+        title = "Shuffled-label controls"
+        return (kinds.ReportSection("shuffled", title, _shuffled_section, after="other"),)
 
 
 @pytest.fixture
@@ -243,3 +269,53 @@ def test_every_section_phase_is_a_named_one():
     phases = {k.section: k.section_phase for k in kinds.REGISTRY.values() if k.section}
     assert phases == {"pretrain": "before-names", "federations": "after-names",
                       "audit": "after-common"}  # fmt: skip
+
+
+def test_a_new_kind_reads_and_writes_its_record_part_and_adds_a_report_section(tmp_path, shuffled):
+    """The made-up kind's record part goes through the store (typed in, the same typed part out,
+    trial.json holding its key; a damaged part damages the trial) and its section appears in
+    report.md after the one it names, with no edit outside the kind's definition."""
+    import json
+
+    from helpers.trials import (
+        build_output,
+        make_testset,
+        scores_for,
+        tiny_spec,
+        write_trained,
+        write_trial,
+    )
+
+    from privdom_ray import report
+    from privdom_ray.stats import results
+    from privdom_ray.store import TrialStore
+
+    keys = build_output(tmp_path, domains=("a", "b"), n=120)
+    test = make_testset(120, seed=10)
+    spec = tiny_spec("a", math.inf, 0, variant="shuffled_test")
+    assert kinds.kind_of(spec) is shuffled
+    evals = {t: (f"fp{t}", test, scores_for(test, 0.5, 7)) for t in ("a", "b")}
+    # a writer passes the kind's key as a plain field; the store hands it to the kind
+    key = write_trial(tmp_path, source="a", epsilon=math.inf, seed=0, evals=evals, spec=spec,
+                      info={"shuffle": {"permutation_seed": 7}})  # fmt: skip
+    store = TrialStore(tmp_path)
+    info = store.read(key).info
+    assert info.part == _Shuffle(7) and "shuffle" not in info.extra
+    document = json.loads((store.folder(key) / "trial.json").read_text())
+    assert document["shuffle"] == {"permutation_seed": 7}
+    # the part given typed (RunRecord.part) or as a plain field: the same trial.json bytes
+    given = {"typed": {"part": _Shuffle(7)}, "plain": {"shuffle": document["shuffle"]}}
+    for name, fields in given.items():
+        write_trained(tmp_path / "parts" / name, spec, None, fields)
+    written = [TrialStore(tmp_path / "parts" / n).folder(key) / "trial.json" for n in given]
+    assert written[0].read_bytes() == written[1].read_bytes()
+
+    results.aggregate(tmp_path, [*keys, key], "kinds-test")
+    md = report.write_report(tmp_path, figures=False)
+    head = "Shuffled-label controls\n\n1 shuffled-label trials: a\n"
+    assert head in md and md.index("Controls, federated models") < md.index(head)
+
+    document["shuffle"] = {"seed": 7}  # not what the kind reads: the trial is damaged
+    store.rewrite(key, "trial.json", json.dumps(document).encode())
+    found = store.inspect(key)
+    assert found.record is None and found.damage.path.name == "trial.json"

@@ -84,8 +84,9 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
     # every registered section with content, numbered in order (no controls and no audit
     # twins here: no "other", no "audit"; the audit section is tested in test_audit_twin.py)
     view = ReportView.load(tmp_path)
-    shown = [s for s in report.SECTIONS if s.render(view).strip()]
-    assert [s.key for s in report.SECTIONS if s not in shown] == ["other", "audit"]
+    every = report.sections()  # the report's own and the kinds' (the audit twins': "audit")
+    shown = [s for s in every if s.render(view).strip()]
+    assert [s.key for s in every if s not in shown] == ["other", "audit"]
     heading = {s.key: f"## {k}. {s.title}" for k, s in enumerate(shown, 1)}
     positions = [md.index(h) for h in heading.values()]
     assert positions == sorted(positions)
@@ -267,3 +268,38 @@ def test_one_pass_gives_the_tables_and_report_of_the_files(tmp_path):
     pd.testing.assert_frame_equal(view.reliability, comparisons.load_reliability(tmp_path))
     assert report.write_report(tmp_path, figures=False) == from_memory
     assert not view.full.empty and view.cmp is not None and not view.cmp.empty
+
+
+def test_the_kinds_contribute_sections_and_parts_to_the_registry():
+    """The canary audit is the audit twins' section (after "other"); the federation's part opens
+    "other" (the console shows the parts, not the kinds' sections); a kind's section that
+    follows no section, or repeats a key, is refused when the report is put together."""
+    from privdom_ray import kinds
+    from privdom_ray.kinds.audit.report import audit_section
+    from privdom_ray.kinds.federated import federated_text
+
+    every = report.sections()
+    assert [s.key for s in every][-2:] == ["other", "audit"]
+    assert "audit" not in [s.key for s in report.SECTIONS] and every[-1].render is audit_section
+    decls = kinds.REGISTRY["federated"].report_sections()
+    assert [(d.part_of, d.render) for d in decls] == [("other", federated_text)]
+    console = report.sections(report.CONSOLE, parts_only=True)
+    assert [s.key for s in console] == ["matrices", "verdicts", "other"]
+
+    class Stray(kinds.TrialKind):
+        name = "stray_test"
+
+        def __init__(self, section):
+            self.section_decl = section
+
+        def report_sections(self):
+            return (self.section_decl,)
+
+    for decl in (kinds.ReportSection("stray", "Stray", lambda v: "x\n", after="nowhere"),
+                 kinds.ReportSection("audit", "Again", lambda v: "x\n")):  # fmt: skip
+        kinds.register(Stray(decl))
+        try:
+            with pytest.raises(ValueError, match="nowhere|exists already"):
+                report.sections()
+        finally:
+            del kinds.REGISTRY["stray_test"]

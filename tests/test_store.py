@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers.trials import make_testset, scores_for, write_trial
+from helpers.trials import make_testset, scores_for, tiny_federation, write_trained, write_trial
 
 from privdom_ray import lease, planning
 from privdom_ray.config import TrialSpec
@@ -473,10 +473,12 @@ def test_a_cell_of_a_driver_that_is_gone_is_interrupted_not_running(tmp_path):
 
 def test_the_store_takes_and_returns_typed_records_and_keeps_unknown_keys(tmp_path):
     """A Ledger (a federation's members beside it), a RunRecord and the spec in; the same
-    typed objects out; record keys this version does not name survive the round trip."""
-    from privdom_ray.records import RunRecord, SiteRun
+    typed objects out (the members as the federated kind's typed part); record keys this
+    version does not name survive the round trip."""
+    from privdom_ray.kinds.federated import FederatedRun, SiteRun
+    from privdom_ray.records import RunRecord
 
-    key = finished(tmp_path)
+    key = write_trained(tmp_path, tiny_federation("fed_a", 1.0, 0))
     store = TrialStore(tmp_path)
     record = store.read(key)
     run = RunRecord.make(
@@ -491,7 +493,11 @@ def test_the_store_takes_and_returns_typed_records_and_keeps_unknown_keys(tmp_pa
         spec=record.spec,
     )  # fmt: skip
     back = store.read(key)
-    assert back.info == run and back.spec == record.spec
+    assert back.info == dataclasses.replace(
+        run, extra={k: v for k, v in run.extra.items() if k != "sites"},
+        part=FederatedRun((SiteRun("a", 1.0, 40, 8),)),
+    ) and back.spec == record.spec  # fmt: skip
+    assert back.info.sites == (SiteRun("a", 1.0, 40, 8),)  # read-only, as before kinds owned it
     assert back.info.extra == {"site_tasks": [[0.0, 1.0]], "from_a_newer_writer": {"x": 1}}
     assert back.ledger == record.ledger and back.site_ledgers == {"a": site}
     assert back.ledgers == (record.ledger, site)
@@ -499,6 +505,7 @@ def test_the_store_takes_and_returns_typed_records_and_keeps_unknown_keys(tmp_pa
     assert stored["sites"]["a"]["scope"] == "site" and stored["epsilon_spent"] == 0.99
     trial = json.loads((store.folder(key) / "trial.json").read_text())
     assert TrialSpec.from_json(trial["spec"]) == record.spec and trial["from_a_newer_writer"] == {"x": 1}
+    assert trial["sites"] == [{"name": "a", "weight": 1.0, "n_train": 40, "steps": 8}]
 
 
 @pytest.mark.parametrize(
@@ -511,8 +518,10 @@ def test_a_record_field_not_of_its_type_is_damage_named_by_file_and_field(
     tmp_path, name, field, value
 ):
     """The typed read never guesses: a stored field that is not of its type (or a required
-    ledger field that is missing) damages the trial, and status names the file and field."""
-    key = finished(tmp_path)
+    ledger field that is missing) damages the trial, and status names the file and field
+    (``sites``: a federation's, read by its kind)."""
+    key = write_trained(tmp_path, tiny_federation("fed_a", 1.0, 0)) if field == "sites" else (
+        finished(tmp_path))  # fmt: skip
     store = TrialStore(tmp_path)
     document = json.loads((store.folder(key) / name).read_text())
     if value is None:
@@ -524,3 +533,35 @@ def test_a_record_field_not_of_its_type_is_damage_named_by_file_and_field(
     assert found.record is None and found.damage is not None
     assert found.damage.path.name == name and field in found.damage.reason, found.damage
     assert store.status(key, [Target("a", "fpa")])[0] == "damaged"
+
+
+def test_a_record_read_and_written_again_keeps_its_bytes_with_the_kinds_parts(tmp_path):
+    """The kinds' parts of trial.json (a twin's ``audit``, a federation's ``sites``) are read
+    into their kinds' typed parts and written back where they always were: a record read and
+    written again through the store is byte for byte the file it was read from."""
+    from helpers.trials import write_twin
+
+    from privdom_ray.config import AuditSpec
+    from privdom_ray.kinds.audit import TwinRun
+    from privdom_ray.kinds.federated import FederatedRun
+
+    cell = finished(tmp_path)
+    result = {"kind": "gradient", "m": 200, "epsilon_lower": 0.1, "nested": {"inf": "inf"}}
+    twin = write_twin(tmp_path, cell, AuditSpec(200, "gradient", 0), result)
+    sites = [{"name": "a", "weight": 1.0, "n_train": 40, "steps": 8}, {"name": "b", "weight": 0.0}]
+    fed = write_trained(tmp_path, tiny_federation("fed_ab", 1.0, 0, ("a", "b")), None,
+                        {"mia_n": 3, "sites": sites, "node": "n1", "later": 1})  # fmt: skip
+    store = TrialStore(tmp_path)
+    assert store.read(twin).info.part == TwinRun(result) and store.read(twin).info.audit == result
+    assert store.read(fed).info.part == FederatedRun.of(sites)
+    for key in (cell, twin, fed):
+        path = store.folder(key) / "trial.json"
+        before, record = path.read_bytes(), store.read(key)
+        store.write_trained(
+            key, state_dict={"w": torch.zeros(1)}, ledger=record.ledger, history=[],
+            thresholds=list(record.thresholds), labels=LABELS, record=record.info,
+            spec=record.spec,
+        )  # fmt: skip
+        assert path.read_bytes() == before, key
+    keys = list(json.loads((store.folder(fed) / "trial.json").read_text()))
+    assert keys[keys.index("mia_n") + 1] == "sites" and keys[-1] == "later"

@@ -1,8 +1,9 @@
 """Trial kinds: what a trial is for, as a registry like domain kinds.
 
 A kind (a :class:`TrialKind` object) declares how its trials are planned from a grid, which
-trainer trains them, which sites trained its model, what it adds to the tables, and how its
-results are used (evaluated on targets? rows in the transfer matrices? weights released?).
+trainer trains them, which sites trained its model, what it adds to the tables, its part of the
+run record and its report sections, and how its results are used (evaluated on targets? rows
+in the transfer matrices? weights released?).
 Adding a kind is adding one module (or folder) here that calls :func:`register`; nothing
 outside kinds/ and the store branches on the kind (tests/test_architecture.py searches).
 Torch-free: a kind names its trainer; the training side (``trial.TRAINERS``) holds them.
@@ -163,6 +164,39 @@ class TrialKind:
     def row_columns(self, record: Any) -> dict[str, Any]:
         """This trial's ``columns`` for the rows it is attached to (a store.TrialRecord)."""
         return {}
+
+    # its part of the run record (trial.json): the store reads and writes it through these
+    #: the keys of trial.json its part owns (``RunRecord.part``; written where they always were)
+    record_keys: tuple[str, ...] = ()
+
+    def record_part(self, data: Mapping[str, Any]) -> object | None:
+        """Its typed part of a run record from the ``record_keys`` trial.json holds (those
+        present; a writer may pass typed values), None for none; ValueError, TypeError or
+        KeyError for a damaged one (the store refuses the record)."""
+        return None
+
+    def record_json(self, part: Any) -> dict[str, Any]:
+        """``part`` as trial.json holds it (its keys, JSON values): what ``record_part`` reads."""
+        return {}
+
+    def report_sections(self) -> tuple[ReportSection, ...]:
+        """The report sections it contributes (report/ collects them when it renders)."""
+        return ()
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A report section a kind contributes. ``render`` takes the report's view (duck-typed:
+    ``report.view.ReportView``'s public tables and selections; kinds/ sits below report/) and
+    returns markdown ("" leaves the section out). ``after``: the key of the section it follows
+    (None: at the end); ``part_of``: a section's key whose body this one opens instead (no
+    heading of its own; parts in kind order before the section's own body)."""
+
+    key: str
+    title: str
+    render: Callable[[Any], str]
+    after: str | None = None
+    part_of: str = ""
 
 
 REGISTRY: dict[str, TrialKind] = {}

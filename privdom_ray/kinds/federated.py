@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from privdom_ray.config import (
@@ -16,15 +17,19 @@ from privdom_ray.config import (
     SweepSpec,
     TrialSpec,
     content_key,
+    format_epsilon,
 )
 from privdom_ray.kinds import (
     BatchFit,
     Checker,
     PlanContext,
+    ReportSection,
     TrialKind,
     register,
     resolve_delta,
 )
+from privdom_ray.markdown import num
+from privdom_ray.records import typed
 
 FEDERATION_KEYS = ("name", "sites", "weights", "rounds", "local_epochs", "parallel_sites")
 
@@ -175,6 +180,17 @@ class Federated(TrialKind):
         fed = next(f for f in sweep.federations if f.name == spec.source)
         return site_slots(fed, spec.federation, sweep.resources, cap)
 
+    record_keys = ("sites",)
+
+    def record_part(self, data: Mapping[str, Any]) -> FederatedRun | None:
+        return None if data.get("sites") is None else FederatedRun.of(data["sites"])
+
+    def record_json(self, part: FederatedRun) -> dict[str, Any]:
+        return part.to_json()
+
+    def report_sections(self) -> tuple[ReportSection, ...]:
+        return (ReportSection("federated", "", federated_text, part_of="other"),)
+
 
 def site_slots(
     fed: FederationConfig, federation: Federation, res: Resources, cap: int
@@ -201,3 +217,118 @@ def site_slots(
 
 
 register(Federated())
+
+
+# --------------------------------------------------------------------------------------------
+# Its part of the run record: the members as the run recorded them
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteRun:
+    """One member of a federation as its run recorded it."""
+
+    name: str
+    weight: float
+    n_train: int | None = None  # training images: what the audit recomputes q from
+    steps: int | None = None  # counted by the site's accountant
+
+    @classmethod
+    def of(cls, d: Mapping[str, Any] | SiteRun) -> SiteRun:
+        """A member from trial.json's entry (a SiteRun a writer passed is kept)."""
+        if isinstance(d, SiteRun):
+            return d
+        return cls(
+            name=typed("str", d["name"]),
+            weight=typed("float", d["weight"]),
+            n_train=typed("int | None", d.get("n_train")),
+            steps=typed("int | None", d.get("steps")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class FederatedRun:
+    """A federation's part of its run record (trial.json's ``sites``)."""
+
+    sites: tuple[SiteRun, ...] = ()
+
+    @classmethod
+    def of(cls, sites: Sequence[Any]) -> FederatedRun:
+        try:
+            return cls(tuple(SiteRun.of(s) for s in sites))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"sites: {exc}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sites": [s.to_json() for s in self.sites]} if self.sites else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Its part of the report: federated vs single-site models (opens the "other" section)
+# --------------------------------------------------------------------------------------------
+
+
+def federated_text(view: Any) -> str:
+    """Federated vs single-site models: mean macro AUC on member sites and on held-out sites.
+    ``view``: the report's ``ReportView`` (its tables ``full``, ``df`` and its selections)."""
+    full = view.full
+    fed = full[view.is_federated(full)]
+    if fed.empty:
+        return ""
+    single = view.df
+    out = [
+        "### Federated vs single-site training (macro AUC, mean over targets and seeds)",
+        "",
+        "| epsilon | model | on member sites | on held-out sites |",
+        "|---|---|---|---|",
+    ]
+    macro = fed[(fed["label"] == "macro") & (fed["subgroup"] == "all")]
+    ref_all = single[(single["label"] == "macro") & (single["subgroup"] == "all")]
+    for eps in view.epsilons(fed):
+        for name in sorted(fed["source"].unique()):
+            sel = macro[(macro["source"] == name) & (macro["epsilon_target"] == eps)]
+            if sel.empty:
+                continue
+            sites = set(sel["training_sites"].iloc[0].split(","))
+            member = sel["target"].isin(sites)
+            on, off = sel.loc[member, "auc"].mean(), sel.loc[~member, "auc"].mean()
+            out.append(f"| {format_epsilon(eps)} | federated {name} | {num(on)} | {num(off)} |")
+            ref = ref_all[(ref_all["epsilon_target"] == eps) & ref_all["source"].isin(sites)]
+            if len(ref):
+                own = ref["source"] == ref["target"]
+                out.append(
+                    f"| {format_epsilon(eps)} | single-site ({', '.join(sorted(sites))}) | "
+                    f"{num(ref.loc[own, 'auc'].mean())} (own site) | "
+                    f"{num(ref.loc[~own, 'auc'].mean())} (other sites) |"
+                )
+    out.append("")
+    out.append(
+        "Federated epsilons are per site: every member site's data is protected at the row's "
+        "epsilon or better (see each trial's ledger.json, `sites`)."
+    )
+    out += ["", FEDERATION_TRUST]
+    return "\n".join(out) + "\n"
+
+
+#: The federation's trust model, as the report states it (docs/federated.md).
+FEDERATION_TRUST = (
+    "**Trust model: a trusted coordinator.** The coordinator (here the sweep's own trial "
+    "process) draws every site's secret key and keeps all of them in its private checkpoint; "
+    "the sites' noise and Poisson sampling derive from those keys. Each site's ε therefore "
+    "holds against everyone who sees the released model, these tables and this report, but "
+    "NOT against the coordinator: with the keys it can regenerate a site's noise, subtract "
+    "it from the site's update and read the clipped gradient sums and which images each step "
+    "used. An untrusted coordinator could also hand out keys it chose (replayable noise), "
+    "send crafted global models whose updates leak inputs, ask for other (sigma, q, steps) "
+    "than the plan, or skip the noise; a deployment that does not trust it draws each key at "
+    "its site and never sends it, has every site check the plan against its own budget, and "
+    "aggregates with secure aggregation. Besides its noised weights and step counts (covered "
+    "by its ε) and its noised label counts, each site sends per round its validation macro "
+    "AUC and k-anonymous validation-score histograms (every released bin holds at least 10 "
+    "images, on a public 0.02 grid; labels with fewer images send nothing), computed from "
+    "validation images without noise: outside the guarantee, like a single-site model's "
+    "threshold."
+)

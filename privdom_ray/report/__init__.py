@@ -6,13 +6,16 @@ tables only (``transfer.parquet`` and, when present, ``comparisons.parquet`` and
 files are copied), and every output renders that view: the console summary
 (:func:`transfer_matrices_text`, printed at the end of a sweep) and ``report.md``
 (:func:`write_report`) are lists of :class:`~privdom_ray.report.sections.Section` functions
-over the same view, and the figures draw the same matrices and comparison rows. A section is added by registering one function (:func:`register_section`).
+over the same view, and the figures draw the same matrices and comparison rows. A section is
+added by registering one function (:func:`register_section`); a trial kind contributes its
+own (``TrialKind.report_sections``: the canary audit is the audit twins', the federated
+models' part of "other" the federation's), collected by :func:`sections` at each render.
 
 The package, in the order of the flow: :mod:`.view` (the tables -> :class:`ReportView`),
 :mod:`.formatting` (numbers, CIs, verdicts, tables), the sections (:mod:`.sections`: the
 primary endpoint and the transfer matrices; :mod:`.secondary`: thresholded metrics,
-calibration, fairness, paired deltas, federated models and controls; :mod:`.guarantees`:
-what the epsilon covers and the canary audit), :mod:`.figures`, and here the registry,
+calibration, fairness, paired deltas and controls; :mod:`.guarantees`: what the epsilon
+covers), :mod:`.figures`, and here the registry (with the kinds' sections),
 the console summary and ``report.md``.
 
 Missing cells are shown as missing ("—"), never dropped; a metric that exists but is
@@ -21,13 +24,14 @@ undefined (too few positives) reads "n/a". matplotlib is imported only for the f
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from privdom_ray import atomic
+from privdom_ray import atomic, kinds
 from privdom_ray.config import format_epsilon
 from privdom_ray.folder import FIGURES, REPORT
 from privdom_ray.report import page
@@ -40,7 +44,7 @@ from privdom_ray.report.formatting import (
     _value,
     _verdict,
 )
-from privdom_ray.report.guarantees import _section_audit, _section_privacy
+from privdom_ray.report.guarantees import _section_privacy
 from privdom_ray.report.secondary import (
     _section_calibration,
     _section_fairness,
@@ -118,7 +122,6 @@ SECTIONS: list[Section] = [
     Section("fairness", "Fairness: subgroup gaps and DP's effect on them", _section_fairness),
     Section("paired", "Paired ΔAUC = AUC(DP) − AUC(non-DP) (exploratory)", _section_paired),
     Section("other", "Controls, federated models and membership inference", _section_other),
-    Section("audit", "Canary audit: an empirical lower bound on epsilon", _section_audit),
 ]
 
 CONSOLE: list[Section] = [
@@ -138,10 +141,46 @@ CONSOLE: list[Section] = [
 
 def register_section(section: Section, *, after: str | None = None) -> None:
     """Add a report section after the one keyed ``after`` (at the end when None)."""
-    keys = [s.key for s in SECTIONS]
-    if section.key in keys:
+    if section.key in {s.key for s in sections()}:
         raise ValueError(f"a section {section.key!r} exists already")
-    SECTIONS.insert(keys.index(after) + 1 if after is not None else len(SECTIONS), section)
+    _insert(SECTIONS, section, after)
+
+
+def sections(base: Iterable[Section] | None = None, *, parts_only: bool = False) -> list[Section]:
+    """The report's sections (``SECTIONS``, or ``base``) with the registered kinds' (in
+    registry order): a kind's section after the one it names, a kind's part opening the body
+    of the section it belongs to (``parts_only``: the parts alone, as the console shows them).
+    Collected at each render: a kind registered after this module was imported contributes."""
+    out = list(SECTIONS if base is None else base)
+    parts: dict[str, list[Callable[[ReportView], str]]] = {}
+    for kind in kinds.REGISTRY.values():
+        for decl in kind.report_sections():
+            if decl.part_of:
+                parts.setdefault(decl.part_of, []).append(decl.render)
+            elif parts_only:
+                continue
+            elif any(s.key == decl.key for s in out):
+                raise ValueError(f"kind {kind.name!r}: a section {decl.key!r} exists already")
+            else:
+                _insert(out, Section(decl.key, decl.title, decl.render), decl.after)
+    return [_opened(s, parts[s.key]) if s.key in parts else s for s in out]
+
+
+def _insert(into: list[Section], section: Section, after: str | None) -> None:
+    keys = [s.key for s in into]
+    if after is not None and after not in keys:
+        raise ValueError(f"section {section.key!r} follows {after!r}, which is not a section")
+    into.insert(keys.index(after) + 1 if after is not None else len(into), section)
+
+
+def _opened(section: Section, parts: list[Callable[[ReportView], str]]) -> Section:
+    """``section`` whose body opens with the kinds' parts (empty ones left out)."""
+
+    def body(view: ReportView) -> str:
+        texts = (*(part(view) for part in parts), section.render(view))
+        return "\n".join(t for t in texts if t)
+
+    return dataclasses.replace(section, render=body)
 
 
 def render(view: ReportView, sections: Iterable[Section], *, numbered: bool = True) -> str:
@@ -163,7 +202,7 @@ def transfer_matrices_text(df: pd.DataFrame, cmp: pd.DataFrame | None = None) ->
     federated models, controls and the membership audit (the report's view, compactly)."""
     if df.empty:
         return "(no finished trials yet: the transfer table is empty)"
-    return render(ReportView(df, cmp), CONSOLE, numbered=False)
+    return render(ReportView(df, cmp), sections(CONSOLE, parts_only=True), numbered=False)
 
 
 # ------------------------------------------------------------------------------ report.md
@@ -184,7 +223,7 @@ def write_report(output: Path, *, figures: bool = True, view: ReportView | None 
     if view.df.empty:
         parts.append("(no finished trials yet: the transfer table is empty)\n")
     else:
-        parts.append(render(view, SECTIONS))
+        parts.append(render(view, sections()))
         if figures:
             paths = _draw_figures(view, output / FIGURES)
             parts.append("## Figures\n\n" + "\n".join(f"![{p.stem}]({FIGURES}/{p.name})\n"

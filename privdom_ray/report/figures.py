@@ -13,8 +13,8 @@ import numpy as np
 
 from privdom_ray import atomic
 from privdom_ray.config import format_epsilon
+from privdom_ray.kinds.audit.report import audit_max, audit_rows
 from privdom_ray.report.formatting import MISSING, NO_DP, _missing, _privacy_note, _verdict
-from privdom_ray.report.guarantees import _audit_max, _audit_rows
 from privdom_ray.report.secondary import _n_labels
 from privdom_ray.report.view import ReportView, epsilons
 from privdom_ray.stats import inference, quantities
@@ -41,7 +41,7 @@ def _draw_figures(view: ReportView, folder: Path) -> list[Path]:
         paths.append(_equivalence_plot(view, new, folder / "equivalence.png"))
     if view.reliability is not None and not view.reliability.empty:
         paths.append(_reliability_plot(view, new, folder / "reliability.png"))
-    if not _audit_rows(view).empty:
+    if not audit_rows(view).empty:
         paths.append(_audit_plot(view, new, folder / "audit_epsilon.png"))
     return paths
 
@@ -271,7 +271,7 @@ def _equivalence_plot(view: ReportView, new, path: Path) -> Path:
 def _audit_plot(view: ReportView, new, path: Path) -> Path:
     """Canary audit: epsilon_lower against epsilon spent, with the y = x line (above it: a
     broken implementation). Non-DP twins sit at the right edge, marked "no DP"."""
-    rows = _audit_rows(view)
+    rows = audit_rows(view)
     finite = rows["audit_twin_epsilon"].replace([np.inf, -np.inf], np.nan).dropna()
     top = max([1.0, *finite.tolist(), *rows["audit_epsilon_lower"].tolist()]) * 1.15
     fig, ax = new((5.5, 4.6))
@@ -280,7 +280,7 @@ def _audit_plot(view: ReportView, new, path: Path) -> Path:
         sel = rows[rows["source"] == source]
         x = sel["audit_twin_epsilon"].replace(np.inf, top)
         (line,) = ax.plot(x, sel["audit_epsilon_lower"], "o", label=source)
-        most = [min(_audit_max(r), top) for r in sel.to_dict("records")]
+        most = [min(audit_max(r), top) for r in sel.to_dict("records")]
         ax.plot(x, most, "_", markersize=12, color=line.get_color(), alpha=0.6)
     ax.axvline(top, color="0.8", linewidth=0.8)
     ax.text(top, 0.02 * top, " no DP", rotation=90, va="bottom", fontsize=7)

@@ -8,32 +8,25 @@ metric that exists but is undefined (too few positives) reads "n/a".
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
 
 from privdom_ray.config import format_epsilon
+from privdom_ray.markdown import MISSING  # noqa: F401 (the report's name for it)
+from privdom_ray.markdown import missing as _missing
+from privdom_ray.markdown import num as _num
+from privdom_ray.markdown import table as _table  # noqa: F401 (re-exported to the sections)
 from privdom_ray.report.view import ReportView
+from privdom_ray.report.view import eps_label as _eps_label  # noqa: F401 (re-exported)
 from privdom_ray.stats import inference, quantities
 
-MISSING = "—"
 UNDEFINED = "n/a"
 NO_DP = "∞ (no DP)"
 APPROX = " †"  # an approximate CI: too few units of the rarer class, or an AUC >= 0.95
 
 
 # ------------------------------------------------------------------------------ formatting
-
-
-def _missing(x: Any) -> bool:
-    return x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x))
-
-
-def _num(x: Any, digits: int = 3, sign: bool = False) -> str:
-    if _missing(x):
-        return MISSING
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
 def _ci(lo: Any, hi: Any, digits: int = 2, sign: bool = False) -> str:
@@ -77,16 +70,6 @@ def _verdict(r: dict | None) -> str:
     if r.get("n_seeds") == 1:  # training randomness is not covered: a verdict on these models
         v += " (1 seed: these trained models only)"
     return v
-
-
-def _table(header: list[str], rows: Iterable[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _eps_label(eps: float) -> str:
-    return "ε = " + format_epsilon(eps) + (" (no DP)" if math.isinf(eps) else "")
 
 
 def _privacy_note(df: pd.DataFrame, eps: float) -> str:

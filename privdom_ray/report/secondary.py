@@ -201,68 +201,6 @@ def _paired_row(name: str, r: dict | None) -> list[str]:
             _verdict(r), _num(r.get("n"), 0), units, _num(r.get("n_labels"), 0)]  # fmt: skip
 
 
-def federated_text(view: ReportView) -> str:
-    """Federated vs single-site models: mean macro AUC on member sites and on held-out sites."""
-    full = view.full
-    fed = full[is_federated(full)]
-    if fed.empty:
-        return ""
-    single = view.df
-    out = [
-        "### Federated vs single-site training (macro AUC, mean over targets and seeds)",
-        "",
-        "| epsilon | model | on member sites | on held-out sites |",
-        "|---|---|---|---|",
-    ]
-    macro = fed[(fed["label"] == "macro") & (fed["subgroup"] == "all")]
-    ref_all = single[(single["label"] == "macro") & (single["subgroup"] == "all")]
-    for eps in epsilons(fed):
-        for name in sorted(fed["source"].unique()):
-            sel = macro[(macro["source"] == name) & (macro["epsilon_target"] == eps)]
-            if sel.empty:
-                continue
-            sites = set(sel["training_sites"].iloc[0].split(","))
-            member = sel["target"].isin(sites)
-            on, off = sel.loc[member, "auc"].mean(), sel.loc[~member, "auc"].mean()
-            out.append(f"| {format_epsilon(eps)} | federated {name} | {_num(on)} | {_num(off)} |")
-            ref = ref_all[(ref_all["epsilon_target"] == eps) & ref_all["source"].isin(sites)]
-            if len(ref):
-                own = ref["source"] == ref["target"]
-                out.append(
-                    f"| {format_epsilon(eps)} | single-site ({', '.join(sorted(sites))}) | "
-                    f"{_num(ref.loc[own, 'auc'].mean())} (own site) | "
-                    f"{_num(ref.loc[~own, 'auc'].mean())} (other sites) |"
-                )
-    out.append("")
-    out.append(
-        "Federated epsilons are per site: every member site's data is protected at the row's "
-        "epsilon or better (see each trial's ledger.json, `sites`)."
-    )
-    out += ["", FEDERATION_TRUST]
-    return "\n".join(out) + "\n"
-
-
-#: The federation's trust model, as the report states it (docs/federated.md).
-FEDERATION_TRUST = (
-    "**Trust model: a trusted coordinator.** The coordinator (here the sweep's own trial "
-    "process) draws every site's secret key and keeps all of them in its private checkpoint; "
-    "the sites' noise and Poisson sampling derive from those keys. Each site's ε therefore "
-    "holds against everyone who sees the released model, these tables and this report, but "
-    "NOT against the coordinator: with the keys it can regenerate a site's noise, subtract "
-    "it from the site's update and read the clipped gradient sums and which images each step "
-    "used. An untrusted coordinator could also hand out keys it chose (replayable noise), "
-    "send crafted global models whose updates leak inputs, ask for other (sigma, q, steps) "
-    "than the plan, or skip the noise; a deployment that does not trust it draws each key at "
-    "its site and never sends it, has every site check the plan against its own budget, and "
-    "aggregates with secure aggregation. Besides its noised weights and step counts (covered "
-    "by its ε) and its noised label counts, each site sends per round its validation macro "
-    "AUC and k-anonymous validation-score histograms (every released bin holds at least 10 "
-    "images, on a public 0.02 grid; labels with fewer images send nothing), computed from "
-    "validation images without noise: outside the guarantee, like a single-site model's "
-    "threshold."
-)
-
-
 def controls_and_leakage_text(view: ReportView) -> str:
     """Matrices of the control trials and the membership-inference audit per epsilon/variant."""
     full = view.full
@@ -309,4 +247,6 @@ def controls_and_leakage_text(view: ReportView) -> str:
 
 
 def _section_other(view: ReportView) -> str:
-    return "\n".join(p for p in (federated_text(view), controls_and_leakage_text(view)) if p)
+    """Controls and membership inference (the federated kind's part opens the section:
+    ``kinds.federated``, collected by the report's registry)."""
+    return controls_and_leakage_text(view)

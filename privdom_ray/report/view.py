@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from privdom_ray.config import format_epsilon
 from privdom_ray.folder import SweepFolder
 from privdom_ray.kinds import row_kind
 from privdom_ray.stats import comparisons, results
@@ -26,6 +27,10 @@ _METRICS = ("auc", "accuracy", "sensitivity", "specificity", "brier", "ece")
 
 def epsilons(df: pd.DataFrame) -> list[float]:
     return sorted(df["epsilon_target"].unique(), key=lambda e: (math.isinf(e), e))
+
+
+def eps_label(eps: float) -> str:
+    return "ε = " + format_epsilon(eps) + (" (no DP)" if math.isinf(eps) else "")
 
 
 def row_kinds(df: pd.DataFrame) -> pd.Series:
@@ -71,6 +76,12 @@ class ReportView:
     return the row that answers a comparison (``is_summary``: the per-seed row with one
     seed, the across-seeds row with several).
     """
+
+    # the selections, for the kinds' sections (kinds/ sits below report/: they get the view)
+    epsilons = staticmethod(epsilons)
+    eps_label = staticmethod(eps_label)
+    is_federated = staticmethod(is_federated)
+    split_controls = staticmethod(split_controls)
 
     def __init__(
         self,

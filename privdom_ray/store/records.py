@@ -12,6 +12,7 @@ re-exports every name here, and this module never imports the store itself.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -272,12 +273,33 @@ def _ledger_json(
 
 
 def _record_json(record: RunRecord | Mapping[str, Any], spec: TrialSpec | None) -> dict[str, Any]:
-    """trial.json's document: the spec, then the run record."""
+    """trial.json's document: the spec, then the run record, its kind's part written by the
+    kind (``TrialKind.record_json``); a writer that passed the kind's keys as plain fields
+    (``RunRecord.make(audit=...)``: in ``extra``) has them read by the kind first."""
     if not isinstance(record, RunRecord):
         return dict(record)
     if spec is None:
         raise TypeError("a typed RunRecord is written with its spec")
-    return {"spec": spec.to_json(), **record.to_json()}
+    kind = kind_of(spec)
+    own = {k: record.extra[k] for k in kind.record_keys if k in record.extra}
+    if own:
+        if record.part is not None:
+            raise TypeError(f"{sorted(own)} given both as fields and as the record's part")
+        rest = {k: v for k, v in record.extra.items() if k not in own}
+        record = dataclasses.replace(record, extra=rest, part=kind.record_part(own))
+    if record.part is not None and not kind.record_keys:
+        raise TypeError(f"a {kind.name} trial's record has no part ({record.part!r})")
+    part = {} if record.part is None else kind.record_json(record.part)
+    return {"spec": spec.to_json(), **record.to_json(part)}
+
+
+def _run_record(spec: TrialSpec, info: Mapping[str, Any]) -> RunRecord:
+    """trial.json's run record; the keys its kind owns (``TrialKind.record_keys``) read by the
+    kind into the record's typed ``part`` (ValueError or TypeError: a damaged record)."""
+    kind = kind_of(spec)
+    own = {k: info[k] for k in kind.record_keys if k in info}
+    rest = {k: v for k, v in info.items() if k not in own}
+    return RunRecord.from_json(rest, part=kind.record_part(own))
 
 
 def _record(
@@ -291,7 +313,7 @@ def _record(
         _torch_state(tdir / _MODEL, contents[_MODEL])  # no checksum: a full structural parse
     try:
         spec = TrialSpec.from_json(info["spec"])
-        run = RunRecord.from_json(info)
+        run = _run_record(spec, info)
         thresholds = tuple(None if t is None else float(t) for t in thresholds)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DamagedRecord(tdir / _TRIAL_JSON, f"bad spec or run record ({exc})") from None

@@ -27,8 +27,9 @@ from privdom_ray import federated
 from privdom_ray.cache import SplitData, load_split, split_sizes, take
 from privdom_ray.cell import Cell, TrialTimedOut
 from privdom_ray.kinds import kind_of
+from privdom_ray.kinds.federated import SiteRun
 from privdom_ray.manifest import LABELS
-from privdom_ray.records import RunRecord, SiteRun
+from privdom_ray.records import RunRecord
 from privdom_ray.stats import metrics
 from privdom_ray.stats.thresholds import youden_threshold
 from privdom_ray.store import TrialStore

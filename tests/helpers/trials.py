@@ -250,3 +250,13 @@ def build_output(
         output / "plan.json", {"targets": [{"name": d, "fingerprint": f"fp{d}"} for d in domains]}
     )
     return keys
+
+
+def tiny_federation(name: str, epsilon: float, seed: int, sites: tuple[str, ...] = ("a",)) -> TrialSpec:
+    """A keyed federated TrialSpec (``name`` over ``sites``, equal weights), else as
+    :func:`tiny_spec`: a trial of the federated kind, for reads and writes of its record."""
+    from privdom_ray.config import Federation, Site
+
+    delta = 1e-5 if math.isfinite(epsilon) else 0.0
+    members = tuple(Site(s, f"fp{s}", 1.0, delta) for s in sites)
+    return tiny_spec(name, epsilon, seed, federation=Federation(members, rounds=1, local_epochs=1))

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The sweeps the tests launch start no Ray dashboard (its process and the actors it brings cost
+# each embedded cluster ~5 CPU seconds on 2 cores); test_sweep turns it on to check its address.
+os.environ.setdefault("PRIVDOM_RAY_DASHBOARD", "0")
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -30,8 +33,11 @@ from privdom_ray.stats import results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(*args: str, cwd: Path, expect: int | None = 0, timeout: float = 420):
-    """Run ``launch.py`` like a user; ``expect`` is the exit code to assert (None: any)."""
+def launch(
+    *args: str, cwd: Path, expect: int | None = 0, timeout: float = 420, env: dict | None = None
+):
+    """Run ``launch.py`` like a user; ``expect`` is the exit code to assert (None: any);
+    ``env``: variables set on top of this process's environment."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
         cwd=cwd,
@@ -39,6 +45,7 @@ def launch(*args: str, cwd: Path, expect: int | None = 0, timeout: float = 420):
         text=True,
         timeout=timeout,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     if expect is not None:
         assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]

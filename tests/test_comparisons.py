@@ -50,6 +50,34 @@ def read_eval(ev: EvalRecord) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     return s, y, df
 
 
+@pytest.fixture(scope="module")
+def _three_sites(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    folder = tmp_path_factory.mktemp("three")
+    return folder, compute(folder, build_output(folder))
+
+
+@pytest.fixture(scope="module")
+def _two_sites(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    folder = tmp_path_factory.mktemp("two")
+    return folder, compute(folder, build_output(folder, domains=("a", "b"), n=200))
+
+
+@pytest.fixture
+def three_sites(_three_sites) -> tuple[Path, pd.DataFrame]:
+    """``build_output``'s default finished sweep (sites a, b, c), built once for the module
+    (tests only read it), and a fresh copy of its comparisons table."""
+    folder, df = _three_sites
+    return folder, df.copy()
+
+
+@pytest.fixture
+def two_sites(_two_sites) -> tuple[Path, pd.DataFrame]:
+    """Sites a and b with 200 test images each, built once for the module (tests only read
+    it), and a fresh copy of its comparisons table."""
+    folder, df = _two_sites
+    return folder, df.copy()
+
+
 def one(df: pd.DataFrame, **where) -> pd.Series:
     sel = df
     for k, v in where.items():
@@ -120,12 +148,11 @@ def test_clearly_better_dp_model_is_different(tmp_path):
     assert row["n_patients"] == int(test["group"].max()) + 1
 
 
-def test_paired_delta_equals_metrics_paired_auc_difference(tmp_path):
+def test_paired_delta_equals_metrics_paired_auc_difference(two_sites):
     """The same patients left out for both models give exactly what
     evaluation.paired_auc_difference gives (label rows; "all" and the sexes also for the macro,
     whose label set is the same there)."""
-    keys = build_output(tmp_path, domains=("a", "b"), n=200)
-    df = compute(tmp_path, keys)
+    tmp_path, df = two_sites
     sa, y, pred = read_eval(eval_of(tmp_path, "a", "1", "b"))
     sb, _, _ = read_eval(eval_of(tmp_path, "a", "inf", "b"))
     groups = pred["patient_group"].to_numpy()
@@ -154,11 +181,10 @@ def test_paired_delta_equals_metrics_paired_auc_difference(tmp_path):
             assert row["df"] == pytest.approx(res.df)
 
 
-def test_model_cis_are_the_transfer_tables_cis(tmp_path):
+def test_model_cis_are_the_transfer_tables_cis(two_sites):
     """Every model's AUC CI in a comparison row is the one evaluation.evaluate wrote for the
     transfer table: same patients left out, same label sets, same t rule."""
-    keys = build_output(tmp_path, domains=("a", "b"), n=200)
-    df = compute(tmp_path, keys)
+    tmp_path, df = two_sites
     rows = df[(df["comparison"] == "paired_delta") & (df["quantity"] == "delta_auc")]
     checked = 0
     for side, eps in (("dp", "1"), ("nondp", "inf")):
@@ -177,9 +203,8 @@ def test_model_cis_are_the_transfer_tables_cis(tmp_path):
 # ------------------------------------------------------------------------------ AUC drop
 
 
-def test_auc_drop_equals_hand_computation(tmp_path):
-    keys = build_output(tmp_path)
-    df = compute(tmp_path, keys)
+def test_auc_drop_equals_hand_computation(three_sites):
+    tmp_path, df = three_sites
 
     def auc(source, target, eps, label="macro"):
         mt = eval_of(tmp_path, source, eps, target).metrics()
@@ -221,11 +246,10 @@ def test_auc_drop_equals_hand_computation(tmp_path):
     assert "drop_vs_nondp_ondomain" not in set(df["quantity"])
 
 
-def test_drop_difference_is_inferred_from_leave_one_patient_out_drops(tmp_path):
+def test_drop_difference_is_inferred_from_leave_one_patient_out_drops(three_sites):
     """All terms of a test site's drop are AUCs on that site's patients: the difference's
     interval is the t interval of the same combination of their leave-one-out AUCs."""
-    keys = build_output(tmp_path)
-    df = compute(tmp_path, keys)
+    tmp_path, df = three_sites
     t = "b"
     parts = {}
     for src in ("a", "b", "c"):
@@ -250,9 +274,8 @@ def test_drop_difference_is_inferred_from_leave_one_patient_out_drops(tmp_path):
     assert row["tost_half_width"] == pytest.approx((want.tost_hi - want.tost_lo) / 2)
 
 
-def test_primary_endpoint_holm_per_site_iut_every_site_and_bh_families(tmp_path):
-    keys = build_output(tmp_path)
-    df = compute(tmp_path, keys)
+def test_primary_endpoint_holm_per_site_iut_every_site_and_bh_families(three_sites):
+    tmp_path, df = three_sites
     primary = df[df["endpoint"] == "primary"]
     assert len(primary) == 3  # one per test site (one DP epsilon, one model)
     assert set(primary["quantity"]) == {"drop"}
@@ -447,9 +470,8 @@ def test_fairness_gaps_leave_out_patients_jointly_across_subgroups(tmp_path):
 # ------------------------------------------------------------------------------ nulls
 
 
-def test_subgroups_without_positives_or_members_give_nulls_with_reasons(tmp_path):
-    keys = build_output(tmp_path, domains=("a", "b"), n=200)
-    df = compute(tmp_path, keys)
+def test_subgroups_without_positives_or_members_give_nulls_with_reasons(two_sites):
+    tmp_path, df = two_sites
     young = df[(df["subgroup"] == "age=[0,40)") & (df["label"] == LABELS[0])]
     assert len(young) > 0 and (young["n_pos"].dropna() == 0).all()
     value_cols = ["value_dp", "value_nondp", "delta", "delta_lo", "p_value", "verdict"]

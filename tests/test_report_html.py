@@ -46,10 +46,18 @@ def cells(markdown: str) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[Path, str]:
+    """One finished output folder and its report, rendered once for the module (the tests
+    only read it): (folder, report.md's text)."""
+    folder = tmp_path_factory.mktemp("html")
+    _sweep(folder)
+    return folder, report.write_report(folder)
+
+
 @pytest.mark.slow
-def test_the_page_holds_the_reports_numbers_inline_and_collapses_all_but_the_primary(tmp_path):
-    _sweep(tmp_path)
-    md = report.write_report(tmp_path)
+def test_the_page_holds_the_reports_numbers_inline_and_collapses_all_but_the_primary(rendered):
+    tmp_path, md = rendered
     page = (tmp_path / HTML).read_text()
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched at view time
     assert page.count('src="data:image/png;base64,') == len(
@@ -67,10 +75,8 @@ def test_the_page_holds_the_reports_numbers_inline_and_collapses_all_but_the_pri
 
 
 @pytest.mark.slow
-def test_a_browser_runs_the_filters_by_epsilon_site_and_label(tmp_path):
-    _sweep(tmp_path)
-    report.write_report(tmp_path)
-    page = tmp_path / HTML
+def test_a_browser_runs_the_filters_by_epsilon_site_and_label(rendered):
+    page = rendered[0] / HTML
     everything = dom(page)
     assert 'data-ready="1"' in everything and 'class="hidden"' not in everything
     only = dom(page, "#epsilon=1&site=b&label=pneumonia")

@@ -35,7 +35,8 @@ GRID = {
 def tiny_sweep(tmp_path_factory):
     work = tmp_path_factory.mktemp("sweep")
     (work / "grid.yaml").write_text(yaml.safe_dump(GRID))
-    proc = launch("--grid", "grid.yaml", cwd=work)
+    # with the Ray dashboard, as a user gets it (conftest turns it off for the other sweeps)
+    proc = launch("--grid", "grid.yaml", cwd=work, env={"PRIVDOM_RAY_DASHBOARD": "1"})
     return work, proc
 
 

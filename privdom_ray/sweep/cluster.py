@@ -41,7 +41,8 @@ def init_ray(spec: SweepSpec, address: str | None, log: Log = _log) -> None:
         ctx = ray.init(
             address="local",  # always a new cluster: a bare init() joins any running one
             num_cpus=spec.ray.num_cpus,
-            include_dashboard=True,
+            # PRIVDOM_RAY_DASHBOARD=0: no dashboard process (the test suite's sweeps, 2 cores)
+            include_dashboard=os.environ.get("PRIVDOM_RAY_DASHBOARD", "1") != "0",
             dashboard_host=spec.ray.dashboard_host,
             log_to_driver=True,
             # owner-only session files, linked from <output>/ray_session (trainable.py)

@@ -415,14 +415,16 @@ def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path)
 
     from privdom_ray import planning, report
     from privdom_ray.cell import TargetRef
-    from privdom_ray.report.formatting import _eps_label
+    from privdom_ray.report.view import eps_label as _eps_label
 
     small = {"sources": ["a", "b"], "seeds": [0]}  # 6 cells: a, b x 1, 4, inf
     old = kinds.plan_trials(_grid(tmp_path, {"canaries": 100, "cells": "all"}, **small), FPS,
                             N_TRAIN)  # fmt: skip
     out, test = tmp_path / "out", make_testset(60, seed=1)
-    result = {**_v2_result(100, 0.4, 10.0, 0.5),
-              "noise": {"units": 10_000, "sum_squares": 10_050.0, "replay_z": 0.4, "alpha": 1e-6}}
+    result = {
+        **_v2_result(100, 0.4, 10.0, 0.5),
+        "noise": {"units": 10_000, "sum_squares": 10_050.0, "replay_z": 0.4, "alpha": 1e-6},
+    }
     for t in old:  # today's main: a twin on every cell, every model tested on a, b and c
         evals = {} if t.audit else {s: (f"fp{s}", test, scores_for(test, 1.0, 0)) for s in "abc"}
         write_trial(out, source=t.source, epsilon=t.epsilon, seed=t.seed, spec=t, evals=evals,

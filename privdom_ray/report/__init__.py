@@ -34,11 +34,11 @@ import pandas as pd
 from privdom_ray import atomic, kinds
 from privdom_ray.config import format_epsilon
 from privdom_ray.folder import FIGURES, REPORT
+from privdom_ray.markdown import missing as _missing
 from privdom_ray.report import page
 from privdom_ray.report.figures import _draw_figures
 from privdom_ray.report.formatting import (
     MISSING,
-    _missing,
     _plain_matrix,
     _privacy_note,
     _value,

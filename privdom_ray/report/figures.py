@@ -14,7 +14,13 @@ import numpy as np
 from privdom_ray import atomic
 from privdom_ray.config import format_epsilon
 from privdom_ray.kinds.audit.report import audit_max, audit_rows
-from privdom_ray.report.formatting import MISSING, NO_DP, _missing, _privacy_note, _verdict
+from privdom_ray.markdown import missing as _missing
+from privdom_ray.report.formatting import (
+    MISSING,
+    NO_DP,
+    _privacy_note,
+    _verdict,
+)
 from privdom_ray.report.secondary import _n_labels
 from privdom_ray.report.view import ReportView, epsilons
 from privdom_ray.stats import inference, quantities

@@ -16,9 +16,8 @@ from privdom_ray.config import format_epsilon
 from privdom_ray.markdown import MISSING  # noqa: F401 (the report's name for it)
 from privdom_ray.markdown import missing as _missing
 from privdom_ray.markdown import num as _num
-from privdom_ray.markdown import table as _table  # noqa: F401 (re-exported to the sections)
+from privdom_ray.markdown import table as _table
 from privdom_ray.report.view import ReportView
-from privdom_ray.report.view import eps_label as _eps_label  # noqa: F401 (re-exported)
 from privdom_ray.stats import inference, quantities
 
 UNDEFINED = "n/a"

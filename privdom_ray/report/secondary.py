@@ -8,19 +8,18 @@ import math
 
 from privdom_ray.config import format_epsilon
 from privdom_ray.folder import FIGURES
+from privdom_ray.markdown import missing as _missing
+from privdom_ray.markdown import num as _num
+from privdom_ray.markdown import table as _table
 from privdom_ray.report.formatting import (
     MISSING,
     UNDEFINED,
     _ci,
-    _eps_label,
-    _missing,
-    _num,
     _p,
     _pair_name,
     _pairs,
     _plain_matrix,
     _seeds_note,
-    _table,
     _value,
     _verdict,
 )
@@ -32,6 +31,7 @@ from privdom_ray.report.view import (
     is_federated,
     split_controls,
 )
+from privdom_ray.report.view import eps_label as _eps_label
 from privdom_ray.stats import metrics
 
 

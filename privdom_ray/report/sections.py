@@ -14,23 +14,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from privdom_ray.markdown import missing as _missing
+from privdom_ray.markdown import num as _num
+from privdom_ray.markdown import table as _table
 from privdom_ray.report.formatting import (
     MISSING,
     _cell_text,
     _ci,
-    _eps_label,
-    _missing,
-    _num,
     _p,
     _pair_name,
     _pairs,
     _privacy_note,
     _seeds_note,
-    _table,
     _value,
     _verdict,
 )
 from privdom_ray.report.view import ReportView
+from privdom_ray.report.view import eps_label as _eps_label
 from privdom_ray.stats import inference, quantities
 
 # ------------------------------------------------------------------------------ sections

@@ -26,7 +26,7 @@ from privdom_ray import integrity
 from privdom_ray.atomic import atomic_write
 from privdom_ray.config import TrialSpec
 from privdom_ray.integrity import Damage, FileSum
-from privdom_ray.kinds import kind_of
+from privdom_ray.kinds import TrialKind, UnknownKind, kind_of
 from privdom_ray.privacy import Ledger
 from privdom_ray.records import RunRecord
 
@@ -280,7 +280,9 @@ def _record_json(record: RunRecord | Mapping[str, Any], spec: TrialSpec | None) 
         return dict(record)
     if spec is None:
         raise TypeError("a typed RunRecord is written with its spec")
-    kind = kind_of(spec)
+    kind = _known_kind(spec)
+    if kind is None:  # a newer version's kind: its keys stay in extra, written back unchanged
+        return {"spec": spec.to_json(), **record.to_json({})}
     own = {k: record.extra[k] for k in kind.record_keys if k in record.extra}
     if own:
         if record.part is not None:
@@ -293,10 +295,22 @@ def _record_json(record: RunRecord | Mapping[str, Any], spec: TrialSpec | None) 
     return {"spec": spec.to_json(), **record.to_json(part)}
 
 
+def _known_kind(spec: TrialSpec) -> TrialKind | None:
+    """The trial's kind, or None for one this version does not register: reading its record is
+    not damage (the folder stays for the version that knows it); what needs the kind raises
+    ``kinds.UnknownKind`` there."""
+    try:
+        return kind_of(spec)
+    except UnknownKind:
+        return None
+
+
 def _run_record(spec: TrialSpec, info: Mapping[str, Any]) -> RunRecord:
     """trial.json's run record; the keys its kind owns (``TrialKind.record_keys``) read by the
     kind into the record's typed ``part`` (ValueError or TypeError: a damaged record)."""
-    kind = kind_of(spec)
+    kind = _known_kind(spec)
+    if kind is None:  # a newer version's kind: read whole into extra (kind_of names it later)
+        return RunRecord.from_json(info, part=None)
     own = {k: info[k] for k in kind.record_keys if k in info}
     rest = {k: v for k, v in info.items() if k not in own}
     return RunRecord.from_json(rest, part=kind.record_part(own))

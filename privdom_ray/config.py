@@ -135,7 +135,7 @@ class RayConfig:
 
 
 AUDIT_KINDS = ("gradient", "input")
-AUDIT_CELLS = ("per_epsilon", "all")  # or a number of cells (kinds/audit.py: choose)
+AUDIT_CELLS = ("per_epsilon", "all")  # or a number of cells (kinds/audit/: choose)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class AuditConfig:
     epsilons: tuple[float, ...] = ()  # the audited epsilons (empty: every epsilon)
     auditor_seed: int = 0  # public: which coordinates (or input patterns) the canaries use
     # which of those cells get a twin: "per_epsilon" (one per epsilon), "all", or a number N
-    # (a sample spread over the epsilons); chosen from the grid alone (kinds/audit.py: choose)
+    # (a sample spread over the epsilons); chosen from the grid alone (kinds/audit/: choose)
     cells: int | str = "per_epsilon"
     cells_seed: int = 0  # public: orders the cells for that choice (never in a trial key)
 

@@ -102,7 +102,7 @@ LEDGER_COLUMNS = (
 )
 
 _LEDGER = [*LEDGER_COLUMNS, "privacy_scope", "loss_weights"]
-# the columns trial kinds attach to other trials' rows: the audit twin's (kinds/audit.py)
+# the columns trial kinds attach to other trials' rows: the audit twin's (kinds/audit/)
 AUDIT_COLUMNS = [c for kind in REGISTRY.values() for c in kind.columns]
 #: Columns ``export`` adds to the transfer table: what each row's values are covered by.
 GUARANTEE_COLUMNS = {
@@ -297,7 +297,7 @@ SCHEMA = _with_privacy(
         # canaries (the largest over its attacks), the replay attack's, the most m canaries
         # can show, the largest noise factor it catches in 80% of simulated runs, the noise it
         # measured over the stated one and its tests' verdict, and what gave it (null without
-        # a twin; kinds/audit.py: columns)
+        # a twin; kinds/audit/result.py: columns)
         ("audit_epsilon_lower", pa.float64()),
         ("audit_epsilon_lower_replay", pa.float64()),
         ("audit_epsilon_max", pa.float64()),

@@ -203,7 +203,7 @@ def train_audit_twin(
     *,
     fault: Fault | None = None,
 ) -> None:
-    """Train an audit twin: the audited cell's training with canaries (kinds/audit.py), then
+    """Train an audit twin: the audited cell's training with canaries (kinds/audit/), then
     the one-run audit with every attack (the plain scores, and the replay of the noise the
     public seed would give) and its power. The twin keeps only the audit's result; its coins,
     draws and scores were private to its checkpoint, and its model is never released.

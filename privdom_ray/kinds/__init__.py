@@ -183,6 +183,10 @@ class TrialKind:
         """The report sections it contributes (report/ collects them when it renders)."""
         return ()
 
+    def report_figures(self) -> tuple[ReportFigure, ...]:
+        """The report figures it contributes (report/figures.py draws them after its own)."""
+        return ()
+
 
 @dataclass(frozen=True)
 class ReportSection:
@@ -197,6 +201,17 @@ class ReportSection:
     render: Callable[[Any], str]
     after: str | None = None
     part_of: str = ""
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    """A report figure a kind contributes: ``file`` under figures/, and ``draw(view, new)``
+    (the report's view, duck-typed; ``new(figsize, **subplots)`` gives a matplotlib figure
+    and its axes on the Agg canvas) returning the figure, or None when the study has nothing
+    to draw (report/figures.py saves it)."""
+
+    file: str
+    draw: Callable[[Any, Callable[..., Any]], Any]
 
 
 REGISTRY: dict[str, TrialKind] = {}

@@ -1,6 +1,7 @@
 """The report's figures (matplotlib, imported only here and only when drawing): transfer
-heatmaps, AUC against epsilon, subgroup and drop bars, the equivalence plot, the audit plot
-and reliability diagrams, all drawn from the same :class:`~privdom_ray.report.view.ReportView`.
+heatmaps, AUC against epsilon, subgroup and drop bars, the equivalence plot and reliability
+diagrams, all drawn from the same :class:`~privdom_ray.report.view.ReportView`, then the
+kinds' own figures (``TrialKind.report_figures``: the audit twins' plot).
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from privdom_ray import atomic
+from privdom_ray import atomic, kinds
 from privdom_ray.config import format_epsilon
-from privdom_ray.kinds.audit.report import audit_max, audit_rows
 from privdom_ray.markdown import missing as _missing
 from privdom_ray.report.formatting import (
     MISSING,
@@ -47,8 +47,11 @@ def _draw_figures(view: ReportView, folder: Path) -> list[Path]:
         paths.append(_equivalence_plot(view, new, folder / "equivalence.png"))
     if view.reliability is not None and not view.reliability.empty:
         paths.append(_reliability_plot(view, new, folder / "reliability.png"))
-    if not audit_rows(view).empty:
-        paths.append(_audit_plot(view, new, folder / "audit_epsilon.png"))
+    for kind in kinds.REGISTRY.values():  # the kinds' own figures (the audit twins' plot)
+        for decl in kind.report_figures():
+            fig = decl.draw(view, new)
+            if fig is not None:
+                paths.append(_save(fig, folder / decl.file))
     return paths
 
 
@@ -271,35 +274,6 @@ def _equivalence_plot(view: ReportView, new, path: Path) -> Path:
                  "on Holm p", fontsize=9)  # fmt: skip
     if margin is not None:
         ax.legend(fontsize=7, loc="lower left")
-    return _save(fig, path)
-
-
-def _audit_plot(view: ReportView, new, path: Path) -> Path:
-    """Canary audit: epsilon_lower against epsilon spent, with the y = x line (above it: a
-    broken implementation). Non-DP twins sit at the right edge, marked "no DP"."""
-    rows = audit_rows(view)
-    finite = rows["audit_twin_epsilon"].replace([np.inf, -np.inf], np.nan).dropna()
-    top = max([1.0, *finite.tolist(), *rows["audit_epsilon_lower"].tolist()]) * 1.15
-    fig, ax = new((5.5, 4.6))
-    ax.plot([0, top], [0, top], color="0.4", linestyle="--", linewidth=0.9, label="y = x")
-    for source in sorted(rows["source"].unique()):
-        sel = rows[rows["source"] == source]
-        x = sel["audit_twin_epsilon"].replace(np.inf, top)
-        (line,) = ax.plot(x, sel["audit_epsilon_lower"], "o", label=source)
-        most = [min(audit_max(r), top) for r in sel.to_dict("records")]
-        ax.plot(x, most, "_", markersize=12, color=line.get_color(), alpha=0.6)
-    ax.axvline(top, color="0.8", linewidth=0.8)
-    ax.text(top, 0.02 * top, " no DP", rotation=90, va="bottom", fontsize=7)
-    ax.set_xlim(0, top * 1.05)
-    ax.set_ylim(0, top * 1.05)
-    ax.set_xlabel("ε spent (accountant)")
-    ax.set_ylabel("ε lower bound (canary audit, 95%)")
-    ax.set_title(
-        "Canary audit: points above y = x would be a broken implementation\n"
-        "(dashes: the most the twin's canaries can show)",
-        fontsize=9,
-    )
-    ax.legend(fontsize=7)
     return _save(fig, path)
 
 

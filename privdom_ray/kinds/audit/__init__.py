@@ -31,7 +31,15 @@ from privdom_ray.config import (
     TrainingConfig,
     TrialSpec,
 )
-from privdom_ray.kinds import Checker, PlanContext, ReportSection, TrialKind, register
+from privdom_ray.kinds import (
+    Checker,
+    PlanContext,
+    ReportFigure,
+    ReportSection,
+    TrialKind,
+    register,
+)
+from privdom_ray.kinds.audit.figure import audit_plot
 from privdom_ray.kinds.audit.report import audit_section
 from privdom_ray.kinds.audit.result import (
     TwinCheck,
@@ -287,6 +295,9 @@ class AuditTwin(TrialKind):
     def report_sections(self) -> tuple[ReportSection, ...]:
         title = "Canary audit: an empirical lower bound on epsilon"
         return (ReportSection("audit", title, audit_section, after="other"),)
+
+    def report_figures(self) -> tuple[ReportFigure, ...]:
+        return (ReportFigure("audit_epsilon.png", audit_plot),)
 
 
 register(AuditTwin())

@@ -25,7 +25,7 @@ def _spec(**kw) -> TrialSpec:
 
 
 def test_every_registered_kind_resolves_to_a_trainer():
-    assert set(kinds.REGISTRY) == {"standard", "clip_only", "pretrain", "federated", "audit"}
+    assert set(kinds.REGISTRY) == {"standard", "clip_only", "pretrain", "federated", "audit", "tuning"}
     for kind in kinds.REGISTRY.values():
         assert isinstance(kind, kinds.TrialKind)
         assert callable(TRAINERS[kind.trainer]), kind.name

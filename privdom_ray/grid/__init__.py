@@ -85,6 +85,8 @@ TOP_KEYS = {
     "ray": "Ray cluster settings",
     "audit": "one-run canary audit twins: {canaries, kind: gradient|input, sources, epsilons, "
     "cells: per_epsilon|all|N, cells_seed}",
+    "tuning": "honest tuning: every cell the best of K candidates from a search space "
+    "{space, runs, search: random, score, thresholds, validation_shares}",
 }
 
 

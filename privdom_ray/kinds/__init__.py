@@ -89,6 +89,11 @@ class TrialKind:
         """A line for ``launch.py plan`` about this kind's trials ("" for none)."""
         return ""
 
+    def work(self, spec: TrialSpec) -> tuple[float, float]:
+        """(expected trainings, expected epochs of each) of one trial: what ``plan`` counts
+        (a tuned cell: E[K] candidates, kinds/tuning.py)."""
+        return 1.0, float(spec.training.epochs)
+
     def members(self, spec: TrialSpec) -> tuple[Site, ...]:
         """The sites that train together in one trial (a federation's); () for one source."""
         return ()

@@ -1,0 +1,300 @@
+"""Honest tuning wired into the grid (issue 26): the ``tuning`` section, tuned cells' planning
+and keys, E[K] in ``plan``, the per-cell privacy plan and the private draw."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from privdom_ray import costs, kinds
+from privdom_ray.config import GridError, TrialSpec
+from privdom_ray.grid import load_grid
+from privdom_ray.kinds import tuning as tuned
+from privdom_ray.privacy import poisson_rate, steps_per_epoch
+from privdom_ray.selection import TuningPlan, runs
+from privdom_ray.selection.tuning import RunShape
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {
+    "name": "t",
+    "output": "out",
+    "domains": [
+        {"name": "a", "kind": "synthetic", "root": "data/a", "options": {"site": "a"}},
+        {"name": "b", "kind": "synthetic", "root": "data/b", "options": {"site": "b"}},
+    ],
+    "epsilons": [1, "inf"],
+    "seeds": [0],
+    "training": {"epochs": 2, "logical_batch": 32, "physical_batch": 16},
+}
+TUNING = {
+    "space": {
+        "lr": {"loguniform": [1.0e-4, 3.0e-3]},
+        "max_grad_norm": {"choice": [0.5, 1.5]},
+        "logical_batch": {"choice": [32, 64]},
+        "epochs": {"choice": [2, 3]},
+    },
+    "runs": {"distribution": "geometric", "mean": 5},
+}
+FINGERPRINTS = {"a": "fa", "b": "fb"}
+N_TRAIN = {"a": 400, "b": 300}
+
+
+def grid(tmp_path: Path, **changes):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**copy.deepcopy(BASE), **changes}))
+    return load_grid(path)
+
+
+def errors_of(tmp_path: Path, tuning) -> list[str]:
+    with pytest.raises(GridError) as info:
+        grid(tmp_path, tuning=tuning)
+    return info.value.errors
+
+
+def with_space(**entries):
+    return {**TUNING, "space": {**TUNING["space"], **entries}}
+
+
+# ------------------------------------------------------------------------------ the section
+
+
+def test_the_section_parses_into_a_canonical_config(tmp_path):
+    spec = grid(tmp_path, tuning=TUNING)
+    t = spec.tuning
+    assert [d.name for d in t.space] == ["epochs", "logical_batch", "lr", "max_grad_norm"]
+    lr = next(d for d in t.space if d.name == "lr")
+    assert (lr.sampler, lr.args) == ("loguniform", (1.0e-4, 3.0e-3))
+    assert dict(t.runs) == {"distribution": "geometric", "mean": 5.0}
+    assert t.search == "random" and t.score_bound == 1.0 and t.bins == 20
+    # the default K: logarithmic with E[K] = 10 (selection.runs.DEFAULT_RUNS)
+    default = grid(tmp_path, tuning={"space": TUNING["space"]}).tuning
+    assert tuned.runs_of(default) == runs.DEFAULT_RUNS
+
+
+def test_without_the_section_nothing_changes(tmp_path):
+    spec = grid(tmp_path)
+    assert spec.tuning is None
+    trials = kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN)
+    assert {t.kind for t in trials} == {"standard"}
+    assert all("tuning" not in t.identity() for t in trials)
+
+
+@pytest.mark.parametrize(
+    "tuning, needle",
+    [
+        ({**TUNING, "search": "bayesopt"}, "tuning.search: 'bayesopt'"),
+        ({**TUNING, "search": "asha"}, "select on private validation data"),
+        ({**TUNING, "scheduler": "pbt"}, "tuning.scheduler"),
+        ({**TUNING, "scheduler": {"type": "hyperband"}}, "stops or mutates candidates"),
+        ({**TUNING, "search_alg": "optuna"}, "tuning.search_alg"),
+        ({**TUNING, "num_samples": 10}, "K is drawn at random"),
+        ({**TUNING, "spce": {}}, "tuning.spce"),
+        (with_space(momentum={"uniform": [0.1, 0.9]}), "tuning.space.momentum"),
+        (with_space(lr={"loguniform": [0, 1e-3]}), "tuning.space.lr.loguniform"),
+        (with_space(lr={"loguniform": [1e-2, 1e-3]}), "low < high"),
+        (with_space(lr={"normal": [1e-3, 1e-4]}), "one of the samplers"),
+        (with_space(lr={"uniform": [-1, 1]}), "0 < low < high"),
+        (with_space(epochs={"uniform": [2, 6]}), "finitely many values"),
+        (with_space(logical_batch={"loguniform": [16, 64]}), "tuning.space.logical_batch"),
+        (with_space(logical_batch={"choice": [32, 32.5]}), "positive integers"),
+        (with_space(epochs={"choice": [0, 2]}), "tuning.space.epochs.choice"),
+        (with_space(epochs={"choice": []}), "non-empty list"),
+        (with_space(epochs={"randint": [1, 200]}, logical_batch={"randint": [8, 64]}),
+         "at most 64 combinations"),
+        ({**TUNING, "space": {}}, "tuning.space"),
+        ({**TUNING, "runs": {"distribution": "zipf", "mean": 10}}, "tuning.runs"),
+        ({**TUNING, "runs": {"distribution": "logarithmic", "mean": 1}}, "must exceed 1"),
+        ({**TUNING, "runs": {"distribution": "truncated_negative_binomial", "mean": 5}},
+         "'eta' is missing"),
+        ({**TUNING, "runs": {"distribution": "poisson", "mean": 0.5}}, "tuning.runs"),
+        ({**TUNING, "runs": {"distribution": "poisson", "k": 3}}, "tuning.runs"),
+        ({**TUNING, "score": {"bound": 0}}, "tuning.score"),
+        ({**TUNING, "thresholds": {"bins": 1}}, "tuning.thresholds"),
+        ({**TUNING, "validation_shares": {"score": 0, "thresholds": 0}}, "not all 0"),
+        ({**TUNING, "validation_shares": {"auc": 1}}, "tuning.validation_shares"),
+        ("random", "tuning: 'random'"),
+    ],
+)  # fmt: skip
+def test_each_bad_tuning_value_is_named_with_its_fix(tmp_path, tuning, needle):
+    errors = errors_of(tmp_path, tuning)
+    assert any(needle in e for e in errors), errors
+
+
+def test_adaptive_search_is_refused_because_it_selects_outside_the_accounting(tmp_path):
+    for search in ("asha", "pbt", "hyperband", "bayesopt", "optuna"):
+        (error,) = errors_of(tmp_path, {**TUNING, "search": search})
+        assert "adaptive search would select on private validation data" in error
+        assert "expected 'random'" in error  # the fix
+
+
+def test_tuning_refuses_patient_units_for_now(tmp_path):
+    path = tmp_path / "grid.yaml"
+    raw = {**copy.deepcopy(BASE), "tuning": TUNING}
+    raw["training"]["privacy_unit"] = "patient"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError) as info:
+        load_grid(path)
+    (error,) = info.value.errors
+    assert error.startswith("training.privacy_unit: 'patient'") and "'image'" in error
+
+
+# ------------------------------------------------------------------------------ planning and keys
+
+
+def test_every_cell_becomes_one_tuned_coordinator_trial(tmp_path):
+    spec = grid(tmp_path, tuning=TUNING)
+    trials = kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN)
+    assert {t.kind for t in trials} == {"tuning"}
+    assert [t.name for t in trials] == [
+        "a_eps1_seed0", "a_epsinf_seed0", "b_eps1_seed0", "b_epsinf_seed0"
+    ]  # fmt: skip
+    kind = kinds.kind_of(trials[0])
+    assert kind.coordinator and kind.trainer == "tuning" and kind.label(trials[0]) == "standard"
+    # the non-DP cell gets the same search (the fair baseline)
+    assert trials[0].tuning == trials[1].tuning == spec.tuning
+    assert TrialSpec.from_json(json.loads(json.dumps(trials[0].to_json()))) == trials[0]
+
+
+def test_a_tuned_key_is_the_cells_key_plus_the_section(tmp_path):
+    untuned = kinds.plan_trials(grid(tmp_path), FINGERPRINTS, N_TRAIN)
+    tuned_trials = kinds.plan_trials(grid(tmp_path, tuning=TUNING), FINGERPRINTS, N_TRAIN)
+    for plain, t in zip(untuned, tuned_trials, strict=True):
+        identity = t.identity()
+        assert identity.pop("tuning") == dataclasses.asdict(t.tuning)
+        assert identity == plain.identity()  # nothing else moves
+        assert t.key != plain.key
+    other = kinds.plan_trials(
+        grid(tmp_path, tuning=with_space(lr={"loguniform": [1e-4, 1e-2]})), FINGERPRINTS, N_TRAIN
+    )
+    assert other[0].key != tuned_trials[0].key
+    # the section's canonical form: key order in the YAML does not matter
+    reordered = {"runs": TUNING["runs"], "space": dict(reversed(TUNING["space"].items()))}
+    same = kinds.plan_trials(grid(tmp_path, tuning=reordered), FINGERPRINTS, N_TRAIN)
+    assert [t.key for t in same] == [t.key for t in tuned_trials]
+
+
+def test_plan_counts_expected_trainings_and_shows_the_quantile(tmp_path):
+    spec = grid(tmp_path, tuning=TUNING)
+    splits = {n: {"train": N_TRAIN[n], "val": 60, "test": 60} for n in N_TRAIN}
+    cost = costs.estimate(spec, splits, FINGERPRINTS)
+    dist = runs.run_distribution({"distribution": "geometric", "mean": 5})
+    assert cost.trainings == {"tuning": 4}
+    assert cost.expected_trainings == pytest.approx(4 * 5.0)
+    # images: E[K] x the mean epochs over the space x N_train, per cell
+    assert cost.train_images["dp"] == pytest.approx(5.0 * 2.5 * (400 + 300))
+    assert cost.train_images["plain"] == pytest.approx(5.0 * 2.5 * (400 + 300))
+    text = costs.render(cost, spec)
+    assert "E[K] = 5 per cell" in text and f"95% quantile {runs.quantile(dist, 0.95)}" in text
+    assert "about 20 candidate trainings expected" in text
+    untuned = costs.estimate(grid(tmp_path), splits, FINGERPRINTS)
+    assert untuned.expected_trainings == 4 and "tuned cells" not in costs.render(untuned, spec)
+
+
+# ------------------------------------------------------------------------------ privacy plan
+
+
+def test_run_shapes_cover_every_batch_and_epoch_combination(tmp_path):
+    t = grid(tmp_path, tuning=TUNING).tuning
+    training = grid(tmp_path).training
+    shapes = tuned.run_shapes(t, training, 400)
+    expected = {
+        RunShape(poisson_rate(400, b), e * steps_per_epoch(poisson_rate(400, b)))
+        for b in (32, 64)
+        for e in (2, 3)
+    }
+    assert set(shapes) == expected and len(shapes) == 4
+    # a space without the curve keys has the grid's single shape
+    only_lr = grid(tmp_path, tuning={"space": {"lr": TUNING["space"]["lr"]}}).tuning
+    q = poisson_rate(400, 32)
+    assert tuned.run_shapes(only_lr, training, 400) == [RunShape(q, 2 * steps_per_epoch(q))]
+
+
+@pytest.mark.slow
+def test_the_cells_plan_fits_its_epsilon_and_recomputes(tmp_path):
+    spec = grid(tmp_path, tuning=TUNING)
+    dp = next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if t.is_private)
+    plan = tuned.tuning_plan(dp, N_TRAIN["a"])
+    assert plan is not None and dp.epsilon * 0.99 <= plan.epsilon_total <= dp.epsilon
+    assert len(plan.candidates) == 4 and plan.fixed  # the label counts (dp_counts) on top
+    assert plan.theorem.startswith("Papernot-Steinke 2022, Theorem 2")
+    again = TuningPlan.from_dict(json.loads(json.dumps(plan.as_dict())))
+    assert again.epsilon_total == pytest.approx(plan.epsilon_total, rel=1e-9)
+    nondp = next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if not t.is_private)
+    assert tuned.tuning_plan(nondp, N_TRAIN["a"]) is None
+
+
+# ------------------------------------------------------------------------------ the draw
+
+
+def test_configurations_are_drawn_from_the_space(tmp_path):
+    spec = grid(tmp_path, tuning=with_space(epochs={"randint": [2, 4]}))
+    rng = np.random.default_rng(0)
+    drawn = [tuned.sample_configuration(spec.tuning, spec.training, rng) for _ in range(300)]
+    assert all(1e-4 <= c.lr <= 3e-3 for c in drawn)
+    assert {c.max_grad_norm for c in drawn} == {0.5, 1.5}
+    assert {c.logical_batch for c in drawn} == {32, 64}
+    assert {c.epochs for c in drawn} == {2, 3}  # randint excludes its high end, as Tune's
+    assert all(c.physical_batch == 16 and c.accountant == "prv" for c in drawn)
+    logs = np.log10([c.lr for c in drawn])
+    assert abs(np.mean(logs) - np.mean(np.log10([1e-4, 3e-3]))) < 0.1  # log-uniform
+
+
+def test_k_and_configurations_come_from_os_entropy_not_the_seed(tmp_path):
+    from privdom_ray.trial.tuning import draw
+
+    spec = grid(tmp_path, tuning={**TUNING, "runs": {"distribution": "geometric", "mean": 50}})
+    nondp = next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if not t.is_private)
+    first, second = draw(nondp, 400), draw(nondp, 400)  # same cell, same public seed
+    assert first.plan is None  # a non-DP cell has no privacy plan
+    # P[same K] under the geometric with mean 50 is about 1%; same K and same lrs: ~0
+    assert (first.k, [c.lr for c in first.configurations]) != (
+        second.k, [c.lr for c in second.configurations]
+    )  # fmt: skip
+
+
+class _MemoryCheckpoint:
+    def __init__(self) -> None:
+        self.state = None
+        self.saves = 0
+
+    def load(self):
+        return copy.deepcopy(self.state)
+
+    def save(self, state) -> None:
+        self.saves += 1
+        self.state = copy.deepcopy(state)
+
+
+def test_a_resume_never_redraws(tmp_path):
+    from privdom_ray.store.records import FileCheckpoint
+    from privdom_ray.trial.tuning import Draw, load_or_draw
+
+    spec = grid(tmp_path, tuning=TUNING)
+    nondp = next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if not t.is_private)
+    checkpoint = FileCheckpoint(tmp_path / "checkpoint.pt")  # the trial's private file
+    first = load_or_draw(checkpoint, nondp, 400)
+    assert checkpoint.path.is_file() and (checkpoint.path.stat().st_mode & 0o777) == 0o600
+    for _ in range(3):
+        assert load_or_draw(checkpoint, nondp, 400) == first
+    assert Draw.from_dict(first.as_dict()) == first
+    memory = _MemoryCheckpoint()
+    load_or_draw(memory, nondp, 400)
+    load_or_draw(memory, nondp, 400)
+    assert memory.saves == 1  # saved once, before it was returned
+    broken = {**first.as_dict(), "k": first.k + 1}
+    with pytest.raises(ValueError, match="configurations"):
+        Draw.from_dict(broken)
+
+
+def test_the_demo_tuning_grid_is_valid():
+    spec = load_grid(ROOT / "experiments" / "demo_tuning.yaml")
+    assert spec.tuning is not None
+    assert {d.name for d in spec.tuning.space} == {"lr", "max_grad_norm"}
+    assert spec.epsilons == (1.0, 8.0, math.inf)

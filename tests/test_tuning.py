@@ -19,7 +19,7 @@ from privdom_ray.grid import load_grid
 from privdom_ray.kinds import tuning as tuned
 from privdom_ray.privacy import poisson_rate, steps_per_epoch
 from privdom_ray.selection import TuningPlan, runs
-from privdom_ray.selection.tuning import RunShape
+from privdom_ray.selection.tuning import CandidateNoise, RunShape, ValidationNoise
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -298,3 +298,64 @@ def test_the_demo_tuning_grid_is_valid():
     assert spec.tuning is not None
     assert {d.name for d in spec.tuning.space} == {"lr", "max_grad_norm"}
     assert spec.epsilons == (1.0, 8.0, math.inf)
+
+
+# ------------------------------------------------------------------------------ candidates, ledger
+
+
+def test_candidates_are_named_keyed_and_noised_by_their_run_shape(tmp_path):
+    spec = grid(tmp_path, tuning=TUNING)
+    cell = next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if t.is_private)
+    assert tuned.candidate_name(cell, 3) == "a_eps1_seed0_cand03"
+    rng = np.random.default_rng(1)
+    one, two = (tuned.sample_configuration(spec.tuning, spec.training, rng) for _ in range(2))
+    keys = {tuned.candidate_key(cell, c, j) for c in (one, two) for j in (0, 1)}
+    assert len(keys) == 4 and cell.key not in keys
+    q = poisson_rate(400, 64)
+    plan = TuningPlan(
+        1.0, 1e-5, runs.DEFAULT_RUNS,
+        (CandidateNoise(poisson_rate(400, 32), 26, 2.0), CandidateNoise(q, 21, 3.0)),
+        ValidationNoise(),
+    )  # fmt: skip
+    config = dataclasses.replace(one, logical_batch=64, epochs=3)
+    assert tuned.candidate_noise(plan, config, 400).noise_multiplier == 3.0
+    assert 3 * steps_per_epoch(q) == 21
+    with pytest.raises(ValueError, match="not from this space"):
+        tuned.candidate_noise(plan, dataclasses.replace(config, epochs=5), 400)
+
+
+SMALL = {"space": {"lr": {"loguniform": [1.0e-4, 3.0e-3]}, "max_grad_norm": {"choice": [0.5, 1]}},
+         "runs": {"distribution": "geometric", "mean": 5}}  # fmt: skip
+
+
+def test_audit_recomputes_a_tuned_ledger_and_names_each_tampering(tmp_path):
+    spec = grid(tmp_path, tuning=SMALL)
+    cell = next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if t.is_private)
+    plan = tuned.tuning_plan(cell, 400)
+    entry = json.loads(json.dumps(tuned.selection_entry(plan, cell.tuning)))
+    assert entry["composition"].startswith("validation composes in parallel")
+    (shape,) = plan.candidates
+    released = (shape.noise_multiplier, shape.sample_rate, shape.steps)
+    assert tuned.check_selection(cell, 400, entry, released) == []
+
+    def problems(edit=None, units=400, model=released) -> str:
+        stored = copy.deepcopy(entry)
+        if edit is not None:
+            edit(stored)
+        return "\n".join(tuned.check_selection(cell, units, stored, model))
+
+    def less_noise(d):
+        d["candidates"][0]["noise_multiplier"] *= 0.5
+
+    def other_runs(d):
+        d["runs"] = runs.run_distribution({"distribution": "geometric", "mean": 4}).as_dict()
+
+    assert "below the recomputed" in problems(lambda d: d.update(epsilon_total=0.5))
+    assert "exceeds the cell's target" in problems(less_noise)
+    assert "K's distribution" in problems(other_runs)
+    assert "run shapes" in problems(units=800)  # the space on another training set
+    assert "names accountant 'prv'" in problems(lambda d: d.update(accountant="prv"))
+    assert "score bound and bins" in problems(lambda d: d.update(bins=10))
+    assert "once-per-cell releases" in problems(lambda d: d.update(fixed=[]))
+    assert "released model's" in problems(model=(shape.noise_multiplier * 0.9, *released[1:]))
+    assert "cannot be rebuilt" in problems(lambda d: d.pop("candidates"))

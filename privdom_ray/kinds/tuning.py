@@ -25,13 +25,26 @@ from typing import Any
 
 import numpy as np
 
-from privdom_ray.config import SearchDomain, SweepSpec, TrainingConfig, TrialSpec, TuningConfig
+from privdom_ray.config import (
+    SearchDomain,
+    SweepSpec,
+    TrainingConfig,
+    TrialSpec,
+    TuningConfig,
+    content_key,
+)
 from privdom_ray.kinds import Checker, PlanContext, TrialKind, register
 from privdom_ray.kinds.standard import single_site
 from privdom_ray.privacy import count_noise_multiplier, poisson_rate, steps_per_epoch
 from privdom_ray.selection import runs as run_dists
 from privdom_ray.selection.runs import secret_generator
-from privdom_ray.selection.tuning import VALIDATION_SHARES, RunShape, TuningPlan, calibrate
+from privdom_ray.selection.tuning import (
+    VALIDATION_SHARES,
+    CandidateNoise,
+    RunShape,
+    TuningPlan,
+    calibrate,
+)
 
 # ------------------------------------------------------------------------------ the space
 
@@ -164,9 +177,11 @@ def _parse_space(c: Checker, space: Any) -> tuple[SearchDomain, ...]:
         if not isinstance(entry, Mapping) or len(entry) != 1:
             c.add(key, entry, f"one sampler of {list(tunable.samplers)}, e.g. {{choice: [..]}}")
             continue
-        (sampler, args), = entry.items()
+        ((sampler, args),) = entry.items()
         if sampler not in tunable.samplers:
-            finite = " (it changes the privacy curve: finitely many values)" if tunable.shape else ""
+            finite = (
+                " (it changes the privacy curve: finitely many values)" if tunable.shape else ""
+            )
             c.add(key, entry, f"one of the samplers {list(tunable.samplers)}{finite}")
             continue
         parsed = _parse_args(c, f"{key}.{sampler}", args, tunable)
@@ -316,13 +331,19 @@ def tuning_plan(spec: TrialSpec, units: int) -> TuningPlan | None:
     tuning = spec.tuning
     if tuning is None or not spec.is_private:
         return None
-    fixed: tuple[tuple[float, float, int], ...] = ()
-    if spec.loss_weight_source == "dp_counts":
-        sigma = count_noise_multiplier(spec.epsilon, spec.delta, spec.training.pos_weight_budget)
-        fixed = ((sigma, 1.0, 1),)
     shapes = tuple(run_shapes(tuning, spec.training, units))
-    return _calibrated(spec.epsilon, spec.delta, shapes, tuning.runs, fixed,
+    return _calibrated(spec.epsilon, spec.delta, shapes, tuning.runs, tuning_fixed(spec),
                        tuning.validation_shares)  # fmt: skip
+
+
+def tuning_fixed(spec: TrialSpec) -> tuple[tuple[float, float, int], ...]:
+    """The releases a DP tuned cell makes once, before its candidates, as (sigma, q, steps):
+    the label counts its loss weights come from (``dp_counts``; the untuned cell's share of
+    the budget), shared by every candidate."""
+    if not spec.is_private or spec.loss_weight_source != "dp_counts":
+        return ()
+    budget = spec.training.pos_weight_budget
+    return ((count_noise_multiplier(spec.epsilon, spec.delta, budget), 1.0, 1),)
 
 
 @functools.lru_cache(maxsize=64)
@@ -344,6 +365,112 @@ def sample_configuration(
     return dataclasses.replace(training, **drawn)
 
 
+# ------------------------------------------------------------------------------ candidates
+
+
+def candidate_name(spec: TrialSpec, index: int) -> str:
+    """A candidate's name in the dashboard and logs (private, like K: ``<cell>_cand03``)."""
+    return f"{spec.name}_cand{index:02d}"
+
+
+def candidate_key(spec: TrialSpec, config: TrainingConfig, index: int) -> str:
+    """A candidate's key: the tuned cell's key (its fields and the section), its drawn
+    configuration and its index among the K."""
+    return content_key({"cell": spec.key, "candidate": index,
+                        "training": dataclasses.asdict(config)})  # fmt: skip
+
+
+def candidate_noise(plan: TuningPlan, config: TrainingConfig, units: int) -> CandidateNoise:
+    """The calibrated noise of the run shape ``config`` trains with on ``units`` units."""
+    q = poisson_rate(units, config.logical_batch)
+    shape = (q, config.epochs * steps_per_epoch(q))
+    for c in plan.candidates:
+        if (c.sample_rate, c.steps) == shape:
+            return c
+    raise ValueError(f"no run shape (q, steps) = {shape} in the plan's {len(plan.candidates)} "
+                     "shapes: the configuration is not from this space")  # fmt: skip
+
+
+#: How a tuned cell's validation releases compose with its training (the ledger states it).
+PARALLEL_STATEMENT = (
+    "validation composes in parallel with training: the patient-wise split is a salted hash "
+    "of the patient id, independent of the data, so a neighbour differs in one split only"
+)
+
+
+def selection_entry(plan: TuningPlan, tuning: TuningConfig) -> dict[str, Any]:
+    """The ledger's ``selection`` entry of a DP tuned cell: the plan (``TuningPlan.as_dict``:
+    K's distribution, one (q, steps, sigma) per run shape, the validation noise, the fixed
+    releases, orders, accountant and theorem) plus the score bound, the bins and why
+    validation and training compose in parallel."""
+    return {**plan.as_dict(), "score_bound": tuning.score_bound, "bins": tuning.bins,
+            "composition": PARALLEL_STATEMENT}  # fmt: skip
+
+
+def check_selection(
+    spec: TrialSpec, units: int, stored: Mapping[str, Any], released: tuple[float, float, int]
+) -> list[str]:
+    """Problems of a tuned cell's ``selection`` entry (none: certified). Recomputes: the plan
+    is rebuilt from its mechanisms (``TuningPlan.from_dict``), its epsilon against the
+    reported one and the target; its run shapes against the grid's space on ``units``; K's
+    distribution, bound, bins and label-count release against the grid; ``released`` (the
+    model's own sigma, q, steps) must be one of its shapes."""
+    assert spec.tuning is not None, spec.name
+    try:
+        plan = TuningPlan.from_dict(stored)
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"the selection entry cannot be rebuilt: {exc!r}"]
+    problems = []
+    reported = float(stored.get("epsilon_total", math.nan))
+    if not reported >= plan.epsilon_total * (1 - 1e-9):
+        problems.append(f"reported epsilon {reported} is below the recomputed "
+                        f"{plan.epsilon_total:.6g}")  # fmt: skip
+    if plan.epsilon_total > spec.epsilon * (1 + 1e-9):
+        problems.append(f"recomputed epsilon {plan.epsilon_total:.6g} exceeds the cell's "
+                        f"target {spec.epsilon:g}")  # fmt: skip
+    if (plan.epsilon_target, plan.delta) != (spec.epsilon, spec.delta):
+        problems.append(f"planned for (epsilon, delta) = ({plan.epsilon_target:g}, "
+                        f"{plan.delta:g}), the cell is ({spec.epsilon:g}, {spec.delta:g})")  # fmt: skip
+    if stored.get("accountant") != plan.accountant or stored.get("theorem") != plan.theorem:
+        problems.append(f"names accountant {stored.get('accountant')!r} and theorem "
+                        f"{stored.get('theorem')!r}; the plan is {plan.accountant!r}, "
+                        f"{plan.theorem!r}")  # fmt: skip
+    problems += _check_against_grid(spec, units, plan, stored, released)
+    return problems
+
+
+def _check_against_grid(spec, units, plan: TuningPlan, stored, released) -> list[str]:
+    tuning = spec.tuning
+    problems = []
+    shapes = {(c.sample_rate, c.steps) for c in plan.candidates}
+    expected = {(s.sample_rate, s.steps) for s in run_shapes(tuning, spec.training, units)}
+    if shapes != expected:
+        problems.append(f"run shapes (q, steps) {sorted(shapes)} are not the space's "
+                        f"{sorted(expected)}")  # fmt: skip
+    grid_runs, runs = runs_of(tuning).as_dict(), plan.runs.as_dict()
+    same = grid_runs.keys() == runs.keys() and all(
+        v == runs[k] if isinstance(v, str) else math.isclose(v, runs[k], rel_tol=1e-6)
+        for k, v in grid_runs.items()
+    )
+    if not same:
+        problems.append(f"K's distribution {runs} is not the grid's {grid_runs}")
+    if (stored.get("score_bound"), stored.get("bins")) != (tuning.score_bound, tuning.bins):
+        problems.append(f"score bound and bins ({stored.get('score_bound')}, "
+                        f"{stored.get('bins')}) are not the grid's ({tuning.score_bound}, "
+                        f"{tuning.bins})")  # fmt: skip
+    fixed = tuning_fixed(spec)
+    if len(fixed) != len(plan.fixed) or not all(
+        np.allclose(a, b, rtol=1e-9) for a, b in zip(fixed, plan.fixed, strict=False)
+    ):
+        problems.append(f"once-per-cell releases {plan.fixed} are not the cell's {fixed}")
+    sigma, q, steps = released
+    if not any(math.isclose(sigma, c.noise_multiplier, rel_tol=1e-9)
+               and (q, steps) == (c.sample_rate, c.steps) for c in plan.candidates):  # fmt: skip
+        problems.append(f"the released model's (sigma, q, steps) = {released} is none of the "
+                        "plan's run shapes")  # fmt: skip
+    return problems
+
+
 def note(spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
     """``plan``'s line: tuned cells, E[K] and the 95% quantile of K, expected trainings."""
     tuning = spec.tuning
@@ -358,8 +485,11 @@ def note(spec: SweepSpec, trials: Sequence[TrialSpec]) -> str:
         f"{dict(tuning.runs)['distribution']}, E[K] = {mean:.3g} per cell, 95% quantile "
         f"{q95}: about {len(tuned) * mean:,.0f} candidate trainings expected (K is drawn from "
         "OS entropy and kept private)"
-        + ("; audit twins audit the untuned cells' training, not the tuned release"
-           if spec.audit is not None else "")
+        + (
+            "; audit twins audit the untuned cells' training, not the tuned release"
+            if spec.audit is not None
+            else ""
+        )
     )
 
 

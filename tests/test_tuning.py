@@ -359,3 +359,83 @@ def test_audit_recomputes_a_tuned_ledger_and_names_each_tampering(tmp_path):
     assert "once-per-cell releases" in problems(lambda d: d.update(fixed=[]))
     assert "released model's" in problems(model=(shape.noise_multiplier * 0.9, *released[1:]))
     assert "cannot be rebuilt" in problems(lambda d: d.pop("candidates"))
+
+
+# ------------------------------------------------------------------------------ one candidate
+
+
+def _toy_cell(epsilon: float) -> TrialSpec:
+    from privdom_ray.config import TrainingConfig, TuningConfig
+    from privdom_ray.imaging import Preprocessing
+
+    tuning = TuningConfig(space=(), runs=tuned.DEFAULT_RUNS_SPEC)
+    return TrialSpec(
+        source="toy", data_fingerprint="x", epsilon=epsilon,
+        delta=1e-5 if math.isfinite(epsilon) else 0.0, seed=0, model="smallcnn",
+        training=TrainingConfig(epochs=2, logical_batch=16, physical_batch=16, lr=1e-3),
+        preprocessing=Preprocessing(image_size=16), tuning=tuning,
+    ).with_key()  # fmt: skip
+
+
+def _toy_val(n: int = 40):
+    from conftest import toy_split
+
+    val = toy_split(n, seed=1)
+    return dataclasses.replace(val, patient=np.array([f"p{i // 2}" for i in range(n)]))
+
+
+def test_a_dp_candidate_trains_its_shape_and_releases_on_validation(one_torch_thread):
+    from conftest import toy_split
+
+    from privdom_ray.lossweights import LossWeights
+    from privdom_ray.trial.tuning import Releases, run_candidate
+
+    cell = _toy_cell(1.0)
+    train, val = toy_split(64), _toy_val()
+    q = poisson_rate(64, 16)
+    noise = CandidateNoise(q, 2 * steps_per_epoch(q), 1.5)
+    out = Releases(checkpoint_epsilon=0.5, score_sigma=4.0, histogram_sigma=4.0, bound=1.0,
+                   bins=10)  # fmt: skip
+    weights = LossWeights("dp_counts", (1.0,) * 5, 2.0)
+    result = run_candidate(cell, cell.training, train, val, noise=noise, weights=weights, out=out)
+    assert result.epoch in (1, 2) and len(result.history) == 2 and not result.failed
+    assert result.score.n_units == 20 and result.score.noise_multiplier == 4.0  # per patient
+    assert len(result.thresholds) == 5 and result.state_dict is not None
+    # two runs of the same candidate draw their noise from OS entropy: the scores differ
+    again = run_candidate(cell, cell.training, train, val, noise=noise, weights=weights, out=out)
+    assert again.score.noisy_sum != result.score.noisy_sum
+    # a plan for other steps than the loader takes is refused, never silently trained
+    wrong = dataclasses.replace(noise, steps=noise.steps + 1)
+    with pytest.raises(RuntimeError, match="steps"):
+        run_candidate(cell, cell.training, train, val, noise=wrong, weights=weights, out=out)
+
+
+def test_a_diverged_candidate_scores_worst_and_never_wins(one_torch_thread):
+    from conftest import toy_split
+
+    from privdom_ray.lossweights import LossWeights
+    from privdom_ray.selection.validation import best_candidate
+    from privdom_ray.trial.tuning import Releases, run_candidate
+
+    cell = _toy_cell(math.inf)  # the fair baseline: exact epoch, score and thresholds
+    train, val = toy_split(64), _toy_val()
+    out = Releases(None, None, None, bound=1.0, bins=20)
+    weights = LossWeights("exact", (1.0,) * 5)
+    fine = run_candidate(cell, cell.training, train, val, noise=None, weights=weights, out=out)
+    diverged_cfg = dataclasses.replace(cell.training, lr=1e12)
+    diverged = run_candidate(cell, diverged_cfg, train, val, noise=None, weights=weights, out=out)
+    assert 0 < fine.score.noisy_sum < 20 * 1.0
+    assert diverged.score.noisy_sum == pytest.approx(20 * 1.0)  # B per validation patient
+    assert best_candidate([diverged.score, fine.score]) == 1
+
+
+def test_nan_predictions_cost_the_bound_not_nothing():
+    from privdom_ray.selection.validation import unit_values
+    from privdom_ray.trial.tuning import _losses
+
+    labels = np.array([[1.0, 0.0], [np.nan, np.nan], [0.0, 1.0]])
+    probs = np.array([[np.nan, np.nan], [np.nan, np.nan], [0.9, 0.1]])
+    loss = _losses(probs, labels, bound=1.0)
+    assert loss[0] == 1.0 and np.isnan(loss[1]) and loss[2] > 1.0  # clipped later, per unit
+    # without the fix the diverged image would be skipped and its patient would score 0
+    assert unit_values(loss, np.array([0, 1, 2]))[0] == 1.0

@@ -3,24 +3,38 @@ from OS entropy, and written to the cell's private checkpoint before any candida
 a resume never redraws them (a redraw would be a second, unaccounted selection).
 
 What stands today: the draw, its checkpoint and the privacy plan (per-run-shape sigma, the
-validation noise). Training the candidates, scoring them (``selection.validation``) and
-releasing the winner are the next step; until then the trainer stops after the draw with an
-error that says so (docs/tuning-design.md, "One cell, K candidates, one released model").
+validation noise), and one candidate's run (:func:`run_candidate`: DP-SGD at its shape's
+sigma, then the epoch, score and thresholds released on the validation split). The cell's
+loop over its K candidates, the ledger's ``selection`` entry and the release of the winner
+are the next step; until then the trainer stops after the draw with an error that says so
+(docs/tuning-design.md, "One cell, K candidates, one released model").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from privdom_ray.cache import SplitData
 from privdom_ray.config import TrainingConfig, TrialSpec
 from privdom_ray.kinds import tuning as tuned
+from privdom_ray.lossweights import LossWeights
+from privdom_ray.models import build_model
+from privdom_ray.selection import validation as releases
 from privdom_ray.selection.runs import secret_generator
-from privdom_ray.train.epochs import CheckpointStore
+from privdom_ray.selection.tuning import CandidateNoise, TuningPlan
+from privdom_ray.stats.thresholds import youden_threshold
+from privdom_ray.train import predict
+from privdom_ray.train.data import _unwrap
+from privdom_ray.train.epochs import CheckpointStore, Randomness, prepare_training, train_epoch
+from privdom_ray.trial.evaluation import patient_groups
 
 DRAW_VERSION = 1  # what a checkpoint's draw holds; a resume refuses another version
 
@@ -81,6 +95,121 @@ def load_or_draw(
     new = draw(spec, units, rng)
     checkpoint.save({**(state or {}), "tuning_draw": new.as_dict()})
     return new
+
+
+@dataclass(frozen=True)
+class Releases:
+    """What a candidate releases on the validation split, with which noise: the epoch
+    (exponential mechanism), its score (Gaussian) and thresholds (Gaussian histograms); all
+    None in a non-DP cell, whose candidates choose and score exactly (the fair baseline)."""
+
+    checkpoint_epsilon: float | None
+    score_sigma: float | None
+    histogram_sigma: float | None
+    bound: float
+    bins: int
+
+    @classmethod
+    def of(cls, plan: TuningPlan | None, spec: TrialSpec) -> Releases:
+        assert spec.tuning is not None, spec.name
+        v = plan.validation if plan is not None else None
+        return cls(
+            v.checkpoint_epsilon if v else None, v.score_noise_multiplier if v else None,
+            v.histogram_noise_multiplier if v else None, spec.tuning.score_bound,
+            spec.tuning.bins,
+        )  # fmt: skip
+
+
+@dataclass
+class CandidateResult:
+    """One candidate's outcome. Private (like K): only the winner's state and released
+    numbers leave the cell. ``epoch`` is 1-based; ``score.noisy_sum`` is inf for a failure."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    epoch: int
+    score: releases.ScoreRelease
+    thresholds: list[float]
+    history: list[dict[str, float]]
+    seconds: float
+    failed: str = ""
+
+
+def run_candidate(
+    spec: TrialSpec,
+    config: TrainingConfig,
+    train: SplitData,
+    val: SplitData,
+    *,
+    noise: CandidateNoise | None,
+    weights: LossWeights,
+    out: Releases,
+    device: str = "cpu",
+    memory_budget_mb: int = 2048,
+    randomness: Randomness | None = None,
+) -> CandidateResult:
+    """Train one candidate of the tuned cell ``spec`` with ``config`` (DP-SGD at ``noise``'s
+    sigma and sample rate; plain for a non-DP cell), from the cell's public init seed, with
+    the cell's released loss ``weights``; then release its epoch, score and thresholds on
+    ``val`` (``out``). A run that takes other steps than its shape raises: the plan is void."""
+    t0 = time.perf_counter()
+    cand = dataclasses.replace(spec, training=config, tuning=None)
+    torch.manual_seed(spec.seed)  # every candidate starts from the cell's public init
+    dev = torch.device(device)
+    model = build_model(spec.model, num_outputs=train.labels.shape[1]).to(dev)
+    optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
+    rng = randomness or Randomness.for_trial(spec.seed, dev, secret=spec.is_private)
+    t = prepare_training(
+        cand, model, optimizer, train, randomness=rng, weights=weights.tensor(),
+        noise_multiplier=noise.noise_multiplier if noise else None, device=device,
+        memory_budget_mb=memory_budget_mb, sample_rate=noise.sample_rate if noise else None,
+    )  # fmt: skip
+    states, probs, history = [], [], []
+    for epoch in range(1, config.epochs + 1):
+        losses = train_epoch(t)
+        probs.append(predict(_unwrap(t.model), val.images, device=device))
+        state = _unwrap(t.model).state_dict()
+        states.append({k: v.detach().cpu().clone() for k, v in state.items()})
+        mean = float(np.mean(losses)) if losses else math.nan
+        history.append({"epoch": epoch, "train_loss": mean, "seconds": time.perf_counter() - t0})
+    if noise is not None and t.accounted_steps() != noise.steps:
+        raise RuntimeError(f"candidate took {t.accounted_steps()} steps; its shape plans "
+                           f"{noise.steps}")  # fmt: skip
+    epoch, score, thresholds = _release(val, probs, out)
+    return CandidateResult(states[epoch], epoch + 1, score, thresholds, history,
+                           time.perf_counter() - t0)  # fmt: skip
+
+
+def _losses(probs: np.ndarray, labels: np.ndarray, bound: float) -> np.ndarray:
+    """Per-image validation loss; a diverged model's image (a NaN prediction) scores the
+    worst, B (per_image_loss alone would give NaN, which unit_values skips: a diverged
+    candidate would then look perfect)."""
+    loss = releases.per_image_loss(np.nan_to_num(probs, nan=0.5), labels)
+    broken = ~np.isfinite(probs).all(axis=1) & ~np.isnan(labels).all(axis=1)
+    return np.where(broken, bound, loss)
+
+
+def _release(
+    val: SplitData, probs: list[np.ndarray], out: Releases
+) -> tuple[int, releases.ScoreRelease, list[float]]:
+    """(0-based epoch, score, thresholds) on V: DP releases with ``out``'s noise, or exact."""
+    codes = patient_groups(val, "patient")  # one term per patient: sensitivity B either way
+    per_image = np.column_stack([_losses(p, val.labels, out.bound) for p in probs])
+    values = releases.unit_values(per_image, codes)
+    probs = [np.nan_to_num(p, nan=0.5) for p in probs]
+    if out.score_sigma is None:  # non-DP: the same rule without noise
+        sums = [releases.loss_statistic(values[:, e], out.bound) for e in range(values.shape[1])]
+        epoch = int(np.argmin(sums))
+        score = releases.ScoreRelease(sums[epoch], values.shape[0], out.bound, 0.0)
+        labels = val.labels
+        return epoch, score, [youden_threshold(probs[epoch][:, j], labels[:, j])
+                              for j in range(labels.shape[1])]  # fmt: skip
+    assert out.checkpoint_epsilon is not None and out.histogram_sigma is not None
+    epoch = releases.select_checkpoint(values, out.checkpoint_epsilon, out.bound).index
+    score = releases.release_score(values[:, epoch], out.score_sigma, out.bound)
+    found = releases.release_thresholds(
+        probs[epoch], val.labels, codes, out.histogram_sigma, out.bins
+    ).thresholds
+    return epoch, score, [float(x) for x in found]
 
 
 def train_tuned(cell: Any, store: Any, report: Any, node: str, executor: Any) -> None:

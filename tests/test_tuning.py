@@ -439,3 +439,78 @@ def test_nan_predictions_cost_the_bound_not_nothing():
     assert loss[0] == 1.0 and np.isnan(loss[1]) and loss[2] > 1.0  # clipped later, per unit
     # without the fix the diverged image would be skipped and its patient would score 0
     assert unit_values(loss, np.array([0, 1, 2]))[0] == 1.0
+
+
+# ------------------------------------------------------------------------------ the cell's loop
+
+
+def _serial(cell, train, val, calls_seen):
+    """The executor's role in-process: each candidate run for real, one after another."""
+    from privdom_ray.lossweights import LossWeights
+    from privdom_ray.trial.tuning import Releases, run_candidate
+
+    out = Releases(None, None, None, bound=1.0, bins=20)
+
+    def run_batch(calls):
+        calls_seen.append([j for j, _, _ in calls])
+        return [
+            run_candidate(cell, config, train, val, noise=noise,
+                          weights=LossWeights("exact", (1.0,) * 5), out=out)
+            for _, config, noise in calls
+        ]  # fmt: skip
+
+    return run_batch
+
+
+
+def test_the_cells_loop_picks_the_best_and_resumes_without_redoing_anything(
+    tmp_path, one_torch_thread
+):
+    from conftest import toy_split
+
+    from privdom_ray.store.records import FileCheckpoint
+    from privdom_ray.trial.tuning import Draw, run_tuned
+
+    train, cell, val = toy_split(64), _toy_cell(math.inf), _toy_val()
+    configs = tuple(dataclasses.replace(cell.training, lr=lr) for lr in (1e12, 1e-3, 3e-3))
+    checkpoint = FileCheckpoint(tmp_path / "checkpoint.pt")
+    checkpoint.save({"tuning_draw": Draw(3, configs, None).as_dict()})  # K = 3, as drawn
+
+    class Crash(Exception):
+        pass
+
+    seen: list = []
+    run = _serial(cell, train, val, seen)
+
+    def crash_after_first(calls):
+        if seen:
+            raise Crash("the node went away")
+        return run(calls)
+
+    with pytest.raises(Crash):
+        run_tuned(cell, train, checkpoint, crash_after_first, batch=1)
+    assert seen == [[0]] and len(checkpoint.load()["tuning_results"]) == 1
+    result = run_tuned(cell, train, checkpoint, run, batch=2)
+    assert seen == [[0], [1, 2]]  # the finished candidate is not trained again
+    assert result.draw.k == 3 and result.weights.source == "exact"
+    sums = [s.noisy_sum for s in result.scores]
+    assert sums[0] == pytest.approx(20.0)  # the diverged lr 1e12: B per patient
+    assert result.winner == int(np.argmin(sums)) != 0
+    assert result.best["index"] == result.winner and result.best["state"]
+    # everything done: a resume trains nothing and finds the same winner
+    again = run_tuned(cell, train, checkpoint, run, batch=2)
+    assert seen == [[0], [1, 2]] and again.winner == result.winner
+
+
+def test_k_zero_releases_nothing(tmp_path):
+    from conftest import toy_split
+
+    from privdom_ray.store.records import FileCheckpoint
+    from privdom_ray.trial.tuning import Draw, run_tuned
+
+    cell = _toy_cell(math.inf)
+    checkpoint = FileCheckpoint(tmp_path / "checkpoint.pt")
+    checkpoint.save({"tuning_draw": Draw(0, (), None).as_dict()})  # Poisson's K = 0
+    seen: list = []
+    result = run_tuned(cell, toy_split(32), checkpoint, lambda calls: seen.append(calls) or [])
+    assert result.winner is None and result.best is None and seen == []

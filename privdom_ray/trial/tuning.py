@@ -15,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from privdom_ray.cache import SplitData
+from privdom_ray.cache import SplitData, load_split
 from privdom_ray.config import TrainingConfig, TrialSpec
 from privdom_ray.kinds import tuning as tuned
 from privdom_ray.lossweights import LossWeights
@@ -33,7 +33,13 @@ from privdom_ray.selection.tuning import CandidateNoise, TuningPlan
 from privdom_ray.stats.thresholds import youden_threshold
 from privdom_ray.train import predict
 from privdom_ray.train.data import _unwrap
-from privdom_ray.train.epochs import CheckpointStore, Randomness, prepare_training, train_epoch
+from privdom_ray.train.epochs import (
+    CheckpointStore,
+    Randomness,
+    loss_weights,
+    prepare_training,
+    train_epoch,
+)
 from privdom_ray.trial.evaluation import patient_groups
 
 DRAW_VERSION = 1  # what a checkpoint's draw holds; a resume refuses another version
@@ -95,6 +101,11 @@ def load_or_draw(
     new = draw(spec, units, rng)
     checkpoint.save({**(state or {}), "tuning_draw": new.as_dict()})
     return new
+
+
+class PlanDrift(RuntimeError):
+    """A candidate did not follow its run shape: the plan's guarantee does not cover it (a
+    bug, never a data-dependent failure: it stops the cell instead of scoring the worst)."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,7 @@ def run_candidate(
         mean = float(np.mean(losses)) if losses else math.nan
         history.append({"epoch": epoch, "train_loss": mean, "seconds": time.perf_counter() - t0})
     if noise is not None and t.accounted_steps() != noise.steps:
-        raise RuntimeError(f"candidate took {t.accounted_steps()} steps; its shape plans "
+        raise PlanDrift(f"candidate took {t.accounted_steps()} steps; its shape plans "
                            f"{noise.steps}")  # fmt: skip
     epoch, score, thresholds = _release(val, probs, out)
     return CandidateResult(states[epoch], epoch + 1, score, thresholds, history,
@@ -210,6 +221,122 @@ def _release(
         probs[epoch], val.labels, codes, out.histogram_sigma, out.bins
     ).thresholds
     return epoch, score, [float(x) for x in found]
+
+
+def candidate_from_cache(
+    *,
+    spec: TrialSpec,
+    config: TrainingConfig,
+    noise: CandidateNoise | None,
+    weights: LossWeights,
+    out: Releases,
+    cache_path: str,
+    device: str = "cpu",
+    threads: int = 1,
+    memory_budget_mb: int = 2048,
+) -> CandidateResult:
+    """One candidate as an executor call (a named Ray task ``<cell>/candNN`` under Tune):
+    its data read from the cell's cache where it runs. A failure of the training itself
+    (divergence, a numerical error) is the candidate's output: it scores the worst, and is
+    never retried until something succeeds; a :class:`PlanDrift` or a lost worker stops the
+    cell, which resumes from its checkpoint."""
+    torch.set_num_threads(max(1, threads))
+    train, val = load_split(cache_path, "train"), load_split(cache_path, "val")
+    t0 = time.perf_counter()
+    try:
+        return run_candidate(spec, config, train, val, noise=noise, weights=weights, out=out,
+                             device=device, memory_budget_mb=memory_budget_mb)  # fmt: skip
+    except PlanDrift:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a candidate's failure is its (worst) score
+        return failed_candidate(out, len(np.unique(patient_groups(val, "patient"))),
+                                f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)  # fmt: skip
+
+
+def failed_candidate(out: Releases, n_units: int, why: str, seconds: float) -> CandidateResult:
+    """A candidate that failed: no model, the worst score (inf), nothing released."""
+    sigma = out.score_sigma or 0.0
+    score = releases.ScoreRelease(math.inf, n_units, out.bound, sigma)
+    return CandidateResult(None, 0, score, [], [], seconds, failed=why)
+
+
+#: One batch of candidates: [(index, configuration, noise)] -> their results, in order.
+RunBatch = Callable[[Sequence[tuple[int, TrainingConfig, CandidateNoise | None]]], list]
+
+
+@dataclass
+class TunedResult:
+    """A tuned cell's outcome: the draw, the released loss weights, every candidate's score
+    (private) and the winner (None: K = 0, or every candidate failed: nothing released)."""
+
+    draw: Draw
+    plan: TuningPlan | None
+    weights: LossWeights
+    scores: list[releases.ScoreRelease]
+    winner: int | None
+    best: dict[str, Any] | None  # {"index", "state", "epoch", "thresholds"} of the winner
+
+
+def run_tuned(
+    spec: TrialSpec,
+    train: SplitData,
+    checkpoint: CheckpointStore,
+    run_batch: RunBatch,
+    *,
+    batch: int = 1,
+    device: str = "cpu",
+    rng: np.random.Generator | None = None,
+) -> TunedResult:
+    """A tuned cell's loop: the draw (or the checkpoint's), the loss weights released once
+    for every candidate (kept: a resume never releases them again), the K candidates in
+    batches of ``batch`` (each batch's results checkpointed with the best model so far), then
+    the winner: the lowest released score, the first on ties, a failure never."""
+    units = len(train)
+    draw = load_or_draw(checkpoint, spec, units, rng)
+    plan = TuningPlan.from_dict(draw.plan) if draw.plan is not None else None
+    state = checkpoint.load() or {}
+    if "tuning_weights" in state:
+        w = state["tuning_weights"]
+        weights = LossWeights(w["source"], tuple(w["values"]), w["count_noise_multiplier"])
+    else:
+        counts = plan.fixed[0][0] if plan is not None and plan.fixed else 0.0
+        secret = Randomness.for_trial(spec.seed, device, secret=spec.is_private).release
+        weights = loss_weights(spec, train, secret, counts)
+        state["tuning_weights"] = dataclasses.asdict(weights)
+        checkpoint.save(state)
+    results: list[dict[str, Any]] = list(state.get("tuning_results", []))
+    best = state.get("tuning_best")
+    todo = list(range(len(results), draw.k))
+    for start in range(0, len(todo), max(1, batch)):
+        chunk = todo[start : start + max(1, batch)]
+        calls = [(j, draw.configurations[j], _noise(plan, draw.configurations[j], units))
+                 for j in chunk]  # fmt: skip
+        for j, r in zip(chunk, run_batch(calls), strict=True):
+            results.append(_summary(r))
+            if r.state_dict is not None and (best is None or r.score.noisy_sum
+                                             < results[best["index"]]["noisy_sum"]):  # fmt: skip
+                best = {"index": j, "state": r.state_dict, "epoch": r.epoch,
+                        "thresholds": r.thresholds}  # fmt: skip
+        state.update(tuning_results=results, tuning_best=best)
+        checkpoint.save(state)
+    scores = [releases.ScoreRelease(r["noisy_sum"], r["n_units"], r["bound"], r["sigma"])
+              for r in results]  # fmt: skip
+    winner = releases.best_candidate(scores) if scores else None
+    if winner is not None and results[winner]["failed"]:
+        winner, best = None, None  # every candidate failed: nothing to release
+    assert winner is None or (best is not None and best["index"] == winner)
+    return TunedResult(draw, plan, weights, scores, winner, best)
+
+
+def _noise(plan: TuningPlan | None, config: TrainingConfig, units: int) -> CandidateNoise | None:
+    return tuned.candidate_noise(plan, config, units) if plan is not None else None
+
+
+def _summary(r: CandidateResult) -> dict[str, Any]:
+    """What the checkpoint keeps of a candidate (plain numbers: weights_only loads it)."""
+    return {"noisy_sum": float(r.score.noisy_sum), "n_units": int(r.score.n_units),
+            "bound": float(r.score.bound), "sigma": float(r.score.noise_multiplier),
+            "epoch": int(r.epoch), "seconds": float(r.seconds), "failed": r.failed}  # fmt: skip
 
 
 def train_tuned(cell: Any, store: Any, report: Any, node: str, executor: Any) -> None:

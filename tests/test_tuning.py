@@ -514,3 +514,48 @@ def test_k_zero_releases_nothing(tmp_path):
     seen: list = []
     result = run_tuned(cell, toy_split(32), checkpoint, lambda calls: seen.append(calls) or [])
     assert result.winner is None and result.best is None and seen == []
+
+
+@pytest.mark.slow
+def test_a_dp_cell_releases_its_label_counts_once_and_trains_each_shape_at_its_sigma(
+    tmp_path, one_torch_thread
+):
+    from conftest import toy_split
+
+    from privdom_ray.config import SearchDomain
+    from privdom_ray.lossweights import LossWeights
+    from privdom_ray.store.records import FileCheckpoint
+    from privdom_ray.trial.tuning import Releases, load_or_draw, run_candidate, run_tuned
+
+    base = _toy_cell(2.0)
+    section = dataclasses.replace(
+        base.tuning, space=(SearchDomain("epochs", "choice", (1, 2)),),
+        runs=(("distribution", "geometric"), ("mean", 2.0)),
+    )  # fmt: skip
+    cell = dataclasses.replace(base, tuning=section)
+    train, val = toy_split(64), _toy_val()
+    checkpoint = FileCheckpoint(tmp_path / "checkpoint.pt")
+    draw = load_or_draw(checkpoint, cell, len(train))  # OS entropy: K is whatever it is
+    seen: list = []
+
+    def run_batch(calls):  # the executor's role, in-process
+        w = checkpoint.load()["tuning_weights"]  # released before any candidate runs
+        weights = LossWeights(w["source"], tuple(w["values"]), w["count_noise_multiplier"])
+        out = Releases.of(TuningPlan.from_dict(draw.plan), cell)
+        seen.extend((c.epochs, n) for _, c, n in calls)
+        return [run_candidate(cell, c, train, val, noise=n, weights=weights, out=out)
+                for _, c, n in calls]  # fmt: skip
+
+    result = run_tuned(cell, train, checkpoint, run_batch, batch=4)
+    plan = result.plan
+    assert plan is not None and len(plan.candidates) == 2 and plan.epsilon_total <= 2.0
+    assert result.weights.source == "dp_counts"
+    assert result.weights.count_noise_multiplier == plan.fixed[0][0]  # once, for every one
+    assert len(seen) == draw.k == len(result.scores)
+    by_steps = {c.steps: c.noise_multiplier for c in plan.candidates}
+    for epochs, noise in seen:  # each candidate at its own shape's sigma
+        assert noise.steps == epochs * steps_per_epoch(noise.sample_rate)
+        assert noise.noise_multiplier == by_steps[noise.steps]
+    assert all(s.noise_multiplier == plan.validation.score_noise_multiplier
+               for s in result.scores)  # fmt: skip
+    assert result.winner is not None and result.best["index"] == result.winner

@@ -446,21 +446,16 @@ def test_nan_predictions_cost_the_bound_not_nothing():
 
 def _serial(cell, train, val, calls_seen):
     """The executor's role in-process: each candidate run for real, one after another."""
-    from privdom_ray.lossweights import LossWeights
-    from privdom_ray.trial.tuning import Releases, run_candidate
+    from privdom_ray.trial.tuning import run_candidate
 
-    out = Releases(None, None, None, bound=1.0, bins=20)
-
-    def run_batch(calls):
+    def run_batch(calls, weights, out):
         calls_seen.append([j for j, _, _ in calls])
         return [
-            run_candidate(cell, config, train, val, noise=noise,
-                          weights=LossWeights("exact", (1.0,) * 5), out=out)
+            run_candidate(cell, config, train, val, noise=noise, weights=weights, out=out)
             for _, config, noise in calls
-        ]  # fmt: skip
+        ]
 
     return run_batch
-
 
 
 def test_the_cells_loop_picks_the_best_and_resumes_without_redoing_anything(
@@ -482,10 +477,10 @@ def test_the_cells_loop_picks_the_best_and_resumes_without_redoing_anything(
     seen: list = []
     run = _serial(cell, train, val, seen)
 
-    def crash_after_first(calls):
+    def crash_after_first(calls, weights, out):
         if seen:
             raise Crash("the node went away")
-        return run(calls)
+        return run(calls, weights, out)
 
     with pytest.raises(Crash):
         run_tuned(cell, train, checkpoint, crash_after_first, batch=1)
@@ -512,7 +507,7 @@ def test_k_zero_releases_nothing(tmp_path):
     checkpoint = FileCheckpoint(tmp_path / "checkpoint.pt")
     checkpoint.save({"tuning_draw": Draw(0, (), None).as_dict()})  # Poisson's K = 0
     seen: list = []
-    result = run_tuned(cell, toy_split(32), checkpoint, lambda calls: seen.append(calls) or [])
+    result = run_tuned(cell, toy_split(32), checkpoint, lambda calls, w, o: seen.append(calls) or [])
     assert result.winner is None and result.best is None and seen == []
 
 
@@ -538,10 +533,10 @@ def test_a_dp_cell_releases_its_label_counts_once_and_trains_each_shape_at_its_s
     draw = load_or_draw(checkpoint, cell, len(train))  # OS entropy: K is whatever it is
     seen: list = []
 
-    def run_batch(calls):  # the executor's role, in-process
-        w = checkpoint.load()["tuning_weights"]  # released before any candidate runs
-        weights = LossWeights(w["source"], tuple(w["values"]), w["count_noise_multiplier"])
-        out = Releases.of(TuningPlan.from_dict(draw.plan), cell)
+    def run_batch(calls, weights, out):  # the executor's role, in-process
+        stored = checkpoint.load()["tuning_weights"]  # released before any candidate runs
+        assert LossWeights(**{**stored, "values": tuple(stored["values"])}) == weights
+        assert out == Releases.of(TuningPlan.from_dict(draw.plan), cell)
         seen.extend((c.epochs, n) for _, c, n in calls)
         return [run_candidate(cell, c, train, val, noise=n, weights=weights, out=out)
                 for _, c, n in calls]  # fmt: skip
@@ -559,3 +554,67 @@ def test_a_dp_cell_releases_its_label_counts_once_and_trains_each_shape_at_its_s
     assert all(s.noise_multiplier == plan.validation.score_noise_multiplier
                for s in result.scores)  # fmt: skip
     assert result.winner is not None and result.best["index"] == result.winner
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+
+def _train_cell(tmp_path, epsilon: float):
+    from conftest import write_cache
+
+    from privdom_ray.cell import Cell
+    from privdom_ray.config import EvaluationConfig, SearchDomain
+    from privdom_ray.store import TrialStore
+    from privdom_ray.trial import Executor, trainer_of
+
+    cache = tmp_path / "cache" / "a"
+    if not cache.exists():
+        write_cache(cache, n_train=64)
+    base = _toy_cell(epsilon)
+    section = dataclasses.replace(
+        base.tuning, space=(SearchDomain("lr", "loguniform", (1e-4, 3e-3)),),
+        runs=(("distribution", "geometric"), ("mean", 2.0)),
+    )  # fmt: skip
+    spec = dataclasses.replace(base, tuning=section).with_key()
+    cell = Cell(spec=spec, output=str(tmp_path / "out"), source_cache=str(cache), targets=(),
+                evaluation=EvaluationConfig())  # fmt: skip
+    store = TrialStore(cell.output)
+    store.folder(spec.key).mkdir(parents=True, exist_ok=True)
+    assert trainer_of(spec).__name__ == "train_tuned"
+    trainer_of(spec)(cell, store, None, "test", Executor())
+    return spec, store
+
+
+def _shareable_text(store, key) -> str:
+    folder = store.folder(key)
+    return (folder / "trial.json").read_text() + (folder / "ledger.json").read_text()
+
+
+def test_a_tuned_non_dp_cell_releases_its_winner_and_keeps_k_private(tmp_path, one_torch_thread):
+    spec, store = _train_cell(tmp_path, math.inf)
+    record = store.read(spec.key)
+    assert record.spec == spec and record.spec.kind == "tuning"
+    assert record.ledger.accountant == "none" and record.info.best_epoch in (1, 2)
+    tuned_cfg = record.info.extra["tuned_configuration"]
+    assert 1e-4 <= tuned_cfg["lr"] <= 3e-3
+    assert not store.has_checkpoint(spec.key)  # the private draw went with the checkpoint
+    text = _shareable_text(store, spec.key)
+    assert "tuning_results" not in text and "cand0" not in text and '"k"' not in text
+    assert record.info.train_seconds is None  # the cell's wall time would tell K
+
+
+@pytest.mark.slow
+def test_a_tuned_dp_cells_ledger_states_the_bound_and_audit_recomputes_it(
+    tmp_path, one_torch_thread
+):
+    spec, store = _train_cell(tmp_path, 2.0)
+    doc = json.loads((store.folder(spec.key) / "ledger.json").read_text())
+    selection = doc["selection"]
+    assert doc["accountant"] == "rdp" and doc["epsilon_spent"] == selection["epsilon_total"]
+    assert 0 < doc["epsilon_spent"] <= 2.0 and doc["randomness"] == "os-entropy"
+    assert selection["theorem"].startswith("Papernot-Steinke 2022, Theorem 2")
+    released = (doc["noise_multiplier"], doc["sample_rate"], doc["steps"])
+    assert tuned.check_selection(spec, 64, selection, released) == []
+    assert [m["name"] for m in doc["mechanisms"]] == ["label_counts", "dp_sgd"]
+    record = store.read(spec.key)
+    assert "within epsilon" in record.info.selection and "K secret" in record.info.selection

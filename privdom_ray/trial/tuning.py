@@ -2,12 +2,13 @@
 from OS entropy, and written to the cell's private checkpoint before any candidate starts, so
 a resume never redraws them (a redraw would be a second, unaccounted selection).
 
-What stands today: the draw, its checkpoint and the privacy plan (per-run-shape sigma, the
-validation noise), and one candidate's run (:func:`run_candidate`: DP-SGD at its shape's
-sigma, then the epoch, score and thresholds released on the validation split). The cell's
-loop over its K candidates, the ledger's ``selection`` entry and the release of the winner
-are the next step; until then the trainer stops after the draw with an error that says so
-(docs/tuning-design.md, "One cell, K candidates, one released model").
+Then the loss weights are released once for every candidate, the K candidates train as
+executor calls (named Ray tasks ``<cell>/candNN`` under Tune, like a federation's sites;
+:func:`run_candidate`: DP-SGD at its run shape's sigma, then its epoch, score and
+thresholds released on the validation split), and only the winner (the lowest released
+score) is written: its model, thresholds, configuration and a ledger whose epsilon is the
+Papernot-Steinke bound with a ``selection`` entry audit can recompute
+(``kinds.tuning.check_selection``). docs/tuning-design.md has the reasoning.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class CandidateResult:
     history: list[dict[str, float]]
     seconds: float
     failed: str = ""
+    steps: int = 0  # the steps it took (a DP run: its accountant's count)
 
 
 def run_candidate(
@@ -185,9 +187,10 @@ def run_candidate(
     if noise is not None and t.accounted_steps() != noise.steps:
         raise PlanDrift(f"candidate took {t.accounted_steps()} steps; its shape plans "
                            f"{noise.steps}")  # fmt: skip
+    steps = t.accounted_steps() if noise is not None else len(t.loader) * config.epochs
     epoch, score, thresholds = _release(val, probs, out)
     return CandidateResult(states[epoch], epoch + 1, score, thresholds, history,
-                           time.perf_counter() - t0)  # fmt: skip
+                           time.perf_counter() - t0, steps=steps)  # fmt: skip
 
 
 def _losses(probs: np.ndarray, labels: np.ndarray, bound: float) -> np.ndarray:
@@ -260,8 +263,11 @@ def failed_candidate(out: Releases, n_units: int, why: str, seconds: float) -> C
     return CandidateResult(None, 0, score, [], [], seconds, failed=why)
 
 
-#: One batch of candidates: [(index, configuration, noise)] -> their results, in order.
-RunBatch = Callable[[Sequence[tuple[int, TrainingConfig, CandidateNoise | None]]], list]
+#: One batch of candidates: ([(index, configuration, noise)], the cell's released loss
+#: weights, its validation releases) -> their results, in order.
+RunBatch = Callable[
+    [Sequence[tuple[int, TrainingConfig, CandidateNoise | None]], LossWeights, "Releases"], list
+]
 
 
 @dataclass
@@ -307,16 +313,17 @@ def run_tuned(
     results: list[dict[str, Any]] = list(state.get("tuning_results", []))
     best = state.get("tuning_best")
     todo = list(range(len(results), draw.k))
+    out = Releases.of(plan, spec)
     for start in range(0, len(todo), max(1, batch)):
         chunk = todo[start : start + max(1, batch)]
         calls = [(j, draw.configurations[j], _noise(plan, draw.configurations[j], units))
                  for j in chunk]  # fmt: skip
-        for j, r in zip(chunk, run_batch(calls), strict=True):
+        for j, r in zip(chunk, run_batch(calls, weights, out), strict=True):
             results.append(_summary(r))
             if r.state_dict is not None and (best is None or r.score.noisy_sum
                                              < results[best["index"]]["noisy_sum"]):  # fmt: skip
-                best = {"index": j, "state": r.state_dict, "epoch": r.epoch,
-                        "thresholds": r.thresholds}  # fmt: skip
+                best = {"index": j, "state": r.state_dict, "epoch": r.epoch, "steps": r.steps,
+                        "thresholds": r.thresholds, "history": r.history}  # fmt: skip
         state.update(tuning_results=results, tuning_best=best)
         checkpoint.save(state)
     scores = [releases.ScoreRelease(r["noisy_sum"], r["n_units"], r["bound"], r["sigma"])
@@ -339,16 +346,102 @@ def _summary(r: CandidateResult) -> dict[str, Any]:
             "epoch": int(r.epoch), "seconds": float(r.seconds), "failed": r.failed}  # fmt: skip
 
 
+class NoRelease(RuntimeError):
+    """A tuned cell that releases no model: Poisson's K = 0, or every candidate failed."""
+
+
 def train_tuned(cell: Any, store: Any, report: Any, node: str, executor: Any) -> None:
-    """A tuned cell: draw (or resume the draw), then train, score and select the candidates.
-    Candidate training is not wired yet: this stops after the draw, and says so."""
-    from privdom_ray.cache import split_sizes
+    """A tuned cell: draw (or resume the draw), run the K candidates through ``executor``
+    (named Ray tasks ``<cell>/candNN`` under Tune), release the winner only: its weights,
+    configuration, epoch, thresholds and the ledger with its ``selection`` entry. K, the
+    other candidates and their scores and timings stay in the private checkpoint, which the
+    store deletes with the commit."""
+    from privdom_ray.train import memory_budget_mb
+    from privdom_ray.trial import _prediction_frame, _write_trained
 
     spec = cell.spec
-    units = split_sizes(cell.source_cache).get("train", 0)
-    load_or_draw(store.checkpoint(spec.key), spec, units)
-    raise NotImplementedError(
-        f"{spec.name}: tuned cells (the grid's tuning section) draw K and their candidates' "
-        "configurations, but candidate training and selection are not implemented yet "
-        "(issue 26); remove the tuning section to run this grid"
+    train, val = load_split(cell.source_cache, "train"), load_split(cell.source_cache, "val")
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"source {spec.source!r} has {len(train)} train and {len(val)} val "
+                         "images; both splits need images")  # fmt: skip
+    common = dict(spec=spec, cache_path=cell.source_cache, device=cell.device,
+                  threads=cell.threads,
+                  memory_budget_mb=memory_budget_mb(cell.memory_budget_mb, cell.device, cell.gpu))  # fmt: skip
+
+    def run_batch(calls, weights: LossWeights, out: Releases) -> list:
+        return executor.map(candidate_from_cache, [
+            (f"cand{j:02d}", dict(common, config=c, noise=n, weights=weights, out=out))
+            for j, c, n in calls
+        ])  # fmt: skip
+
+    result = run_tuned(spec, train, store.checkpoint(spec.key), run_batch, device=cell.device,
+                       batch=max(1, getattr(cell, "site_slots", 1) or 1))  # fmt: skip
+    if result.winner is None or result.best is None:
+        raise NoRelease(f"{spec.name}: the tuned cell releases no model (K = 0 or every "
+                        "candidate failed; both are outcomes of the private draw)")  # fmt: skip
+    best, config = result.best, result.draw.configurations[result.winner]
+    model = _load(spec.model, best["state"])
+    val_scores = predict(model, val.images, device=cell.device)
+    _write_trained(
+        cell, store, node, state_dict=best["state"],
+        ledger=tuned_ledger(spec, result, config, len(train)), history=best["history"],
+        thresholds=best["thresholds"], val_predictions=_prediction_frame(val_scores, val),
+        record=_tuned_record(spec, result, config, val_scores, val, len(train)),
+    )  # fmt: skip
+
+
+def _load(name: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from privdom_ray.manifest import LABELS
+    from privdom_ray.train import load_model
+
+    return load_model(name, state, num_outputs=len(LABELS))
+
+
+def tuned_ledger(
+    spec: TrialSpec, result: TunedResult, config: TrainingConfig, units: int
+) -> dict[str, Any]:
+    """The released model's ledger document: its own mechanisms (the label counts, DP-SGD at
+    its run shape), and as ``epsilon_spent`` the Papernot-Steinke bound of the whole tuned
+    release (accountant ``rdp``; the ``selection`` entry names the theorem and holds what
+    audit recomputes it from). A non-DP cell: the plain ledger of the winner's run."""
+    from privdom_ray.privacy import Ledger, NoisePlan, make_ledger
+
+    w, best = result.weights, result.best
+    assert best is not None
+    common = dict(loss_weights=w.source, pos_weight=w.values, privacy_unit="image",
+                  initialization=spec.init)  # fmt: skip
+    plan = result.plan
+    if plan is None:
+        rate = config.logical_batch / max(units, 1)
+        return Ledger.non_private(steps=best["steps"], sample_rate=rate, **common).as_dict()
+    noise = tuned.candidate_noise(plan, config, units)
+    counts = plan.fixed[0][0] if plan.fixed else 0.0
+    run = NoisePlan(noise.noise_multiplier, noise.sample_rate, noise.steps, counts, "rdp")
+    ledger = make_ledger(epsilon_target=spec.epsilon, delta=spec.delta, plan=run,
+                         max_grad_norm=config.max_grad_norm, accountant="rdp", **common)  # fmt: skip
+    ledger = dataclasses.replace(
+        ledger, epsilon_spent=plan.epsilon_total, epsilon_rdp=plan.epsilon_total
     )
+    assert spec.tuning is not None
+    return {**ledger.as_dict(), "selection": tuned.selection_entry(plan, spec.tuning)}
+
+
+def _tuned_record(spec, result: TunedResult, config, val_scores, val, units) -> dict[str, Any]:
+    """trial.json's fields: what was searched and what won, never K, the other candidates or
+    the cell's wall time (they would tell K)."""
+    from privdom_ray.train import macro_auc
+
+    assert spec.tuning is not None and result.best is not None
+    searched = {d.name: getattr(config, d.name) for d in spec.tuning.space}
+    rule = "by its DP validation score" if result.plan else "by its exact validation score"
+    return {
+        "best_epoch": result.best["epoch"],
+        "val_macro_auc": float(macro_auc(val_scores, val.labels)),
+        "selection": f"the best of K candidates {rule} (K secret, E[K] = "
+        f"{tuned.runs_of(spec.tuning).mean():.3g}); epoch, score and thresholds released on "
+        "the source's validation split" + (" within epsilon" if result.plan else ""),
+        "tuned_configuration": searched,
+        "n_train": units,
+        "n_val": len(val),
+        "units": units,
+    }

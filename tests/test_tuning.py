@@ -618,3 +618,28 @@ def test_a_tuned_dp_cells_ledger_states_the_bound_and_audit_recomputes_it(
     assert [m["name"] for m in doc["mechanisms"]] == ["label_counts", "dp_sgd"]
     record = store.read(spec.key)
     assert "within epsilon" in record.info.selection and "K secret" in record.info.selection
+
+
+@pytest.mark.slow
+def test_launch_audit_recomputes_a_tuned_cell_and_flags_an_edited_ledger(
+    tmp_path, one_torch_thread
+):
+    from privdom_ray.audit import audit_output
+
+    spec, store = _train_cell(tmp_path, 2.0)
+    (line,) = audit_output(store.output)
+    assert line.ok, line.problem
+    assert line.accountant == "rdp" and line.recomputed == pytest.approx(line.reported)
+    path = store.folder(spec.key) / "ledger.json"
+    doc = json.loads(path.read_text())
+    for edit, needle in [
+        (lambda d: d.update(epsilon_spent=0.5), "below the recomputed bound"),
+        (lambda d: d["selection"]["candidates"][0].update(noise_multiplier=0.3), "exceeds"),
+        (lambda d: d.pop("selection"), "no selection entry"),
+        (lambda d: d.update(accountant="prv"), "accountant 'prv'"),
+        (lambda d: d["mechanisms"].pop(0), "mechanisms"),
+    ]:
+        edited = copy.deepcopy(doc)
+        edit(edited)
+        problems = "\n".join(tuned.ledger_check(spec, 64, edited)[0])
+        assert needle in problems, (needle, problems)

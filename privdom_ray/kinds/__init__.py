@@ -119,6 +119,12 @@ class TrialKind:
         not its typed parse), or None for a kind without one (``launch.py audit`` reports it)."""
         return None
 
+    def ledger_check(self, record: Any, ledger: Mapping[str, Any]) -> Any:
+        """Its own recomputation of a DP ledger document, as (problems, recomputed epsilon),
+        for a kind whose ledger is not one training run's (a tuned cell's); None: audit
+        rebuilds the run from the spec (``privacy.expected_ledger``)."""
+        return None
+
     def attached_to(self, spec: TrialSpec) -> str | None:
         """The key of the trial whose table rows take this trial's ``columns`` (None: own rows)."""
         return None

@@ -439,6 +439,60 @@ def check_selection(
     return problems
 
 
+def ledger_check(
+    spec: TrialSpec, units: int, doc: Mapping[str, Any]
+) -> tuple[list[str], float] | None:
+    """A tuned DP cell's stored ledger document recomputed (None for a non-DP cell): the
+    ``selection`` entry (:func:`check_selection`), and the ledger around it: its epsilon is
+    the recomputed bound's (accountant rdp), its mechanisms are the label counts and DP-SGD
+    at the released model's shape, its randomness OS entropy, its mechanism version current."""
+    from privdom_ray.numeric import number_or_nan
+    from privdom_ray.privacy import MECHANISM_VERSION, SECRET_RANDOMNESS
+
+    if not spec.is_private:
+        return None
+    selection = doc.get("selection")
+    if not isinstance(selection, Mapping):
+        return [
+            "a tuned DP cell's ledger has no selection entry: its epsilon is unproven"
+        ], math.nan
+    try:
+        recomputed = TuningPlan.from_dict(selection).epsilon_total
+    except (KeyError, TypeError, ValueError):
+        recomputed = math.nan
+    released = tuple(
+        number_or_nan(doc.get(k)) for k in ("noise_multiplier", "sample_rate", "steps")
+    )
+    problems = check_selection(spec, units, selection, released)  # type: ignore[arg-type]
+    spent = number_or_nan(doc.get("epsilon_spent"))
+    if not spent >= recomputed * (1 - 1e-9):
+        problems.append(f"epsilon_spent {spent} is below the recomputed bound {recomputed:.6g}")
+    if doc.get("accountant") != "rdp":
+        problems.append(f"accountant {doc.get('accountant')!r}; the bound is an RDP one ('rdp')")
+    if (
+        doc.get("randomness") != SECRET_RANDOMNESS
+        or doc.get("mechanism_version") != MECHANISM_VERSION
+    ):
+        problems.append(f"randomness {doc.get('randomness')!r}, mechanism_version "
+                        f"{doc.get('mechanism_version')!r}: void unless secret and current")  # fmt: skip
+    mechanisms = [(m.get("name"), number_or_nan(m.get("noise_multiplier")),
+                   number_or_nan(m.get("sample_rate")), number_or_nan(m.get("steps")))
+                  for m in doc.get("mechanisms", ()) if isinstance(m, Mapping)]  # fmt: skip
+    expected = [("label_counts", *f) for f in tuning_fixed(spec)] + [("dp_sgd", *released)]
+    if not _same_mechanisms(mechanisms, expected):
+        problems.append(f"mechanisms {mechanisms} are not the cell's fixed releases and the "
+                        f"released model's DP-SGD {expected}")  # fmt: skip
+    return problems, recomputed
+
+
+def _same_mechanisms(found: list, expected: list) -> bool:
+    return len(found) == len(expected) and all(
+        a[0] == b[0]
+        and all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a[1:], b[1:], strict=True))
+        for a, b in zip(found, expected, strict=True)
+    )
+
+
 def _check_against_grid(spec, units, plan: TuningPlan, stored, released) -> list[str]:
     tuning = spec.tuning
     problems = []
@@ -513,6 +567,9 @@ class Tuned(TrialKind):
         assert spec.tuning is not None, spec.name
         epochs = shape_values(spec.tuning, spec.training)["epochs"]
         return runs_of(spec.tuning).mean(), float(np.mean(epochs))
+
+    def ledger_check(self, record: Any, ledger: Mapping[str, Any]) -> Any:
+        return ledger_check(record.spec, record.info.units or record.info.n_train or 0, ledger)
 
     def label(self, spec: TrialSpec) -> str:
         return "standard"  # a tuned cell is the grid's cell: the same rows and matrices

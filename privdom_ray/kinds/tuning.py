@@ -553,6 +553,7 @@ class Tuned(TrialKind):
     trainer = "tuning"
     coordinator = True
     section = "tuning"
+    composable = False  # an RDP bound over K runs: export refuses until guarantee.py composes it
 
     def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
         return parse_section(c, raw, common["training"])

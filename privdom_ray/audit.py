@@ -130,7 +130,7 @@ def audit_trial(
         problems, recomputed = own
         out.append(AuditLine(
             record.key[:12], "", str(document.get("accountant", "")), record.spec.epsilon,
-            number_or_nan(document.get("epsilon_spent")), recomputed, recomputed,
+            number_or_nan(document.get("epsilon_spent")), recomputed, math.nan,  # no PLD of K runs
             "; ".join(problems)))  # fmt: skip
         return out
     try:

@@ -142,7 +142,8 @@ def export(
     store = TrialStore(output)
     transfer = verify_file(output / TRANSFER, "table")
     records = _records_of(store, transfer)
-    tuned = [r.spec.name for r in records.values() if not kind_of(r.spec).composable]
+    tuned = [r.spec.name for r in records.values()
+             if r.spec.is_private and not kind_of(r.spec).composable]  # fmt: skip
     if tuned:  # their PLD composition would state one run's epsilon, not the tuned bound
         raise ExportRefused(
             f"refusing to export {output}: {len(tuned)} tuned cell(s) ({', '.join(tuned[:5])}) "

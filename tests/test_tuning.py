@@ -182,6 +182,15 @@ def test_a_tuned_key_is_the_cells_key_plus_the_section(tmp_path):
     assert [t.key for t in same] == [t.key for t in tuned_trials]
 
 
+def test_tuned_keys_are_pinned(tmp_path):
+    """Finished tuned cells survive upgrades like untuned ones: these keys must not move
+    (a change to TuningConfig, its canonical form or the section's parse would move them)."""
+    trials = kinds.plan_trials(grid(tmp_path, tuning=TUNING), FINGERPRINTS, N_TRAIN)
+    assert [t.key for t in trials] == [
+        "5b9b3971e0a7", "a548c55739bd", "136e490cbfe0", "b3f95cefde1e"
+    ]  # fmt: skip
+
+
 def test_plan_counts_expected_trainings_and_shows_the_quantile(tmp_path):
     spec = grid(tmp_path, tuning=TUNING)
     splits = {n: {"train": N_TRAIN[n], "val": 60, "test": 60} for n in N_TRAIN}

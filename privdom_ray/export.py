@@ -143,6 +143,13 @@ def export(
     store = TrialStore(output)
     transfer = verify_file(output / TRANSFER, "table")
     records = _records_of(store, transfer)
+    tuned = [r.spec.name for r in records.values()
+             if r.spec.is_private and not kind_of(r.spec).composable]  # fmt: skip
+    if tuned:  # their PLD composition would state one run's epsilon, not the tuned bound
+        raise ExportRefused(
+            f"refusing to export {output}: {len(tuned)} tuned cell(s) ({', '.join(tuned[:5])}) "
+            "whose Papernot-Steinke bound guarantee.py cannot compose yet (issue 26)"
+        )
     _check_ledger_columns(transfer, records)
     twins = _twins(store, records)  # both totals are stated; the rows use them with_audit
     sites = guarantee.site_guarantees(records.values(), twins.values(), audit_included=with_audit)

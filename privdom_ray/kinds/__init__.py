@@ -88,6 +88,9 @@ class TrialKind:
     in_matrices: bool = True  # its rows are the models of the transfer matrices and comparisons
     released: bool = True  # its weights are part of the shareable set (with a valid guarantee)
     stage: int = 1  # stages run in order (0: pretraining, which others start from)
+    # its ledger's mechanisms compose (PLD) to its guarantee; False: a tuned cell, whose
+    # bound is an RDP statement about K runs (export refuses it until guarantee.py composes it)
+    composable: bool = True
     coordinator: bool = False  # coordinates its own tasks from Tune's trial process
     # columns it adds to the rows of the trial it is attached to (``attached_to``); null on
     # the rows of trials without one (stats/results.py: AUDIT_COLUMNS, privacy class "audit")
@@ -132,6 +135,11 @@ class TrialKind:
         """A line for ``launch.py plan`` about this kind's trials ("" for none)."""
         return ""
 
+    def work(self, spec: TrialSpec) -> tuple[float, float]:
+        """(expected trainings, expected epochs of each) of one trial: what ``plan`` counts
+        (a tuned cell: E[K] candidates, kinds/tuning.py)."""
+        return 1.0, float(spec.training.epochs)
+
     def members(self, spec: TrialSpec) -> tuple[Site, ...]:
         """The sites that train together in one trial (a federation's); () for one source."""
         return ()
@@ -155,6 +163,12 @@ class TrialKind:
         """Its one-run canary audit recomputed (a ``kinds.audit.TwinCheck``) against the
         ledger document as stored (``store.ledger_document``: certifying code reads the claim,
         not its typed parse), or None for a kind without one (``launch.py audit`` reports it)."""
+        return None
+
+    def ledger_check(self, record: Any, ledger: Mapping[str, Any]) -> Any:
+        """Its own recomputation of a DP ledger document, as (problems, recomputed epsilon),
+        for a kind whose ledger is not one training run's (a tuned cell's); None: audit
+        rebuilds the run from the spec (``privacy.expected_ledger``)."""
         return None
 
     def attached_to(self, spec: TrialSpec) -> str | None:

@@ -1,0 +1,41 @@
+"""A tuned grid through the real sweep (Ray Tune, the coordinator trial, candidates as named
+Ray tasks), then ``audit`` and ``export`` from the command line (issue 26)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import launch
+from helpers.grids import tiny_grid
+
+pytestmark = pytest.mark.slow  # a real sweep: about 80 s on the shared 2-core machine
+
+
+def test_a_tuned_grid_trains_audits_and_is_refused_by_export(tmp_path: Path):
+    grid = tiny_grid("tuned", ["a", "b"], n_patients=50, epochs=2, image_size=16,
+                     max_failures=0, epsilons=(2, "inf"))  # fmt: skip
+    grid.update(sources=["a"], model="smallcnn")
+    grid["tuning"] = {
+        "space": {"lr": {"loguniform": [1.0e-4, 3.0e-3]}, "max_grad_norm": {"choice": [0.5, 1.5]}},
+        "runs": {"distribution": "geometric", "mean": 2},
+    }
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    launch("--grid", "grid.yaml", cwd=tmp_path, timeout=900)
+    out = tmp_path / "out"
+    table = pd.read_parquet(out / "transfer.parquet")
+    assert set(table["variant"]) == {"standard"}  # a tuned cell is the grid's cell
+    assert table["train_seconds"].isna().all()  # the cell's wall time would tell K
+    for name in ("report.md", "transfer.parquet"):
+        assert b"cand" not in (out / name).read_bytes()  # no candidate names or count
+    audit = launch("audit", "out", cwd=tmp_path)
+    assert "0 problem(s)" in audit.stdout and " rdp " in audit.stdout
+    ledgers = [json.loads(p.read_text()) for p in out.glob("trials/*/ledger.json")]
+    (dp,) = [d for d in ledgers if d["accountant"] == "rdp"]
+    assert dp["selection"]["runs"]["distribution"] == "truncated_negative_binomial"
+    assert 0 < dp["epsilon_spent"] <= 2.0
+    refused = launch("export", "out", "--to", "shared", cwd=tmp_path, expect=None)
+    assert refused.returncode != 0 and "tuned cell(s) (a_eps2_seed0)" in refused.stderr

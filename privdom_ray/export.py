@@ -8,7 +8,8 @@ data identifiers) and, unless ``--with-audit``, the audit twins' columns stay ho
 says what covers it (column ``guarantee``: the model's epsilon, or "no guarantee: trained
 without DP"), and ``guarantees.parquet``, the report, PRIVACY.md and every model card state
 for each training set the epsilon of everything the export holds that was computed from its
-training images, composed by the PLD accountant (``guarantee.py``).
+training images, composed by the PLD accountant (``guarantee.py``; a site with a tuned model:
+its releases' RDP curves summed, the Papernot-Steinke bound of the tuned one included).
 
 Export certifies before it copies: the folder must pass ``audit`` (every ledger recomputed
 from its spec), every file is verified as it is read (parquet read in full, weights loaded
@@ -143,13 +144,6 @@ def export(
     store = TrialStore(output)
     transfer = verify_file(output / TRANSFER, "table")
     records = _records_of(store, transfer)
-    tuned = [r.spec.name for r in records.values()
-             if r.spec.is_private and not kind_of(r.spec).composable]  # fmt: skip
-    if tuned:  # their PLD composition would state one run's epsilon, not the tuned bound
-        raise ExportRefused(
-            f"refusing to export {output}: {len(tuned)} tuned cell(s) ({', '.join(tuned[:5])}) "
-            "whose Papernot-Steinke bound guarantee.py cannot compose yet (issue 26)"
-        )
     _check_ledger_columns(transfer, records)
     twins = _twins(store, records)  # both totals are stated; the rows use them with_audit
     sites = guarantee.site_guarantees(records.values(), twins.values(), audit_included=with_audit)
@@ -262,7 +256,8 @@ def _row_guarantees(
         text = (
             f"({eps:.4g}, {max(r.delta for r in own):g})-DP for each training "
             f"{own[0].privacy_unit} of {', '.join(rec.training_sites)}: this model's releases"
-            + (" and its audit twin's" if twin is not None else "") + " (PLD)"
+            + (" and its audit twin's" if twin is not None else "")
+            + f" ({guarantee.release_accountant(rec, twin).upper()})"
         )  # fmt: skip
         total = max(per_site[r.site].epsilon for r in own)
         out[key] = {"guarantee": text, "epsilon_release": eps, "epsilon_training_set": total}
@@ -428,8 +423,9 @@ def _privacy_note(
         "",
         "## One guarantee per training set",
         "",
-        "Everything here that was computed from a site's training images, composed by the PLD "
-        "accountant (Google's dp-accounting)"
+        "Everything here that was computed from a site's training images, composed by "
+        + guarantee.composed_by((g.accountant for g in sites),
+                                "the PLD accountant (Google's dp-accounting)")
         + (", the audit twins' canary results included:" if with_audit
            else "; the audit twins' columns stayed home (`--with-audit` adds them):"),
         "",

@@ -157,8 +157,6 @@ def test_every_cell_becomes_one_tuned_coordinator_trial(tmp_path):
     ]  # fmt: skip
     kind = kinds.kind_of(trials[0])
     assert kind.coordinator and kind.trainer == "tuning" and kind.label(trials[0]) == "standard"
-    # its bound is an RDP statement over K runs: export refuses it until guarantee.py composes it
-    assert not kind.composable and kinds.REGISTRY["standard"].composable
     # the non-DP cell gets the same search (the fair baseline)
     assert trials[0].tuning == trials[1].tuning == spec.tuning
     assert TrialSpec.from_json(json.loads(json.dumps(trials[0].to_json()))) == trials[0]

@@ -12,10 +12,12 @@ import yaml
 from conftest import launch
 from helpers.grids import tiny_grid
 
+from privdom_ray.selection.tuning import TuningPlan
+
 pytestmark = pytest.mark.slow  # a real sweep: about 80 s on the shared 2-core machine
 
 
-def test_a_tuned_grid_trains_audits_and_is_refused_by_export(tmp_path: Path):
+def test_a_tuned_grid_trains_audits_and_exports_with_its_rdp_guarantee(tmp_path: Path):
     grid = tiny_grid("tuned", ["a", "b"], n_patients=50, epochs=2, image_size=16,
                      max_failures=0, epsilons=(2, "inf"))  # fmt: skip
     grid.update(sources=["a"], model="smallcnn")
@@ -37,5 +39,19 @@ def test_a_tuned_grid_trains_audits_and_is_refused_by_export(tmp_path: Path):
     (dp,) = [d for d in ledgers if d["accountant"] == "rdp"]
     assert dp["selection"]["runs"]["distribution"] == "truncated_negative_binomial"
     assert 0 < dp["epsilon_spent"] <= 2.0
-    refused = launch("export", "out", "--to", "shared", cwd=tmp_path, expect=None)
-    assert refused.returncode != 0 and "tuned cell(s) (a_eps2_seed0)" in refused.stderr
+    # export composes the tuned bound (RDP) with the site's other releases
+    launch("export", "out", "--to", "shared", cwd=tmp_path)
+    shared = tmp_path / "shared"
+    sites = pd.read_parquet(shared / "guarantees.parquet").set_index("training_site")
+    own = TuningPlan.from_dict(dp["selection"]).epsilon_total  # recomputed, not read
+    assert sites.loc["a", "accountant"] == "rdp" and sites.loc["a", "dp_models"] == 1
+    assert own <= sites.loc["a", "epsilon"] <= 2.0 * (1 + 1e-9)
+    rows = pd.read_parquet(shared / "transfer.parquet")
+    dp_rows = rows[rows["epsilon_target"] == 2]
+    assert dp_rows["guarantee"].str.endswith("(RDP)").all()
+    assert dp_rows["epsilon_release"].iloc[0] == pytest.approx(own, rel=1e-9)
+    assert "Papernot-Steinke" in (shared / "PRIVACY.md").read_text()
+    for path in shared.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".parquet"):
+            data = path.read_bytes()  # K, candidates and their results stay home
+            assert b"cand0" not in data and b"tuning_results" not in data, path

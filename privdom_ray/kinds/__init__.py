@@ -88,9 +88,6 @@ class TrialKind:
     in_matrices: bool = True  # its rows are the models of the transfer matrices and comparisons
     released: bool = True  # its weights are part of the shareable set (with a valid guarantee)
     stage: int = 1  # stages run in order (0: pretraining, which others start from)
-    # its ledger's mechanisms compose (PLD) to its guarantee; False: a tuned cell, whose
-    # bound is an RDP statement about K runs (export refuses it until guarantee.py composes it)
-    composable: bool = True
     coordinator: bool = False  # coordinates its own tasks from Tune's trial process
     # columns it adds to the rows of the trial it is attached to (``attached_to``); null on
     # the rows of trials without one (stats/results.py: AUDIT_COLUMNS, privacy class "audit")

@@ -132,7 +132,6 @@ class Tuned(TrialKind):
         "{space, runs, search: random, score, thresholds, validation_shares}"
     )
     record_keys = ("tuned_configuration",)
-    composable = False  # an RDP bound over K runs: export refuses until guarantee.py composes it
 
     def parse_section(self, c: Checker, raw: Mapping, common: Mapping[str, Any]) -> Any:
         return parse_section(c, raw, common["training"])

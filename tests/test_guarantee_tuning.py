@@ -13,28 +13,17 @@ import pytest
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
 from helpers.trials import tiny_ledger, tiny_spec
+from helpers.tuning import record, tuned_cell
 
 from privdom_ray import guarantee
-from privdom_ray.config import SearchDomain, TuningConfig
-from privdom_ray.kinds import tuning as tuned
 from privdom_ray.privacy import Ledger, Mechanism, pld_epsilon
-from privdom_ray.records import RunRecord
 from privdom_ray.selection import rdp
 from privdom_ray.selection.runs import TruncatedNegativeBinomial
 from privdom_ray.selection.tuning import TuningPlan
 from privdom_ray.store import TrialRecord
 
 INTEGER_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512)
-UNITS = 400  # training images of the tuned cell
 DELTA = 1e-5
-SECTION = TuningConfig(
-    space=(SearchDomain("lr", "loguniform", (1e-4, 3e-3)),),
-    runs=(("distribution", "geometric"), ("mean", 3.0)),
-)
-
-
-def record(spec, ledger: Ledger) -> TrialRecord:
-    return TrialRecord(spec.key, spec, ledger, RunRecord(), thresholds=())
 
 
 def untuned(source: str, epsilon: float, seed: int, mechanisms=()) -> TrialRecord:
@@ -42,24 +31,6 @@ def untuned(source: str, epsilon: float, seed: int, mechanisms=()) -> TrialRecor
     ``mechanisms`` listed (DP-SGD and the label counts)."""
     ledger = dataclasses.replace(tiny_ledger(epsilon), mechanisms=tuple(mechanisms))
     return record(tiny_spec(source, epsilon, seed), ledger)
-
-
-def tuned_cell(source: str = "a", epsilon: float = 2.0, seed: int = 0) -> TrialRecord:
-    """A tuned DP cell as the trainer writes it: the released model's own mechanisms (label
-    counts, DP-SGD at its run shape's sigma) and the selection entry of its plan."""
-    spec = tiny_spec(source, epsilon, seed, tuning=SECTION)
-    plan = tuned.tuning_plan(spec, UNITS)
-    assert plan is not None and plan.fixed  # dp_counts: the label counts ride on top
-    run = plan.candidates[0]
-    mechanisms = (Mechanism("label_counts", *plan.fixed[0][:2], int(plan.fixed[0][2])),
-                  Mechanism("dp_sgd", run.noise_multiplier, run.sample_rate, run.steps))  # fmt: skip
-    ledger = dataclasses.replace(
-        tiny_ledger(epsilon), epsilon_spent=plan.epsilon_total, epsilon_rdp=plan.epsilon_total,
-        noise_multiplier=run.noise_multiplier, sample_rate=run.sample_rate, steps=run.steps,
-        accountant="rdp", accountant_requested="rdp", mechanisms=mechanisms,
-        selection=tuned.selection_entry(plan, SECTION),
-    )  # fmt: skip
-    return record(spec, ledger)
 
 
 # ------------------------------------------------------------------ independent computations

@@ -652,3 +652,47 @@ def test_launch_audit_recomputes_a_tuned_cell_and_flags_an_edited_ledger(
         edit(edited)
         problems = "\n".join(tuned.ledger_check(spec, 64, edited)[0])
         assert needle in problems, (needle, problems)
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def test_the_report_states_the_search_and_e_k_never_k_and_keeps_validation_inside():
+    """The tuned kind's report sections from a real table frame: the space, K's distribution,
+    E[K], per-run sigma and the bound; never a K drawn; and the privacy section's note that a
+    tuned DP cell's best_epoch and threshold are DP releases (untuned tables: no note)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from helpers.trials import tiny_ledger, tiny_spec
+    from helpers.tuning import record, tuned_cell
+
+    from privdom_ray import report
+    from privdom_ray.stats.results import LEDGER_COLUMNS, SCHEMA
+
+    def row(rec) -> dict:
+        cols = kinds.kind_of(rec.spec).own_columns(rec)
+        return {"trial_key": rec.key, "source": rec.spec.source, "seed": rec.spec.seed,
+                "tuning": None, **{k: getattr(rec.ledger, k) for k in LEDGER_COLUMNS}, **cols}  # fmt: skip
+
+    cell = tuned_cell("a", 2.0, 0)
+    plain = record(tiny_spec("b", 1.0, 0), tiny_ledger(1.0))
+    assert kinds.kind_of(plain.spec).own_columns(plain) == {}  # untuned rows: null
+    assert "tuning" in SCHEMA.names
+    searched = json.loads(row(cell)["tuning"])
+    assert searched["mean"] == pytest.approx(3.0) and searched["q95"] >= 3
+    assert "k" not in searched and "K" not in searched  # E[K] and its quantile, not a draw
+    # the sections read the view's full table (duck-typed: kinds/ sits below report/)
+    view = SimpleNamespace(full=pd.DataFrame([row(cell), row(plain)]))
+    sections = {s.key: s for s in report.sections()}
+    keys = [s.key for s in report.sections()]
+    assert keys.index("tuning") == keys.index("privacy") + 1
+    text = sections["tuning"].render(view)
+    assert "lr` loguniform[0.0001, 0.003]" in text and "**E[K] = 3**" in text
+    assert "publishing the K drawn would void it" in text
+    assert f"{cell.ledger.noise_multiplier:.3f}" in text and "| rdp |" in text
+    note = tuned.tuned_validation_note(view)
+    assert "inside the cell's ε" in note and "untuned cells only" in note
+    untuned_view = SimpleNamespace(full=pd.DataFrame([row(plain)]))
+    assert sections["tuning"].render(untuned_view) == ""
+    assert tuned.tuned_validation_note(untuned_view) == ""

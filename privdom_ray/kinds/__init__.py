@@ -168,6 +168,11 @@ class TrialKind:
         rebuilds the run from the spec (``privacy.expected_ledger``)."""
         return None
 
+    def own_columns(self, record: Any) -> dict[str, Any]:
+        """Values of the transfer table's kind-owned public columns on its own rows
+        (``stats/results.py``: ``KIND_COLUMNS``; a tuned cell's ``tuning``); {}: null."""
+        return {}
+
     def attached_to(self, spec: TrialSpec) -> str | None:
         """The key of the trial whose table rows take this trial's ``columns`` (None: own rows)."""
         return None

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from privdom_ray.config import SweepSpec, TrainingConfig, TrialSpec, content_key
-from privdom_ray.kinds import BatchFit, Checker, PlanContext, TrialKind, register
+from privdom_ray.kinds import BatchFit, Checker, PlanContext, ReportSection, TrialKind, register
 from privdom_ray.kinds.standard import single_site
 from privdom_ray.kinds.tuning.ledger import (  # noqa: F401 (re-exported: kinds.tuning's names)
     PARALLEL_STATEMENT,
@@ -35,6 +35,12 @@ from privdom_ray.kinds.tuning.ledger import (  # noqa: F401 (re-exported: kinds.
     selection_entry,
     tuning_fixed,
     tuning_plan,
+)
+from privdom_ray.kinds.tuning.report import (  # noqa: F401 (re-exported)
+    K_SECRET,
+    search_json,
+    tuned_validation_note,
+    tuning_section,
 )
 from privdom_ray.kinds.tuning.section import (  # noqa: F401 (re-exported)
     ADAPTIVE,
@@ -175,6 +181,19 @@ class Tuned(TrialKind):
 
     def record_json(self, part: TunedRun) -> dict[str, Any]:
         return part.to_json()
+
+    def own_columns(self, record: Any) -> dict[str, Any]:
+        tuning = record.spec.tuning
+        assert tuning is not None, record.spec.name
+        runs = runs_of(tuning)
+        return {"tuning": search_json(tuning, runs.mean(), run_dists.quantile(runs, 0.95))}
+
+    def report_sections(self) -> tuple[ReportSection, ...]:
+        return (
+            ReportSection("tuning", "Honest tuning: what was searched and what it cost",
+                          tuning_section, after="privacy"),
+            ReportSection("tuning_privacy", "", tuned_validation_note, part_of="privacy"),
+        )  # fmt: skip
 
 
 register(Tuned())

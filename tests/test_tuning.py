@@ -695,4 +695,10 @@ def test_the_report_states_the_search_and_e_k_never_k_and_keeps_validation_insid
     assert "inside the cell's ε" in note and "untuned cells only" in note
     untuned_view = SimpleNamespace(full=pd.DataFrame([row(plain)]))
     assert sections["tuning"].render(untuned_view) == ""
+    # the table's lr/logical_batch/epochs of a tuned row are the winner's, not the grid's
+    won = tuned.TunedRun((("epochs", 3.0), ("lr", 2e-3)))
+    winner = dataclasses.replace(cell, info=dataclasses.replace(cell.info, part=won))
+    columns = kinds.kind_of(winner.spec).own_columns(winner)
+    assert columns["lr"] == 2e-3 and columns["epochs"] == 3 and "logical_batch" not in columns
+    assert sections["tuning"].render(untuned_view) == ""
     assert tuned.tuned_validation_note(untuned_view) == ""

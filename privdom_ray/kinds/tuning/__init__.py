@@ -183,10 +183,18 @@ class Tuned(TrialKind):
         return part.to_json()
 
     def own_columns(self, record: Any) -> dict[str, Any]:
+        """The search (public ``tuning`` column) and the winner's searched hyperparameters in
+        the table's ``lr``/``logical_batch``/``epochs`` columns (the grid's are not the model's;
+        the winner's configuration is part of the released output the bound covers)."""
         tuning = record.spec.tuning
         assert tuning is not None, record.spec.name
         runs = runs_of(tuning)
-        return {"tuning": search_json(tuning, runs.mean(), run_dists.quantile(runs, 0.95))}
+        part = record.info.part
+        won = dict(part.configuration) if isinstance(part, TunedRun) else {}
+        columns = {k: int(won[k]) if TUNABLE[k].integer else float(won[k])
+                   for k in ("lr", "logical_batch", "epochs") if k in won}  # fmt: skip
+        search = search_json(tuning, runs.mean(), run_dists.quantile(runs, 0.95))
+        return {**columns, "tuning": search}
 
     def report_sections(self) -> tuple[ReportSection, ...]:
         return (

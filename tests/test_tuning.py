@@ -702,3 +702,15 @@ def test_the_report_states_the_search_and_e_k_never_k_and_keeps_validation_insid
     assert columns["lr"] == 2e-3 and columns["epochs"] == 3 and "logical_batch" not in columns
     assert sections["tuning"].render(untuned_view) == ""
     assert tuned.tuned_validation_note(untuned_view) == ""
+
+
+def test_every_batch_the_space_can_draw_must_fit_each_source(tmp_path):
+    from privdom_ray.grid import check_sample_rates
+
+    spec = grid(tmp_path, tuning=with_space(logical_batch={"choice": [32, 350]}))
+    check_sample_rates(spec, {"a": 400, "b": 400})  # both fit
+    with pytest.raises(GridError) as info:
+        check_sample_rates(spec, N_TRAIN)  # b has 300 training images
+    (error,) = info.value.errors
+    assert error.startswith("tuning.space.logical_batch: 350 is more than the 300 training")
+    assert "source 'b'" in error

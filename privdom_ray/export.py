@@ -376,6 +376,7 @@ def _card(
     """What a collaborator needs to use the weights: the spec, the thresholds (marked), and
     what covers them: this model's epsilon and, per training set, the export's total."""
     per_site = guarantee.by_site(sites)
+    tuned = record.ledger.selection is not None  # a tuned DP cell's plan covers both choices
     return {
         "release_id": release_id,
         "name": record.spec.name,
@@ -398,10 +399,18 @@ def _card(
         },
         "youden_thresholds": {
             "values": list(record.thresholds),
-            "privacy": PRIVACY_CLASSES["validation"],
+            "privacy": TUNED_VALIDATION if tuned else PRIVACY_CLASSES["validation"],
         },
-        "selected_epoch": {"value": record.info.best_epoch, "privacy": "validation"},
+        "selected_epoch": {"value": record.info.best_epoch,
+                           "privacy": TUNED_VALIDATION if tuned else "validation"},  # fmt: skip
     }
+
+
+#: A tuned DP model's thresholds and epoch: DP releases its ledger's selection entry accounts.
+TUNED_VALIDATION = (
+    "a DP release on the source's validation split (tuned cell: epoch by the exponential "
+    "mechanism, thresholds from noisy histograms), inside this model's epsilon"
+)
 
 
 # ------------------------------------------------------------------------------ PRIVACY.md

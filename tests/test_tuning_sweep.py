@@ -55,6 +55,11 @@ def test_a_tuned_grid_trains_audits_and_exports_with_its_rdp_guarantee(tmp_path:
     assert dp_rows["guarantee"].str.endswith("(RDP)").all()
     assert dp_rows["epsilon_release"].iloc[0] == pytest.approx(own, rel=1e-9)
     assert "Papernot-Steinke" in (shared / "PRIVACY.md").read_text()
+    cards = [json.loads(p.read_text()) for p in shared.rglob("card.json")]
+    (card,) = [c for c in cards if c["accountant"] == "rdp"]  # the tuned DP model's card
+    assert "inside this model's epsilon" in card["youden_thresholds"]["privacy"]
+    assert "inside this model's epsilon" in card["selected_epoch"]["privacy"]
+    assert card["training_sets"]["a"]["accountant"] == "rdp"
     for path in shared.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".md", ".parquet"):
             data = path.read_bytes()  # K, candidates and their results stay home

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -393,6 +392,30 @@ def test_the_epoch_choice_is_epsilon_bounded_range_on_worst_case_neighbours():
     assert np.allclose(np.bincount(picks, minlength=4) / 4000, p, atol=0.03)
 
 
+def test_a_validation_share_the_grid_accepts_is_one_the_trainer_can_release(tmp_path):
+    """BREAKS (functional, not privacy). tuning.validation_shares accepts 0 for a release
+    ('numbers >= 0, not all 0'); split_validation then gives that release no noise (None),
+    and a DP candidate's _release hits `assert out.checkpoint_epsilon is not None ...`,
+    which candidate_from_cache records as the candidate's failure: every candidate fails and
+    the cell releases nothing after E[K] trainings. Fix: _parse_shares requires every share
+    > 0 (the DP trainer always makes all three releases), or _release skips a None release
+    (last epoch / no thresholds / no score is not an option: the score selects)."""
+    import dataclasses
+
+    from conftest import toy_split
+
+    from privdom_ray.trial.tuning import Releases, _release
+
+    tuning = {**TWO_SHAPES, "validation_shares": {"score": 1, "checkpoint": 0, "thresholds": 1}}
+    cell = _cell(tmp_path, tuning, epsilon=8)  # the grid is accepted
+    out = Releases.of(tuned.tuning_plan(cell, 400), cell)
+    val = toy_split(20, seed=1)
+    val = dataclasses.replace(val, patient=np.array([f"p{i}" for i in range(20)]))
+    probs = [np.random.default_rng(0).random((20, 5))] * 2
+    epoch, score, thresholds = _release(val, probs, out)  # AssertionError today
+    assert epoch in (0, 1) and math.isfinite(score.noisy_sum)
+
+
 def test_the_validation_curve_stays_under_the_training_curve_at_every_order():
     """'Validation costs nothing extra': max(train, validation) = train per order, so Q's curve
     is the training one (the calibrated plan of a two-shape DP cell)."""
@@ -401,6 +424,27 @@ def test_the_validation_curve_stays_under_the_training_curve_at_every_order():
     a = rdp.as_orders()
     train = np.max([rdp.mechanisms_rdp([c.as_tuple()], a) for c in plan.candidates], axis=0)
     assert (plan.validation.rdp(a) <= train * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("spec", [{"distribution": "logarithmic", "mean": 10},
+                                  {"distribution": "truncated_negative_binomial", "eta": 0.5,
+                                   "mean": 5}, {"distribution": "poisson", "mu": 4}])  # fmt: skip
+def test_k_is_drawn_from_the_law_the_bound_is_about(spec):
+    """The theorem is about K's stated law: 20,000 OS-entropy draws against its pmf (chi-square
+    over k up to the 99% quantile plus a tail bin; scratch/redteam/k_draws.py: 200,000)."""
+    from scipy import stats
+
+    d = runs.run_distribution(spec)
+    g = np.random.default_rng()
+    ks = np.array([d.draw(g) for _ in range(20_000)])
+    top, lo = runs.quantile(d, 0.99), 0 if spec["distribution"] == "poisson" else 1
+    p = d.pmf(np.arange(lo, top + 1))
+    p = np.append(p, 1 - p.sum())
+    obs = np.append(np.bincount(ks, minlength=top + 1)[lo : top + 1], (ks > top).sum())
+    ok = p * len(ks) >= 5
+    exp = p[ok] * len(ks)
+    assert stats.chisquare(obs[ok], exp * obs[ok].sum() / exp.sum()).pvalue > 1e-4
+    assert ks.min() >= lo
 
 
 # ============================================================== 3. K and the candidates secret
@@ -613,14 +657,13 @@ def test_audit_catches_a_selection_entry_that_understates_the_mechanisms_run(tmp
 # ============================================== 3/5 on a real tuned sweep (Ray Tune, real files)
 
 
-def _seal(trial: Path) -> None:
-    """Re-seal a trial's ``done`` after an edit (an editor who recomputes the checksums)."""
-    done = json.loads((trial / "done").read_text())
-    for name, entry in done["files"].items():
-        data = (trial / name).read_bytes()
-        entry["digest"] = "b2:" + hashlib.blake2b(data, digest_size=16).hexdigest()
-        entry["size"] = len(data)
-    (trial / "done").write_text(json.dumps(done, indent=2))
+def _rewrite(trial: Path, doc: dict) -> None:
+    """Replace a finished trial's ledger and re-seal ``done`` (the store's own deliberate
+    rewrite: an editor who recomputes every checksum), so only recomputation can catch it."""
+    from privdom_ray.store import TrialStore
+
+    TrialStore(trial.parent.parent).rewrite(trial.name, "ledger.json",
+                                            json.dumps(doc, indent=2).encode())  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -710,10 +753,37 @@ def test_audit_of_a_real_tuned_sweep_catches_resealed_ledger_edits(tuned_sweep, 
             s["runs"]["eta"] = 0.0
         elif edit == "spent":
             doc["epsilon_spent"] = s["epsilon_total"] = 0.5
-        (trial / "ledger.json").write_text(json.dumps(doc, indent=2))
-        _seal(trial)
+        _rewrite(trial, doc)
         audit = launch("audit", "out", cwd=work, expect=None)
         assert "0 problem(s)" not in audit.stdout, (edit, audit.stdout[-2000:])
+        assert "damaged" not in audit.stdout  # caught by recomputation, not by a checksum
+
+
+@pytest.mark.slow
+def test_audit_of_a_real_tuned_sweep_catches_an_entry_that_understates_the_mechanisms(
+    tuned_sweep, tmp_path
+):
+    """BREAKS (attack 5b, through the command line): with the validation releases removed
+    from the re-sealed selection entry, or the unreleased shape's sigma tripled, `audit`
+    prints 0 problem(s). Fix: see test_audit_catches_a_selection_entry_that_understates..."""
+    import shutil
+
+    from conftest import launch
+
+    for edit in ("no_validation", "other_shape"):
+        work = tmp_path / edit
+        shutil.copytree(tuned_sweep, work, symlinks=True)
+        trial = next(p.parent for p in (work / "out").glob("trials/*/ledger.json")
+                     if json.loads(p.read_text())["accountant"] == "rdp")  # fmt: skip
+        doc = json.loads((trial / "ledger.json").read_text())
+        s = doc["selection"]
+        if edit == "no_validation":
+            s["validation"] = dict.fromkeys(s["validation"])
+        else:
+            min(s["candidates"], key=lambda c: c["steps"])["noise_multiplier"] *= 3
+        _rewrite(trial, doc)
+        audit = launch("audit", "out", cwd=work, expect=None)
+        assert "0 problem(s)" not in audit.stdout, (edit, audit.stdout[-1500:])
 
 
 @pytest.mark.slow

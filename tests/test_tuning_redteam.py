@@ -435,7 +435,9 @@ def test_the_epoch_choice_is_epsilon_bounded_range_on_worst_case_neighbours():
     assert np.allclose(np.bincount(picks, minlength=4) / 4000, p, atol=0.03)
 
 
-def test_a_validation_share_the_grid_accepts_is_one_the_trainer_can_release(tmp_path):
+@pytest.mark.parametrize("shares", [{"score": 1, "checkpoint": 0, "thresholds": 1},
+                                    {"score": 1, "thresholds": 1}], ids=["zero", "omitted"])  # fmt: skip
+def test_a_validation_share_the_grid_accepts_is_one_the_trainer_can_release(tmp_path, shares):
     """BREAKS (functional, not privacy). tuning.validation_shares accepts 0 for a release
     ('numbers >= 0, not all 0'); split_validation then gives that release no noise (None),
     and a DP candidate's _release hits `assert out.checkpoint_epsilon is not None ...`,
@@ -449,7 +451,7 @@ def test_a_validation_share_the_grid_accepts_is_one_the_trainer_can_release(tmp_
 
     from privdom_ray.trial.tuning import Releases, _release
 
-    tuning = {**TWO_SHAPES, "validation_shares": {"score": 1, "checkpoint": 0, "thresholds": 1}}
+    tuning = {**TWO_SHAPES, "validation_shares": shares}
     cell = _cell(tmp_path, tuning, epsilon=8)  # the grid is accepted
     out = Releases.of(tuned.tuning_plan(cell, 400), cell)
     val = toy_split(20, seed=1)

@@ -128,6 +128,17 @@ def audit_trial(
                 f"accountant {claims[0].get('accountant')!r}, epsilon_spent "
                 f"{claims[0].get('epsilon_spent')!r}")))  # fmt: skip
         return out
+    own = kind_of(record.spec).ledger_check(record, document)
+    if own is not None:  # a tuned cell: its kind recomputes the selection's bound
+        problems, recomputed = own
+        (_, _, run), *_ = expected_runs(record, document)  # its units, recounted
+        counts = _cache_counts(store.output) if counts is None else counts
+        problems = [p for p in (*problems, _recount_problem(record, "", run, counts)) if p]
+        out.append(AuditLine(
+            record.key[:12], "", str(document.get("accountant", "")), record.spec.epsilon,
+            number_or_nan(document.get("epsilon_spent")), recomputed, math.nan,  # no PLD of K runs
+            "; ".join(problems)))  # fmt: skip
+        return out
     try:
         history = store.history(record.key)
     except DamagedRecord as exc:

@@ -204,6 +204,41 @@ class Federation:
 
 
 @dataclass(frozen=True)
+class SearchDomain:
+    """One hyperparameter of a tuning space, in Ray Tune's conventions: ``tune.<sampler>(*args)``
+    (kinds/tuning.py parses and checks it; the edge maps it to a Tune domain)."""
+
+    name: str  # the training field it sets (lr, max_grad_norm, logical_batch, epochs)
+    sampler: str  # loguniform | uniform | choice | randint
+    args: tuple[float, ...]  # the bounds, or the choices
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """``tuning:`` in the grid: every cell becomes the best of K candidates drawn from
+    ``space`` (docs/tuning-design.md); part of a tuned trial's key, as written."""
+
+    space: tuple[SearchDomain, ...] = ()
+    runs: tuple[tuple[str, Any], ...] = ()  # the distribution of K, as written (sorted items)
+    search: str = "random"
+    score_bound: float = 1.0  # B of the clipped validation loss
+    bins: int = 20  # the threshold histograms' public bins
+    validation_shares: tuple[tuple[str, float], ...] = ()  # sorted items; () = the default
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TuningConfig:
+        return cls(
+            space=tuple(SearchDomain(s["name"], s["sampler"], tuple(s["args"]))
+                        for s in d["space"]),  # fmt: skip
+            runs=tuple((str(k), v) for k, v in d["runs"]),
+            search=d.get("search", "random"),
+            score_bound=float(d.get("score_bound", 1.0)),
+            bins=int(d.get("bins", 20)),
+            validation_shares=tuple((str(k), float(v)) for k, v in d.get("validation_shares", ())),
+        )
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     name: str
     grid_path: Path
@@ -227,6 +262,7 @@ class SweepSpec:
     evaluation: EvaluationConfig
     ray: RayConfig
     audit: AuditConfig | None = None
+    tuning: TuningConfig | None = None
 
     def domain(self, name: str) -> DomainSpec:
         return next(d for d in self.domains if d.name == name)
@@ -262,6 +298,8 @@ class TrialSpec:
     public_pos_weight: tuple[float, ...] = ()
     # set for an audit twin (variant "audit"): its canaries
     audit: AuditSpec | None = None
+    # set for a tuned cell (the grid's ``tuning`` section): the best of K candidates
+    tuning: TuningConfig | None = None
     key: str = field(default="", compare=False)
 
     @property
@@ -272,6 +310,8 @@ class TrialSpec:
     def kind(self) -> str:
         """The name of the trial's kind (``kinds.REGISTRY``): a federation's, else its variant.
         Derived from the keyed fields, so it is not in the key itself (pinned keys hold)."""
+        if self.tuning is not None:
+            return "tuning"
         return "federated" if self.federation is not None else self.variant
 
     @property
@@ -346,6 +386,7 @@ class TrialSpec:
             federation=Federation.from_json(d["federation"]) if d.get("federation") else None,
             public_pos_weight=tuple(d.get("public_pos_weight", ())),
             audit=AuditSpec(**d["audit"]) if d.get("audit") else None,
+            tuning=TuningConfig.from_json(d["tuning"]) if d.get("tuning") else None,
             key=d.get("key", ""),
         )
 
@@ -361,6 +402,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "training.pos_weight": "auto",
     "training.pos_weight_budget": 0.05,
     "audit": None,
+    "tuning": None,
 }
 _UNUSED_WITHOUT_DP = ("accountant",)
 _UNUSED_WITHOUT_CLIPPING = ("max_grad_norm", "privacy_unit", "grad_sample_mode")

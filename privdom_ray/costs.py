@@ -60,6 +60,7 @@ class Rate:
 class GridCost:
     domains: list[DomainCost]
     trainings: Counter = field(default_factory=Counter)  # by kind
+    expected_trainings: float = 0.0  # a tuned cell counts E[K] candidates (TrialKind.work)
     trainings_done: int = 0
     evaluations: int = 0
     evaluations_done: int = 0
@@ -114,11 +115,13 @@ def estimate(
 def _count(cost: GridCost, t: TrialSpec, store: TrialStore, targets, n_train, splits) -> None:
     kind = kinds.kind_of(t)
     cost.trainings[kind.name] += 1
+    runs, epochs = kind.work(t)
+    cost.expected_trainings += runs
     trained = store.valid(t.key) is not None
     cost.trainings_done += trained
     sites = kind.training_sites(t)
     if not trained:
-        images = t.training.epochs * sum(n_train[s] for s in sites)
+        images = runs * epochs * sum(n_train[s] for s in sites)
         key = "dp" if t.clips else "plain"
         cost.train_images[key] = cost.train_images.get(key, 0) + images
     if not kind.evaluated:

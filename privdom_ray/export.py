@@ -8,7 +8,8 @@ data identifiers) and, unless ``--with-audit``, the audit twins' columns stay ho
 says what covers it (column ``guarantee``: the model's epsilon, or "no guarantee: trained
 without DP"), and ``guarantees.parquet``, the report, PRIVACY.md and every model card state
 for each training set the epsilon of everything the export holds that was computed from its
-training images, composed by the PLD accountant (``guarantee.py``).
+training images, composed by the PLD accountant (``guarantee.py``; a site with a tuned model:
+its releases' RDP curves summed, the Papernot-Steinke bound of the tuned one included).
 
 Export certifies before it copies: the folder must pass ``audit`` (every ledger recomputed
 from its spec), every file is verified as it is read (parquet read in full, weights loaded
@@ -255,7 +256,8 @@ def _row_guarantees(
         text = (
             f"({eps:.4g}, {max(r.delta for r in own):g})-DP for each training "
             f"{own[0].privacy_unit} of {', '.join(rec.training_sites)}: this model's releases"
-            + (" and its audit twin's" if twin is not None else "") + " (PLD)"
+            + (" and its audit twin's" if twin is not None else "")
+            + f" ({guarantee.release_accountant(rec, twin).upper()})"
         )  # fmt: skip
         total = max(per_site[r.site].epsilon for r in own)
         out[key] = {"guarantee": text, "epsilon_release": eps, "epsilon_training_set": total}
@@ -374,6 +376,7 @@ def _card(
     """What a collaborator needs to use the weights: the spec, the thresholds (marked), and
     what covers them: this model's epsilon and, per training set, the export's total."""
     per_site = guarantee.by_site(sites)
+    tuned = record.ledger.selection is not None  # a tuned DP cell's plan covers both choices
     return {
         "release_id": release_id,
         "name": record.spec.name,
@@ -396,10 +399,18 @@ def _card(
         },
         "youden_thresholds": {
             "values": list(record.thresholds),
-            "privacy": PRIVACY_CLASSES["validation"],
+            "privacy": TUNED_VALIDATION if tuned else PRIVACY_CLASSES["validation"],
         },
-        "selected_epoch": {"value": record.info.best_epoch, "privacy": "validation"},
+        "selected_epoch": {"value": record.info.best_epoch,
+                           "privacy": TUNED_VALIDATION if tuned else "validation"},  # fmt: skip
     }
+
+
+#: A tuned DP model's thresholds and epoch: DP releases its ledger's selection entry accounts.
+TUNED_VALIDATION = (
+    "a DP release on the source's validation split (tuned cell: epoch by the exponential "
+    "mechanism, thresholds from noisy histograms), inside this model's epsilon"
+)
 
 
 # ------------------------------------------------------------------------------ PRIVACY.md
@@ -421,8 +432,9 @@ def _privacy_note(
         "",
         "## One guarantee per training set",
         "",
-        "Everything here that was computed from a site's training images, composed by the PLD "
-        "accountant (Google's dp-accounting)"
+        "Everything here that was computed from a site's training images, composed by "
+        + guarantee.composed_by((g.accountant for g in sites),
+                                "the PLD accountant (Google's dp-accounting)")
         + (", the audit twins' canary results included:" if with_audit
            else "; the audit twins' columns stayed home (`--with-audit` adds them):"),
         "",

@@ -9,6 +9,15 @@ number for a training set is the composition of every DP release of it that the 
 set contains, which this module computes with Google's PLD accountant (an upper bound,
 independent of Opacus's accountants), per site, at the site's delta.
 
+A tuned cell's release (kinds/tuning: the best of K secret candidates) has no PLD: its bound
+is a Renyi-DP curve (Papernot and Steinke 2022 on one candidate's curve, the label counts on
+top). A site with such a release is composed in RDP instead: the curves of every release of
+the site add up at each order (DP-SGD as the subsampled Gaussian, the label counts as a
+Gaussian, the tuned release's Papernot-Steinke curve recomputed from its ledger's
+``selection`` entry, never its stored epsilon), converted to (epsilon, delta) at the site's
+delta; the site's accountant then reads "rdp". Sites without one are composed by PLD as
+before (the same numbers).
+
 What it counts, for site s:
 - every DP model whose values are in the shareable set and that trained on s's images
   (a single-site trial of s; a federation with s as an active member: s's own ledger);
@@ -29,8 +38,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from privdom_ray.privacy import PLD, Mechanism, pld_epsilon
+from privdom_ray.selection import rdp
+from privdom_ray.selection.tuning import TuningPlan, tuned_rdp
 from privdom_ray.store import TrialRecord
+
+#: The accountant of a site with a tuned release (its sum of RDP curves, converted at delta).
+RDP = rdp.ACCOUNTANT
 
 NO_GUARANTEE = "no guarantee: trained without DP"
 
@@ -45,6 +61,9 @@ class Release:
     privacy_unit: str
     mechanisms: tuple[Mechanism, ...]
     twin: bool = False  # an audit twin (its canary results, not its model)
+    # a tuned release: its ledger's ``selection`` entry (the plan its bound is recomputed
+    # from; ``mechanisms`` are the released model's own, which the plan must cover)
+    selection: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +80,7 @@ class SiteGuarantee:
     audit_included: bool  # whether this set holds the audit columns
     epsilon: float  # the one that applies: with audit if included, else models only
     non_dp_models: int  # trainings without DP whose values are included
-    accountant: str
+    accountant: str  # "pld"; "rdp" for a site with a tuned release (both totals)
     statement: str
 
 
@@ -75,7 +94,8 @@ def releases(record: TrialRecord, *, twin: bool = False) -> list[Release]:
     for site, led in per_site.items():
         mechs = tuple(m for m in led.accounted_mechanisms if m.steps > 0)
         if mechs:
-            out.append(Release(record.spec.name, site, led.delta, led.privacy_unit, mechs, twin))
+            out.append(Release(record.spec.name, site, led.delta, led.privacy_unit, mechs, twin,
+                               led.selection))  # fmt: skip
     return out
 
 
@@ -99,28 +119,76 @@ def site_guarantees(
         mine = [r for r in models if r.site == site]
         theirs = [r for r in twin_releases if r.site == site]
         delta = max((r.delta for r in mine + theirs), default=math.nan)
-        eps_models = compose(mine, delta)
-        eps_all = compose(mine + theirs, delta)
+        how = accountant(mine + theirs)  # both totals by one accountant
+        eps_models = compose(mine, delta, how)
+        eps_all = compose(mine + theirs, delta, how)
         unit = ", ".join(sorted({r.privacy_unit for r in mine + theirs})) or "image"
         eps = eps_all if audit_included else eps_models
         out.append(SiteGuarantee(
             site, unit, delta, len(mine), eps_models, len(theirs), eps_all, audit_included, eps,
-            non_dp.get(site, 0), PLD,
+            non_dp.get(site, 0), how,
             statement(site, unit, delta, eps, len(mine), len(theirs) if audit_included else 0,
-                      non_dp.get(site, 0)),
+                      non_dp.get(site, 0), how),
         ))  # fmt: skip
     return out
 
 
-def compose(parts: Sequence[Release], delta: float) -> float:
-    """PLD epsilon of every mechanism of ``parts`` composed (0 when there is none)."""
+def accountant(parts: Sequence[Release]) -> str:
+    """How ``parts`` compose: "rdp" when one is a tuned release (its bound is an RDP curve),
+    else "pld"."""
+    return RDP if any(r.selection is not None for r in parts) else PLD
+
+
+def compose(parts: Sequence[Release], delta: float, how: str | None = None) -> float:
+    """Epsilon of every release of ``parts`` composed at ``delta`` (0 when there is none), by
+    ``how`` (default: :func:`accountant`): PLD over their mechanisms, or the sum of their RDP
+    curves (:func:`release_rdp`) converted at ``delta``."""
     if not parts:
         return 0.0
-    return pld_epsilon([m for r in parts for m in r.mechanisms], delta)
+    if (how or accountant(parts)) == PLD:
+        return pld_epsilon([m for r in parts for m in r.mechanisms], delta)
+    orders = rdp.as_orders()
+    total = np.sum([release_rdp(r, orders) for r in parts], axis=0)
+    return rdp.rdp_to_epsilon(total, delta, orders)[0]
+
+
+class Uncovered(ValueError):
+    """A tuned release whose model is not one its ``selection`` plan covers: no bound."""
+
+
+def release_rdp(release: Release, orders: np.ndarray | None = None) -> np.ndarray:
+    """One release's RDP curve: its mechanisms' (subsampled Gaussian; the label counts at
+    q = 1 are a plain Gaussian), or for a tuned release the Papernot-Steinke curve rebuilt
+    from its plan's mechanisms (``TuningPlan.from_dict``: nothing stored is trusted), after
+    checking that the plan covers the released model (:class:`Uncovered` otherwise)."""
+    a = rdp.as_orders(orders)
+    if release.selection is None:
+        return rdp.mechanisms_rdp(release.mechanisms, a)
+    try:
+        plan = TuningPlan.from_dict(release.selection)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Uncovered(f"{release.trial}: its selection entry cannot be rebuilt ({exc!r})") from None
+    fixed = [m.as_tuple() for m in release.mechanisms if m.name != "dp_sgd"]
+    sgd = [m.as_tuple() for m in release.mechanisms if m.name == "dp_sgd"]
+    shapes = {c.as_tuple() for c in plan.candidates}
+    same = len(fixed) == len(plan.fixed) and all(
+        np.allclose(x, y, rtol=1e-9) for x, y in zip(fixed, plan.fixed, strict=False)
+    )
+    if len(sgd) != 1 or sgd[0] not in shapes or not same:
+        raise Uncovered(f"{release.trial}: its mechanisms {release.mechanisms} are not one run "
+                        "shape and the once-per-cell releases of its selection plan")  # fmt: skip
+    return tuned_rdp(plan.candidates, plan.validation, plan.runs, plan.fixed, a)
 
 
 def statement(
-    site: str, unit: str, delta: float, eps: float, models: int, twins: int, non_dp: int
+    site: str,
+    unit: str,
+    delta: float,
+    eps: float,
+    models: int,
+    twins: int,
+    non_dp: int,
+    how: str = PLD,
 ) -> str:
     """The sentence a reader gets for one training set."""
     what = f"{models} DP model(s)" + (f" and {twins} audit twin(s)" if twins else "")
@@ -129,8 +197,9 @@ def statement(
             f"{NO_GUARANTEE}: every value here computed from {site}'s training {unit}s comes "
             "from a training without DP"
         )
-    dp = (f"({eps:.4g}, {delta:g})-DP for each training {unit} of {site}: {what} composed by "
-          f"the PLD accountant")  # fmt: skip
+    by = ("the PLD accountant" if how == PLD else "summing their RDP curves (Papernot-Steinke "
+          "for a tuned model) and converting at delta")  # fmt: skip
+    dp = f"({eps:.4g}, {delta:g})-DP for each training {unit} of {site}: {what} composed by {by}"
     if not non_dp:
         return dp
     return (
@@ -149,8 +218,8 @@ def _non_dp_counts(records: Sequence[TrialRecord], twins: Sequence[TrialRecord])
 
 
 def release_epsilon(record: TrialRecord, twin: TrialRecord | None = None) -> float:
-    """PLD epsilon of one trial's own releases (with its audit twin's when given): the largest
-    over its training sites; inf without DP."""
+    """Epsilon of one trial's own releases (with its audit twin's when given; PLD, RDP for a
+    tuned one: :func:`compose`): the largest over its training sites; inf without DP."""
     mine = releases(record)
     if not mine:
         return math.inf
@@ -158,6 +227,21 @@ def release_epsilon(record: TrialRecord, twin: TrialRecord | None = None) -> flo
     if twin is not None and not extra:
         return math.inf  # a non-private twin's values carry no guarantee
     return max(compose([r for r in mine + extra if r.site == s.site], s.delta) for s in mine)
+
+
+def composed_by(accountants: Iterable[str], pld: str = "the PLD accountant") -> str:
+    """How a set's guarantees were composed, in words, from their ``accountant`` values
+    (``pld`` alone when no site has a tuned model: the words it always had)."""
+    words = pld
+    if RDP in set(accountants):
+        words += ("; a site with a tuned model by summing RDP curves (Papernot-Steinke for the "
+                  "tuned model), as its line says")  # fmt: skip
+    return words
+
+
+def release_accountant(record: TrialRecord, twin: TrialRecord | None = None) -> str:
+    """The accountant of :func:`release_epsilon` for the same arguments."""
+    return accountant(releases(record) + (releases(twin, twin=True) if twin else []))
 
 
 def as_rows(guarantees: Sequence[SiteGuarantee]) -> list[dict[str, Any]]:

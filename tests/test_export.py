@@ -31,7 +31,7 @@ _TRANSFER_TEST = (
 EXPORTED = {
     "transfer.parquet": {
         "public": "sweep source target on_domain training_sites seed model variant init n_boot "
-        "image_size epochs logical_batch lr eval_seconds node versions",
+        "image_size epochs logical_batch lr eval_seconds node versions tuning",
         "release_id": "trial_key",
         "ledger": "epsilon_target epsilon_spent epsilon_rdp delta noise_multiplier sample_rate "
         "steps max_grad_norm accountant privacy_unit privacy_scope loss_weights guarantee "

@@ -25,7 +25,7 @@ def _spec(**kw) -> TrialSpec:
 
 
 def test_every_registered_kind_resolves_to_a_trainer():
-    assert set(kinds.REGISTRY) == {"standard", "clip_only", "pretrain", "federated", "audit"}
+    assert set(kinds.REGISTRY) == {"standard", "clip_only", "pretrain", "federated", "audit", "tuning"}
     for kind in kinds.REGISTRY.values():
         assert isinstance(kind, kinds.TrialKind)
         assert callable(TRAINERS[kind.trainer]), kind.name
@@ -268,7 +268,7 @@ def test_every_section_phase_is_a_named_one():
         assert kind.section_phase in kinds.SECTION_PHASES, kind.name
     phases = {k.section: k.section_phase for k in kinds.REGISTRY.values() if k.section}
     assert phases == {"pretrain": "before-names", "federations": "after-names",
-                      "audit": "after-common"}  # fmt: skip
+                      "audit": "after-common", "tuning": "after-common"}  # fmt: skip
 
 
 def test_a_new_kind_reads_and_writes_its_record_part_and_adds_a_report_section(tmp_path, shuffled):

@@ -82,11 +82,12 @@ def test_report_sections_and_numbers_match_the_tables(tmp_path):
     assert (tmp_path / "report.md").read_text(encoding="utf-8") == md
     assert not list(tmp_path.glob(".report.md.*"))
     # every registered section with content, numbered in order (no controls and no audit
-    # twins here: no "other", no "audit"; the audit section is tested in test_audit_twin.py)
+    # twins here: no "other", no "audit"; the audit section is tested in test_audit_twin.py;
+    # no tuned cells: no "tuning", tested in test_tuning.py)
     view = ReportView.load(tmp_path)
     every = report.sections()  # the report's own and the kinds' (the audit twins': "audit")
     shown = [s for s in every if s.render(view).strip()]
-    assert [s.key for s in every if s not in shown] == ["other", "audit"]
+    assert [s.key for s in every if s not in shown] == ["tuning", "other", "audit"]
     heading = {s.key: f"## {k}. {s.title}" for k, s in enumerate(shown, 1)}
     positions = [md.index(h) for h in heading.values()]
     assert positions == sorted(positions)

@@ -132,6 +132,11 @@ class TrialKind:
         """A line for ``launch.py plan`` about this kind's trials ("" for none)."""
         return ""
 
+    def work(self, spec: TrialSpec) -> tuple[float, float]:
+        """(expected trainings, expected epochs of each) of one trial: what ``plan`` counts
+        (a tuned cell: E[K] candidates, kinds/tuning.py)."""
+        return 1.0, float(spec.training.epochs)
+
     def members(self, spec: TrialSpec) -> tuple[Site, ...]:
         """The sites that train together in one trial (a federation's); () for one source."""
         return ()
@@ -156,6 +161,17 @@ class TrialKind:
         ledger document as stored (``store.ledger_document``: certifying code reads the claim,
         not its typed parse), or None for a kind without one (``launch.py audit`` reports it)."""
         return None
+
+    def ledger_check(self, record: Any, ledger: Mapping[str, Any]) -> Any:
+        """Its own recomputation of a DP ledger document, as (problems, recomputed epsilon),
+        for a kind whose ledger is not one training run's (a tuned cell's); None: audit
+        rebuilds the run from the spec (``privacy.expected_ledger``)."""
+        return None
+
+    def own_columns(self, record: Any) -> dict[str, Any]:
+        """Values of the transfer table's kind-owned public columns on its own rows
+        (``stats/results.py``: ``KIND_COLUMNS``; a tuned cell's ``tuning``); {}: null."""
+        return {}
 
     def attached_to(self, spec: TrialSpec) -> str | None:
         """The key of the trial whose table rows take this trial's ``columns`` (None: own rows)."""

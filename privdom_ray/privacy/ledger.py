@@ -72,9 +72,15 @@ class Ledger:
     mechanisms: tuple[Mechanism, ...] = ()
     randomness: str = ""  # "os-entropy": noise and sampling were drawn from OS entropy
     mechanism_version: int = 0
+    # a tuned cell's ``selection`` entry as stored (kinds/tuning: the Papernot-Steinke plan its
+    # epsilon is recomputed from); None for every other ledger, and then not written
+    selection: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.selection is None:
+            del out["selection"]
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Ledger:
@@ -93,6 +99,8 @@ class Ledger:
             for m in d.get("mechanisms", ())
         )  # fmt: skip
         kw["pos_weight"] = tuple(parse_number(w) for w in d.get("pos_weight", ()))
+        if kw.get("selection") is not None and not isinstance(kw["selection"], Mapping):
+            raise TypeError(f"selection: {kw['selection']!r} is not a mapping")
         return cls(**kw)
 
     @property

@@ -78,7 +78,8 @@ def _training_set_lines(view: ReportView) -> list[str]:
     audit = bool(g["audit_included"].any())
     out = [
         "**One guarantee per training set**: everything in these tables computed from the "
-        "site's training images, composed by the PLD accountant"
+        "site's training images, composed by "
+        + guarantee.composed_by(g["accountant"].dropna())
         + (", the audit twins' canary results included:" if audit else
            " (the audit twins' columns are not in these tables):"),
         "",

@@ -86,6 +86,7 @@ _PUBLIC = [
     "eval_seconds",
     "node",
     "versions",
+    "tuning",  # a tuned cell's search (space, K's distribution, E[K]): configuration
 ]
 #: the numeric ledger fields copied onto every row of a trial
 LEDGER_COLUMNS = (
@@ -319,6 +320,7 @@ SCHEMA = _with_privacy(
         ("eval_seconds", pa.float64()),
         ("node", pa.string()),
         ("versions", pa.string()),
+        ("tuning", pa.string()),  # kinds' own public columns (TrialKind.own_columns)
     ]
 )
 
@@ -356,6 +358,8 @@ def rows_for_trial(
         "train_seconds": info.train_seconds,
         "node": info.node,
         "versions": json.dumps(dict(info.versions), sort_keys=True),
+        "tuning": None,
+        **kind_of(spec).own_columns(record),
         **audit_columns(twin),
     }
     frames = []

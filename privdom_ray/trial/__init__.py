@@ -40,6 +40,7 @@ from privdom_ray.trial.evaluation import (  # noqa: F401 (re-exported: the old p
     evaluate_target,
     patient_groups,
 )
+from privdom_ray.trial.tuning import train_tuned
 
 if TYPE_CHECKING:
     from privdom_ray.canaries import Fault
@@ -533,6 +534,7 @@ TRAINERS: dict[str, Callable[..., None]] = {
     "single_site": train_single_site,
     "federated": train_federated,
     "audit_twin": train_audit_twin,
+    "tuning": train_tuned,
 }
 
 

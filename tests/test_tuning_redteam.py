@@ -438,26 +438,30 @@ def test_the_epoch_choice_is_epsilon_bounded_range_on_worst_case_neighbours():
 @pytest.mark.parametrize("shares", [{"score": 1, "checkpoint": 0, "thresholds": 1},
                                     {"score": 1, "thresholds": 1}], ids=["zero", "omitted"])  # fmt: skip
 def test_a_validation_share_the_grid_accepts_is_one_the_trainer_can_release(tmp_path, shares):
-    """BREAKS (functional, not privacy). tuning.validation_shares accepts 0 for a release
-    ('numbers >= 0, not all 0'); split_validation then gives that release no noise (None),
-    and a DP candidate's _release hits `assert out.checkpoint_epsilon is not None ...`,
-    which candidate_from_cache records as the candidate's failure: every candidate fails and
-    the cell releases nothing after E[K] trainings. Fix: _parse_shares requires every share
-    > 0 (the DP trainer always makes all three releases), or _release skips a None release
-    (last epoch / no thresholds / no score is not an option: the score selects)."""
+    """FOUND (functional, not privacy), fixed: tuning.validation_shares accepted 0 for a
+    release and an omitted release took none of the budget; split_validation then gave that
+    release no noise (None) and a DP candidate's _release hit `assert
+    out.checkpoint_epsilon is not None ...`: every candidate failed and the cell released
+    nothing after E[K] trainings. Now the grid refuses a share <= 0, naming the key, and an
+    omitted release takes its default share: whatever the grid accepts, the trainer releases."""
     import dataclasses
 
     from conftest import toy_split
 
+    from privdom_ray.config import GridError
     from privdom_ray.trial.tuning import Releases, _release
 
     tuning = {**TWO_SHAPES, "validation_shares": shares}
+    if any(v <= 0 for v in shares.values()):
+        with pytest.raises(GridError, match=r"tuning\.validation_shares\.checkpoint"):
+            _cell(tmp_path, tuning, epsilon=8)
+        return
     cell = _cell(tmp_path, tuning, epsilon=8)  # the grid is accepted
     out = Releases.of(tuned.tuning_plan(cell, 400), cell)
     val = toy_split(20, seed=1)
     val = dataclasses.replace(val, patient=np.array([f"p{i}" for i in range(20)]))
     probs = [np.random.default_rng(0).random((20, 5))] * 2
-    epoch, score, thresholds = _release(val, probs, out)  # AssertionError today
+    epoch, score, thresholds = _release(val, probs, out)
     assert epoch in (0, 1) and math.isfinite(score.noisy_sum)
 
 

@@ -441,6 +441,20 @@ def test_audit_reruns_the_calibration_and_names_each_field_with_both_values(tmp_
                     tuned.UPGRADED_TOL) == ""  # fmt: skip
 
 
+def test_a_dp_plan_without_a_validation_release_stops_the_cell_before_any_training(tmp_path):
+    """A plan checkpointed with a release missing (before shares had to be > 0) would make
+    every DP candidate fail after its training: the cell stops with the fix instead."""
+    from privdom_ray.trial.tuning import PlanDrift, Releases
+
+    spec = grid(tmp_path, tuning=SMALL)
+    cell = next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if t.is_private)
+    plan = tuned.tuning_plan(cell, 400)
+    assert Releases.of(plan, cell).checkpoint_epsilon == plan.validation.checkpoint_epsilon
+    old = dataclasses.replace(plan, validation=ValidationNoise(1.0, None, 1.0))
+    with pytest.raises(PlanDrift, match="checkpoint_epsilon"):
+        Releases.of(old, cell)
+
+
 def test_the_recomputation_is_exact_unless_a_calibration_package_was_upgraded():
     import importlib.metadata
 

@@ -117,8 +117,13 @@ def test_without_the_section_nothing_changes(tmp_path):
         ({**TUNING, "runs": {"distribution": "poisson", "k": 3}}, "tuning.runs"),
         ({**TUNING, "score": {"bound": 0}}, "tuning.score"),
         ({**TUNING, "thresholds": {"bins": 1}}, "tuning.thresholds"),
-        ({**TUNING, "validation_shares": {"score": 0, "thresholds": 0}}, "not all 0"),
-        ({**TUNING, "validation_shares": {"auc": 1}}, "tuning.validation_shares"),
+        ({**TUNING, "validation_shares": {"score": 0, "thresholds": 0}}, "a number > 0"),
+        ({**TUNING, "validation_shares": {"checkpoint": 0}}, "tuning.validation_shares.checkpoint"),
+        ({**TUNING, "validation_shares": {"score": -1}}, "omit the key for its default"),
+        ({**TUNING, "validation_shares": {"score": math.inf}}, "a number > 0"),
+        ({**TUNING, "validation_shares": {"score": True}}, "a number > 0"),
+        ({**TUNING, "validation_shares": {}}, "an omitted one is 1"),
+        ({**TUNING, "validation_shares": {"auc": 1}}, "tuning.validation_shares.auc"),
         ("random", "tuning: 'random'"),
     ],
 )  # fmt: skip
@@ -368,6 +373,95 @@ def test_audit_recomputes_a_tuned_ledger_and_names_each_tampering(tmp_path):
     assert "once-per-cell releases" in problems(lambda d: d.update(fixed=[]))
     assert "released model's" in problems(model=(shape.noise_multiplier * 0.9, *released[1:]))
     assert "cannot be rebuilt" in problems(lambda d: d.pop("candidates"))
+
+
+def test_an_omitted_validation_share_takes_its_default_and_keeps_the_key_as_written(tmp_path):
+    """An omitted release gets its default share (the DP trainer makes all three); the grid's
+    mapping stays as written in the key (a finished non-DP cell of such a grid is not
+    retrained), the plan is the one of the mapping written in full."""
+
+    def cell(shares):
+        tuning = {**SMALL, "validation_shares": shares} if shares is not None else SMALL
+        spec = grid(tmp_path, tuning=tuning)
+        return next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if t.is_private)
+
+    partial, full, default = cell({"score": 2}), cell({"score": 2, "checkpoint": 1,
+                                                       "thresholds": 1}), cell(None)  # fmt: skip
+    assert dict(partial.tuning.validation_shares) == {"score": 2.0}
+    assert partial.key != full.key
+    assert tuned.validation_shares(partial.tuning) == {"score": 2.0, "checkpoint": 1.0,
+                                                       "thresholds": 1.0}  # fmt: skip
+    v = tuned.tuning_plan(partial, 400).validation
+    assert v == tuned.tuning_plan(full, 400).validation
+    assert None not in (v.score_noise_multiplier, v.checkpoint_epsilon,
+                        v.histogram_noise_multiplier)  # fmt: skip
+    assert v.score_noise_multiplier < v.histogram_noise_multiplier  # twice the share
+    d = tuned.tuning_plan(default, 400).validation
+    assert d.score_noise_multiplier == d.histogram_noise_multiplier
+
+
+def test_audit_reruns_the_calibration_and_names_each_field_with_both_values(tmp_path):
+    """A stored entry whose mechanisms are not the ones the trainer ran (the calibration is
+    deterministic in the spec and the training size) is a problem naming the field, the
+    stored value and the recomputed one, even when its own epsilon recomputes within target."""
+    spec = grid(tmp_path, tuning={**SMALL, "space": {**SMALL["space"],
+                                                     "epochs": {"choice": [2, 3]}}})  # fmt: skip
+    cell = next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if t.is_private)
+    plan = tuned.tuning_plan(cell, 400)
+    entry = json.loads(json.dumps(tuned.selection_entry(plan, cell.tuning)))
+    used = plan.candidates[-1]
+    released = used.as_tuple()
+    assert tuned.check_selection(cell, 400, entry, released) == []
+
+    def problems(edit, rel_tol=tuned.EXACT_TOL) -> str:
+        stored = copy.deepcopy(entry)
+        edit(stored)
+        return "\n".join(tuned.check_selection(cell, 400, stored, released, rel_tol))
+
+    def other_shape(d):
+        d["candidates"][0]["noise_multiplier"] *= 3
+
+    found = problems(other_shape)
+    want = plan.candidates[0].noise_multiplier
+    assert (
+        f"selection candidates[0].noise_multiplier: stored {want * 3!r}, recomputed "
+        f"{want!r}" in found
+    )
+    assert "exceeds" not in found  # within target: only the rerun catches it
+    assert "selection validation.checkpoint_epsilon: stored None" in problems(
+        lambda d: d["validation"].update(checkpoint_epsilon=None)
+    )
+    assert "selection runs.mean: stored 1.5" in problems(lambda d: d["runs"].update(mean=1.5))
+    assert "selection epsilon_run" in problems(lambda d: d.update(epsilon_run=0.01))
+    assert "selection epsilon_total" in problems(lambda d: d.update(epsilon_total=0.9))
+    nudge = 1 + 1e-6  # below an upgrade's tolerance, above a same-version recomputation
+    assert "noise_multiplier" in problems(lambda d: d["candidates"][0].update(
+        noise_multiplier=want * nudge))  # fmt: skip
+    assert problems(lambda d: d["candidates"][0].update(noise_multiplier=want * nudge),
+                    tuned.UPGRADED_TOL) == ""  # fmt: skip
+
+
+def test_a_dp_plan_without_a_validation_release_stops_the_cell_before_any_training(tmp_path):
+    """A plan checkpointed with a release missing (before shares had to be > 0) would make
+    every DP candidate fail after its training: the cell stops with the fix instead."""
+    from privdom_ray.trial.tuning import PlanDrift, Releases
+
+    spec = grid(tmp_path, tuning=SMALL)
+    cell = next(t for t in kinds.plan_trials(spec, FINGERPRINTS, N_TRAIN) if t.is_private)
+    plan = tuned.tuning_plan(cell, 400)
+    assert Releases.of(plan, cell).checkpoint_epsilon == plan.validation.checkpoint_epsilon
+    old = dataclasses.replace(plan, validation=ValidationNoise(1.0, None, 1.0))
+    with pytest.raises(PlanDrift, match="checkpoint_epsilon"):
+        Releases.of(old, cell)
+
+
+def test_the_recomputation_is_exact_unless_a_calibration_package_was_upgraded():
+    import importlib.metadata
+
+    now = {p: importlib.metadata.version(p) for p in ("opacus", "numpy", "scipy")}
+    assert tuned.recompute_tolerance(now) == tuned.EXACT_TOL
+    assert tuned.recompute_tolerance({"torch": "0.0"}) == tuned.EXACT_TOL  # not in the plan
+    assert tuned.recompute_tolerance({**now, "numpy": "1.0.0"}) == tuned.UPGRADED_TOL
 
 
 # ------------------------------------------------------------------------------ one candidate

@@ -123,8 +123,16 @@ class Releases:
 
     @classmethod
     def of(cls, plan: TuningPlan | None, spec: TrialSpec) -> Releases:
+        """A DP plan must make all three releases (the grid requires every share > 0): one
+        without (a draw checkpointed before that rule) stops the cell with the fix, instead
+        of every candidate failing after its training."""
         assert spec.tuning is not None, spec.name
         v = plan.validation if plan is not None else None
+        missing = [k for k, x in vars(v).items() if x is None] if v is not None else []
+        if missing:
+            raise PlanDrift(f"{spec.name}: the checkpointed plan makes no {missing} release "
+                            "(a draw from before every validation share had to be > 0); "
+                            "delete the cell's private checkpoint to redraw")  # fmt: skip
         return cls(
             v.checkpoint_epsilon if v else None, v.score_noise_multiplier if v else None,
             v.histogram_noise_multiplier if v else None, spec.tuning.score_bound,

@@ -27,10 +27,13 @@ from privdom_ray.config import SweepSpec, TrainingConfig, TrialSpec, content_key
 from privdom_ray.kinds import BatchFit, Checker, PlanContext, ReportSection, TrialKind, register
 from privdom_ray.kinds.standard import single_site
 from privdom_ray.kinds.tuning.ledger import (  # noqa: F401 (re-exported: kinds.tuning's names)
+    EXACT_TOL,
     PARALLEL_STATEMENT,
+    UPGRADED_TOL,
     candidate_noise,
     check_selection,
     ledger_check,
+    recompute_tolerance,
     run_shapes,
     selection_entry,
     tuning_fixed,
@@ -54,6 +57,7 @@ from privdom_ray.kinds.tuning.section import (  # noqa: F401 (re-exported)
     runs_of,
     sample_configuration,
     shape_values,
+    validation_shares,
 )
 from privdom_ray.selection import runs as run_dists
 
@@ -168,7 +172,11 @@ class Tuned(TrialKind):
         return runs_of(spec.tuning).mean(), float(np.mean(epochs))
 
     def ledger_check(self, record: Any, ledger: Mapping[str, Any]) -> Any:
-        return ledger_check(record.spec, record.info.units or record.info.n_train or 0, ledger)
+        """The stored selection recomputed, the calibration rerun (exact unless the record
+        was trained with other numerical libraries than the installed ones)."""
+        units = record.info.units or record.info.n_train or 0
+        tol = recompute_tolerance(record.info.versions or {})
+        return ledger_check(record.spec, units, ledger, tol)
 
     def label(self, spec: TrialSpec) -> str:
         return "standard"  # a tuned cell is the grid's cell: the same rows and matrices

@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 
 from privdom_ray.config import TrainingConfig, TrialSpec, TuningConfig
-from privdom_ray.kinds.tuning.section import runs_of, shape_values
+from privdom_ray.kinds.tuning.section import runs_of, shape_values, validation_shares
 from privdom_ray.privacy import count_noise_multiplier, poisson_rate, steps_per_epoch
 from privdom_ray.selection import runs as run_dists
 from privdom_ray.selection.tuning import (
-    VALIDATION_SHARES,
     CandidateNoise,
     RunShape,
     TuningPlan,
@@ -45,8 +44,9 @@ def tuning_plan(spec: TrialSpec, units: int) -> TuningPlan | None:
     if tuning is None or not spec.is_private:
         return None
     shapes = tuple(run_shapes(tuning, spec.training, units))
+    shares = tuple(sorted(validation_shares(tuning).items()))
     return _calibrated(spec.epsilon, spec.delta, shapes, tuning.runs, tuning_fixed(spec),
-                       tuning.validation_shares)  # fmt: skip
+                       shares)  # fmt: skip
 
 
 def tuning_fixed(spec: TrialSpec) -> tuple[tuple[float, float, int], ...]:
@@ -63,7 +63,7 @@ def tuning_fixed(spec: TrialSpec) -> tuple[tuple[float, float, int], ...]:
 def _calibrated(epsilon, delta, shapes, runs, fixed, shares) -> TuningPlan:
     return calibrate(
         epsilon=epsilon, delta=delta, shapes=list(shapes), runs=run_dists.run_distribution(
-            dict(runs)), fixed=list(fixed), validation_shares=dict(shares) or VALIDATION_SHARES,
+            dict(runs)), fixed=list(fixed), validation_shares=dict(shares),
     )  # fmt: skip
 
 
@@ -76,6 +76,31 @@ def candidate_noise(plan: TuningPlan, config: TrainingConfig, units: int) -> Can
             return c
     raise ValueError(f"no run shape (q, steps) = {shape} in the plan's {len(plan.candidates)} "
                      "shapes: the configuration is not from this space")  # fmt: skip
+
+
+#: How close a stored mechanism must be to the calibration rerun: exact (to rounding) when
+#: audited with the numerical libraries it was trained with; an upgrade may move the
+#: calibration's last digits (its own tolerance is 0.5% of epsilon), as for untuned ledgers.
+EXACT_TOL, UPGRADED_TOL = 1e-9, 0.01
+CALIBRATION_PACKAGES = ("opacus", "numpy", "scipy")
+
+
+def recompute_tolerance(versions: Mapping[str, str]) -> float:
+    """:data:`EXACT_TOL` when every package the calibration runs on that the record names
+    is the installed one; :data:`UPGRADED_TOL` otherwise (a finished sweep survives an
+    upgrade; a tampered sigma, validation noise or E[K] moves far more)."""
+    import importlib.metadata
+
+    for pkg in CALIBRATION_PACKAGES:
+        if pkg not in versions:
+            continue
+        try:
+            installed = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+            installed = ""
+        if str(versions[pkg]) != installed:
+            return UPGRADED_TOL
+    return EXACT_TOL
 
 
 #: How a tuned cell's validation releases compose with its training (the ledger states it).
@@ -95,13 +120,21 @@ def selection_entry(plan: TuningPlan, tuning: TuningConfig) -> dict[str, Any]:
 
 
 def check_selection(
-    spec: TrialSpec, units: int, stored: Mapping[str, Any], released: tuple[float, float, int]
+    spec: TrialSpec,
+    units: int,
+    stored: Mapping[str, Any],
+    released: tuple[float, float, int],
+    rel_tol: float = EXACT_TOL,
 ) -> list[str]:
     """Problems of a tuned cell's ``selection`` entry (none: certified). Recomputes: the plan
     is rebuilt from its mechanisms (``TuningPlan.from_dict``), its epsilon against the
     reported one and the target; its run shapes against the grid's space on ``units``; K's
     distribution, bound, bins and label-count release against the grid; ``released`` (the
-    model's own sigma, q, steps) must be one of its shapes."""
+    model's own sigma, q, steps) must be one of its shapes. And the calibration is rerun
+    (:func:`tuning_plan`, deterministic): an entry listing other mechanisms than the ones the
+    trainer ran (less validation noise, more noise on a shape the model did not use, another
+    E[K]) recomputes to a smaller epsilon, so its mechanisms must be the plan's, to
+    ``rel_tol``."""
     assert spec.tuning is not None, spec.name
     try:
         plan = TuningPlan.from_dict(stored)
@@ -123,11 +156,12 @@ def check_selection(
                         f"{stored.get('theorem')!r}; the plan is {plan.accountant!r}, "
                         f"{plan.theorem!r}")  # fmt: skip
     problems += _check_against_grid(spec, units, plan, stored, released)
+    problems += _check_against_plan(spec, units, plan, stored, rel_tol)
     return problems
 
 
 def ledger_check(
-    spec: TrialSpec, units: int, doc: Mapping[str, Any]
+    spec: TrialSpec, units: int, doc: Mapping[str, Any], rel_tol: float = EXACT_TOL
 ) -> tuple[list[str], float] | None:
     """A tuned DP cell's stored ledger document recomputed (None for a non-DP cell): the
     ``selection`` entry (:func:`check_selection`), and the ledger around it: its epsilon is
@@ -150,7 +184,7 @@ def ledger_check(
     released = tuple(
         number_or_nan(doc.get(k)) for k in ("noise_multiplier", "sample_rate", "steps")
     )
-    problems = check_selection(spec, units, selection, released)  # type: ignore[arg-type]
+    problems = check_selection(spec, units, selection, released, rel_tol)  # type: ignore[arg-type]
     spent = number_or_nan(doc.get("epsilon_spent"))
     if not spent >= recomputed * (1 - 1e-9):
         problems.append(f"epsilon_spent {spent} is below the recomputed bound {recomputed:.6g}")
@@ -210,3 +244,45 @@ def _check_against_grid(spec, units, plan: TuningPlan, stored, released) -> list
         problems.append(f"the released model's (sigma, q, steps) = {released} is none of the "
                         "plan's run shapes")  # fmt: skip
     return problems
+
+
+def _check_against_plan(spec, units, plan: TuningPlan, stored, rel_tol: float) -> list[str]:
+    """The stored mechanisms against :func:`tuning_plan` rerun from the grid's spec on
+    ``units``: each run shape's (sigma, q, steps), the validation releases' noise, the stated
+    E[K] and the stated epsilons, every mismatch named with both values."""
+    try:
+        expected = tuning_plan(spec, units)
+    except (ValueError, RuntimeError) as exc:
+        return [f"the calibration cannot be rerun from the grid on {units} units: {exc}"]
+    assert expected is not None, spec.name
+    where = f"(the calibration rerun from the grid on {units} training units)"
+    found = sorted(plan.candidates, key=lambda c: (c.sample_rate, c.steps))
+    if len(found) != len(expected.candidates):
+        return [f"{len(found)} run shapes in the selection entry, {len(expected.candidates)} "
+                f"{where}"]  # fmt: skip
+    pairs: list[tuple[str, Any, Any]] = []
+    for i, (f, e) in enumerate(zip(found, expected.candidates, strict=True)):
+        pairs += [(f"candidates[{i}].{name}", getattr(f, name), getattr(e, name))
+                  for name in ("noise_multiplier", "sample_rate", "steps")]  # fmt: skip
+    pairs += [(f"validation.{name}", getattr(plan.validation, name),
+               getattr(expected.validation, name))
+              for name in ("score_noise_multiplier", "checkpoint_epsilon",
+                           "histogram_noise_multiplier")]  # fmt: skip
+    runs = stored.get("runs")
+    pairs += [
+        ("runs.mean", runs.get("mean") if isinstance(runs, Mapping) else None,
+         expected.runs.mean()),
+        ("epsilon_run", stored.get("epsilon_run"), expected.epsilon_run),
+        ("epsilon_total", stored.get("epsilon_total"), expected.epsilon_total),
+    ]  # fmt: skip
+    return [f"selection {name}: stored {got!r}, recomputed {want!r} {where}"
+            for name, got, want in pairs if not _close(got, want, rel_tol)]  # fmt: skip
+
+
+def _close(got: Any, want: Any, rel_tol: float) -> bool:
+    if got is None or want is None:
+        return got is None and want is None
+    try:
+        return math.isclose(float(got), float(want), rel_tol=rel_tol)
+    except (TypeError, ValueError):
+        return False

@@ -242,15 +242,35 @@ def _positive(
 
 
 def _parse_shares(c: Checker, shares: Any) -> tuple[tuple[str, float], ...]:
+    """The shares as written (part of the key); an omitted release takes its default share
+    (:func:`validation_shares`). Every share must be > 0: a DP candidate makes all three
+    releases (the score selects, the epoch and thresholds are the model's), so a release
+    with no budget has no noise and the candidate could release nothing."""
     if shares is None:
         return ()
-    ok = isinstance(shares, Mapping) and set(shares) <= set(VALIDATION_SHARES)
-    ok = ok and all(isinstance(v, int | float) and v >= 0 for v in shares.values())
-    if not ok or not sum(shares.values()) > 0:
-        c.add("tuning.validation_shares", shares, f"a mapping over {sorted(VALIDATION_SHARES)} "
-              "of numbers >= 0, not all 0 (each release's share of the validation budget)")  # fmt: skip
+    names = sorted(VALIDATION_SHARES)
+    if not isinstance(shares, Mapping) or not shares:
+        c.add("tuning.validation_shares", shares, f"a mapping over {names} of numbers > 0 "
+              "(each release's share of the validation budget; an omitted one is 1)")  # fmt: skip
         return ()
-    return tuple(sorted((str(k), float(v)) for k, v in shares.items()))
+    ok = True
+    for k, v in shares.items():
+        if k not in VALIDATION_SHARES:
+            c.add(f"tuning.validation_shares.{k}", v, f"one of {names} (typo?)")
+            ok = False
+        elif not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                  and v > 0):  # fmt: skip
+            c.add(f"tuning.validation_shares.{k}", v, "a number > 0: a DP candidate makes "
+                  f"all of {names}, each needs noise from a share of the budget (omit the key "
+                  "for its default share, 1)")  # fmt: skip
+            ok = False
+    return tuple(sorted((str(k), float(v)) for k, v in shares.items())) if ok else ()
+
+
+def validation_shares(tuning: TuningConfig) -> dict[str, float]:
+    """Every validation release's share of the budget: the section's, the default (1) for a
+    release it leaves out."""
+    return {**VALIDATION_SHARES, **dict(tuning.validation_shares)}
 
 
 def _finite(domain: SearchDomain) -> list:

@@ -70,16 +70,28 @@ def _launch_module() -> ModuleType:
 
 
 def launch_here(
-    *args: str, cwd: Path, expect: int | None = 0
+    *args: str,
+    cwd: Path,
+    expect: int | None = 0,
+    timeout: float | None = None,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``launch.py``'s ``main`` run in this process, as :func:`launch` runs the script: same
     arguments, exit code (an uncaught exception is 1, with its traceback on stderr, as the
     interpreter gives it), stdout and stderr. For a test that runs many short commands (audit,
     export) on one folder: a fresh interpreter costs each ~5 CPU seconds on 2 cores (torch,
     imported by opacus's accountants, and the accountants' first calibrations); here they are
-    paid once. Not for sweeps (they start Ray): use :func:`launch`."""
+    paid once. Not for sweeps (they start Ray): use :func:`launch`. ``env``: set for the
+    call, then restored; ``timeout`` is :func:`launch`'s, unused here (nothing to kill)."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    patch = pytest.MonkeyPatch()
+    for name, value in (env or {}).items():
+        patch.setenv(name, value)
+    with contextlib.ExitStack() as stack:
+        stack.callback(patch.undo)
+        stack.enter_context(contextlib.chdir(cwd))
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
         try:
             code = _launch_module().main(list(args))
         except SystemExit as exc:  # argparse's errors and --help

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -19,7 +20,19 @@ from privdom_ray.imaging import Preprocessing
 from privdom_ray.lossweights import exact_pos_weight
 from privdom_ray.models import MODELS, build_model
 from privdom_ray.privacy import epsilon_of
-from privdom_ray.train import Randomness, run_trial
+from privdom_ray.train import Randomness, epochs, run_trial
+
+
+@pytest.fixture(scope="module", autouse=True)
+def calibrated_once():
+    """Each noise calibration once per module: it is a pure function of (epsilon, delta, q,
+    steps, accountant, count fraction), a bisection over the PRV accountant of 3-7 s, and these
+    tests train the same few DP configurations 15 times (5 distinct). The real ``calibrate``,
+    memoised: a run whose q or steps differ still gets its own calibration."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(epochs, "calibrate", functools.lru_cache(maxsize=None)(epochs.calibrate))
+    yield
+    patch.undo()
 
 
 def masked_bce(logits, target, weight):
@@ -162,7 +175,8 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(b[name], tensor, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("epsilon", [2.0, math.inf])
+# DP: two 3-epoch runs and a calibration of its own, ~10 s on 2 cores (the quick suite keeps inf)
+@pytest.mark.parametrize("epsilon", [pytest.param(2.0, marks=pytest.mark.slow), math.inf])
 def test_resume_from_checkpoint_equals_uninterrupted_run(epsilon):
     """With secret randomness nothing outside the checkpoint can replay a DP run: resuming
     from the epoch-1 checkpoint of a run must still reproduce that run bit for bit."""
@@ -317,6 +331,7 @@ def test_patient_level_step_clips_each_patients_summed_gradient():
         torch.testing.assert_close(model.state_dict()[k], expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # ~14 s on 2 cores: its (per-patient) q and steps need a calibration of their own
 def test_patient_level_trial_accounts_per_patient():
     train, val = patient_split(30, 3, 16, 0), toy_split(32, 16, 1)
     patient_spec = TrialSpec(

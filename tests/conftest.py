@@ -130,6 +130,21 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def calibrated_once():
+    """Each DP noise calibration once per module that asks for it: a pure function of
+    (epsilon, delta, q, steps, accountant, count fraction), a bisection over the PRV accountant
+    of 3-7 s on 2 cores, that a module training the same configuration again would repeat. The
+    real ``calibrate``, memoised for the module's in-process trainings (a run whose q or steps
+    differ gets its own calibration; subprocesses and Ray workers calibrate as ever)."""
+    from privdom_ray.train import epochs
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(epochs, "calibrate", functools.lru_cache(maxsize=None)(epochs.calibrate))
+    yield
+    patch.undo()
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests that start a Ray cluster (marked ``ray``) are slow too: ``-m "not slow"`` is the
     quick suite (no Ray, no sweeps)."""

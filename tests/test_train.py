@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import numpy as np
@@ -20,19 +19,10 @@ from privdom_ray.imaging import Preprocessing
 from privdom_ray.lossweights import exact_pos_weight
 from privdom_ray.models import MODELS, build_model
 from privdom_ray.privacy import epsilon_of
-from privdom_ray.train import Randomness, epochs, run_trial
+from privdom_ray.train import Randomness, run_trial
 
-
-@pytest.fixture(scope="module", autouse=True)
-def calibrated_once():
-    """Each noise calibration once per module: it is a pure function of (epsilon, delta, q,
-    steps, accountant, count fraction), a bisection over the PRV accountant of 3-7 s, and these
-    tests train the same few DP configurations 15 times (5 distinct). The real ``calibrate``,
-    memoised: a run whose q or steps differ still gets its own calibration."""
-    patch = pytest.MonkeyPatch()
-    patch.setattr(epochs, "calibrate", functools.lru_cache(maxsize=None)(epochs.calibrate))
-    yield
-    patch.undo()
+# 15 DP runs here, of 5 distinct configurations: each calibrated once (conftest)
+pytestmark = pytest.mark.usefixtures("calibrated_once")
 
 
 def masked_bce(logits, target, weight):

@@ -71,8 +71,11 @@ def test_the_untouched_output_passes_the_audit(real_output):
         assert [line.problem for line in audit_trial(store, record) if not line.ok] == []
 
 
-def test_tampering_with_any_ledger_field_is_caught_and_named(real_output):
+def test_tampering_with_any_ledger_field_is_caught_and_named(real_output, tmp_path):
+    """Edits ledgers in place (each put back): on a copy, since real_output is shared with
+    the other xdist worker's modules, which read it meanwhile."""
     output, names = real_output
+    output = shutil.copytree(output, tmp_path / "out")
     store = TrialStore(output)
     seen = 0
     for label, key, site, ledger in cases(store, names):

@@ -74,6 +74,7 @@ def plan_cells(
     data: Mapping[str, str] | None = None,
     log: Log = print,
     records: Mapping[str, TrialRecord | None] | None = None,
+    unusable: Mapping[str, str] | None = None,
 ) -> CellPlan:
     """The cells with work left. ``caches`` maps a domain name (and the pretraining trial's
     name) to its cache folder; ``slots`` is how many per-trial slots the cluster holds;
@@ -81,7 +82,8 @@ def plan_cells(
     checksum of each target's decoded test images. ``records``: each trial's usable record
     as the driver found it after tidying the folder (``TrialStore.usable``); default: the
     store's read-only ``valid`` (a damaged or void trial is then planned again, not moved).
-    A trial in ``records`` is not verified again here (the driver just did)."""
+    A trial in ``records`` is not verified again here (the driver just did), nor one in
+    ``unusable`` (evaluate: the reason the driver found it unusable, by key)."""
     targets = target_refs(spec, fingerprints, caches, data)
     init_path = ""
     pre = next((t for t in trials if kind_of(t).stage == 0), None)
@@ -89,12 +91,12 @@ def plan_cells(
         init_path = str(store.model_path(pre.key))
     elif spec.init_path is not None:
         init_path = str(spec.init_path)
-    cells, unusable, done = [], [], 0
+    cells, named, done = [], [], 0
     for t in trials:
         kind = kind_of(t)
         checked = records is not None and t.key in records  # the driver found it usable
-        if not train and not checked and (why := store.unusable_reason(t.key)):
-            unusable.append(f"{t.name}: {why}")
+        if not train and not checked and (why := _unusable(store, t.key, unusable)):
+            named.append(f"{t.name}: {why}")
             log(
                 f"[evaluate] {t.name} ({t.key}): {why}; not evaluated (the sweep, launch.py "
                 "--grid, sets it aside and trains it again)"
@@ -121,7 +123,15 @@ def plan_cells(
             continue
         cells.append(_cell(spec, t, caches, source, missing, init, run_id, slots))
     cells = [dataclasses.replace(c, fence=fence) for c in cells]
-    return CellPlan(list(trials), cells, targets, tuple(unusable), done)
+    return CellPlan(list(trials), cells, targets, tuple(named), done)
+
+
+def _unusable(store: TrialStore, key: str, known: Mapping[str, str] | None) -> str:
+    """Why a trial cannot be used: the driver's reason when it checked the trial, else the
+    store's (read-only) verification."""
+    if known is not None and key in known:
+        return known[key]
+    return store.unusable_reason(key)
 
 
 def _cell(

@@ -15,15 +15,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # each embedded cluster ~5 CPU seconds on 2 cores); test_sweep turns it on to check its address.
 os.environ.setdefault("PRIVDOM_RAY_DASHBOARD", "0")
 
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from helpers.shared import built_once  # noqa: E402
 from helpers.trials import EV  # noqa: E402
 
 from privdom_ray.cache import SplitData  # noqa: E402
@@ -52,6 +59,54 @@ def launch(
     return proc
 
 
+@functools.cache
+def _launch_module() -> ModuleType:
+    """``launch.py`` loaded as a module (it is a script at the repository's root)."""
+    spec = importlib.util.spec_from_file_location("privdom_launch", ROOT / "launch.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch_here(
+    *args: str,
+    cwd: Path,
+    expect: int | None = 0,
+    timeout: float | None = None,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``launch.py``'s ``main`` run in this process, as :func:`launch` runs the script: same
+    arguments, exit code (an uncaught exception is 1, with its traceback on stderr, as the
+    interpreter gives it), stdout and stderr. For a test that runs many short commands (audit,
+    export) on one folder: a fresh interpreter costs each ~5 CPU seconds on 2 cores (torch,
+    imported by opacus's accountants, and the accountants' first calibrations); here they are
+    paid once. Not for sweeps (they start Ray): use :func:`launch`. ``env``: set for the
+    call, then restored; ``timeout`` is :func:`launch`'s, unused here (nothing to kill)."""
+    out, err = io.StringIO(), io.StringIO()
+    patch = pytest.MonkeyPatch()
+    for name, value in (env or {}).items():
+        patch.setenv(name, value)
+    with contextlib.ExitStack() as stack:
+        stack.callback(patch.undo)
+        stack.enter_context(contextlib.chdir(cwd))
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            code = _launch_module().main(list(args))
+        except SystemExit as exc:  # argparse's errors and --help
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # noqa: BLE001 - what the interpreter would print, exit 1
+            traceback.print_exc()
+            code = 1
+    proc = subprocess.CompletedProcess(
+        ["launch.py", *args], code, out.getvalue(), err.getvalue()
+    )
+    if expect is not None:
+        assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def toy_split(n: int, size: int = 16, seed: int = 0) -> SplitData:
     """Images whose label 0 is a bright square: learnable, so AUC is meaningful; some labels
     masked."""
@@ -73,6 +128,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def calibrated_once():
+    """Each DP noise calibration once per module that asks for it: a pure function of
+    (epsilon, delta, q, steps, accountant, count fraction), a bisection over the PRV accountant
+    of 3-7 s on 2 cores, that a module training the same configuration again would repeat. The
+    real ``calibrate``, memoised for the module's in-process trainings (a run whose q or steps
+    differ gets its own calibration; subprocesses and Ray workers calibrate as ever)."""
+    from privdom_ray.train import epochs
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(epochs, "calibrate", functools.lru_cache(maxsize=None)(epochs.calibrate))
+    yield
+    patch.undo()
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -175,6 +245,13 @@ def build_real_output(work: Path, *, accountant: str = "rdp") -> tuple[Path, dic
 
 
 @pytest.fixture(scope="session")
-def real_output(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """:func:`build_real_output` once per test session (read-only: copy it to change it)."""
-    return build_real_output(tmp_path_factory.mktemp("real"))
+def real_output(tmp_path_factory, worker_id) -> tuple[Path, dict[str, str]]:
+    """:func:`build_real_output` once per test run, shared by the xdist workers (read-only:
+    copy it to change it): test_audit and test_export may run on different workers."""
+
+    def build(work: Path) -> dict:
+        output, names = build_real_output(work)
+        return {"output": str(output), "names": names}
+
+    built = built_once(tmp_path_factory, worker_id, "real", build)
+    return Path(built["output"]), built["names"]

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import launch, toy_split
+from conftest import launch, launch_here, toy_split
 from helpers import folders
 from helpers.grids import synthetic_domain
 
@@ -26,6 +26,8 @@ from privdom_ray.store import TrialStore
 from privdom_ray.trial import Executor, train_audit_twin
 
 CANARIES = 400
+# the twins here train the same DP configuration 3 times, and a test recomputes its plan twice
+pytestmark = pytest.mark.usefixtures("calibrated_once")
 
 
 def write_cache(folder, n_train: int = 96, size: int = 16):
@@ -125,7 +127,7 @@ def test_audit_twins_catch_broken_builds(tmp_path, fault, attack):
     noise = audit["noise"]  # the noise check sees it too
     assert noise["too_little"] is (fault.noise_scale < 1)
     assert noise["follows_seed"] is fault.public_noise
-    proc = launch("audit", "out", cwd=tmp_path, expect=1)
+    proc = launch_here("audit", "out", cwd=tmp_path, expect=1)  # main(), in-process
     assert f"{attack} attack): epsilon_lower" in proc.stdout and "broken" in proc.stdout
     assert "noise check: " in proc.stdout
 

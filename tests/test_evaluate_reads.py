@@ -29,6 +29,7 @@ from privdom_ray.manifest import LABELS
 from privdom_ray.models import build_model
 from privdom_ray.records import RunRecord
 from privdom_ray.store import DamagedRecord, TrialStore
+from privdom_ray.sweep import checked_trials
 from privdom_ray.trial.evaluation import evaluate_stored
 
 
@@ -109,9 +110,10 @@ def test_an_evaluation_of_a_damaged_model_writes_nothing(tmp_path):
 
 
 def test_evaluate_planning_does_not_verify_what_the_driver_just_checked(tmp_path, verified):
-    """sweep.prepare (train=False) checks each trial and tidies it; plan_cells then uses
-    those records (was: a third full verification per trial). A trial the driver found
-    unusable is still named, with its reason."""
+    """sweep.prepare (train=False) verifies each trial once (was: a read-only check, then
+    the store's tidying verified it again) and tidies it; plan_cells then uses those records
+    and reasons (was: a third full verification per trial). A trial the driver found unusable
+    is still named, with its reason."""
     fps = {"a": "fpa", "b": "fpb"}
     spec = parse_grid(grid(tmp_path), base=tmp_path)
     trials = plan_trials(spec, fps, {"a": 100, "b": 100})
@@ -121,19 +123,47 @@ def test_evaluate_planning_does_not_verify_what_the_driver_just_checked(tmp_path
     broken = trials[0]
     damage(store.folder(broken.key) / "ledger.json", "truncated")
     verified.clear()
-    # what sweep.prepare does with train=False: a read-only check, then the store's tidying
-    records = {
-        t.key: store.usable(t.key, lambda _m: None)
-        for t in trials
-        if not store.unusable_reason(t.key)
-    }
-    # trial.json is every check's first file: the intact trials twice, the broken one once
-    assert verified["trial.json"] == 2 * (len(trials) - 1) + 1
+    # what sweep.prepare does with train=False: one check per trial, then the store's tidying
+    records, unusable = checked_trials(store, trials, train=False, log=lambda _m: None)
+    # trial.json is every check's first file: each trial verified once
+    assert verified["trial.json"] == len(trials)
+    assert verified["model.pt"] == len(trials) - 1  # the broken one stops at its ledger
+    assert set(unusable) == {broken.key} and broken.key not in records
+    assert store.folder(broken.key).is_dir()  # evaluate names it, never moves it
     verified.clear()
     lines: list[str] = []
     plan = planning.plan_cells(spec, trials, store, caches, fps, train=False, records=records,
-                               log=lines.append)  # fmt: skip
-    assert verified["trial.json"] == 1  # only the trial the driver could not use: its reason
+                               unusable=unusable, log=lines.append)  # fmt: skip
+    # the driver's checks are used, not made again (only the evaluations found are read)
+    assert verified["trial.json"] == verified["model.pt"] == verified["ledger.json"] == 0
     assert len(plan.unusable) == 1 and plan.unusable[0].startswith(f"{broken.name}: ledger.json")
+    # without the driver's reasons, planning still verifies the trial it was not told about
+    verified.clear()
+    again = planning.plan_cells(spec, trials, store, caches, fps, train=False, records=records,
+                                log=lines.append)  # fmt: skip
+    assert verified["trial.json"] == 1 and again.unusable == plan.unusable
     assert sorted(c.spec.key for c in plan.cells) == sorted(t.key for t in trials[1:])
     assert all([t.name for t in c.targets] == ["b"] for c in plan.cells)
+
+
+def test_the_sweep_verifies_each_trial_once_and_sets_damage_aside(tmp_path, verified):
+    """sweep.prepare (training): one verification per trial, whether ``plan_trials`` asked
+    about it first (a kept trial: its inspection is passed on) or not; a damaged trial is
+    still set aside to be trained again, an intact one kept."""
+    fps = {"a": "fpa", "b": "fpb"}
+    spec = parse_grid(grid(tmp_path), base=tmp_path)
+    trials = plan_trials(spec, fps, {"a": 100, "b": 100})
+    for t in trials:
+        mark_done(tmp_path, t, fps)
+    store = TrialStore(spec.output)
+    broken, kept = trials[0], trials[1]
+    damage(store.folder(broken.key) / "model.pt", "truncated")
+    verified.clear()
+    found = {kept.key: store.inspect(kept.key)}  # as prepare's ``finished`` does
+    assert verified["trial.json"] == 1
+    lines: list[str] = []
+    records, unusable = checked_trials(store, trials, found, train=True, log=lines.append)
+    assert verified["trial.json"] == len(trials)  # the kept one not verified again
+    assert unusable == {} and records[broken.key] is None
+    assert all(records[t.key] is not None for t in trials[1:])
+    assert not store.folder(broken.key).exists() and "set_aside" in lines[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from helpers import folders
@@ -63,3 +64,47 @@ def test_rewritten_is_a_sealed_edit_undone_afterwards_and_raw_damage_is_refused(
     (TrialStore(tmp_path).folder(key) / "ledger.json").write_bytes(before + b" ")
     with pytest.raises(DamagedRecord, match="ledger.json"):
         folders.ledger(tmp_path, key)
+
+
+def test_launch_here_answers_as_the_script_does(tmp_path):
+    """conftest's in-process ``launch_here`` gives the command line's exit code, stdout and
+    stderr: a command that succeeds (``show`` of a written trial), one that refuses (status of
+    a folder without a plan, exit 2), a usage error (argparse, exit 2)."""
+    from conftest import launch, launch_here
+
+    test = make_testset(60, seed=1)
+    write_trial(tmp_path / "out", source="a", epsilon=2.0, seed=0,
+                evals={"a": ("fpa", test, scores_for(test, 1.0, 2))})  # fmt: skip
+    for args in (("show", "out", "a/2.0/0"), ("status", "nowhere"), ("audit",)):
+        script = launch(*args, cwd=tmp_path, expect=None)
+        here = launch_here(*args, cwd=tmp_path, expect=None)
+        assert script.returncode in (0, 2) and script.stdout + script.stderr
+        assert (here.returncode, here.stdout, here.stderr) == (
+            script.returncode, script.stdout, script.stderr
+        ), args
+    assert launch_here("status", "nowhere", cwd=tmp_path, expect=2).stderr.startswith("error:")
+
+
+def test_built_once_builds_for_the_first_worker_and_hands_the_rest_its_result(tmp_path_factory):
+    """helpers.shared.built_once: the second worker of a run reads what the first built (no
+    second build); a build that failed leaves no result and the next asker builds again."""
+    import uuid
+
+    from helpers.shared import built_once
+
+    name, calls = f"selftest-{uuid.uuid4().hex[:8]}", []
+
+    def build(folder: Path) -> dict:
+        calls.append(folder)
+        if len(calls) == 1:
+            raise RuntimeError("a build that fails")
+        (folder / "x").write_text("built")
+        return {"folder": str(folder)}
+
+    with pytest.raises(RuntimeError):
+        built_once(tmp_path_factory, "gw0", name, build)
+    first = built_once(tmp_path_factory, "gw0", name, build)
+    second = built_once(tmp_path_factory, "gw1", name, build)
+    assert first == second and len(calls) == 2
+    assert (Path(first["folder"]) / "x").read_text() == "built"
+    assert built_once(tmp_path_factory, "master", name, build) != first  # no xdist: its own

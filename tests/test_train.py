@@ -21,6 +21,9 @@ from privdom_ray.models import MODELS, build_model
 from privdom_ray.privacy import epsilon_of
 from privdom_ray.train import Randomness, run_trial
 
+# 15 DP runs here, of 5 distinct configurations: each calibrated once (conftest)
+pytestmark = pytest.mark.usefixtures("calibrated_once")
+
 
 def masked_bce(logits, target, weight):
     return MaskedBCELoss(weight)(logits, target)
@@ -162,7 +165,8 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(b[name], tensor, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("epsilon", [2.0, math.inf])
+# DP: two 3-epoch runs and a calibration of its own, ~10 s on 2 cores (the quick suite keeps inf)
+@pytest.mark.parametrize("epsilon", [pytest.param(2.0, marks=pytest.mark.slow), math.inf])
 def test_resume_from_checkpoint_equals_uninterrupted_run(epsilon):
     """With secret randomness nothing outside the checkpoint can replay a DP run: resuming
     from the epoch-1 checkpoint of a run must still reproduce that run bit for bit."""
@@ -317,6 +321,7 @@ def test_patient_level_step_clips_each_patients_summed_gradient():
         torch.testing.assert_close(model.state_dict()[k], expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # ~14 s on 2 cores: its (per-patient) q and steps need a calibration of their own
 def test_patient_level_trial_accounts_per_patient():
     train, val = patient_split(30, 3, 16, 0), toy_split(32, 16, 1)
     patient_spec = TrialSpec(

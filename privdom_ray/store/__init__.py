@@ -349,20 +349,23 @@ class TrialStore(Evaluations):
             return "evaluating", "trained; targets left: " + names
         return "pending", ""
 
-    def valid(self, key: str) -> TrialRecord | None:
+    def valid(self, key: str, found: Inspection | None = None) -> TrialRecord | None:
         """The trained trial if it is intact and its guarantee (if any) valid, else None.
-        Read-only: tables and reports use it; the sweep uses :meth:`usable`."""
-        found = self.inspect(key)
+        Read-only: tables and reports use it; the sweep uses :meth:`usable`. ``found``: this
+        trial's :meth:`inspect`, when the caller has just made it (verified once, not twice)."""
+        found = self.inspect(key) if found is None else found
         if found.record is None or found.record.void:
             return None
         return found.record
 
-    def usable(self, key: str, log: Callable[[str], None] = print) -> TrialRecord | None:
+    def usable(
+        self, key: str, log: Callable[[str], None] = print, found: Inspection | None = None
+    ) -> TrialRecord | None:
         """The trained trial if the sweep may use it. Driver only (it writes): a damaged or
         void trial is set aside (None returned, with a line to ``log``) so that it is trained
         again; a damaged training log is set aside alone; a folder written before checksums
-        is sealed after its full parse."""
-        found = self.inspect(key)
+        is sealed after its full parse. ``found``: as in :meth:`valid`."""
+        found = self.inspect(key) if found is None else found
         if found.record is None and found.damage is None:
             return None
         if found.damage is not None:
@@ -380,9 +383,10 @@ class TrialStore(Evaluations):
         log(f"[store] trial {key}: {why[1]}; moved to {dest} and run again")
         return None
 
-    def unusable_reason(self, key: str) -> str:
-        """Why a trained trial cannot be used ("" when it can, or is not trained)."""
-        found = self.inspect(key)
+    def unusable_reason(self, key: str, found: Inspection | None = None) -> str:
+        """Why a trained trial cannot be used ("" when it can, or is not trained). ``found``:
+        as in :meth:`valid`."""
+        found = self.inspect(key) if found is None else found
         if found.damage is not None:
             return f"{_rel(found.damage.path, self.folder(key))}: {found.damage.reason}"
         if found.record is not None and found.record.void:

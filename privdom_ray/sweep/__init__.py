@@ -50,7 +50,7 @@ from privdom_ray.folder import (
 from privdom_ray.report.view import ReportView
 from privdom_ray.stats import comparisons, results
 from privdom_ray.stats.study import study_of
-from privdom_ray.store import TrialStore
+from privdom_ray.store import Inspection, TrialRecord, TrialStore
 from privdom_ray.sweep.cluster import (
     _use_cluster_token,
     check_resources,
@@ -118,6 +118,31 @@ def build_caches(
     return caches
 
 
+def checked_trials(
+    store: TrialStore,
+    trials: Sequence[TrialSpec],
+    found: Mapping[str, Inspection] | None = None,
+    *,
+    train: bool = True,
+    log: Log = _log,
+) -> tuple[dict[str, TrialRecord | None], dict[str, str]]:
+    """The store's writes before planning (planning is pure), from one verification of each
+    trial's folder (a full hash of its model: not repeated): the records the sweep may use,
+    damaged or void trials set aside (``TrialStore.usable``), legacy folders sealed; evaluate
+    (``train=False``) moves nothing and returns instead why each unusable trial is ("name:
+    why" is planning's). ``found``: inspections already made (``plan_trials``' kept trials)."""
+    records: dict[str, TrialRecord | None] = {}
+    unusable: dict[str, str] = {}
+    for t in trials:
+        inspection = found.get(t.key) if found else None
+        inspection = store.inspect(t.key) if inspection is None else inspection
+        if not train and (why := store.unusable_reason(t.key, inspection)):
+            unusable[t.key] = why
+            continue
+        records[t.key] = store.usable(t.key, log, inspection)
+    return records, unusable
+
+
 def prepare(
     spec: SweepSpec,
     inputs: Inputs,
@@ -137,22 +162,23 @@ def prepare(
     store.guard()
     spec.output.mkdir(parents=True, exist_ok=True)
     caches = build_caches(spec, inputs, log, store.guard)
+    found: dict[str, Inspection] = {}  # each trial's folder, verified once
+
+    def finished(key: str) -> bool:  # kept trials: read, never trained
+        found[key] = store.inspect(key)
+        return store.valid(key, found[key]) is not None
+
     trials = kinds.plan_trials(
         spec, fps, n_train,
         init_file_hash=inputs.init_file_hash, public_pos_weight=inputs.public_pos_weight,
-        finished=lambda key: store.valid(key) is not None,  # kept: read, never trained
+        finished=finished,
     )  # fmt: skip
-    # the store's writes before planning (planning is pure): damaged or void trials set aside
-    # (not by evaluate, which names them instead), legacy folders sealed
-    records = {
-        t.key: store.usable(t.key, log)
-        for t in trials
-        if train or not store.unusable_reason(t.key)
-    }
+    records, unusable = checked_trials(store, trials, found, train=train, log=log)
     plan = planning.plan_cells(
         spec, trials, store, {k: str(e.path) for k, e in caches.items()}, fps,
         train=train, run_id=run_id, slots=cluster_slots(spec), fence=fence,
         data={k: e.test_digest for k, e in caches.items()}, log=log, records=records,
+        unusable=unusable,
     )  # fmt: skip
     store.guard()
     out = SweepFolder(spec.output)

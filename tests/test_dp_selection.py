@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -182,3 +183,47 @@ def test_an_old_format_dp_record_is_read_without_retraining_and_audits_clean(tmp
     assert store.is_trained(dp[0]) and record.ledger.validation is None
     assert record.info.val_macro_auc is not None  # as it was written
     assert not any("validation" in line.problem for line in audit_output(out))
+
+
+# ------------------------------------------------------------------------- the table and report
+
+
+def test_the_report_marks_only_rows_without_the_releases_as_outside_the_guarantee(tmp_path):
+    """Real trial folders and the sweep's own aggregation: a DP trial whose ledger holds the
+    validation releases (new), one without (finished before) and a non-DP one."""
+    from helpers.trials import (
+        make_testset,
+        scores_for,
+        tiny_ledger,
+        tiny_spec,
+        write_evaluation,
+        write_trained,
+    )
+
+    from privdom_ray.kinds.standard import validation_entry
+    from privdom_ray.report.guarantees import dp_validation_note
+    from privdom_ray.stats import results
+
+    noise = validation_noise(0.99, 1e-5)
+    entry = validation_entry(noise, epsilon_train=0.99, delta=1e-5, bound=1.0, bins=20, n_labels=5)
+    new = dataclasses.replace(tiny_ledger(1.0), validation=entry)
+    test = make_testset(80, seed=3)
+    keys = {}
+    for name, spec, ledger in (("new", tiny_spec("a", 1.0, 0), new),
+                               ("before", tiny_spec("a", 1.0, 1), tiny_ledger(1.0)),
+                               ("nondp", tiny_spec("a", math.inf, 0), None)):  # fmt: skip
+        keys[name] = write_trained(tmp_path, spec, ledger)
+        write_evaluation(tmp_path, keys[name], "a", "fpa", test, scores_for(test, 2.0, 0))
+    target = SimpleNamespace(name="a", fingerprint="fpa")
+    results.aggregate(tmp_path, list(keys.values()), "s", [target])
+    df = results.load(tmp_path)  # the table as written, as the report reads it
+    by_key = df.drop_duplicates("trial_key").set_index("trial_key")["epsilon_validation"]
+    assert by_key[keys["new"]] == pytest.approx(entry["epsilon"])
+    assert by_key[keys["new"]] <= 0.99
+    assert math.isnan(by_key[keys["before"]]) and math.isnan(by_key[keys["nondp"]])
+    assert results.privacy_class("epsilon_validation") == "ledger"
+    note = dp_validation_note(df.drop_duplicates("trial_key"))
+    assert "In 1 untuned DP trial(s)" in note and "1 DP trial(s) finished before" in note
+    assert "RDP" in note and "parallel" in note
+    # a table of trials all finished before says nothing new: every row stays outside
+    assert dp_validation_note(df[df["trial_key"] != keys["new"]]) == ""

@@ -227,3 +227,53 @@ def test_the_report_marks_only_rows_without_the_releases_as_outside_the_guarante
     assert "RDP" in note and "parallel" in note
     # a table of trials all finished before says nothing new: every row stays outside
     assert dp_validation_note(df[df["trial_key"] != keys["new"]]) == ""
+
+
+# ------------------------------------------------------------------------- resumes
+
+
+def _toy():
+    from conftest import toy_split
+
+    train, val = toy_split(64, 16, 0), toy_split(32, 16, 1)
+    return train, dataclasses.replace(val, patient=np.array([f"p{i // 2}" for i in range(32)]))
+
+
+def test_a_resumed_dp_run_keeps_its_selection_plan_and_releases_once(one_torch_thread):
+    """The plan and the running noisy maximum live in the private checkpoint: a resume
+    continues them (same noise sizes, same ledger) instead of starting a second selection."""
+    from test_train import MemoryCheckpoints
+
+    from privdom_ray.train import run_trial
+
+    train, val = _toy()
+    spec = _spec(2.0)
+    store = MemoryCheckpoints()
+    reference = run_trial(spec, train, val, checkpoint=store, dp_selection=True)
+    saved = store.saved[1]
+    assert saved["selection"]["noise"]["checkpoint_epsilon"] > 0 and math.isfinite(saved["best_noisy"])
+    after_first = MemoryCheckpoints()
+    after_first.state = saved
+    resumed = run_trial(spec, train, val, checkpoint=after_first, dp_selection=True)
+    assert resumed.resumed_from_epoch == 1 and resumed.ledger == reference.ledger
+    assert resumed.ledger.validation == reference.ledger.validation is not None
+    assert resumed.thresholds is not None and len(resumed.thresholds) == val.labels.shape[1]
+
+
+def test_a_checkpoint_of_the_code_before_resumes_with_exact_selection(one_torch_thread):
+    """A DP run checkpointed by the code before (no selection plan: its first epochs were
+    chosen exactly) finishes as it started: exact, no validation entry, marked outside."""
+    from test_train import MemoryCheckpoints
+
+    from privdom_ray.train import run_trial
+
+    train, val = _toy()
+    spec = _spec(2.0)
+    store = MemoryCheckpoints()
+    run_trial(spec, train, val, checkpoint=store)  # dp_selection off: as before
+    old = {k: v for k, v in store.saved[1].items() if k not in ("selection", "best_noisy")}
+    before = MemoryCheckpoints()
+    before.state = old
+    resumed = run_trial(spec, train, val, checkpoint=before, dp_selection=True)
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.ledger.validation is None and resumed.thresholds is None

@@ -223,7 +223,7 @@ def test_the_report_marks_only_rows_without_the_releases_as_outside_the_guarante
     assert math.isnan(by_key[keys["before"]]) and math.isnan(by_key[keys["nondp"]])
     assert results.privacy_class("epsilon_validation") == "ledger"
     note = dp_validation_note(df.drop_duplicates("trial_key"))
-    assert "In 1 untuned DP trial(s)" in note and "1 DP trial(s) finished before" in note
+    assert "In 1 untuned DP trial(s)" in note and "finished before this release" in note
     assert "RDP" in note and "parallel" in note
     # a table of trials all finished before says nothing new: every row stays outside
     assert dp_validation_note(df[df["trial_key"] != keys["new"]]) == ""

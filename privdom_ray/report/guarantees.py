@@ -74,10 +74,7 @@ def dp_validation_note(trials) -> str:
     inside = trials[trials["epsilon_validation"].notna()]
     if inside.empty:
         return ""
-    untuned = trials["tuning"].isna() if "tuning" in trials.columns else True
-    dp = trials["accountant"].fillna("none") != "none"
-    before = trials[dp & untuned & trials["epsilon_validation"].isna()]
-    text = (
+    return (
         f"In {len(inside)} untuned DP trial(s) (column `epsilon_validation` not null) "
         "`best_epoch` and `threshold` are DP releases on the source's validation split: the "
         "epoch by the exponential mechanism over the epochs on the clipped per-patient "
@@ -86,12 +83,9 @@ def dp_validation_note(trials) -> str:
         "and they compose in parallel with training (the patient-wise split is a salted hash "
         "of the patient id, independent of the data, so a neighbour differs in one split "
         "only): the trial's ε covers them. The `best_epoch` and `threshold` entries of the "
-        "list below concern the other rows only"
+        "list below concern the other rows only: DP trials finished before this release "
+        "(chosen exactly; kept, not retrained), non-DP trials and controls, federations."
     )
-    if not before.empty:
-        text += (f", among them {len(before)} DP trial(s) finished before this release, whose "
-                 "epoch and thresholds were chosen exactly (kept, not retrained)")  # fmt: skip
-    return text + "."
 
 
 def _training_set_lines(view: ReportView) -> list[str]:

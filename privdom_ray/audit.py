@@ -34,6 +34,7 @@ from typing import Any
 
 from privdom_ray.folder import PlanDamaged, SweepFolder
 from privdom_ray.kinds import UnknownKind, kind_of
+from privdom_ray.kinds.standard import check_validation
 from privdom_ray.numeric import number_or_nan
 from privdom_ray.privacy import (
     MECHANISM_VERSION,
@@ -236,7 +237,12 @@ def _ledger_line(
             "the trial record names no training-set size (units / n_train): nothing to "
             "recompute sigma from"))  # fmt: skip
     expected = expected_ledger(run)
+    validation = found.get("validation")  # an untuned DP trial's releases on V (or absent)
+    if validation is not None:
+        found = {k: v for k, v in found.items() if k != "validation"}
     problems = ledger_differences(found, expected, rel_tol=tol)
+    if validation is not None:
+        problems += _validation_problems(site, validation, found, expected, tol)
     if run.active:
         problems += check_epsilon(found)
     if str(found.get("accountant")) == "none":
@@ -246,6 +252,23 @@ def _ledger_line(
         number_or_nan(found.get("epsilon_spent")), expected.epsilon_spent,
         pld_epsilon(expected.mechanisms, run.delta),
         "; ".join(problems) + (f" {note}" if problems and note else ""),
+    )  # fmt: skip
+
+
+def _validation_problems(
+    site: str, stored: Any, found: Mapping[str, Any], expected: Any, tol: float
+) -> list[str]:
+    """An untuned DP trial's validation releases (epoch, thresholds) recomputed: their noise
+    from the expected training epsilon (spec and N_train, never the ledger's), their own
+    epsilon within the ledger's (``kinds.standard.check_validation``). A ledger without the
+    entry (written before) is valid: its epoch and thresholds are outside the guarantee."""
+    if site:
+        return [f"validation releases in a federation site's ledger ({site}): no trainer "
+                "writes them"]  # fmt: skip
+    return check_validation(
+        stored, epsilon_train=expected.epsilon_spent,
+        epsilon_spent=number_or_nan(found.get("epsilon_spent")), delta=expected.delta,
+        n_labels=N_LABELS, rel_tol=tol,
     )  # fmt: skip
 
 

@@ -376,7 +376,10 @@ def _card(
     """What a collaborator needs to use the weights: the spec, the thresholds (marked), and
     what covers them: this model's epsilon and, per training set, the export's total."""
     per_site = guarantee.by_site(sites)
-    tuned = record.ledger.selection is not None  # a tuned DP cell's plan covers both choices
+    inside = (  # a tuned DP cell's plan, or an untuned DP trial's validation entry, covers both
+        TUNED_VALIDATION if record.ledger.selection is not None
+        else DP_VALIDATION if record.ledger.validation is not None else ""
+    )  # fmt: skip
     return {
         "release_id": release_id,
         "name": record.spec.name,
@@ -399,13 +402,19 @@ def _card(
         },
         "youden_thresholds": {
             "values": list(record.thresholds),
-            "privacy": TUNED_VALIDATION if tuned else PRIVACY_CLASSES["validation"],
+            "privacy": inside or PRIVACY_CLASSES["validation"],
         },
         "selected_epoch": {"value": record.info.best_epoch,
-                           "privacy": TUNED_VALIDATION if tuned else "validation"},  # fmt: skip
+                           "privacy": inside or "validation"},  # fmt: skip
     }
 
 
+#: An untuned DP model's thresholds and epoch, when its ledger has the validation entry.
+DP_VALIDATION = (
+    "a DP release on the source's validation split (epoch by the exponential mechanism, "
+    "thresholds from noisy histograms; the ledger's validation entry), inside this model's "
+    "epsilon (parallel with training)"
+)
 #: A tuned DP model's thresholds and epoch: DP releases its ledger's selection entry accounts.
 TUNED_VALIDATION = (
     "a DP release on the source's validation split (tuned cell: epoch by the exponential "

@@ -34,8 +34,8 @@ EXPORTED = {
         "image_size epochs logical_batch lr eval_seconds node versions tuning",
         "release_id": "trial_key",
         "ledger": "epsilon_target epsilon_spent epsilon_rdp delta noise_multiplier sample_rate "
-        "steps max_grad_norm accountant privacy_unit privacy_scope loss_weights guarantee "
-        "epsilon_release epsilon_training_set",
+        "steps max_grad_norm accountant privacy_unit privacy_scope loss_weights "
+        "epsilon_validation guarantee epsilon_release epsilon_training_set",
         "test": _TRANSFER_TEST,
         "validation": "threshold best_epoch",
     },

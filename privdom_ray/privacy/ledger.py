@@ -75,11 +75,17 @@ class Ledger:
     # a tuned cell's ``selection`` entry as stored (kinds/tuning: the Papernot-Steinke plan its
     # epsilon is recomputed from); None for every other ledger, and then not written
     selection: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
+    # an untuned DP trial's validation releases (kinds.standard.validation_entry: the epoch by
+    # the exponential mechanism, thresholds from noisy histograms, in parallel with training);
+    # None for ledgers written before them (their epoch and thresholds are outside epsilon) and
+    # every other ledger, and then not written
+    validation: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if self.selection is None:
-            del out["selection"]
+        for name in ("selection", "validation"):
+            if out[name] is None:
+                del out[name]
         return out
 
     @classmethod
@@ -99,8 +105,9 @@ class Ledger:
             for m in d.get("mechanisms", ())
         )  # fmt: skip
         kw["pos_weight"] = tuple(parse_number(w) for w in d.get("pos_weight", ()))
-        if kw.get("selection") is not None and not isinstance(kw["selection"], Mapping):
-            raise TypeError(f"selection: {kw['selection']!r} is not a mapping")
+        for name in ("selection", "validation"):
+            if kw.get(name) is not None and not isinstance(kw[name], Mapping):
+                raise TypeError(f"{name}: {kw[name]!r} is not a mapping")
         return cls(**kw)
 
     @property

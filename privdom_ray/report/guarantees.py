@@ -36,8 +36,10 @@ def _section_privacy(view: ReportView) -> str:
             "these rows (AUCs, thresholds, calibration bins, the non-DP side of each "
             "comparison) comes from a model without a privacy guarantee."
         )
+    note = dp_validation_note(trials)
     lines += [
         "",
+        *([note, ""] if note else []),
         "The guarantee assumes the DP mechanism's randomness is secret: the noise and the "
         "Poisson sampling (and the label-count release) were drawn from OS entropy, and their "
         "states lived only in the private checkpoints, deleted when each trial finished. The "
@@ -61,6 +63,29 @@ def _section_privacy(view: ReportView) -> str:
         "checkpoints stay with the data owner; `launch.py export` copies only the shareable set."
     )
     return "\n".join(lines) + "\n"
+
+
+def dp_validation_note(trials) -> str:
+    """Which untuned DP trials chose their epoch and thresholds by DP releases (their ledger's
+    validation entry, the table's ``epsilon_validation``): those two values are then inside
+    the trial's epsilon; the trials finished before chose them exactly and stay outside."""
+    if "epsilon_validation" not in trials.columns:
+        return ""
+    inside = trials[trials["epsilon_validation"].notna()]
+    if inside.empty:
+        return ""
+    return (
+        f"In {len(inside)} untuned DP trial(s) (column `epsilon_validation` not null) "
+        "`best_epoch` and `threshold` are DP releases on the source's validation split: the "
+        "epoch by the exponential mechanism over the epochs on the clipped per-patient "
+        "validation loss, the thresholds from noisy per-label score histograms, noise from OS "
+        "entropy. Their own ε (RDP accountant, `epsilon_validation`) is at most the trial's, "
+        "and they compose in parallel with training (the patient-wise split is a salted hash "
+        "of the patient id, independent of the data, so a neighbour differs in one split "
+        "only): the trial's ε covers them. The `best_epoch` and `threshold` entries of the "
+        "list below concern the other rows only: DP trials finished before this release "
+        "(chosen exactly; kept, not retrained), non-DP trials and controls, federations."
+    )
 
 
 def _training_set_lines(view: ReportView) -> list[str]:

@@ -102,7 +102,7 @@ LEDGER_COLUMNS = (
     "privacy_unit",
 )
 
-_LEDGER = [*LEDGER_COLUMNS, "privacy_scope", "loss_weights"]
+_LEDGER = [*LEDGER_COLUMNS, "privacy_scope", "loss_weights", "epsilon_validation"]
 # the columns trial kinds attach to other trials' rows: the audit twin's (kinds/audit/)
 AUDIT_COLUMNS = [c for kind in REGISTRY.values() for c in kind.columns]
 #: Columns ``export`` adds to the transfer table: what each row's values are covered by.
@@ -291,6 +291,11 @@ SCHEMA = _with_privacy(
         # where the loss's pos_weight came from: dp_counts (a DP release in the ledger), exact
         # (non-private trials only), public, fixed or none
         ("loss_weights", pa.string()),
+        # an untuned DP trial whose epoch and thresholds are DP releases on the validation
+        # split (its ledger's ``validation`` entry): their own epsilon (RDP accountant), at
+        # most the trial's, in parallel with training; null where they were chosen exactly
+        # (trials finished before, non-DP trials: outside the guarantee) and for tuned cells
+        ("epsilon_validation", pa.float64()),
         *_metric_fields(),  # label, subgroup, n, auc, ... : every field of evaluation.MetricRow
         ("mia_auc", pa.float64()),
         ("mia_tpr_at_1fpr", pa.float64()),
@@ -350,6 +355,7 @@ def rows_for_trial(
         **{k: getattr(ledger, k) for k in LEDGER_COLUMNS},
         "privacy_scope": ledger.scope,
         "loss_weights": ledger.loss_weights,
+        "epsilon_validation": _validation_epsilon(ledger),
         "image_size": spec.preprocessing.image_size,
         "epochs": spec.training.epochs,
         "best_epoch": info.best_epoch,
@@ -375,6 +381,12 @@ def rows_for_trial(
         )
         frames.append(df)
     return frames
+
+
+def _validation_epsilon(ledger: Any) -> float | None:
+    """The epsilon of an untuned DP trial's validation releases (None: chosen exactly)."""
+    value = (ledger.validation or {}).get("epsilon")
+    return float(value) if isinstance(value, int | float) else None
 
 
 def audit_columns(twin: Any) -> dict[str, Any]:

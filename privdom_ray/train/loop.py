@@ -43,6 +43,7 @@ from privdom_ray.train.epochs import (
     train_epoch,
 )
 from privdom_ray.train.patients import _sample_rate
+from privdom_ray.train.selection import DPSelection, better, plan_state
 
 
 @dataclass
@@ -55,6 +56,9 @@ class TrainResult:
     train_seconds: float = 0.0
     resumed_from_epoch: int = 0  # 0 = trained from scratch
     units: int = 0  # privacy units the sampler drew from: images, or patients
+    # DP selection (``dp_selection``): the thresholds released on V (else None: the caller
+    # computes exact Youden thresholds, outside the guarantee)
+    thresholds: list[float] | None = None
 
 
 @dataclass
@@ -67,20 +71,35 @@ class _Progress:
     best_state: dict[str, torch.Tensor] | None = None
     steps: int = 0
     epoch: int = 0
+    # DP selection: the running maximum of the noisy utilities and the plan (train.selection);
+    # None: exact selection (non-DP runs, and a DP run resumed from a checkpoint of the code
+    # before, which selected its first epochs exactly)
+    best_noisy: float = -math.inf
+    selection: dict[str, Any] | None = None
 
     NAMES = ("history", "best_auc", "best_epoch", "best_state", "steps", "epoch")
+    OPTIONAL = ("best_noisy", "selection")  # absent from checkpoints of the code before
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any] | None) -> _Progress:
-        return cls() if state is None else cls(**{n: state[n] for n in cls.NAMES})
+        if state is None:
+            return cls()
+        return cls(**{n: state[n] for n in (*cls.NAMES, *cls.OPTIONAL) if n in state})
 
     def as_dict(self) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in self.NAMES}
+        return {n: getattr(self, n) for n in (*self.NAMES, *self.OPTIONAL)}
 
     def select(self, epoch: int, val_auc: float, model: nn.Module) -> None:
         """Keep the epoch with the best validation macro AUC (a NaN AUC never wins)."""
         if self.best_state is None or val_auc > self.best_auc:
             self.best_auc = -math.inf if math.isnan(val_auc) else float(val_auc)
+            self.best_epoch = epoch
+            self.best_state = copy.deepcopy(_unwrap(model).state_dict())
+
+    def select_noisy(self, epoch: int, noisy: float, model: nn.Module) -> None:
+        """Keep the epoch with the largest noisy utility (report-noisy-max, train.selection)."""
+        if self.best_state is None or better(noisy, self.best_noisy):
+            self.best_noisy = -math.inf if math.isnan(noisy) else float(noisy)
             self.best_epoch = epoch
             self.best_state = copy.deepcopy(_unwrap(model).state_dict())
 
@@ -99,8 +118,11 @@ def run_trial(
     channels_last: bool = False,
     randomness: Randomness | None = None,
     instrument: Instrument | None = None,
+    dp_selection: bool = False,
 ) -> TrainResult:
-    """Train ``spec`` on ``train``; select the epoch with the best validation macro AUC.
+    """Train ``spec`` on ``train``; select the epoch with the best validation macro AUC, or,
+    with ``dp_selection`` (a DP trial whose model is released), by the DP releases of
+    ``train.selection`` (epoch and thresholds inside epsilon, recorded in the ledger).
 
     DP trials: noise calibrated for the exact steps (plus any label-count release), Poisson
     sampling and noise from secret generators (:class:`Randomness`), logical batches split
@@ -121,11 +143,14 @@ def run_trial(
         memory_budget_mb=memory_budget_mb, channels_last=channels_last, instrument=instrument,
     )  # fmt: skip
     progress = _Progress.from_checkpoint(state)
+    if state is None and dp_selection and spec.is_private and plan is not None:
+        progress.selection = plan_state(epsilon_so_far(spec, plan, plan.steps), spec.delta)
+    selector = DPSelection.of(progress.selection, val) if progress.selection else None
     if progress.history:  # wall-clock time keeps counting across a resume
         t0 -= progress.history[-1]["seconds"]
     first_epoch = progress.epoch + 1
     for epoch in range(first_epoch, spec.training.epochs + 1):
-        record = _train_one_epoch(spec, t, val, plan, progress, epoch, device, t0)
+        record = _train_one_epoch(spec, t, val, plan, progress, epoch, device, t0, selector)
         last = epoch == spec.training.epochs
         if checkpoint is not None and (epoch % checkpoint_every == 0 or last):
             saved = _checkpoint_state(spec, t, rng, plan, weights, progress)
@@ -139,12 +164,20 @@ def run_trial(
     final = _unwrap(t.model)
     assert progress.best_state is not None
     final.load_state_dict(progress.best_state)
+    ledger = trial_ledger(spec, plan, weights, t, progress.steps, secret=rng.secret)
+    val_scores = predict(final, val.images, device=device)
+    thresholds = None
+    if selector is not None:
+        thresholds = selector.thresholds(val_scores, val.labels)
+        entry = selector.entry(spec.delta, val.labels.shape[1])
+        ledger = dataclasses.replace(ledger, validation=entry)
     return TrainResult(  # weights stored NCHW whatever the training layout
         state_dict={k: v.detach().cpu().contiguous() for k, v in progress.best_state.items()},
-        ledger=trial_ledger(spec, plan, weights, t, progress.steps, secret=rng.secret),
+        ledger=ledger,
         history=progress.history,
         best_epoch=progress.best_epoch,
-        val_scores=predict(final, val.images, device=device),
+        val_scores=val_scores,
+        thresholds=thresholds,
         train_seconds=time.perf_counter() - t0,
         resumed_from_epoch=first_epoch - 1,
         units=privacy_units(spec, train),
@@ -222,7 +255,7 @@ def _resumable(checkpoint: CheckpointStore | None, spec: TrialSpec) -> dict[str,
     return state
 
 
-def _train_one_epoch(spec, t, val, plan, progress: _Progress, epoch, device, t0) -> dict:
+def _train_one_epoch(spec, t, val, plan, progress: _Progress, epoch, device, t0, selector) -> dict:
     losses = train_epoch(t)
     progress.steps = t.accounted_steps() if t.engine is not None else progress.steps + len(t.loader)
     val_scores = predict(_unwrap(t.model), val.images, device=device)
@@ -240,7 +273,10 @@ def _train_one_epoch(spec, t, val, plan, progress: _Progress, epoch, device, t0)
     }
     progress.history.append(record)
     progress.epoch = epoch
-    progress.select(epoch, val_auc, t.model)
+    if selector is not None:  # the val AUC above stays in the private history only
+        progress.select_noisy(epoch, selector.noisy_utility(val_scores, val.labels), t.model)
+    else:
+        progress.select(epoch, val_auc, t.model)
     return record
 
 

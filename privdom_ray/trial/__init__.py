@@ -182,8 +182,10 @@ def train_single_site(
 ) -> None:
     """Train a single-site trial on its source's cached train split (kinds: standard,
     clip_only, pretrain) and run the loss-threshold membership attack on it (private)."""
-    spec = cell.spec
-    result, train, val, model = _train_on_source(cell, store, report, node)
+    spec = cell.spec  # a released DP model: epoch and thresholds by DP releases (train.selection)
+    result, train, val, model = _train_on_source(
+        cell, store, report, node, dp_selection=spec.is_private
+    )
     mia_auc, mia_tpr, mia_n = membership_audit(
         model, train, load_split(cell.source_cache, "test"), seed=spec.seed, device=cell.device
     )
@@ -256,8 +258,9 @@ def _public_noise(seed: int, device: str) -> torch.Generator:
 
 
 def _train_on_source(
-    cell: Cell, store: TrialStore, report, node: str, instrument=None, train=None, randomness=None
-):
+    cell: Cell, store: TrialStore, report, node: str, instrument=None, train=None, randomness=None,
+    dp_selection: bool = False,
+):  # fmt: skip
     """run_trial on the cell's source cache: (result, train split, val split, final model).
     ``randomness``: injected generators (a deliberately broken audit twin only)."""
     spec = cell.spec
@@ -283,6 +286,7 @@ def _train_on_source(
             channels_last=cell.channels_last,
             instrument=instrument,
             randomness=randomness,
+            dp_selection=dp_selection,
         )
     finally:
         writer.close()
@@ -292,10 +296,11 @@ def _train_on_source(
 
 def _write_single_site(cell: Cell, store: TrialStore, node: str, result, val, extra: dict) -> None:
     spec = cell.spec
-    thresholds = [
+    dp = result.thresholds is not None  # DP releases on V (the ledger's validation entry)
+    thresholds = result.thresholds if dp else [
         youden_threshold(result.val_scores[:, j], val.labels[:, j])
         for j in range(len(LABELS))
-    ]
+    ]  # fmt: skip
     _write_trained(
         cell,
         store,
@@ -307,8 +312,9 @@ def _write_single_site(cell: Cell, store: TrialStore, node: str, result, val, ex
         val_predictions=_prediction_frame(result.val_scores, val),
         record={
             "best_epoch": result.best_epoch,
-            "val_macro_auc": result.history[result.best_epoch - 1]["val_macro_auc"],
-            "selection": "best validation macro AUC (source val split); epsilon covers all epochs",
+            # exact, un-noised: kept only in the private history when the choice is a DP release
+            "val_macro_auc": None if dp else result.history[result.best_epoch - 1]["val_macro_auc"],
+            "selection": DP_SELECTION if dp else EXACT_SELECTION,
             "train_seconds": result.train_seconds,
             "resumed_from_epoch": result.resumed_from_epoch,
             "n_val": len(val),
@@ -316,6 +322,15 @@ def _write_single_site(cell: Cell, store: TrialStore, node: str, result, val, ex
             **extra,
         },
     )
+
+
+EXACT_SELECTION = "best validation macro AUC (source val split); epsilon covers all epochs"
+#: How a DP single-site trial chose its epoch and thresholds (trial.json's ``selection``).
+DP_SELECTION = (
+    "epoch by the exponential mechanism on the clipped per-patient validation loss, thresholds "
+    "from noisy validation histograms (source val split): DP releases in the ledger's "
+    "validation entry, in parallel with training; epsilon covers all epochs and both releases"
+)
 
 
 def _write_trained(

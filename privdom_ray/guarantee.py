@@ -42,7 +42,7 @@ import numpy as np
 
 from privdom_ray.privacy import PLD, Mechanism, pld_epsilon
 from privdom_ray.selection import rdp
-from privdom_ray.selection.tuning import TuningPlan, tuned_rdp
+from privdom_ray.selection.tuning import TuningPlan, ValidationNoise, tuned_rdp
 from privdom_ray.store import TrialRecord
 
 #: The accountant of a site with a tuned release (its sum of RDP curves, converted at delta).
@@ -64,6 +64,9 @@ class Release:
     # a tuned release: its ledger's ``selection`` entry (the plan its bound is recomputed
     # from; ``mechanisms`` are the released model's own, which the plan must cover)
     selection: Mapping[str, Any] | None = None
+    # an untuned DP trial's releases on the site's validation split (the ledger's
+    # ``validation`` entry: the DP epoch choice and thresholds), or None
+    validation: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,9 @@ class SiteGuarantee:
     audit_included: bool  # whether this set holds the audit columns
     epsilon: float  # the one that applies: with audit if included, else models only
     non_dp_models: int  # trainings without DP whose values are included
-    accountant: str  # "pld"; "rdp" for a site with a tuned release (both totals)
+    # the accountant of ``epsilon``: "pld"; "rdp" for a site with a tuned release, or whose
+    # validation releases (untuned DP trials' epoch and thresholds) compose to more
+    accountant: str
     statement: str
 
 
@@ -95,7 +100,7 @@ def releases(record: TrialRecord, *, twin: bool = False) -> list[Release]:
         mechs = tuple(m for m in led.accounted_mechanisms if m.steps > 0)
         if mechs:
             out.append(Release(record.spec.name, site, led.delta, led.privacy_unit, mechs, twin,
-                               led.selection))  # fmt: skip
+                               led.selection, led.validation))  # fmt: skip
     return out
 
 
@@ -122,13 +127,15 @@ def site_guarantees(
         how = accountant(mine + theirs)  # both totals by one accountant
         eps_models = compose(mine, delta, how)
         eps_all = compose(mine + theirs, delta, how)
+        how = composed_accountant(mine + theirs if audit_included else mine, delta, how)
         unit = ", ".join(sorted({r.privacy_unit for r in mine + theirs})) or "image"
         eps = eps_all if audit_included else eps_models
         out.append(SiteGuarantee(
             site, unit, delta, len(mine), eps_models, len(theirs), eps_all, audit_included, eps,
             non_dp.get(site, 0), how,
             statement(site, unit, delta, eps, len(mine), len(theirs) if audit_included else 0,
-                      non_dp.get(site, 0), how),
+                      non_dp.get(site, 0), how,
+                      sum(r.validation is not None for r in mine)),
         ))  # fmt: skip
     return out
 
@@ -142,14 +149,47 @@ def accountant(parts: Sequence[Release]) -> str:
 def compose(parts: Sequence[Release], delta: float, how: str | None = None) -> float:
     """Epsilon of every release of ``parts`` composed at ``delta`` (0 when there is none), by
     ``how`` (default: :func:`accountant`): PLD over their mechanisms, or the sum of their RDP
-    curves (:func:`release_rdp`) converted at ``delta``."""
+    curves (:func:`release_rdp`) converted at ``delta``; at least :func:`compose_validation`
+    of the same parts (a unit is in the training split or the validation split, never both,
+    so the site's guarantee is the larger of the two compositions)."""
+    return max(compose_training(parts, delta, how), compose_validation(parts, delta))
+
+
+def compose_training(parts: Sequence[Release], delta: float, how: str | None = None) -> float:
+    """The training releases' part of :func:`compose` (0 when there is none)."""
     if not parts:
         return 0.0
     if (how or accountant(parts)) == PLD:
         return pld_epsilon([m for r in parts for m in r.mechanisms], delta)
     orders = rdp.as_orders()
     total = np.sum([release_rdp(r, orders) for r in parts], axis=0)
-    return rdp.rdp_to_epsilon(total, delta, orders)[0]
+    return float(rdp.rdp_to_epsilon(total, delta, orders)[0])
+
+
+def composed_accountant(parts: Sequence[Release], delta: float, how: str | None = None) -> str:
+    """The accountant whose number :func:`compose` returns for ``parts``: the training
+    composition's (:func:`accountant`), or "rdp" when the validation releases' is larger."""
+    how = how or accountant(parts)
+    if compose_validation(parts, delta) > compose_training(parts, delta, how):
+        return RDP
+    return how
+
+
+def compose_validation(parts: Sequence[Release], delta: float) -> float:
+    """Epsilon of the untuned trials' validation releases of ``parts`` (their ``validation``
+    entries: the DP epoch choice and thresholds on the site's validation split) composed at
+    ``delta`` by summing their RDP curves, rebuilt from each entry's noise; 0 without any.
+    Each trial's own releases fit within its training epsilon, but several trials of a site
+    compose on its validation units as its trainings compose on its training units."""
+    entries = [r.validation for r in parts if r.validation is not None]
+    if not entries:
+        return 0.0
+    orders = rdp.as_orders()
+    try:
+        curves = [ValidationNoise(**dict(e["noise"])).rdp(orders) for e in entries]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Uncovered(f"a validation entry cannot be rebuilt ({exc!r})") from None
+    return float(rdp.rdp_to_epsilon(np.sum(curves, axis=0), delta, orders)[0])
 
 
 class Uncovered(ValueError):
@@ -189,8 +229,10 @@ def statement(
     twins: int,
     non_dp: int,
     how: str = PLD,
+    validation: int = 0,
 ) -> str:
-    """The sentence a reader gets for one training set."""
+    """The sentence a reader gets for one training set (``validation``: how many of its DP
+    models chose their epoch and thresholds by DP releases on its validation split)."""
     what = f"{models} DP model(s)" + (f" and {twins} audit twin(s)" if twins else "")
     if not models and not twins:
         return (
@@ -200,6 +242,9 @@ def statement(
     by = ("the PLD accountant" if how == PLD else "summing their RDP curves (Papernot-Steinke "
           "for a tuned model) and converting at delta")  # fmt: skip
     dp = f"({eps:.4g}, {delta:g})-DP for each training {unit} of {site}: {what} composed by {by}"
+    if validation:
+        dp += (f", and for each validation {unit}: the epoch and threshold releases of "
+               f"{validation} of them composed by summing RDP curves (the larger applies)")
     if not non_dp:
         return dp
     return (
@@ -241,7 +286,10 @@ def composed_by(accountants: Iterable[str], pld: str = "the PLD accountant") -> 
 
 def release_accountant(record: TrialRecord, twin: TrialRecord | None = None) -> str:
     """The accountant of :func:`release_epsilon` for the same arguments."""
-    return accountant(releases(record) + (releases(twin, twin=True) if twin else []))
+    parts = releases(record) + (releases(twin, twin=True) if twin else [])
+    if not parts:
+        return accountant(parts)
+    return composed_accountant(parts, max(r.delta for r in parts))
 
 
 def as_rows(guarantees: Sequence[SiteGuarantee]) -> list[dict[str, Any]]:

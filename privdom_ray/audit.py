@@ -34,7 +34,6 @@ from typing import Any
 
 from privdom_ray.folder import PlanDamaged, SweepFolder
 from privdom_ray.kinds import UnknownKind, kind_of
-from privdom_ray.kinds.standard import check_validation
 from privdom_ray.numeric import number_or_nan
 from privdom_ray.privacy import (
     MECHANISM_VERSION,
@@ -44,6 +43,7 @@ from privdom_ray.privacy import (
     ledger_differences,
     pld_epsilon,
 )
+from privdom_ray.selection.untuned import DP_SELECTION, check_validation
 from privdom_ray.store import DamagedRecord, TrialRecord, TrialStore
 
 #: Recomputed sigma and epsilon must match a ledger written with the installed Opacus to
@@ -243,6 +243,8 @@ def _ledger_line(
     problems = ledger_differences(found, expected, rel_tol=tol)
     if validation is not None:
         problems += _validation_problems(site, validation, found, expected, tol)
+    if not site:
+        problems += _selection_agrees(record, validation is not None)
     if run.active:
         problems += check_epsilon(found)
     if str(found.get("accountant")) == "none":
@@ -255,12 +257,29 @@ def _ledger_line(
     )  # fmt: skip
 
 
+def _selection_agrees(record: TrialRecord, has_entry: bool) -> list[str]:
+    """trial.json and the ledger must tell the same story about the epoch and thresholds: a
+    record naming the DP rule needs the ledger's validation entry (dropped, the site's
+    composition would leave its releases out) and no exact validation AUC; a ledger entry on a
+    record naming another rule would mark an exact choice as inside epsilon."""
+    says_dp = record.info.selection == DP_SELECTION
+    if says_dp and not has_entry:
+        return ["trial.json says the epoch and thresholds are DP releases, but the ledger has "
+                "no validation entry"]  # fmt: skip
+    if has_entry and not says_dp:
+        return [f"the ledger has a validation entry, but trial.json says the epoch was chosen "
+                f"by {record.info.selection!r}"]  # fmt: skip
+    if says_dp and record.info.val_macro_auc is not None:
+        return ["trial.json holds an exact validation AUC next to a DP choice of the epoch"]
+    return []
+
+
 def _validation_problems(
     site: str, stored: Any, found: Mapping[str, Any], expected: Any, tol: float
 ) -> list[str]:
     """An untuned DP trial's validation releases (epoch, thresholds) recomputed: their noise
     from the expected training epsilon (spec and N_train, never the ledger's), their own
-    epsilon within the ledger's (``kinds.standard.check_validation``). A ledger without the
+    epsilon within the ledger's (``selection.untuned.check_validation``). A ledger without the
     entry (written before) is valid: its epoch and thresholds are outside the guarantee."""
     if site:
         return [f"validation releases in a federation site's ledger ({site}): no trainer "

@@ -42,6 +42,7 @@ from privdom_ray.folder import (
 )
 from privdom_ray.kinds import attached, kind_of
 from privdom_ray.numeric import number_or_nan
+from privdom_ray.selection.untuned import DP_SELECTION
 from privdom_ray.stats import results
 from privdom_ray.stats.results import PRIVACY_CLASSES, privacy_class
 from privdom_ray.store import TrialRecord, TrialStore
@@ -378,7 +379,9 @@ def _card(
     per_site = guarantee.by_site(sites)
     inside = (  # a tuned DP cell's plan, or an untuned DP trial's validation entry, covers both
         TUNED_VALIDATION if record.ledger.selection is not None
-        else DP_VALIDATION if record.ledger.validation is not None else ""
+        else DP_VALIDATION
+        if record.ledger.validation is not None and record.info.selection == DP_SELECTION
+        else ""
     )  # fmt: skip
     return {
         "release_id": release_id,

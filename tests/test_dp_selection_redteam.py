@@ -13,13 +13,13 @@ import pytest
 
 from privdom_ray.cache import SplitData
 from privdom_ray.guarantee import Release, compose_validation
-from privdom_ray.kinds.standard import (
+from privdom_ray.selection import validation as releases
+from privdom_ray.selection.untuned import (
     check_validation,
     validation_entry,
     validation_epsilon,
     validation_noise,
 )
-from privdom_ray.selection import validation as releases
 from privdom_ray.train.selection import DPSelection, plan_state
 
 N_LABELS = 5
@@ -330,7 +330,7 @@ def test_audit_flags_a_validation_entry_on_a_trial_whose_record_says_exact_selec
     own rewrite, seals valid). Export labels epoch and thresholds "inside epsilon" from the
     entry alone; audit must refuse the contradiction."""
     from privdom_ray.audit import audit_trial
-    from privdom_ray.trial import EXACT_SELECTION
+    from privdom_ray.selection.untuned import EXACT_SELECTION
 
     spec, store = _train_cell(tmp_path, 2.0)
     assert _problems(store, spec.key) == []

@@ -17,9 +17,9 @@ from helpers.trials import tiny_ledger, tiny_spec
 from helpers.tuning import record
 
 from privdom_ray import guarantee
-from privdom_ray.kinds.standard import validation_entry, validation_noise
 from privdom_ray.privacy import pld_epsilon
 from privdom_ray.selection import rdp
+from privdom_ray.selection.untuned import validation_entry, validation_noise
 
 DELTA = 1e-5
 INTEGER_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 256, 512)

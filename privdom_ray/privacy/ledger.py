@@ -75,7 +75,7 @@ class Ledger:
     # a tuned cell's ``selection`` entry as stored (kinds/tuning: the Papernot-Steinke plan its
     # epsilon is recomputed from); None for every other ledger, and then not written
     selection: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
-    # an untuned DP trial's validation releases (kinds.standard.validation_entry: the epoch by
+    # an untuned DP trial's validation releases (selection.untuned.validation_entry: the epoch by
     # the exponential mechanism, thresholds from noisy histograms, in parallel with training);
     # None for ledgers written before them (their epoch and thresholds are outside epsilon) and
     # every other ledger, and then not written

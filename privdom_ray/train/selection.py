@@ -8,7 +8,7 @@ model) lives in the private checkpoint. Taking argmax_e (eps u_e / 2B + G_e) one
 time is the same draw as ``validation.select_checkpoint`` on all epochs at once, without
 keeping every epoch's weights. The thresholds are ``validation.release_thresholds`` on the
 chosen model's validation scores. Noise from OS entropy (``secret_generator``), never the
-public seed; its size comes from ``kinds.standard.validation_noise``.
+public seed; its size comes from ``selection.untuned.validation_noise``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from privdom_ray.cache import SplitData
-from privdom_ray.kinds.standard import validation_entry, validation_noise
 from privdom_ray.selection import validation as releases
 from privdom_ray.selection.runs import secret_generator
 from privdom_ray.selection.tuning import ValidationNoise
+from privdom_ray.selection.untuned import validation_entry, validation_noise
 
 
 def unit_codes(split: SplitData) -> np.ndarray:
@@ -80,7 +80,7 @@ class DPSelection:
         return [float(x) for x in found]
 
     def entry(self, delta: float, n_labels: int) -> dict[str, Any]:
-        """The ledger's ``validation`` entry (``kinds.standard.validation_entry``)."""
+        """The ledger's ``validation`` entry (``selection.untuned.validation_entry``)."""
         return validation_entry(self.noise, epsilon_train=self.epsilon_train, delta=delta,
                                 bound=self.bound, bins=self.bins, n_labels=n_labels)  # fmt: skip
 

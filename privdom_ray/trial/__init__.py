@@ -30,6 +30,7 @@ from privdom_ray.kinds import kind_of
 from privdom_ray.kinds.federated import SiteRun
 from privdom_ray.manifest import LABELS
 from privdom_ray.records import RunRecord
+from privdom_ray.selection.untuned import DP_SELECTION, EXACT_SELECTION
 from privdom_ray.stats import metrics
 from privdom_ray.stats.thresholds import youden_threshold
 from privdom_ray.store import TrialStore
@@ -322,15 +323,6 @@ def _write_single_site(cell: Cell, store: TrialStore, node: str, result, val, ex
             **extra,
         },
     )
-
-
-EXACT_SELECTION = "best validation macro AUC (source val split); epsilon covers all epochs"
-#: How a DP single-site trial chose its epoch and thresholds (trial.json's ``selection``).
-DP_SELECTION = (
-    "epoch by the exponential mechanism on the clipped per-patient validation loss, thresholds "
-    "from noisy validation histograms (source val split): DP releases in the ledger's "
-    "validation entry, in parallel with training; epsilon covers all epochs and both releases"
-)
 
 
 def _write_trained(

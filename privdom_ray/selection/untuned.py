@@ -21,6 +21,8 @@ from privdom_ray.selection.validation import HISTOGRAM_BINS, LOSS_BOUND
 
 #: How a trial chose its epoch and thresholds (trial.json's ``selection``): exactly, or by the
 #: DP releases of the ledger's validation entry (DP single-site trials since issue 26).
+#: Stored in trial.json and compared exactly by ``audit`` with the ledger: never reword them
+#: (a finished trial keeps the words it was written with); a new rule gets a new constant.
 EXACT_SELECTION = "best validation macro AUC (source val split); epsilon covers all epochs"
 DP_SELECTION = (
     "epoch by the exponential mechanism on the clipped per-patient validation loss, thresholds "

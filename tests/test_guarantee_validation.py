@@ -49,14 +49,19 @@ def validation_by_hand(noises, delta: float) -> float:
     return rdp.rdp_to_epsilon(curve, delta, np.array(orders, dtype=float))[0]
 
 
+def site_a(records):
+    """Site a's guarantee, its releases, and its trainings' PLD composition by hand."""
+    (site,) = guarantee.site_guarantees(records, audit_included=False)
+    parts = [rel for r in records for rel in guarantee.releases(r)]
+    return site, parts, pld_epsilon([m for p in parts for m in p.mechanisms], DELTA)
+
+
 def test_a_sites_validation_releases_compose_and_count_when_larger():
     # three trials of site a whose validation releases were fitted to epsilon 8 each, while
     # their trainings (tiny_ledger: 8 steps at sigma 1) compose to much less
     made = [with_validation("a", 8.0, seed, fitted_to=8.0) for seed in range(3)]
     records = [r for r, _ in made]
-    (site,) = guarantee.site_guarantees(records, audit_included=False)
-    parts = [rel for r in records for rel in guarantee.releases(r)]
-    training = pld_epsilon([m for p in parts for m in p.mechanisms], DELTA)
+    site, parts, training = site_a(records)
     validation = guarantee.compose_validation(parts, DELTA)
     assert validation > training  # the case that matters: the old number left it out
     assert site.epsilon == site.epsilon_models == validation
@@ -77,17 +82,14 @@ def test_a_sites_validation_releases_compose_and_count_when_larger():
 def test_a_site_whose_trainings_dominate_keeps_its_pld_number():
     made = [with_validation("a", 8.0, seed, fitted_to=0.5) for seed in range(2)]
     records = [r for r, _ in made]
-    (site,) = guarantee.site_guarantees(records, audit_included=False)
-    parts = [rel for r in records for rel in guarantee.releases(r)]
-    training = pld_epsilon([m for p in parts for m in p.mechanisms], DELTA)
+    site, parts, training = site_a(records)
     assert guarantee.compose_validation(parts, DELTA) < training
     assert site.epsilon == training and site.accountant == "pld"
 
 
 def test_trials_without_the_entry_give_todays_numbers():
     records = [record(tiny_spec("a", e, 0), tiny_ledger(e)) for e in (1.0, 8.0)]
-    (site,) = guarantee.site_guarantees(records, audit_included=False)
-    parts = [rel for r in records for rel in guarantee.releases(r)]
+    site, parts, training = site_a(records)
     assert guarantee.compose_validation(parts, DELTA) == 0.0
-    assert site.epsilon == pld_epsilon([m for p in parts for m in p.mechanisms], DELTA)
+    assert site.epsilon == training
     assert "validation" not in site.statement and site.accountant == "pld"

@@ -707,6 +707,17 @@ def test_audit_catches_a_selection_entry_that_understates_the_mechanisms_run(tmp
 # ============================================== 3/5 on a real tuned sweep (Ray Tune, real files)
 
 
+def _tuned_copy(sweep: Path, work: Path) -> tuple[Path, Path, dict]:
+    """A copy of the finished tuned sweep at ``work``, its DP tuned trial's folder and stored
+    ledger document (to edit and re-seal with :func:`_rewrite`)."""
+    import shutil
+
+    shutil.copytree(sweep, work, symlinks=True)
+    trial = next(p.parent for p in (work / "out").glob("trials/*/ledger.json")
+                 if json.loads(p.read_text())["accountant"] == "rdp")  # fmt: skip
+    return work, trial, json.loads((trial / "ledger.json").read_text())
+
+
 def _rewrite(trial: Path, doc: dict) -> None:
     """Replace a finished trial's ledger and re-seal ``done`` (the store's own deliberate
     rewrite: an editor who recomputes every checksum), so only recomputation can catch it."""
@@ -811,16 +822,10 @@ def test_no_shareable_output_of_a_tuned_sweep_reveals_k(tuned_sweep):
 
 @pytest.mark.slow
 def test_audit_of_a_real_tuned_sweep_catches_resealed_ledger_edits(tuned_sweep, tmp_path):
-    import shutil
-
     from conftest import launch
 
     for edit in ("sigma", "runs", "eta", "spent"):
-        work = tmp_path / edit
-        shutil.copytree(tuned_sweep, work, symlinks=True)
-        trial = next(p.parent for p in (work / "out").glob("trials/*/ledger.json")
-                     if json.loads(p.read_text())["accountant"] == "rdp")  # fmt: skip
-        doc = json.loads((trial / "ledger.json").read_text())
+        work, trial, doc = _tuned_copy(tuned_sweep, tmp_path / edit)
         s = doc["selection"]
         if edit == "sigma":  # consistent everywhere: the model's own sigma too
             for c in s["candidates"]:
@@ -846,16 +851,10 @@ def test_audit_of_a_real_tuned_sweep_catches_an_entry_that_understates_the_mecha
     """FOUND (attack 5b, through the command line), fixed: with the validation releases removed
     from the re-sealed selection entry, or the unreleased shape's sigma tripled, `audit` prints
     0 problem(s). Fix: see test_audit_catches_a_selection_entry_that_understates..."""
-    import shutil
-
     from conftest import launch
 
     for edit in ("no_validation", "other_shape"):
-        work = tmp_path / edit
-        shutil.copytree(tuned_sweep, work, symlinks=True)
-        trial = next(p.parent for p in (work / "out").glob("trials/*/ledger.json")
-                     if json.loads(p.read_text())["accountant"] == "rdp")  # fmt: skip
-        doc = json.loads((trial / "ledger.json").read_text())
+        work, trial, doc = _tuned_copy(tuned_sweep, tmp_path / edit)
         s = doc["selection"]
         if edit == "no_validation":
             s["validation"] = dict.fromkeys(s["validation"])

@@ -125,9 +125,12 @@ def site_guarantees(
         theirs = [r for r in twin_releases if r.site == site]
         delta = max((r.delta for r in mine + theirs), default=math.nan)
         how = accountant(mine + theirs)  # both totals by one accountant
-        eps_models = compose(mine, delta, how)
-        eps_all = compose(mine + theirs, delta, how)
-        how = composed_accountant(mine + theirs if audit_included else mine, delta, how)
+        # each total: the larger of the trainings' and the validation releases' composition
+        alone = (compose_training(mine, delta, how), compose_validation(mine, delta))
+        every = (compose_training(mine + theirs, delta, how), compose_validation(mine + theirs, delta))
+        eps_models, eps_all = max(alone), max(every)
+        training, validation = every if audit_included else alone
+        how = RDP if validation > training else how  # the accountant of the stated one
         unit = ", ".join(sorted({r.privacy_unit for r in mine + theirs})) or "image"
         eps = eps_all if audit_included else eps_models
         out.append(SiteGuarantee(

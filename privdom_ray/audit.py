@@ -320,7 +320,7 @@ def expected_runs(
         )
         yield "", document, run
         return
-    recorded = {s.name: s.n_train for s in info.sites}
+    recorded = {n: s.n_train for n, s in kind_of(spec).member_runs(info.part).items()}
     ledgers = _sites(document)
     runs = []
     for site in members:
@@ -369,7 +369,8 @@ def _history_lines(
             )
     else:
         ledgers = _sites(document)
-        sites = {s.name: s.steps for s in record.info.sites}
+        runs = kind_of(record.spec).member_runs(record.info.part)
+        sites = {name: run.steps for name, run in runs.items()}
         for name, led in ledgers.items():
             if sites.get(name) != _int(led.get("steps")):
                 problems.append(f"site {name}: the run record counts {sites.get(name)} steps, "

@@ -248,7 +248,7 @@ def _row_guarantees(
     out = {}
     for key, rec in records.items():
         twin = twins.get(key) if with_audit else None
-        eps = guarantee.release_epsilon(rec, twin)
+        eps, how = guarantee.release_guarantee(rec, twin)
         if not math.isfinite(eps):
             out[key] = {"guarantee": guarantee.NO_GUARANTEE, "epsilon_release": math.inf,
                         "epsilon_training_set": math.inf}  # fmt: skip
@@ -258,7 +258,7 @@ def _row_guarantees(
             f"({eps:.4g}, {max(r.delta for r in own):g})-DP for each training "
             f"{own[0].privacy_unit} of {', '.join(rec.training_sites)}: this model's releases"
             + (" and its audit twin's" if twin is not None else "")
-            + f" ({guarantee.release_accountant(rec, twin).upper()})"
+            + f" ({how.upper()})"
         )  # fmt: skip
         total = max(per_site[r.site].epsilon for r in own)
         out[key] = {"guarantee": text, "epsilon_release": eps, "epsilon_training_set": total}

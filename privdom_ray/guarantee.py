@@ -125,12 +125,9 @@ def site_guarantees(
         theirs = [r for r in twin_releases if r.site == site]
         delta = max((r.delta for r in mine + theirs), default=math.nan)
         how = accountant(mine + theirs)  # both totals by one accountant
-        # each total: the larger of the trainings' and the validation releases' composition
-        alone = (compose_training(mine, delta, how), compose_validation(mine, delta))
-        every = (compose_training(mine + theirs, delta, how), compose_validation(mine + theirs, delta))
-        eps_models, eps_all = max(alone), max(every)
-        training, validation = every if audit_included else alone
-        how = RDP if validation > training else how  # the accountant of the stated one
+        alone, every = composition(mine, delta, how), composition(mine + theirs, delta, how)
+        eps_models, eps_all = alone.epsilon, every.epsilon
+        how = (every if audit_included else alone).accountant  # the stated one's
         unit = ", ".join(sorted({r.privacy_unit for r in mine + theirs})) or "image"
         eps = eps_all if audit_included else eps_models
         out.append(SiteGuarantee(
@@ -149,17 +146,41 @@ def accountant(parts: Sequence[Release]) -> str:
     return RDP if any(r.selection is not None for r in parts) else PLD
 
 
+@dataclass(frozen=True)
+class Composition:
+    """Both compositions of a set of releases at one delta, computed once: the trainings'
+    (by ``how``) and the validation releases' (RDP). A unit is in the training split or the
+    validation split, never both, so the guarantee is the larger of the two."""
+
+    training: float
+    validation: float
+    how: str
+
+    @property
+    def epsilon(self) -> float:
+        return max(self.training, self.validation)
+
+    @property
+    def accountant(self) -> str:
+        """The accountant of :attr:`epsilon`: ``how``, or "rdp" when validation is larger."""
+        return RDP if self.validation > self.training else self.how
+
+
+def composition(parts: Sequence[Release], delta: float, how: str | None = None) -> Composition:
+    """Every release of ``parts`` composed at ``delta`` (0 when there is none), by ``how``
+    (default: :func:`accountant`): PLD over their mechanisms, or the sum of their RDP curves
+    (:func:`release_rdp`) converted at ``delta``; and :func:`compose_validation`."""
+    how = how or accountant(parts)
+    return Composition(compose_training(parts, delta, how), compose_validation(parts, delta), how)
+
+
 def compose(parts: Sequence[Release], delta: float, how: str | None = None) -> float:
-    """Epsilon of every release of ``parts`` composed at ``delta`` (0 when there is none), by
-    ``how`` (default: :func:`accountant`): PLD over their mechanisms, or the sum of their RDP
-    curves (:func:`release_rdp`) converted at ``delta``; at least :func:`compose_validation`
-    of the same parts (a unit is in the training split or the validation split, never both,
-    so the site's guarantee is the larger of the two compositions)."""
-    return max(compose_training(parts, delta, how), compose_validation(parts, delta))
+    """Epsilon of every release of ``parts`` composed at ``delta``: :func:`composition`'s."""
+    return composition(parts, delta, how).epsilon
 
 
 def compose_training(parts: Sequence[Release], delta: float, how: str | None = None) -> float:
-    """The training releases' part of :func:`compose` (0 when there is none)."""
+    """The training releases' part of :func:`composition` (0 when there is none)."""
     if not parts:
         return 0.0
     if (how or accountant(parts)) == PLD:
@@ -167,15 +188,6 @@ def compose_training(parts: Sequence[Release], delta: float, how: str | None = N
     orders = rdp.as_orders()
     total = np.sum([release_rdp(r, orders) for r in parts], axis=0)
     return float(rdp.rdp_to_epsilon(total, delta, orders)[0])
-
-
-def composed_accountant(parts: Sequence[Release], delta: float, how: str | None = None) -> str:
-    """The accountant whose number :func:`compose` returns for ``parts``: the training
-    composition's (:func:`accountant`), or "rdp" when the validation releases' is larger."""
-    how = how or accountant(parts)
-    if compose_validation(parts, delta) > compose_training(parts, delta, how):
-        return RDP
-    return how
 
 
 def compose_validation(parts: Sequence[Release], delta: float) -> float:
@@ -265,16 +277,16 @@ def _non_dp_counts(records: Sequence[TrialRecord], twins: Sequence[TrialRecord])
     return counts
 
 
-def release_epsilon(record: TrialRecord, twin: TrialRecord | None = None) -> float:
-    """Epsilon of one trial's own releases (with its audit twin's when given; PLD, RDP for a
-    tuned one: :func:`compose`): the largest over its training sites; inf without DP."""
+def release_guarantee(record: TrialRecord, twin: TrialRecord | None = None) -> tuple[float, str]:
+    """Epsilon of one trial's own releases (with its audit twin's when given), the largest over
+    its training sites, and the accountant of that site's number; (inf, "none") without DP."""
     mine = releases(record)
-    if not mine:
-        return math.inf
     extra = releases(twin, twin=True) if twin is not None else []
-    if twin is not None and not extra:
-        return math.inf  # a non-private twin's values carry no guarantee
-    return max(compose([r for r in mine + extra if r.site == s.site], s.delta) for s in mine)
+    if not mine or (twin is not None and not extra):
+        return math.inf, "none"  # a non-private twin's values carry no guarantee either
+    per_site = [composition([r for r in mine + extra if r.site == s.site], s.delta) for s in mine]
+    worst = max(per_site, key=lambda c: c.epsilon)
+    return worst.epsilon, worst.accountant
 
 
 def composed_by(accountants: Iterable[str], pld: str = "the PLD accountant") -> str:
@@ -285,14 +297,6 @@ def composed_by(accountants: Iterable[str], pld: str = "the PLD accountant") -> 
         words += ("; a site with a tuned model by summing RDP curves (Papernot-Steinke for the "
                   "tuned model), as its line says")  # fmt: skip
     return words
-
-
-def release_accountant(record: TrialRecord, twin: TrialRecord | None = None) -> str:
-    """The accountant of :func:`release_epsilon` for the same arguments."""
-    parts = releases(record) + (releases(twin, twin=True) if twin else [])
-    if not parts:
-        return accountant(parts)
-    return composed_accountant(parts, max(r.delta for r in parts))
 
 
 def as_rows(guarantees: Sequence[SiteGuarantee]) -> list[dict[str, Any]]:

@@ -54,11 +54,6 @@ class RunRecord:
         """An audit twin's result (read-only, for readers written before kinds owned it)."""
         return getattr(self.part, "audit", None)
 
-    @property
-    def sites(self) -> tuple[Any, ...]:
-        """A federation's members, ``kinds.federated.SiteRun`` (read-only, as ``audit``)."""
-        return getattr(self.part, "sites", ())
-
     @classmethod
     def make(cls, **fields: Any) -> RunRecord:
         """A record from keyword fields; the ones not named above go to ``extra``."""

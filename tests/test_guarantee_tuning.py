@@ -110,8 +110,8 @@ def test_a_tuned_site_composes_every_release_in_rdp():
     # at least the tuned cell's own bound, recomputed (never the stored number)
     own = TuningPlan.from_dict(cell.ledger.selection).epsilon_total
     assert site.epsilon >= own and own <= 2.0
-    assert guarantee.release_epsilon(cell) == pytest.approx(own, rel=1e-9)
-    assert guarantee.release_accountant(cell) == "rdp"
+    eps, how = guarantee.release_guarantee(cell)
+    assert eps == pytest.approx(own, rel=1e-9) and how == "rdp"
     # at least the other releases alone, composed the way the site was before tuning (PLD)
     pld_others = pld_epsilon([m for r in others for m in r.ledger.accounted_mechanisms], DELTA)
     assert site.epsilon >= pld_others
@@ -148,7 +148,7 @@ def test_a_tuned_release_whose_model_its_plan_does_not_cover_has_no_bound():
     del broken["candidates"]
     bad = dataclasses.replace(cell, ledger=dataclasses.replace(cell.ledger, selection=broken))
     with pytest.raises(guarantee.Uncovered, match="cannot be rebuilt"):
-        guarantee.release_epsilon(bad)
+        guarantee.release_guarantee(bad)
 
 
 def test_the_ledger_keeps_a_selection_entry_and_writes_none_for_others():

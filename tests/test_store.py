@@ -21,7 +21,7 @@ from helpers.trials import make_testset, scores_for, tiny_federation, write_trai
 from privdom_ray import lease, planning
 from privdom_ray.config import TrialSpec
 from privdom_ray.grid import parse_grid
-from privdom_ray.kinds import plan_trials
+from privdom_ray.kinds import kind_of, plan_trials
 from privdom_ray.lease import Fenced, Lease, LockHeld
 from privdom_ray.manifest import LABELS
 from privdom_ray.stats import results
@@ -497,7 +497,8 @@ def test_the_store_takes_and_returns_typed_records_and_keeps_unknown_keys(tmp_pa
         run, extra={k: v for k, v in run.extra.items() if k != "sites"},
         part=FederatedRun((SiteRun("a", 1.0, 40, 8),)),
     ) and back.spec == record.spec  # fmt: skip
-    assert back.info.sites == (SiteRun("a", 1.0, 40, 8),)  # read-only, as before kinds owned it
+    # the kind names its members' runs (audit recomputes each member's ledger from them)
+    assert kind_of(record.spec).member_runs(back.info.part) == {"a": SiteRun("a", 1.0, 40, 8)}
     assert back.info.extra == {"site_tasks": [[0.0, 1.0]], "from_a_newer_writer": {"x": 1}}
     assert back.ledger == record.ledger and back.site_ledgers == {"a": site}
     assert back.ledgers == (record.ledger, site)

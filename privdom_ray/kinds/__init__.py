@@ -141,6 +141,12 @@ class TrialKind:
         """The sites that train together in one trial (a federation's); () for one source."""
         return ()
 
+    def member_runs(self, part: Any) -> Mapping[str, Any]:
+        """Each member's run as its record's ``part`` holds it (name -> a run with ``n_train``
+        and ``steps``, e.g. ``kinds.federated.SiteRun``): what audit recomputes a member's
+        ledger from; {} for a one-source kind."""
+        return {}
+
     def training_sites(self, spec: TrialSpec) -> tuple[str, ...]:
         """The domains whose training data made the model: the one rule every module uses
         (a member with weight 0 contributes nothing)."""

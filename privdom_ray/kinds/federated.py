@@ -175,6 +175,9 @@ class Federated(TrialKind):
         assert spec.federation is not None, spec.name
         return spec.federation.sites
 
+    def member_runs(self, part: Any) -> Mapping[str, SiteRun]:
+        return {s.name: s for s in part.sites} if isinstance(part, FederatedRun) else {}
+
     def slots(self, sweep: SweepSpec, spec: TrialSpec, cap: int) -> tuple[int, float, float]:
         assert spec.federation is not None, spec.name
         fed = next(f for f in sweep.federations if f.name == spec.source)

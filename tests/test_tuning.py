@@ -786,7 +786,7 @@ def test_the_report_states_the_search_and_e_k_never_k_and_keeps_validation_insid
     assert "publishing the K drawn would void it" in text
     assert f"{cell.ledger.noise_multiplier:.3f}" in text and "| rdp |" in text
     note = tuned.tuned_validation_note(view)
-    assert "inside the cell's ε" in note and "untuned cells only" in note
+    assert "inside the cell's ε" in note and "rows whose choices were not DP releases" in note
     untuned_view = SimpleNamespace(full=pd.DataFrame([row(plain)]))
     assert sections["tuning"].render(untuned_view) == ""
     # the table's lr/logical_batch/epochs of a tuned row are the winner's, not the grid's

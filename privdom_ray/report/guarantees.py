@@ -83,7 +83,8 @@ def dp_validation_note(trials) -> str:
         "and they compose in parallel with training (the patient-wise split is a salted hash "
         "of the patient id, independent of the data, so a neighbour differs in one split "
         "only): the trial's ε covers them. The `best_epoch` and `threshold` entries of the "
-        "list below concern the other rows only: DP trials finished before this release "
+        "list below concern only the rows whose choices were not DP releases: DP trials finished "
+        "before this release "
         "(chosen exactly; kept, not retrained), non-DP trials and controls, federations."
     )
 

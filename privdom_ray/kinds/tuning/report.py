@@ -88,7 +88,7 @@ def tuned_validation_note(view: Any) -> str:
     if rows.empty or (rows["accountant"].fillna("none") == "none").all():
         return ""
     return (TUNED_VALIDATION + " The `best_epoch` and `threshold` entries of the list below "
-            "concern the untuned cells only.\n")  # fmt: skip
+            "concern only the rows whose choices were not DP releases.\n")  # fmt: skip
 
 
 def search_json(tuning: Any, mean: float, q95: int) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import launch
+from conftest import launch_here
 from helpers import folders
 
 from privdom_ray.cache import load_split
@@ -41,19 +41,19 @@ def grid(**changes) -> dict:
                 "name": "a",
                 "kind": "synthetic",
                 "root": "data/a",
-                "options": {"site": "a", "n_patients": 60},
+                "options": {"site": "a", "n_patients": 60, "file_size": 32},
             },
             {
                 "name": "b",
                 "kind": "synthetic",
                 "root": "data/b",
-                "options": {"site": "b", "n_patients": 60},
+                "options": {"site": "b", "n_patients": 60, "file_size": 32},
             },
         ],
         "epsilons": [2],
         "seeds": [0],
         "training": {"epochs": 4, "logical_batch": 16, "physical_batch": 16},
-        "preprocessing": {"image_size": 24},
+        "preprocessing": {"image_size": 16},  # tiny: no fault here depends on the images
         "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},  # tiny test splits
         "ray": {"num_cpus": 2, "max_failures": 2},
     }
@@ -155,7 +155,13 @@ def sweep_killing_a_trial_after_its_first_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_killed_trial_worker_resumes_from_checkpoint(tmp_path):
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(domains=grid()["domains"][:1])))
+    # 6 short epochs at 16 px: after the first checkpoint the trial still has seconds of
+    # training left for the kill to land in
+    g = grid(
+        domains=grid()["domains"][:1],
+        training={"epochs": 6, "logical_batch": 16, "physical_batch": 16},
+    )
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
     key = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path).name
     info, ledger = folders.info(tmp_path / "out", key), folders.ledger(tmp_path / "out", key)
     assert info["resumed_from_epoch"] >= 1  # resumed, not restarted
@@ -196,7 +202,7 @@ def test_killed_federation_coordinator_resumes_at_its_last_round(tmp_path):
 
 
 def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
-    g = grid(epsilons=[2, "inf"], training={"epochs": 2, "logical_batch": 16, "physical_batch": 16})
+    g = grid(epsilons=[2, "inf"], training={"epochs": 1, "logical_batch": 16, "physical_batch": 16})
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
     driver = start(
         [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"], tmp_path, tmp_path / "log"
@@ -218,7 +224,7 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
         kill_session(driver)  # the embedded cluster's processes are in the driver's session
     done_before = finished()
     trained_before = {p.parent.name for p in trials.glob("*/done")}  # some maybe not evaluated
-    left = launch("status", "out", cwd=tmp_path).stdout  # the killed driver's cells
+    left = launch_here("status", "out", cwd=tmp_path).stdout  # the killed driver's cells
     states = [line.split()[0] for line in left.splitlines()[1:] if line.split()]
     assert "running" not in states and "driver: none running" in left, left
     if list(trials.glob("*/running.json")):
@@ -237,14 +243,7 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
     assert df["trial_key"].nunique() == 4
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
-    status = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "status", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert "4 done" in status.stdout
+    assert "4 done" in launch_here("status", "out", cwd=tmp_path).stdout
 
 
 # `ray start` nodes authenticate with ~/.ray/auth_token only in token mode, and `ray start`
@@ -314,7 +313,7 @@ def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
         wait_for(lambda: alive_nodes() >= 2, 120, "two alive nodes", worker)
         g = grid(
             epsilons=[2, "inf"],
-            training={"epochs": 3, "logical_batch": 16, "physical_batch": 16},
+            training={"epochs": 2, "logical_batch": 16, "physical_batch": 16},
             ray={"max_failures": 3},
         )
         (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
@@ -371,22 +370,27 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
         "name": "a",
         "kind": "synthetic",
         "root": "data/a",
-        "options": {"site": "a", "n_patients": 40},  # enough training images for a batch of 32
+        "options": {"site": "a", "n_patients": 40, "file_size": 32},  # 34 training images
     }
     large = {
         "name": "b",
         "kind": "synthetic",
         "root": "data/b",
-        "options": {"site": "b", "n_patients": 600},
+        # ~670 training images, generated small (the files' size is most of generation's time)
+        "options": {"site": "b", "n_patients": 600, "file_size": 32},
     }
     g = grid(
         domains=[small, large],
         epsilons=["inf"],
-        # b needs many minutes (600 patients x 12 epochs at 64 px), a seconds (under a minute on
-        # a busy 2-core machine, integrity checks included): the limit separates them
-        training={"epochs": 12, "logical_batch": 32, "physical_batch": 32},
-        preprocessing={"image_size": 64},
-        ray={"num_cpus": 2, "max_failures": 1, "trial_timeout_s": 60},
+        # At batches of 4 a step costs about the same at 16 or 32 px (a third of a step of 32
+        # at 64 px): a cell's time is its number of steps. b takes 1,008 (168 an epoch), over
+        # three times the limit's worth of one core (more than the 600-patient 64 px cell this
+        # test used to train); a takes 54 (9 an epoch), a few seconds, so it finishes inside
+        # the limit on a busy 2-core machine, worker start and evaluations included (the
+        # limit counts them: it runs from the trial's start). The limit separates them.
+        training={"epochs": 6, "logical_batch": 4, "physical_batch": 4},
+        preprocessing={"image_size": 32},
+        ray={"num_cpus": 2, "max_failures": 1, "trial_timeout_s": 30},
     )
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
     proc = subprocess.run(
@@ -401,13 +405,7 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
     assert "b_epsinf_seed0" in proc.stderr and "re-run" in proc.stderr
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
     assert set(df["source"]) == {"a"}  # the finished cell is in the table
-    status = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "status", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    status = launch_here("status", "out", cwd=tmp_path).stdout
     failed = [line for line in status.splitlines() if line.startswith("failed")]
     assert len(failed) == 1 and "b_epsinf_seed0" in failed[0] and "timeout" in failed[0]
     assert "1 done" in status and "1 failed" in status
@@ -416,7 +414,11 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
 def test_two_drivers_on_one_output_folder_train_every_cell_once(tmp_path):
     """Started at the same moment, one driver runs the sweep and the other is refused with
     the first one's name (exit 2); every cell is trained exactly once."""
-    g = grid(epsilons=[2, "inf"], training={"epochs": 1, "logical_batch": 16, "physical_batch": 16})
+    g = grid(
+        sources=["a"],  # two cells (both sites are targets): enough to see each trained once
+        epsilons=[2, "inf"],
+        training={"epochs": 1, "logical_batch": 16, "physical_batch": 16},
+    )
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
     args = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
     drivers = [start(args, tmp_path, tmp_path / f"log{i}") for i in range(2)]
@@ -429,6 +431,6 @@ def test_two_drivers_on_one_output_folder_train_every_cell_once(tmp_path):
     logs = [(tmp_path / f"log{i}").read_text() for i in range(2)]
     refused = next(log for log in logs if "another driver" in log)
     assert "pid" in refused and "run" in refused
-    assert len(folders.model_stamps(tmp_path / "out")) == 4  # 2 sources x 2 epsilons, once each
+    assert len(folders.model_stamps(tmp_path / "out")) == 2  # 1 source x 2 epsilons, once each
     ran = next(log for log in logs if "another driver" not in log)
-    assert "0 already done, 4 to train, 0 trained" in ran
+    assert "0 already done, 2 to train, 0 trained" in ran

@@ -111,19 +111,6 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def sweep(cwd: Path, *extra: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml", *extra],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def checkpoint_epoch(tdir: Path) -> int:
     running = tdir / "running.json"
     if not (tdir / "checkpoint.pt").is_file() or not running.is_file():
@@ -202,6 +189,10 @@ def test_killed_federation_coordinator_resumes_at_its_last_round(tmp_path):
 
 
 def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
+    """A driver killed mid-sweep leaves no cell running; the rerun trains only what it had not
+    trained and evaluates only what it had not evaluated. The rerun is two drivers started at
+    the same moment on the folder: one runs the sweep, the other is refused with the first
+    one's name (exit 2), so every cell is trained exactly once."""
     g = grid(epsilons=[2, "inf"], training={"epochs": 1, "logical_batch": 16, "physical_batch": 16})
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
     driver = start(
@@ -233,11 +224,22 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
     assert set(mtimes) == trained_before
     assert 1 <= len(done_before) < 4
 
-    proc = sweep(tmp_path)
+    args = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
+    drivers = [start(args, tmp_path, tmp_path / f"rerun{i}.log") for i in range(2)]
+    try:
+        codes = sorted(d.wait(timeout=420) for d in drivers)
+    finally:
+        for d in drivers:
+            kill_session(d)
+    logs = [(tmp_path / f"rerun{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 2], [log[-2000:] for log in logs]  # one ran, the other was refused
+    refused = next(log for log in logs if "another driver" in log)
+    assert "pid" in refused and "run" in refused, refused[-2000:]  # names the one running
+    ran = next(log for log in logs if "another driver" not in log)
     assert (
         f"{len(done_before)} already done, {4 - len(trained_before)} to train, "
         f"{len(trained_before) - len(done_before)} trained with evaluations to (re)do"
-    ) in proc.stdout
+    ) in ran, ran[-3000:]
     # no trained model is trained again (one killed before its evaluation is only evaluated)
     assert {k: folders.model_stamps(tmp_path / "out")[k] for k in trained_before} == mtimes
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
@@ -409,28 +411,3 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
     failed = [line for line in status.splitlines() if line.startswith("failed")]
     assert len(failed) == 1 and "b_epsinf_seed0" in failed[0] and "timeout" in failed[0]
     assert "1 done" in status and "1 failed" in status
-
-
-def test_two_drivers_on_one_output_folder_train_every_cell_once(tmp_path):
-    """Started at the same moment, one driver runs the sweep and the other is refused with
-    the first one's name (exit 2); every cell is trained exactly once."""
-    g = grid(
-        sources=["a"],  # two cells (both sites are targets): enough to see each trained once
-        epsilons=[2, "inf"],
-        training={"epochs": 1, "logical_batch": 16, "physical_batch": 16},
-    )
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
-    args = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
-    drivers = [start(args, tmp_path, tmp_path / f"log{i}") for i in range(2)]
-    try:
-        codes = sorted(d.wait(timeout=400) for d in drivers)
-    finally:
-        for d in drivers:
-            kill_session(d)
-    assert codes == [0, 2], [(tmp_path / f"log{i}").read_text()[-2000:] for i in range(2)]
-    logs = [(tmp_path / f"log{i}").read_text() for i in range(2)]
-    refused = next(log for log in logs if "another driver" in log)
-    assert "pid" in refused and "run" in refused
-    assert len(folders.model_stamps(tmp_path / "out")) == 2  # 1 source x 2 epsilons, once each
-    ran = next(log for log in logs if "another driver" not in log)
-    assert "0 already done, 2 to train, 0 trained" in ran

@@ -166,7 +166,8 @@ def test_killed_federation_coordinator_resumes_at_its_last_round(tmp_path):
     from privdom_ray import federated
     from privdom_ray.cache import split_sizes
 
-    fed = {"name": "ab", "sites": ["a", "b"], "rounds": 4, "local_epochs": 1}
+    # killed after its first round's checkpoint: two rounds left for the kill to land in
+    fed = {"name": "ab", "sites": ["a", "b"], "rounds": 3, "local_epochs": 1}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(sources=[], federations=[fed])))
     # the heartbeat's pid is the coordinator (the Tune trainable); its site tasks die with it
     key = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path).name
@@ -179,7 +180,7 @@ def test_killed_federation_coordinator_resumes_at_its_last_round(tmp_path):
     }
     for plan in federated.plan_sites(spec, sizes):
         site = ledger["sites"][plan.name]
-        assert site["steps"] == 4 * plan.steps_per_round
+        assert site["steps"] == fed["rounds"] * plan.steps_per_round
         assert site["noise_multiplier"] == plan.noise_multiplier
         assert site["epsilon_spent"] <= 2 + 1e-6
 

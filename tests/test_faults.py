@@ -309,6 +309,10 @@ def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
             active = out.split("Active:")[-1].split("Pending:")[0]
             return active.count("node_")
 
+        # `ray status` is a fresh interpreter (seconds of CPU each): asked once the worker
+        # node says it runs, not all through its start
+        started = tmp_path / "worker.log"
+        wait_for(lambda: "Ray runtime started" in started.read_text(), 120, "the worker", worker)
         wait_for(lambda: alive_nodes() >= 2, 120, "two alive nodes", worker)
         g = grid(
             epsilons=[2, "inf"],
@@ -375,19 +379,20 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
         "name": "b",
         "kind": "synthetic",
         "root": "data/b",
-        # ~670 training images, generated small (the files' size is most of generation's time)
+        # 693 training images, generated small (the files' size is most of generation's time)
         "options": {"site": "b", "n_patients": 600, "file_size": 32},
     }
     g = grid(
         domains=[small, large],
         epsilons=["inf"],
-        # At batches of 4 a step costs about the same at 16 or 32 px (a third of a step of 32
-        # at 64 px): a cell's time is its number of steps. b takes 1,008 (168 an epoch), over
-        # three times the limit's worth of one core (more than the 600-patient 64 px cell this
-        # test used to train); a takes 54 (9 an epoch), a few seconds, so it finishes inside
+        # A step of 2 images at 32 px costs about what one of 4 does (~90 ms of one core, a
+        # third of a step of 32 at 64 px): a cell's time is its number of steps. b takes 1,388
+        # (347 an epoch), over four times the limit's worth of one core (more than the 64 px
+        # cell this test used to train, 12 epochs of 22 steps); a takes 68 (17 an epoch), ~6 s
+        # of one core (its 12 epochs of 2 steps at 64 px took ~8 s), so it finishes inside
         # the limit on a busy 2-core machine, worker start and evaluations included (the
         # limit counts them: it runs from the trial's start). The limit separates them.
-        training={"epochs": 6, "logical_batch": 4, "physical_batch": 4},
+        training={"epochs": 4, "logical_batch": 2, "physical_batch": 2},
         preprocessing={"image_size": 32},
         ray={"num_cpus": 2, "max_failures": 1, "trial_timeout_s": 30},
     )

@@ -238,7 +238,9 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
         f"{len(trained_before) - len(done_before)} trained with evaluations to (re)do"
     ) in ran, ran[-3000:]
     # no trained model is trained again (one killed before its evaluation is only evaluated)
-    assert {k: folders.model_stamps(tmp_path / "out")[k] for k in trained_before} == mtimes
+    stamps = folders.model_stamps(tmp_path / "out")
+    assert {k: stamps[k] for k in trained_before} == mtimes
+    assert len(stamps) == 4  # 2 sources x 2 epsilons, each trained once
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
     assert df["trial_key"].nunique() == 4
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import launch
+from conftest import launch_here
 from helpers import folders
 
 from privdom_ray.cache import load_split
@@ -41,19 +41,19 @@ def grid(**changes) -> dict:
                 "name": "a",
                 "kind": "synthetic",
                 "root": "data/a",
-                "options": {"site": "a", "n_patients": 60},
+                "options": {"site": "a", "n_patients": 60, "file_size": 32},
             },
             {
                 "name": "b",
                 "kind": "synthetic",
                 "root": "data/b",
-                "options": {"site": "b", "n_patients": 60},
+                "options": {"site": "b", "n_patients": 60, "file_size": 32},
             },
         ],
         "epsilons": [2],
         "seeds": [0],
         "training": {"epochs": 4, "logical_batch": 16, "physical_batch": 16},
-        "preprocessing": {"image_size": 24},
+        "preprocessing": {"image_size": 16},  # tiny: no fault here depends on the images
         "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},  # tiny test splits
         "ray": {"num_cpus": 2, "max_failures": 2},
     }
@@ -111,19 +111,6 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def sweep(cwd: Path, *extra: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml", *extra],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def checkpoint_epoch(tdir: Path) -> int:
     running = tdir / "running.json"
     if not (tdir / "checkpoint.pt").is_file() or not running.is_file():
@@ -155,6 +142,8 @@ def sweep_killing_a_trial_after_its_first_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_killed_trial_worker_resumes_from_checkpoint(tmp_path):
+    # 4 epochs: after the first checkpoint the trial has three left for the kill to land in (a
+    # step of 16 images costs about the same at 16 px as at 24: the window is as wide)
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(domains=grid()["domains"][:1])))
     key = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path).name
     info, ledger = folders.info(tmp_path / "out", key), folders.ledger(tmp_path / "out", key)
@@ -177,7 +166,8 @@ def test_killed_federation_coordinator_resumes_at_its_last_round(tmp_path):
     from privdom_ray import federated
     from privdom_ray.cache import split_sizes
 
-    fed = {"name": "ab", "sites": ["a", "b"], "rounds": 4, "local_epochs": 1}
+    # killed after its first round's checkpoint: two rounds left for the kill to land in
+    fed = {"name": "ab", "sites": ["a", "b"], "rounds": 3, "local_epochs": 1}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid(sources=[], federations=[fed])))
     # the heartbeat's pid is the coordinator (the Tune trainable); its site tasks die with it
     key = sweep_killing_a_trial_after_its_first_checkpoint(tmp_path).name
@@ -190,13 +180,17 @@ def test_killed_federation_coordinator_resumes_at_its_last_round(tmp_path):
     }
     for plan in federated.plan_sites(spec, sizes):
         site = ledger["sites"][plan.name]
-        assert site["steps"] == 4 * plan.steps_per_round
+        assert site["steps"] == fed["rounds"] * plan.steps_per_round
         assert site["noise_multiplier"] == plan.noise_multiplier
         assert site["epsilon_spent"] <= 2 + 1e-6
 
 
 def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
-    g = grid(epsilons=[2, "inf"], training={"epochs": 2, "logical_batch": 16, "physical_batch": 16})
+    """A driver killed mid-sweep leaves no cell running; the rerun trains only what it had not
+    trained and evaluates only what it had not evaluated. The rerun is two drivers started at
+    the same moment on the folder: one runs the sweep, the other is refused with the first
+    one's name (exit 2), so every cell is trained exactly once."""
+    g = grid(epsilons=[2, "inf"], training={"epochs": 1, "logical_batch": 16, "physical_batch": 16})
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
     driver = start(
         [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"], tmp_path, tmp_path / "log"
@@ -218,7 +212,7 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
         kill_session(driver)  # the embedded cluster's processes are in the driver's session
     done_before = finished()
     trained_before = {p.parent.name for p in trials.glob("*/done")}  # some maybe not evaluated
-    left = launch("status", "out", cwd=tmp_path).stdout  # the killed driver's cells
+    left = launch_here("status", "out", cwd=tmp_path).stdout  # the killed driver's cells
     states = [line.split()[0] for line in left.splitlines()[1:] if line.split()]
     assert "running" not in states and "driver: none running" in left, left
     if list(trials.glob("*/running.json")):
@@ -227,24 +221,30 @@ def test_killed_driver_rerun_completes_only_unfinished_cells(tmp_path):
     assert set(mtimes) == trained_before
     assert 1 <= len(done_before) < 4
 
-    proc = sweep(tmp_path)
+    args = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
+    drivers = [start(args, tmp_path, tmp_path / f"rerun{i}.log") for i in range(2)]
+    try:
+        codes = sorted(d.wait(timeout=420) for d in drivers)
+    finally:
+        for d in drivers:
+            kill_session(d)
+    logs = [(tmp_path / f"rerun{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 2], [log[-2000:] for log in logs]  # one ran, the other was refused
+    refused = next(log for log in logs if "another driver" in log)
+    assert "pid" in refused and "run" in refused, refused[-2000:]  # names the one running
+    ran = next(log for log in logs if "another driver" not in log)
     assert (
         f"{len(done_before)} already done, {4 - len(trained_before)} to train, "
         f"{len(trained_before) - len(done_before)} trained with evaluations to (re)do"
-    ) in proc.stdout
+    ) in ran, ran[-3000:]
     # no trained model is trained again (one killed before its evaluation is only evaluated)
-    assert {k: folders.model_stamps(tmp_path / "out")[k] for k in trained_before} == mtimes
+    stamps = folders.model_stamps(tmp_path / "out")
+    assert {k: stamps[k] for k in trained_before} == mtimes
+    assert len(stamps) == 4  # 2 sources x 2 epsilons, each trained once
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
     assert df["trial_key"].nunique() == 4
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
-    status = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "status", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert "4 done" in status.stdout
+    assert "4 done" in launch_here("status", "out", cwd=tmp_path).stdout
 
 
 # `ray start` nodes authenticate with ~/.ray/auth_token only in token mode, and `ray start`
@@ -311,10 +311,14 @@ def test_two_node_cluster_survives_losing_its_worker_node(tmp_path):
             active = out.split("Active:")[-1].split("Pending:")[0]
             return active.count("node_")
 
+        # `ray status` is a fresh interpreter (seconds of CPU each): asked once the worker
+        # node says it runs, not all through its start
+        started = tmp_path / "worker.log"
+        wait_for(lambda: "Ray runtime started" in started.read_text(), 120, "the worker", worker)
         wait_for(lambda: alive_nodes() >= 2, 120, "two alive nodes", worker)
         g = grid(
             epsilons=[2, "inf"],
-            training={"epochs": 3, "logical_batch": 16, "physical_batch": 16},
+            training={"epochs": 2, "logical_batch": 16, "physical_batch": 16},
             ray={"max_failures": 3},
         )
         (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
@@ -371,22 +375,28 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
         "name": "a",
         "kind": "synthetic",
         "root": "data/a",
-        "options": {"site": "a", "n_patients": 40},  # enough training images for a batch of 32
+        "options": {"site": "a", "n_patients": 40, "file_size": 32},  # 34 training images
     }
     large = {
         "name": "b",
         "kind": "synthetic",
         "root": "data/b",
-        "options": {"site": "b", "n_patients": 600},
+        # 693 training images, generated small (the files' size is most of generation's time)
+        "options": {"site": "b", "n_patients": 600, "file_size": 32},
     }
     g = grid(
         domains=[small, large],
         epsilons=["inf"],
-        # b needs many minutes (600 patients x 12 epochs at 64 px), a seconds (under a minute on
-        # a busy 2-core machine, integrity checks included): the limit separates them
-        training={"epochs": 12, "logical_batch": 32, "physical_batch": 32},
-        preprocessing={"image_size": 64},
-        ray={"num_cpus": 2, "max_failures": 1, "trial_timeout_s": 60},
+        # A step of 2 images at 32 px costs about what one of 4 does (~90 ms of one core, a
+        # third of a step of 32 at 64 px): a cell's time is its number of steps. b takes 1,388
+        # (347 an epoch), over four times the limit's worth of one core (more than the 64 px
+        # cell this test used to train, 12 epochs of 22 steps); a takes 68 (17 an epoch), ~6 s
+        # of one core (its 12 epochs of 2 steps at 64 px took ~8 s), so it finishes inside
+        # the limit on a busy 2-core machine, worker start and evaluations included (the
+        # limit counts them: it runs from the trial's start). The limit separates them.
+        training={"epochs": 4, "logical_batch": 2, "physical_batch": 2},
+        preprocessing={"image_size": 32},
+        ray={"num_cpus": 2, "max_failures": 1, "trial_timeout_s": 30},
     )
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
     proc = subprocess.run(
@@ -401,34 +411,7 @@ def test_trial_over_its_time_limit_is_stopped_and_the_sweep_goes_on(tmp_path):
     assert "b_epsinf_seed0" in proc.stderr and "re-run" in proc.stderr
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet")
     assert set(df["source"]) == {"a"}  # the finished cell is in the table
-    status = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "status", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    status = launch_here("status", "out", cwd=tmp_path).stdout
     failed = [line for line in status.splitlines() if line.startswith("failed")]
     assert len(failed) == 1 and "b_epsinf_seed0" in failed[0] and "timeout" in failed[0]
     assert "1 done" in status and "1 failed" in status
-
-
-def test_two_drivers_on_one_output_folder_train_every_cell_once(tmp_path):
-    """Started at the same moment, one driver runs the sweep and the other is refused with
-    the first one's name (exit 2); every cell is trained exactly once."""
-    g = grid(epsilons=[2, "inf"], training={"epochs": 1, "logical_batch": 16, "physical_batch": 16})
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(g))
-    args = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
-    drivers = [start(args, tmp_path, tmp_path / f"log{i}") for i in range(2)]
-    try:
-        codes = sorted(d.wait(timeout=400) for d in drivers)
-    finally:
-        for d in drivers:
-            kill_session(d)
-    assert codes == [0, 2], [(tmp_path / f"log{i}").read_text()[-2000:] for i in range(2)]
-    logs = [(tmp_path / f"log{i}").read_text() for i in range(2)]
-    refused = next(log for log in logs if "another driver" in log)
-    assert "pid" in refused and "run" in refused
-    assert len(folders.model_stamps(tmp_path / "out")) == 4  # 2 sources x 2 epsilons, once each
-    ran = next(log for log in logs if "another driver" not in log)
-    assert "0 already done, 4 to train, 0 trained" in ran

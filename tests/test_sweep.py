@@ -172,7 +172,8 @@ def test_rerun_skips_done_cells_retrains_a_void_one_and_runs_only_new_cells(tiny
       valid guarantee: status says void, audit exits 1;
     - the rerun sets the void trial aside (kept, never deleted) and retrains it, trains the new
       epsilon's cells, and leaves every other finished model (the audit twin and the
-      federation's too) untouched."""
+      federation's too) untouched;
+    - an export then releases only the DP models with rows in the new tables."""
     work = sweeps.copy_of(tiny_sweep, tmp_path / "work").work
     out = work / "out"
     grid = {**sweeps.single_site(sweeps.GRID), "epsilons": [1, 8, "inf"]}
@@ -209,6 +210,11 @@ def test_rerun_skips_done_cells_retrains_a_void_one_and_runs_only_new_cells(tiny
     assert launch_here("audit", "out", cwd=work).returncode == 0
     report = launch_here("report", "out", cwd=work)
     assert "### ε = 8" in report.stdout and (out / "report.md").is_file()
+    # released: the DP models with rows in the last aggregation; the federation's epsilon-1
+    # model is on disk, but this grid has no rows of it
+    launch_here("export", "out", "--to", str(tmp_path / "shared"), cwd=work)
+    released = {p.name.split("-")[0] for p in (tmp_path / "shared" / "models").iterdir()}
+    assert released == {"a_eps1_seed0", "a_eps8_seed0", "b_eps1_seed0", "b_eps8_seed0"}
 
 
 def test_added_target_is_evaluated_without_training(tiny_sweep, tmp_path):

@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 import yaml
-from conftest import launch
-from helpers import folders
+from conftest import launch, launch_here
+from helpers import folders, sweeps
 from helpers.grids import synthetic_domain
 
 from privdom_ray.manifest import LABELS
@@ -16,48 +16,41 @@ from privdom_ray.store import TrialStore
 
 pytestmark = pytest.mark.ray
 
-GRID = {
-    "name": "tiny",
-    "output": "out",
-    "domains": [synthetic_domain("a", "a"), synthetic_domain("b", "b")],
-    "epsilons": [1, "inf"],
-    "controls": ["clip_only"],
-    "seeds": [0],
-    "training": {"epochs": 1, "logical_batch": 32, "physical_batch": 16},
-    "preprocessing": {"image_size": 24},
-    "evaluation": {"n_boot": 40, "min_positives": 1, "min_negatives": 1},  # tiny test splits
-    "ray": {"num_cpus": 2},
-    "audit": {"canaries": 200, "sources": ["a"], "epsilons": [1]},  # one audit twin
-}
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, worker_id) -> sweeps.Sweep:
+    """The shared sweep (helpers/sweeps.py), read-only."""
+    return sweeps.trained_sweep(tmp_path_factory, worker_id)
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory):
-    work = tmp_path_factory.mktemp("sweep")
-    (work / "grid.yaml").write_text(yaml.safe_dump(GRID))
-    # with the Ray dashboard, as a user gets it (conftest turns it off for the other sweeps)
-    proc = launch("--grid", "grid.yaml", cwd=work, env={"PRIVDOM_RAY_DASHBOARD": "1"})
-    return work, proc
+def tampered(tmp_path_factory, tiny_sweep) -> sweeps.Sweep:
+    """One copy of the shared sweep for this module's tests that rewrite a ledger for the length
+    of a ``with`` block (``folders.rewritten`` writes the original back) or export it."""
+    return sweeps.copy_of(tiny_sweep, tmp_path_factory.mktemp("tampered") / "work")
 
 
 def test_table_has_one_row_per_trial_target_label_subgroup(tiny_sweep):
-    work, proc = tiny_sweep
-    df = pd.read_parquet(work / "out" / "transfer.parquet")
-    assert df["trial_key"].nunique() == 6  # 2 sources x (eps 1, inf, clip-only)
-    assert set(df["source"]) == set(df["target"]) == {"a", "b"}
+    df = pd.read_parquet(tiny_sweep.out / "transfer.parquet")
+    # 2 sources x (eps 1, inf, clip-only) + the federation ab x (eps 1, inf); the audit twin
+    # has no rows of its own
+    assert df["trial_key"].nunique() == 8
+    assert set(df["source"]) == {"a", "b", "ab"}
+    assert set(df["target"]) == {"a", "b", "c"}
     assert set(df["label"]) == {*LABELS, "macro"}
     keys = ["trial_key", "target", "label", "subgroup"]
     assert not df.duplicated(keys).any()
-    assert len(df[df["subgroup"] == "all"]) == 6 * 2 * (len(LABELS) + 1)
-    assert (df["on_domain"] == (df["source"] == df["target"])).all()
+    assert len(df[df["subgroup"] == "all"]) == 8 * 3 * (len(LABELS) + 1)
+    single = df[df["source"] != "ab"]  # the federation's members: test_federated_sweep
+    assert (single["on_domain"] == (single["source"] == single["target"])).all()
     aucs = df["auc"].dropna()
     assert len(aucs) > 0 and aucs.between(0, 1).all()
 
 
 def test_privacy_ledger_columns(tiny_sweep):
-    work, _ = tiny_sweep
-    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    df = pd.read_parquet(tiny_sweep.out / "transfer.parquet")
     dp = df[df["epsilon_target"] == 1.0]
+    assert set(dp["source"]) == {"a", "b", "ab"}
     assert (dp["epsilon_spent"] <= 1.0 + 1e-6).all() and (dp["epsilon_spent"] > 0).all()
     assert (dp["noise_multiplier"] > 0).all() and (dp["steps"] > 0).all()
     assert set(dp["accountant"]) <= {"prv", "rdp"}
@@ -81,17 +74,18 @@ def test_privacy_ledger_columns(tiny_sweep):
 
 def test_every_dp_epsilon_matches_an_independent_pld_accountant(tiny_sweep):
     """Google's dp-accounting PLD accountant, composing the label-count release with the
-    Poisson-subsampled Gaussian steps, recomputes every DP epsilon of the table: ours is never
-    more than 1% below it and never above the target."""
+    Poisson-subsampled Gaussian steps, recomputes every single-site DP epsilon of the table
+    (a federation's per-site ledgers: test_federated_sweep): ours is never more than 1% below
+    it and never above the target."""
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
 
-    work, _ = tiny_sweep
-    df = pd.read_parquet(work / "out" / "transfer.parquet")
-    dp = df[df["accountant"] != "none"].drop_duplicates("trial_key")
+    out = tiny_sweep.out
+    df = pd.read_parquet(out / "transfer.parquet")
+    dp = df[(df["accountant"] != "none") & (df["source"] != "ab")].drop_duplicates("trial_key")
     assert len(dp) == 2
     for row in dp.itertuples():
-        ledger = folders.ledger(work / "out", row.trial_key)
+        ledger = folders.ledger(out, row.trial_key)
         pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
         names = []
         for m in ledger["mechanisms"]:
@@ -111,18 +105,18 @@ def test_every_dp_epsilon_matches_an_independent_pld_accountant(tiny_sweep):
 
 
 def test_the_audit_twin_bounds_its_cells_epsilon_and_stays_out_of_the_matrices(tiny_sweep):
-    work, proc = tiny_sweep
-    df = pd.read_parquet(work / "out" / "transfer.parquet")
+    work = tiny_sweep.work
+    df = pd.read_parquet(tiny_sweep.out / "transfer.parquet")
     audited = df[df["audit_epsilon_lower"].notna()]
     assert set(audited["source"]) == {"a"} and set(audited["epsilon_target"]) == {1.0}
     assert audited["trial_key"].nunique() == 1 and (audited["audit_canaries"] == 200).all()
     lower, spent = audited["audit_epsilon_lower"].iloc[0], audited["epsilon_spent"].iloc[0]
     assert 0 <= lower <= spent
-    assert "a_eps1_seed0_audit" in proc.stdout  # trained as a trial of its own
-    report = (work / "out" / "report.md").read_text()
+    assert "a_eps1_seed0_audit" in tiny_sweep.stdout  # trained as a trial of its own
+    report = (tiny_sweep.out / "report.md").read_text()
     assert "Canary audit" in report and "What this epsilon covers" in report
-    assert (work / "out" / "figures" / "audit_epsilon.png").is_file()
-    assert "0 problem(s)" in launch("audit", "out", cwd=work).stdout
+    assert (tiny_sweep.out / "figures" / "audit_epsilon.png").is_file()
+    assert "0 problem(s)" in launch_here("audit", "out", cwd=work).stdout  # reads only
 
 
 def test_finished_trial_folders_hold_no_generator_state(tiny_sweep):
@@ -130,9 +124,10 @@ def test_finished_trial_folders_hold_no_generator_state(tiny_sweep):
     what is left cannot replay the noise or the batches."""
     import torch
 
-    work, _ = tiny_sweep
-    out, store = work / "out", TrialStore(work / "out")
+    out = tiny_sweep.out
+    store = TrialStore(out)
     assert folders.trained_keys(out) == store.trial_keys() != []  # every folder is finished
+    assert len(store.trial_keys()) == 9  # the 8 cells of the table and the audit twin
     for key in store.trial_keys():
         assert not store.has_checkpoint(key)
         state = folders.model_state(out, key)
@@ -147,19 +142,21 @@ def test_finished_trial_folders_hold_no_generator_state(tiny_sweep):
 
 @pytest.mark.parametrize("table", ["transfer.parquet", "comparisons.parquet"])
 def test_tables_hold_no_identifiers_paths_or_per_image_rows(tiny_sweep, table):
-    work, _ = tiny_sweep
-    df = pd.read_parquet(work / "out" / table)
+    df = pd.read_parquet(tiny_sweep.out / table)
     assert not {"path", "patient_id", "row", "age", "sex"} & set(df.columns)
     text = [str(v) for v in df.select_dtypes(exclude="number").to_numpy().ravel() if v is not None]
     assert text  # the scan saw the string columns
-    patients = set(pd.read_csv(work / "data" / "a" / "labels.csv")["patient_id"].astype(str))
+    patients = set(
+        pd.read_csv(tiny_sweep.work / "data" / "a" / "labels.csv")["patient_id"].astype(str)
+    )
     assert not any(("/" in v and "data" in v) or v.endswith(".png") or v in patients for v in text)
-    assert len(df) < 10 * 2 * 2 * 6 * 8  # aggregates: far fewer rows than test images x trials
+    # aggregates: fewer rows than 10 per trial (8), target (3) and label (8); a per-image table
+    # would have one per test image (27 or more a site)
+    assert len(df) < 10 * 8 * 3 * len(LABELS)
 
 
 def test_output_names_trials_and_prints_matrices(tiny_sweep):
-    _, proc = tiny_sweep
-    out = proc.stdout
+    out = tiny_sweep.stdout
     assert "dashboard: http://127.0.0.1:" in out
     assert "a_eps1_seed0" in out and "b_epsinf_seed0" in out
     assert "### epsilon = 1" in out and "### epsilon = inf" in out
@@ -167,52 +164,80 @@ def test_output_names_trials_and_prints_matrices(tiny_sweep):
     assert "transfer.parquet" in out
 
 
-def test_plan_counts_what_the_sweep_then_runs(tiny_sweep):
-    """``plan`` on the grid the next test runs: its counts are the sweep's own."""
-    work, _ = tiny_sweep
-    (work / "grid2.yaml").write_text(yaml.safe_dump({**GRID, "epsilons": [1, 8, "inf"]}))
-    out = launch("plan", "grid2.yaml", "--images-per-s", "50", cwd=work).stdout
-    assert "trainings: 9 (1 audit, 2 clip_only, 6 standard); 7 already done, 2 to run" in out
-    assert "evaluations: 16 (trained models x targets); 12 already done, 4 to run" in out
+def test_rerun_skips_done_cells_retrains_a_void_one_and_runs_only_new_cells(tiny_sweep, tmp_path):
+    """On a copy of the shared sweep, a grid with a new epsilon (and no federation):
 
-
-def test_rerun_skips_done_cells_and_new_epsilon_runs_only_new_cells(tiny_sweep):
-    work, _ = tiny_sweep
-    before = folders.model_stamps(work / "out")
-    grid = {**GRID, "epsilons": [1, 8, "inf"]}
+    - ``plan`` counts what the sweep then runs;
+    - a DP trial trained before noise was secret (its ledger has no mechanism version) has no
+      valid guarantee: status says void, audit exits 1;
+    - the rerun sets the void trial aside (kept, never deleted) and retrains it, trains the new
+      epsilon's cells, and leaves every other finished model (the audit twin and the
+      federation's too) untouched;
+    - an export then releases only the DP models with rows in the new tables."""
+    work = sweeps.copy_of(tiny_sweep, tmp_path / "work").work
+    out = work / "out"
+    grid = {**sweeps.single_site(sweeps.GRID), "epsilons": [1, 8, "inf"]}
     (work / "grid2.yaml").write_text(yaml.safe_dump(grid))
+    plan = launch_here("plan", "grid2.yaml", "--images-per-s", "50", cwd=work).stdout
+    assert "trainings: 9 (1 audit, 2 clip_only, 6 standard); 7 already done, 2 to run" in plan
+    assert "evaluations: 24 (trained models x targets); 18 already done, 6 to run" in plan
+
+    # a DP trial of the grid the last command ran (status follows its plan)
+    key = folders.key_named(out, "a_eps1_seed0")
+    folders.rewrite_record(out, key, "ledger.json", lambda ledger: {
+        k: v for k, v in ledger.items()
+        if k not in ("mechanisms", "mechanism_version", "randomness")
+    })  # fmt: skip
+    assert "void" in launch_here("status", "out", cwd=work).stdout
+    assert "void" in launch_here("audit", "out", cwd=work, expect=1).stdout
+
+    before = folders.model_stamps(out)
+    assert len(before) == 9  # the 8 cells of the shared sweep and its audit twin
     proc = launch("--grid", "grid2.yaml", cwd=work)
-    assert "7 already done, 2 to train, 0 trained" in proc.stdout  # the audit twin is done too
-    after = folders.model_stamps(work / "out")
-    assert {k: after[k] for k in before} == before  # finished models untouched
-    assert len(after) == 9  # 8 cells and the audit twin
-    df = pd.read_parquet(work / "out" / "transfer.parquet")
-    assert df["trial_key"].nunique() == 8
+    assert f"trial {key}" in proc.stdout and "set_aside" in proc.stdout, "void trial set aside"
+    # the audit twin is done too; to train: the void trial and the 2 epsilon-8 cells
+    assert "6 already done, 3 to train, 0 trained" in proc.stdout
+    after = folders.model_stamps(out)
+    assert after[key] != before[key], "the void trial is trained again"
+    assert {k: after[k] for k in before if k != key} == {
+        k: v for k, v in before.items() if k != key
+    }, "finished models untouched"
+    assert len(after) == 11  # and the 2 epsilon-8 cells
+    assert list((out / "set_aside").glob(f"{key}-void-*/model.pt"))  # kept, never deleted
+    df = pd.read_parquet(out / "transfer.parquet")
+    assert df["trial_key"].nunique() == 8  # 2 sources x (eps 1, 8, inf, clip-only)
     assert not df.duplicated(["trial_key", "target", "label", "subgroup"]).any()
-    report = launch("report", "out", cwd=work)
-    assert "### ε = 8" in report.stdout and (work / "out" / "report.md").is_file()
+    assert launch_here("audit", "out", cwd=work).returncode == 0
+    report = launch_here("report", "out", cwd=work)
+    assert "### ε = 8" in report.stdout and (out / "report.md").is_file()
+    # released: the DP models with rows in the last aggregation; the federation's epsilon-1
+    # model is on disk, but this grid has no rows of it
+    launch_here("export", "out", "--to", str(tmp_path / "shared"), cwd=work)
+    released = {p.name.split("-")[0] for p in (tmp_path / "shared" / "models").iterdir()}
+    assert released == {"a_eps1_seed0", "a_eps8_seed0", "b_eps1_seed0", "b_eps8_seed0"}
 
 
-def test_added_target_is_evaluated_without_training(tiny_sweep):
-    work, _ = tiny_sweep
-    before = folders.model_stamps(work / "out")
-    old = pd.read_parquet(work / "out" / "transfer.parquet")
-    c = synthetic_domain("c", "c")
-    grid = {**GRID, "domains": [*GRID["domains"], c], "sources": ["a", "b"]}
+def test_added_target_is_evaluated_without_training(tiny_sweep, tmp_path):
+    work = sweeps.copy_of(tiny_sweep, tmp_path / "work").work
+    out = work / "out"
+    before = folders.model_stamps(out)
+    old = pd.read_parquet(out / "transfer.parquet")
+    grid = sweeps.single_site(sweeps.GRID)
+    grid["domains"] = [*grid["domains"], synthetic_domain("d", "d")]
     (work / "grid3.yaml").write_text(yaml.safe_dump(grid))
     proc = launch("evaluate", "out", "--grid", "grid3.yaml", cwd=work)
     assert "epoch" not in proc.stdout  # no training progress at all
-    after = folders.model_stamps(work / "out")
-    assert {k: after[k] for k in before} == before
-    new = pd.read_parquet(work / "out" / "transfer.parquet")
-    # exactly the new target's rows were added for the grid's (epsilon 1, inf) trials
-    assert set(new["target"]) == {"a", "b", "c"}
-    old_part = new[new["target"] != "c"].sort_values(["trial_key", "target", "label", "subgroup"])
-    ref = old[old["trial_key"].isin(new["trial_key"])].sort_values(
-        ["trial_key", "target", "label", "subgroup"]
-    )
+    after = folders.model_stamps(out)
+    assert after == before
+    new = pd.read_parquet(out / "transfer.parquet")
+    # exactly the new target's rows were added for the grid's (epsilon 1, inf, clip-only) trials
+    assert set(new["target"]) == {"a", "b", "c", "d"}
+    keys = ["trial_key", "target", "label", "subgroup"]
+    old_part = new[new["target"] != "d"].sort_values(keys)
+    ref = old[old["trial_key"].isin(new["trial_key"])].sort_values(keys)
+    assert len(old_part) == len(ref) > 0
     assert old_part["auc"].tolist() == pytest.approx(ref["auc"].tolist(), nan_ok=True)
-    assert new[new["target"] == "c"]["trial_key"].nunique() == 6
+    assert new[new["target"] == "d"]["trial_key"].nunique() == 6
 
 
 def test_trial_record_reproduces_key_and_predictions(tiny_sweep):
@@ -220,9 +245,11 @@ def test_trial_record_reproduces_key_and_predictions(tiny_sweep):
     from privdom_ray.config import TrialSpec
     from privdom_ray.train import load_model, predict
 
-    work, _ = tiny_sweep
-    out, store = work / "out", TrialStore(work / "out")
-    key = next(k for k, r in folders.records(out).items() if r.spec.audit is None)
+    work, out = tiny_sweep.work, tiny_sweep.out
+    store = TrialStore(out)
+    key = next(
+        k for k, r in folders.records(out).items() if r.spec.audit is None and r.spec.source == "a"
+    )
     config = yaml.safe_load(store.config_text(key) or "")  # the record written for people
     spec = TrialSpec.from_json(config["spec"])
     assert spec.with_key().key == key == config["spec"]["key"]
@@ -230,21 +257,18 @@ def test_trial_record_reproduces_key_and_predictions(tiny_sweep):
     assert list(store.tensorboard_dir(key).glob("events.out.tfevents.*"))
     model = load_model(spec.model, folders.model_state(out, key), num_outputs=len(LABELS))
     stored = folders.predictions(out, key, spec.source)
-    cache_path = next((work / "out" / "cache").glob(f"{spec.source}-*"))
+    cache_path = next((out / "cache").glob(f"{spec.source}-*"))
     scores = predict(model, load_split(cache_path, "test").images)
     assert scores == pytest.approx(stored[[f"score_{lab}" for lab in LABELS]].to_numpy(), abs=1e-6)
-    show = launch("show", "out", f"{spec.source}/{config['spec']['epsilon']}/0", cwd=work)
+    show = launch_here("show", "out", f"{spec.source}/{config['spec']['epsilon']}/0", cwd=work)
     assert key in show.stdout and "epsilon_spent" in show.stdout
 
 
-def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
-    work, _ = tiny_sweep
-    ok = launch("audit", "out", cwd=work)
+def test_audit_recomputes_ledgers_and_catches_tampering(tampered):
+    work, out = tampered.work, tampered.out
+    ok = launch_here("audit", "out", cwd=work)
     assert "0 problem(s)" in ok.stdout
-    out = work / "out"
-    key = next(
-        k for k in folders.trained_keys(out) if folders.ledger(out, k)["accountant"] != "none"
-    )
+    key = folders.key_named(out, "a_eps1_seed0")  # a single-site DP trial
 
     def more_noise(ledger: dict) -> dict:  # claims more noise than the epsilon it reports
         ledger["noise_multiplier"] *= 0.5
@@ -255,7 +279,7 @@ def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
 
     # a faulty writer: the ledger is rewritten and sealed
     with folders.rewritten(out, key, "ledger.json", more_noise):
-        bad = launch("audit", "out", cwd=work, expect=1)
+        bad = launch_here("audit", "out", cwd=work, expect=1)
     # named: the sigma that the trial's spec recomputes, and the epsilon of the claimed sigma
     assert "noise_multiplier" in bad.stdout and "1 problem(s)" in bad.stdout
 
@@ -279,22 +303,23 @@ def test_audit_recomputes_ledgers_and_catches_tampering(tiny_sweep):
     ],
     ids=["target", "clipping bound", "no accountant", "extra count release"],
 )
-def test_audit_checks_each_ledger_against_its_trial_spec(tiny_sweep, tamper, problem):
-    work, _ = tiny_sweep
-    key = folders.key_named(work / "out", "b_eps1_seed0")
-    with folders.rewritten(work / "out", key, "ledger.json", tamper):  # a faulty writer: sealed
-        proc = launch("audit", "out", cwd=work, expect=1)
+def test_audit_checks_each_ledger_against_its_trial_spec(tampered, tamper, problem):
+    work, out = tampered.work, tampered.out
+    key = folders.key_named(out, "b_eps1_seed0")
+    with folders.rewritten(out, key, "ledger.json", tamper):  # a faulty writer: sealed
+        proc = launch_here("audit", "out", cwd=work, expect=1)
     assert problem in proc.stdout
 
 
 def test_patient_level_privacy_end_to_end(tmp_path):
     grid = {
-        **GRID,
-        "domains": GRID["domains"][:1],
+        **sweeps.single_site(sweeps.GRID),
+        "domains": sweeps.GRID["domains"][:1],
+        "sources": ["a"],
         "epsilons": [2],
         "controls": [],
         # 29 training patients: a batch of 32 would be refused (q = 32/29 > 1)
-        "training": {**GRID["training"], "privacy_unit": "patient", "logical_batch": 16},
+        "training": {**sweeps.GRID["training"], "privacy_unit": "patient", "logical_batch": 16},
         "audit": {"canaries": 200, "epsilons": [2]},  # canaries are units too: one per patient
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
@@ -308,11 +333,11 @@ def test_patient_level_privacy_end_to_end(tmp_path):
     assert df["sample_rate"].iloc[0] == pytest.approx(1 / math.ceil(n_train_patients / 16))
 
 
-def test_export_writes_exactly_the_shareable_set(tiny_sweep):
+def test_export_writes_exactly_the_shareable_set(tampered):
     import pyarrow.parquet as pq
 
-    work, _ = tiny_sweep
-    proc = launch("export", "out", "--to", "shared", cwd=work)
+    work = tampered.work
+    proc = launch_here("export", "out", "--to", "shared", cwd=work)
     files = sorted(
         str(p.relative_to(work / "shared")) for p in (work / "shared").rglob("*") if p.is_file()
     )
@@ -322,11 +347,11 @@ def test_export_writes_exactly_the_shareable_set(tiny_sweep):
     }  # fmt: skip
     assert tables <= set(files), files
     models = [f for f in files if f.startswith("models/")]
-    # the released models: the DP trials with rows in the table only (controls and
-    # non-private weights stay home; the epsilon-8 models of the rerun test above are on disk,
-    # but the last aggregation, `evaluate` with grid3, has no rows of them)
+    # the released models: the DP trials with rows in the table only (the federation's too;
+    # controls, audit twins and non-private weights stay home)
     assert sorted({f.split("/")[1].split("-")[0] for f in models}) == [
         "a_eps1_seed0",
+        "ab_eps1_seed0",
         "b_eps1_seed0",
     ]
     assert {f.split("/")[-1] for f in models} == {"model.pt", "ledger.json", "card.json"}
@@ -351,7 +376,7 @@ def test_export_writes_exactly_the_shareable_set(tiny_sweep):
     assert not any(k in text for k in internal["trial_key"]) and "data_fingerprint" not in text
     assert "exported" in proc.stdout
     assert (
-        launch("export", "out", "--to", "shared", cwd=work, expect=2).returncode == 2
+        launch_here("export", "out", "--to", "shared", cwd=work, expect=2).returncode == 2
     )  # not empty
 
 
@@ -362,9 +387,8 @@ def test_ray_session_files_are_private_and_dp_trials_send_tune_no_training_loss(
     import json
     import stat
 
-    work, _ = tiny_sweep
-    session = (work / "out" / "ray_session").resolve()
-    results_dir = work / "out" / "ray_results"
+    session = (tiny_sweep.out / "ray_session").resolve()
+    results_dir = tiny_sweep.out / "ray_results"
     for folder in (session, results_dir):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     assert list(session.glob("ray/session_*/logs"))  # Ray makes ray/ 0777: 0700 above it
@@ -374,36 +398,10 @@ def test_ray_session_files_are_private_and_dp_trials_send_tune_no_training_loss(
         name = path.parent.name
         if "_eps1_" in name:
             seen["dp"] += 1
-            assert not [r for r in records if {"train_loss", "train_seconds", "seconds"} & set(r)], path
+            assert not [
+                r for r in records if {"train_loss", "train_seconds", "seconds"} & set(r)
+            ], path
             assert any("val_macro_auc" in r for r in records)
         elif "_epsinf_" in name and any("train_loss" in r for r in records):
-            seen["nondp"] += 1  # a re-run's result.json of a finished trial has no training
+            seen["nondp"] += 1
     assert seen["dp"] and seen["nondp"]
-
-
-def test_a_void_dp_model_is_flagged_and_retrained(tiny_sweep):
-    """A DP trial trained before noise was secret (its ledger has no mechanism version) has no
-    valid guarantee: status says void, audit exits 1, and the sweep sets it aside and retrains
-    it; non-private trials are kept."""
-    work, _ = tiny_sweep
-    out = work / "out"
-    # a DP trial of the grid the last command ran (status follows its plan)
-    key = folders.key_named(out, "a_eps1_seed0")
-    folders.rewrite_record(out, key, "ledger.json", lambda ledger: {
-        k: v for k, v in ledger.items()
-        if k not in ("mechanisms", "mechanism_version", "randomness")
-    })  # fmt: skip
-    assert "void" in launch("status", "out", cwd=work).stdout
-    audit = launch("audit", "out", cwd=work, expect=1)
-    assert "void" in audit.stdout
-    before = folders.model_stamps(out)
-    proc = launch("--grid", "grid2.yaml", cwd=work)
-    assert f"trial {key}" in proc.stdout and "set_aside" in proc.stdout
-    assert "8 already done, 1 to train, 0 trained" in proc.stdout
-    after = folders.model_stamps(out)
-    assert after[key] != before[key]
-    assert {k: v for k, v in after.items() if k != key} == {
-        k: v for k, v in before.items() if k != key
-    }
-    assert list((out / "set_aside").glob(f"{key}-void-*/model.pt"))  # kept, never deleted
-    assert launch("audit", "out", cwd=work).returncode == 0

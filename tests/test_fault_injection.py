@@ -27,16 +27,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import launch
+from conftest import launch, launch_here
 from helpers.grids import tiny_grid
-from test_faults import kill_session, start, wait_for
+from test_faults import kill_session, session_pids, start, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # each test re-runs the sweep (the first also trains the module's): on 2 busy cores a sweep
 # took up to 7 minutes, beyond the suite's 600 s default
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1800)]
 # the paused driver's lease: its writers stop after 7.5 s, a takeover after 10 s. The holder
-# renews every 10/6 s, so even a driver on 2 busy cores keeps it; each second here is waited out
+# renews every 10/6 s, so even a driver on 2 busy cores keeps it; the test waits (polling the
+# lease file's renewal, as a second driver judges it) only until a takeover is allowed
 LEASE_S = 10
 
 GRID = tiny_grid("inject", "abc", n_patients=40, epochs=1, image_size=16, max_failures=2)
@@ -131,8 +132,14 @@ def check_table(work: Path, rows: int, refs) -> pd.DataFrame:
     return df
 
 
+def status_of(work: Path) -> str:
+    """``launch.py status out``'s report, run in this process: it only reads the folder (no Ray,
+    no driver), and a fresh interpreter would cost each call ~5-10 s of imports."""
+    return launch_here("status", "out", cwd=work).stdout
+
+
 def status_names(work: Path, names: list[str]) -> str:
-    out = launch("status", "out", cwd=work, timeout=300).stdout
+    out = status_of(work)
     for name in names:
         assert name in out, (name, out)
     return out
@@ -182,7 +189,7 @@ def test_damaged_trial_records_and_cache_are_named_and_redone(sweep, round_):
     after = {p.name: (p / "model.pt").stat().st_mtime_ns for p in trials(work)}
     assert all(after[k] != before[k] for k in before)  # every damaged trial trained again
     assert len(list((work / "out" / "set_aside").glob("*-damaged-*"))) == 6 * (round_ + 1)
-    assert "6 done" in launch("status", "out", cwd=work).stdout
+    assert "6 done" in status_of(work)
 
 
 def test_logs_evaluations_meta_and_done_under_a_driver_paused_past_its_lease(sweep):
@@ -213,7 +220,7 @@ def test_logs_evaluations_meta_and_done_under_a_driver_paused_past_its_lease(swe
     current = {p.name for p in (folders[0] / "eval").iterdir() if not p.name.startswith(".")}
     assert current == old_evals  # the same targets, evaluated again from the new model
     assert set(df["trial_key"]) == {p.name for p in folders}
-    status = launch("status", "out", cwd=work).stdout
+    status = status_of(work)
     assert "6 done" in status and status.count("history.json set aside earlier") == 3
     assert status.count("cache ok") == 3 and "driver: none running" in status
 
@@ -222,6 +229,8 @@ def paused_and_taken_over(work: Path) -> None:
     """Driver 1 starts the re-run and is paused (SIGSTOP, its Ray workers keep running) past
     its lease once a cell is at work; driver 2 takes over and finishes (exit 0); driver 1,
     resumed, exits 2 and the output folder is byte for byte as driver 2 left it."""
+    from privdom_ray import lease
+
     env = {"PRIVDOM_DRIVER_LEASE_S": str(LEASE_S)}
     args = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
     first = start(args, work, work / "driver1.log", env=env)
@@ -230,7 +239,10 @@ def paused_and_taken_over(work: Path) -> None:
         wait_for(lambda: list((work / "out" / "trials").glob("*/running.json")), 600,
                  "a cell at work", first)  # fmt: skip
         first.send_signal(signal.SIGSTOP)
-        time.sleep(LEASE_S + 5)  # past the lease: its trials stopped writing 5 s before that
+        # past the lease (what lets a second driver take over: not renewed for LEASE_S); its
+        # trials stopped writing at 0.75 x LEASE_S, and the second driver's start adds seconds
+        wait_for(lambda: lease.current(work / "out").stale(), 3 * LEASE_S,
+                 "the paused driver's lease to lapse")  # fmt: skip
         second = subprocess.run(
             args, cwd=work, capture_output=True, text=True, timeout=900,
             env={**os.environ, **env}, start_new_session=True,
@@ -242,7 +254,11 @@ def paused_and_taken_over(work: Path) -> None:
         assert first.wait(timeout=120) == 2, (work / "driver1.log").read_text()[-3000:]
         log = (work / "driver1.log").read_text()
         assert "stops here (exit 2)" in log and "lease" in log
-        time.sleep(5)  # its orphaned workers, if any were left, would write now
+        # its orphaned workers, if any were left, would write now: wait until none of its
+        # processes is left (then nothing of it can write), or 5 s at most
+        deadline = time.monotonic() + 5
+        while session_pids(first.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert files(work / "out") == snapshot  # the resumed driver wrote nothing
     finally:
         kill_session(first)
@@ -293,5 +309,5 @@ def test_a_finished_folder_of_the_code_before_checksums_is_upgraded_without_trai
     check_table(work, rows, refs)
     assert {p.name: (p / "model.pt").read_bytes() for p in trials(work)} == models
     assert {p.name: (p / "model.pt").stat().st_mtime_ns for p in trials(work)} == mtimes
-    status = launch("status", "out", cwd=work).stdout
+    status = status_of(work)
     assert "6 done" in status and status.count("cache ok") == 3, status

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import launch, launch_here, toy_split
+from conftest import launch_here, toy_split
 from helpers import folders
 from helpers.grids import synthetic_domain
 
@@ -100,7 +100,7 @@ def test_audit_twins_bound_epsilon_from_below(tmp_path):
     noise = a_dp["noise"]  # the noise really added is what the ledger states, and secret
     assert not noise["too_little"] and not noise["follows_seed"]
     assert noise["ratio"] == pytest.approx(1.0, abs=0.1)
-    assert launch("audit", "out", cwd=tmp_path).returncode == 0
+    assert launch_here("audit", "out", cwd=tmp_path).returncode == 0  # main(), in-process
     # nothing of the coins, draws or scores is left in the finished twin
     assert not store_has(tmp_path, dp.key, "checkpoint.pt")
     assert not [v for v in a_dp.values() if isinstance(v, list)]  # no coins, no scores

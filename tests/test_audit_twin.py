@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import launch, launch_here, toy_split
+from conftest import launch_here, toy_split
 from helpers import folders
 from helpers.grids import synthetic_domain
 
@@ -100,7 +100,7 @@ def test_audit_twins_bound_epsilon_from_below(tmp_path):
     noise = a_dp["noise"]  # the noise really added is what the ledger states, and secret
     assert not noise["too_little"] and not noise["follows_seed"]
     assert noise["ratio"] == pytest.approx(1.0, abs=0.1)
-    assert launch("audit", "out", cwd=tmp_path).returncode == 0
+    assert launch_here("audit", "out", cwd=tmp_path).returncode == 0  # main(), in-process
     # nothing of the coins, draws or scores is left in the finished twin
     assert not store_has(tmp_path, dp.key, "checkpoint.pt")
     assert not [v for v in a_dp.values() if isinstance(v, list)]  # no coins, no scores
@@ -468,29 +468,31 @@ def test_a_folder_with_a_twin_on_every_cell_is_read_without_retraining(tmp_path)
 def test_a_sweep_over_a_folder_with_a_twin_on_every_cell_retrains_nothing(tmp_path):
     """Through ``launch.py --grid`` on Ray: a folder swept with a twin on every cell (what
     main wrote before ``audit.cells``), swept again under the default: nothing trained, the
-    models untouched, every cell's audit result still in the table and the report."""
+    models untouched, every cell's audit result still in the table and the report. The smallest
+    grid where the default chooses fewer twins than ``all``: 2 sources x 1 epsilon (2 cells,
+    2 twins; the default audits 1); both sweeps run launch.main in-process (Ray still runs
+    the cells in its own workers)."""
     import yaml
-    from conftest import launch
 
-    grid = {"name": "twins", "output": "out", "epsilons": [1, "inf"], "seeds": [0],
-            "domains": [synthetic_domain("a", "a"), synthetic_domain("b", "b")],
-            "training": {"epochs": 1, "logical_batch": 32, "physical_batch": 16},
-            "preprocessing": {"image_size": 24}, "ray": {"num_cpus": 2},
-            "evaluation": {"n_boot": 40, "min_positives": 1, "min_negatives": 1},
+    grid = {"name": "twins", "output": "out", "epsilons": ["inf"], "seeds": [0],
+            "domains": [synthetic_domain("a", "a", 30), synthetic_domain("b", "b", 30)],
+            "training": {"epochs": 1, "logical_batch": 16, "physical_batch": 16},
+            "preprocessing": {"image_size": 16}, "ray": {"num_cpus": 2},
+            "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},
             "audit": {"canaries": 200, "cells": "all"}}  # fmt: skip
     (tmp_path / "all.yaml").write_text(yaml.safe_dump(grid))
-    launch("--grid", "all.yaml", cwd=tmp_path)
+    launch_here("--grid", "all.yaml", cwd=tmp_path)
     models = folders.model_stamps(tmp_path / "out")
-    assert len(models) == 8  # 4 cells and 4 twins
+    assert len(models) == 4  # 2 cells and 2 twins
     del grid["audit"]["cells"]  # the default: one twin per epsilon
     (tmp_path / "default.yaml").write_text(yaml.safe_dump(grid))
-    proc = launch("--grid", "default.yaml", cwd=tmp_path)
-    assert "8 already done, 0 to train, 0 trained" in proc.stdout
+    proc = launch_here("--grid", "default.yaml", cwd=tmp_path)
+    assert "4 already done, 0 to train, 0 trained" in proc.stdout
     after = folders.model_stamps(tmp_path / "out")
     assert after == models
     df = pd.read_parquet(tmp_path / "out" / "transfer.parquet").drop_duplicates("trial_key")
-    assert len(df) == 4 and df["audit_epsilon_lower"].notna().all()
-    assert "Every single-site cell (4) was audited." in (tmp_path / "out" / "report.md").read_text()
-    plan = launch("plan", "default.yaml", "--images-per-s", "100", cwd=tmp_path).stdout
-    assert "audit twins: 2 of 4 audit cells (audit.cells: per_epsilon" in plan
-    assert "2 not audited (2 of them have a finished twin from an earlier run" in plan
+    assert len(df) == 2 and df["audit_epsilon_lower"].notna().all()
+    assert "Every single-site cell (2) was audited." in (tmp_path / "out" / "report.md").read_text()
+    plan = launch_here("plan", "default.yaml", "--images-per-s", "100", cwd=tmp_path).stdout
+    assert "audit twins: 1 of 2 audit cells (audit.cells: per_epsilon" in plan
+    assert "1 not audited (1 of them have a finished twin from an earlier run" in plan

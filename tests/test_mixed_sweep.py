@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import yaml
+from conftest import launch_here
 from cxr_fixtures import BROKEN_MISSING, BROKEN_TRUNCATED, write_chexpert, write_padchest
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
@@ -35,19 +31,12 @@ def test_mixed_sweep_runs_end_to_end_and_counts_broken_images(tmp_path):
         "epsilons": ["inf"],
         "seeds": [0],
         "training": {"epochs": 1, "logical_batch": 16, "physical_batch": 16},
-        "preprocessing": {"image_size": 24},
+        "preprocessing": {"image_size": 16},
         "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},  # tiny test splits
         "ray": {"num_cpus": 2},
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch_here("--grid", "grid.yaml", cwd=tmp_path)  # main(), in-process; Ray trains
     broken = BROKEN_MISSING + BROKEN_TRUNCATED
     assert f"[cache] cpt: skipped {broken} unreadable image(s)" in proc.stdout
     skipped = pd.read_csv(next((tmp_path / "out" / "cache").glob("cpt-*")) / "skipped.csv")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import launch_here
 from helpers import folders
 from helpers.grids import synthetic_domain
 
@@ -18,8 +17,6 @@ from privdom_ray.config import GridError
 from privdom_ray.grid import load_grid
 from privdom_ray.kinds import plan_trials as plan
 from privdom_ray.models import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def domains(n: int = 40) -> list[dict]:
@@ -38,7 +35,7 @@ GRID = {
     "epsilons": [2],
     "seeds": [0],
     "training": {"init": "pretrain", "epochs": 1, "logical_batch": 16, "physical_batch": 16},
-    "preprocessing": {"image_size": 24},
+    "preprocessing": {"image_size": 16},
     "evaluation": {"n_boot": 10, "min_positives": 1, "min_negatives": 1},  # tiny test splits
     "ray": {"num_cpus": 2},
 }
@@ -106,24 +103,17 @@ def test_bad_weights_file_stops_the_cli_before_any_trial(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
     grid = {**GRID, "training": {**GRID["training"], "init": "bad.pt"}}
     write(tmp_path, {k: v for k, v in grid.items() if k != "pretrain"})
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "bad.pt" in proc.stderr and "readable weights" in proc.stderr
+    proc = launch_here("--grid", "grid.yaml", cwd=tmp_path, expect=2)  # main(), in-process
+    assert "bad.pt" in proc.stderr and "readable weights" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.ray
 def test_pretraining_runs_once_before_its_dependents(tmp_path):
+    """Both sweeps run launch.main in-process (Ray still trains in its own workers): nothing
+    here needs a driver in a separate process."""
     write(tmp_path, GRID)
-    run = [sys.executable, str(ROOT / "launch.py"), "--grid", "grid.yaml"]
-    first = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=420)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    out = first.stdout
+    out = launch_here("--grid", "grid.yaml", cwd=tmp_path).stdout
     assert out.index("running 1 pretraining") < out.index("running 2 cells")
     trials = folders.trained_keys(tmp_path / "out")
     pre = [k for k in trials if folders.info(tmp_path / "out", k)["spec"]["variant"] == "pretrain"]
@@ -137,7 +127,6 @@ def test_pretraining_runs_once_before_its_dependents(tmp_path):
 
     # a re-run with one more epsilon reuses the pretraining and trains only the new cells
     write(tmp_path, {**GRID, "epsilons": [2, "inf"]})
-    second = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=420)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "running 2 cells" in second.stdout and "running 1 pretraining" not in second.stdout
+    second = launch_here("--grid", "grid.yaml", cwd=tmp_path).stdout
+    assert "running 2 cells" in second and "running 1 pretraining" not in second
     assert folders.commit_stamps(tmp_path / "out")[pre[0]] == finished[pre[0]]

@@ -728,32 +728,20 @@ def _rewrite(trial: Path, doc: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def tuned_sweep(tmp_path_factory):
-    import sys
+def tuned_sweep(tmp_path_factory, worker_id) -> Path:
+    """helpers.tuned's sweep, trained once per test run and shared with test_tuning_sweep:
+    read-only (the tests that edit it copy it with :func:`_tuned_copy`; exports go to their
+    own tmp_path)."""
+    from helpers.tuned import tuned_sweep as shared_sweep
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import launch
-    from helpers.grids import tiny_grid
-
-    root = tmp_path_factory.mktemp("redteam_sweep")
-    grid = tiny_grid("tuned", ["a", "b"], n_patients=50, epochs=2, image_size=16,
-                     max_failures=0, epsilons=(2, "inf"))  # fmt: skip
-    grid.update(sources=["a"], model="smallcnn")
-    grid["tuning"] = {
-        "space": {"lr": {"loguniform": [1.0e-4, 3.0e-3]}, "max_grad_norm": {"choice": [0.5, 1.5]},
-                  "epochs": {"choice": [1, 2]}},
-        "runs": {"distribution": "geometric", "mean": 3},
-    }  # fmt: skip
-    (root / "grid.yaml").write_text(yaml.safe_dump(grid))
-    launch("--grid", "grid.yaml", cwd=root, timeout=1200)
-    return root
+    return shared_sweep(tmp_path_factory, worker_id)
 
 
 SHAREABLE = ("transfer.parquet", "comparisons.parquet", "reliability.parquet", "report.md")
 
 
 @pytest.mark.slow
-def test_no_shareable_output_of_a_tuned_sweep_reveals_k(tuned_sweep):
+def test_no_shareable_output_of_a_tuned_sweep_reveals_k(tuned_sweep, tmp_path):
     import pandas as pd
 
     out = tuned_sweep / "out"
@@ -789,14 +777,11 @@ def test_no_shareable_output_of_a_tuned_sweep_reveals_k(tuned_sweep):
     # export: the tuned DP cell leaves with its RDP-composed guarantee (guarantee.py; the red
     # team's version expected a refusal, written before export composed the bound), and
     # nothing of the exported set tells K
-    import shutil
+    from conftest import launch_here
 
-    from conftest import launch
-
-    shutil.rmtree(tuned_sweep / "shared", ignore_errors=True)  # a rerun of this test
-    done = launch("export", "out", "--to", "shared", cwd=tuned_sweep, expect=None)
+    done = launch_here("export", str(out), "--to", "shared", cwd=tmp_path, expect=None)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    files = [f for f in (tuned_sweep / "shared").rglob("*") if f.is_file()]
+    files = [f for f in (tmp_path / "shared").rglob("*") if f.is_file()]
     assert not {f.name for f in files} & {"runs.jsonl", "result.json", "progress.csv",
                                          "params.json", "events.jsonl"}  # fmt: skip
     val_aucs = {json.loads(t.read_text()).get("val_macro_auc")
@@ -822,7 +807,7 @@ def test_no_shareable_output_of_a_tuned_sweep_reveals_k(tuned_sweep):
 
 @pytest.mark.slow
 def test_audit_of_a_real_tuned_sweep_catches_resealed_ledger_edits(tuned_sweep, tmp_path):
-    from conftest import launch
+    from conftest import launch_here  # launch.main in-process: 4 fresh interpreters fewer
 
     for edit in ("sigma", "runs", "eta", "spent"):
         work, trial, doc = _tuned_copy(tuned_sweep, tmp_path / edit)
@@ -839,7 +824,7 @@ def test_audit_of_a_real_tuned_sweep_catches_resealed_ledger_edits(tuned_sweep, 
         elif edit == "spent":
             doc["epsilon_spent"] = s["epsilon_total"] = 0.5
         _rewrite(trial, doc)
-        audit = launch("audit", "out", cwd=work, expect=None)
+        audit = launch_here("audit", "out", cwd=work, expect=None)
         assert "0 problem(s)" not in audit.stdout, (edit, audit.stdout[-2000:])
         assert "damaged" not in audit.stdout  # caught by recomputation, not by a checksum
 
@@ -851,7 +836,7 @@ def test_audit_of_a_real_tuned_sweep_catches_an_entry_that_understates_the_mecha
     """FOUND (attack 5b, through the command line), fixed: with the validation releases removed
     from the re-sealed selection entry, or the unreleased shape's sigma tripled, `audit` prints
     0 problem(s). Fix: see test_audit_catches_a_selection_entry_that_understates..."""
-    from conftest import launch
+    from conftest import launch_here  # launch.main in-process: 2 fresh interpreters fewer
 
     for edit in ("no_validation", "other_shape"):
         work, trial, doc = _tuned_copy(tuned_sweep, tmp_path / edit)
@@ -861,7 +846,7 @@ def test_audit_of_a_real_tuned_sweep_catches_an_entry_that_understates_the_mecha
         else:
             min(s["candidates"], key=lambda c: c["steps"])["noise_multiplier"] *= 3
         _rewrite(trial, doc)
-        audit = launch("audit", "out", cwd=work, expect=None)
+        audit = launch_here("audit", "out", cwd=work, expect=None)
         assert "0 problem(s)" not in audit.stdout, (edit, audit.stdout[-1500:])
 
 

@@ -9,42 +9,37 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from conftest import launch
-from helpers.grids import tiny_grid
+from conftest import launch_here
+from helpers.tuned import MEAN_K, tuned_sweep
 
 from privdom_ray.selection.tuning import TuningPlan
 
-pytestmark = pytest.mark.slow  # a real sweep: about 80 s on the shared 2-core machine
+pytestmark = pytest.mark.slow  # a real sweep: about 60 s on the shared 2-core machine
 
 
-def test_a_tuned_grid_trains_audits_and_exports_with_its_rdp_guarantee(tmp_path: Path):
-    grid = tiny_grid("tuned", ["a", "b"], n_patients=50, epochs=2, image_size=16,
-                     max_failures=0, epsilons=(2, "inf"))  # fmt: skip
-    grid.update(sources=["a"], model="smallcnn")
-    grid["tuning"] = {
-        "space": {"lr": {"loguniform": [1.0e-4, 3.0e-3]}, "max_grad_norm": {"choice": [0.5, 1.5]}},
-        "runs": {"distribution": "geometric", "mean": 2},
-    }
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
-    launch("--grid", "grid.yaml", cwd=tmp_path, timeout=900)
-    out = tmp_path / "out"
+def test_a_tuned_grid_trains_audits_and_exports_with_its_rdp_guarantee(
+    tmp_path: Path, tmp_path_factory, worker_id
+):
+    """The sweep is helpers.tuned's, shared with test_tuning_redteam (read-only: the export
+    goes to this test's folder); ``audit`` and ``export`` run launch.main in-process."""
+    out = tuned_sweep(tmp_path_factory, worker_id) / "out"
     table = pd.read_parquet(out / "transfer.parquet")
     assert set(table["variant"]) == {"standard"}  # a tuned cell is the grid's cell
     assert table["train_seconds"].isna().all()  # the cell's wall time would tell K
     for name in ("report.md", "transfer.parquet"):
         assert not re.search(rb"cand\d\d", (out / name).read_bytes())  # no candidate names
     text = (out / "report.md").read_text()  # the tuning section: the search and E[K], no K
-    assert "Honest tuning" in text and "**E[K] = 2**" in text and "K drawn would void" in text
+    assert "Honest tuning" in text and "K drawn would void" in text
+    assert f"**E[K] = {MEAN_K}**" in text
     assert "DP releases on the source's validation split" in text
-    audit = launch("audit", "out", cwd=tmp_path)
+    audit = launch_here("audit", str(out), cwd=tmp_path)
     assert "0 problem(s)" in audit.stdout and " rdp " in audit.stdout
     ledgers = [json.loads(p.read_text()) for p in out.glob("trials/*/ledger.json")]
     (dp,) = [d for d in ledgers if d["accountant"] == "rdp"]
     assert dp["selection"]["runs"]["distribution"] == "truncated_negative_binomial"
     assert 0 < dp["epsilon_spent"] <= 2.0
     # export composes the tuned bound (RDP) with the site's other releases
-    launch("export", "out", "--to", "shared", cwd=tmp_path)
+    launch_here("export", str(out), "--to", "shared", cwd=tmp_path)
     shared = tmp_path / "shared"
     sites = pd.read_parquet(shared / "guarantees.parquet").set_index("training_site")
     own = TuningPlan.from_dict(dp["selection"]).epsilon_total  # recomputed, not read

@@ -81,7 +81,8 @@ def launch_here(
     interpreter gives it), stdout and stderr. For a test that runs many short commands (audit,
     export) on one folder: a fresh interpreter costs each ~5 CPU seconds on 2 cores (torch,
     imported by opacus's accountants, and the accountants' first calibrations); here they are
-    paid once. Not for sweeps (they start Ray): use :func:`launch`. ``env``: set for the
+    paid once. Sweeps may run here too (Ray starts and stops with the call); a test that
+    kills or pauses a driver, or fences one (``os._exit``), needs :func:`launch`. ``env``: set for the
     call, then restored; ``timeout`` is :func:`launch`'s, unused here (nothing to kill)."""
     out, err = io.StringIO(), io.StringIO()
     patch = pytest.MonkeyPatch()
